@@ -1,0 +1,65 @@
+# The two commands of the README:
+#   make run   installs labelgrid into .venv and runs the stack on the embedded default
+#   make test  installs everything the tests need and runs every test
+# Every pip call goes through constraints.txt (torch must stay the local CPU wheel, and the
+# gRPC / protobuf stack must match the committed generated code).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip
+BUF    := BUF_CACHE_DIR=$(CURDIR)/.buf-cache $(VENV)/bin/buf
+VAR    ?= var
+STUDIES ?= $(VAR)/studies
+PORT   ?= 50051
+
+.PHONY: run test install install-dev protos check-protos protos-baseline studies bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Stamps make re-installs cheap: they are redone only when the dependency files change.
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+studies: install
+	$(PY) -m services.datastore.sample_studies $(STUDIES)
+
+run: studies
+	$(PY) -m services.datastore --backend local --root $(STUDIES) --port $(PORT)
+
+test: install-dev check-protos
+	$(PY) -m pytest
+
+protos: install-dev
+	$(PY) scripts/gen_protos.py
+
+# Lint and format the contracts, prove the committed generated code is what the .proto
+# files produce, and refuse wire/source breaking changes against the recorded baseline.
+check-protos: install-dev
+	$(BUF) lint
+	$(BUF) format --diff --exit-code protos
+	$(PY) scripts/gen_protos.py
+	git diff --exit-code --stat -- protos/gen || (echo "protos/gen is stale: run 'make protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain --untracked-files=all -- protos/gen)" || (echo "protos/gen has untracked files: run 'make protos' and commit" >&2; exit 1)
+	$(BUF) breaking --against protos/baseline.binpb
+
+# Record the current contracts as the baseline `buf breaking` compares against (only when a
+# breaking change is intended and announced).
+protos-baseline: install-dev
+	$(BUF) build --exclude-source-info -o protos/baseline.binpb
+
+bench: install-dev
+	$(PY) bench/datastore.py
+
+clean:
+	rm -rf $(VAR) .pytest_cache .buf-cache

@@ -1,0 +1,6 @@
+"""Test-session wiring: real servers (SeaweedFS, PostgreSQL) started once per session."""
+
+pytest_plugins = [
+    "tests.fixtures.seaweedfs",
+    "tests.fixtures.postgres",
+]
