@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -352,3 +354,102 @@ class JobTimes(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobTimes: _TypeAlias = JobTimes  # noqa: Y015
+
+@_typing.final
+class ConfigEntry(_message.Message):
+    """One user-settable option of an infer task, trainer, strategy or scoring method
+    (an entry of MONAI Label's `config` in /info). Viewers show the value as the default and
+    send the edited value back in the request's params.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The option's key, e.g. "max_epochs" or "device"."""
+    @_builtins.property
+    def value(self) -> Global___ConfigValue:
+        """The default value."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: Global___ConfigValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigEntry: _TypeAlias = ConfigEntry  # noqa: Y015
+
+@_typing.final
+class ConfigValue(_message.Message):
+    """A config value: a scalar, or a choice among strings. No kind set means null."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    CHOICE_VALUE_FIELD_NUMBER: _builtins.int
+    bool_value: _builtins.bool
+    """A boolean, e.g. `"pretrained": true`."""
+    int_value: _builtins.int
+    """An integer, e.g. `"max_epochs": 50`."""
+    double_value: _builtins.float
+    """A floating-point number, e.g. `"val_split": 0.2`."""
+    string_value: _builtins.str
+    """A string, e.g. `"tracking_uri": ""`."""
+    @_builtins.property
+    def choice_value(self) -> Global___ConfigChoice:
+        """A choice (MONAI Label's list value), e.g. `"device": ["cuda:0", "cpu"]`."""
+
+    def __init__(
+        self,
+        *,
+        bool_value: _builtins.bool = ...,
+        int_value: _builtins.int = ...,
+        double_value: _builtins.float = ...,
+        string_value: _builtins.str = ...,
+        choice_value: Global___ConfigChoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "choice_value", b"choice_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "choice_value", b"choice_value", "double_value", b"double_value", "int_value", b"int_value", "kind", b"kind", "string_value", b"string_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["bool_value", "int_value", "double_value", "string_value", "choice_value"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ConfigValue: _TypeAlias = ConfigValue  # noqa: Y015
+
+@_typing.final
+class ConfigChoice(_message.Message):
+    """A choice among strings (MONAI Label renders a list value as an enum): the first option is
+    the default, and viewers send the selected option back as a plain string.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The options, default first."""
+
+    def __init__(
+        self,
+        *,
+        options: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigChoice: _TypeAlias = ConfigChoice  # noqa: Y015
