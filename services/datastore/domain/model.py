@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_TAG_FINAL = "final"  # MONAI Label's DefaultLabelTag.FINAL: a submitted label
 DEFAULT_TAG_ORIGINAL = "original"  # MONAI Label's DefaultLabelTag.ORIGINAL: a model's prediction
@@ -39,6 +42,7 @@ class ImageRecord:
     create_time: datetime
     update_time: datetime
     labels: dict[str, LabelRecord] = field(default_factory=dict)  # tag -> label
+    scores: dict[str, float] = field(default_factory=dict)  # score key -> value (scoring methods)
 
     @property
     def file_name(self) -> str:
@@ -109,7 +113,31 @@ class ImageOrder(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Page:
-    items: list[Any]
+class Page(Generic[T]):
+    items: list[T]
     next_page_token: str  # "" on the last page
     total_size: int
+
+
+@dataclass(frozen=True)
+class ImageImport:
+    """One image for ``bulk_import`` (what a reindex found in the store)."""
+
+    image_id: str
+    ext: str
+    sha256: str
+    size: int
+    info: Mapping[str, Any]
+    create_time: float | None = None  # epoch seconds; None = now
+
+
+@dataclass(frozen=True)
+class LabelImport:
+    """One label for ``bulk_import``."""
+
+    image_id: str
+    tag: str
+    ext: str
+    sha256: str
+    size: int
+    info: Mapping[str, Any]
