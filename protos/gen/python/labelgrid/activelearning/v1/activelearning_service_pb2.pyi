@@ -378,8 +378,14 @@ class CreateScoringJobRequest(_message.Message):
 
     SCORING_JOB_FIELD_NUMBER: _builtins.int
     ENQUEUE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     enqueue: _builtins.bool
     """Queue behind a running job of the same method instead of failing with ALREADY_EXISTS."""
+    request_id: _builtins.str
+    """Optional client-chosen id (e.g. a UUID) that makes retries safe: a request whose
+    request_id equals that of a job created in the last 24 hours starts nothing and returns
+    that job.
+    """
     @_builtins.property
     def scoring_job(self) -> _resources_pb2.ScoringJob:
         """The job to start: method, model, params and force; its output-only fields are ignored."""
@@ -389,10 +395,11 @@ class CreateScoringJobRequest(_message.Message):
         *,
         scoring_job: _resources_pb2.ScoringJob | None = ...,
         enqueue: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["scoring_job", b"scoring_job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue", b"enqueue", "scoring_job", b"scoring_job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue", b"enqueue", "request_id", b"request_id", "scoring_job", b"scoring_job"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

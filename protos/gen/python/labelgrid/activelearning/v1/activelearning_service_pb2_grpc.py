@@ -32,6 +32,11 @@ class ActiveLearningServiceStub:
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def __init__(self, channel):
@@ -104,6 +109,11 @@ class ActiveLearningServiceServicer:
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def ListStrategies(self, request, context):
@@ -192,8 +202,9 @@ class ActiveLearningServiceServicer:
 
     def WatchScoringJob(self, request, context):
         """Streams a scoring job: its current state at once, then the job again on every change
-        (at most once a second), and ends after it reaches a final state.
-        NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+        (at most once a second), and ends after it reaches a final state. A watcher whose stream
+        breaks calls again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it
+        does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,6 +283,11 @@ class ActiveLearningService:
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @staticmethod

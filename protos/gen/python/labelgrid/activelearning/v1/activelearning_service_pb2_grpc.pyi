@@ -33,6 +33,11 @@ class ActiveLearningServiceStub:
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @_typing.overload
@@ -80,8 +85,9 @@ class ActiveLearningServiceStub:
     """
     WatchScoringJob: _grpc.UnaryStreamMultiCallable[_activelearning_service_pb2.WatchScoringJobRequest, _activelearning_service_pb2.WatchScoringJobResponse]
     """Streams a scoring job: its current state at once, then the job again on every change
-    (at most once a second), and ends after it reaches a final state.
-    NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+    (at most once a second), and ends after it reaches a final state. A watcher whose stream
+    breaks calls again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it
+    does not exist.
     """
 
 @_typing.type_check_only
@@ -92,6 +98,11 @@ class ActiveLearningServiceAsyncStub(ActiveLearningServiceStub):
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -136,8 +147,9 @@ class ActiveLearningServiceAsyncStub(ActiveLearningServiceStub):
     """
     WatchScoringJob: _aio.UnaryStreamMultiCallable[_activelearning_service_pb2.WatchScoringJobRequest, _activelearning_service_pb2.WatchScoringJobResponse]  # type: ignore[assignment]
     """Streams a scoring job: its current state at once, then the job again on every change
-    (at most once a second), and ends after it reaches a final state.
-    NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+    (at most once a second), and ends after it reaches a final state. A watcher whose stream
+    breaks calls again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it
+    does not exist.
     """
 
 class ActiveLearningServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -147,6 +159,11 @@ class ActiveLearningServiceServicer(metaclass=_abc_1.ABCMeta):
     same image at once; the lease ends when it expires, when it is released, when the client
     asks again under the same strategy, or when a "final" label is saved for the image.
     Leases and scores live in the datastore.
+
+    Errors common to the active learning RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource
+    name that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @_abc_1.abstractmethod
@@ -255,8 +272,9 @@ class ActiveLearningServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_activelearning_service_pb2.WatchScoringJobResponse], _abc.AsyncIterator[_activelearning_service_pb2.WatchScoringJobResponse]]:
         """Streams a scoring job: its current state at once, then the job again on every change
-        (at most once a second), and ends after it reaches a final state.
-        NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+        (at most once a second), and ends after it reaches a final state. A watcher whose stream
+        breaks calls again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it
+        does not exist.
         """
 
 def add_ActiveLearningServiceServicer_to_server(servicer: ActiveLearningServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,6 +22,87 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetAppInfoRequest(_message.Message):
+    """Request of GetAppInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAppInfoRequest: _TypeAlias = GetAppInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetAppInfoResponse(_message.Message):
+    """Response of GetAppInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    LABELS_AS_LIST_FIELD_NUMBER: _builtins.int
+    display_name: _builtins.str
+    """The app's name (MONAI Label's /info `name`)."""
+    description: _builtins.str
+    """What the app does, for people (MONAI Label's /info `description`)."""
+    version: _builtins.str
+    """The app's version string (MONAI Label's /info `version`)."""
+    labels_as_list: _builtins.bool
+    """The labels are a plain list in /info (indices are then positions + 1), as the app
+    declared them or as the models' lists merge.
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Label names to label indices (MONAI Label's /info `labels`): the app's own, or when it
+        declares none the union of its models' labels, ordered by index.
+        """
+
+    def __init__(
+        self,
+        *,
+        display_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        version: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        labels_as_list: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "labels", b"labels", "labels_as_list", b"labels_as_list", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAppInfoResponse: _TypeAlias = GetAppInfoResponse  # noqa: Y015
+
+@_typing.final
 class ListModelsRequest(_message.Message):
     """Request of ListModels."""
 
@@ -674,16 +755,22 @@ class ModelReadyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     READY_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     ready: _builtins.bool
     """True when the version's weights are loaded on at least one device."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Devices on which the version's weights are loaded, e.g. ["cuda:0"]; empty when not ready."""
+
     def __init__(
         self,
         *,
         ready: _builtins.bool = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "ready", b"ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -799,8 +886,14 @@ class CreateBatchInferenceJobRequest(_message.Message):
 
     BATCH_INFERENCE_JOB_FIELD_NUMBER: _builtins.int
     ENQUEUE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     enqueue: _builtins.bool
     """Queue behind a running batch inference instead of failing with ALREADY_EXISTS."""
+    request_id: _builtins.str
+    """Optional client-chosen id (e.g. a UUID) that makes retries safe: a request whose
+    request_id equals that of a job created in the last 24 hours starts nothing and returns
+    that job.
+    """
     @_builtins.property
     def batch_inference_job(self) -> _resources_pb2.BatchInferenceJob:
         """The job to start; its output-only fields are ignored."""
@@ -810,10 +903,11 @@ class CreateBatchInferenceJobRequest(_message.Message):
         *,
         batch_inference_job: _resources_pb2.BatchInferenceJob | None = ...,
         enqueue: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_inference_job", b"batch_inference_job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_inference_job", b"batch_inference_job", "enqueue", b"enqueue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_inference_job", b"batch_inference_job", "enqueue", b"enqueue", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,7 +38,11 @@ class InferenceServiceStub:
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
 
     def __init__(self, channel):
@@ -47,6 +51,11 @@ class InferenceServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetAppInfo = channel.unary_unary(
+                '/labelgrid.inference.v1.InferenceService/GetAppInfo',
+                request_serializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/labelgrid.inference.v1.InferenceService/ListModels',
                 request_serializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
@@ -132,8 +141,20 @@ class InferenceServiceServicer:
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
+
+    def GetAppInfo(self, request, context):
+        """Returns the app's name, description, version and labels (the top of MONAI Label's
+        /info), so that the gateway composes /info without loading the app itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
         """Lists the models the app serves (MONAI Label's `models` in /info: only valid tasks).
@@ -175,7 +196,9 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetQueueStatus(self, request, context):
-        """Returns the scheduler's queues: per model and device, how many requests wait and run.
+        """Returns the scheduler's queues: per model and device, how many requests wait and run,
+        and how long a request sent now would wait. NOT_FOUND (MODEL_NOT_FOUND) if a model is
+        named and the app has no such model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +277,11 @@ class InferenceServiceServicer:
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetAppInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAppInfo,
+                    request_deserializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoRequest.FromString,
+                    response_serializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoResponse.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.ListModelsRequest.FromString,
@@ -345,8 +373,39 @@ class InferenceService:
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
+
+    @staticmethod
+    def GetAppInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/labelgrid.inference.v1.InferenceService/GetAppInfo',
+            labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoRequest.SerializeToString,
+            labelgrid_dot_inference_dot_v1_dot_inference__service__pb2.GetAppInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListModels(request,

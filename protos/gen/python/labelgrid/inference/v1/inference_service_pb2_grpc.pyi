@@ -39,13 +39,21 @@ class InferenceServiceStub:
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
+    GetAppInfo: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetAppInfoRequest, _inference_service_pb2.GetAppInfoResponse]
+    """Returns the app's name, description, version and labels (the top of MONAI Label's
+    /info), so that the gateway composes /info without loading the app itself.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelsRequest, _inference_service_pb2.ListModelsResponse]
     """Lists the models the app serves (MONAI Label's `models` in /info: only valid tasks)."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelRequest, _inference_service_pb2.GetModelResponse]
@@ -68,7 +76,10 @@ class InferenceServiceStub:
     (PAYLOAD_TOO_LARGE) if a file is too large.
     """
     GetQueueStatus: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetQueueStatusRequest, _inference_service_pb2.GetQueueStatusResponse]
-    """Returns the scheduler's queues: per model and device, how many requests wait and run."""
+    """Returns the scheduler's queues: per model and device, how many requests wait and run,
+    and how long a request sent now would wait. NOT_FOUND (MODEL_NOT_FOUND) if a model is
+    named and the app has no such model.
+    """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListDevicesRequest, _inference_service_pb2.ListDevicesResponse]
     """Lists the devices the service runs models on, with their memory use."""
     ServerLive: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ServerLiveRequest, _inference_service_pb2.ServerLiveResponse]
@@ -114,10 +125,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    GetAppInfo: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetAppInfoRequest, _inference_service_pb2.GetAppInfoResponse]  # type: ignore[assignment]
+    """Returns the app's name, description, version and labels (the top of MONAI Label's
+    /info), so that the gateway composes /info without loading the app itself.
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelsRequest, _inference_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models the app serves (MONAI Label's `models` in /info: only valid tasks)."""
     GetModel: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelRequest, _inference_service_pb2.GetModelResponse]  # type: ignore[assignment]
@@ -140,7 +159,10 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     (PAYLOAD_TOO_LARGE) if a file is too large.
     """
     GetQueueStatus: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetQueueStatusRequest, _inference_service_pb2.GetQueueStatusResponse]  # type: ignore[assignment]
-    """Returns the scheduler's queues: per model and device, how many requests wait and run."""
+    """Returns the scheduler's queues: per model and device, how many requests wait and run,
+    and how long a request sent now would wait. NOT_FOUND (MODEL_NOT_FOUND) if a model is
+    named and the app has no such model.
+    """
     ListDevices: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListDevicesRequest, _inference_service_pb2.ListDevicesResponse]  # type: ignore[assignment]
     """Lists the devices the service runs models on, with their memory use."""
     ServerLive: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ServerLiveRequest, _inference_service_pb2.ServerLiveResponse]  # type: ignore[assignment]
@@ -185,8 +207,22 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors common to the inference RPCs: NOT_FOUND (MODEL_NOT_FOUND) for an unknown model;
     FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if the model's weights cannot be loaded;
     RESOURCE_EXHAUSTED (QUEUE_FULL) if the device's queue is full; INTERNAL (INFERENCE_ERROR)
-    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read.
+    if running the model fails; UNAVAILABLE (STORAGE_ERROR) if the datastore cannot be read;
+    INVALID_ARGUMENT (INVALID_INPUT) for a resource name that does not parse or a page_token
+    that no previous response returned; UNAUTHENTICATED (UNAUTHENTICATED) when auth is on and
+    the call carries no valid bearer token. An inference whose deadline passes ends
+    DEADLINE_EXCEEDED, one whose client hangs up ends CANCELLED; either frees its queue slot.
     """
+
+    @_abc_1.abstractmethod
+    def GetAppInfo(
+        self,
+        request: _inference_service_pb2.GetAppInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.GetAppInfoResponse, _abc.Awaitable[_inference_service_pb2.GetAppInfoResponse]]:
+        """Returns the app's name, description, version and labels (the top of MONAI Label's
+        /info), so that the gateway composes /info without loading the app itself.
+        """
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -239,7 +275,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_service_pb2.GetQueueStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.GetQueueStatusResponse, _abc.Awaitable[_inference_service_pb2.GetQueueStatusResponse]]:
-        """Returns the scheduler's queues: per model and device, how many requests wait and run."""
+        """Returns the scheduler's queues: per model and device, how many requests wait and run,
+        and how long a request sent now would wait. NOT_FOUND (MODEL_NOT_FOUND) if a model is
+        named and the app has no such model.
+        """
 
     @_abc_1.abstractmethod
     def ListDevices(

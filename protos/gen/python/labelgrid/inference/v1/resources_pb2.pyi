@@ -334,7 +334,9 @@ class Prompt(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     LABEL_PROMPT_FIELD_NUMBER: _builtins.int
     label: _builtins.str
-    """The label being drawn (MONAI Label's "label"); deepgrow, deepedit."""
+    """The label being drawn (MONAI Label's "label"; "selected_label_name" for scribbles);
+    deepgrow, deepedit, scribbles.
+    """
     slice: _builtins.int
     """The slice for 2D models (MONAI Label's "slice"); unset for 3D models."""
     reset_state: _builtins.bool

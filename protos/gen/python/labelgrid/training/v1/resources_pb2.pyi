@@ -199,6 +199,7 @@ class TrainingParams(_message.Message):
     INITIAL_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     EARLY_STOP_PATIENCE_FIELD_NUMBER: _builtins.int
     EXTRA_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     max_epochs: _builtins.int
     """Number of epochs; 0 means the trainer's default."""
     val_split: _builtins.float
@@ -211,7 +212,8 @@ class TrainingParams(_message.Message):
     """Validation batch size; 0 means the trainer's default."""
     device_count: _builtins.int
     """Number of GPUs to train on (DistributedDataParallel above 1); 0 means all free GPUs,
-    or the CPU when there are none. INVALID_ARGUMENT (INVALID_INPUT) above what the host has.
+    or the CPU when there are none; ignored when devices is set. INVALID_ARGUMENT
+    (INVALID_INPUT) above what the host has.
     """
     amp: _builtins.bool
     """Train with automatic mixed precision."""
@@ -231,6 +233,14 @@ class TrainingParams(_message.Message):
         name, ...). The typed fields above win over keys of the same meaning here.
         """
 
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The exact devices to train on, e.g. ["cuda:0", "cuda:1"] or ["cpu"] (MONAI Label's
+        "device" choice and "gpus" list); the job queues until all are free. Empty lets the
+        service pick device_count devices. INVALID_ARGUMENT (INVALID_INPUT) for a device the
+        host does not have.
+        """
+
     def __init__(
         self,
         *,
@@ -245,10 +255,11 @@ class TrainingParams(_message.Message):
         initial_model_version: _builtins.str = ...,
         early_stop_patience: _builtins.int | None = ...,
         extra: _struct_pb2.Struct | None = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_amp", b"_amp", "_early_stop_patience", b"_early_stop_patience", "_learning_rate", b"_learning_rate", "_pretrained", b"_pretrained", "_val_split", b"_val_split", "amp", b"amp", "early_stop_patience", b"early_stop_patience", "extra", b"extra", "learning_rate", b"learning_rate", "pretrained", b"pretrained", "val_split", b"val_split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amp", b"_amp", "_early_stop_patience", b"_early_stop_patience", "_learning_rate", b"_learning_rate", "_pretrained", b"_pretrained", "_val_split", b"_val_split", "amp", b"amp", "device_count", b"device_count", "early_stop_patience", b"early_stop_patience", "extra", b"extra", "initial_model_version", b"initial_model_version", "learning_rate", b"learning_rate", "max_epochs", b"max_epochs", "pretrained", b"pretrained", "train_batch_size", b"train_batch_size", "val_batch_size", b"val_batch_size", "val_split", b"val_split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amp", b"_amp", "_early_stop_patience", b"_early_stop_patience", "_learning_rate", b"_learning_rate", "_pretrained", b"_pretrained", "_val_split", b"_val_split", "amp", b"amp", "device_count", b"device_count", "devices", b"devices", "early_stop_patience", b"early_stop_patience", "extra", b"extra", "initial_model_version", b"initial_model_version", "learning_rate", b"learning_rate", "max_epochs", b"max_epochs", "pretrained", b"pretrained", "train_batch_size", b"train_batch_size", "val_batch_size", b"val_batch_size", "val_split", b"val_split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__amp: _TypeAlias = _typing.Literal["amp"]  # noqa: Y015
     _WhichOneofArgType__amp: _TypeAlias = _typing.Literal["_amp", b"_amp"]  # noqa: Y015

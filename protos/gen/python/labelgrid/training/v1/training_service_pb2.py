@@ -27,7 +27,7 @@ from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_co
 from labelgrid.training.v1 import resources_pb2 as labelgrid_dot_training_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,labelgrid/training/v1/training_service.proto\x12\x15labelgrid.training.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\x1a%labelgrid/training/v1/resources.proto\"\x15\n\x13ListTrainersRequest\"H\n\x14ListTrainersResponse\x12\x30\n\x08trainers\x18\x01 \x03(\x0b\x32\x1e.labelgrid.training.v1.Trainer\"e\n\x18\x43reateTrainingJobRequest\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x0f\n\x07\x65nqueue\x18\x02 \x01(\x08\"U\n\x19\x43reateTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"%\n\x15GetTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x16GetTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\x7f\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12\x0f\n\x07trainer\x18\x04 \x01(\t\"n\n\x18ListTrainingJobsResponse\x12\x39\n\rtraining_jobs\x18\x01 \x03(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x43\x61ncelTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x19\x43\x61ncelTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x17WatchTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x18WatchTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x14GetTrainStatsRequest\x12\x0f\n\x07trainer\x18\x01 \x01(\t\"[\n\x15GetTrainStatsResponse\x12,\n\x0btrain_stats\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0ctraining_job\x18\x02 \x01(\t2\xca\x06\n\x0fTrainingService\x12l\n\x0cListTrainers\x12*.labelgrid.training.v1.ListTrainersRequest\x1a+.labelgrid.training.v1.ListTrainersResponse\"\x03\x90\x02\x01\x12v\n\x11\x43reateTrainingJob\x12/.labelgrid.training.v1.CreateTrainingJobRequest\x1a\x30.labelgrid.training.v1.CreateTrainingJobResponse\x12r\n\x0eGetTrainingJob\x12,.labelgrid.training.v1.GetTrainingJobRequest\x1a-.labelgrid.training.v1.GetTrainingJobResponse\"\x03\x90\x02\x01\x12x\n\x10ListTrainingJobs\x12..labelgrid.training.v1.ListTrainingJobsRequest\x1a/.labelgrid.training.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12v\n\x11\x43\x61ncelTrainingJob\x12/.labelgrid.training.v1.CancelTrainingJobRequest\x1a\x30.labelgrid.training.v1.CancelTrainingJobResponse\x12z\n\x10WatchTrainingJob\x12..labelgrid.training.v1.WatchTrainingJobRequest\x1a/.labelgrid.training.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x12o\n\rGetTrainStats\x12+.labelgrid.training.v1.GetTrainStatsRequest\x1a,.labelgrid.training.v1.GetTrainStatsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,labelgrid/training/v1/training_service.proto\x12\x15labelgrid.training.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\x1a%labelgrid/training/v1/resources.proto\"\x15\n\x13ListTrainersRequest\"H\n\x14ListTrainersResponse\x12\x30\n\x08trainers\x18\x01 \x03(\x0b\x32\x1e.labelgrid.training.v1.Trainer\"y\n\x18\x43reateTrainingJobRequest\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x0f\n\x07\x65nqueue\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"U\n\x19\x43reateTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"%\n\x15GetTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x16GetTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\x7f\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12\x0f\n\x07trainer\x18\x04 \x01(\t\"n\n\x18ListTrainingJobsResponse\x12\x39\n\rtraining_jobs\x18\x01 \x03(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x43\x61ncelTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x19\x43\x61ncelTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x17WatchTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x18WatchTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x14GetTrainStatsRequest\x12\x0f\n\x07trainer\x18\x01 \x01(\t\"[\n\x15GetTrainStatsResponse\x12,\n\x0btrain_stats\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0ctraining_job\x18\x02 \x01(\t2\xca\x06\n\x0fTrainingService\x12l\n\x0cListTrainers\x12*.labelgrid.training.v1.ListTrainersRequest\x1a+.labelgrid.training.v1.ListTrainersResponse\"\x03\x90\x02\x01\x12v\n\x11\x43reateTrainingJob\x12/.labelgrid.training.v1.CreateTrainingJobRequest\x1a\x30.labelgrid.training.v1.CreateTrainingJobResponse\x12r\n\x0eGetTrainingJob\x12,.labelgrid.training.v1.GetTrainingJobRequest\x1a-.labelgrid.training.v1.GetTrainingJobResponse\"\x03\x90\x02\x01\x12x\n\x10ListTrainingJobs\x12..labelgrid.training.v1.ListTrainingJobsRequest\x1a/.labelgrid.training.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12v\n\x11\x43\x61ncelTrainingJob\x12/.labelgrid.training.v1.CancelTrainingJobRequest\x1a\x30.labelgrid.training.v1.CancelTrainingJobResponse\x12z\n\x10WatchTrainingJob\x12..labelgrid.training.v1.WatchTrainingJobRequest\x1a/.labelgrid.training.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x12o\n\rGetTrainStats\x12+.labelgrid.training.v1.GetTrainStatsRequest\x1a,.labelgrid.training.v1.GetTrainStatsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,29 +49,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTRAINERSRESPONSE']._serialized_start=197
   _globals['_LISTTRAINERSRESPONSE']._serialized_end=269
   _globals['_CREATETRAININGJOBREQUEST']._serialized_start=271
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=372
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=374
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=459
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=461
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=498
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=500
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=582
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=584
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=711
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=713
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=823
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=825
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=865
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=867
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=952
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=954
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=993
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=995
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1079
-  _globals['_GETTRAINSTATSREQUEST']._serialized_start=1081
-  _globals['_GETTRAINSTATSREQUEST']._serialized_end=1120
-  _globals['_GETTRAINSTATSRESPONSE']._serialized_start=1122
-  _globals['_GETTRAINSTATSRESPONSE']._serialized_end=1213
-  _globals['_TRAININGSERVICE']._serialized_start=1216
-  _globals['_TRAININGSERVICE']._serialized_end=2058
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=392
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=394
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=479
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=481
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=518
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=520
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=602
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=604
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=731
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=733
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=843
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=845
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=885
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=887
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=972
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=974
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1013
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1015
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1099
+  _globals['_GETTRAINSTATSREQUEST']._serialized_start=1101
+  _globals['_GETTRAINSTATSREQUEST']._serialized_end=1140
+  _globals['_GETTRAINSTATSRESPONSE']._serialized_start=1142
+  _globals['_GETTRAINSTATSRESPONSE']._serialized_end=1233
+  _globals['_TRAININGSERVICE']._serialized_start=1236
+  _globals['_TRAININGSERVICE']._serialized_end=2078
 # @@protoc_insertion_point(module_scope)

@@ -70,9 +70,15 @@ class CreateTrainingJobRequest(_message.Message):
 
     TRAINING_JOB_FIELD_NUMBER: _builtins.int
     ENQUEUE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     enqueue: _builtins.bool
     """Queue behind the running job instead of failing with ALREADY_EXISTS
     (MONAI Label's enqueue=true).
+    """
+    request_id: _builtins.str
+    """Optional client-chosen id (e.g. a UUID) that makes retries safe: a request whose
+    request_id equals that of a job created in the last 24 hours starts nothing and returns
+    that job.
     """
     @_builtins.property
     def training_job(self) -> _resources_pb2.TrainingJob:
@@ -83,10 +89,11 @@ class CreateTrainingJobRequest(_message.Message):
         *,
         training_job: _resources_pb2.TrainingJob | None = ...,
         enqueue: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["training_job", b"training_job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue", b"enqueue", "training_job", b"training_job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue", b"enqueue", "request_id", b"request_id", "training_job", b"training_job"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,7 +186,9 @@ class ListTrainingJobsRequest(_message.Message):
     state: _common_pb2.JobState.ValueType
     """Only jobs in this state; UNSPECIFIED lists all."""
     trainer: _builtins.str
-    """Only jobs of this trainer ("trainers/{trainer}"); empty lists all."""
+    """Only jobs of this trainer ("trainers/{trainer}"; a trainer is named after the model it
+    trains, so this is the filter by model); empty lists all.
+    """
     def __init__(
         self,
         *,

@@ -32,6 +32,11 @@ class TrainingServiceStub:
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def __init__(self, channel):
@@ -84,6 +89,11 @@ class TrainingServiceServicer:
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def ListTrainers(self, request, context):
@@ -132,7 +142,9 @@ class TrainingServiceServicer:
     def WatchTrainingJob(self, request, context):
         """Streams a job: its current state at once, then the job again on every change (state,
         epoch, iteration progress at most once a second), and ends after it reaches a final
-        state. NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+        state. A watcher whose stream breaks (e.g. UNAVAILABLE while the service restarts) calls
+        again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it does not
+        exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +212,11 @@ class TrainingService:
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @staticmethod

@@ -33,6 +33,11 @@ class TrainingServiceStub:
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @_typing.overload
@@ -63,7 +68,9 @@ class TrainingServiceStub:
     WatchTrainingJob: _grpc.UnaryStreamMultiCallable[_training_service_pb2.WatchTrainingJobRequest, _training_service_pb2.WatchTrainingJobResponse]
     """Streams a job: its current state at once, then the job again on every change (state,
     epoch, iteration progress at most once a second), and ends after it reaches a final
-    state. NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+    state. A watcher whose stream breaks (e.g. UNAVAILABLE while the service restarts) calls
+    again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it does not
+    exist.
     """
     GetTrainStats: _grpc.UnaryUnaryMultiCallable[_training_service_pb2.GetTrainStatsRequest, _training_service_pb2.GetTrainStatsResponse]
     """Returns a trainer's stats (MONAI Label's `train_stats[t]` in /info): those of the
@@ -79,6 +86,11 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -106,7 +118,9 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     WatchTrainingJob: _aio.UnaryStreamMultiCallable[_training_service_pb2.WatchTrainingJobRequest, _training_service_pb2.WatchTrainingJobResponse]  # type: ignore[assignment]
     """Streams a job: its current state at once, then the job again on every change (state,
     epoch, iteration progress at most once a second), and ends after it reaches a final
-    state. NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+    state. A watcher whose stream breaks (e.g. UNAVAILABLE while the service restarts) calls
+    again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it does not
+    exist.
     """
     GetTrainStats: _aio.UnaryUnaryMultiCallable[_training_service_pb2.GetTrainStatsRequest, _training_service_pb2.GetTrainStatsResponse]  # type: ignore[assignment]
     """Returns a trainer's stats (MONAI Label's `train_stats[t]` in /info): those of the
@@ -121,6 +135,11 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     datastore's "final" labels, and publishes each improved checkpoint to the datastore as a
     new model version, which inference then serves. Jobs are kept in the datastore, so they
     outlive a restart of this service (a job running at the restart ends JOB_STATE_FAILED).
+
+    Errors common to the training RPCs: INVALID_ARGUMENT (INVALID_INPUT) for a resource name
+    that does not parse or a page_token that no previous response returned; UNAVAILABLE
+    (STORAGE_ERROR) if the datastore cannot be reached; UNAUTHENTICATED (UNAUTHENTICATED) when
+    auth is on and the call carries no valid bearer token.
     """
 
     @_abc_1.abstractmethod
@@ -182,7 +201,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_training_service_pb2.WatchTrainingJobResponse], _abc.AsyncIterator[_training_service_pb2.WatchTrainingJobResponse]]:
         """Streams a job: its current state at once, then the job again on every change (state,
         epoch, iteration progress at most once a second), and ends after it reaches a final
-        state. NOT_FOUND (RECORD_NOT_FOUND) if it does not exist.
+        state. A watcher whose stream breaks (e.g. UNAVAILABLE while the service restarts) calls
+        again: the first message catches it up. NOT_FOUND (RECORD_NOT_FOUND) if it does not
+        exist.
         """
 
     @_abc_1.abstractmethod
