@@ -1,0 +1,167 @@
+"""Chunked payloads on local disk, transport-neutral.
+
+Uploads arrive as chunks of at most `CHUNK_SIZE`; `SpoolWriter` writes them to a temp
+file as they come (constant memory), hashing and size-limiting on the way, so a volume is
+never held whole in memory and a bad upload leaves nothing behind. Downloads read files
+back as chunks with `iter_file_chunks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+
+CHUNK_SIZE = 1024 * 1024
+"""Largest chunk on the wire (1 MiB), well under the gRPC message limit."""
+
+_HASH_READ_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """A complete, checksum-verified upload on local disk; its owner moves or deletes it."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def normalize_sha256(value: str) -> str:
+    """Lower-case hex from bare hex or ``SHA256:<hex>`` (any case); refuses anything else."""
+    text = value.strip()
+    if text[:7].lower() == "sha256:":
+        text = text[7:]
+    text = text.lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise InvalidArgument(f"not a sha256 hex digest: {value!r}", reason="CHECKSUM_MISMATCH")
+    return text
+
+
+def _discard_temp_file(file: BinaryIO, path: Path) -> None:
+    try:
+        file.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class SpoolWriter:
+    """Writes one upload's chunks to a temp file in `directory`, hashing as it goes.
+
+    Not thread-safe; one upload, one writer. `finish` verifies and hands over the file;
+    `abort` (or leaving a ``with`` block with an exception) removes it.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.max_bytes = max_bytes
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        # Safety net: a writer dropped without finish or abort (e.g. its task was cancelled
+        # mid-cleanup) still removes its temp file when it is garbage-collected.
+        self._discard = weakref.finalize(self, _discard_temp_file, self._file, self.path)
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise InvalidArgument("the upload is already finished or aborted")
+        if len(data) > CHUNK_SIZE:
+            self.abort()
+            raise InvalidArgument(f"chunk of {len(data)} bytes exceeds the chunk limit of {CHUNK_SIZE} bytes")
+        if self._size + len(data) > self.max_bytes:
+            self.abort()
+            raise ResourceExhausted(
+                f"upload exceeds the limit of {self.max_bytes} bytes",
+                reason="PAYLOAD_TOO_LARGE",
+                metadata={"limit_bytes": str(self.max_bytes)},
+            )
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def finish(self, expected_sha256: str) -> SpooledFile:
+        """Verifies the checksum and fsyncs; on any failure the temp file is removed."""
+        if self._done:
+            raise InvalidArgument("the upload is already finished or aborted")
+        try:
+            expected = normalize_sha256(expected_sha256)
+            actual = self._hash.hexdigest()
+            if actual != expected:
+                raise InvalidArgument(
+                    f"sha256 mismatch: the client sent {expected}, the received bytes hash to {actual}",
+                    reason="CHECKSUM_MISMATCH",
+                    metadata={"expected_sha256": expected, "actual_sha256": actual},
+                )
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._discard.detach()
+        self._done = True
+        return SpooledFile(self.path, self._size, actual)
+
+    def abort(self) -> None:
+        """Removes the temp file; safe to call more than once, and after `finish` is a no-op."""
+        if self._done:
+            return
+        self._done = True
+        self._discard()
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def iter_file_chunks(path: Path, offset: int = 0, limit: int = 0, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Yields `limit` bytes (0 = to the end) of `path` from `offset`, `chunk_size` at a time.
+
+    A generator, so the file is closed when the consumer closes it early.
+    """
+    if offset < 0 or limit < 0:
+        raise InvalidArgument("offset and limit must not be negative")
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    remaining = limit if limit > 0 else None
+    with open(path, "rb") as file:
+        file.seek(offset)
+        while remaining is None or remaining > 0:
+            data = file.read(chunk_size if remaining is None else min(chunk_size, remaining))
+            if not data:
+                return
+            if remaining is not None:
+                remaining -= len(data)
+            yield data
+
+
+def sha256_file(path: Path) -> str:
+    """Lower-case hex sha256 of a file, read in constant memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while data := file.read(_HASH_READ_SIZE):
+            digest.update(data)
+    return digest.hexdigest()

@@ -1,0 +1,390 @@
+"""grpc.aio server interceptors: metrics, auth and error mapping, for all four RPC shapes.
+
+Each interceptor gets the method handler from `continuation` and returns a new handler
+of the same shape whose behavior wraps the original (async function or async
+generator), with the same serializers. Order on the server: metrics (outermost, so it
+sees the final code of everything below), auth, errors (innermost, next to the handler).
+
+Metrics follow go-grpc-prometheus's names and labels so existing dashboards work,
+recorded in `finally` (BentoML and py-grpc-prometheus record too early or miss aio
+aborts), on an injected registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import time
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc.aio import AbortError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.errors import LabelgridError
+from services.common.grpc_errors import PROMETHEUS_CODE_LABEL, rich_status, to_status
+
+log = logging.getLogger("labelgrid.grpc")
+
+INTERNAL_ERROR_MESSAGE = "internal error; see the server log"
+PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Methods that never need a token: probes (kubelet, load balancers) and reflection."""
+
+Behavior = Callable[..., Any]
+TokenCheck = Callable[[str], "bool | Awaitable[bool]"]
+
+
+@dataclass(frozen=True)
+class RpcInfo:
+    """What the interceptors know about one method: its names and shape."""
+
+    full_method: str
+    service: str
+    method: str
+    request_streaming: bool
+    response_streaming: bool
+
+    @property
+    def grpc_type(self) -> str:
+        """go-grpc-prometheus's grpc_type label."""
+        if self.request_streaming and self.response_streaming:
+            return "bidi_stream"
+        if self.request_streaming:
+            return "client_stream"
+        if self.response_streaming:
+            return "server_stream"
+        return "unary"
+
+    @classmethod
+    def of(cls, full_method: str, handler: grpc.RpcMethodHandler) -> RpcInfo:
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        return cls(full_method, service or "unknown", method, handler.request_streaming, handler.response_streaming)
+
+
+def _behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
+    """A handler of the same shape and serializers as `handler`, running `behavior`."""
+    if handler.request_streaming and handler.response_streaming:
+        make = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.unary_unary_rpc_method_handler
+    return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Base: wraps every async handler in `around_call` (one reply) or `around_stream` (async generator).
+
+    Sync handlers (which grpc.aio runs only with a migration thread pool) pass through unwrapped.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        rpc = RpcInfo.of(handler_call_details.method, handler)
+        return self.wrap(handler, rpc, handler_call_details)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, rpc: RpcInfo, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        behavior = _behavior_of(handler)
+        if inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with aclosing(self.around_stream(behavior, request, context, rpc)) as responses:
+                    async for response in responses:
+                        yield response
+
+            return _with_behavior(handler, wrapped_stream)
+        if inspect.iscoroutinefunction(behavior):
+
+            async def wrapped_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self.around_call(behavior, request, context, rpc)
+
+            return _with_behavior(handler, wrapped_call)
+        return handler
+
+    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+        return await behavior(request, context)
+
+    async def around_stream(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> AsyncIterator[Any]:
+        async with aclosing(behavior(request, context)) as responses:
+            async for response in responses:
+                yield response
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+class ServerMetrics:
+    """go-grpc-prometheus's server metrics, on the registry given (never the global one)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        names = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started_total", "Total number of RPCs started on the server.", names, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            [*names, "grpc_code"],
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            names,
+            registry=registry,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", names, registry=registry
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.", names, registry=registry
+        )
+        self.in_flight = Gauge(
+            "grpc_server_in_flight",
+            "Number of RPCs being handled by the server right now.",
+            ["grpc_service", "grpc_method"],
+            registry=registry,
+        )
+
+    def initialize(self, rpc: RpcInfo) -> None:
+        """Pre-creates a method's series at zero, so rates and alerts work before its first call."""
+        labels = (rpc.grpc_type, rpc.service, rpc.method)
+        self.started.labels(*labels)
+        self.handling_seconds.labels(*labels)
+        self.msg_received.labels(*labels)
+        self.msg_sent.labels(*labels)
+        self.in_flight.labels(rpc.service, rpc.method)
+        for code in grpc.StatusCode:
+            self.handled.labels(*labels, PROMETHEUS_CODE_LABEL[code])
+
+
+def _status_code(value: Any) -> grpc.StatusCode | None:
+    """context.code() as a StatusCode (aio may hand back the StatusCode or its int value)."""
+    if value is None or isinstance(value, grpc.StatusCode):
+        return value
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _code_after_cancel(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """A cancelled handler: its deadline ran out, or the client hung up."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class MetricsInterceptor(WrappingInterceptor):
+    """Counts, times and gauges every RPC; the code is recorded once the handler is done."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def _begin(self, rpc: RpcInfo) -> tuple[str, str, str]:
+        labels = (rpc.grpc_type, rpc.service, rpc.method)
+        self.metrics.started.labels(*labels).inc()
+        self.metrics.in_flight.labels(rpc.service, rpc.method).inc()
+        return labels
+
+    def _end(self, rpc: RpcInfo, labels: tuple[str, str, str], code: grpc.StatusCode, started: float) -> None:
+        self.metrics.handled.labels(*labels, PROMETHEUS_CODE_LABEL[code]).inc()
+        self.metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started)
+        self.metrics.in_flight.labels(rpc.service, rpc.method).dec()
+
+    def _count_requests(self, request: Any, rpc: RpcInfo, labels: tuple[str, str, str]) -> Any:
+        received = self.metrics.msg_received.labels(*labels)
+        if not rpc.request_streaming:
+            received.inc()
+            return request
+
+        async def counted() -> AsyncIterator[Any]:
+            async for message in request:
+                received.inc()
+                yield message
+
+        return counted()
+
+    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+        labels = self._begin(rpc)
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await behavior(self._count_requests(request, rpc, labels), context)
+            code = _status_code(context.code()) or grpc.StatusCode.OK
+            if code is grpc.StatusCode.OK and not rpc.response_streaming:
+                self.metrics.msg_sent.labels(*labels).inc()
+            return response
+        except asyncio.CancelledError:
+            code = _code_after_cancel(context)
+            raise
+        except BaseException:
+            # AbortError carries its code on the context; anything else becomes UNKNOWN in grpc.
+            code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._end(rpc, labels, code, started)
+
+    async def around_stream(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> AsyncIterator[Any]:
+        labels = self._begin(rpc)
+        started = time.perf_counter()
+        sent = self.metrics.msg_sent.labels(*labels)
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            async with aclosing(behavior(self._count_requests(request, rpc, labels), context)) as responses:
+                async for response in responses:
+                    yield response
+                    sent.inc()
+            code = _status_code(context.code()) or grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: grpc closed the stream generator because the call ended early.
+            code = _code_after_cancel(context)
+            raise
+        except BaseException:
+            code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._end(rpc, labels, code, started)
+
+
+# -- auth ----------------------------------------------------------------------------
+
+
+def static_token_check(tokens: Iterable[str]) -> TokenCheck:
+    """Accepts exactly the configured tokens, compared in constant time."""
+    accepted = [token.encode() for token in tokens if token]
+
+    def check(token: str) -> bool:
+        candidate = token.encode()
+        # No short-circuit: every token is compared, so timing says nothing about which matched.
+        return sum(hmac.compare_digest(candidate, good) for good in accepted) > 0
+
+    return check
+
+
+def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` header, if there is one."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class AuthInterceptor(WrappingInterceptor):
+    """Requires a valid bearer token on every RPC but health checks and reflection."""
+
+    def __init__(self, check: TokenCheck, public_prefixes: Sequence[str] = PUBLIC_METHOD_PREFIXES):
+        self.check = check
+        self.public_prefixes = tuple(public_prefixes)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.public_prefixes):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if token is not None:
+            verdict = self.check(token)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            if verdict:
+                return handler
+        message = "missing bearer token" if token is None else "invalid bearer token"
+        status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED")
+
+        async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort_with_status(status)
+
+        # A coroutine is a valid behavior for all four shapes in grpc.aio.
+        return _with_behavior(handler, reject)
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Domain errors -> their status with ErrorInfo; anything unexpected -> INTERNAL, logged.
+
+    Aborts by the handler and cancellation pass through untouched.
+    """
+
+    def __init__(self, domain: str = "labelgrid"):
+        self.domain = domain
+
+    async def _abort(self, error: Exception, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> None:
+        if isinstance(error, LabelgridError):
+            log.debug(
+                "rpc failed",
+                extra={"method": rpc.full_method, "kind": error.kind.value, "reason": error.reason, "error": error.message},
+            )
+            await context.abort_with_status(to_status(error, self.domain))
+            return
+        log.error("unexpected error in rpc", exc_info=error, extra={"method": rpc.full_method})
+        await context.abort_with_status(
+            rich_status(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE, "SERVER_ERROR", domain=self.domain)
+        )
+
+    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+        try:
+            return await behavior(request, context)
+        except AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - CancelledError is a BaseException and passes
+            await self._abort(error, context, rpc)
+
+    async def around_stream(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> AsyncIterator[Any]:
+        try:
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            await self._abort(error, context, rpc)
+
+
+def server_interceptors(
+    metrics: ServerMetrics, auth_tokens: Sequence[str] = (), token_check: TokenCheck | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptor chain in its order: metrics, auth (if tokens or a check are given), errors."""
+    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if token_check is None and auth_tokens:
+        token_check = static_token_check(auth_tokens)
+    if token_check is not None:
+        chain.append(AuthInterceptor(token_check))
+    chain.append(ErrorInterceptor())
+    return chain

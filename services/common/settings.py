@@ -1,0 +1,122 @@
+"""Settings every gRPC service shares, from env vars (LABELGRID_*) and command-line flags.
+
+A service subclasses `ServiceSettings` with its own fields; `parse_settings` derives one
+flag per field (``s3_secure`` -> ``--s3-secure/--no-s3-secure``), so a new field needs no
+parser code. Flags win over env vars, env vars over defaults. Built once in ``__main__``
+and passed in: there is no global settings object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+def _split_list(value: Any) -> Any:
+    """Accepts ``a,b`` (env var or flag) as well as a real list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    """What every labelgrid gRPC service needs to run: where to listen, metrics, logs, auth."""
+
+    model_config = SettingsConfigDict(env_prefix="LABELGRID_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests); the bound one is GrpcService.port.
+    port: int = 0
+    metrics_host: str = "127.0.0.1"
+    # 0 picks a free port, -1 turns the metrics endpoint off.
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: Literal["console", "json"] = "console"
+    # On SIGTERM, in-flight RPCs get this long to finish before they are cancelled.
+    grace_seconds: float = 10.0
+    # Largest gRPC message either way; chunks are at most 1 MiB, so this is headroom.
+    max_message_bytes: int = 8 * 1024 * 1024
+    # Bearer tokens accepted in `authorization` metadata; empty turns auth off.
+    auth_tokens: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        return value.upper()
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`X | None` -> X, so optional fields get the flag of X."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
+    flag = "--" + name.replace("_", "-")
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    default = field.get_default(call_default_factory=True)
+    shown = "<hidden>" if any(word in name for word in ("secret", "token", "password")) else repr(default)
+    help_text = field.description or f"(env LABELGRID_{name.upper()}; default: {shown})"
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+    if annotation is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif origin is Literal:
+        choices = typing.get_args(annotation)
+        parser.add_argument(flag, choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}", **kwargs)
+    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        parser.add_argument(flag, choices=[member.value for member in annotation], **kwargs)
+    elif origin in (list, tuple, set, frozenset):
+        parser.add_argument(flag, type=_split_list, metavar="A,B", **kwargs)
+    elif annotation in (int, float):
+        parser.add_argument(flag, type=annotation, **kwargs)
+    elif annotation is Path:
+        parser.add_argument(flag, type=Path, metavar="PATH", **kwargs)
+    else:
+        # str and anything else pydantic can coerce from a string.
+        parser.add_argument(flag, type=str, **kwargs)
+
+
+def build_parser(cls: type[ServiceSettings], description: str = "") -> argparse.ArgumentParser:
+    """One flag per settings field, named after it."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, field in cls.model_fields.items():
+        _add_flag(parser, name, field)
+    return parser
+
+
+def parse_settings(cls: type[SettingsT], argv: list[str] | None = None, description: str = "") -> SettingsT:
+    """Settings from env vars and `argv` (None = sys.argv[1:]); flags override env vars.
+
+    Invalid values exit with a usage message, like any argparse error.
+    """
+    parser = build_parser(cls, description)
+    flags = vars(parser.parse_args(argv))
+    try:
+        # Init kwargs take precedence over env vars in pydantic-settings.
+        return cls(**flags)
+    except pydantic.ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable: parser.error exits

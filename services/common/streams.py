@@ -1,0 +1,83 @@
+"""Chunk streams on the wire, for every servicer.
+
+Every upload RPC of every labelgrid service has the same shape: a message with a
+`payload` oneof whose first message is `header`, then `chunk`s of at most 1 MiB, then a
+`finish` carrying the sha256. Every download streams a `BlobInfo` as `info`, then
+`chunk`s. These helpers drive that shape over the transport-neutral spool and readers
+of `services.common.chunks`, with disk I/O off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+from services.common.chunks import SpooledFile, SpoolWriter
+from services.common.errors import InvalidArgument
+
+Header = TypeVar("Header")
+Response = TypeVar("Response")
+
+_END = object()
+
+
+async def receive_upload(
+    requests: AsyncIterable[Any], open_spool: Callable[[Any], SpoolWriter]
+) -> tuple[Any, SpooledFile]:
+    """Reads header, chunks and finish into a verified spooled file.
+
+    `open_spool(header)` makes the spool (it may refuse a declared size early). If the
+    stream is malformed, too large, fails its checksum, or the client hangs up, the
+    spool is removed and nothing is left behind.
+    """
+    iterator = requests.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        raise InvalidArgument("empty upload stream: the first message must be the header") from None
+    if first.WhichOneof("payload") != "header":
+        raise InvalidArgument("the first message of an upload stream must be the header")
+    header = first.header
+    spool = await asyncio.to_thread(open_spool, header)
+    try:
+        sha256: str | None = None
+        async for message in iterator:
+            kind = message.WhichOneof("payload")
+            if sha256 is not None:
+                raise InvalidArgument("nothing may follow the finish message of an upload stream")
+            if kind == "chunk":
+                await asyncio.to_thread(spool.write, message.chunk)
+            elif kind == "finish":
+                sha256 = message.finish.sha256
+                if not sha256:
+                    raise InvalidArgument("the finish message must carry the sha256 of the upload")
+            else:
+                raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
+        if sha256 is None:
+            raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")
+        spooled = await asyncio.to_thread(spool.finish, sha256)
+    except BaseException:
+        # Also on CancelledError: a client that hangs up leaves no temp file behind. Called
+        # directly (a close and an unlink): an await here would itself be cancelled.
+        spool.abort()
+        raise
+    return header, spooled
+
+
+async def send_chunks(
+    first: Response, chunks: Iterator[bytes], make: Callable[[bytes], Response]
+) -> AsyncIterator[Response]:
+    """Yields `first`, then one message per chunk, reading the chunks off the event loop."""
+    yield first
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, _END)
+            if chunk is _END:
+                return
+            yield make(chunk)  # type: ignore[arg-type]
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            # Releases the file or the S3 connection when the client stops reading early.
+            await asyncio.to_thread(close)
