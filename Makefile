@@ -24,8 +24,11 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet -e .
 	touch $@
 
+# monailabel==0.8.5 is installed without its (large, unpinned) dependency list: the tests
+# use only its LocalDatastore and client, whose imports the dev extra provides.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps monailabel==0.8.5
 	touch $@
 
 install: $(VENV)/.installed
@@ -59,7 +62,7 @@ protos-baseline: install-dev
 	$(BUF) build --exclude-source-info -o protos/baseline.binpb
 
 bench: install-dev
-	$(PY) bench/datastore.py
+	$(PY) -m bench.datastore
 
 clean:
 	rm -rf $(VAR) .pytest_cache .buf-cache

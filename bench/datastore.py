@@ -1,0 +1,301 @@
+"""Datastore benchmark: the service against the raw minio SDK on the same SeaweedFS.
+
+    python -m bench.datastore [--sizes 64,512] [--counts 1000,10000] [--out bench/results/datastore.json]
+
+1. Upload / download throughput of large volumes through the datastore service (gRPC chunk
+   streams, s3 backend) vs `minio` put/get straight to the same SeaweedFS, with the service's
+   peak RSS while streaming (it must not grow with the payload).
+2. ListImages / GetStatus / unlabeled-images latency with 1,000 and 10,000 images, on the
+   local and s3 blob backends (SQLite index).
+Prints a table and writes JSON. Numbers, not assertions: tests check behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import nibabel as nib
+import numpy as np
+import psutil
+from labelgrid.common.v1 import common_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+from minio import Minio
+
+from tests.fixtures.seaweedfs import SeaweedFS
+
+MiB = 1024 * 1024
+CHUNK = MiB
+READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def nifti_head(total_bytes: int) -> tuple[bytes, int]:
+    side = 512
+    depth = max(1, total_bytes // (side * side))
+    header = nib.Nifti1Header()
+    header.set_data_shape((side, side, depth))
+    header.set_data_dtype(np.uint8)
+    header.set_data_offset(352)
+    return header.binaryblock + b"\0" * (352 - len(header.binaryblock)), side * side * depth
+
+
+def payload(total_bytes: int):
+    """(chunks iterator factory, size, sha256) of a valid NIfTI of about total_bytes."""
+    head, data_bytes = nifti_head(total_bytes)
+    block = np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8).tobytes()
+
+    def chunks():
+        yield head
+        sent = 0
+        while sent < data_bytes:
+            piece = block[: min(CHUNK, data_bytes - sent)]
+            sent += len(piece)
+            yield piece
+
+    digest = hashlib.sha256()
+    for piece in chunks():
+        digest.update(piece)
+    return chunks, len(head) + data_bytes, digest.hexdigest()
+
+
+class ChunkReader(io.RawIOBase):
+    """A file-like view of a chunk iterator, for minio.put_object."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self._rest = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._rest:
+            try:
+                self._rest = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._rest))
+        buffer[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+
+class DatastoreProcess:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.datastore", "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for line in self.proc.stdout:
+            match = READY.search(line)
+            if match:
+                self.port = int(match[1])
+                threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+                return
+        raise RuntimeError("datastore did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class PeakRss:
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.baseline = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return (self.peak - self.baseline) / MiB
+
+
+def grpc_upload(stub, name: str, chunks, sha: str) -> None:
+    def requests():
+        yield pb.UploadImageRequest(header=pb.UploadImageHeader(image_id=name, file_name=f"{name}.nii"))
+        for piece in chunks():
+            yield pb.UploadImageRequest(chunk=piece)
+        yield pb.UploadImageRequest(finish=common_pb2.UploadFinish(sha256=sha))
+
+    stub.UploadImage(requests())
+
+
+def grpc_download(stub, name: str) -> int:
+    size = 0
+    for message in stub.DownloadImage(pb.DownloadImageRequest(name=f"images/{name}")):
+        if message.WhichOneof("payload") == "chunk":
+            size += len(message.chunk)
+    return size
+
+
+def throughput(s3: SeaweedFS, sizes_mib: list[int], work: Path) -> list[dict]:
+    client = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=False)
+    raw_bucket = s3.new_bucket()
+    client.make_bucket(raw_bucket)
+    service = DatastoreProcess(
+        "--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key,
+        "--s3-secret-key", s3.secret_key, "--s3-bucket", s3.new_bucket(), "--state-dir", str(work / "state-tp"),
+    )
+    rows = []
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+        stub = pb_grpc.DatastoreServiceStub(channel)
+        stub.GetStatus(pb.GetStatusRequest())
+        for size_mib in sizes_mib:
+            chunks, size, sha = payload(size_mib * MiB)
+            started = time.perf_counter()
+            client.put_object(raw_bucket, f"raw{size_mib}.nii", ChunkReader(chunks()), size, part_size=64 * MiB)
+            raw_up = time.perf_counter() - started
+            started = time.perf_counter()
+            response = client.get_object(raw_bucket, f"raw{size_mib}.nii")
+            got = sum(len(piece) for piece in response.stream(CHUNK))
+            response.close()
+            response.release_conn()
+            raw_down = time.perf_counter() - started
+            assert got == size
+
+            rss = PeakRss(service.proc.pid)
+            started = time.perf_counter()
+            grpc_upload(stub, f"svc{size_mib}", chunks, sha)
+            svc_up = time.perf_counter() - started
+            started = time.perf_counter()
+            assert grpc_download(stub, f"svc{size_mib}") == size
+            svc_down = time.perf_counter() - started
+            rss_growth = rss.stop()
+            rows.append(
+                {
+                    "size_mib": size_mib,
+                    "raw_upload_mib_s": size / MiB / raw_up,
+                    "service_upload_mib_s": size / MiB / svc_up,
+                    "upload_ratio": svc_up / raw_up,
+                    "raw_download_mib_s": size / MiB / raw_down,
+                    "service_download_mib_s": size / MiB / svc_down,
+                    "download_ratio": svc_down / raw_down,
+                    "service_rss_growth_mib": rss_growth,
+                }
+            )
+        channel.close()
+    finally:
+        service.stop()
+    return rows
+
+
+def tiny_nifti() -> bytes:
+    return nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)).to_bytes()
+
+
+def p50_ms(call, repeat: int = 20) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def listing(s3: SeaweedFS, counts: list[int], work: Path) -> list[dict]:
+    data = tiny_nifti()
+    sha = hashlib.sha256(data).hexdigest()
+    rows = []
+    for backend in ("local", "s3"):
+        args = ["--backend", backend, "--root", str(work / f"studies-{backend}"), "--state-dir", str(work / f"state-{backend}")]
+        if backend == "s3":
+            args += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key,
+                     "--s3-bucket", s3.new_bucket()]
+        service = DatastoreProcess(*args)
+        try:
+            channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+            stub = pb_grpc.DatastoreServiceStub(channel)
+            have = 0
+            for count in counts:
+                started = time.perf_counter()
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(lambda n: grpc_upload(stub, f"img_{n:06d}", lambda: iter([data]), sha), range(have, count)))
+                fill_s = time.perf_counter() - started
+                uploads = count - have
+                have = count
+                # Every tenth image gets a final label, so "unlabeled" is a real filter.
+                rows.append(
+                    {
+                        "backend": backend,
+                        "images": count,
+                        "uploads_per_s": uploads / fill_s,
+                        "list_first_page_ms": p50_ms(lambda: stub.ListImages(pb.ListImagesRequest(page_size=100))),
+                        "list_deep_page_ms": p50_ms(
+                            lambda: stub.ListImages(
+                                pb.ListImagesRequest(page_size=100, page_token=stub.ListImages(
+                                    pb.ListImagesRequest(page_size=1000)).next_page_token)
+                            )
+                        ),
+                        "status_ms": p50_ms(lambda: stub.GetStatus(pb.GetStatusRequest())),
+                        "unlabeled_first_page_ms": p50_ms(
+                            lambda: stub.ListImages(pb.ListImagesRequest(page_size=100, filter=pb.IMAGE_FILTER_UNLABELED))
+                        ),
+                    }
+                )
+            channel.close()
+        finally:
+            service.stop()
+    return rows
+
+
+def table(rows: list[dict], title: str) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    width = {k: max(len(k), *(len(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])) for r in rows)) for k in keys}
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [title, "  ".join(k.rjust(width[k]) for k in keys)]
+    lines += ["  ".join(fmt(r[k]).rjust(width[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,512", help="volume sizes in MiB")
+    parser.add_argument("--counts", default="1000,10000", help="datastore sizes for the listing benchmark")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/datastore.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="labelgrid-bench-") as tmp:
+        work = Path(tmp)
+        with SeaweedFS.start(work / "seaweedfs") as s3:
+            transfer = throughput(s3, [int(v) for v in args.sizes.split(",")], work)
+            print(table(transfer, "throughput: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS; ratio = service time / raw time"))
+            lists = listing(s3, [int(v) for v in args.counts.split(",")], work)
+            print()
+            print(table(lists, "listing latency (p50 of 20 calls, ms), SQLite index"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"machine": {"cpus": os.cpu_count()}, "throughput": transfer, "listing": lists}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Runs the datastore service: `python -m services.datastore [--flags]`.
+
+`python -m services.datastore reindex [--flags]` rebuilds the index from the blobs
+(to adopt a MONAI Label studies folder or an existing bucket) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.common.logging import configure_logging
+from services.common.server import GrpcService
+from services.common.settings import parse_settings
+from services.datastore.api.servicer import register, service_names
+from services.datastore.app import build_datastore
+from services.datastore.settings import DatastoreSettings
+
+log = logging.getLogger("labelgrid.datastore")
+
+
+async def serve(settings: DatastoreSettings) -> None:
+    datastore = await asyncio.to_thread(build_datastore, settings)
+    service = GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, datastore),
+        on_stop=lambda: asyncio.to_thread(datastore.close),
+    )
+    await service.start()
+    log.info(
+        "datastore ready",
+        extra={"backend": settings.backend, "location": datastore.location, "port": service.port},
+    )
+    print(
+        f"labelgrid datastore ({settings.backend}: {datastore.location}) listening on "
+        f"{settings.host}:{service.port}, metrics on {settings.metrics_host}:{service.metrics_port}",
+        flush=True,
+    )
+    await service.run_until_signal()
+
+
+def reindex(settings: DatastoreSettings) -> None:
+    datastore = build_datastore(settings)
+    try:
+        counts = datastore.reindex()
+    finally:
+        datastore.close()
+    print(
+        f"reindexed {datastore.location}: {counts.images} images, {counts.labels} labels, "
+        f"{counts.model_versions} model versions, {counts.removed} stale entries removed"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args and args[0] == "reindex" else "serve"
+    settings = parse_settings(DatastoreSettings, args, description=__doc__.splitlines()[0])
+    configure_logging(settings.log_level, settings.log_format)
+    if command == "reindex":
+        reindex(settings)
+    else:
+        asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

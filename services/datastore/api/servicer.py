@@ -1,0 +1,320 @@
+"""gRPC adapter of the datastore: convert the request, await the use case, convert the result.
+
+Domain calls block on disk, S3 or SQL, so each runs in a worker thread; errors are
+domain exceptions that the shared error interceptor turns into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+
+from services.common.chunks import iter_file_chunks, sha256_file
+from services.common.streams import receive_upload, send_chunks
+from services.datastore.api import convert
+from services.datastore.domain.datastore import BlobRead, Datastore
+
+run = asyncio.to_thread
+
+
+class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
+    def __init__(self, datastore: Datastore) -> None:
+        self.ds = datastore
+
+    # -- info --------------------------------------------------------------------------
+
+    async def GetDatastoreInfo(self, request: pb.GetDatastoreInfoRequest, context: Any) -> pb.GetDatastoreInfoResponse:
+        return convert.datastore_info(await run(self.ds.info))
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
+        return convert.status(await run(self.ds.status))
+
+    # -- images ------------------------------------------------------------------------
+
+    async def ListImages(self, request: pb.ListImagesRequest, context: Any) -> pb.ListImagesResponse:
+        page = await run(
+            self.ds.list_images,
+            filter=convert.image_filter(request.filter),
+            tag=request.label_tag,
+            order=convert.image_order(request.order),
+            score_key=request.score_key,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            exclude_leased=request.exclude_leased,
+        )
+        return pb.ListImagesResponse(
+            images=[convert.image(item) for item in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    async def GetImage(self, request: pb.GetImageRequest, context: Any) -> pb.GetImageResponse:
+        image_id = convert.image_id_of(request.name)
+        return pb.GetImageResponse(image=convert.image(await run(self.ds.get_image, image_id)))
+
+    async def UploadImage(self, request_iterator: Any, context: Any) -> pb.UploadImageResponse:
+        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
+        image = await run(
+            self.ds.add_image,
+            spooled,
+            image_id=header.image_id,
+            file_name=header.file_name,
+            info=convert.struct_to_dict(header.info),
+            fail_if_exists=header.fail_if_exists,
+        )
+        return pb.UploadImageResponse(image=convert.image(image))
+
+    async def DownloadImage(
+        self, request: pb.DownloadImageRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadImageResponse]:
+        image_id = convert.image_id_of(request.name)
+        read = await run(self.ds.read_image, image_id, request.read_offset, request.read_limit)
+        async for message in _stream(read, pb.DownloadImageResponse):
+            yield message
+
+    async def DeleteImage(self, request: pb.DeleteImageRequest, context: Any) -> pb.DeleteImageResponse:
+        await run(self.ds.delete_image, convert.image_id_of(request.name))
+        return pb.DeleteImageResponse()
+
+    async def UpdateImageInfo(self, request: pb.UpdateImageInfoRequest, context: Any) -> pb.UpdateImageInfoResponse:
+        image = await run(
+            self.ds.update_image_info,
+            convert.image_id_of(request.name),
+            convert.struct_to_dict(request.info),
+            replace=request.replace,
+            expected_revision=convert.expected_revision(request.expected_revision),
+        )
+        return pb.UpdateImageInfoResponse(image=convert.image(image))
+
+    async def SetImageScore(self, request: pb.SetImageScoreRequest, context: Any) -> pb.SetImageScoreResponse:
+        image = await run(
+            self.ds.set_score,
+            convert.image_id_of(request.name),
+            request.score_key,
+            request.value,
+            request.model_version,
+        )
+        return pb.SetImageScoreResponse(image=convert.image(image))
+
+    # -- labels ------------------------------------------------------------------------
+
+    async def GetLabel(self, request: pb.GetLabelRequest, context: Any) -> pb.GetLabelResponse:
+        image_id, tag = convert.label_of(request.name)
+        return pb.GetLabelResponse(label=convert.label(await run(self.ds.get_label, image_id, tag)))
+
+    async def UploadLabel(self, request_iterator: Any, context: Any) -> pb.UploadLabelResponse:
+        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
+        try:
+            image_id = convert.image_id_of(header.image)
+        except BaseException:
+            Path(spooled.path).unlink(missing_ok=True)
+            raise
+        label = await run(
+            self.ds.add_label,
+            spooled,
+            image_id=image_id,
+            tag=header.tag,
+            file_name=header.file_name,
+            info=convert.struct_to_dict(header.info),
+        )
+        return pb.UploadLabelResponse(label=convert.label(label))
+
+    async def DownloadLabel(
+        self, request: pb.DownloadLabelRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadLabelResponse]:
+        image_id, tag = convert.label_of(request.name)
+        read = await run(self.ds.read_label, image_id, tag, request.read_offset, request.read_limit)
+        async for message in _stream(read, pb.DownloadLabelResponse):
+            yield message
+
+    async def DeleteLabel(self, request: pb.DeleteLabelRequest, context: Any) -> pb.DeleteLabelResponse:
+        image_id, tag = convert.label_of(request.name)
+        await run(self.ds.delete_label, image_id, tag)
+        return pb.DeleteLabelResponse()
+
+    async def UpdateLabelInfo(self, request: pb.UpdateLabelInfoRequest, context: Any) -> pb.UpdateLabelInfoResponse:
+        image_id, tag = convert.label_of(request.name)
+        label = await run(
+            self.ds.update_label_info,
+            image_id,
+            tag,
+            convert.struct_to_dict(request.info),
+            replace=request.replace,
+            expected_revision=convert.expected_revision(request.expected_revision),
+        )
+        return pb.UpdateLabelInfoResponse(label=convert.label(label))
+
+    # -- bulk access -------------------------------------------------------------------
+
+    async def GetDownloadUrl(self, request: pb.GetDownloadUrlRequest, context: Any) -> pb.GetDownloadUrlResponse:
+        kind, parts = convert.blob_name_of(request.name)
+        return convert.download_url(await run(self.ds.download_url, kind, parts, request.expire_seconds))
+
+    async def ExportDataset(
+        self, request: pb.ExportDatasetRequest, context: Any
+    ) -> AsyncIterator[pb.ExportDatasetResponse]:
+        path = await run(self.ds.export_dataset, request.limit_cases, request.label_tag)
+        try:
+            size = path.stat().st_size
+            sha256 = await run(sha256_file, path)
+            read = BlobRead("dataset.zip", size, sha256, "application/zip", 0, size, iter_file_chunks(path))
+            async for message in _stream(read, pb.ExportDatasetResponse):
+                yield message
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def Reindex(self, request: pb.ReindexRequest, context: Any) -> pb.ReindexResponse:
+        counts = await run(self.ds.reindex)
+        return pb.ReindexResponse(
+            images=counts.images, labels=counts.labels, model_versions=counts.model_versions, removed=counts.removed
+        )
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def AcquireImageLease(
+        self, request: pb.AcquireImageLeaseRequest, context: Any
+    ) -> pb.AcquireImageLeaseResponse:
+        got = await run(
+            self.ds.acquire_lease,
+            request.client_id,
+            request.strategy,
+            order=convert.image_order(request.order),
+            score_key=request.score_key,
+            tag=request.label_tag,
+            ttl_seconds=request.ttl_seconds,
+        )
+        if isinstance(got, str):
+            return pb.AcquireImageLeaseResponse(no_image_reason=convert.NO_IMAGE_REASONS[got])
+        image, lease = got
+        return pb.AcquireImageLeaseResponse(image=convert.image(image), lease=convert.lease(lease))
+
+    async def RenewImageLease(self, request: pb.RenewImageLeaseRequest, context: Any) -> pb.RenewImageLeaseResponse:
+        lease = await run(
+            self.ds.renew_lease, convert.lease_image_of(request.name), request.client_id, request.ttl_seconds
+        )
+        return pb.RenewImageLeaseResponse(lease=convert.lease(lease))
+
+    async def ReleaseImageLease(
+        self, request: pb.ReleaseImageLeaseRequest, context: Any
+    ) -> pb.ReleaseImageLeaseResponse:
+        await run(self.ds.release_lease, convert.lease_image_of(request.name), request.client_id)
+        return pb.ReleaseImageLeaseResponse()
+
+    async def ListImageLeases(self, request: pb.ListImageLeasesRequest, context: Any) -> pb.ListImageLeasesResponse:
+        page = await run(self.ds.list_leases, request.client_id, request.page_size, request.page_token)
+        return pb.ListImageLeasesResponse(
+            leases=[convert.lease(item) for item in page.items], next_page_token=page.next_page_token
+        )
+
+    # -- models ------------------------------------------------------------------------
+
+    async def UploadModelVersion(self, request_iterator: Any, context: Any) -> pb.UploadModelVersionResponse:
+        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
+        try:
+            model = convert.model_of(header.model)
+        except BaseException:
+            Path(spooled.path).unlink(missing_ok=True)
+            raise
+        version = await run(
+            self.ds.add_model_version,
+            spooled,
+            model=model,
+            version=header.version,
+            file_name=header.file_name,
+            metrics=convert.struct_to_dict(header.metrics),
+            info=convert.struct_to_dict(header.info),
+        )
+        return pb.UploadModelVersionResponse(model_version=convert.model_version(version))
+
+    async def DownloadModelVersion(
+        self, request: pb.DownloadModelVersionRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadModelVersionResponse]:
+        model, version = convert.model_version_of(request.name)
+        read = await run(self.ds.read_model_version, model, version, request.read_offset, request.read_limit)
+        async for message in _stream(read, pb.DownloadModelVersionResponse):
+            yield message
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=convert.model(await run(self.ds.get_model, convert.model_of(request.name))))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        page = await run(self.ds.list_models, request.page_size, request.page_token)
+        return pb.ListModelsResponse(
+            models=[convert.model(item) for item in page.items], next_page_token=page.next_page_token
+        )
+
+    async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: Any) -> pb.GetModelVersionResponse:
+        model, version = convert.model_version_of(request.name)
+        record = await run(self.ds.get_model_version, model, version)
+        return pb.GetModelVersionResponse(model_version=convert.model_version(record))
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: Any
+    ) -> pb.ListModelVersionsResponse:
+        page = await run(
+            self.ds.list_model_versions, convert.model_of(request.parent), request.page_size, request.page_token
+        )
+        return pb.ListModelVersionsResponse(
+            model_versions=[convert.model_version(item) for item in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: Any
+    ) -> pb.DeleteModelVersionResponse:
+        model, version = convert.model_version_of(request.name)
+        await run(self.ds.delete_model_version, model, version)
+        return pb.DeleteModelVersionResponse()
+
+    async def PinModelVersion(self, request: pb.PinModelVersionRequest, context: Any) -> pb.PinModelVersionResponse:
+        record = await run(self.ds.pin_model_version, convert.model_of(request.model), request.version)
+        return pb.PinModelVersionResponse(model=convert.model(record))
+
+    # -- records -----------------------------------------------------------------------
+
+    async def PutRecord(self, request: pb.PutRecordRequest, context: Any) -> pb.PutRecordResponse:
+        kind, record_id = convert.record_of(request.name)
+        record = await run(
+            self.ds.put_record,
+            kind,
+            record_id,
+            convert.struct_to_dict(request.data),
+            convert.expected_revision(request.expected_revision),
+        )
+        return pb.PutRecordResponse(record=convert.record(record))
+
+    async def GetRecord(self, request: pb.GetRecordRequest, context: Any) -> pb.GetRecordResponse:
+        kind, record_id = convert.record_of(request.name)
+        return pb.GetRecordResponse(record=convert.record(await run(self.ds.get_record, kind, record_id)))
+
+    async def ListRecords(self, request: pb.ListRecordsRequest, context: Any) -> pb.ListRecordsResponse:
+        page = await run(
+            self.ds.list_records, convert.record_kind_of(request.parent), request.page_size, request.page_token
+        )
+        return pb.ListRecordsResponse(
+            records=[convert.record(item) for item in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteRecord(self, request: pb.DeleteRecordRequest, context: Any) -> pb.DeleteRecordResponse:
+        kind, record_id = convert.record_of(request.name)
+        await run(self.ds.delete_record, kind, record_id)
+        return pb.DeleteRecordResponse()
+
+
+def _stream(read: BlobRead, response_type: Any) -> AsyncIterator[Any]:
+    return send_chunks(response_type(info=convert.blob_info(read)), read.chunks, lambda c: response_type(chunk=c))
+
+
+def service_names() -> list[str]:
+    """Full names of the services this process serves (for health and reflection)."""
+    return [pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name]
+
+
+def register(server: grpc.aio.Server, datastore: Datastore) -> None:
+    pb_grpc.add_DatastoreServiceServicer_to_server(DatastoreServicer(datastore), server)

@@ -1,0 +1,54 @@
+"""Builds the datastore from its settings: the one place that picks the adapters."""
+
+from __future__ import annotations
+
+from services.datastore.adapters.blobs import LocalBlobStore, S3BlobStore
+from services.datastore.adapters.index import SqlIndex
+from services.datastore.adapters.monailabel_json import JsonMirror, read_monailabel_json
+from services.datastore.domain.datastore import Datastore
+from services.datastore.settings import DatastoreSettings
+
+
+def build_datastore(settings: DatastoreSettings) -> Datastore:
+    """A ready datastore; the caller closes it. Adopts an existing folder or bucket on first use."""
+    if settings.backend == "local":
+        root = settings.root.resolve()
+        blobs = LocalBlobStore(root)
+        index_url = settings.index or f"sqlite:///{root / '.labelgrid' / 'index.db'}"
+        location = str(root)
+    else:
+        blobs = S3BlobStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            secure=settings.s3_secure,
+            region=settings.s3_region or None,
+            create_bucket=settings.s3_create_bucket,
+            spool_root=settings.state_dir / "spool",
+        )
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        index_url = settings.index or f"sqlite:///{settings.state_dir.resolve() / 'index.db'}"
+        location = f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
+    index = SqlIndex(index_url)
+    mirror = None
+    legacy = lambda: None  # noqa: E731
+    if settings.backend == "local":
+        # Keep MONAI Label's own datastore_v2.json current, so MONAI Label still opens the folder.
+        mirror = JsonMirror(root, lambda: index.export_monailabel_model(settings.dataset_name, settings.dataset_description))
+        legacy = lambda: read_monailabel_json(root)  # noqa: E731
+    datastore = Datastore(
+        blobs,
+        index,
+        backend=settings.backend,
+        location=location,
+        max_upload_bytes=settings.max_upload_bytes,
+        lease_ttl_seconds=settings.lease_ttl_seconds,
+        mirror=mirror,
+        legacy_model=legacy,
+        display_name=settings.dataset_name,
+        description=settings.dataset_description,
+    )
+    datastore.open()
+    return datastore

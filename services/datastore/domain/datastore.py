@@ -1,0 +1,590 @@
+"""The datastore's use cases: plain Python over a blob store and a SQL index.
+
+Every write follows one order so that nothing half-done is ever visible: the upload is
+spooled to a local file (hashed and size-limited while it arrives), checked to be a
+readable volume, moved into the blob store in one atomic step, and only then recorded in
+the index. Blob keys follow MONAI Label's studies layout, so the local backend stays a
+folder MONAI Label itself can open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.common.chunks import SpooledFile, SpoolWriter
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from services.datastore.domain import formats, ids
+from services.datastore.domain.reindex import ReindexCounts, rebuild
+from services.datastore.domain.model import (
+    DEFAULT_TAG_FINAL,
+    DatastoreStatus,
+    ImageFilter,
+    ImageOrder,
+    ImageRecord,
+    LabelRecord,
+    LeaseRecord,
+    ModelRecord,
+    ModelVersionRecord,
+    Page,
+    Record,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_URL_EXPIRY_SECONDS = 7 * 24 * 3600
+
+
+class JsonMirrorLike(Protocol):
+    """Keeps MONAI Label's datastore_v2.json in step with the index (local backend only)."""
+
+    def mark_dirty(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlobRead:
+    """What a download stream announces first, then the chunks themselves."""
+
+    file_name: str
+    size: int  # size of the whole object
+    sha256: str
+    content_type: str
+    offset: int
+    length: int  # bytes this read carries
+    chunks: Iterator[bytes]
+
+
+@dataclass(frozen=True)
+class DownloadUrl:
+    url: str
+    expire_time: float | None  # epoch seconds; None for file:// URLs
+    file_name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DatastoreInfo:
+    display_name: str
+    description: str
+    backend: str
+    location: str
+    status: DatastoreStatus
+
+
+def image_key(file_name: str) -> str:
+    return f"images/{file_name}"
+
+
+def label_key(tag: str, file_name: str) -> str:
+    return f"labels/{tag}/{file_name}"
+
+
+def model_key(model: str, version: str, file_name: str) -> str:
+    return f"models/{model}/{version}/{file_name}"
+
+
+def image_id_from_file_name(file_name: str) -> str:
+    """MONAI Label's rule for an upload without an id: the base name minus all its suffixes."""
+    base = os.path.basename(file_name)
+    return base.split(".", 1)[0] if not base.startswith(".") else base
+
+
+def _page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument("page_size may not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+class _KeyedLocks:
+    """One lock per id, so two uploads of the same image cannot interleave blob and index writes."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def __call__(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+class Datastore:
+    """MONAI Label's Datastore interface, plus leases, model versions and records."""
+
+    def __init__(
+        self,
+        blobs: Any,
+        index: Any,
+        *,
+        backend: str,
+        location: str,
+        max_upload_bytes: int,
+        lease_ttl_seconds: float = 3600.0,
+        mirror: JsonMirrorLike | None = None,
+        legacy_model: Callable[[], dict[str, Any] | None] = lambda: None,
+        display_name: str = "new-dataset",
+        description: str = "New Dataset",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.blobs = blobs
+        self.index = index
+        self.backend = backend
+        self.location = location
+        self.max_upload_bytes = max_upload_bytes
+        self.lease_ttl_seconds = lease_ttl_seconds
+        self.mirror = mirror
+        self.legacy_model = legacy_model  # MONAI Label's datastore_v2.json, read at reindex
+        self.display_name = display_name
+        self.description = description
+        self._clock = clock
+        self._locks = _KeyedLocks()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Adopts an existing folder or bucket the first time the index is empty."""
+        if self.index.status().total == 0 and any(True for _ in self.blobs.list("images/")):
+            counts = self.reindex()
+            log.info("adopted existing store", extra={"images": counts.images, "labels": counts.labels})
+        self._changed()
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+
+    def _changed(self) -> None:
+        if self.mirror is not None:
+            self.mirror.mark_dirty()
+
+    # -- info --------------------------------------------------------------------------
+
+    def info(self) -> DatastoreInfo:
+        return DatastoreInfo(self.display_name, self.description, self.backend, self.location, self.index.status())
+
+    def status(self) -> DatastoreStatus:
+        return self.index.status()
+
+    # -- uploads -----------------------------------------------------------------------
+
+    def new_spool(self, declared_size: int = 0) -> SpoolWriter:
+        """A spool for one upload; refuses early when the declared size is already too large."""
+        if declared_size > self.max_upload_bytes:
+            raise ResourceExhausted(
+                f"upload of {declared_size} bytes exceeds the limit of {self.max_upload_bytes} bytes",
+                reason="PAYLOAD_TOO_LARGE",
+            )
+        return SpoolWriter(self.blobs.spool_dir(), max_bytes=self.max_upload_bytes)
+
+    def _discard(self, spooled: SpooledFile) -> None:
+        Path(spooled.path).unlink(missing_ok=True)
+
+    # -- images ------------------------------------------------------------------------
+
+    def list_images(
+        self,
+        *,
+        filter: ImageFilter = ImageFilter.ALL,
+        tag: str = "",
+        order: ImageOrder = ImageOrder.ID,
+        score_key: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        exclude_leased: bool = False,
+    ) -> Page:
+        tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
+        if order is ImageOrder.SCORE_DESC:
+            ids.check_record_key(score_key, "score key")
+        return self.index.list_images(
+            filter=filter,
+            tag=tag,
+            order=order,
+            score_key=score_key or None,
+            page_size=_page_size(page_size),
+            page_token=page_token,
+            exclude_leased=exclude_leased,
+        )
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        return self.index.get_image(ids.check_image_id(image_id))
+
+    def add_image(
+        self,
+        spooled: SpooledFile,
+        *,
+        image_id: str,
+        file_name: str,
+        info: dict[str, Any],
+        fail_if_exists: bool = False,
+    ) -> ImageRecord:
+        """MONAI Label's add_image: stores a checked volume under its id, replacing an old one."""
+        try:
+            if not file_name:
+                raise InvalidArgument("file_name is required: its extension tells the image format")
+            ext = formats.image_ext_from_name(file_name)
+            image_id = ids.check_image_id(image_id or image_id_from_file_name(file_name))
+            formats.check_volume(Path(spooled.path), ext)
+        except BaseException:
+            self._discard(spooled)
+            raise
+        with self._locks(f"image:{image_id}"):
+            old = self._find_image(image_id)
+            if old is not None and fail_if_exists:
+                self._discard(spooled)
+                raise AlreadyExists(f"image {image_id!r} already exists", reason="ALREADY_EXISTS")
+            stored_info = dict(info)
+            stored_info["ts"] = int(self._clock())
+            stored_info["name"] = f"{image_id}{ext}"
+            self.blobs.put_file(image_key(f"{image_id}{ext}"), Path(spooled.path), sha256=spooled.sha256)
+            record = self.index.upsert_image(image_id, ext, spooled.sha256, spooled.size, stored_info)
+            if old is not None and old.ext != ext:
+                self.blobs.delete(image_key(old.file_name))
+        self._changed()
+        return record
+
+    def _find_image(self, image_id: str) -> ImageRecord | None:
+        try:
+            return self.index.get_image(image_id)
+        except NotFound:
+            return None
+
+    def read_image(self, image_id: str, offset: int = 0, limit: int = 0) -> BlobRead:
+        image = self.get_image(image_id)
+        return self._read(image_key(image.file_name), image.file_name, image.size, image.sha256, offset, limit)
+
+    def delete_image(self, image_id: str) -> None:
+        image_id = ids.check_image_id(image_id)
+        with self._locks(f"image:{image_id}"):
+            image = self.index.delete_image(image_id)
+            # The index no longer knows it, so a failure below leaves only an orphan file,
+            # which the next reindex adopts again rather than a listed image without bytes.
+            for label in image.labels.values():
+                self.blobs.delete(label_key(label.tag, label.file_name))
+            self.blobs.delete(image_key(image.file_name))
+        self._changed()
+
+    def update_image_info(
+        self, image_id: str, info: dict[str, Any], *, replace: bool = False, expected_revision: int | None = None
+    ) -> ImageRecord:
+        record = self.index.update_image_info(
+            ids.check_image_id(image_id), info, replace=replace, expected_revision=expected_revision
+        )
+        self._changed()
+        return record
+
+    def set_score(self, image_id: str, key: str, value: float, model_version: str = "") -> ImageRecord:
+        image_id = ids.check_image_id(image_id)
+        ids.check_record_key(key, "score key")
+        # MONAI Label's scoring methods write the score into the image info: keep that view,
+        # in the same transaction as the indexed score.
+        info = {key: float(value), f"{key}_ts": int(self._clock())}
+        self.index.set_score(image_id, key, float(value), model_version, info=info)
+        self._changed()
+        return self.index.get_image(image_id)
+
+    # -- labels ------------------------------------------------------------------------
+
+    def get_label(self, image_id: str, tag: str) -> LabelRecord:
+        return self.index.get_label(ids.check_image_id(image_id), ids.check_tag(tag or DEFAULT_TAG_FINAL))
+
+    def add_label(
+        self, spooled: SpooledFile, *, image_id: str, tag: str, file_name: str, info: dict[str, Any]
+    ) -> LabelRecord:
+        """MONAI Label's save_label: the label id equals the image id, the tag is the folder."""
+        try:
+            image_id = ids.check_image_id(image_id)
+            tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
+            if not file_name:
+                raise InvalidArgument("file_name is required: its extension tells the label format")
+            ext = formats.label_ext_from_name(file_name)
+            formats.check_volume(Path(spooled.path), ext)
+            self.index.get_image(image_id)  # NotFound before anything is stored
+        except BaseException:
+            self._discard(spooled)
+            raise
+        with self._locks(f"image:{image_id}"):
+            try:
+                old: LabelRecord | None = self.index.get_label(image_id, tag)
+            except NotFound:
+                old = None
+            stored_info = dict(info)
+            stored_info["ts"] = int(self._clock())
+            stored_info["name"] = f"{image_id}{ext}"
+            self.blobs.put_file(label_key(tag, f"{image_id}{ext}"), Path(spooled.path), sha256=spooled.sha256)
+            record = self.index.upsert_label(image_id, tag, ext, spooled.sha256, spooled.size, stored_info)
+            if old is not None and old.ext != ext:
+                self.blobs.delete(label_key(tag, old.file_name))
+        self._changed()
+        return record
+
+    def read_label(self, image_id: str, tag: str, offset: int = 0, limit: int = 0) -> BlobRead:
+        label = self.get_label(image_id, tag)
+        return self._read(label_key(label.tag, label.file_name), label.file_name, label.size, label.sha256, offset, limit)
+
+    def delete_label(self, image_id: str, tag: str) -> None:
+        image_id = ids.check_image_id(image_id)
+        tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
+        with self._locks(f"image:{image_id}"):
+            label = self.index.delete_label(image_id, tag)
+            self.blobs.delete(label_key(label.tag, label.file_name))
+        self._changed()
+
+    def update_label_info(
+        self,
+        image_id: str,
+        tag: str,
+        info: dict[str, Any],
+        *,
+        replace: bool = False,
+        expected_revision: int | None = None,
+    ) -> LabelRecord:
+        record = self.index.update_label_info(
+            ids.check_image_id(image_id),
+            ids.check_tag(tag or DEFAULT_TAG_FINAL),
+            info,
+            replace=replace,
+            expected_revision=expected_revision,
+        )
+        self._changed()
+        return record
+
+    # -- reading and URLs --------------------------------------------------------------
+
+    def _read(self, key: str, file_name: str, size: int, sha256: str, offset: int, limit: int) -> BlobRead:
+        if offset < 0 or limit < 0:
+            raise InvalidArgument("read_offset and read_limit may not be negative")
+        if offset > size or (offset == size and size > 0):
+            raise OutOfRange(f"read_offset {offset} lies beyond the end of {file_name!r} ({size} bytes)")
+        length = size - offset if limit == 0 else min(limit, size - offset)
+        chunks = self.blobs.open_read(key, offset, length) if length > 0 else iter(())
+        return BlobRead(file_name, size, sha256, content_type_of(file_name), offset, length, chunks)
+
+    def download_url(self, kind: str, parts: tuple[str, ...], expire_seconds: int) -> DownloadUrl:
+        """A URL reading an image, a label or a model version without this service."""
+        if expire_seconds < 0 or expire_seconds > MAX_URL_EXPIRY_SECONDS:
+            raise InvalidArgument(f"expire_seconds must be between 0 and {MAX_URL_EXPIRY_SECONDS}")
+        expire_seconds = expire_seconds or 3600
+        if kind == "image":
+            image = self.get_image(parts[0])
+            key, file_name, size, sha = image_key(image.file_name), image.file_name, image.size, image.sha256
+        elif kind == "label":
+            label = self.get_label(parts[0], parts[1])
+            key, file_name, size, sha = label_key(label.tag, label.file_name), label.file_name, label.size, label.sha256
+        else:
+            version = self.get_model_version(parts[0], parts[1])
+            key = model_key(version.model, version.version, version.file_name)
+            file_name, size, sha = version.file_name, version.size, version.sha256
+        url = self.blobs.presigned_get_url(key, expire_seconds)
+        expire = None if url.startswith("file://") else self._clock() + expire_seconds
+        return DownloadUrl(url, expire, file_name, size, sha)
+
+    def export_dataset(self, limit_cases: int = 0, tag: str = "") -> Path:
+        """MONAI Label's get_dataset_archive: a ZIP of labeled images, labels and metadata.json.
+
+        Built in the spool folder and returned as a path; the caller streams and deletes it.
+        """
+        tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
+        if limit_cases < 0:
+            raise InvalidArgument("limit_cases may not be negative")
+        images = list(self._all_images(filter=ImageFilter.LABELED, tag=tag))
+        if not images:
+            raise FailedPrecondition(f"no image has a {tag!r} label yet: nothing to export")
+        if limit_cases:
+            images = images[:limit_cases]
+        fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".zip", dir=self.blobs.spool_dir())
+        os.close(fd)
+        path = Path(name)
+        try:
+            with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for image in images:
+                    label = image.labels[tag]
+                    self._zip_blob(archive, f"image/{image.file_name}", image_key(image.file_name))
+                    self._zip_blob(archive, f"label/{label.file_name}", label_key(tag, label.file_name))
+                archive.writestr("metadata.json", json.dumps(self.index.export_monailabel_model(), indent=2))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _zip_blob(self, archive: zipfile.ZipFile, arcname: str, key: str) -> None:
+        with archive.open(arcname, "w", force_zip64=True) as member:
+            for chunk in self.blobs.open_read(key, 0, None):
+                member.write(chunk)
+
+    def _all_images(self, **query: Any) -> Iterator[ImageRecord]:
+        token = ""
+        while True:
+            page = self.index.list_images(page_size=MAX_PAGE_SIZE, page_token=token, **query)
+            yield from page.items
+            token = page.next_page_token
+            if not token:
+                return
+
+    # -- reindex -----------------------------------------------------------------------
+
+    def reindex(self) -> ReindexCounts:
+        """Rebuilds images, labels and model versions from the blobs (MONAI Label's refresh)."""
+        with self._locks("reindex"):
+            counts = rebuild(self.blobs, self.index, self.legacy_model())
+        self._changed()
+        return counts
+
+    # -- leases ------------------------------------------------------------------------
+
+    def acquire_lease(
+        self,
+        client_id: str,
+        strategy: str,
+        *,
+        order: ImageOrder = ImageOrder.ID,
+        score_key: str = "",
+        tag: str = "",
+        ttl_seconds: float = 0,
+    ) -> tuple[ImageRecord, LeaseRecord] | str:
+        """Leases the next image, or returns why none is left ("EMPTY", "ALL_LABELED", "ALL_LEASED")."""
+        ids.check_record_key(client_id, "client_id")
+        ids.check_record_key(strategy or "default", "strategy")
+        tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
+        if order is ImageOrder.SCORE_DESC:
+            ids.check_record_key(score_key, "score key")
+        if ttl_seconds < 0:
+            raise InvalidArgument("ttl_seconds may not be negative")
+        got = self.index.acquire_next_lease(
+            client_id,
+            strategy or "default",
+            order=order,
+            score_key=score_key or None,
+            tag=tag,
+            ttl_seconds=ttl_seconds or self.lease_ttl_seconds,
+        )
+        if got is not None:
+            return got
+        return self.index.no_lease_reason(tag)
+
+    def renew_lease(self, image_id: str, client_id: str, ttl_seconds: float = 0) -> LeaseRecord:
+        if ttl_seconds < 0:
+            raise InvalidArgument("ttl_seconds may not be negative")
+        return self.index.renew_lease(
+            ids.check_image_id(image_id), ids.check_record_key(client_id, "client_id"), ttl_seconds or self.lease_ttl_seconds
+        )
+
+    def release_lease(self, image_id: str, client_id: str) -> None:
+        self.index.release_lease(ids.check_image_id(image_id), ids.check_record_key(client_id, "client_id"))
+
+    def list_leases(self, client_id: str = "", page_size: int = 0, page_token: str = "") -> Page:
+        if client_id:
+            ids.check_record_key(client_id, "client_id")
+        return self.index.list_leases(client_id or None, page_size=_page_size(page_size), page_token=page_token)
+
+    # -- models ------------------------------------------------------------------------
+
+    def add_model_version(
+        self,
+        spooled: SpooledFile,
+        *,
+        model: str,
+        version: str,
+        file_name: str,
+        metrics: dict[str, Any],
+        info: dict[str, Any],
+    ) -> ModelVersionRecord:
+        try:
+            ids.check_model_name(model)
+            if version:
+                ids.check_version(version)
+                if version == "serving":
+                    raise InvalidArgument("'serving' is reserved: it names the version inference serves")
+            ids.check_record_key(file_name or "", "model file name")
+        except BaseException:
+            self._discard(spooled)
+            raise
+        with self._locks(f"model:{model}"):
+            # The index numbers the version; the blob is keyed by it, so record first under
+            # a lock and remove the record again if the blob cannot be stored.
+            record = self.index.add_model_version(
+                model, version or None, file_name, spooled.sha256, spooled.size, metrics, info
+            )
+            try:
+                self.blobs.put_file(model_key(model, record.version, file_name), Path(spooled.path), sha256=spooled.sha256)
+            except BaseException:
+                self.index.delete_model_version(model, record.version)
+                self._discard(spooled)
+                raise
+        return record
+
+    def get_model(self, model: str) -> ModelRecord:
+        return self.index.get_model(ids.check_model_name(model))
+
+    def list_models(self, page_size: int = 0, page_token: str = "") -> Page:
+        return self.index.list_models(page_size=_page_size(page_size), page_token=page_token)
+
+    def get_model_version(self, model: str, version: str) -> ModelVersionRecord:
+        ids.check_model_name(model)
+        if version == "serving":
+            serving = self.index.get_model(model).serving_version
+            if not serving:
+                raise NotFound(f"model {model!r} has no published version", reason="MODEL_NOT_FOUND")
+            version = serving
+        return self.index.get_model_version(model, ids.check_version(version))
+
+    def list_model_versions(self, model: str, page_size: int = 0, page_token: str = "") -> Page:
+        return self.index.list_model_versions(
+            ids.check_model_name(model), page_size=_page_size(page_size), page_token=page_token
+        )
+
+    def read_model_version(self, model: str, version: str, offset: int = 0, limit: int = 0) -> BlobRead:
+        record = self.get_model_version(model, version)
+        key = model_key(record.model, record.version, record.file_name)
+        return self._read(key, record.file_name, record.size, record.sha256, offset, limit)
+
+    def delete_model_version(self, model: str, version: str) -> None:
+        ids.check_model_name(model)
+        ids.check_version(version)
+        with self._locks(f"model:{model}"):
+            if self.index.get_model(model).pinned_version == version:
+                raise FailedPrecondition(f"version {version!r} of model {model!r} is pinned: unpin it first")
+            record = self.index.delete_model_version(model, version)
+            self.blobs.delete(model_key(record.model, record.version, record.file_name))
+
+    def pin_model_version(self, model: str, version: str) -> ModelRecord:
+        ids.check_model_name(model)
+        return self.index.pin_model_version(model, ids.check_version(version) if version else None)
+
+    # -- records -----------------------------------------------------------------------
+
+    def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None) -> Record:
+        return self.index.put_record(
+            ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), data, expected_revision
+        )
+
+    def get_record(self, kind: str, record_id: str) -> Record:
+        return self.index.get_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
+
+    def list_records(self, kind: str, page_size: int = 0, page_token: str = "") -> Page:
+        return self.index.list_records(
+            ids.check_record_key(kind, "record kind"), page_size=_page_size(page_size), page_token=page_token
+        )
+
+    def delete_record(self, kind: str, record_id: str) -> None:
+        self.index.delete_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
+
+
+def content_type_of(file_name: str) -> str:
+    if file_name.endswith(".zip"):
+        return "application/zip"
+    return "application/octet-stream"
+

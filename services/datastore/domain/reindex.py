@@ -1,0 +1,157 @@
+"""Rebuilds the index from the blobs: adopts a MONAI Label folder or an S3 bucket as it is.
+
+The blobs are the truth for what exists; the index is the truth for what we know about
+it. So entries whose files are gone are dropped, files the index does not know are
+added, and files whose size changed are re-hashed. Info comes, in this order, from the
+index, from MONAI Label's datastore_v2.json (local backend), or MONAI Label's defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.datastore.domain import formats, ids
+from services.datastore.domain.model import ImageFilter, ImageImport, ImageRecord, LabelImport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReindexCounts:
+    images: int
+    labels: int
+    model_versions: int
+    removed: int
+
+
+def _blob_sha256(blobs: Any, blob: Any) -> str:
+    if getattr(blob, "sha256", None):
+        return str(blob.sha256)
+    digest = hashlib.sha256()
+    for chunk in blobs.open_read(blob.key, 0, None):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _split_file(file_name: str, ext_of: Callable[[str], str]) -> tuple[str, str] | None:
+    """(id, ext) of a file the datastore may hold, or None for anything else."""
+    try:
+        ext = ext_of(file_name)
+        return ids.check_image_id(file_name[: -len(ext)]), ext
+    except InvalidArgument:
+        return None
+
+
+def _all_images(index: Any) -> Iterator[ImageRecord]:
+    token = ""
+    while True:
+        page = index.list_images(filter=ImageFilter.ALL, page_size=1000, page_token=token)
+        yield from page.items
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def _all_model_versions(index: Any) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    token = ""
+    while True:
+        page = index.list_models(page_size=1000, page_token=token)
+        for model in page.items:
+            version_token = ""
+            while True:
+                versions = index.list_model_versions(model.model, page_size=1000, page_token=version_token)
+                found.update((v.model, v.version) for v in versions.items)
+                version_token = versions.next_page_token
+                if not version_token:
+                    break
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+def rebuild(blobs: Any, index: Any, legacy_model: dict[str, Any] | None) -> ReindexCounts:
+    known = {image.image_id: image for image in _all_images(index)}
+    legacy = (legacy_model or {}).get("objects", {}) or {}
+
+    images: dict[str, Any] = {}
+    for blob in blobs.list("images/"):
+        file_name = blob.key[len("images/") :]
+        parsed = _split_file(file_name, formats.image_ext_from_name)
+        if parsed is None or parsed[0] in images:
+            log.warning("reindex: skipping %s (not an image name, or a second file for one id)", file_name)
+            continue
+        image_id, ext = parsed
+        old = known.get(image_id)
+        unchanged = old is not None and old.ext == ext and old.size == blob.size
+        legacy_info = (legacy.get(image_id) or {}).get("image", {}).get("info")
+        info = old.info if old is not None else legacy_info or {"ts": int(blob.mtime), "name": file_name}
+        sha = old.sha256 if unchanged else _blob_sha256(blobs, blob)
+        images[image_id] = ImageImport(image_id, ext, sha, blob.size, info, create_time=blob.mtime)
+
+    labels: dict[tuple[str, str], Any] = {}
+    for blob in blobs.list("labels/"):
+        tag, _, file_name = blob.key[len("labels/") :].partition("/")
+        parsed = _split_file(file_name, formats.label_ext_from_name) if "/" not in file_name else None
+        if parsed is None or parsed[0] not in images or not _valid_tag(tag) or (parsed[0], tag) in labels:
+            log.warning("reindex: skipping label %s (no such image, or not a label name)", blob.key)
+            continue
+        image_id, ext = parsed
+        old_image = known.get(image_id)
+        old = old_image.labels.get(tag) if old_image is not None else None
+        unchanged = old is not None and old.ext == ext and old.size == blob.size
+        legacy_info = ((legacy.get(image_id) or {}).get("labels", {}).get(tag) or {}).get("info")
+        info = old.info if old is not None else legacy_info or {"ts": int(blob.mtime), "name": file_name}
+        sha = old.sha256 if unchanged else _blob_sha256(blobs, blob)
+        labels[(image_id, tag)] = LabelImport(image_id, tag, ext, sha, blob.size, info)
+
+    # Unchanged rows are left alone by bulk_import, so reindexing an unchanged store is a no-op.
+    index.bulk_import(images.values(), labels.values())
+    gone_images = set(known) - set(images)
+    gone_labels = {
+        (image.image_id, tag)
+        for image in known.values()
+        if image.image_id in images
+        for tag in image.labels
+        if (image.image_id, tag) not in labels
+    }
+    removed = index.delete_images(gone_images) + index.delete_labels(gone_labels)
+
+    versions = _all_model_versions(index)
+    for blob in blobs.list("models/"):
+        parts = blob.key.split("/")
+        if len(parts) != 4 or not _valid_model(parts[1], parts[2]) or (parts[1], parts[2]) in versions:
+            continue
+        _, model, version, file_name = parts
+        index.add_model_version(model, version, file_name, _blob_sha256(blobs, blob), blob.size, {}, {})
+        versions.add((model, version))
+
+    status = index.status()
+    return ReindexCounts(
+        images=status.total,
+        labels=sum(status.label_tags.values()),
+        model_versions=len(versions),
+        removed=removed,
+    )
+
+
+def _valid_tag(tag: str) -> bool:
+    try:
+        ids.check_tag(tag)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _valid_model(model: str, version: str) -> bool:
+    try:
+        ids.check_model_name(model)
+        ids.check_version(version)
+    except InvalidArgument:
+        return False
+    return True

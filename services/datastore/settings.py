@@ -1,0 +1,33 @@
+"""Settings of the datastore service (env LABELGRID_*, or flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from services.common.settings import ServiceSettings
+
+
+class DatastoreSettings(ServiceSettings):
+    port: int = 50051
+    backend: Literal["local", "s3"] = "local"
+    # local: the studies folder (MONAI Label's --studies); also holds the SQLite index.
+    root: Path = Path("var/studies")
+    # SQLAlchemy URL of the index; empty means SQLite under <root>/.labelgrid/ (local) or
+    # under state_dir (s3). Give a PostgreSQL URL to run several datastore replicas.
+    index: str = ""
+    # s3: where the blobs live.
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_bucket: str = "labelgrid"
+    s3_prefix: str = ""
+    s3_secure: bool = False
+    s3_region: str = ""
+    s3_create_bucket: bool = True
+    # s3: local scratch space for uploads being verified, and the default SQLite index.
+    state_dir: Path = Path("var/datastore")
+    max_upload_bytes: int = 8 * 1024**3
+    lease_ttl_seconds: float = 1800.0
+    dataset_name: str = "new-dataset"
+    dataset_description: str = "New Dataset"

@@ -1,0 +1,85 @@
+"""A real datastore gRPC server per test, on every blob backend x index backend.
+
+S3 is a real SeaweedFS, PostgreSQL a real embedded server (tests/fixtures); the server
+runs in-process on an ephemeral loopback port and is reached over a real channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+
+from services.common.server import GrpcService
+from services.datastore.api.servicer import register, service_names
+from services.datastore.app import build_datastore
+from services.datastore.domain.datastore import Datastore
+from services.datastore.settings import DatastoreSettings
+
+BACKENDS = ["local-sqlite", "s3-sqlite", "local-postgres", "s3-postgres"]
+MAX_UPLOAD = 32 * 1024 * 1024
+
+
+@dataclass
+class RunningDatastore:
+    service: GrpcService
+    datastore: Datastore
+    settings: DatastoreSettings
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+
+@pytest.fixture(params=BACKENDS)
+def datastore_settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatastoreSettings:
+    blob_backend, index_backend = request.param.split("-")
+    values: dict = {
+        "port": 0,
+        "metrics_port": -1,
+        "backend": blob_backend,
+        "root": tmp_path / "studies",
+        "state_dir": tmp_path / "state",
+        "max_upload_bytes": MAX_UPLOAD,
+        "lease_ttl_seconds": 60.0,
+    }
+    if blob_backend == "s3":
+        s3 = request.getfixturevalue("seaweedfs")
+        values.update(
+            s3_endpoint=s3.endpoint,
+            s3_access_key=s3.access_key,
+            s3_secret_key=s3.secret_key,
+            s3_bucket=s3.new_bucket(),
+        )
+    if index_backend == "postgres":
+        values["index"] = request.getfixturevalue("postgres_url")
+    return DatastoreSettings(**values)
+
+
+async def start_datastore(settings: DatastoreSettings) -> RunningDatastore:
+    datastore = await asyncio.to_thread(build_datastore, settings)
+    service = GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, datastore),
+        on_stop=lambda: asyncio.to_thread(datastore.close),
+    )
+    await service.start()
+    return RunningDatastore(service, datastore, settings)
+
+
+@pytest.fixture
+async def datastore_server(datastore_settings: DatastoreSettings):
+    running = await start_datastore(datastore_settings)
+    yield running
+    await running.service.stop(0)
+
+
+@pytest.fixture
+async def stub(datastore_server: RunningDatastore):
+    async with grpc.aio.insecure_channel(datastore_server.address) as channel:
+        yield pb_grpc.DatastoreServiceStub(channel)
