@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,16 +25,15 @@ from pathlib import Path
 import grpc
 import nibabel as nib
 import numpy as np
-import psutil
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
+from tests.fixtures.processes import PeakRss, ServiceProcess
 from tests.fixtures.seaweedfs import SeaweedS3, run_seaweedfs
 
 MiB = 1024 * 1024
 CHUNK = MiB
-READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
 def nifti_head(total_bytes: int) -> tuple[bytes, int]:
@@ -72,68 +65,8 @@ def payload(total_bytes: int):
     return chunks, len(head) + data_bytes, digest.hexdigest()
 
 
-class ChunkReader(io.RawIOBase):
-    """A file-like view of a chunk iterator, for minio.put_object."""
-
-    def __init__(self, chunks):
-        self._chunks = chunks
-        self._rest = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._rest:
-            try:
-                self._rest = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(buffer), len(self._rest))
-        buffer[:n] = self._rest[:n]
-        self._rest = self._rest[n:]
-        return n
-
-
-class DatastoreProcess:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.datastore", "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for line in self.proc.stdout:
-            match = READY.search(line)
-            if match:
-                self.port = int(match[1])
-                threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-                return
-        raise RuntimeError("datastore did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-class PeakRss:
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.baseline = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return (self.peak - self.baseline) / MiB
+def DatastoreProcess(*args: str) -> ServiceProcess:
+    return ServiceProcess("services.datastore", "--metrics-port", "-1", "--log-level", "WARNING", *args)
 
 
 def grpc_upload(stub, name: str, chunks, sha: str) -> None:
@@ -169,11 +102,17 @@ def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path) -> list[dict]:
         stub.GetStatus(pb.GetStatusRequest())
         for size_mib in sizes_mib:
             chunks, size, sha = payload(size_mib * MiB)
+            # Raw baseline: what a user with the file on disk does with the SDK.
+            source = work / f"raw{size_mib}.nii"
+            with source.open("wb") as out:
+                for piece in chunks():
+                    out.write(piece)
             started = time.perf_counter()
-            client.put_object(raw_bucket, f"raw{size_mib}.nii", ChunkReader(chunks()), size, part_size=64 * MiB)
+            client.fput_object(raw_bucket, source.name, str(source), part_size=16 * MiB)
             raw_up = time.perf_counter() - started
+            source.unlink()
             started = time.perf_counter()
-            response = client.get_object(raw_bucket, f"raw{size_mib}.nii")
+            response = client.get_object(raw_bucket, source.name)
             got = sum(len(piece) for piece in response.stream(CHUNK))
             response.close()
             response.release_conn()
@@ -187,7 +126,7 @@ def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path) -> list[dict]:
             started = time.perf_counter()
             assert grpc_download(stub, f"svc{size_mib}") == size
             svc_down = time.perf_counter() - started
-            rss_growth = rss.stop()
+            rss_growth = rss.stop() / MiB
             rows.append(
                 {
                     "size_mib": size_mib,

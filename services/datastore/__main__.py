@@ -11,9 +11,8 @@ import logging
 import sys
 
 from services.common.logging import configure_logging
-from services.common.server import GrpcService
 from services.common.settings import parse_settings
-from services.datastore.api.servicer import register, service_names
+from services.datastore.api.servicer import create_service
 from services.datastore.app import build_datastore
 from services.datastore.settings import DatastoreSettings
 
@@ -22,20 +21,16 @@ log = logging.getLogger("labelgrid.datastore")
 
 async def serve(settings: DatastoreSettings) -> None:
     datastore = await asyncio.to_thread(build_datastore, settings)
-    service = GrpcService(
-        settings,
-        service_names(),
-        lambda server: register(server, datastore),
-        on_stop=lambda: asyncio.to_thread(datastore.close),
-    )
+    service = create_service(settings, datastore)
     await service.start()
     log.info(
         "datastore ready",
         extra={"backend": settings.backend, "location": datastore.location, "port": service.port},
     )
+    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
     print(
         f"labelgrid datastore ({settings.backend}: {datastore.location}) listening on "
-        f"{settings.host}:{service.port}, metrics on {settings.metrics_host}:{service.metrics_port}",
+        f"{settings.host}:{service.port}, metrics {metrics}",
         flush=True,
     )
     await service.run_until_signal()

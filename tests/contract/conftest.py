@@ -15,7 +15,7 @@ import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from services.common.server import GrpcService
-from services.datastore.api.servicer import register, service_names
+from services.datastore.api.servicer import create_service
 from services.datastore.app import build_datastore
 from services.datastore.domain.datastore import Datastore
 from services.datastore.settings import DatastoreSettings
@@ -62,12 +62,7 @@ def datastore_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Datast
 
 async def start_datastore(settings: DatastoreSettings) -> RunningDatastore:
     datastore = await asyncio.to_thread(build_datastore, settings)
-    service = GrpcService(
-        settings,
-        service_names(),
-        lambda server: register(server, datastore),
-        on_stop=lambda: asyncio.to_thread(datastore.close),
-    )
+    service = create_service(settings, datastore)
     await service.start()
     return RunningDatastore(service, datastore, settings)
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +14,6 @@ from pathlib import Path
 import grpc
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from labelgrid.common.v1 import common_pb2
@@ -25,53 +21,18 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.processes import PeakRss, ServiceProcess, ServiceStartError
 
 pytestmark = pytest.mark.timeout(300)
 
 CHUNK = 1024 * 1024
-READY = re.compile(r"listening on 127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)")
 
 
-class DatastoreProcess:
-    def __init__(self, root: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.datastore", "--root", str(root), "--port", "0", "--metrics-port", "0", *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.output: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.output.append(line)
-            match = READY.search(line)
-            if match:
-                self.port, self.metrics_port = int(match[1]), int(match[2])
-                threading.Thread(target=self._drain, daemon=True).start()
-                return
-        self.stop()
-        pytest.fail("datastore did not start:\n" + "".join(self.output[-40:]))
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def DatastoreProcess(root: Path, *extra: str) -> ServiceProcess:
+    try:
+        return ServiceProcess("services.datastore", "--root", str(root), "--metrics-port", "0", *extra)
+    except ServiceStartError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture
@@ -140,24 +101,6 @@ def _upload_requests(head: bytes, data_bytes: int, digest: "hashlib._Hash") -> I
     yield pb.UploadImageRequest(finish=common_pb2.UploadFinish(sha256=digest.hexdigest()))
 
 
-class RssSampler:
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 @pytest.mark.slow
 def test_streaming_a_large_volume_keeps_memory_flat(tmp_path: Path):
     """Storing and reading back 512 MiB must not grow the service's RSS with the payload."""
@@ -166,8 +109,7 @@ def test_streaming_a_large_volume_keeps_memory_flat(tmp_path: Path):
         with grpc.insecure_channel(process.address, options=[("grpc.max_receive_message_length", 8 * CHUNK)]) as channel:
             stub = pb_grpc.DatastoreServiceStub(channel)
             stub.GetStatus(pb.GetStatusRequest())  # warm up imports and pools
-            baseline = psutil.Process(process.proc.pid).memory_info().rss
-            sampler = RssSampler(process.proc.pid)
+            sampler = PeakRss(process.proc.pid)
             head, data_bytes = _big_nifti(512 * CHUNK)
             digest = hashlib.sha256()
             image = stub.UploadImage(_upload_requests(head, data_bytes, digest)).image
@@ -179,9 +121,8 @@ def test_streaming_a_large_volume_keeps_memory_flat(tmp_path: Path):
                     received.update(message.chunk)
                     size += len(message.chunk)
             assert size == image.size_bytes and received.hexdigest() == image.sha256
-            peak = sampler.stop()
-        growth = peak - baseline
-        print(f"datastore RSS: baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB for a 512 MiB volume")
+            growth = sampler.stop()
+        print(f"datastore RSS: baseline {sampler.baseline / 2**20:.0f} MiB, peak {sampler.peak / 2**20:.0f} MiB for a 512 MiB volume")
         assert growth < 96 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB while streaming 512 MiB"
     finally:
         assert process.stop() == 0

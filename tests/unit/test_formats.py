@@ -175,13 +175,13 @@ def test_truncated_nii(nii: Path, tmp_path: Path) -> None:
 def test_nii_gz_compressing_a_truncated_volume(nii: Path, tmp_path: Path) -> None:
     """A well-formed gzip of too few bytes: only the trailer's ISIZE gives it away."""
     data = gzip.compress(nii.read_bytes()[:1000])
-    with pytest.raises(InvalidArgument, match=r"gzip trailer says 1000 uncompressed bytes .* declares 1792"):
+    with pytest.raises(InvalidArgument, match=r"the data decompresses to 1000 bytes, but the header declares 1792"):
         check_volume(_write(tmp_path, "t", data), ".nii.gz")
 
 
 def test_truncated_nii_gz(nii_gz: Path, tmp_path: Path) -> None:
     data = nii_gz.read_bytes()
-    with pytest.raises(InvalidArgument, match="truncated or corrupt NIfTI file|corrupt gzip stream"):
+    with pytest.raises(InvalidArgument, match=r"truncated NIfTI file \(\.nii\.gz\): the gzip stream breaks off"):
         check_volume(_write(tmp_path, "t", data[: len(data) - 20]), ".nii.gz")
     with pytest.raises(InvalidArgument, match="corrupt gzip stream|truncated"):
         check_volume(_write(tmp_path, "t", data[:30]), ".nii.gz")
@@ -211,7 +211,7 @@ def test_truncated_nrrd_raw(nrrd_raw: Path, tmp_path: Path) -> None:
 
 def test_truncated_nrrd_gzip(nrrd_gz: Path, tmp_path: Path) -> None:
     data = nrrd_gz.read_bytes()
-    with pytest.raises(InvalidArgument, match=r"truncated or corrupt NRRD file \(\.seg\.nrrd\)"):
+    with pytest.raises(InvalidArgument, match=r"truncated NRRD file \(\.seg\.nrrd\): the gzip stream breaks off"):
         check_volume(_write(tmp_path, "t", data[:-25]), ".seg.nrrd")
 
 
@@ -272,3 +272,121 @@ def test_big_nii_gz_checked_without_decompressing(tmp_path: Path, monkeypatch: p
     assert check_volume(path, ".nii.gz").shape == (256, 256, 256)
     assert sum(reads) < 10_000
     assert formats.IMAGE_EXTS == (".nii.gz", ".nii", ".nrrd", ".zip")
+
+
+# -- gzip: the cheap ISIZE check, and the bounded fallback when ISIZE disagrees --------------
+
+
+def test_multi_member_gzip_nii_gz_is_accepted(nii: Path, tmp_path: Path) -> None:
+    """Concatenated gzip members are legal (pigz -i, cat a.gz b.gz): ISIZE covers only the last."""
+    data = nii.read_bytes()
+    multi = gzip.compress(data[:700]) + gzip.compress(data[700:])
+    assert check_volume(_write(tmp_path, "m.nii.gz", multi), ".nii.gz").shape == SHAPE
+
+
+def test_bgzf_style_gzip_is_accepted(nii: Path, tmp_path: Path) -> None:
+    """bgzip ends with an empty member (ISIZE 0), and some writers pad with zeros."""
+    data = gzip.compress(nii.read_bytes()) + gzip.compress(b"") + b"\x00" * 512
+    assert check_volume(_write(tmp_path, "b.nii.gz", data), ".nii.gz").shape == SHAPE
+
+
+def test_corrupt_deflate_data_is_refused(nii_gz: Path, tmp_path: Path) -> None:
+    data = bytearray(nii_gz.read_bytes())
+    data[-8:-4] = b"\xff\xff\xff\xff"  # CRC
+    data[-4:] = (0).to_bytes(4, "little")  # ISIZE disagrees, so the stream is decompressed
+    with pytest.raises(InvalidArgument, match=r"corrupt NIfTI file \(\.nii\.gz\): corrupt gzip data"):
+        check_volume(_write(tmp_path, "c.nii.gz", bytes(data)), ".nii.gz")
+
+
+def test_fallback_stops_at_the_declared_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trailer that disagrees must not make us decompress past what the header declares."""
+    volume = np.zeros((64, 64, 64), np.uint8)
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes() + b"\x00" * (128 * 1024 * 1024)  # trailing junk
+    path = _write(tmp_path, "j.nii.gz", gzip.compress(raw, compresslevel=1))
+    produced: list[int] = []
+    real = formats._gunzip_count
+
+    def spy(*args: object) -> tuple[int, str | None]:
+        result = real(*args)  # type: ignore[arg-type]
+        produced.append(result[0])
+        return result
+
+    monkeypatch.setattr(formats, "_gunzip_count", spy)
+    assert check_volume(path, ".nii.gz").shape == (64, 64, 64)
+    # One zlib call turns 16 KiB of input into at most ~16.5 MiB: far less than the 128 MiB there.
+    assert produced and produced[0] < 352 + 64**3 + 17 * 1024 * 1024
+
+
+def test_wrong_suffix_hints(nii: Path, nii_gz: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="gzip-compressed data"):
+        check_volume(nii_gz, ".nii")
+    with pytest.raises(InvalidArgument, match="uncompressed NIfTI file"):
+        check_volume(nii, ".nii.gz")
+    with pytest.raises(InvalidArgument, match="looks like a text file starting 'hello"):
+        check_volume(_write(tmp_path, "t", b"hello, this is text\n" * 50), ".nii")
+
+
+# -- NRRD headers are read with a bound --------------------------------------------------------
+
+
+def test_nrrd_header_without_end(tmp_path: Path) -> None:
+    endless = _write(tmp_path, "e.nrrd", b"NRRD0004\n" + b"x" * (2 * 1024 * 1024))
+    with pytest.raises(InvalidArgument, match="no blank line ends it within the first 1 MiB"):
+        check_volume(endless, ".nrrd")
+    cut = _write(tmp_path, "c.nrrd", b"NRRD0004\ntype: short\n")
+    with pytest.raises(InvalidArgument, match="not ended by a blank line"):
+        check_volume(cut, ".nrrd")
+
+
+def test_nrrd_non_ascii_header(nrrd_raw: Path, tmp_path: Path) -> None:
+    data = nrrd_raw.read_bytes().replace(b"type:", "typ\u00e9:".encode(), 1)
+    with pytest.raises(InvalidArgument, match="not ASCII"):
+        check_volume(_write(tmp_path, "u.nrrd", data), ".nrrd")
+
+
+def test_nrrd_gzip_multi_member(volume: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "v.nrrd"
+    nrrd.write(str(path), volume, {"encoding": "raw"})
+    header, _, body = path.read_bytes().partition(b"\n\n")
+    header = header.replace(b"encoding: raw", b"encoding: gzip")
+    data = header + b"\n\n" + gzip.compress(body[:100]) + gzip.compress(body[100:])
+    assert check_volume(_write(tmp_path, "m.nrrd", data), ".nrrd").shape == SHAPE
+
+
+# -- DICOM ZIPs --------------------------------------------------------------------------------
+
+
+def test_dicom_without_preamble_is_accepted(tmp_path: Path) -> None:
+    raw = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    path = tmp_path / "np.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("IM1", raw[132:])  # no 128-byte preamble, no 'DICM'
+    assert check_volume(path, ".zip").shape[:2] == (128, 128)
+
+
+def test_dicomdir_alone_is_not_a_series(tmp_path: Path) -> None:
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(get_testdata_file("DICOMDIR"), "DICOMDIR")
+    with pytest.raises(InvalidArgument, match=r"is a DICOM image \(DICOMDIR: not a DICOM image \(no Rows, Columns\)\)"):
+        check_volume(path, ".zip")
+
+
+def test_zip_junk_is_skipped_and_counted_out(tmp_path: Path) -> None:
+    path = tmp_path / "mac.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__MACOSX/series/._IM1.dcm", b"\x00\x05\x16\x07 resource fork")
+        archive.writestr("series/.DS_Store", b"junk")
+        for number in range(3):
+            archive.write(get_testdata_file("CT_small.dcm"), f"series/IM{number}.dcm")
+    assert check_volume(path, ".zip").shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("name", ["../evil.dcm", "/abs.dcm", "a/../../b.dcm", "C:/x.dcm", "..\\x.dcm"])
+def test_zip_slip_names_refused(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "slip.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.write(get_testdata_file("CT_small.dcm"), "ok.dcm")
+        archive.writestr(name, b"x")
+    with pytest.raises(InvalidArgument, match="unsafe member name"):
+        check_volume(path, ".zip")

@@ -1081,7 +1081,6 @@ class SqlIndex:
 
     def no_lease_reason(self, tag: str = DEFAULT_TAG_FINAL, *, now: Now = None) -> NoLeaseReason:
         """Why ``acquire_next_lease`` found nothing (the proto's NoImageReason)."""
-        t = _epoch(now)
         im = self._t.images
 
         def tx(conn: Connection) -> NoLeaseReason:

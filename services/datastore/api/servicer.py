@@ -16,6 +16,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from services.common.chunks import iter_file_chunks, sha256_file
+from services.common.server import GrpcService
+from services.common.settings import ServiceSettings
 from services.common.streams import receive_upload, send_chunks
 from services.datastore.api import convert
 from services.datastore.domain.datastore import BlobRead, Datastore
@@ -318,3 +320,13 @@ def service_names() -> list[str]:
 
 def register(server: grpc.aio.Server, datastore: Datastore) -> None:
     pb_grpc.add_DatastoreServiceServicer_to_server(DatastoreServicer(datastore), server)
+
+
+def create_service(settings: ServiceSettings, datastore: Datastore) -> GrpcService:
+    """The datastore's gRPC server (not started); closing it closes the datastore."""
+    return GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, datastore),
+        on_stop=lambda: asyncio.to_thread(datastore.close),
+    )
