@@ -290,6 +290,9 @@ def test_local_adopts_existing_folder(tmp_path: Path) -> None:
     (root / "subdir.nii.gz").mkdir()  # a folder with an image-like name
     (root / "labels" / "final" / "img_01.nii.gz").write_bytes(b"lbl")
     (root / "labels" / "final" / ".partial").write_bytes(b"x")
+    (root / "labels" / "final" / "back\\slash.nii.gz").write_bytes(b"x")  # no key could address it
+    (root / "labels" / "final" / "nested").mkdir()
+    (root / "labels" / "final" / "nested" / "deep.nii.gz").write_bytes(b"x")
     (root / ".labelgrid" / "tmp").mkdir(parents=True)
     stale = root / ".labelgrid" / "tmp" / "upload-stale.part"
     stale.write_bytes(b"stale")

@@ -306,7 +306,17 @@ class LocalBlobStore:
         return path
 
     def _key_for(self, path: Path) -> str | None:
-        """The key of a file found on disk, or None when the file is not an object."""
+        """The key of a file found on disk, or None when it is not an object (or not one we could address)."""
+        key = self._layout_key(path)
+        if key is None:
+            return None
+        try:
+            _split_key(key)
+        except InvalidArgument:
+            return None  # e.g. a backslash in a file name: listed, it would fail every other call
+        return key
+
+    def _layout_key(self, path: Path) -> str | None:
         try:
             rel = path.relative_to(self.root)
         except ValueError:

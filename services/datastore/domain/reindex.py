@@ -30,8 +30,10 @@ class ReindexCounts:
 
 
 def _blob_sha256(blobs: Any, blob: Any) -> str:
-    if getattr(blob, "sha256", None):
-        return str(blob.sha256)
+    """The stored digest if the store keeps one (S3 metadata), else a hash of the bytes."""
+    stored = blob.sha256 or blobs.stat(blob.key).sha256
+    if stored:
+        return str(stored)
     digest = hashlib.sha256()
     for chunk in blobs.open_read(blob.key, 0, None):
         digest.update(chunk)
