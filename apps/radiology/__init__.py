@@ -1,0 +1,27 @@
+"""Sample radiology app: small 3D models for the synthetic sphere studies.
+
+Models start untrained (seeded, so replicas agree) and learn from the bundled sample
+studies (`python -m services.datastore.sample_studies`): labels sphere_a=1, sphere_b=2.
+CPU-sized: 2 mm voxels, 64³ patches, a few channels.
+"""
+
+from __future__ import annotations
+
+from apps.base import InferTask
+from apps.radiology.deepedit import DeepEdit
+from apps.radiology.deepgrow import Deepgrow
+from apps.radiology.segmentation import Segmentation
+
+NAME = "radiology"
+DESCRIPTION = "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres"
+VERSION = "0.1.0"
+LABELS = {"sphere_a": 1, "sphere_b": 2}
+
+
+def infer_tasks() -> dict[str, InferTask]:
+    """The models this app serves, by name (MONAI Label's `models` in /info)."""
+    return {
+        "segmentation": Segmentation(LABELS),
+        "deepgrow": Deepgrow(),
+        "deepedit": DeepEdit(LABELS),
+    }

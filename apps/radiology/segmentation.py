@@ -1,0 +1,35 @@
+"""Automatic multi-label segmentation (MONAI Label's radiology `segmentation`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from apps.base import InferInput, InferTask, InferType
+from apps.radiology.networks import small_unet
+from apps.transforms import NormalizeIntensity, ResampleToSpacing, argmax_labels
+
+
+class Segmentation(InferTask):
+    type = InferType.SEGMENTATION
+    dimension = 3
+    roi_size = (64, 64, 64)
+    target_spacing = (2.0, 2.0, 2.0)
+    input_channels = 1
+    seed = 11
+
+    def __init__(self, labels: Mapping[str, int]):
+        super().__init__()
+        self.labels = dict(labels)
+        self.description = "A 3D UNet that segments " + ", ".join(self.labels) + " automatically"
+
+    def network(self) -> torch.nn.Module:
+        return small_unet(self.input_channels, max(self.labels.values()) + 1)
+
+    def pre_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[InferInput], InferInput]]:
+        return [ResampleToSpacing(self.target_spacing), NormalizeIntensity()]
+
+    def post_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        return [argmax_labels]

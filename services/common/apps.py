@@ -1,0 +1,67 @@
+"""Loads an app package by dotted name (settings `app`, env LABELGRID_APP).
+
+An app module exposes `infer_tasks() -> dict[str, InferTask]` (trainers, strategies and
+scoring methods later), and may set NAME, DESCRIPTION, VERSION and LABELS. Loaded by
+import, never by file path, and returned as a value: no app singleton, so a test can load
+two apps side by side.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from services.common.errors import FailedPrecondition
+
+DEFAULT_APP = "apps.radiology"
+
+
+@dataclass
+class LoadedApp:
+    """What a service needs of an app: its identity and its tasks."""
+
+    module_name: str
+    name: str
+    description: str
+    version: str
+    labels: dict[str, int]
+    labels_as_list: bool
+    infer_tasks: dict[str, Any] = field(default_factory=dict)
+
+
+def _labels(module: ModuleType, infer_tasks: dict[str, Any]) -> tuple[dict[str, int], bool]:
+    """The app's own labels, else the union of its models' labels ordered by index (MONAI Label's /info)."""
+    declared = getattr(module, "LABELS", None)
+    if isinstance(declared, (list, tuple)):
+        return {str(name): index + 1 for index, name in enumerate(declared)}, True
+    if isinstance(declared, dict):
+        return {str(k): int(v) for k, v in declared.items()}, False
+    merged: dict[str, int] = {}
+    for task in infer_tasks.values():
+        for name, index in dict(getattr(task, "labels", {}) or {}).items():
+            merged.setdefault(name, int(index))
+    return dict(sorted(merged.items(), key=lambda item: item[1])), False
+
+
+def load_app(module_name: str = DEFAULT_APP) -> LoadedApp:
+    """Imports the app and builds its tasks; FAILED_PRECONDITION (MODEL_IMPORT_ERROR) if it cannot."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise FailedPrecondition(f"cannot import app {module_name!r}: {error}", reason="MODEL_IMPORT_ERROR") from error
+    factory = getattr(module, "infer_tasks", None)
+    if not callable(factory):
+        raise FailedPrecondition(f"app {module_name!r} has no infer_tasks() function", reason="MODEL_IMPORT_ERROR")
+    tasks = {name: task for name, task in dict(factory()).items() if task.is_valid()}
+    labels, as_list = _labels(module, tasks)
+    return LoadedApp(
+        module_name=module_name,
+        name=str(getattr(module, "NAME", module_name.rsplit(".", 1)[-1])),
+        description=str(getattr(module, "DESCRIPTION", (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "")),
+        version=str(getattr(module, "VERSION", "0.0.0")),
+        labels=labels,
+        labels_as_list=as_list,
+        infer_tasks=tasks,
+    )

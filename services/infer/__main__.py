@@ -1,0 +1,50 @@
+"""Runs the inference service: `python -m services.infer --port 50052 --datastore 127.0.0.1:50051 --device auto`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.common.logging import configure_logging
+from services.common.server import GrpcService
+from services.common.settings import parse_settings
+from services.infer.api.servicer import register, service_names
+from services.infer.app import build_inference
+from services.infer.settings import InferSettings
+
+log = logging.getLogger("labelgrid.infer")
+
+
+async def serve(settings: InferSettings) -> None:
+    inference, datastore = await asyncio.to_thread(build_inference, settings)
+    upload_dir = settings.work_dir.resolve() / "uploads"
+
+    async def on_stop() -> None:
+        await datastore.close()
+        inference.close()
+
+    service = GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, inference, upload_dir, settings.max_upload_bytes),
+        on_stop=on_stop,
+    )
+    await service.start()
+    print(
+        f"labelgrid inference (app {settings.app}, devices {', '.join(inference.scheduler.devices)}) listening on "
+        f"{settings.host}:{service.port}, datastore {settings.datastore}, metrics on "
+        f"{settings.metrics_host}:{service.metrics_port}",
+        flush=True,
+    )
+    await service.run_until_signal()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(InferSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0])
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

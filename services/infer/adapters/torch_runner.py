@@ -1,0 +1,127 @@
+"""Runs the app's tasks with torch: builds networks, loads weights, warm-up, inference.
+
+Everything here blocks; the scheduler calls it on the device's thread pool. A weights
+file is a state_dict, or a MONAI Label / ignite checkpoint holding one under "model";
+loaded with `weights_only=True`, so a weights file can never run code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from apps.base import InferInput, InferTask, Prompt
+from services.common.errors import FailedPrecondition, LabelgridError
+from services.infer.adapters.devices import describe_devices
+from services.infer.domain.model import (
+    Cancelled,
+    DeviceInfo,
+    LoadedNetwork,
+    RunResult,
+    Volume,
+)
+
+
+class InferenceError(LabelgridError):
+    reason = "INFERENCE_ERROR"
+
+
+def _state_dict(weights: Path) -> dict[str, Any]:
+    state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise TypeError("the weights file holds no state_dict")
+    return state
+
+
+def _check(cancelled: threading.Event) -> None:
+    if cancelled.is_set():
+        raise Cancelled("the inference was cancelled by its caller")
+
+
+class TorchRunner:
+    """`ModelRunner` with torch on the devices it was given."""
+
+    def __init__(self, device_names: list[str], warm_up: bool = True):
+        self.device_names = list(device_names)
+        self.warm_up = warm_up
+
+    def devices(self) -> list[DeviceInfo]:
+        return describe_devices(self.device_names)
+
+    def load(self, task: InferTask, device: str, weights: Path | None, version: str) -> LoadedNetwork:
+        started = time.perf_counter()
+        try:
+            network = task.initial_network()
+            if weights is not None:
+                network.load_state_dict(_state_dict(weights))
+        except Exception as error:
+            raise FailedPrecondition(
+                f"cannot load version {version!r} of {type(task).__name__}: {error}", reason="MODEL_IMPORT_ERROR"
+            ) from error
+        network = network.to(torch.device(device)).eval()
+        if self.warm_up:
+            # One forward pass at load: allocator, cuDNN autotune and lazy init happen now, not in a user's request.
+            with torch.inference_mode():
+                shape = (1, task.input_channels, *task.roi_size)
+                network(torch.zeros(shape, device=device))
+        size = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
+        return LoadedNetwork(network, device, version, int(size), time.perf_counter() - started)
+
+    def run(
+        self,
+        task: InferTask,
+        loaded: LoadedNetwork,
+        volume: Volume,
+        prompt: Prompt,
+        params: dict[str, Any],
+        cancelled: threading.Event,
+    ) -> RunResult:
+        latencies: dict[str, float] = {}
+        device = torch.device(loaded.device)
+        try:
+            started = time.perf_counter()
+            item = InferInput(
+                {"image": torch.from_numpy(np.asarray(volume.data, dtype=np.float32))[None], "affine": volume.affine},
+                prompt,
+                dict(params),
+            )
+            for step in task.pre_transforms(params):
+                item = step(item)
+            latencies["pre"] = time.perf_counter() - started
+            _check(cancelled)
+
+            started = time.perf_counter()
+            inputs = item.data["image"][None].to(device)
+            with torch.inference_mode():
+                logits = task.inferer(params)(inputs, loaded.network)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            latencies["infer"] = time.perf_counter() - started
+            _check(cancelled)
+
+            started = time.perf_counter()
+            label = logits.detach()
+            for step in task.post_transforms(params):
+                label = step(label)
+            latencies["post"] = time.perf_counter() - started
+
+            # Back onto the image's grid (MONAI Label's Restored): nearest, so labels stay labels.
+            started = time.perf_counter()
+            if tuple(label.shape) != volume.shape:
+                label = F.interpolate(label[None, None].float(), size=volume.shape, mode="nearest")[0, 0]
+            restored = label.to(torch.int64).cpu().numpy()
+            restored = task.finalize(restored, prompt)
+            latencies["invert"] = time.perf_counter() - started
+        except LabelgridError:
+            raise
+        except Exception as error:
+            raise InferenceError(f"running {type(task).__name__} failed: {error}") from error
+        return RunResult(restored, latencies)

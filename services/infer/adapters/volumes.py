@@ -1,0 +1,91 @@
+"""Reading images and writing labels: NIfTI through nibabel, NRRD through pynrrd.
+
+Affines are RAS (nibabel's convention) inside the service. NRRD files are LPS, so their
+space directions and origin are flipped on the way in and out (as MONAI's NrrdReader and
+3D Slicer do), and a label written here lands exactly on its image in any viewer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import nrrd
+import numpy as np
+
+from services.common.errors import InvalidArgument
+from services.infer.domain.model import Volume
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
+    """The RAS voxel-to-world affine of an NRRD header (identity where the header says nothing)."""
+    directions = header.get("space directions")
+    origin = header.get("space origin")
+    affine = np.eye(4)
+    if directions is not None:
+        rows = [np.asarray(row, dtype=float) for row in directions if row is not None and not np.any(np.isnan(np.asarray(row, dtype=float)))]
+        if len(rows) == 3:
+            affine[:3, :3] = np.stack(rows, axis=1)  # one column per voxel axis
+    if origin is not None:
+        affine[:3, 3] = np.asarray(origin, dtype=float)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("left-posterior-superior", "lps"):
+        affine = _LPS_TO_RAS @ affine
+    return affine
+
+
+class VolumeFiles:
+    """`VolumeIO` over files on local disk."""
+
+    def read(self, path: Path, file_name: str) -> Volume:
+        lower = file_name.lower()
+        try:
+            if lower.endswith((".nii.gz", ".nii")):
+                image = nib.load(str(path))
+                data = np.asanyarray(image.dataobj, dtype=np.float32)
+                affine = np.asarray(image.affine, dtype=float)
+            elif lower.endswith(".nrrd"):
+                raw, header = nrrd.read(str(path))
+                data = np.asarray(raw, dtype=np.float32)
+                affine = nrrd_affine(header)
+            else:
+                raise InvalidArgument(f"image {file_name!r}: only .nii.gz, .nii and .nrrd volumes are supported")
+        except InvalidArgument:
+            raise
+        except Exception as error:
+            raise InvalidArgument(f"image {file_name!r} is not a readable volume: {error}") from error
+        while data.ndim > 3 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise InvalidArgument(f"image {file_name!r} has shape {list(data.shape)}; a 3D volume is needed")
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise InvalidArgument(f"image {file_name!r} has a degenerate affine")
+        return Volume(np.ascontiguousarray(data), affine, file_name)
+
+    def write_label(
+        self, label: Any, affine: Any, dest_dir: Path, stem: str, extension: str, dtype: str, compress: bool
+    ) -> Path:
+        data = np.asarray(label).astype(np.dtype(dtype))
+        affine = np.asarray(affine, dtype=float)
+        path = Path(dest_dir) / f"{stem}{extension}"
+        if extension in (".nii.gz", ".nii"):
+            image = nib.Nifti1Image(data, affine)
+            image.set_qform(affine, code=1)
+            image.set_sform(affine, code=1)
+            nib.save(image, str(path))
+        elif extension == ".nrrd":
+            lps = np.linalg.inv(_LPS_TO_RAS) @ affine
+            header = {
+                "space": "left-posterior-superior",
+                "space directions": lps[:3, :3].T,  # one row per voxel axis
+                "space origin": lps[:3, 3],
+                "kinds": ["domain", "domain", "domain"],
+                "encoding": "gzip" if compress else "raw",
+            }
+            nrrd.write(str(path), data, header, index_order="F")
+        else:
+            raise InvalidArgument(f"cannot write a label as {extension!r}")
+        return path

@@ -1,0 +1,181 @@
+"""gRPC adapter of the inference service: convert the request, await the use case, convert the result.
+
+Torch work never runs here: the domain's scheduler puts it on the device's thread pool.
+Errors are domain exceptions that the shared error interceptor turns into statuses; a
+client that hangs up, or whose deadline passes, cancels the handler and with it the
+inference (its queue slot is freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from labelgrid.inference.v1 import inference_service_pb2 as pb
+from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.common.chunks import SpooledFile, SpoolWriter, iter_file_chunks
+from services.common.errors import InvalidArgument, Unimplemented
+from services.common.streams import send_chunks
+from services.infer.api import convert
+from services.infer.domain.inference import Inference
+from services.infer.domain.model import ImageInput, InferOutcome
+
+
+def _deadline(context: Any) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+async def _stream_outcome(outcome: InferOutcome, make: Callable[..., Any]) -> AsyncIterator[Any]:
+    """Header, then the label file's chunks; the outcome's files are removed however the stream ends."""
+    try:
+        first = make(header=convert.result_header(outcome))
+        if outcome.label_file is None:
+            yield first
+            return
+        chunks = await asyncio.to_thread(iter_file_chunks, outcome.label_file.path)
+        async for message in send_chunks(first, chunks, lambda data: make(chunk=data)):
+            yield message
+    finally:
+        await asyncio.to_thread(outcome.cleanup)
+
+
+async def _receive_part(
+    iterator: AsyncIterator[pb.InferUploadRequest], chunk_kind: str, finish_kind: str, spool: SpoolWriter, what: str
+) -> SpooledFile:
+    """Reads `chunk_kind` messages into `spool` until `finish_kind`; removes the spool on any failure."""
+    try:
+        async for message in iterator:
+            kind = message.WhichOneof("payload")
+            if kind == chunk_kind:
+                await asyncio.to_thread(spool.write, getattr(message, chunk_kind))
+            elif kind == finish_kind:
+                sha256 = getattr(message, finish_kind).sha256
+                if not sha256:
+                    raise InvalidArgument(f"{finish_kind} must carry the sha256 of the {what}")
+                return await asyncio.to_thread(spool.finish, sha256)
+            else:
+                raise InvalidArgument(f"unexpected {kind or 'empty'} message while receiving the {what}")
+        raise InvalidArgument(f"the stream ended before {finish_kind}: the {what} is incomplete")
+    except BaseException:
+        spool.abort()
+        raise
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, inference: Inference, upload_dir: Path, max_upload_bytes: int) -> None:
+        self.inference = inference
+        self.upload_dir = upload_dir
+        self.max_upload_bytes = max_upload_bytes
+
+    # -- app and models ----------------------------------------------------------------------
+
+    async def GetAppInfo(self, request: pb.GetAppInfoRequest, context: Any) -> pb.GetAppInfoResponse:
+        info = self.inference.app_info()
+        return pb.GetAppInfoResponse(
+            display_name=info.name,
+            description=info.description,
+            version=info.version,
+            labels=info.labels,
+            labels_as_list=info.labels_as_list,
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model(m) for m in await self.inference.list_models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=convert.model(await self.inference.model_info(convert.model_of(request.name))))
+
+    # -- inference --------------------------------------------------------------------------
+
+    async def Infer(self, request: pb.InferRequest, context: Any) -> AsyncIterator[pb.InferResponse]:
+        if request.input_label:
+            raise Unimplemented("input labels (scribbles) are not supported by this inference service yet")
+        outcome = await self.inference.infer(
+            convert.model_of(request.model),
+            ImageInput(image_id=convert.image_of(request.image)),
+            convert.infer_params(request.params),
+            deadline=_deadline(context),
+        )
+        async for message in _stream_outcome(outcome, pb.InferResponse):
+            yield message
+
+    async def InferUpload(self, request_iterator: Any, context: Any) -> AsyncIterator[pb.InferUploadResponse]:
+        iterator = request_iterator.__aiter__()
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgument("empty InferUpload stream: the first message must be the header") from None
+        if first.WhichOneof("payload") != "header":
+            raise InvalidArgument("the first message of an InferUpload stream must be the header")
+        header = first.header
+        model = convert.model_of(header.model)
+        self.inference.task(model)  # an unknown model is refused before any byte is received
+        params = convert.infer_params(header.params)
+        if header.label_file_name:
+            raise Unimplemented("input labels (scribbles) are not supported by this inference service yet")
+        if header.image:
+            image = ImageInput(image_id=convert.image_of(header.image))
+        else:
+            if not header.image_file_name:
+                raise InvalidArgument("the header must name a datastore image or give image_file_name")
+            if header.image_size_bytes > self.max_upload_bytes:
+                raise InvalidArgument(
+                    f"image of {header.image_size_bytes} bytes exceeds the limit of {self.max_upload_bytes} bytes",
+                    reason="PAYLOAD_TOO_LARGE",
+                )
+            spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
+            spooled = await _receive_part(iterator, "image_chunk", "image_finish", spool, "image")
+            image = ImageInput(uploaded_path=spooled.path, uploaded_file_name=Path(header.image_file_name).name)
+        outcome = await self.inference.infer(model, image, params, deadline=_deadline(context))
+        async for message in _stream_outcome(outcome, pb.InferUploadResponse):
+            yield message
+
+    async def GetQueueStatus(self, request: pb.GetQueueStatusRequest, context: Any) -> pb.GetQueueStatusResponse:
+        model = convert.model_of(request.model) if request.model else ""
+        return pb.GetQueueStatusResponse(queues=[convert.queue_status(s) for s in self.inference.queue_status(model)])
+
+    async def ListDevices(self, request: pb.ListDevicesRequest, context: Any) -> pb.ListDevicesResponse:
+        devices = await asyncio.to_thread(self.inference.devices)
+        return pb.ListDevicesResponse(devices=[convert.device(d) for d in devices])
+
+    # -- Open Inference Protocol health -------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.inference.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        ready, devices = await self.inference.model_ready(convert.model_of(request.name), request.version)
+        return pb.ModelReadyResponse(ready=ready, devices=devices)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return convert.model_metadata(await self.inference.model_metadata(convert.model_of(request.name), request.version))
+
+    # -- batch inference: not yet --------------------------------------------------------------
+
+    async def CreateBatchInferenceJob(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+
+    async def GetBatchInferenceJob(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+
+    async def ListBatchInferenceJobs(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+
+    async def CancelBatchInferenceJob(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+
+
+def service_names() -> list[str]:
+    return [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+
+def register(server: grpc.aio.Server, inference: Inference, upload_dir: Path, max_upload_bytes: int) -> None:
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(inference, upload_dir, max_upload_bytes), server)

@@ -1,0 +1,330 @@
+"""The inference use cases: app and model info, running a task on an image, queues, devices.
+
+Flow of one inference: resolve the task, fetch and read the image (off the loop), check
+the prompt against the image, look up the served version, queue for a device slot, make
+sure that version is loaded there, run, write the label file, optionally save it to the
+datastore. Every stage's seconds end up in the result params, as MONAI Label reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from apps.prompt import Prompt
+from services.common.apps import LoadedApp
+from services.common.errors import InvalidArgument, NotFound
+from services.infer.domain.model import (
+    LABEL_DTYPES,
+    LABEL_EXTENSIONS,
+    UNTRAINED,
+    AppInfo,
+    DeviceInfo,
+    ImageInput,
+    InferOutcome,
+    InferParams,
+    LabelFile,
+    ModelInfo,
+    ModelMetadata,
+    QueueStat,
+    TensorInfo,
+    Volume,
+)
+from services.infer.domain.model_cache import ModelCache, ServingVersions
+from services.infer.domain.ports import DatastorePort, ModelRunner, VolumeIO
+from services.infer.domain.scheduler import Scheduler
+
+log = logging.getLogger("labelgrid.infer")
+
+
+def _file_stem(file_name: str) -> str:
+    name = Path(file_name).name
+    for extension in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd"):
+        if name.lower().endswith(extension):
+            return name[: -len(extension)]
+    return Path(name).stem or "image"
+
+
+def _extension_of(file_name: str) -> str:
+    lower = file_name.lower()
+    for extension in LABEL_EXTENSIONS:
+        if lower.endswith(extension):
+            return extension
+    return ".nii.gz"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Inference:
+    """The inference service's use cases; the servicer only converts to and from these."""
+
+    def __init__(
+        self,
+        app: LoadedApp,
+        datastore: DatastorePort,
+        runner: ModelRunner,
+        volumes: VolumeIO,
+        scheduler: Scheduler,
+        cache: ModelCache,
+        versions: ServingVersions,
+        work_dir: Path,
+    ):
+        self.app = app
+        self.datastore = datastore
+        self.runner = runner
+        self.volumes = volumes
+        self.scheduler = scheduler
+        self.cache = cache
+        self.versions = versions
+        self.work_dir = work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- info ------------------------------------------------------------------------------
+
+    def app_info(self) -> AppInfo:
+        app = self.app
+        return AppInfo(app.name, app.description, app.version, dict(app.labels), app.labels_as_list)
+
+    def task(self, model: str) -> Any:
+        task = self.app.infer_tasks.get(model)
+        if task is None:
+            raise NotFound(
+                f"model {model!r} does not exist; this app serves: {', '.join(self.app.infer_tasks) or 'nothing'}",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": model},
+            )
+        return task
+
+    async def _version_or_last_known(self, model: str) -> str:
+        """For info calls: the served version, or the last one seen when the datastore is down."""
+        try:
+            return await self.versions.get(model)
+        except Exception:  # noqa: BLE001 - info must not fail because the datastore is away
+            return self.versions.known(model) or UNTRAINED
+
+    async def model_info(self, model: str) -> ModelInfo:
+        task = self.task(model)
+        info = task.info()
+        devices = self.devices()
+        return ModelInfo(
+            name=model,
+            type=info["type"],
+            labels=dict(info["labels"]),
+            labels_as_list=False,
+            dimension=int(info["dimension"]),
+            description=str(info["description"]),
+            config=dict(info["config"]),
+            model_version=await self._version_or_last_known(model),
+            devices=devices,
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [await self.model_info(name) for name in self.app.infer_tasks]
+
+    def devices(self) -> list[DeviceInfo]:
+        served = set(self.scheduler.devices)
+        return [device for device in self.runner.devices() if device.name in served]
+
+    def queue_status(self, model: str = "") -> list[QueueStat]:
+        if model:
+            self.task(model)
+        stats = self.scheduler.stats(model or None)
+        if model and not stats:
+            # A model with no traffic yet still has a (empty) queue on every device.
+            stats = [
+                QueueStat(model, q.device, 0, 0, q.queue_limit, q.estimated_wait(model))
+                for q in self.scheduler.queues.values()
+            ]
+        return stats
+
+    async def ready(self) -> bool:
+        return bool(self.app.infer_tasks) and await self.datastore.ping()
+
+    async def model_ready(self, model: str, version: str = "") -> tuple[bool, list[str]]:
+        self.task(model)
+        wanted = version or await self._version_or_last_known(model)
+        if version and version != UNTRAINED and version not in await self.datastore.list_versions(model):
+            raise NotFound(f"model {model!r} has no version {version!r}", reason="MODEL_NOT_FOUND")
+        devices = [entry.device for entry in self.cache.loaded(model) if entry.version == wanted]
+        return bool(devices), devices
+
+    async def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
+        task = self.task(model)
+        versions = await self.datastore.list_versions(model)
+        if version and version != UNTRAINED and version not in versions:
+            raise NotFound(f"model {model!r} has no version {version!r}", reason="MODEL_NOT_FOUND")
+        inputs, outputs = task.tensors()
+        return ModelMetadata(
+            name=model,
+            versions=versions,
+            platform="pytorch",
+            inputs=[TensorInfo(*entry) for entry in inputs],
+            outputs=[TensorInfo(*entry) for entry in outputs],
+        )
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def check_params(self, params: InferParams) -> None:
+        """Refuses bad result options before any work is done."""
+        result = params.result
+        if result.extension and result.extension.lower() not in LABEL_EXTENSIONS:
+            raise InvalidArgument(
+                f"result_extension {result.extension!r} is not supported; use one of {', '.join(LABEL_EXTENSIONS)}"
+            )
+        if result.dtype and result.dtype not in LABEL_DTYPES:
+            raise InvalidArgument(f"result_dtype {result.dtype!r} is not supported; use one of {', '.join(LABEL_DTYPES)}")
+        self.scheduler.pick(params.device)  # refuses an unknown device now
+
+    @staticmethod
+    def check_prompt(prompt: Prompt, shape: tuple[int, ...], labels: dict[str, int]) -> None:
+        for point in prompt.all_points():
+            if len(point) != len(shape) or any(not 0 <= p < n for p, n in zip(point, shape)):
+                raise InvalidArgument(
+                    f"click {list(point)} lies outside the image, whose voxel indices run to {[n - 1 for n in shape]}",
+                    metadata={"point": ",".join(map(str, point)), "shape": "x".join(map(str, shape))},
+                )
+        unknown = [name for name in prompt.label_points if name != "background" and labels and name not in labels]
+        if unknown:
+            raise InvalidArgument(f"clicks for unknown labels {unknown}; the model's labels are {list(labels)}")
+
+    async def infer(
+        self,
+        model: str,
+        image: ImageInput,
+        params: InferParams,
+        deadline: float | None = None,
+    ) -> InferOutcome:
+        """Runs `model` on the image; the caller streams the outcome's label file, then calls cleanup().
+
+        `deadline` is an event-loop time (loop.time()) after which queuing is pointless.
+        """
+        started = time.perf_counter()
+        task = self.task(model)
+        self.check_params(params)
+        if params.result.save_label and not image.image_id:
+            raise InvalidArgument("save_label needs a datastore image; an image streamed in cannot be saved to")
+        work_dir = Path(tempfile.mkdtemp(prefix=f"infer-{model}-", dir=self.work_dir))
+        try:
+            return await self._infer(task, model, image, params, deadline, work_dir, started)
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        finally:
+            if image.uploaded_path is not None:
+                image.uploaded_path.unlink(missing_ok=True)
+
+    async def _infer(
+        self,
+        task: Any,
+        model: str,
+        image: ImageInput,
+        params: InferParams,
+        deadline: float | None,
+        work_dir: Path,
+        started: float,
+    ) -> InferOutcome:
+        fetch_started = time.perf_counter()
+        if image.image_id:
+            path = await self.datastore.download_image(image.image_id, work_dir)
+            file_name = path.name
+        else:
+            assert image.uploaded_path is not None
+            # Readers pick the format by the file's name: give the spooled upload its real one.
+            file_name = Path(image.uploaded_file_name).name or "upload.nii.gz"
+            path = work_dir / file_name
+            await asyncio.to_thread(image.uploaded_path.rename, path)
+        volume: Volume = await asyncio.to_thread(self.volumes.read, path, file_name)
+        fetch_seconds = time.perf_counter() - fetch_started
+        self.check_prompt(params.prompt, volume.shape, dict(task.labels))
+
+        version = await self.versions.get(model)
+        queue = self.scheduler.pick(params.device)
+
+        # The slot covers loading and running: both are torch work on the device.
+        async with queue.slot(model, deadline) as slot:
+            loaded = await self.cache.get(
+                model, task, queue.device, version, lambda load: slot.run(lambda _cancelled: load())
+            )
+            result = await slot.run(
+                lambda cancelled: self.runner.run(task, loaded, volume, params.prompt, params.extra, cancelled)
+            )
+        queue_seconds = slot.queue_seconds
+
+        write_started = time.perf_counter()
+        extension = (params.result.extension or _extension_of(file_name)).lower()
+        dtype = params.result.dtype or "float32"
+        label_path = await asyncio.to_thread(
+            self.volumes.write_label,
+            result.label,
+            volume.affine,
+            work_dir,
+            _file_stem(file_name) + "_label",
+            extension,
+            dtype,
+            params.result.compress or extension == ".nii.gz",
+        )
+        label_file = LabelFile(label_path, label_path.name, label_path.stat().st_size, await asyncio.to_thread(_sha256, label_path))
+        write_seconds = time.perf_counter() - write_started
+
+        label_names = task.label_names(params.prompt)
+        saved_label = ""
+        if params.result.save_label:
+            tag = params.result.label_tag or "original"
+            saved_label = await self.datastore.upload_label(
+                image.image_id,
+                tag,
+                label_path,
+                label_file.file_name,
+                {"model": model, "model_version": loaded.version, "label_names": label_names},
+            )
+
+        latencies = {
+            "queue": queue_seconds,
+            "pre": result.latencies.get("pre", 0.0),
+            "infer": result.latencies.get("infer", 0.0),
+            "invert": result.latencies.get("invert", 0.0),
+            "post": result.latencies.get("post", 0.0),
+            "write": write_seconds,
+            "total": time.perf_counter() - started - queue_seconds,
+        }
+        result_params = {
+            "label_names": label_names,
+            "latencies": {
+                **{key: round(value, 4) for key, value in latencies.items()},
+                "fetch": round(fetch_seconds, 4),
+                "transform": {"pre": round(latencies["pre"], 4), "post": round(latencies["post"], 4)},
+            },
+            "model": model,
+            "model_version": loaded.version,
+            "device": loaded.device,
+        }
+        log.info(
+            "inference done",
+            extra={"model": model, "version": loaded.version, "device": loaded.device, "total": round(latencies["total"], 3)},
+        )
+        return InferOutcome(
+            result_params=result_params,
+            label_names=label_names,
+            latencies=latencies,
+            label_file=None if params.result.params_only else label_file,
+            saved_label=saved_label,
+            model=model,
+            model_version=loaded.version,
+            device=loaded.device,
+            work_dir=work_dir,
+        )
+
+    def close(self) -> None:
+        self.scheduler.shutdown()

@@ -1,0 +1,36 @@
+"""Settings of the inference service (env LABELGRID_*, or flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pydantic
+
+from services.common.settings import ServiceSettings
+
+
+class InferSettings(ServiceSettings):
+    port: int = 50052
+    # The datastore's gRPC address: images, labels and model weights all come from there.
+    datastore: str = "127.0.0.1:50051"
+    # The app package (env LABELGRID_APP), loaded by dotted name.
+    app: str = "apps.radiology"
+    # auto (every visible GPU, else the CPU), cpu, cuda, cuda:N, or a comma list.
+    device: str = "auto"
+    # Inferences running at once per device, and how many may wait before QUEUE_FULL.
+    concurrency_per_device: Annotated[int, pydantic.Field(ge=1)] = 1
+    queue_limit: Annotated[int, pydantic.Field(ge=0)] = 16
+    # Bytes of loaded networks kept per process before the least recently used is dropped.
+    model_cache_bytes: Annotated[int, pydantic.Field(ge=0)] = 4 * 1024**3
+    # How long a served-version lookup is trusted before asking the datastore again.
+    version_check_seconds: Annotated[float, pydantic.Field(ge=0)] = 1.5
+    # Timeout of each datastore call.
+    datastore_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 120.0
+    # Scratch space for downloaded images, weights and result files (removed after each request).
+    work_dir: Path = Path("var/infer")
+    max_upload_bytes: Annotated[int, pydantic.Field(ge=1)] = 2 * 1024**3
+    # torch intra-op threads for CPU work; 0 leaves torch's default.
+    torch_threads: Annotated[int, pydantic.Field(ge=0)] = 0
+    # Run one forward pass when a model loads, so the first request does not pay for lazy init.
+    warm_up: bool = True

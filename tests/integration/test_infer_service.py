@@ -1,0 +1,358 @@
+"""The inference service against a real datastore, both in-process on loopback ports.
+
+No mocks: images, labels and model versions go through the datastore's gRPC API, and
+every call reaches the inference service over a real channel with its interceptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+from labelgrid.common.v1 import common_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
+from labelgrid.inference.v1 import inference_service_pb2 as pb
+from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from labelgrid.inference.v1 import resources_pb2 as res
+
+from services.common.apps import load_app
+from services.common.server import GrpcService
+from services.datastore.settings import DatastoreSettings
+from services.infer.adapters.volumes import nrrd_affine
+from services.infer.api.servicer import register, service_names
+from services.infer.app import build_inference
+from services.infer.domain.inference import Inference
+from services.infer.domain.scheduler import DeviceQueue
+from services.infer.settings import InferSettings
+from tests.contract.conftest import RunningDatastore, start_datastore
+from tests.contract.helpers import error_reason, struct, upload_image, upload_model
+
+AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
+SHAPE = (40, 36, 32)
+
+
+def sphere_image(shape: tuple[int, int, int], seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    data = rng.normal(0, 0.1, shape).astype(np.float32)
+    data[np.linalg.norm(grid - np.array(shape) / 2, axis=-1) < min(shape) / 4] += 1.0
+    return gzip.compress(nib.Nifti1Image(data, AFFINE).to_bytes(), compresslevel=1, mtime=0)
+
+
+@dataclass
+class Stack:
+    datastore: RunningDatastore
+    ds_stub: ds_grpc.DatastoreServiceStub
+    infer: GrpcService
+    inference: Inference
+    stub: pb_grpc.InferenceServiceStub
+    channels: list[grpc.aio.Channel]
+    closers: list[Any]
+
+
+async def start_inference(datastore_address: str, work_dir: Path, **overrides: Any) -> tuple[GrpcService, Inference, Any]:
+    settings = InferSettings(
+        port=0,
+        metrics_port=-1,
+        datastore=datastore_address,
+        device="cpu",
+        work_dir=work_dir,
+        version_check_seconds=0.2,
+        **overrides,
+    )
+    inference, client = await asyncio.to_thread(build_inference, settings)
+
+    async def on_stop() -> None:
+        await client.close()
+        inference.close()
+
+    service = GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, inference, work_dir / "uploads", settings.max_upload_bytes),
+        on_stop=on_stop,
+    )
+    await service.start()
+    return service, inference, client
+
+
+@pytest.fixture(scope="module")
+async def stack() -> AsyncIterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="labelgrid-infer-") as tmp:
+        root = Path(tmp)
+        datastore = await start_datastore(
+            DatastoreSettings(port=0, metrics_port=-1, backend="local", root=root / "studies", state_dir=root / "state")
+        )
+        ds_channel = grpc.aio.insecure_channel(datastore.service.address)
+        ds_stub = ds_grpc.DatastoreServiceStub(ds_channel)
+        await upload_image(ds_stub, sphere_image(SHAPE, 1), "spheres_1.nii.gz", image_id="spheres_1")
+        await upload_image(ds_stub, sphere_image((24, 24, 24), 2), "spheres_2.nii.gz", image_id="spheres_2")
+        service, inference, _client = await start_inference(datastore.service.address, root / "infer")
+        channel = grpc.aio.insecure_channel(service.address)
+        yield Stack(datastore, ds_stub, service, inference, pb_grpc.InferenceServiceStub(channel), [channel, ds_channel], [])
+        for ch in (channel, ds_channel):
+            await ch.close()
+        await service.stop(0)
+        await datastore.service.stop(0)
+
+
+async def read_result(call: Any) -> tuple[pb.InferResultHeader, bytes]:
+    header = None
+    body = io.BytesIO()
+    async for message in call:
+        if message.WhichOneof("payload") == "header":
+            assert header is None
+            header = message.header
+        else:
+            assert header is not None and len(message.chunk) <= 1024 * 1024
+            body.write(message.chunk)
+    assert header is not None
+    data = body.getvalue()
+    if header.HasField("label"):
+        assert hashlib.sha256(data).hexdigest() == header.label.sha256
+        assert len(data) == header.label.size_bytes
+    return header, data
+
+
+def infer_request(model: str, image: str, **params: Any) -> pb.InferRequest:
+    return pb.InferRequest(model=f"models/{model}", image=f"images/{image}", params=res.InferParams(**params))
+
+
+def load_nifti(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+
+
+async def test_app_info_and_models(stack: Stack) -> None:
+    info = await stack.stub.GetAppInfo(pb.GetAppInfoRequest())
+    assert info.display_name == "radiology" and dict(info.labels) == {"sphere_a": 1, "sphere_b": 2}
+    models = (await stack.stub.ListModels(pb.ListModelsRequest())).models
+    assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit"]
+    segmentation = models[0]
+    assert segmentation.name == "models/segmentation" and segmentation.type == res.INFER_TYPE_SEGMENTATION
+    assert dict(segmentation.labels) == {"sphere_a": 1, "sphere_b": 2} and segmentation.dimension == 3
+    assert segmentation.model_version == ""  # untrained
+    assert [d.name for d in segmentation.devices] == ["cpu"]
+    deepgrow = (await stack.stub.GetModel(pb.GetModelRequest(name="models/deepgrow"))).model
+    assert deepgrow.type == res.INFER_TYPE_DEEPGROW
+    devices = (await stack.stub.ListDevices(pb.ListDevicesRequest())).devices
+    assert devices[0].name == "cpu" and devices[0].kind == common_pb2.DEVICE_KIND_CPU
+    assert devices[0].memory_total_bytes > devices[0].memory_used_bytes > 0
+    assert (await stack.stub.ServerLive(pb.ServerLiveRequest())).live
+    assert (await stack.stub.ServerReady(pb.ServerReadyRequest())).ready
+    meta = await stack.stub.ModelMetadata(pb.ModelMetadataRequest(name="models/deepgrow"))
+    assert meta.platform == "pytorch" and list(meta.inputs[0].shape) == [-1, 3, -1, -1, -1]
+
+
+async def test_infer_segmentation_nifti(stack: Stack) -> None:
+    header, data = await read_result(stack.stub.Infer(infer_request("segmentation", "spheres_1"), timeout=60))
+    label = load_nifti(data)
+    assert label.shape == SHAPE
+    np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2}
+    assert header.label.file_name.endswith(".nii.gz") and header.device == "cpu" and header.model_version == ""
+    assert dict(header.label_names) == {"sphere_a": 1, "sphere_b": 2}
+    params = dict(header.result_params)
+    assert dict(params["label_names"]) == {"sphere_a": 1.0, "sphere_b": 2.0}
+    assert {"pre", "infer", "post", "write", "total"} <= set(params["latencies"].keys())
+    assert header.latencies.total > 0 and header.latencies.infer > 0
+    ready = await stack.stub.ModelReady(pb.ModelReadyRequest(name="models/segmentation"))
+    assert ready.ready and list(ready.devices) == ["cpu"]
+    queues = (await stack.stub.GetQueueStatus(pb.GetQueueStatusRequest(model="models/segmentation"))).queues
+    assert queues[0].device == "cpu" and queues[0].waiting == 0 and queues[0].running == 0
+
+
+async def test_infer_nrrd_uint8_as_slicer_asks(stack: Stack) -> None:
+    request = infer_request(
+        "segmentation", "spheres_1", params=struct({"result_extension": ".nrrd", "result_dtype": "uint8"})
+    )
+    header, data = await read_result(stack.stub.Infer(request, timeout=60))
+    assert header.label.file_name.endswith(".nrrd")
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as file:
+        file.write(data)
+        file.flush()
+        voxels, nrrd_header = nrrd.read(file.name)
+    assert voxels.shape == SHAPE and voxels.dtype == np.uint8
+    np.testing.assert_allclose(nrrd_affine(nrrd_header), AFFINE, atol=1e-5)
+
+
+async def test_deepgrow_with_a_click(stack: Stack) -> None:
+    prompt = res.Prompt(label="sphere_a", foreground=[res.VoxelPoint(i=20, j=18, k=16)])
+    header, data = await read_result(
+        stack.stub.Infer(infer_request("deepgrow", "spheres_1", prompt=prompt, result=res.ResultOptions(result_dtype="uint8")))
+    )
+    label = np.asarray(load_nifti(data).dataobj)
+    assert label.shape == SHAPE and set(np.unique(label)) <= {0, 1}
+    assert dict(header.label_names) == {"sphere_a": 1}
+    # MONAI Label's params JSON form of the same click gives the same result.
+    _, again = await read_result(
+        stack.stub.Infer(
+            infer_request("deepgrow", "spheres_1", params=struct({"label": "sphere_a", "foreground": [[20, 18, 16]], "result_dtype": "uint8"}))
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(load_nifti(again).dataobj), label)
+
+
+async def test_save_label_lands_in_the_datastore(stack: Stack) -> None:
+    request = infer_request("segmentation", "spheres_2", result=res.ResultOptions(save_label=True, result_dtype="uint8"))
+    header, _ = await read_result(stack.stub.Infer(request))
+    assert header.saved_label == "images/spheres_2/labels/original"
+    label = (await stack.ds_stub.GetLabel(ds.GetLabelRequest(name="images/spheres_2/labels/original"))).label
+    assert label.tag == "original"
+
+
+async def test_infer_upload(stack: Stack) -> None:
+    data = sphere_image((24, 20, 16), 3)
+
+    async def messages() -> AsyncIterator[pb.InferUploadRequest]:
+        yield pb.InferUploadRequest(
+            header=pb.InferUploadHeader(model="models/segmentation", image_file_name="up.nii.gz", image_size_bytes=len(data))
+        )
+        for start in range(0, len(data), 4096):
+            yield pb.InferUploadRequest(image_chunk=data[start : start + 4096])
+        yield pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest()))
+
+    _header, body = await read_result(stack.stub.InferUpload(messages(), timeout=60))
+    label = load_nifti(body)
+    assert label.shape == (24, 20, 16)
+    np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
+    assert not list((stack.inference.work_dir / "uploads").glob("*")), "the upload's temp file must be gone"
+
+
+def constant_class_weights(task: Any, winner: int) -> bytes:
+    """A state_dict whose network answers `winner` everywhere: all weights 0, output biases one-hot."""
+    state = {key: torch.zeros_like(value) for key, value in task.initial_network().state_dict().items()}
+    out_channels = max(task.labels.values()) + 1
+    for key, value in state.items():
+        if key.endswith("bias") and value.shape == (out_channels,):
+            value[winner] = 1.0
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+async def test_hot_reload_serves_a_published_version(stack: Stack) -> None:
+    first, _ = await read_result(stack.stub.Infer(infer_request("segmentation", "spheres_2")))
+    assert first.model_version == ""
+    task = load_app("apps.radiology").infer_tasks["segmentation"]
+    published = await upload_model(stack.ds_stub, "segmentation", constant_class_weights(task, 2))
+    await asyncio.sleep(0.3)  # the served-version lookup is cached for 0.2 s in these tests
+    header, data = await read_result(stack.stub.Infer(infer_request("segmentation", "spheres_2")))
+    assert header.model_version == published.name == f"models/segmentation/versions/{published.version}"
+    assert np.all(np.asarray(load_nifti(data).dataobj) == 2), "the new weights must be the ones that ran"
+    model = (await stack.stub.GetModel(pb.GetModelRequest(name="models/segmentation"))).model
+    assert model.model_version == published.name
+    meta = await stack.stub.ModelMetadata(pb.ModelMetadataRequest(name="models/segmentation"))
+    assert list(meta.versions) == [published.version]
+
+
+async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_result(call)
+    assert caught.value.code() == code, caught.value.details()
+    assert error_reason(caught.value) == reason
+    return caught.value.details() or ""
+
+
+async def test_bad_requests(stack: Stack) -> None:
+    stub = stack.stub
+    await expect_error(stub.Infer(infer_request("nope", "spheres_1")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    await expect_error(stub.Infer(infer_request("segmentation", "missing")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+    outside = res.Prompt(foreground=[res.VoxelPoint(i=40, j=0, k=0)])
+    message = await expect_error(
+        stub.Infer(infer_request("deepgrow", "spheres_1", prompt=outside)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    assert "outside the image" in message
+    await expect_error(
+        stub.Infer(infer_request("segmentation", "spheres_1", result=res.ResultOptions(result_extension=".png"))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
+    )
+    await expect_error(
+        stub.Infer(infer_request("segmentation", "spheres_1", device="cuda:3")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetModel(pb.GetModelRequest(name="models/nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(caught.value) == "MODEL_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateBatchInferenceJob(pb.CreateBatchInferenceJobRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED and "batch inference" in (caught.value.details() or "")
+
+
+async def test_corrupt_uploads(stack: Stack) -> None:
+    garbage = b"this is not a NIfTI file" * 100
+
+    async def messages(digest: str) -> AsyncIterator[pb.InferUploadRequest]:
+        yield pb.InferUploadRequest(header=pb.InferUploadHeader(model="models/segmentation", image_file_name="bad.nii.gz"))
+        yield pb.InferUploadRequest(image_chunk=garbage)
+        yield pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=digest))
+
+    await expect_error(
+        stack.stub.InferUpload(messages(hashlib.sha256(garbage).hexdigest())), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    await expect_error(
+        stack.stub.InferUpload(messages("0" * 64)), grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH"
+    )
+    assert not list((stack.inference.work_dir / "uploads").glob("*"))
+
+
+async def test_queue_full(stack: Stack, tmp_path: Path) -> None:
+    """With no room to wait, requests beyond the running one are refused with QUEUE_FULL."""
+    service, _inference, _client = await start_inference(stack.datastore.service.address, tmp_path, queue_limit=0)
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            calls = [read_result(stub.Infer(infer_request("segmentation", "spheres_1"), timeout=60)) for _ in range(4)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await service.stop(0)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert any(not isinstance(r, BaseException) for r in results)
+    assert refused, "at least one of four simultaneous requests must find the queue full"
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(error) == "QUEUE_FULL"
+        assert "queue of device cpu is full" in (error.details() or "")
+
+
+async def test_scheduler_frees_slots_of_cancelled_and_late_requests() -> None:
+    queue = DeviceQueue("cpu", concurrency=1, queue_limit=2)
+    gate = asyncio.Event()
+    release = __import__("threading").Event()
+    loop = asyncio.get_running_loop()
+
+    def blocking(cancelled: Any) -> str:
+        loop.call_soon_threadsafe(gate.set)
+        release.wait(10)
+        return "done"
+
+    running = asyncio.create_task(queue.run("m", blocking))
+    await gate.wait()
+    waiting = asyncio.create_task(queue.run("m", lambda c: "second"))
+    await asyncio.sleep(0.05)
+    assert queue.total_waiting == 1 and queue.waiting["m"] == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert queue.total_waiting == 0 and queue.waiting["m"] == 0
+    late = asyncio.create_task(queue.run("m", lambda c: "late", deadline=loop.time() + 0.05))
+    with pytest.raises(Exception) as caught:
+        await late
+    assert type(caught.value).__name__ == "DeadlineExceeded"
+    assert queue.total_waiting == 0
+    release.set()
+    assert (await running)[0] == "done"
+    assert (await queue.run("m", lambda c: "free again"))[0] == "free again"
+    queue.shutdown()
