@@ -1,0 +1,51 @@
+"""Runs the gateway: `python -m gateway [--flags]` (env LABELGRID_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from services.common.logging import configure_logging
+from services.common.settings import parse_settings
+
+
+async def serve(settings: GatewaySettings) -> None:
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our structlog handler renders uvicorn's records too
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.grace_seconds),
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            return
+        await asyncio.sleep(0.05)
+    port = (
+        server.servers[0].sockets[0].getsockname()[1]
+        if server.servers
+        else settings.port
+    )
+    print(f"gateway listening on http://{settings.host}:{port}", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(
+        GatewaySettings, argv, description=__doc__.splitlines()[0]
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The gateway's FastAPI app: MONAI Label 0.8.5's REST API over labelgrid's gRPC services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from gateway import __version__
+from gateway.clients import GrpcClients
+from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
+from gateway.routes import auth, datastore, infer, info, session, unavailable
+from gateway.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """One app per settings; the gRPC channels open in the lifespan and live on app.state."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.clients = GrpcClients.open(settings)
+        try:
+            yield
+        finally:
+            await app.state.clients.close()
+
+    app = FastAPI(
+        title="MONAILabel - APIs",
+        description="MONAI Label's REST API, served by labelgrid's gRPC services",
+        version=__version__,
+        lifespan=lifespan,
+        # As MONAI Label: Swagger UI at "/", ReDoc at "/docs" (the Reviewer checks GET / is 200).
+        docs_url="/",
+        redoc_url="/docs",
+    )
+    app.state.settings = settings
+    for router in (
+        info.router,
+        auth.router,
+        datastore.router,
+        session.router,
+        infer.router,
+        unavailable.router,
+    ):
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(UnhandledErrorMiddleware)
+    # Outermost, so errors carry CORS headers too. With credentials allowed, Starlette echoes
+    # the request's Origin instead of "*", as MONAI Label's server does.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    return app

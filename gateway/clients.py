@@ -1,0 +1,135 @@
+"""The gateway's gRPC channels and the chunk-stream helpers every route shares.
+
+Uploads go from the multipart temp file (Starlette spools it to disk) straight into a
+client-streaming call, 1 MiB at a time with a running sha256; downloads hand the server
+stream to a StreamingResponse. No volume is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from labelgrid.common.v1 import common_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
+from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
+
+from gateway.settings import GatewaySettings
+
+CHUNK_SIZE = 1024 * 1024
+"""Largest chunk sent on a gRPC stream (the services refuse larger ones)."""
+
+
+class Readable(Protocol):
+    """What an upload source offers: Starlette's UploadFile (reads off the event loop)."""
+
+    async def read(self, size: int = -1) -> bytes: ...
+
+
+@dataclass
+class GrpcClients:
+    """The gateway's channels and stubs; opened in the app's lifespan, closed at shutdown."""
+
+    datastore_channel: grpc.aio.Channel
+    inference_channel: grpc.aio.Channel
+    datastore: ds_grpc.DatastoreServiceStub
+    inference: inf_grpc.InferenceServiceStub
+
+    @classmethod
+    def open(cls, settings: GatewaySettings) -> GrpcClients:
+        options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        ds_channel = grpc.aio.insecure_channel(
+            settings.datastore_address, options=options
+        )
+        inf_channel = grpc.aio.insecure_channel(
+            settings.inference_address, options=options
+        )
+        return cls(
+            ds_channel,
+            inf_channel,
+            ds_grpc.DatastoreServiceStub(ds_channel),
+            inf_grpc.InferenceServiceStub(inf_channel),
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            self.datastore_channel.close(), self.inference_channel.close()
+        )
+
+
+async def file_chunks(source: Readable, digest: Any) -> AsyncIterator[bytes]:
+    """Reads `source` in ≤1 MiB chunks, feeding `digest` (a hashlib object) on the way."""
+    while True:
+        data = await source.read(CHUNK_SIZE)
+        if not data:
+            return
+        digest.update(data)
+        yield data
+
+
+async def upload_stream(
+    request_type: Callable[..., Any],
+    header: Any,
+    source: Readable,
+    *,
+    chunk_field: str = "chunk",
+    finish_field: str = "finish",
+    first: bool = True,
+) -> AsyncIterator[Any]:
+    """Messages of an upload RPC: header (if `first`), the file's chunks, then the sha256 finish."""
+    if first:
+        yield request_type(header=header)
+    digest = hashlib.sha256()
+    async for data in file_chunks(source, digest):
+        yield request_type(**{chunk_field: data})
+    yield request_type(
+        **{finish_field: common_pb2.UploadFinish(sha256=digest.hexdigest())}
+    )
+
+
+@dataclass
+class Download:
+    """An opened server stream: its first message (the info or result header) and the rest as bytes."""
+
+    first: Any
+    call: Any
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The remaining chunks; cancels the call if the HTTP client goes away mid-stream."""
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    return
+                if message.WhichOneof("payload") == "chunk":
+                    yield message.chunk
+        finally:
+            self.call.cancel()
+
+
+async def open_download(start: Callable[[], Any]) -> Download:
+    """Starts a server-streaming call and awaits its first message, so errors surface
+    before the HTTP response starts (a 404 stays a 404, not a cut-off 200)."""
+    call = start()
+    try:
+        first = await call.read()
+    except BaseException:
+        call.cancel()
+        raise
+    if first is grpc.aio.EOF:
+        call.cancel()
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.INTERNAL,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="empty download stream",
+        )
+    return Download(first, call)

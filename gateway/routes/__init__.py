@@ -1,0 +1,3 @@
+"""One router per MONAI Label router (`monailabel/endpoints/*.py`)."""
+
+from __future__ import annotations

@@ -1,0 +1,165 @@
+"""What every router shares: dependencies, id checks, params parsing, file responses."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Depends, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from google.protobuf import json_format, struct_pb2
+
+from gateway.clients import Download, GrpcClients
+from gateway.errors import GatewayError
+from gateway.settings import GatewaySettings
+
+# The datastore's id rule (letters, digits, '.', '_', '-'; no leading '.'; no '..'); checked
+# here too so a path-like id is a 400 before any call, and never becomes part of a resource
+# name such as "images/a/labels/b".
+_ID_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}$")
+SESSION_PREFIX = "session-"
+"""Image ids of session images; reserved, so user uploads cannot take them."""
+
+
+@dataclass
+class Ctx:
+    """Per-request access to the app's clients and settings, plus the caller's auth metadata."""
+
+    clients: GrpcClients
+    settings: GatewaySettings
+    metadata: tuple[tuple[str, str], ...]
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.rpc_timeout_seconds
+
+
+def get_ctx(request: Request) -> Ctx:
+    """The clients live on app.state (opened by the lifespan); the bearer token is passed on."""
+    auth = request.headers.get("authorization")
+    metadata = (("authorization", auth),) if auth else ()
+    return Ctx(request.app.state.clients, request.app.state.settings, metadata)
+
+
+CtxDep = Depends(get_ctx)
+
+
+def check_id(value: str | None, what: str = "image id") -> str:
+    """Refuses empty and path-like ids (`../x`, `a/b`, NUL, ...) with a 400."""
+    if not value:
+        raise GatewayError(400, f"{what} is required")
+    if ".." in value or not _ID_RE.match(value):
+        raise GatewayError(
+            400,
+            f"invalid {what} {value[:80]!r}: use only letters, digits, '.', '_' and '-', "
+            "not starting with '.', without '..', at most 200 characters",
+        )
+    return value
+
+
+def check_user_image_id(value: str) -> str:
+    check_id(value)
+    if value.startswith(SESSION_PREFIX):
+        raise GatewayError(
+            400, f"image ids starting with {SESSION_PREFIX!r} are reserved for sessions"
+        )
+    return value
+
+
+def image_name(image_id: str) -> str:
+    return f"images/{check_id(image_id)}"
+
+
+def label_name(image_id: str, tag: str) -> str:
+    return f"images/{check_id(image_id)}/labels/{check_id(tag, 'label tag')}"
+
+
+def parse_json_field(value: str | None, field: str) -> dict[str, Any]:
+    """A form field holding a JSON object (MONAI Label's `params`/`info`): a 422 if it is not one,
+    in FastAPI's validation shape (MONAI Label answered 500 here)."""
+    if value is None or value.strip() == "":
+        return {}
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise GatewayError(
+            422, [_invalid(field, f"Invalid JSON: {err}", value, "json_invalid")]
+        ) from None
+    if not isinstance(parsed, dict):
+        raise GatewayError(
+            422, [_invalid(field, "Input should be a JSON object", value, "dict_type")]
+        )
+    return parsed
+
+
+def _invalid(field: str, msg: str, value: str, kind: str) -> dict[str, Any]:
+    return {"type": kind, "loc": ["body", field], "msg": msg, "input": value[:200]}
+
+
+def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a Struct; a value Struct cannot hold is a 422, not a 500."""
+    out = struct_pb2.Struct()
+    try:
+        out.update(value)
+    except (ValueError, TypeError) as err:
+        raise GatewayError(422, f"unsupported value in JSON: {err}") from None
+    return out
+
+
+def _integral(value: Any) -> Any:
+    """Struct holds numbers as doubles; give MONAI Label's integers (ts, idx) back as ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return _integral(json_format.MessageToDict(message))
+
+
+def base_name(file_name: str | None) -> str:
+    """The official client sends the local path as the file name; keep its last part only."""
+    name = (file_name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.strip()
+
+
+def upload_size(upload: UploadFile) -> int:
+    return int(upload.size or 0)
+
+
+def content_disposition(file_name: str) -> str:
+    """`attachment; filename="x"` as Starlette's FileResponse writes it (the client parses it)."""
+    quoted = quote(file_name)
+    if quoted != file_name:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{file_name}"'
+
+
+def media_type(file_name: str) -> str:
+    """As MONAI Label: mimetypes' guess, `.nii.gz` (a gzip encoding) is octet-stream."""
+    return mimetypes.guess_type(file_name)[0] or "application/octet-stream"
+
+
+def file_response(
+    download: Download, file_name: str | None = None
+) -> StreamingResponse:
+    """A download stream as a file response with length and Content-Disposition."""
+    info = download.first.info
+    name = file_name or info.file_name
+    headers = {
+        "content-disposition": content_disposition(name),
+        "content-length": str(info.read_size_bytes or info.size_bytes),
+    }
+    if info.sha256:
+        headers["etag"] = f'"{info.sha256}"'
+    return StreamingResponse(
+        download.chunks(), media_type=media_type(name), headers=headers
+    )

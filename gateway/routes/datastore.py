@@ -1,0 +1,457 @@
+"""MONAI Label's /datastore router (`endpoints/datastore.py`) on the datastore gRPC service.
+
+Ids are checked here (400 for path-like ones) before any call; uploads stream from the
+multipart temp file into UploadImage / UploadLabel; downloads stream back. Session images
+are left out of listings and counts (see gateway.sessions).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import grpc
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import resources_pb2 as ds_res
+
+from gateway import sessions
+from gateway.clients import open_download, upload_stream
+from gateway.errors import GatewayError, from_rpc_error
+from gateway.routes.common import (
+    Ctx,
+    CtxDep,
+    base_name,
+    check_user_image_id,
+    file_response,
+    from_struct,
+    image_name,
+    label_name,
+    parse_json_field,
+    to_struct,
+    upload_size,
+)
+
+router = APIRouter(prefix="/datastore", tags=["Datastore"])
+
+DEFAULT_USER = "admin"
+"""MONAI Label records this user in info when auth is off."""
+PAGE_SIZE = 1000
+
+
+class ResultType(str, enum.Enum):
+    train = "train"
+    stats = "stats"
+    all = "all"
+
+
+# -- listing -------------------------------------------------------------------------------
+
+
+async def datastore_stats(ctx: Ctx) -> dict[str, Any]:
+    """MONAI Label's status(): {total, completed, label_tags}, session images not counted."""
+    status = await ctx.clients.datastore.GetStatus(
+        ds_pb.GetStatusRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+    )
+    live = await sessions.live_sessions(ctx)
+    return {
+        "total": max(0, int(status.total) - len(live)),
+        "completed": int(status.completed),
+        "label_tags": {tag: int(n) for tag, n in sorted(status.label_tags.items())},
+    }
+
+
+async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
+    token = ""
+    while True:
+        response = await ctx.clients.datastore.ListImages(
+            ds_pb.ListImagesRequest(page_size=PAGE_SIZE, page_token=token, **filters),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+        yield [
+            image
+            for image in response.images
+            if not sessions.is_session_image(image.image_id, from_struct(image.info))
+        ]
+        token = response.next_page_token
+        if not token:
+            return
+
+
+def _object(image: ds_res.Image) -> dict[str, Any]:
+    """One entry of datastore_v2.json's `objects`."""
+    return {
+        "image": {"ext": image.ext, "info": from_struct(image.info)},
+        "labels": {
+            label.tag: {"ext": label.ext, "info": from_struct(label.info)}
+            for label in image.labels
+        },
+    }
+
+
+async def _json_stream(
+    first: list[ds_res.Image], rest: AsyncIterator[list[ds_res.Image]], head: str
+) -> AsyncIterator[bytes]:
+    """datastore_v2.json written page by page, so a large datastore is never one big dict."""
+    yield head.encode()
+    separator = ""
+    page: list[ds_res.Image] | None = first
+    while page is not None:
+        for image in page:
+            yield f"{separator}{json.dumps(image.image_id)}: {json.dumps(_object(image))}".encode()
+            separator = ", "
+        page = await anext(rest, None)
+    yield b"}}"
+
+
+async def _datastore_all(ctx: Ctx) -> StreamingResponse:
+    info = await ctx.clients.datastore.GetDatastoreInfo(
+        ds_pb.GetDatastoreInfoRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+    )
+    pages = _pages(ctx)
+    first = await anext(pages)  # errors before the response starts
+    head = (
+        json.dumps(
+            {
+                "name": info.display_name,
+                "description": info.description,
+                "images_dir": ".",
+                "labels_dir": "labels",
+            }
+        )[:-1]
+        + ', "objects": {'
+    )
+    return StreamingResponse(
+        _json_stream(first, pages, head), media_type="application/json"
+    )
+
+
+async def _datalist(ctx: Ctx, request: Request) -> list[dict[str, str]]:
+    """MONAI Label's datalist with URLs of this gateway instead of server paths."""
+    base = str(request.base_url)
+    out = []
+    async for page in _pages(ctx, filter=ds_pb.IMAGE_FILTER_LABELED, label_tag="final"):
+        for image in page:
+            image_id = quote(image.image_id, safe="")
+            out.append(
+                {
+                    "image": f"{base}datastore/image?image={image_id}",
+                    "label": f"{base}datastore/label?label={image_id}&tag=final",
+                }
+            )
+    return out
+
+
+@router.get("/", summary="Get All Images/Labels from datastore")
+async def datastore(
+    request: Request, output: ResultType | None = None, ctx: Ctx = CtxDep
+) -> Any:
+    if output is ResultType.all:
+        return await _datastore_all(ctx)
+    if output is ResultType.train:
+        return await _datalist(ctx, request)
+    return await datastore_stats(ctx)
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+def _id_from_file_name(file_name: str) -> str:
+    """MONAI Label's default id: the file name without its whole suffix chain."""
+    path = PurePosixPath(file_name)
+    suffixes = "".join(path.suffixes)
+    return path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
+
+
+def _refuse_empty(upload: UploadFile, what: str) -> str:
+    file_name = base_name(upload.filename)
+    if not file_name:
+        raise GatewayError(
+            422,
+            f"the {what} upload needs a file name (its extension selects the format)",
+        )
+    if upload_size(upload) == 0:
+        raise GatewayError(422, f"the {what} file {file_name!r} is empty")
+    return file_name
+
+
+async def _add_image(
+    ctx: Ctx, image: str | None, params: str, file: UploadFile
+) -> dict[str, str]:
+    info = parse_json_field(params, "params")
+    file_name = _refuse_empty(file, "image")
+    image_id = check_user_image_id(image if image else _id_from_file_name(file_name))
+    info.setdefault("user", DEFAULT_USER)
+    header = ds_pb.UploadImageHeader(
+        image_id=image_id,
+        file_name=file_name,
+        info=to_struct(info),
+        size_bytes=upload_size(file),
+    )
+    try:
+        response = await ctx.clients.datastore.UploadImage(
+            upload_stream(ds_pb.UploadImageRequest, header, file), metadata=ctx.metadata
+        )
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err, invalid_status=422) from None
+    return {"image": response.image.image_id}
+
+
+@router.put("/image", summary="Upload new Image")
+async def add_image(
+    file: Annotated[UploadFile, File()],
+    image: str | None = Query(None),
+    params: str = Form("{}"),
+    ctx: Ctx = CtxDep,
+) -> dict[str, str]:
+    return await _add_image(ctx, image, params, file)
+
+
+@router.put("/", include_in_schema=False)
+async def add_image_alias(
+    file: Annotated[UploadFile, File()],
+    image: str | None = Query(None),
+    params: str = Form("{}"),
+    ctx: Ctx = CtxDep,
+) -> dict[str, str]:
+    """The deprecated alias the official client's upload_image uses."""
+    return await _add_image(ctx, image, params, file)
+
+
+async def _remove_image(ctx: Ctx, image_id: str) -> dict[str, Any]:
+    await ctx.clients.datastore.DeleteImage(
+        ds_pb.DeleteImageRequest(name=image_name(image_id)),
+        timeout=ctx.timeout,
+        metadata=ctx.metadata,
+    )
+    return {}
+
+
+@router.delete("/image", summary="Remove Image and corresponding labels")
+async def remove_image(id: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
+    return await _remove_image(ctx, id)
+
+
+@router.delete("/", include_in_schema=False)
+async def remove_image_alias(id: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
+    return await _remove_image(ctx, id)
+
+
+def _head(found: bool, detail: str) -> Response:
+    """HEAD answers: the JSON headers of `{}` or `{"detail"}`, no body (as MONAI Label)."""
+    return JSONResponse(
+        {} if found else {"detail": detail}, status_code=200 if found else 404
+    )
+
+
+async def _get_image(ctx: Ctx, image_id: str) -> ds_res.Image | None:
+    try:
+        response = await ctx.clients.datastore.GetImage(
+            ds_pb.GetImageRequest(name=image_name(image_id)),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() is grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return response.image
+
+
+def _normal_sha(value: str) -> str:
+    text = value.strip()
+    return (text[7:] if text[:7].lower() == "sha256:" else text).lower()
+
+
+@router.head("/image", summary="Check If Image Exists")
+async def image_exists(
+    image: str = Query(...), check_sum: str | None = None, ctx: Ctx = CtxDep
+) -> Response:
+    found = await _get_image(ctx, image)
+    if found is None:
+        return _head(False, "Image NOT Found")
+    if check_sum and _normal_sha(check_sum) != found.sha256:
+        return _head(False, "Image NOT Found (checksum failed)")
+    return _head(True, "")
+
+
+@router.get("/image", summary="Download Image")
+async def download_image(
+    image: str = Query(...), ctx: Ctx = CtxDep
+) -> StreamingResponse:
+    name = image_name(image)
+    download = await open_download(
+        lambda: ctx.clients.datastore.DownloadImage(
+            ds_pb.DownloadImageRequest(name=name), metadata=ctx.metadata
+        )
+    )
+    return file_response(download)
+
+
+@router.get("/image/info", summary="Get Image Info")
+async def image_info(image: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
+    """The image info; `{}` for an unknown id, as clients expect. No server path is returned."""
+    found = await _get_image(ctx, image)
+    return from_struct(found.info) if found is not None else {}
+
+
+@router.put("/image/info", summary="Update Image Info")
+async def update_image_info(
+    image: str = Query(...), info: str = Form(...), ctx: Ctx = CtxDep
+) -> None:
+    values = parse_json_field(info, "info")
+    values["user"] = DEFAULT_USER
+    await ctx.clients.datastore.UpdateImageInfo(
+        ds_pb.UpdateImageInfoRequest(name=image_name(image), info=to_struct(values)),
+        timeout=ctx.timeout,
+        metadata=ctx.metadata,
+    )
+
+
+# -- labels --------------------------------------------------------------------------------
+
+
+@router.put("/label", summary="Save Finalized Label")
+async def save_label(
+    label: Annotated[UploadFile, File()],
+    image: str = Query(...),
+    tag: str = Query("final"),
+    params: str = Form("{}"),
+    ctx: Ctx = CtxDep,
+) -> dict[str, str]:
+    tag = tag or "final"
+    name = label_name(image, tag)  # checks both before reading anything
+    info = parse_json_field(params, "params")
+    file_name = _refuse_empty(label, "label")
+    header = ds_pb.UploadLabelHeader(
+        image=name.rsplit("/labels/", 1)[0],
+        tag=tag,
+        file_name=file_name,
+        info=to_struct(info),
+        size_bytes=upload_size(label),
+    )
+    try:
+        response = await ctx.clients.datastore.UploadLabel(
+            upload_stream(ds_pb.UploadLabelRequest, header, label),
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err, invalid_status=422) from None
+    return {"image": response.label.image_id, "label": response.label.image_id}
+
+
+@router.delete("/label", summary="Remove Label")
+async def remove_label(
+    id: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
+) -> dict[str, Any]:
+    """`{}` also for an unknown label, as MONAI Label answers (clients rely on it)."""
+    try:
+        await ctx.clients.datastore.DeleteLabel(
+            ds_pb.DeleteLabelRequest(name=label_name(id, tag)),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
+    return {}
+
+
+async def _get_label(ctx: Ctx, image_id: str, tag: str) -> ds_res.Label | None:
+    try:
+        response = await ctx.clients.datastore.GetLabel(
+            ds_pb.GetLabelRequest(name=label_name(image_id, tag)),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() is grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return response.label
+
+
+@router.head("/label", summary="Check If Label Exists")
+async def label_exists(
+    image: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
+) -> Response:
+    found = await _get_label(ctx, image, tag)
+    return _head(found is not None, "Label NOT Found")
+
+
+@router.get("/label", summary="Download Label")
+async def download_label(
+    label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
+) -> StreamingResponse:
+    name = label_name(label, tag)
+    download = await open_download(
+        lambda: ctx.clients.datastore.DownloadLabel(
+            ds_pb.DownloadLabelRequest(name=name), metadata=ctx.metadata
+        )
+    )
+    return file_response(download)
+
+
+@router.get("/label/info", summary="Get Label Info")
+async def label_info(
+    label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
+) -> dict[str, Any]:
+    found = await _get_label(ctx, label, tag)
+    return from_struct(found.info) if found is not None else {}
+
+
+async def _update_label_info(
+    ctx: Ctx, label: str, tag: str, info: str, field: str
+) -> None:
+    values = parse_json_field(info, field)
+    values["user"] = DEFAULT_USER
+    await ctx.clients.datastore.UpdateLabelInfo(
+        ds_pb.UpdateLabelInfoRequest(
+            name=label_name(label, tag), info=to_struct(values)
+        ),
+        timeout=ctx.timeout,
+        metadata=ctx.metadata,
+    )
+
+
+@router.put("/label/info", summary="Update Label Info")
+async def update_label_info(
+    label: str = Query(...),
+    tag: str = Query(...),
+    info: str = Form(...),
+    ctx: Ctx = CtxDep,
+) -> None:
+    await _update_label_info(ctx, label, tag, info, "info")
+
+
+@router.put("/updatelabelinfo", include_in_schema=False)
+async def update_label_info_reviewer(
+    label: str = Query(...),
+    tag: str = Query(...),
+    params: str = Form(...),
+    ctx: Ctx = CtxDep,
+) -> None:
+    """What MONAILabelReviewer calls."""
+    await _update_label_info(ctx, label, tag, params, "params")
+
+
+# -- dataset -------------------------------------------------------------------------------
+
+
+@router.get("/dataset", summary="Download full dataset as ZIP archive")
+async def download_dataset(
+    limit_cases: int | None = Query(None, ge=0), ctx: Ctx = CtxDep
+) -> StreamingResponse:
+    download = await open_download(
+        lambda: ctx.clients.datastore.ExportDataset(
+            ds_pb.ExportDatasetRequest(limit_cases=limit_cases or 0),
+            metadata=ctx.metadata,
+        )
+    )
+    return file_response(download, "dataset.zip")

@@ -1,0 +1,47 @@
+"""Settings of the REST gateway (env LABELGRID_*, or flags), like every labelgrid service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import field_validator
+from pydantic_settings import NoDecode
+
+from services.common.settings import ServiceSettings, _split_list
+
+
+class GatewaySettings(ServiceSettings):
+    """Where the gateway listens (HTTP) and which gRPC services it translates to."""
+
+    # HTTP listen address (MONAI Label's --host/--port); port 0 picks a free one (tests).
+    host: str = "127.0.0.1"
+    port: Annotated[int, pydantic.Field(ge=0, le=65535)] = 8001
+    datastore_address: str = "127.0.0.1:50051"
+    inference_address: str = "127.0.0.1:50052"
+    # Seconds a unary call may take; streams (uploads, downloads, inference) have their own.
+    rpc_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
+    # Seconds /info/ waits for the inference service before it answers without models.
+    info_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 3.0
+    # Seconds one inference may take, queue wait included.
+    infer_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 600.0
+    # MONAI Label's MONAI_LABEL_SESSIONS and MONAI_LABEL_SESSION_EXPIRY.
+    sessions_enabled: bool = True
+    session_expiry: Annotated[int, pydantic.Field(gt=0)] = 3600
+    # MONAI Label's MONAI_LABEL_CORS_ORIGINS; the request Origin is echoed with credentials.
+    cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(
+        default_factory=lambda: ["*"]
+    )
+    # Shown in /info/ when the inference service does not answer.
+    app_name: str = "labelgrid"
+    app_description: str = "MONAI Label on labelgrid"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Auth is on when bearer tokens are configured (the same tokens the gRPC services accept)."""
+        return bool(self.auth_tokens)
