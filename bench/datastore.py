@@ -224,7 +224,8 @@ def main() -> None:
         with run_seaweedfs(work / "seaweedfs") as s3:
             transfer = throughput(s3, [int(v) for v in args.sizes.split(",")], work)
             print(table(transfer, "throughput: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS; ratio = service time / raw time"))
-            lists = listing(s3, [int(v) for v in args.counts.split(",")], work)
+            counts = [int(v) for v in args.counts.split(",") if v]
+            lists = listing(s3, counts, work) if counts else []
             print()
             print(table(lists, "listing latency (p50 of 20 calls, ms), SQLite index"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

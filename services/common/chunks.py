@@ -8,6 +8,7 @@ back as chunks with `iter_file_chunks`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, OutOfRange, ResourceExhausted
 
 CHUNK_SIZE = 1024 * 1024
 """Largest chunk on the wire (1 MiB), well under the gRPC message limit."""
@@ -42,7 +43,7 @@ def normalize_sha256(value: str) -> str:
         text = text[7:]
     text = text.lower()
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise InvalidArgument(f"not a sha256 hex digest: {value!r}", reason="CHECKSUM_MISMATCH")
+        raise InvalidArgument(f"not a sha256 hex digest: {value[:80]!r}")
     return text
 
 
@@ -97,13 +98,13 @@ class SpoolWriter:
         self._hash.update(data)
         self._size += len(data)
 
-    def finish(self, expected_sha256: str) -> SpooledFile:
-        """Verifies the checksum and fsyncs; on any failure the temp file is removed."""
+    def finish(self, expected_sha256: str | None = None) -> SpooledFile:
+        """Verifies the checksum (None: the sender sent none) and fsyncs; any failure removes the temp file."""
         if self._done:
             raise InvalidArgument("the upload is already finished or aborted")
         try:
-            expected = normalize_sha256(expected_sha256)
             actual = self._hash.hexdigest()
+            expected = actual if expected_sha256 is None else normalize_sha256(expected_sha256)
             if actual != expected:
                 raise InvalidArgument(
                     f"sha256 mismatch: the client sent {expected}, the received bytes hash to {actual}",
@@ -140,12 +141,25 @@ class SpoolWriter:
 def iter_file_chunks(path: Path, offset: int = 0, limit: int = 0, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """Yields `limit` bytes (0 = to the end) of `path` from `offset`, `chunk_size` at a time.
 
-    A generator, so the file is closed when the consumer closes it early.
+    The range is checked now, before the first chunk is asked for, so a caller can refuse
+    the request before it sends any header; an offset past the end is OutOfRange (an offset
+    equal to the size reads nothing). The chunks come from a generator, so the file is
+    closed when the consumer closes it early.
     """
     if offset < 0 or limit < 0:
         raise InvalidArgument("offset and limit must not be negative")
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
+    size = os.stat(path).st_size
+    if offset > size:
+        raise OutOfRange(
+            f"read offset {offset} lies beyond the end of the file ({size} bytes)",
+            metadata={"offset": str(offset), "size_bytes": str(size)},
+        )
+    return _read_chunks(path, offset, limit, chunk_size)
+
+
+def _read_chunks(path: Path, offset: int, limit: int, chunk_size: int) -> Iterator[bytes]:
     remaining = limit if limit > 0 else None
     with open(path, "rb") as file:
         file.seek(offset)
@@ -165,3 +179,21 @@ def sha256_file(path: Path) -> str:
         while data := file.read(_HASH_READ_SIZE):
             digest.update(data)
     return digest.hexdigest()
+
+
+async def finish_spool(spool: SpoolWriter, expected_sha256: str | None = None) -> SpooledFile:
+    """`spool.finish` (hash check and fsync) in a worker thread; a cancelled caller leaves no file.
+
+    The thread cannot be stopped, so on cancellation the file it hands over is removed then.
+    """
+    finishing = asyncio.ensure_future(asyncio.to_thread(spool.finish, expected_sha256))
+    try:
+        return await asyncio.shield(finishing)
+    except asyncio.CancelledError:
+        finishing.add_done_callback(_remove_unclaimed)
+        raise
+
+
+def _remove_unclaimed(finishing: asyncio.Future[SpooledFile]) -> None:
+    if not finishing.cancelled() and finishing.exception() is None:
+        finishing.result().path.unlink(missing_ok=True)

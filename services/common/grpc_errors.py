@@ -22,6 +22,11 @@ from services.common.errors import ErrorKind, LabelgridError
 
 DEFAULT_DOMAIN = "labelgrid"
 
+MAX_MESSAGE_CHARS = 1024
+"""Longest message (and ErrorInfo metadata value) sent: both travel in the trailers, twice for the
+message, and a client refuses trailers over its metadata limit (8-16 KiB by default) with
+RESOURCE_EXHAUSTED, which would hide the real error."""
+
 GRPC_CODE_FOR_KIND: Mapping[ErrorKind, grpc.StatusCode] = MappingProxyType(
     {kind: grpc.StatusCode[kind.value] for kind in ErrorKind}
 )
@@ -55,6 +60,10 @@ def grpc_code(err: LabelgridError) -> grpc.StatusCode:
     return GRPC_CODE_FOR_KIND[err.kind]
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "\u2026"
+
+
 def rich_status(
     code: grpc.StatusCode,
     message: str,
@@ -64,7 +73,10 @@ def rich_status(
     metadata: Mapping[str, str] | None = None,
 ) -> grpc.Status:
     """A non-OK `grpc.Status` with an ErrorInfo detail, for errors that are not domain errors."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
+    message = _clip(message)
+    info = error_details_pb2.ErrorInfo(
+        reason=reason, domain=domain, metadata={key: _clip(str(value)) for key, value in (metadata or {}).items()}
+    )
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
@@ -72,7 +84,7 @@ def rich_status(
 
 
 def to_status(err: LabelgridError, domain: str = DEFAULT_DOMAIN) -> grpc.Status:
-    """The status a server aborts with for a domain error; the message goes to the client as is."""
+    """The status a server aborts with for a domain error; the message goes to the client as is (clipped)."""
     return rich_status(grpc_code(err), err.message, err.reason, domain=domain, metadata=err.metadata)
 
 
@@ -107,6 +119,12 @@ def error_details(rpc_error: grpc.RpcError) -> ErrorDetails:
                 detail.Unpack(info)
                 return ErrorDetails(code, info.reason, status.message, dict(info.metadata), info.domain)
     return ErrorDetails(code, code.name, message)
+
+
+def error_info_from_rpc_error(rpc_error: grpc.RpcError) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
+    """`error_details` as a plain (code, reason, message, metadata) tuple, for the gateway."""
+    details = error_details(rpc_error)
+    return details.code, details.reason, details.message, details.metadata
 
 
 PROMETHEUS_CODE_LABEL: Mapping[grpc.StatusCode, str] = MappingProxyType(

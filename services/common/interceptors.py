@@ -26,7 +26,7 @@ import grpc
 from grpc.aio import AbortError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.errors import LabelgridError
+from services.common.errors import ErrorKind, LabelgridError
 from services.common.grpc_errors import PROMETHEUS_CODE_LABEL, rich_status, to_status
 
 log = logging.getLogger("labelgrid.grpc")
@@ -198,6 +198,28 @@ def _code_after_cancel(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+class _CountingContext:
+    """The servicer context, counting the messages a handler reads or writes through it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, received: Counter, sent: Counter):
+        self._context = context
+        self._received = received
+        self._sent = sent
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._received.inc()
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._sent.inc()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class MetricsInterceptor(WrappingInterceptor):
     """Counts, times and gauges every RPC; the code is recorded once the handler is done."""
 
@@ -233,7 +255,14 @@ class MetricsInterceptor(WrappingInterceptor):
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
-            response = await behavior(self._count_requests(request, rpc, labels), context)
+            if rpc.request_streaming or rpc.response_streaming:
+                # A coroutine streaming handler reads and writes through the context (grpc's health Watch does).
+                inner_context: Any = _CountingContext(
+                    context, self.metrics.msg_received.labels(*labels), self.metrics.msg_sent.labels(*labels)
+                )
+            else:
+                inner_context = context
+            response = await behavior(self._count_requests(request, rpc, labels), inner_context)
             code = _status_code(context.code()) or grpc.StatusCode.OK
             if code is grpc.StatusCode.OK and not rpc.response_streaming:
                 self.metrics.msg_sent.labels(*labels).inc()
@@ -315,23 +344,38 @@ class AuthInterceptor(WrappingInterceptor):
         if handler is None or handler_call_details.method.startswith(self.public_prefixes):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        if token is not None:
+        if token is None:
+            return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token", "UNAUTHENTICATED"))
+        try:
             verdict = self.check(token)
             if inspect.isawaitable(verdict):
                 verdict = await verdict
-            if verdict:
-                return handler
-        message = "missing bearer token" if token is None else "invalid bearer token"
-        status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED")
+        except LabelgridError as error:
+            # A check may say why (e.g. Unavailable while its key set cannot be fetched).
+            return _rejecting(handler, to_status(error))
+        except Exception:
+            # Raised here, it would reach the client as UNKNOWN with its text, uncounted.
+            log.exception("token check failed", extra={"method": handler_call_details.method})
+            return _rejecting(handler, rich_status(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE, "SERVER_ERROR"))
+        if verdict:
+            return handler
+        return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token", "UNAUTHENTICATED"))
 
-        async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort_with_status(status)
 
-        # A coroutine is a valid behavior for all four shapes in grpc.aio.
-        return _with_behavior(handler, reject)
+def _rejecting(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s shape that aborts with `status` without running it."""
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort_with_status(status)
+
+    # A coroutine is a valid behavior for all four shapes in grpc.aio.
+    return _with_behavior(handler, reject)
 
 
 # -- errors --------------------------------------------------------------------------
+
+
+_SERVER_SIDE_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
 
 
 class ErrorInterceptor(WrappingInterceptor):
@@ -345,7 +389,10 @@ class ErrorInterceptor(WrappingInterceptor):
 
     async def _abort(self, error: Exception, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> None:
         if isinstance(error, LabelgridError):
-            log.debug(
+            # The client's fault (bad input, not found...) is routine; a server-side failure is not.
+            level = logging.WARNING if error.kind in _SERVER_SIDE_KINDS else logging.DEBUG
+            log.log(
+                level,
                 "rpc failed",
                 extra={"method": rpc.full_method, "kind": error.kind.value, "reason": error.reason, "error": error.message},
             )

@@ -80,9 +80,14 @@ class GrpcService:
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
+                # grpc enables SO_REUSEPORT on Linux: a second process would bind the same port
+                # silently and share its traffic. A taken port must fail the start instead.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self._health = health.aio.HealthServicer()
+        # The reference servicer starts with "" SERVING; nothing is ready until start() ends.
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.register(server)
         reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)

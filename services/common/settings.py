@@ -19,7 +19,11 @@ import pydantic
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.chunks import CHUNK_SIZE
+
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_MIN_MESSAGE_BYTES = CHUNK_SIZE + 64 * 1024
 
 
 def _split_list(value: Any) -> Any:
@@ -54,10 +58,37 @@ class ServiceSettings(BaseSettings):
     def _split_tokens(cls, value: Any) -> Any:
         return _split_list(value)
 
+    # Bounds are validators rather than Field(ge=...): a subclass that re-declares a field with
+    # its own default (the datastore's `port: int = 50051`) keeps them.
+    @field_validator("port", "metrics_port", mode="after")
+    @classmethod
+    def _check_port(cls, value: int, info: pydantic.ValidationInfo) -> int:
+        lowest = -1 if info.field_name == "metrics_port" else 0
+        if not lowest <= value <= 65535:
+            raise ValueError(f"must be between {lowest} and 65535")
+        return value
+
+    @field_validator("grace_seconds", mode="after")
+    @classmethod
+    def _check_grace(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @field_validator("max_message_bytes", mode="after")
+    @classmethod
+    def _check_message_size(cls, value: int) -> int:
+        if value < _MIN_MESSAGE_BYTES:
+            raise ValueError(f"must be at least {_MIN_MESSAGE_BYTES} bytes (a full chunk and its envelope)")
+        return value
+
     @field_validator("log_level", mode="after")
     @classmethod
     def _upper_level(cls, value: str) -> str:
-        return value.upper()
+        level = value.upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
+        return level
 
 
 def _unwrap_optional(annotation: Any) -> Any:

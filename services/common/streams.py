@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from services.common.chunks import SpooledFile, SpoolWriter
+from services.common.chunks import SpooledFile, SpoolWriter, finish_spool
 from services.common.errors import InvalidArgument
 
 Header = TypeVar("Header")
@@ -56,7 +56,7 @@ async def receive_upload(
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
         if sha256 is None:
             raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")
-        spooled = await asyncio.to_thread(spool.finish, sha256)
+        spooled = await finish_spool(spool, sha256)
     except BaseException:
         # Also on CancelledError: a client that hangs up leaves no temp file behind. Called
         # directly (a close and an unlink): an await here would itself be cancelled.
