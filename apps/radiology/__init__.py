@@ -1,8 +1,9 @@
 """Sample radiology app: small 3D models for the synthetic sphere studies.
 
 Models start untrained (seeded, so replicas agree) and learn from the bundled sample
-studies (`python -m services.datastore.sample_studies`): labels sphere_a=1, sphere_b=2.
-CPU-sized: 2 mm voxels, 64³ patches, a few channels.
+studies (`python -m services.datastore.sample_studies`): labels sphere_a=1, sphere_b=2;
+`segmentation_brain` segments the brain (brain=1) of the MNI152 T1 sample study.
+CPU-sized: 2 mm voxels, 64³ patches (96³ for the brain), a few channels.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from apps.base import InferTask
 from apps.radiology.deepedit import DeepEdit
 from apps.radiology.deepgrow import Deepgrow
 from apps.radiology.segmentation import Segmentation
+from apps.radiology.segmentation_brain import SegmentationBrain
 
 NAME = "radiology"
-DESCRIPTION = "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres"
+DESCRIPTION = "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres; brain segmentation of T1 MRI"
 VERSION = "0.1.0"
 LABELS = {"sphere_a": 1, "sphere_b": 2}
 
@@ -24,4 +26,5 @@ def infer_tasks() -> dict[str, InferTask]:
         "segmentation": Segmentation(LABELS),
         "deepgrow": Deepgrow(),
         "deepedit": DeepEdit(LABELS),
+        "segmentation_brain": SegmentationBrain(),
     }

@@ -31,6 +31,7 @@ from labelgrid.inference.v1 import resources_pb2 as res
 
 from services.common.apps import load_app
 from services.common.server import GrpcService
+from services.datastore.sample_studies import write_sample_studies
 from services.datastore.settings import DatastoreSettings
 from services.infer.adapters.volumes import nrrd_affine
 from services.infer.api.servicer import register, service_names
@@ -140,7 +141,7 @@ async def test_app_info_and_models(stack: Stack) -> None:
     info = await stack.stub.GetAppInfo(pb.GetAppInfoRequest())
     assert info.display_name == "radiology" and dict(info.labels) == {"sphere_a": 1, "sphere_b": 2}
     models = (await stack.stub.ListModels(pb.ListModelsRequest())).models
-    assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit"]
+    assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit", "segmentation_brain"]
     segmentation = models[0]
     assert segmentation.name == "models/segmentation" and segmentation.type == res.INFER_TYPE_SEGMENTATION
     assert dict(segmentation.labels) == {"sphere_a": 1, "sphere_b": 2} and segmentation.dimension == 3
@@ -356,3 +357,17 @@ async def test_scheduler_frees_slots_of_cancelled_and_late_requests() -> None:
     assert (await running)[0] == "done"
     assert (await queue.run("m", lambda c: "free again"))[0] == "free again"
     queue.shutdown()
+
+
+async def test_segmentation_brain_on_the_mni152_t1(stack: Stack, tmp_path: Path) -> None:
+    """The brain model on a real T1 MRI (the MNI152 template nilearn ships), through the datastore."""
+    assert write_sample_studies(tmp_path, count=0, labeled=0, brain=True) == ["mni152_t1"]
+    image = nib.load(tmp_path / "mni152_t1.nii.gz")
+    await upload_image(stack.ds_stub, (tmp_path / "mni152_t1.nii.gz").read_bytes(), "mni152_t1.nii.gz", image_id="mni152_t1")
+    request = infer_request("segmentation_brain", "mni152_t1", result=res.ResultOptions(result_dtype="uint8"))
+    header, data = await read_result(stack.stub.Infer(request, timeout=120))
+    label = load_nifti(data)
+    assert label.shape == image.shape == (99, 117, 95)
+    np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    assert dict(header.label_names) == {"brain": 1} and header.model_version == ""

@@ -5,15 +5,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from apps.base import InferInput, InferTask, InferType
 from apps.prompt import Prompt
+from apps.radiology.segmentation_brain import SegmentationBrain
 from apps.transforms import ResampleToSpacing, keep_clicked_components
 from services.common.apps import load_app
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.datastore.sample_studies import write_sample_studies
 from services.infer.adapters.torch_runner import TorchRunner
 from services.infer.adapters.volumes import VolumeFiles
 from services.infer.domain.model import Volume
@@ -29,7 +32,7 @@ def app():
 def test_app_loads_its_tasks(app) -> None:
     assert app.name == "radiology"
     assert app.labels == {"sphere_a": 1, "sphere_b": 2}
-    assert set(app.infer_tasks) == {"segmentation", "deepgrow", "deepedit"}
+    assert set(app.infer_tasks) == {"segmentation", "deepgrow", "deepedit", "segmentation_brain"}
     segmentation = app.infer_tasks["segmentation"]
     assert isinstance(segmentation, InferTask)
     assert segmentation.type is InferType.SEGMENTATION
@@ -107,3 +110,69 @@ def test_unreadable_volume_is_invalid_input(tmp_path: Path) -> None:
     path.write_bytes(b"not a volume at all")
     with pytest.raises(InvalidArgument):
         VolumeFiles().read(path, path.name)
+
+
+# -- segmentation_brain and its sample study: the MNI152 T1 that nilearn ships ---------
+
+MNI_SHAPE = (99, 117, 95)
+MNI_AFFINE = np.array([[2.0, 0, 0, -98.0], [0, 2.0, 0, -134.0], [0, 0, 2.0, -72.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def brain_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("studies")
+    assert write_sample_studies(root, count=1, labeled=0, size=16, brain=True) == ["sample_00", "mni152_t1"]
+    return root
+
+
+def test_sample_studies_write_the_mni152_t1_with_its_brain_mask(brain_studies: Path) -> None:
+    image = nib.load(brain_studies / "mni152_t1.nii.gz")
+    label = nib.load(brain_studies / "labels" / "final" / "mni152_t1.nii.gz")
+    assert image.shape == label.shape == MNI_SHAPE
+    np.testing.assert_allclose(image.affine, MNI_AFFINE, atol=1e-6)
+    np.testing.assert_allclose(label.affine, MNI_AFFINE, atol=1e-6)
+    mask = np.asarray(label.dataobj)
+    assert label.get_data_dtype() == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert 0.1 < mask.mean() < 0.5, "the brain is a good part of the head's box, not all of it"
+    data = image.get_fdata(dtype=np.float32)
+    assert data[mask == 1].mean() > 5 * data[mask == 0].mean(), "the mask must cover the (skull-stripped) brain"
+    assert sorted(p.name for p in brain_studies.glob("*.nii.gz")) == ["mni152_t1.nii.gz", "sample_00.nii.gz"]
+    assert write_sample_studies(brain_studies, count=1, labeled=0, size=16, brain=True) == [], "a filled folder stays"
+
+
+def test_sample_studies_without_brain_write_only_the_spheres(tmp_path: Path) -> None:
+    assert write_sample_studies(tmp_path, count=2, labeled=1, size=16) == ["sample_00", "sample_01"]
+    assert not (tmp_path / "mni152_t1.nii.gz").exists()
+
+
+def test_segmentation_brain_loads_and_is_seeded(app) -> None:
+    task = app.infer_tasks["segmentation_brain"]
+    assert isinstance(task, SegmentationBrain) and task.type is InferType.SEGMENTATION
+    assert task.labels == {"brain": 1} and task.target_spacing == (2.0, 2.0, 2.0)
+    assert task.info()["type"] == "segmentation" and task.info()["labels"] == {"brain": 1}
+    first, second = task.initial_network().eval(), task.initial_network().eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        out, again = first(x), second(x)
+    assert out.shape == (1, 2, 32, 32, 32)
+    assert torch.equal(out, again)
+
+
+def test_segmentation_brain_runs_on_a_crop_of_the_mni152_t1(app, brain_studies: Path) -> None:
+    task = app.infer_tasks["segmentation_brain"]
+    image = nib.load(brain_studies / "mni152_t1.nii.gz")
+    start = np.array([30, 40, 30])
+    crop = image.get_fdata(dtype=np.float32)[30:70, 40:80, 30:70]
+    affine = image.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ start
+    # The intensity step maps the T1's percentiles onto [0, 1].
+    item = InferInput({"image": torch.from_numpy(crop.copy())[None], "affine": affine}, Prompt(), {})
+    for step in task.pre_transforms({}):
+        item = step(item)
+    assert tuple(item.data["image"].shape) == (1, 40, 40, 40)
+    assert float(item.data["image"].min()) == 0.0 and float(item.data["image"].max()) == 1.0
+    runner = TorchRunner(["cpu"], warm_up=False)
+    loaded = runner.load(task, "cpu", None, "untrained")
+    result = runner.run(task, loaded, Volume(crop, affine, "mni152_crop.nii.gz"), Prompt(), {}, threading.Event())
+    assert result.label.shape == (40, 40, 40)
+    assert set(np.unique(result.label)) <= {0, 1}
