@@ -11,9 +11,9 @@ PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK
 BUF    := BUF_CACHE_DIR=$(CURDIR)/.buf-cache $(VENV)/bin/buf
 VAR    ?= var
 STUDIES ?= $(VAR)/studies
-PORT   ?= 50051
+PORT   ?= 8000
 
-.PHONY: run test install install-dev protos check-protos protos-baseline studies bench clean
+.PHONY: run test install install-dev protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-studies: install
-	$(PY) -m services.datastore.sample_studies $(STUDIES)
-
-run: studies
-	$(PY) -m services.datastore --backend local --root $(STUDIES) --port $(PORT)
+run: install
+	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
 test: install-dev check-protos
 	$(PY) -m pytest

@@ -45,6 +45,11 @@ class GrpcClients:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
+            # A restarted service is back in well under a second; gRPC's default reconnect
+            # backoff (1 s, growing 1.6x) would keep answering 503 for seconds after it.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         ds_channel = grpc.aio.insecure_channel(
             settings.datastore_address, options=options

@@ -1,0 +1,349 @@
+"""`labelgrid up`: the whole stack on localhost, as child processes watched by one supervisor.
+
+Datastore (on the local studies folder or S3), inference, the REST gateway and Envoy each
+run as their own process, exactly as they run in a cluster. The supervisor waits until each
+is ready (gRPC health SERVING, the gateway's /info/ 200, Envoy's /ready), restarts a child
+that dies (with backoff), and on Ctrl-C / SIGTERM stops them all (SIGTERM, wait, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
+
+STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
+START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
+MAX_BACKOFF_S = 30.0
+STABLE_AFTER_S = 60.0  # a child up this long has its backoff reset
+
+
+class Say(Protocol):
+    """Prints one line of output, tagged with where it came from."""
+
+    def __call__(self, line: str, source: str = ...) -> None: ...
+
+
+def grpc_serving(address: str) -> Callable[[], bool]:
+    """Ready check: the server's overall gRPC health is SERVING."""
+
+    def check() -> bool:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.RpcError:
+                return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return check
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """Ready check: `url` answers 200."""
+
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn giving the child SIGTERM when the supervisor dies, even by SIGKILL, so no
+    orphan keeps the ports. prctl is looked up here: a forked child must not dlopen. The death
+    signal follows the *thread* that forked, so children are only ever started from the main one."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return set_death_signal
+
+
+class Child:
+    """One process of the stack: started, checked for readiness, stopped by its own pid.
+
+    Its output goes to ours, each line prefixed with its name.
+    """
+
+    def __init__(self, name: str, argv: list[str], ready: Callable[[], bool], say: Say) -> None:
+        self.name, self.argv, self.ready, self.say = name, argv, ready, say
+        self.proc: subprocess.Popen[str] | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.is_ready = False
+        self.restart_at: float | None = None  # when a crashed child is due to be started again
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            # Own session: Ctrl-C reaches only the supervisor, which stops the children in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - prctl only, no locks
+        )
+        self.started_at, self.is_ready, self.restart_at = time.monotonic(), False, None
+        threading.Thread(target=self._forward, args=(self.proc,), name=f"{self.name}-output", daemon=True).start()
+        self.say(f"started {self.name} (pid {self.proc.pid})")
+
+    def _forward(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.say(line.rstrip("\n"), self.name)
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def wait_ready(self, timeout: float, cancel: threading.Event) -> bool:
+        """Polls the ready check until it passes; False if the process ends, time runs out or
+        `cancel` is set."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not cancel.is_set():
+            if self.exited() is not None:
+                return False
+            if self.ready():
+                self.is_ready = True
+                return True
+            time.sleep(0.2)
+        return False
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL."""
+        if self.proc is None:
+            return
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.say(f"{self.name} did not stop in {timeout:.0f} s: killing it")
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Supervisor:
+    """Starts the children in order, restarts the ones that die, stops them all on request."""
+
+    def __init__(self, groups: list[list[Child]], say: Say) -> None:
+        # Groups start one after another; the children of a group start together.
+        self.groups, self.say = groups, say
+        self.stopping = threading.Event()
+
+    @property
+    def children(self) -> list[Child]:
+        return [child for group in self.groups for child in group]
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> bool:
+        """True once every child is ready; False if one died or was late (or a stop came)."""
+        for group in self.groups:
+            for child in group:
+                child.start()
+            for child in group:
+                if not child.wait_ready(timeout, self.stopping):
+                    if self.stopping.is_set():
+                        return False
+                    code = child.exited()
+                    why = f"exited with code {code}" if code is not None else f"was not ready in {timeout:.0f} s"
+                    self.say(f"{child.name} {why}; see its output above")
+                    return False
+        return True
+
+    def watch(self, interval: float = 0.25) -> None:
+        """Until stop(): restarts dead children (1 s, 2 s, 4 s ... backoff) and reports readiness."""
+        while not self.stopping.wait(interval):
+            now = time.monotonic()
+            for child in self.children:
+                code = child.exited()
+                if code is not None and child.restart_at is None:
+                    if now - child.started_at >= STABLE_AFTER_S:
+                        child.restarts = 0
+                    delay = min(MAX_BACKOFF_S, 2.0**child.restarts)
+                    child.restarts += 1
+                    child.restart_at = now + delay
+                    self.say(f"{child.name} (pid {child.pid}) exited with code {code}; restarting in {delay:.0f} s")
+                elif child.restart_at is not None and now >= child.restart_at:
+                    child.start()
+                elif code is None and not child.is_ready and child.ready():
+                    child.is_ready = True
+                    self.say(f"{child.name} is ready (pid {child.pid})")
+
+    def stop(self) -> None:
+        """SIGTERM to all, edge first; wait; SIGKILL stragglers."""
+        self.stopping.set()
+        ordered = list(reversed(self.children))
+        for child in ordered:
+            child.terminate()
+        for child in ordered:
+            child.stop()
+
+
+@dataclass(frozen=True)
+class Ports:
+    edge: int = 8000
+    admin: int = 9901
+    gateway: int = 8001
+    datastore: int = 50051
+    inference: int = 50052
+
+
+def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
+    """The four children, wired to each other's loopback ports."""
+    ports = Ports(args.port, args.admin_port, args.gateway_port, args.datastore_port, args.inference_port)
+    host = "127.0.0.1"
+    work = Path(args.work_dir)
+    datastore_address, inference_address = f"{host}:{ports.datastore}", f"{host}:{ports.inference}"
+    common = ["--host", host, "--log-level", args.log_level]
+    python = [sys.executable, "-m"]
+    datastore_argv = [*python, "services.datastore", *common, "--port", str(ports.datastore), "--backend", args.backend]
+    if args.backend == "local":
+        datastore_argv += ["--root", str(args.studies)]
+    else:  # credentials come from LABELGRID_S3_ACCESS_KEY / LABELGRID_S3_SECRET_KEY, not argv
+        datastore_argv += ["--state-dir", str(work / "datastore")]
+        datastore_argv += ["--s3-endpoint", args.s3_endpoint] if args.s3_endpoint else []
+        datastore_argv += ["--s3-bucket", args.s3_bucket] if args.s3_bucket else []
+    inference_argv = [
+        *python, "services.infer", *common, "--port", str(ports.inference), "--datastore", datastore_address,
+        "--device", args.device, "--app", args.app, "--work-dir", str(work / "infer"),
+    ]  # fmt: skip
+    gateway_argv = [
+        *python, "gateway", *common, "--port", str(ports.gateway),
+        "--datastore-address", datastore_address, "--inference-address", inference_address,
+    ]  # fmt: skip
+    envoy_config = write_bootstrap(
+        EnvoySettings(
+            host=args.host,
+            port=ports.edge,
+            admin_port=ports.admin,
+            gateway_address=f"{host}:{ports.gateway}",
+            datastore_address=datastore_address,
+            inference_address=inference_address,
+            access_log=args.access_log,
+        ),
+        work / "envoy.json",
+    )
+    groups = [
+        [Child("datastore", datastore_argv, grpc_serving(datastore_address), say)],
+        [
+            Child("inference", inference_argv, grpc_serving(inference_address), say),
+            Child("gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/"), say),
+            Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
+        ],
+    ]
+    return Supervisor(groups, say), ports
+
+
+def make_say() -> Say:
+    """Prints whole lines from many threads without interleaving them."""
+    lock = threading.Lock()
+
+    def say(line: str, source: str = "labelgrid") -> None:
+        with lock:
+            print(f"{source:>9} | {line}", flush=True)
+
+    return say
+
+
+def up(args: argparse.Namespace) -> int:
+    say = make_say()
+    if args.sample_studies and args.backend == "local":
+        subprocess.run([sys.executable, "-m", "services.datastore.sample_studies", str(args.studies)], check=True)
+    supervisor, ports = build_stack(args, say)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not supervisor.stopping.is_set():
+            say(f"{signal.Signals(signum).name}: stopping")
+        supervisor.stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not supervisor.start():
+            if supervisor.stopping.is_set():
+                return 0
+            say("labelgrid did not start")
+            return 1
+        edge = f"http://{args.host}:{ports.edge}"
+        say(
+            f"labelgrid is up: MONAI Label API at {edge}/ (docs {edge}/docs), gRPC and gRPC-web at "
+            f"{args.host}:{ports.edge}, Envoy admin http://127.0.0.1:{ports.admin}/. Ctrl-C stops it."
+        )
+        supervisor.watch()
+        return 0
+    finally:
+        supervisor.stop()
+        say("labelgrid stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelgrid", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("up", help="run the whole stack on localhost until Ctrl-C")
+    run.add_argument("--studies", type=Path, default=Path("var/studies"), help="studies folder (local backend)")
+    run.add_argument("--sample-studies", action="store_true", help="fill an empty studies folder with sample volumes")
+    run.add_argument("--backend", choices=("local", "s3"), default="local")
+    run.add_argument("--s3-endpoint", default="", help="s3 backend: HOST:PORT (keys: env LABELGRID_S3_ACCESS_KEY/_SECRET_KEY)")
+    run.add_argument("--s3-bucket", default="")
+    run.add_argument("--work-dir", type=Path, default=Path("var"), help="scratch space and the generated envoy.json")
+    run.add_argument("--host", default="127.0.0.1", help="address Envoy listens on (the services stay on loopback)")
+    run.add_argument("--port", type=int, default=Ports.edge, help="Envoy: REST, gRPC and gRPC-web")
+    run.add_argument("--admin-port", type=int, default=Ports.admin, help="Envoy admin (loopback)")
+    run.add_argument("--gateway-port", type=int, default=Ports.gateway)
+    run.add_argument("--datastore-port", type=int, default=Ports.datastore)
+    run.add_argument("--inference-port", type=int, default=Ports.inference)
+    run.add_argument("--device", default="auto", help="inference devices: auto, cpu, cuda, cuda:N")
+    run.add_argument("--app", default="apps.radiology", help="the app package inference serves")
+    run.add_argument("--log-level", default="INFO")
+    run.add_argument("--access-log", action="store_true", help="Envoy logs every request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        sys.exit(up(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""`labelgrid up` as a user runs it: the whole stack as child processes behind one Envoy port.
+
+Everything goes through Envoy: REST with the official MONAI Label client, native gRPC over
+HTTP/2, and gRPC-web framed by hand (which only works if Envoy's grpc_web filter translates).
+Then a child is killed -9 and must come back, and SIGTERM must leave no process behind.
+The tests share one stack and run in file order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import psutil
+import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+from monailabel.client import MONAILabelClient
+
+pytestmark = pytest.mark.timeout(240)
+
+UP = "labelgrid is up: MONAI Label API at "
+DATASTORE = "/labelgrid.datastore.v1.DatastoreService/"
+# How long the gateway may take to reach a restarted service (its gRPC channel's reconnect backoff).
+RECONNECT_S = 15.0
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports nothing listens on (all held until all are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[str]
+    url: str
+    port: int
+    studies: Path
+    output: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def children(self) -> dict[str, psutil.Process]:
+        """The supervisor's children by role, from their command lines."""
+        roles = {"services.datastore": "datastore", "services.infer": "inference", "gateway": "gateway", "envoy": "envoy"}
+        found: dict[str, psutil.Process] = {}
+        for child in psutil.Process(self.proc.pid).children():
+            with_args = child.cmdline()
+            for marker, role in roles.items():
+                if (marker in with_args) or (role == "envoy" and with_args and with_args[0].endswith("envoy")):
+                    found.setdefault(role, child)
+        return found
+
+    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str]:
+        """The first match of `pattern` in the output (from line `after` on), waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, "".join(self.output[after:]))
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} in labelgrid's output:\n{self.text()[-6000:]}")
+
+
+def start_stack(root: Path, *, sample_studies: bool = True) -> Stack:
+    """`python -m gateway.cli up` on free ports; returns once it prints that it is up."""
+    edge, admin, gateway, datastore, inference = free_ports(5)
+    studies = root / "studies"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "gateway.cli", "up",
+            "--studies", str(studies), "--work-dir", str(root / "var"),
+            "--port", str(edge), "--admin-port", str(admin), "--gateway-port", str(gateway),
+            "--datastore-port", str(datastore), "--inference-port", str(inference), "--device", "cpu",
+            *(["--sample-studies"] if sample_studies else []),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    running = Stack(proc, f"http://127.0.0.1:{edge}", edge, studies)
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            running.output.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        running.wait_for(re.escape(UP), timeout=150)
+    except BaseException:
+        stop_stack(running)
+        raise
+    return running
+
+
+def stop_stack(running: Stack) -> None:
+    """SIGTERM, then SIGKILL; and any child still there is killed by pid: no stray servers."""
+    pids = [child.pid for child in running.children().values()] if running.proc.poll() is None else []
+    if running.proc.poll() is None:
+        running.proc.send_signal(signal.SIGTERM)
+        try:
+            running.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("labelgrid-up"))
+    yield running
+    stop_stack(running)
+
+
+def test_info_through_envoy_lists_the_models(stack: Stack) -> None:
+    response = httpx.get(f"{stack.url}/info/", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["server"] == "envoy"
+    info = response.json()
+    assert "segmentation" in info["models"]
+    assert info["datastore"]["total"] >= 6  # the sample studies
+
+
+def test_monailabel_client_round_trip_through_envoy(stack: Stack, tmp_path: Path) -> None:
+    """What 3D Slicer does: info, upload, infer, save the label; the datastore shows it labeled."""
+    client = MONAILabelClient(stack.url, tmpdir=str(tmp_path), client_id="tester")
+    assert "segmentation" in client.info()["models"]
+    image = tmp_path / "via_envoy.nii.gz"
+    shutil.copy(stack.studies / "sample_05.nii.gz", image)
+    assert client.upload_image(str(image), "via_envoy") == {"image": "via_envoy"}
+    label, result = client.infer("segmentation", "via_envoy", {})
+    assert Path(label).stat().st_size > 0
+    assert result["label_names"] == {"sphere_a": 1, "sphere_b": 2}
+    answer = client.save_label("via_envoy", label, params={"label_info": [{"name": "sphere_a", "idx": 1}]})
+    assert answer["image"] == "via_envoy"
+    objects = client.datastore()["objects"]
+    assert "final" in objects["via_envoy"]["labels"]
+
+
+def rest_stats(stack: Stack) -> dict[str, object]:
+    """MONAI Label's datastore stats over REST, to compare the gRPC answers with."""
+    return httpx.get(f"{stack.url}/datastore/", params={"output": "stats"}, timeout=10).json()  # type: ignore[no-any-return]
+
+
+def test_native_grpc_through_envoy(stack: Stack) -> None:
+    """HTTP/2 (h2c) on the same port as REST: Envoy routes by the service's path."""
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
+        status = pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+    stats = rest_stats(stack)
+    assert (status.total, status.completed, dict(status.label_tags)) == (
+        stats["total"],
+        stats["completed"],
+        stats["label_tags"],
+    )
+    assert status.label_tags["final"] >= 3  # the sample labels and the one saved above
+
+
+def grpc_web_frames(body: bytes) -> tuple[list[bytes], dict[str, str]]:
+    """Splits a gRPC-web body into messages and the trailer frame (flag 0x80)."""
+    messages: list[bytes] = []
+    trailers: dict[str, str] = {}
+    offset = 0
+    while offset < len(body):
+        flag, length = struct.unpack(">BI", body[offset : offset + 5])
+        payload = body[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        if flag & 0x80:
+            for line in payload.decode().split("\r\n"):
+                if line:
+                    name, _, value = line.partition(":")
+                    trailers[name.strip().lower()] = value.strip()
+        else:
+            messages.append(payload)
+    return messages, trailers
+
+
+def test_grpc_web_through_envoy(stack: Stack) -> None:
+    """A browser's call: HTTP/1.1 POST, application/grpc-web+proto, trailers in the body, CORS."""
+    origin = "http://viewer.example.org"
+    request = pb.GetStatusRequest().SerializeToString()
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        preflight = http.options(
+            DATASTORE + "GetStatus",
+            headers={
+                "origin": origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type,x-grpc-web,x-user-agent",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert "x-grpc-web" in preflight.headers["access-control-allow-headers"]
+
+        response = http.post(
+            DATASTORE + "GetStatus",
+            content=struct.pack(">BI", 0, len(request)) + request,
+            headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1", "origin": origin},
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/grpc-web")
+    assert "grpc-status" in response.headers["access-control-expose-headers"]
+    messages, trailers = grpc_web_frames(response.content)
+    assert trailers["grpc-status"] == "0"
+    status = pb.GetStatusResponse.FromString(messages[0])
+    assert status.total == rest_stats(stack)["total"]
+
+    # An error travels as grpc-status in the trailers, not as an HTTP error.
+    missing = pb.GetImageRequest(name="images/no-such-image").SerializeToString()
+    response = httpx.post(
+        stack.url + DATASTORE + "GetImage",
+        content=struct.pack(">BI", 0, len(missing)) + missing,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+        timeout=10,
+    )
+    status_code = response.headers.get("grpc-status") or grpc_web_frames(response.content)[1].get("grpc-status")
+    assert status_code == str(grpc.StatusCode.NOT_FOUND.value[0])
+
+
+def test_a_killed_child_is_restarted(stack: Stack) -> None:
+    """kill -9 inference: requests fail fast and clearly, then labelgrid up brings it back."""
+    before = stack.children()["inference"]
+    mark = len(stack.output)
+    before.kill()
+    before.wait(10)
+
+    started = time.monotonic()
+    down = httpx.post(f"{stack.url}/infer/segmentation", params={"image": "sample_00", "output": "json"}, timeout=30)
+    assert time.monotonic() - started < 10
+    assert down.status_code == 503, down.text
+    assert "inference" in down.json()["detail"]
+
+    stack.wait_for(r"inference \(pid \d+\) exited with code -9; restarting", timeout=10, after=mark)
+    stack.wait_for(r"inference is ready", timeout=120, after=mark)
+    after = stack.children()["inference"]
+    assert after.pid != before.pid
+    # The gateway's channel reconnects on its own backoff: allow it a few seconds, no more.
+    deadline = time.monotonic() + RECONNECT_S
+    while True:
+        again = httpx.post(f"{stack.url}/infer/segmentation", params={"image": "sample_00", "output": "json"}, timeout=120)
+        if again.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert again.status_code == 200, again.text
+    assert again.json()["label_names"] == {"sphere_a": 1, "sphere_b": 2}
+
+
+def test_sigterm_stops_every_child(stack: Stack) -> None:
+    children = stack.children()
+    assert set(children) == {"datastore", "inference", "gateway", "envoy"}
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(60) == 0
+    _gone, alive = psutil.wait_procs(list(children.values()), timeout=5)
+    assert not alive, f"left running: {alive}"
+    assert "labelgrid stopped" in stack.text()
+
+
+def test_sigkill_of_labelgrid_up_leaves_no_orphan(tmp_path: Path) -> None:
+    """Even a supervisor killed -9 takes its children with it (PR_SET_PDEATHSIG)."""
+    running = start_stack(tmp_path)
+    children = running.children()
+    try:
+        assert set(children) == {"datastore", "inference", "gateway", "envoy"}
+        running.proc.kill()
+        running.proc.wait(10)
+        # Reparented children are not ours to reap: poll until their pids are gone (or zombies).
+        deadline = time.monotonic() + 30
+        alive = list(children.values())
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            time.sleep(0.2)
+        assert not alive, f"orphans left: {alive}"
+    finally:
+        for child in children.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
