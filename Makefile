@@ -13,7 +13,10 @@ VAR    ?= var
 STUDIES ?= $(VAR)/studies
 PORT   ?= 8000
 
-.PHONY: run test install install-dev protos check-protos protos-baseline bench clean
+NPM         ?= npm
+NODE_CLIENT := clients/node
+
+.PHONY: run test install install-dev install-node protos node-protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,14 +37,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The Node client's packages exactly as locked; redone only when package.json / the lock change.
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@command -v node >/dev/null && command -v $(NPM) >/dev/null || { echo "make test needs node >= 20 and npm" >&2; exit 1; }
+	$(NPM) ci --prefix $(NODE_CLIENT) --no-audit --no-fund
+	touch $@
+
+install-node: $(NODE_CLIENT)/node_modules/.installed
+
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev check-protos
+test: install-dev install-node check-protos
 	$(PY) -m pytest
 
 protos: install-dev
 	$(PY) scripts/gen_protos.py
+
+# Regenerate the committed JS / .d.ts of the Node client from protos/.
+node-protos: install-dev install-node
+	$(BUF) generate --template $(NODE_CLIENT)/buf.gen.yaml
 
 # Lint and format the contracts, prove the committed generated code is what the .proto
 # files produce, and refuse wire/source breaking changes against the recorded baseline.
