@@ -75,6 +75,7 @@ protos-baseline: install-dev
 
 bench: install-dev
 	$(PY) -m bench.datastore
+	$(PY) -m bench.infer
 
 clean:
 	rm -rf $(VAR) .pytest_cache .buf-cache

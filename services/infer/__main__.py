@@ -31,10 +31,12 @@ async def serve(settings: InferSettings) -> None:
         on_stop=on_stop,
     )
     await service.start()
+    # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
+    # tests/fixtures/processes.py and operators' scripts wait for, as the datastore prints it.
+    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
     print(
-        f"labelgrid inference (app {settings.app}, devices {', '.join(inference.scheduler.devices)}) listening on "
-        f"{settings.host}:{service.port}, datastore {settings.datastore}, metrics on "
-        f"{settings.metrics_host}:{service.metrics_port}",
+        f"labelgrid inference (app {settings.app}, devices {', '.join(inference.scheduler.devices)}, "
+        f"datastore {settings.datastore}) listening on {settings.host}:{service.port}, metrics {metrics}",
         flush=True,
     )
     await service.run_until_signal()

@@ -2,6 +2,7 @@
 
 Both run in one background thread with its own event loop, so tests can be plain sync code
 driving the gateway over HTTP (the official MONAI Label client, httpx) while the servers serve.
+`real_inference` adds the real inference service (sample app apps.radiology, CPU) to that loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from services.common.server import GrpcService
 from services.datastore.settings import DatastoreSettings
+from services.infer.api.servicer import register, service_names
+from services.infer.app import build_inference
+from services.infer.settings import InferSettings
 from tests.contract.conftest import start_datastore
 
 
@@ -28,6 +33,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def real_inference(
+    work_dir: Path, **overrides: Any
+) -> Callable[[str], Awaitable[tuple[str, GrpcService]]]:
+    """A `GatewayStack.start_inference` that serves the real inference service in-process,
+    as `python -m services.infer` does (CPU, the sample app), against the stack's datastore."""
+
+    async def start(datastore_address: str) -> tuple[str, GrpcService]:
+        settings = InferSettings(
+            port=0,
+            metrics_port=-1,
+            datastore=datastore_address,
+            device="cpu",
+            work_dir=work_dir,
+            version_check_seconds=0.2,
+            **overrides,
+        )
+        inference, datastore = await asyncio.to_thread(build_inference, settings)
+
+        async def on_stop() -> None:
+            await datastore.close()
+            inference.close()
+
+        service = GrpcService(
+            settings,
+            service_names(),
+            lambda server: register(
+                server, inference, work_dir / "uploads", settings.max_upload_bytes
+            ),
+            on_stop=on_stop,
+        )
+        await service.start()
+        return service.address, service
+
+    return start
 
 
 @dataclass
@@ -134,3 +175,14 @@ def gateway_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayS
 @pytest.fixture(scope="module")
 def gateway_url(gateway_stack: GatewayStack) -> str:
     return gateway_stack.url
+
+
+@pytest.fixture(scope="module")
+def inference_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayStack]:
+    """Datastore, real inference service and gateway; the inference scratch dir is root/infer."""
+    root = tmp_path_factory.mktemp("inference")
+    stack = GatewayStack(root, start_inference=real_inference(root / "infer")).start()
+    yield stack
+    stack.stop()

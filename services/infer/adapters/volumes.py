@@ -56,7 +56,9 @@ class VolumeFiles:
         except InvalidArgument:
             raise
         except Exception as error:
-            raise InvalidArgument(f"image {file_name!r} is not a readable volume: {error}") from error
+            # Readers name the file by its scratch path; the caller only knows its own file name.
+            reason = str(error).replace(str(path), file_name)
+            raise InvalidArgument(f"image {file_name!r} is not a readable volume: {reason}") from error
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != 3:
