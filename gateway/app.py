@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gateway import __version__
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
-from gateway.routes import auth, datastore, infer, info, session, unavailable
+from gateway.routes import auth, datastore, infer, info, model, session, unavailable
 from gateway.settings import GatewaySettings
 
 
@@ -42,6 +42,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         datastore.router,
         session.router,
         infer.router,
+        model.router,
         unavailable.router,
     ):
         app.include_router(router)

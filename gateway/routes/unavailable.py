@@ -21,8 +21,6 @@ _ROUTES: list[tuple[str, list[str], str]] = [
     ("/infer/wsi_v2/{model}", ["POST"], "Infer"),
     ("/logs/", ["GET"], "Logs"),
     ("/logs/gpu", ["GET"], "Logs"),
-    ("/model/{model}", ["GET", "PUT", "DELETE"], "Model"),
-    ("/model/info/{model}", ["GET"], "Model"),
     ("/reload", ["POST"], "AppService"),
 ]
 

@@ -118,8 +118,6 @@ def test_unavailable_routes_are_501(http: httpx.Client) -> None:
         ("GET", "/scoring/"),
         ("GET", "/batch/infer"),
         ("GET", "/logs/"),
-        ("GET", "/model/segmentation"),
-        ("GET", "/model/info/segmentation"),
     ]:
         body = assert_json_error(http.request(method, path), 501)
         assert "not available yet in labelgrid" in body["detail"]

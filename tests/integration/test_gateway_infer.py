@@ -350,3 +350,40 @@ def test_bad_uploads_are_4xx_and_leave_nothing(
         )
     assert not list((stack.root / "infer" / "uploads").glob("*"))
     assert not list((stack.root / "infer").glob("infer-*")), "scratch dirs must be gone"
+
+
+def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> None:
+    """MONAI Label's /model/{model}: PUT publishes weights that inference serves next, GET
+    returns them, DELETE falls back to the untrained network. Runs last: it changes a model."""
+    import hashlib
+    import time
+
+    from services.common.apps import load_app
+    from tests.integration.test_infer_service import constant_class_weights
+
+    model = "segmentation_brain"  # no other test here uses it
+    missing = http.get(f"/model/{model}")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": f"Model File NOT Found for {model}"}
+    assert http.get(f"/model/info/{model}").status_code == 404
+    assert http.put("/model/nope", files={"file": ("model.pt", b"x")}).status_code == 404
+    assert http.get("/model/..%2Fx").status_code in (400, 404)
+
+    weights = constant_class_weights(load_app("apps.radiology").infer_tasks[model], winner=1)
+    published = http.put(f"/model/{model}", files={"file": ("model.pt", weights)})
+    assert published.status_code == 200, published.text
+    assert published.json()["checksum"] == "SHA256:" + hashlib.sha256(weights).hexdigest()
+
+    download = http.get(f"/model/{model}")
+    assert download.status_code == 200 and download.content == weights
+    assert f'filename="{model}.pt"' in download.headers["content-disposition"]
+    assert http.get(f"/model/info/{model}").json()["checksum"] == published.json()["checksum"]
+
+    time.sleep(0.5)  # the stack's inference service re-checks the serving version every 0.2 s
+    response = http.post(f"/infer/{model}", params={"image": IMAGE_ID, "output": "image"}, data={"params": "{}"})
+    assert response.status_code == 200, response.text
+    label = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+    assert set(np.unique(np.asarray(label.dataobj)).tolist()) == {1}  # the published weights answered
+
+    assert http.delete(f"/model/{model}").json() == {}
+    assert http.get(f"/model/{model}").status_code == 404
