@@ -9,6 +9,7 @@ import sys
 from services.common.logging import configure_logging
 from services.common.server import GrpcService
 from services.common.settings import parse_settings
+from services.infer.adapters.metrics import InferenceCollector
 from services.infer.api.servicer import register, service_names
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
@@ -30,6 +31,7 @@ async def serve(settings: InferSettings) -> None:
         lambda server: register(server, inference, upload_dir, settings.max_upload_bytes),
         on_stop=on_stop,
     )
+    service.registry.register(InferenceCollector(inference))
     await service.start()
     # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
     # tests/fixtures/processes.py and operators' scripts wait for, as the datastore prints it.
