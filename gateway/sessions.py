@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 
-from gateway.routes.common import SESSION_PREFIX, Ctx, from_struct, to_struct
+from gateway.routes.common import SESSION_PREFIX, Ctx, to_struct
+from services.common.protos import struct_to_dict
 
 RECORD_KIND = "sessions"
 
@@ -108,7 +109,7 @@ async def get_session(ctx: Ctx, session_id: str) -> Session | None:
         if err.code() is grpc.StatusCode.NOT_FOUND:
             return None
         raise
-    session = Session(session_id, from_struct(response.record.data))
+    session = Session(session_id, struct_to_dict(response.record.data))
     if session.expired:
         await delete_session(ctx, session)
         return None
@@ -128,7 +129,7 @@ async def live_sessions(ctx: Ctx) -> list[Session]:
             metadata=ctx.metadata,
         )
         for record in response.records:
-            sessions.append(Session(record.record_id, from_struct(record.data)))
+            sessions.append(Session(record.record_id, struct_to_dict(record.data)))
         token = response.next_page_token
         if not token:
             break

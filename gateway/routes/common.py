@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from gateway.clients import Download, GrpcClients
 from gateway.errors import GatewayError
@@ -108,21 +108,6 @@ def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
     except (ValueError, TypeError) as err:
         raise GatewayError(422, f"unsupported value in JSON: {err}") from None
     return out
-
-
-def _integral(value: Any) -> Any:
-    """Struct holds numbers as doubles; give MONAI Label's integers (ts, idx) back as ints."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
-def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return _integral(json_format.MessageToDict(message))
 
 
 def base_name(file_name: str | None) -> str:

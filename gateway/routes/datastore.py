@@ -29,13 +29,13 @@ from gateway.routes.common import (
     base_name,
     check_user_image_id,
     file_response,
-    from_struct,
     image_name,
     label_name,
     parse_json_field,
     to_struct,
     upload_size,
 )
+from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/datastore", tags=["Datastore"])
 
@@ -77,7 +77,7 @@ async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
         yield [
             image
             for image in response.images
-            if not sessions.is_session_image(image.image_id, from_struct(image.info))
+            if not sessions.is_session_image(image.image_id, struct_to_dict(image.info))
         ]
         token = response.next_page_token
         if not token:
@@ -87,9 +87,9 @@ async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
 def _object(image: ds_res.Image) -> dict[str, Any]:
     """One entry of datastore_v2.json's `objects`."""
     return {
-        "image": {"ext": image.ext, "info": from_struct(image.info)},
+        "image": {"ext": image.ext, "info": struct_to_dict(image.info)},
         "labels": {
-            label.tag: {"ext": label.ext, "info": from_struct(label.info)}
+            label.tag: {"ext": label.ext, "info": struct_to_dict(label.info)}
             for label in image.labels
         },
     }
@@ -298,7 +298,7 @@ async def download_image(
 async def image_info(image: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
     """The image info; `{}` for an unknown id, as clients expect. No server path is returned."""
     found = await _get_image(ctx, image)
-    return from_struct(found.info) if found is not None else {}
+    return struct_to_dict(found.info) if found is not None else {}
 
 
 @router.put("/image/info", summary="Update Image Info")
@@ -403,7 +403,7 @@ async def label_info(
     label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
 ) -> dict[str, Any]:
     found = await _get_label(ctx, label, tag)
-    return from_struct(found.info) if found is not None else {}
+    return struct_to_dict(found.info) if found is not None else {}
 
 
 async def _update_label_info(

@@ -29,13 +29,13 @@ from gateway.routes.common import (
     base_name,
     check_id,
     content_disposition,
-    from_struct,
     image_name,
     media_type,
     parse_json_field,
     to_struct,
     upload_size,
 )
+from services.common.protos import struct_to_dict
 
 router = APIRouter(tags=["Infer"])
 
@@ -144,7 +144,7 @@ def infer_params(
 
 
 def _result_params(header: inf_pb.InferResultHeader) -> dict[str, Any]:
-    params = from_struct(header.result_params)
+    params = struct_to_dict(header.result_params)
     if "label_names" not in params and header.label_names:
         params["label_names"] = dict(
             sorted(header.label_names.items(), key=lambda item: item[1])

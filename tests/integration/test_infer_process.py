@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.datastore.sample_studies import write_sample_studies

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import resources_pb2 as res
 
 from services.common.errors import InvalidArgument
+from services.common.protos import dict_to_struct, split_resource_name
 from services.datastore.domain.datastore import BlobRead, DatastoreInfo, DownloadUrl
 from services.datastore.domain.model import (
     DatastoreStatus,
@@ -27,47 +27,35 @@ from services.datastore.domain.model import (
 # -- resource names ------------------------------------------------------------------------
 
 
-def _split(name: str, pattern: str) -> list[str]:
-    """Splits `name` by a pattern like "images/{image}/labels/{tag}" into its variables."""
-    want = pattern.split("/")
-    got = name.split("/") if name else []
-    if len(got) != len(want) or any(w != g for w, g in zip(want, got) if not w.startswith("{")):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    values = [g for w, g in zip(want, got) if w.startswith("{")]
-    if any(not v for v in values):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    return values
-
-
 def image_id_of(name: str) -> str:
-    return _split(name, "images/{image}")[0]
+    return split_resource_name(name, "images/{image}")[0]
 
 
 def label_of(name: str) -> tuple[str, str]:
-    image_id, tag = _split(name, "images/{image}/labels/{tag}")
+    image_id, tag = split_resource_name(name, "images/{image}/labels/{tag}")
     return image_id, tag
 
 
 def model_of(name: str) -> str:
-    return _split(name, "models/{model}")[0]
+    return split_resource_name(name, "models/{model}")[0]
 
 
 def model_version_of(name: str) -> tuple[str, str]:
-    model, version = _split(name, "models/{model}/versions/{version}")
+    model, version = split_resource_name(name, "models/{model}/versions/{version}")
     return model, version
 
 
 def record_of(name: str) -> tuple[str, str]:
-    kind, record_id = _split(name, "records/{kind}/{record}")
+    kind, record_id = split_resource_name(name, "records/{kind}/{record}")
     return kind, record_id
 
 
 def record_kind_of(parent: str) -> str:
-    return _split(parent, "records/{kind}")[0]
+    return split_resource_name(parent, "records/{kind}")[0]
 
 
 def lease_image_of(name: str) -> str:
-    return _split(name, "leases/{image}")[0]
+    return split_resource_name(name, "leases/{image}")[0]
 
 
 def blob_name_of(name: str) -> tuple[str, tuple[str, ...]]:
@@ -86,27 +74,6 @@ def blob_name_of(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 # -- values --------------------------------------------------------------------------------
-
-
-def _integral(value: Any) -> Any:
-    """Struct holds every number as a double; give JSON integers (MONAI Label's ts) back as int."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
-def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    return _integral(json_format.MessageToDict(message))
-
-
-def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def timestamp(value: datetime | float | None) -> timestamp_pb2.Timestamp | None:

@@ -14,11 +14,14 @@ from typing import Any
 import grpc
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
 
 from services.common.chunks import iter_file_chunks, sha256_file
+from services.common.protos import struct_to_dict
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
 from services.common.streams import receive_upload, send_chunks
+from services.datastore.adapters.metrics import instrument
 from services.datastore.api import convert
 from services.datastore.domain.datastore import BlobRead, Datastore
 
@@ -67,7 +70,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             spooled,
             image_id=header.image_id,
             file_name=header.file_name,
-            info=convert.struct_to_dict(header.info),
+            info=struct_to_dict(header.info),
             fail_if_exists=header.fail_if_exists,
         )
         return pb.UploadImageResponse(image=convert.image(image))
@@ -88,7 +91,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         image = await run(
             self.ds.update_image_info,
             convert.image_id_of(request.name),
-            convert.struct_to_dict(request.info),
+            struct_to_dict(request.info),
             replace=request.replace,
             expected_revision=convert.expected_revision(request.expected_revision),
         )
@@ -123,7 +126,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             image_id=image_id,
             tag=header.tag,
             file_name=header.file_name,
-            info=convert.struct_to_dict(header.info),
+            info=struct_to_dict(header.info),
         )
         return pb.UploadLabelResponse(label=convert.label(label))
 
@@ -146,7 +149,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             self.ds.update_label_info,
             image_id,
             tag,
-            convert.struct_to_dict(request.info),
+            struct_to_dict(request.info),
             replace=request.replace,
             expected_revision=convert.expected_revision(request.expected_revision),
         )
@@ -229,8 +232,8 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             model=model,
             version=header.version,
             file_name=header.file_name,
-            metrics=convert.struct_to_dict(header.metrics),
-            info=convert.struct_to_dict(header.info),
+            metrics=struct_to_dict(header.metrics),
+            info=struct_to_dict(header.info),
         )
         return pb.UploadModelVersionResponse(model_version=convert.model_version(version))
 
@@ -286,7 +289,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             self.ds.put_record,
             kind,
             record_id,
-            convert.struct_to_dict(request.data),
+            struct_to_dict(request.data),
             convert.expected_revision(request.expected_revision),
         )
         return pb.PutRecordResponse(record=convert.record(record))
@@ -323,10 +326,16 @@ def register(server: grpc.aio.Server, datastore: Datastore) -> None:
 
 
 def create_service(settings: ServiceSettings, datastore: Datastore) -> GrpcService:
-    """The datastore's gRPC server (not started); closing it closes the datastore."""
+    """The datastore's gRPC server (not started); closing it closes the datastore.
+
+    Its registry carries the datastore's domain metrics next to the gRPC server's.
+    """
+    registry = CollectorRegistry()
+    metered = instrument(datastore, registry)
     return GrpcService(
         settings,
         service_names(),
-        lambda server: register(server, datastore),
+        lambda server: register(server, metered),  # type: ignore[arg-type]  # a Datastore, metered
+        registry=registry,
         on_stop=lambda: asyncio.to_thread(datastore.close),
     )

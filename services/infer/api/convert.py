@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
 from labelgrid.common.v1 import common_pb2
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from apps.prompt import Point, Prompt
 from services.common.errors import InvalidArgument
+from services.common.protos import dict_to_struct, split_resource_name, struct_to_dict
 from services.infer.domain.model import (
     UNTRAINED,
     DeviceInfo,
@@ -44,23 +44,12 @@ _PROMPT_KEYS = {"foreground", "background", "label", "roi", "points", "point_lab
 # -- resource names ------------------------------------------------------------------------
 
 
-def _split(name: str, pattern: str) -> list[str]:
-    want = pattern.split("/")
-    got = name.split("/") if name else []
-    if len(got) != len(want) or any(w != g for w, g in zip(want, got) if not w.startswith("{")):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    values = [g for w, g in zip(want, got) if w.startswith("{")]
-    if any(not v for v in values):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    return values
-
-
 def model_of(name: str) -> str:
-    return _split(name, "models/{model}")[0]
+    return split_resource_name(name, "models/{model}")[0]
 
 
 def image_of(name: str) -> str:
-    return _split(name, "images/{image}")[0]
+    return split_resource_name(name, "images/{image}")[0]
 
 
 def version_name(model: str, version: str) -> str:
@@ -68,16 +57,6 @@ def version_name(model: str, version: str) -> str:
 
 
 # -- params --------------------------------------------------------------------------------
-
-
-def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
-
-
-def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def _point(value: Any, where: str) -> Point:
