@@ -50,6 +50,8 @@ class GrpcClients:
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.min_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", 2_000),
+            # Spread calls over every replica a headless Service resolves to (Kubernetes).
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         ds_channel = grpc.aio.insecure_channel(
             settings.datastore_address, options=options

@@ -53,7 +53,12 @@ class DatastoreClient:
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(
                 self.address,
-                options=[("grpc.max_receive_message_length", 8 * 1024 * 1024), ("grpc.max_send_message_length", 8 * 1024 * 1024)],
+                options=[
+                    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+                    # Spread calls over every datastore replica a headless Service resolves to.
+                    ("grpc.lb_policy_name", "round_robin"),
+                ],
             )
             self._stub = ds_grpc.DatastoreServiceStub(self._channel)
         return self._stub

@@ -1,0 +1,134 @@
+"""Regenerates values.schema.json from values.yaml and its `## @param` lines.
+
+    python k8s/labelgrid/hack/gen_schema.py     (needs PyYAML)
+
+Types come from the defaults, refined by name or path below (enums, ports, quantities);
+a value without a `## @param` line is an error. tests/helm checks the two stay in step.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent
+SRC = CHART / "values.yaml"
+text = SRC.read_text()
+values = yaml.safe_load(text)
+descs = dict(re.findall(r"^\s*## @param (\S+) (.*)$", text, re.M))
+
+FREEFORM = {"nodeSelector", "affinity", "resources", "podAnnotations", "podLabels", "annotations", "commonLabels",
+            "commonAnnotations", "podSecurityContext", "containerSecurityContext", "customStartupProbe",
+            "customLivenessProbe", "customReadinessProbe", "volume", "labels", "behavior"}
+STRING_MAPS = {"nodeSelector", "podAnnotations", "podLabels", "annotations", "commonLabels", "commonAnnotations", "labels"}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"}
+INT_OR_EMPTY = lambda lo, hi: {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi}, {"type": "string", "enum": [""]}]}
+INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^([0-9]+%)?$"}]}
+PULL = {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]}
+OBJ_ITEMS = {"type": "array", "items": {"type": "object"}}
+STR_ITEMS = {"type": "array", "items": {"type": "string"}}
+
+BY_NAME = {
+    "port": PORT, "metricsPort": PORT, "adminPort": PORT,
+    "pullPolicy": PULL,
+    "podAntiAffinityPreset": {"type": "string", "enum": ["soft", "hard", "none"]},
+    "scratchSizeLimit": QUANTITY, "shmSizeLimit": QUANTITY, "size": QUANTITY,
+    "targetCPUUtilizationPercentage": INT_OR_EMPTY(1, 100),
+    "targetMemoryUtilizationPercentage": INT_OR_EMPTY(1, 100),
+    "minAvailable": INT_OR_PERCENT, "maxUnavailable": INT_OR_PERCENT,
+    "replicaCount": {"type": "integer", "minimum": 0},
+    "minReplicas": {"type": "integer", "minimum": 1},
+    "maxReplicas": {"type": "integer", "minimum": 1},
+    "count": {"type": "integer", "minimum": 1},
+    "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
+    "initialDelaySeconds": {"type": "integer", "minimum": 0},
+    "periodSeconds": {"type": "integer", "minimum": 1},
+    "timeoutSeconds": {"type": "integer", "minimum": 1},
+    "failureThreshold": {"type": "integer", "minimum": 1},
+    "successThreshold": {"type": "integer", "minimum": 1},
+    "accessModes": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
+    "tolerations": OBJ_ITEMS, "topologySpreadConstraints": OBJ_ITEMS, "extraEnv": OBJ_ITEMS, "extraEnvFrom": OBJ_ITEMS,
+    "extraVolumes": OBJ_ITEMS, "extraVolumeMounts": OBJ_ITEMS, "imagePullSecrets": OBJ_ITEMS,
+    "relabelings": OBJ_ITEMS, "metricRelabelings": OBJ_ITEMS, "edgeFrom": OBJ_ITEMS, "metricsFrom": OBJ_ITEMS,
+    "tokens": STR_ITEMS, "corsOrigins": STR_ITEMS, "command": STR_ITEMS, "extraHosts": STR_ITEMS, "externalCIDRs": STR_ITEMS,
+    "dnsPorts": {"type": "array", "items": PORT}, "externalPorts": {"type": "array", "items": PORT},
+    "config": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]},
+               "propertyNames": {"pattern": "^[a-z][a-z0-9_]*$"}},
+}
+BY_PATH = {
+    "storage.type": {"type": "string", "enum": ["minio", "s3"]},
+    "index.type": {"type": "string", "enum": ["postgresql", "external", "sqlite"]},
+    "gateway.service.type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+    "gateway.service.externalTrafficPolicy": {"type": "string", "enum": ["Cluster", "Local"]},
+    "gateway.service.nodePort": INT_OR_EMPTY(30000, 32767),
+    "gateway.service.port": PORT,
+    "logLevel": {"type": "string", "enum": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]},
+    "logFormat": {"type": "string", "enum": ["json", "console"]},
+    "gateway.edge.logLevel": {"type": "string", "enum": ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]},
+    "ingress.pathType": {"type": "string", "enum": ["Prefix", "Exact", "ImplementationSpecific"]},
+    "app.files": {"type": "object", "additionalProperties": {"type": "string"}},
+    "app.module": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
+    "app.package": {"type": "string", "pattern": r"^([A-Za-z_][A-Za-z0-9_]*)?$"},
+    "image.digest": {"type": "string", "pattern": r"^(sha256:[a-f0-9]{64})?$"},
+    "storage.s3.endpoint": {"type": "string", "pattern": r"^([^:/\s]+:[0-9]+)?$"},
+    "inference.device": {"type": "string", "minLength": 1},
+    "training.device": {"type": "string", "minLength": 1},
+    "metrics.port": PORT,
+    "metrics.podAnnotations": {"type": "boolean"},
+    "gateway.edge.port": PORT,
+    "gateway.edge.streamIdleTimeoutSeconds": {"type": "integer", "minimum": 1},
+    "gateway.edge.maxConnections": {"type": "integer", "minimum": 1},
+    "metrics.serviceMonitor.interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
+    "metrics.serviceMonitor.scrapeTimeout": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
+}
+
+
+def scalar(value):
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return {"type": "integer"}
+    if isinstance(value, float):
+        return {"type": "number"}
+    return {"type": "string"}
+
+
+def schema_for(path, name, value):
+    if path in BY_PATH:
+        s = dict(BY_PATH[path])
+    elif path.endswith("autoscaling.metrics"):
+        s = dict(OBJ_ITEMS)
+    elif name in BY_NAME:
+        s = dict(BY_NAME[name])
+    elif name in FREEFORM:
+        s = {"type": "object"}
+        if name in STRING_MAPS:
+            s["additionalProperties"] = {"type": "string"}
+    elif isinstance(value, dict):
+        s = {"type": "object", "additionalProperties": False,
+             "properties": {k: schema_for(f"{path}.{k}" if path else k, k, v) for k, v in value.items()}}
+    elif isinstance(value, list):
+        s = {"type": "array"}
+    else:
+        s = scalar(value)
+    if path in descs:
+        s = {"description": descs[path], **s}
+    elif isinstance(value, (str, int, bool, list)) or name in FREEFORM:
+        sys.exit(f"no @param for {path}")
+    return s
+
+
+root = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "labelgrid Helm chart values",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {k: schema_for(k, k, v) for k, v in values.items()},
+}
+# helm adds `global` to every chart's values.
+root["properties"]["global"] = {"type": "object", "description": "Global values shared with subcharts (unused)"}
+out = CHART / "values.schema.json"
+out.write_text(json.dumps(root, indent=2) + "\n")
+print("wrote", out, len(descs), "params")

@@ -1,0 +1,91 @@
+{{/* Env of each gRPC service beyond what they all share; called with the root context. */}}
+
+{{- define "labelgrid.env.datastore" -}}
+- name: LABELGRID_BACKEND
+  value: s3
+{{- if eq .Values.storage.type "minio" }}
+- name: LABELGRID_S3_ENDPOINT
+  value: {{ printf "%s:9000" (include "labelgrid.componentName" (dict "root" . "component" "minio")) | quote }}
+- name: LABELGRID_S3_SECURE
+  value: "false"
+- name: LABELGRID_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "labelgrid.minioSecretName" . }}
+      key: root-user
+- name: LABELGRID_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "labelgrid.minioSecretName" . }}
+      key: root-password
+{{- else }}
+- name: LABELGRID_S3_ENDPOINT
+  value: {{ .Values.storage.s3.endpoint | quote }}
+- name: LABELGRID_S3_SECURE
+  value: {{ .Values.storage.s3.secure | toString | quote }}
+- name: LABELGRID_S3_REGION
+  value: {{ .Values.storage.s3.region | quote }}
+- name: LABELGRID_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.storage.s3.existingSecret }}
+      key: {{ .Values.storage.s3.accessKeyKey }}
+- name: LABELGRID_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.storage.s3.existingSecret }}
+      key: {{ .Values.storage.s3.secretKeyKey }}
+{{- end }}
+- name: LABELGRID_S3_BUCKET
+  value: {{ .Values.storage.bucket | quote }}
+- name: LABELGRID_S3_PREFIX
+  value: {{ .Values.storage.prefix | quote }}
+- name: LABELGRID_S3_CREATE_BUCKET
+  value: {{ .Values.storage.createBucket | toString | quote }}
+- name: LABELGRID_STATE_DIR
+  value: /var/lib/labelgrid/datastore
+{{- if eq .Values.index.type "postgresql" }}
+# The URL is composed by Kubernetes from the password Secret: no secret in the manifest.
+- name: POSTGRES_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "labelgrid.postgresqlSecretName" . }}
+      key: password
+- name: LABELGRID_INDEX
+  value: {{ printf "postgresql+psycopg://%s:$(POSTGRES_PASSWORD)@%s:5432/%s" .Values.postgresql.auth.username (include "labelgrid.componentName" (dict "root" . "component" "postgresql")) .Values.postgresql.auth.database | quote }}
+{{- else if eq .Values.index.type "external" }}
+- name: LABELGRID_INDEX
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.index.external.existingSecret }}
+      key: {{ .Values.index.external.dsnKey }}
+{{- end }}
+{{- end -}}
+
+{{- define "labelgrid.env.inference" -}}
+- name: LABELGRID_DATASTORE
+  value: {{ include "labelgrid.address" (dict "root" . "component" "datastore") | quote }}
+- name: LABELGRID_DEVICE
+  value: {{ .Values.inference.device | quote }}
+- name: LABELGRID_WORK_DIR
+  value: /var/lib/labelgrid/work
+{{ include "labelgrid.appEnv" . }}
+{{- end -}}
+
+{{- define "labelgrid.env.training" -}}
+- name: LABELGRID_DATASTORE
+  value: {{ include "labelgrid.address" (dict "root" . "component" "datastore") | quote }}
+- name: LABELGRID_DEVICE
+  value: {{ .Values.training.device | quote }}
+- name: LABELGRID_WORK_DIR
+  value: /var/lib/labelgrid/work
+{{ include "labelgrid.appEnv" . }}
+{{- end -}}
+
+{{- define "labelgrid.env.activelearning" -}}
+- name: LABELGRID_DATASTORE
+  value: {{ include "labelgrid.address" (dict "root" . "component" "datastore") | quote }}
+- name: LABELGRID_WORK_DIR
+  value: /var/lib/labelgrid/work
+{{ include "labelgrid.appEnv" . }}
+{{- end -}}
