@@ -16,7 +16,9 @@ PORT   ?= 8000
 NPM         ?= npm
 NODE_CLIENT := clients/node
 
-.PHONY: run test install install-dev install-node protos node-protos check-protos protos-baseline bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install install-dev install-node install-prometheus protos node-protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +47,16 @@ $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIEN
 
 install-node: $(NODE_CLIENT)/node_modules/.installed
 
+# prometheus + promtool for the metrics integration test (Debian's package), once per machine.
+install-prometheus:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev install-node check-protos
+test: install-dev install-node install-prometheus check-protos
 	$(PY) -m pytest
 
 protos: install-dev

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gateway import __version__
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
+from gateway.metrics import install_metrics
 from gateway.routes import auth, datastore, infer, info, model, session, unavailable
 from gateway.settings import GatewaySettings
 
@@ -57,4 +58,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    # Outermost of all: counts the status the client gets; serves GET /metrics.
+    install_metrics(app)
     return app

@@ -163,6 +163,9 @@ def routes(settings: EnvoySettings) -> list[dict[str, Any]]:
                 result.append(_grpc_route(prefix, name, cors, header))
         result.append(_grpc_route(prefix, "datastore", cors))
     # REST: the gateway answers CORS itself (MONAI Label's origins), so Envoy adds no policy here.
+    # The gateway's /metrics is for Prometheus inside the deployment, which scrapes the gateway
+    # port directly; the edge does not publish it.
+    result.append({"match": {"path": "/metrics"}, "direct_response": {"status": 404}})
     result.append({"match": {"prefix": "/"}, "route": {"cluster": "gateway", "timeout": "0s"}})
     return result
 

@@ -172,6 +172,10 @@ def rest_stats(stack: Stack) -> dict[str, object]:
     return httpx.get(f"{stack.url}/datastore/", params={"output": "stats"}, timeout=10).json()  # type: ignore[no-any-return]
 
 
+def test_gateway_metrics_are_not_published_at_the_edge(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/metrics", timeout=10).status_code == 404
+
+
 def test_native_grpc_through_envoy(stack: Stack) -> None:
     """HTTP/2 (h2c) on the same port as REST: Envoy routes by the service's path."""
     with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
