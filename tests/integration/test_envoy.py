@@ -75,13 +75,15 @@ def test_routes_and_protocols() -> None:
         "envoy.filters.http.router",
     ]
     routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-    by_prefix = {route["match"]["prefix"]: route for route in routes if "headers" not in route["match"]}
+    by_prefix = {route["match"]["prefix"]: route for route in routes if set(route["match"]) == {"prefix"}}
     assert by_prefix[SERVICE_PREFIXES["datastore"]]["route"]["cluster"] == "datastore"
     assert by_prefix[SERVICE_PREFIXES["inference"]]["route"]["cluster"] == "inference"
     assert SERVICE_PREFIXES["training"] not in by_prefix
     assert by_prefix["/grpc.health.v1.Health/"]["route"]["cluster"] == "datastore"
     assert routes[-1]["match"] == {"prefix": "/"} and routes[-1]["route"]["cluster"] == "gateway"
-    assert {route["route"]["timeout"] for route in routes} == {"0s"}
+    assert {route["route"]["timeout"] for route in routes if "route" in route} == {"0s"}
+    hidden = [route for route in routes if route["match"] == {"path": "/metrics"}]
+    assert hidden and hidden[0]["direct_response"] == {"status": 404}, "the edge must not publish /metrics"
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
