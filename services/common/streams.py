@@ -79,5 +79,6 @@ async def send_chunks(
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
-            # Releases the file or the S3 connection when the client stops reading early.
-            await asyncio.to_thread(close)
+            # Releases the file or the S3 connection when the client stops reading early;
+            # called directly because an await in a cancelled generator would not run.
+            close()

@@ -41,7 +41,9 @@ async def _stream_outcome(outcome: InferOutcome, make: Callable[..., Any]) -> As
         async for message in send_chunks(first, chunks, lambda data: make(chunk=data)):
             yield message
     finally:
-        await asyncio.to_thread(outcome.cleanup)
+        # Called directly: when the client hangs up this generator is cancelled, and an await
+        # here would be cancelled too, leaving the request's scratch dir behind.
+        outcome.cleanup()
 
 
 async def _receive_part(
