@@ -7,10 +7,8 @@ import logging
 import sys
 
 from services.common.logging import configure_logging
-from services.common.server import GrpcService
 from services.common.settings import parse_settings
-from services.infer.adapters.metrics import InferenceCollector
-from services.infer.api.servicer import register, service_names
+from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
 
@@ -19,19 +17,7 @@ log = logging.getLogger("labelgrid.infer")
 
 async def serve(settings: InferSettings) -> None:
     inference, datastore = await asyncio.to_thread(build_inference, settings)
-    upload_dir = settings.work_dir.resolve() / "uploads"
-
-    async def on_stop() -> None:
-        await datastore.close()
-        inference.close()
-
-    service = GrpcService(
-        settings,
-        service_names(),
-        lambda server: register(server, inference, upload_dir, settings.max_upload_bytes),
-        on_stop=on_stop,
-    )
-    service.registry.register(InferenceCollector(inference))
+    service = create_service(settings, inference, datastore)
     await service.start()
     # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
     # tests/fixtures/processes.py and operators' scripts wait for, as the datastore prints it.

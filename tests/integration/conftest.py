@@ -22,7 +22,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.common.server import GrpcService
 from services.datastore.settings import DatastoreSettings
-from services.infer.api.servicer import register, service_names
+from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
 from tests.contract.conftest import start_datastore
@@ -52,19 +52,7 @@ def real_inference(
             **overrides,
         )
         inference, datastore = await asyncio.to_thread(build_inference, settings)
-
-        async def on_stop() -> None:
-            await datastore.close()
-            inference.close()
-
-        service = GrpcService(
-            settings,
-            service_names(),
-            lambda server: register(
-                server, inference, work_dir / "uploads", settings.max_upload_bytes
-            ),
-            on_stop=on_stop,
-        )
+        service = create_service(settings, inference, datastore)
         await service.start()
         return service.address, service
 

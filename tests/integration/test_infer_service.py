@@ -34,7 +34,7 @@ from services.common.server import GrpcService
 from services.datastore.sample_studies import write_sample_studies
 from services.datastore.settings import DatastoreSettings
 from services.infer.adapters.volumes import nrrd_affine
-from services.infer.api.servicer import register, service_names
+from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.domain.inference import Inference
 from services.infer.domain.scheduler import DeviceQueue
@@ -76,17 +76,7 @@ async def start_inference(datastore_address: str, work_dir: Path, **overrides: A
         **overrides,
     )
     inference, client = await asyncio.to_thread(build_inference, settings)
-
-    async def on_stop() -> None:
-        await client.close()
-        inference.close()
-
-    service = GrpcService(
-        settings,
-        service_names(),
-        lambda server: register(server, inference, work_dir / "uploads", settings.max_upload_bytes),
-        on_stop=on_stop,
-    )
+    service = create_service(settings, inference, client)
     await service.start()
     return service, inference, client
 

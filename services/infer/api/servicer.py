@@ -19,10 +19,13 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.common.chunks import SpooledFile, SpoolWriter, iter_file_chunks
 from services.common.errors import InvalidArgument, Unimplemented
+from services.common.server import GrpcService
 from services.common.streams import send_chunks
+from services.infer.adapters.metrics import InferenceCollector
 from services.infer.api import convert
 from services.infer.domain.inference import Inference
 from services.infer.domain.model import ImageInput, InferOutcome
+from services.infer.settings import InferSettings
 
 
 def _deadline(context: Any) -> float | None:
@@ -181,3 +184,21 @@ def service_names() -> list[str]:
 
 def register(server: grpc.aio.Server, inference: Inference, upload_dir: Path, max_upload_bytes: int) -> None:
     pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(inference, upload_dir, max_upload_bytes), server)
+
+
+def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
+    """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
+    upload_dir = settings.work_dir.resolve() / "uploads"
+
+    async def on_stop() -> None:
+        await datastore.close()
+        inference.close()
+
+    service = GrpcService(
+        settings,
+        service_names(),
+        lambda server: register(server, inference, upload_dir, settings.max_upload_bytes),
+        on_stop=on_stop,
+    )
+    service.registry.register(InferenceCollector(inference))
+    return service
