@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from labelgrid.common.v1 import common_pb2
@@ -23,6 +23,8 @@ from gateway.settings import GatewaySettings
 CHUNK_SIZE = 1024 * 1024
 """Largest chunk sent on a gRPC stream (the services refuse larger ones)."""
 
+
+T = TypeVar("T")
 
 class Readable(Protocol):
     """What an upload source offers: Starlette's UploadFile (reads off the event loop)."""
@@ -140,3 +142,13 @@ async def open_download(start: Callable[[], Any]) -> Download:
             details="empty download stream",
         )
     return Download(first, call)
+
+
+async def found_or_none(call: Awaitable[T]) -> T | None:
+    """The answer of a lookup RPC, or None when the server says NOT_FOUND (other errors raise)."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as err:
+        if err.code() is grpc.StatusCode.NOT_FOUND:
+            return None
+        raise

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 
+from gateway.clients import found_or_none
 from gateway.routes.common import SESSION_PREFIX, Ctx, to_struct
 from services.common.protos import struct_to_dict
 
@@ -99,16 +100,15 @@ async def get_session(ctx: Ctx, session_id: str) -> Session | None:
     """The live session, or None when unknown or expired (an expired one is removed now)."""
     if not valid_session_id(session_id):
         return None
-    try:
-        response = await ctx.clients.datastore.GetRecord(
+    response = await found_or_none(
+        ctx.clients.datastore.GetRecord(
             ds_pb.GetRecordRequest(name=_record_name(session_id)),
             timeout=ctx.timeout,
             metadata=ctx.metadata,
         )
-    except grpc.aio.AioRpcError as err:
-        if err.code() is grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
+    )
+    if response is None:
+        return None
     session = Session(session_id, struct_to_dict(response.record.data))
     if session.expired:
         await delete_session(ctx, session)

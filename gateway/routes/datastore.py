@@ -21,7 +21,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from gateway import sessions
-from gateway.clients import open_download, upload_stream
+from gateway.clients import found_or_none, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.routes.common import (
     Ctx,
@@ -251,17 +251,14 @@ def _head(found: bool, detail: str) -> Response:
 
 
 async def _get_image(ctx: Ctx, image_id: str) -> ds_res.Image | None:
-    try:
-        response = await ctx.clients.datastore.GetImage(
+    response = await found_or_none(
+        ctx.clients.datastore.GetImage(
             ds_pb.GetImageRequest(name=image_name(image_id)),
             timeout=ctx.timeout,
             metadata=ctx.metadata,
         )
-    except grpc.aio.AioRpcError as err:
-        if err.code() is grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return response.image
+    )
+    return response.image if response is not None else None
 
 
 def _normal_sha(value: str) -> str:
@@ -364,17 +361,14 @@ async def remove_label(
 
 
 async def _get_label(ctx: Ctx, image_id: str, tag: str) -> ds_res.Label | None:
-    try:
-        response = await ctx.clients.datastore.GetLabel(
+    response = await found_or_none(
+        ctx.clients.datastore.GetLabel(
             ds_pb.GetLabelRequest(name=label_name(image_id, tag)),
             timeout=ctx.timeout,
             metadata=ctx.metadata,
         )
-    except grpc.aio.AioRpcError as err:
-        if err.code() is grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return response.label
+    )
+    return response.label if response is not None else None
 
 
 @router.head("/label", summary="Check If Label Exists")

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 
-from gateway.clients import open_download, upload_stream
+from gateway.clients import found_or_none, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.routes.common import Ctx, CtxDep, check_id, file_response
 
@@ -33,14 +33,13 @@ def _not_found(model: str) -> GatewayError:
 
 
 async def _serving_version(ctx: Ctx, model: str) -> Any:
-    try:
-        response = await ctx.clients.datastore.GetModelVersion(
+    response = await found_or_none(
+        ctx.clients.datastore.GetModelVersion(
             ds_pb.GetModelVersionRequest(name=_serving(model)), metadata=ctx.metadata, timeout=ctx.timeout
         )
-    except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.NOT_FOUND:
-            raise _not_found(model) from None
-        raise from_rpc_error(err) from None
+    )
+    if response is None:
+        raise _not_found(model)
     return response.model_version
 
 
