@@ -1,7 +1,9 @@
 """Loads an app package by dotted name (settings `app`, env LABELGRID_APP).
 
-An app module exposes `infer_tasks() -> dict[str, InferTask]` (trainers, strategies and
-scoring methods later), and may set NAME, DESCRIPTION, VERSION and LABELS. Loaded by
+An app module exposes `infer_tasks() -> dict[str, InferTask]` and, optionally,
+`trainers()`, `strategies()` and `scoring_methods()` (each a dict by name, MONAI Label's
+`trainers`, `strategies` and `scoring` in /info), and may set NAME, DESCRIPTION, VERSION
+and LABELS. Loaded by
 import, never by file path, and returned as a value: no app singleton, so a test can load
 two apps side by side.
 """
@@ -29,6 +31,9 @@ class LoadedApp:
     labels: dict[str, int]
     labels_as_list: bool
     infer_tasks: dict[str, Any] = field(default_factory=dict)
+    trainers: dict[str, Any] = field(default_factory=dict)
+    strategies: dict[str, Any] = field(default_factory=dict)
+    scoring_methods: dict[str, Any] = field(default_factory=dict)
 
 
 def _labels(module: ModuleType, infer_tasks: dict[str, Any]) -> tuple[dict[str, int], bool]:
@@ -56,6 +61,10 @@ def load_app(module_name: str = DEFAULT_APP) -> LoadedApp:
         raise FailedPrecondition(f"app {module_name!r} has no infer_tasks() function", reason="MODEL_IMPORT_ERROR")
     tasks = {name: task for name, task in dict(factory()).items() if task.is_valid()}
     labels, as_list = _labels(module, tasks)
+    optional = {
+        part: dict(getattr(module, part)()) if callable(getattr(module, part, None)) else {}
+        for part in ("trainers", "strategies", "scoring_methods")
+    }
     return LoadedApp(
         module_name=module_name,
         name=str(getattr(module, "NAME", module_name.rsplit(".", 1)[-1])),
@@ -64,4 +73,5 @@ def load_app(module_name: str = DEFAULT_APP) -> LoadedApp:
         labels=labels,
         labels_as_list=as_list,
         infer_tasks=tasks,
+        **optional,
     )
