@@ -58,6 +58,11 @@ class ServiceSettings(BaseSettings):
     def _split_tokens(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @property
+    def service_token(self) -> str:
+        """The token this service sends to the others (the first accepted one; empty with auth off)."""
+        return self.auth_tokens[0] if self.auth_tokens else ""
+
     # Bounds are validators rather than Field(ge=...): a subclass that re-declares a field with
     # its own default (the datastore's `port: int = 50051`) keeps them.
     @field_validator("port", "metrics_port", mode="after")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.common.apps import load_app
-from services.infer.adapters.datastore_client import DatastoreClient
+from services.common.datastore_client import DatastoreClient
 from services.infer.adapters.devices import resolve_devices
 from services.infer.adapters.torch_runner import TorchRunner
 from services.infer.adapters.volumes import VolumeFiles
@@ -21,7 +21,7 @@ def build_inference(settings: InferSettings) -> tuple[Inference, DatastoreClient
         torch.set_num_threads(settings.torch_threads)
     devices = resolve_devices(settings.device)
     app = load_app(settings.app)
-    datastore = DatastoreClient(settings.datastore, settings.datastore_timeout_seconds)
+    datastore = DatastoreClient(settings.datastore, settings.datastore_timeout_seconds, token=settings.service_token)
     runner = TorchRunner(devices, warm_up=settings.warm_up)
     work_dir = settings.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)

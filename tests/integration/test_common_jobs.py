@@ -1,0 +1,103 @@
+"""services.common: the shared datastore client and JobStore against a real datastore (local
+folder + SQLite, in-process): records, model versions, job lifecycle, watchers, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from services.common import jobs
+from services.common.datastore_client import DatastoreClient
+from services.common.errors import ErrorKind, LabelgridError
+from services.datastore.settings import DatastoreSettings
+from tests.contract.conftest import start_datastore
+
+
+@pytest.fixture
+async def client(tmp_path: Path):
+    settings = DatastoreSettings(port=0, metrics_port=-1, backend="local", root=tmp_path / "studies")
+    running = await start_datastore(settings)
+    client = DatastoreClient(running.address, timeout_seconds=10)
+    yield client
+    await client.close()
+    await running.service.stop(0)
+
+
+async def test_records_round_trip_and_conditional_write(client: DatastoreClient) -> None:
+    assert await client.get_record("things", "a") is None
+    revision = await client.put_record("things", "a", {"n": 1, "nested": {"x": [1, 2]}, "none": None}, expected_revision=-1)
+    assert await client.get_record("things", "a") == {"n": 1, "nested": {"x": [1, 2]}, "none": None}
+    with pytest.raises(LabelgridError) as refused:
+        await client.put_record("things", "a", {"n": 2}, expected_revision=-1)
+    assert refused.value.kind is ErrorKind.ABORTED
+    await client.put_record("things", "a", {"n": 3}, expected_revision=revision)
+    await client.put_record("things", "b", {"n": 4})
+    assert await client.list_records("things") == [{"n": 3}, {"n": 4}]
+    await client.delete_record("things", "a")
+    assert await client.list_records("things") == [{"n": 4}]
+
+
+async def test_model_version_upload_and_download(client: DatastoreClient, tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights" * 300_000)  # > 1 MiB: several chunks
+    version = await client.upload_model_version("seg", weights, metrics={"best_metric": 0.5}, info={"job": "j1"})
+    assert version.version and version.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert await client.serving_version("seg") == version.version
+    out = tmp_path / "out"
+    out.mkdir()
+    fetched = await client.download_model_version("seg", version.version, out)
+    assert fetched.read_bytes() == weights.read_bytes()
+
+
+async def test_job_lifecycle_is_stored_and_watched(client: DatastoreClient) -> None:
+    store = jobs.JobStore(client, "testJobs", progress_interval=3600)
+    job, created = await store.create(jobs.new_job(trainer="seg"), request_id="r1")
+    again, created_again = await store.create(jobs.new_job(trainer="seg"), request_id="r1")
+    assert created and not created_again and again["job_id"] == job["job_id"]
+
+    seen: list[dict] = []
+
+    async def watch() -> None:
+        async for doc in store.watch(job["job_id"]):
+            seen.append(doc)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.05)
+    await store.update(job["job_id"], {"state": jobs.RUNNING})
+    await store.update(job["job_id"], {"progress": {"epoch": 1}}, persist=False)
+    # A throttled tick is visible here at once but not yet stored.
+    assert (await store.get(job["job_id"]))["progress"] == {"epoch": 1}
+    assert "progress" not in (await client.get_record("testJobs", job["job_id"]) or {})
+    await store.log(job["job_id"], *[f"line {i}" for i in range(80)])
+    await store.update(job["job_id"], {"state": jobs.SUCCEEDED})
+    await asyncio.wait_for(watcher, 5)
+
+    assert [doc["state"] for doc in seen][0] == jobs.QUEUED and seen[-1]["state"] == jobs.SUCCEEDED
+    stored = await client.get_record("testJobs", job["job_id"])
+    assert stored is not None and stored["progress"] == {"epoch": 1}
+    assert stored["start_time"] and stored["end_time"]
+    assert stored["log_tail"][-1] == "line 79" and len(stored["log_tail"]) == jobs.LOG_TAIL_LINES
+
+
+async def test_a_restarted_store_fails_the_jobs_it_lost(client: DatastoreClient) -> None:
+    first = jobs.JobStore(client, "testJobs")
+    running, _ = await first.create(jobs.new_job())
+    await first.update(running["job_id"], {"state": jobs.RUNNING})
+    queued, _ = await first.create(jobs.new_job())
+    done, _ = await first.create(jobs.new_job())
+    await first.update(done["job_id"], {"state": jobs.CANCELLED})
+
+    second = jobs.JobStore(client, "testJobs")  # a new process: nothing in memory
+    lost = await second.recover()
+    assert {doc["job_id"] for doc in lost} == {running["job_id"], queued["job_id"]}
+    listed = {doc["job_id"]: doc for doc in await second.list()}
+    assert listed[running["job_id"]]["state"] == jobs.FAILED
+    assert "restarted" in listed[running["job_id"]]["error"]["message"]
+    assert listed[done["job_id"]]["state"] == jobs.CANCELLED
+    assert [doc["job_id"] for doc in await second.list()][0] == done["job_id"]  # newest first
+    with pytest.raises(LabelgridError) as missing:
+        await second.get("no-such-job")
+    assert missing.value.kind is ErrorKind.NOT_FOUND and missing.value.reason == "RECORD_NOT_FOUND"
