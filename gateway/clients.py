@@ -15,8 +15,10 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from labelgrid.common.v1 import common_pb2
+from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from labelgrid.training.v1 import training_service_pb2_grpc as train_grpc
 
 from gateway.settings import GatewaySettings
 
@@ -36,10 +38,11 @@ class Readable(Protocol):
 class GrpcClients:
     """The gateway's channels and stubs; opened in the app's lifespan, closed at shutdown."""
 
-    datastore_channel: grpc.aio.Channel
-    inference_channel: grpc.aio.Channel
+    channels: list[grpc.aio.Channel]
     datastore: ds_grpc.DatastoreServiceStub
     inference: inf_grpc.InferenceServiceStub
+    training: train_grpc.TrainingServiceStub
+    activelearning: al_grpc.ActiveLearningServiceStub
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> GrpcClients:
@@ -55,23 +58,23 @@ class GrpcClients:
             # Spread calls over every replica a headless Service resolves to (Kubernetes).
             ("grpc.lb_policy_name", "round_robin"),
         ]
-        ds_channel = grpc.aio.insecure_channel(
-            settings.datastore_address, options=options
+        addresses = (
+            settings.datastore_address,
+            settings.inference_address,
+            settings.training_address,
+            settings.activelearning_address,
         )
-        inf_channel = grpc.aio.insecure_channel(
-            settings.inference_address, options=options
-        )
+        channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
         return cls(
-            ds_channel,
-            inf_channel,
-            ds_grpc.DatastoreServiceStub(ds_channel),
-            inf_grpc.InferenceServiceStub(inf_channel),
+            channels,
+            ds_grpc.DatastoreServiceStub(channels[0]),
+            inf_grpc.InferenceServiceStub(channels[1]),
+            train_grpc.TrainingServiceStub(channels[2]),
+            al_grpc.ActiveLearningServiceStub(channels[3]),
         )
 
     async def close(self) -> None:
-        await asyncio.gather(
-            self.datastore_channel.close(), self.inference_channel.close()
-        )
+        await asyncio.gather(*(channel.close() for channel in self.channels))
 
 
 async def file_chunks(source: Readable, digest: Any) -> AsyncIterator[bytes]:

@@ -19,6 +19,8 @@ class GatewaySettings(ServiceSettings):
     port: Annotated[int, pydantic.Field(ge=0, le=65535)] = 8001
     datastore_address: str = "127.0.0.1:50051"
     inference_address: str = "127.0.0.1:50052"
+    training_address: str = "127.0.0.1:50053"
+    activelearning_address: str = "127.0.0.1:50054"
     # Seconds a unary call may take; streams (uploads, downloads, inference) have their own.
     rpc_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
     # Seconds /info/ waits for the inference service before it answers without models.
