@@ -28,6 +28,8 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
+from labelgrid.client.cli import add_commands as add_sdk_commands
+from labelgrid.client.cli import run as run_sdk_command
 
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--app", default="apps.radiology", help="the app package inference serves")
     run.add_argument("--log-level", default="INFO")
     run.add_argument("--access-log", action="store_true", help="Envoy logs every request")
+    add_sdk_commands(commands)  # the SDK's: models, images, labels, infer, next-sample
     return parser
 
 
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         sys.exit(up(args))
+    sys.exit(run_sdk_command(args))
 
 
 if __name__ == "__main__":
