@@ -8,11 +8,13 @@ CPU-sized: 2 mm voxels, 64³ patches (96³ for the brain), a few channels.
 
 from __future__ import annotations
 
+from apps.activelearning import ScoringMethod, Strategy
 from apps.base import InferTask
 from apps.radiology.deepedit import DeepEdit
 from apps.radiology.deepgrow import Deepgrow
 from apps.radiology.segmentation import Segmentation
 from apps.radiology.segmentation_brain import SegmentationBrain
+from apps.train import Trainer
 
 NAME = "radiology"
 DESCRIPTION = "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres; brain segmentation of T1 MRI"
@@ -28,3 +30,24 @@ def infer_tasks() -> dict[str, InferTask]:
         "deepedit": DeepEdit(LABELS),
         "segmentation_brain": SegmentationBrain(),
     }
+
+
+def trainers() -> dict[str, Trainer]:
+    """A trainer per model, named after it (MONAI Label's `trainers` in /info)."""
+    from apps.radiology.trainers import radiology_trainers
+
+    return radiology_trainers(infer_tasks())
+
+
+def strategies() -> dict[str, Strategy]:
+    """Active learning strategies (MONAI Label's `strategies` in /info)."""
+    from apps.radiology.activelearning import strategies as radiology_strategies
+
+    return radiology_strategies()
+
+
+def scoring_methods() -> dict[str, ScoringMethod]:
+    """Scoring methods for score-based strategies (MONAI Label's `scoring` in /info)."""
+    from apps.radiology.activelearning import scoring_methods as radiology_scoring_methods
+
+    return radiology_scoring_methods()

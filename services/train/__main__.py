@@ -1,0 +1,43 @@
+"""Runs the training service: `python -m services.train --port 50053 --datastore 127.0.0.1:50051 --device auto`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.common.logging import configure_logging
+from services.common.settings import parse_settings
+from services.train.api.servicer import create_service
+from services.train.app import build_training
+from services.train.settings import TrainSettings
+
+log = logging.getLogger("labelgrid.train")
+
+
+async def serve(settings: TrainSettings) -> None:
+    built = await asyncio.to_thread(build_training, settings)
+    lost = await built.training.start()
+    if lost:
+        log.warning("jobs lost by the previous process marked failed", extra={"count": len(lost)})
+    service = create_service(settings, built.training, built.datastore, built.cache)
+    await service.start()
+    # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
+    # tests/fixtures/processes.py and operators' scripts wait for.
+    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
+    print(
+        f"labelgrid training (app {settings.app}, devices {', '.join(built.training.pool.names)}, "
+        f"datastore {settings.datastore}) listening on {settings.host}:{service.port}, metrics {metrics}",
+        flush=True,
+    )
+    await service.run_until_signal()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(TrainSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0])
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Labeled images from the datastore into a local cache keyed by sha256.
+
+An image or label whose sha256 is already cached is not fetched again (a second epoch
+reads local files anyway; a second job, or a job after a restart, finds them here). A
+miss asks the datastore for a URL: a presigned http(s) URL (s3 backend) is read directly
+from the object store with httpx, anything else falls back to the datastore's chunk
+stream. Every download is verified against its sha256 before it enters the cache, and
+the cache is trimmed to its byte budget, least recently used first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds
+
+from services.common.datastore_client import DatastoreClient
+from services.common.errors import LabelgridError, StorageError
+
+
+class DataCache:
+    def __init__(self, datastore: DatastoreClient, cache_dir: Path, budget_bytes: int):
+        self.datastore = datastore
+        self.cache_dir = cache_dir
+        self.budget_bytes = budget_bytes
+        self.hits = 0
+        self.misses = 0
+        self.url_downloads = 0
+        self.stream_downloads = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def cached_bytes(self) -> int:
+        try:
+            return sum(p.stat().st_size for p in self.cache_dir.glob("*/*") if p.is_file())
+        except OSError:
+            return 0
+
+    async def labeled_datalist(self, tag: str, log: Callable[[str], None]) -> list[dict[str, str]]:
+        images = await self.datastore.list_images(filter=ds.IMAGE_FILTER_LABELED, label_tag=tag)
+        hits, misses = self.hits, self.misses
+        datalist: list[dict[str, str]] = []
+        for image in images:
+            label = next((item for item in image.labels if item.tag == tag), None)
+            if label is None:
+                continue
+            image_path = await self._fetch(image.name, image.sha256, image.ext or ".nii.gz", lambda d, i=image.image_id: self.datastore.download_image(i, d))
+            label_path = await self._fetch(
+                label.name or f"images/{image.image_id}/labels/{tag}", label.sha256, label.ext or ".nii.gz",
+                lambda d, i=image.image_id: self.datastore.download_label(i, tag, d),
+            )  # fmt: skip
+            datalist.append({"image": str(image_path), "label": str(label_path), "image_id": image.image_id})
+        log(
+            f"{len(datalist)} labeled image(s): {self.misses - misses} file(s) fetched from the datastore, "
+            f"{self.hits - hits} from the local cache"
+        )
+        await asyncio.to_thread(self._trim, {Path(v) for item in datalist for k, v in item.items() if k != "image_id"})
+        return datalist
+
+    async def _fetch(self, name: str, sha256: str, ext: str, stream: Callable[[Path], Any]) -> Path:
+        if not sha256:
+            raise StorageError(f"the datastore gave no sha256 for {name!r}")
+        target = self.cache_dir / sha256[:2] / f"{sha256}{ext}"
+        lock = self._locks.setdefault(sha256, asyncio.Lock())
+        async with lock:
+            if target.is_file():
+                self.hits += 1
+                await asyncio.to_thread(os.utime, target)
+                return target
+            self.misses += 1
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            tmp_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fetch-", dir=self.cache_dir))
+            try:
+                path = await self._download(name, sha256, tmp_dir, stream)
+                await asyncio.to_thread(os.replace, path, target)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, tmp_dir, True)
+            return target
+
+    async def _download(self, name: str, sha256: str, tmp_dir: Path, stream: Callable[[Path], Any]) -> Path:
+        url = ""
+        try:
+            url = (await self.datastore.get_download_url(name, expire_seconds=900)).url
+        except LabelgridError:
+            url = ""  # no URL for this backend or blob: the chunk stream still works
+        if url.startswith(("http://", "https://")):
+            path = tmp_dir / "blob"
+            digest = hashlib.sha256()
+            async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+                async with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise StorageError(f"the object store answered {response.status_code} for {name!r}")
+                    with open(path, "wb") as file:
+                        async for chunk in response.aiter_bytes(1024 * 1024):
+                            digest.update(chunk)
+                            await asyncio.to_thread(file.write, chunk)
+            if digest.hexdigest() != sha256:
+                raise StorageError(f"the bytes of {name!r} did not match their sha256")
+            self.url_downloads += 1
+            return path
+        path = await stream(tmp_dir)
+        got = await asyncio.to_thread(_sha256_file, path)
+        if got != sha256:
+            raise StorageError(f"the bytes of {name!r} did not match their sha256")
+        self.stream_downloads += 1
+        return path
+
+    def _trim(self, keep: set[Path]) -> None:
+        files = [p for p in self.cache_dir.glob("*/*") if p.is_file() and p.parent.name != "fetch"]
+        total = sum(p.stat().st_size for p in files)
+        for path in sorted(files, key=lambda p: p.stat().st_mtime):
+            if total <= self.budget_bytes:
+                return
+            if path in keep:
+                continue
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

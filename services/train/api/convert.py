@@ -1,0 +1,163 @@
+"""Conversions between the training protos and the domain's job documents."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from labelgrid.common.v1 import common_pb2
+from labelgrid.training.v1 import resources_pb2 as res
+
+from services.common.errors import InvalidArgument
+from services.common.protos import dict_to_struct, split_resource_name, struct_to_dict
+from services.train.domain.training import JobRequest, TrainerInfo
+
+_OPTIONAL = ("val_split", "learning_rate", "amp", "pretrained", "early_stop_patience")
+
+
+def job_name(name: str) -> str:
+    return split_resource_name(name, "trainingJobs/{job}")[0]
+
+
+def trainer_name(name: str) -> str:
+    return split_resource_name(name, "trainers/{trainer}")[0]
+
+
+def state_name(value: int) -> str | None:
+    """A JobState enum value as the domain's name; None for UNSPECIFIED."""
+    if value == common_pb2.JOB_STATE_UNSPECIFIED:
+        return None
+    try:
+        return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+    except ValueError:
+        raise InvalidArgument(f"unknown job state {value}") from None
+
+
+def config_value(value: Any) -> common_pb2.ConfigValue:
+    if value is None:
+        return common_pb2.ConfigValue()
+    if isinstance(value, bool):
+        return common_pb2.ConfigValue(bool_value=value)
+    if isinstance(value, int):
+        return common_pb2.ConfigValue(int_value=value)
+    if isinstance(value, float):
+        return common_pb2.ConfigValue(double_value=value)
+    if isinstance(value, (list, tuple)):
+        return common_pb2.ConfigValue(choice_value=common_pb2.ConfigChoice(options=[str(v) for v in value]))
+    return common_pb2.ConfigValue(string_value=str(value))
+
+
+def trainer(info: TrainerInfo) -> res.Trainer:
+    return res.Trainer(
+        name=f"trainers/{info.name}",
+        trainer_id=info.name,
+        model=f"models/{info.model}",
+        description=info.description,
+        config=[common_pb2.ConfigEntry(key=key, value=config_value(value)) for key, value in info.config.items()],
+        labels=info.labels,
+    )
+
+
+def job_request(message: res.TrainingJob, enqueue: bool, request_id: str) -> JobRequest:
+    if not message.trainer:
+        raise InvalidArgument("training_job.trainer must name a trainer: trainers/{trainer}")
+    name = trainer_name(message.trainer)
+    p = message.params
+    params: dict[str, Any] = struct_to_dict(p.extra) if p.HasField("extra") else {}
+    if p.max_epochs:
+        params["max_epochs"] = p.max_epochs
+    for key in ("train_batch_size", "val_batch_size"):
+        if getattr(p, key):
+            params[key] = getattr(p, key)
+    for key in _OPTIONAL:
+        if p.HasField(key):
+            params[key] = getattr(p, key)
+    version = ""
+    if p.initial_model_version:
+        model, version = split_resource_name(p.initial_model_version, "models/{model}/versions/{version}")
+        if model != name:
+            raise InvalidArgument(f"initial_model_version {p.initial_model_version!r} is not a version of model {name!r}")
+    return JobRequest(
+        trainer=name,
+        params=params,
+        devices=tuple(p.devices),
+        device_count=p.device_count,
+        initial_model_version=version,
+        enqueue=enqueue,
+        request_id=request_id,
+    )
+
+
+def _timestamp(value: str | None) -> timestamp_pb2.Timestamp | None:
+    if not value:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(datetime.fromisoformat(value))
+    return stamp
+
+
+def _params(given: dict[str, Any]) -> res.TrainingParams:
+    given = dict(given or {})
+    out = res.TrainingParams()
+    for key in ("max_epochs", "train_batch_size", "val_batch_size"):
+        value = given.pop(key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and abs(value) < 2**31:
+            setattr(out, key, int(value))
+    for key in _OPTIONAL:
+        value = given.pop(key, None)
+        if value is None:
+            continue
+        if key in ("amp", "pretrained") and isinstance(value, bool):
+            setattr(out, key, value)
+        elif key == "early_stop_patience" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.early_stop_patience = int(value)
+        elif key in ("val_split", "learning_rate") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(out, key, float(value))
+    if given:
+        out.extra.CopyFrom(dict_to_struct(given))
+    return out
+
+
+def job(doc: dict[str, Any]) -> res.TrainingJob:
+    out = res.TrainingJob(
+        name=f"trainingJobs/{doc['job_id']}",
+        job_id=doc["job_id"],
+        trainer=f"trainers/{doc.get('trainer', '')}",
+        params=_params(doc.get("params") or {}),
+        state=common_pb2.JobState.Value(f"JOB_STATE_{doc.get('state', 'UNSPECIFIED')}"),
+        queue_position=int(doc.get("queue_position") or 0),
+        devices=[str(d) for d in doc.get("devices") or []],
+        model_version=str(doc.get("model_version") or ""),
+        log_tail=[str(line) for line in doc.get("log_tail") or []],
+    )
+    out.params.device_count = int(doc.get("device_count") or 0)
+    if doc.get("initial_model_version"):
+        out.params.initial_model_version = f"models/{doc.get('trainer')}/versions/{doc['initial_model_version']}"
+    for key in ("create_time", "start_time", "end_time"):
+        stamp = _timestamp(doc.get(key))
+        if stamp is not None:
+            getattr(out.times, key).CopyFrom(stamp)
+    progress = doc.get("progress")
+    if progress:
+        out.progress.CopyFrom(
+            res.TrainingProgress(
+                epoch=int(progress.get("epoch", 0)),
+                total_epochs=int(progress.get("total_epochs", 0)),
+                iteration=int(progress.get("iteration", 0)),
+                total_iterations=int(progress.get("total_iterations", 0)),
+                loss=float(progress.get("loss", 0.0)),
+                metric_name=str(progress.get("metric_name", "")),
+                metric=float(progress.get("metric", 0.0)),
+                best_metric=float(progress.get("best_metric", 0.0)),
+                best_metric_epoch=int(progress.get("best_metric_epoch", 0)),
+                elapsed_seconds=float(progress.get("elapsed_seconds", 0.0)),
+                estimated_remaining_seconds=float(progress.get("estimated_remaining_seconds", 0.0)),
+            )
+        )
+    if doc.get("train_stats"):
+        out.train_stats.CopyFrom(dict_to_struct(doc["train_stats"]))
+    error = doc.get("error")
+    if error and doc.get("state") == "FAILED":
+        out.error.CopyFrom(common_pb2.JobError(reason=str(error.get("reason", "")), message=str(error.get("message", ""))))
+    return out
