@@ -18,7 +18,7 @@ NODE_CLIENT := clients/node
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-dev install-node install-prometheus protos node-protos check-protos protos-baseline bench clean
+.PHONY: run test install install-dev install-node install-prometheus install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +53,38 @@ install-prometheus:
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 
+# Toolchains of the Go and Java clients (Debian's packages), once per machine: apt-get runs only
+# when one of them is missing. clients/build.py generates and builds each client, cached under
+# build/clients by a hash of protos/ and the client's sources.
+GO_PACKAGES   := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+                 golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+JAVA_PACKAGES := default-jdk-headless protobuf-compiler libgrpc-java protobuf-compiler-grpc-java-plugin \
+                 libprotobuf-java libnetty-java libperfmark-java libgoogle-gson-java \
+                 libgeronimo-annotation-1.3-spec-java
+
+# True when every package of $(1) is installed ("ii"), not merely known to dpkg.
+all_installed = test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(1) 2>/dev/null | grep -c '^ii')" = "$(words $(1))"
+
+install-go:
+	@$(call all_installed,$(GO_PACKAGES)) || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(GO_PACKAGES); }
+
+install-java:
+	@{ command -v javac >/dev/null 2>&1 && $(call all_installed,$(filter-out default-jdk-headless,$(JAVA_PACKAGES))); } || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(JAVA_PACKAGES); }
+
+go-client: install-dev install-go
+	$(PY) clients/build.py go
+
+java-client: install-dev install-java
+	$(PY) clients/build.py java
+
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev install-node install-prometheus check-protos
+test: install-dev install-node install-prometheus install-go install-java check-protos
 	$(PY) -m pytest
 
 protos: install-dev
