@@ -10,8 +10,6 @@ from gateway.errors import GatewayError
 router = APIRouter()
 
 _ROUTES: list[tuple[str, list[str], str]] = [
-    ("/train/", ["GET", "POST", "DELETE"], "Train"),
-    ("/train/{model}", ["POST"], "Train"),
     ("/activelearning/{strategy}", ["POST"], "ActiveLearning"),
     ("/scoring/", ["GET", "POST", "DELETE"], "Scoring"),
     ("/scoring/{method}", ["POST"], "Scoring"),

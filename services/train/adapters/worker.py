@@ -63,6 +63,17 @@ def _to_float(value: Any) -> float:
         return float("nan")
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities (a metric before its first value) as None: JSON and Struct hold no NaN."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
@@ -199,9 +210,9 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
         }
         if evaluator is not None and evaluator.state.metrics:
             out["eval"] = engine_stats(evaluator)
+        # MONAI Label sets one of the two: Slicer reads "total_time" as "the run has ended".
         out["total_time" if final else "current_time"] = _hms(elapsed)
-        out["current_time" if final else "total_time"] = None
-        return out
+        return _finite(out)
 
     last_tick = [0.0]
 
@@ -218,7 +229,7 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
             "iteration": int(engine.state.iteration),
             "epoch_length": int(engine.state.epoch_length or 0),
             "max_epochs": max_epochs,
-            "loss": _to_float(loss.item() if isinstance(loss, torch.Tensor) else loss),
+            "loss": _finite(_to_float(loss.item() if isinstance(loss, torch.Tensor) else loss)),
             "elapsed_seconds": time.time() - started,
         })
 
@@ -233,8 +244,9 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
             torch.save(_unwrap(network).state_dict(), tmp)
             os.replace(tmp, path)
             emit({"type": "checkpoint", "path": str(path), "metric_name": name, "metric": metric, "epoch": int(engine.state.epoch)})
+        stats.clear()
         stats.update(make_stats(final=False))
-        emit({"type": "epoch", "epoch": int(engine.state.epoch), "metric_name": name, "metric": metric, "stats": dict(stats)})
+        emit(_finite({"type": "epoch", "epoch": int(engine.state.epoch), "metric_name": name, "metric": metric, "stats": dict(stats)}))
 
     if rank == 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, on_iteration)

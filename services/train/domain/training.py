@@ -436,7 +436,7 @@ class Training:
                 "total_epochs": int(event.get("max_epochs", 0)),
                 "iteration": iteration,
                 "total_iterations": total,
-                "loss": float(event.get("loss", 0.0)),
+                "loss": float(event.get("loss") or 0.0),
                 "elapsed_seconds": float(event.get("elapsed_seconds", 0.0)),
                 "estimated_remaining_seconds": remaining,
             }
@@ -452,8 +452,8 @@ class Training:
                 "iteration": int(stats.get("current_iteration", 0)),
                 "total_iterations": int(stats.get("total_iterations", 0)),
                 "metric_name": str(event.get("metric_name") or evaluation.get("key_metric_name") or ""),
-                "metric": float(event.get("metric", (evaluation.get("metrics") or {}).get(evaluation.get("key_metric_name"), 0.0)) or 0.0),
-                "best_metric": float(evaluation.get("best_metric", stats.get("best_metric", 0.0)) or 0.0),
+                "metric": float(event.get("metric") or (evaluation.get("metrics") or {}).get(evaluation.get("key_metric_name")) or 0.0),
+                "best_metric": float(evaluation.get("best_metric") or stats.get("best_metric") or 0.0),
                 "best_metric_epoch": int(evaluation.get("best_metric_epoch", 0) or 0),
             }
             if kind == "completed":
