@@ -12,7 +12,17 @@ from gateway import __version__
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
 from gateway.metrics import install_metrics
-from gateway.routes import auth, datastore, infer, info, model, session, train, unavailable
+from gateway.routes import (
+    activelearning,
+    auth,
+    datastore,
+    infer,
+    info,
+    model,
+    session,
+    train,
+    unavailable,
+)
 from gateway.settings import GatewaySettings
 
 
@@ -45,6 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         infer.router,
         model.router,
         train.router,
+        activelearning.router,
         unavailable.router,
     ):
         app.include_router(router)

@@ -15,6 +15,7 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import resources_pb2 as inf_res
 
 from gateway import __version__
+from gateway.routes.activelearning import info_parts
 from gateway.routes.common import Ctx, CtxDep
 from gateway.routes.datastore import datastore_stats
 from gateway.routes.train import trainers_info
@@ -85,15 +86,15 @@ async def _app_and_models(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
 @router.get("/info/", summary="Get App Info")
 async def app_info(ctx: Ctx = CtxDep) -> dict[str, Any]:
     # No top-level "config" key: Slicer refuses servers that send one.
-    (app, models), stats, (trainers, train_stats) = await asyncio.gather(
-        _app_and_models(ctx), datastore_stats(ctx), trainers_info(ctx)
+    (app, models), stats, (trainers, train_stats), (strategies, scoring) = await asyncio.gather(
+        _app_and_models(ctx), datastore_stats(ctx), trainers_info(ctx), info_parts(ctx)
     )
     return {
         **app,
         "models": models,
         "trainers": trainers,
-        "strategies": {},
-        "scoring": {},
+        "strategies": strategies,
+        "scoring": scoring,
         "train_stats": train_stats,
         "datastore": stats,
     }

@@ -10,9 +10,6 @@ from gateway.errors import GatewayError
 router = APIRouter()
 
 _ROUTES: list[tuple[str, list[str], str]] = [
-    ("/activelearning/{strategy}", ["POST"], "ActiveLearning"),
-    ("/scoring/", ["GET", "POST", "DELETE"], "Scoring"),
-    ("/scoring/{method}", ["POST"], "Scoring"),
     ("/batch/infer", ["GET", "DELETE"], "Infer"),
     ("/batch/infer/{model}", ["POST"], "Infer"),
     ("/infer/wsi/{model}", ["POST"], "Infer"),

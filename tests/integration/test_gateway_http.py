@@ -111,8 +111,6 @@ def test_auth_route_is_public_and_off(http: httpx.Client) -> None:
 
 def test_unavailable_routes_are_501(http: httpx.Client) -> None:
     for method, path in [
-        ("POST", "/activelearning/random"),
-        ("GET", "/scoring/"),
         ("GET", "/batch/infer"),
         ("GET", "/logs/"),
     ]:

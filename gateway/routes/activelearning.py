@@ -1,0 +1,295 @@
+"""MONAI Label's /activelearning and /scoring routers (`endpoints/activelearning.py`,
+`endpoints/scoring.py`) on the active learning gRPC service.
+
+`POST /activelearning/{strategy}` leases the image it hands out to the asking client, so
+several annotators never get the same one; the answer keeps MONAI Label's shape (the image
+info as it was, `id`, `name`, `path`, `checksum`, the strategy's own keys) and `{}` when
+nothing is left, with the reason in the `X-Labelgrid-No-Sample` header. `path` is this
+gateway's download URL (no server path leaks; Slicer downloads from it). Scoring tasks
+keep MONAI Label's task shape (`id`, `status` SUBMITTED/RUNNING/DONE/ERROR/STOPPED,
+`request`, `start_ts`, `details`, `end_ts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import grpc
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+from google.protobuf import timestamp_pb2
+from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
+from labelgrid.activelearning.v1 import resources_pb2 as al_res
+from labelgrid.common.v1 import common_pb2
+
+from gateway.errors import GatewayError, from_rpc_error
+from gateway.routes.common import Ctx, CtxDep, check_id, to_struct
+from services.common.protos import struct_to_dict
+
+router = APIRouter()
+log = logging.getLogger("labelgrid.gateway")
+
+DEFAULT_CLIENT = "admin"
+"""MONAI Label's client when the request names none (its default user with auth off)."""
+NO_SAMPLE_HEADER = "X-Labelgrid-No-Sample"
+_NO_SAMPLE = {
+    al_pb.NO_SAMPLE_REASON_EMPTY: "EMPTY",
+    al_pb.NO_SAMPLE_REASON_ALL_LABELED: "ALL_LABELED",
+    al_pb.NO_SAMPLE_REASON_ALL_LEASED: "ALL_LEASED",
+}
+_STATUS = {
+    common_pb2.JOB_STATE_QUEUED: "SUBMITTED",
+    common_pb2.JOB_STATE_RUNNING: "RUNNING",
+    common_pb2.JOB_STATE_SUCCEEDED: "DONE",
+    common_pb2.JOB_STATE_FAILED: "ERROR",
+    common_pb2.JOB_STATE_CANCELLED: "STOPPED",
+}
+_ACTIVE = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
+
+
+def _failed(ctx: Ctx, err: grpc.aio.AioRpcError) -> GatewayError:
+    return from_rpc_error(err, service="active learning", address=ctx.settings.activelearning_address)
+
+
+# -- /info/ ---------------------------------------------------------------------------------
+
+
+async def info_parts(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
+    """MONAI Label's `strategies` and `scoring` of /info/ ({name: {description}}); empty when
+    the active learning service does not answer, so /info/ still works without it."""
+    timeout = ctx.settings.info_timeout_seconds
+    try:
+        strategies, methods = await asyncio.gather(
+            ctx.clients.activelearning.ListStrategies(al_pb.ListStrategiesRequest(), timeout=timeout, metadata=ctx.metadata),
+            ctx.clients.activelearning.ListScoringMethods(
+                al_pb.ListScoringMethodsRequest(), timeout=timeout, metadata=ctx.metadata
+            ),
+        )
+    except grpc.aio.AioRpcError as err:
+        log.warning("active learning service did not answer /info/", extra={"code": err.code().name})
+        return {}, {}
+    return (
+        {s.strategy_id: {"description": s.description} for s in strategies.strategies},
+        {m.method_id: {"description": m.description} for m in methods.scoring_methods},
+    )
+
+
+# -- /activelearning/{strategy} ---------------------------------------------------------------
+
+
+def _client_id(params: dict[str, Any]) -> str:
+    value = params.pop("client_id", None)
+    if value is None or value == "":
+        return DEFAULT_CLIENT
+    if not isinstance(value, str):
+        raise GatewayError(422, "client_id must be a string")
+    return value
+
+
+def _ttl(params: dict[str, Any]) -> int:
+    value = params.pop("lease_ttl_seconds", 0) or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise GatewayError(422, "lease_ttl_seconds must be a whole number of seconds")
+    return int(value)
+
+
+@router.post("/activelearning/{strategy}", tags=["ActiveLearning"], summary="Run Active Learning strategy to get next sample")
+async def sample(
+    strategy: str, request: Request, params: Annotated[dict[str, Any] | None, Body()] = None, ctx: Ctx = CtxDep
+) -> Any:
+    check_id(strategy, "strategy")
+    params = dict(params or {})
+    client_id = _client_id(params)
+    ttl = _ttl(params)
+    try:
+        response = await ctx.clients.activelearning.NextSample(
+            al_pb.NextSampleRequest(
+                strategy=f"strategies/{strategy}", client_id=client_id, params=to_struct(params), lease_ttl_seconds=ttl
+            ),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        raise _failed(ctx, err) from None
+    if not response.HasField("image"):
+        # MONAI Label's "nothing left" answer, which Slicer and OHIF check for; the header says why.
+        reason = _NO_SAMPLE.get(response.no_sample_reason, "ALL_LEASED")
+        return JSONResponse({}, headers={NO_SAMPLE_HEADER: reason})
+    image, lease = response.image, response.lease
+    base = str(request.base_url)
+    return {
+        **struct_to_dict(image.info),
+        "id": image.image_id,
+        "name": image.file_name,
+        "path": f"{base}datastore/image?image={quote(image.image_id, safe='')}",
+        "checksum": f"SHA256:{image.sha256}",
+        **struct_to_dict(response.strategy_info),
+        "lease": {
+            "client_id": lease.client_id,
+            "strategy": strategy,
+            "expire_ts": lease.expire_time.seconds,
+        },
+    }
+
+
+# -- /scoring/ ------------------------------------------------------------------------------------
+
+
+def _ts(stamp: timestamp_pb2.Timestamp) -> str:
+    """MONAI Label's task times: server local time, "YYYY-MM-DD HH:MM:SS"."""
+    return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
+    """A scoring job in MONAI Label's task shape (plus labelgrid's progress and errors)."""
+    method = job.method.removeprefix("scoringMethods/")
+    task: dict[str, Any] = {
+        "id": job.job_id,
+        "status": _STATUS.get(job.state, "SUBMITTED"),
+        "request": {"method": method, "model": job.model.removeprefix("models/"), **struct_to_dict(job.params)},
+        "start_ts": _ts(job.times.start_time if job.times.HasField("start_time") else job.times.create_time),
+        "progress": {
+            "total": job.progress.total,
+            "scored": job.progress.scored,
+            "skipped": job.progress.skipped,
+            "failed": job.progress.failed,
+        },
+    }
+    if job.force:
+        task["request"]["force"] = True
+    if job.model_version:
+        task["model_version"] = job.model_version.rsplit("/", 1)[-1]
+    if job.log_tail or job.state != common_pb2.JOB_STATE_QUEUED:
+        task["details"] = list(job.log_tail)
+    if job.times.HasField("end_time"):
+        task["end_ts"] = _ts(job.times.end_time)
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED:
+        task["result"] = dict(task["progress"])
+    if job.HasField("error"):
+        task["error"] = {"reason": job.error.reason, "message": job.error.message}
+    return task
+
+
+async def _jobs(ctx: Ctx) -> list[al_res.ScoringJob]:
+    """Every scoring job, newest first."""
+    jobs: list[al_res.ScoringJob] = []
+    token = ""
+    try:
+        while True:
+            response = await ctx.clients.activelearning.ListScoringJobs(
+                al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
+            )
+            jobs.extend(response.scoring_jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
+    except grpc.aio.AioRpcError as err:
+        raise _failed(ctx, err) from None
+
+
+@router.get("/scoring/", tags=["Scoring"], summary="Get Status of Scoring Task")
+async def status(all: bool = False, check_if_running: bool = False, ctx: Ctx = CtxDep) -> Any:
+    jobs = await _jobs(ctx)
+    if all:
+        return [task_json(job) for job in reversed(jobs)]
+    if check_if_running:
+        running = [job for job in jobs if job.state == common_pb2.JOB_STATE_RUNNING]
+        if not running:
+            raise GatewayError(404, "No Scoring Tasks are currently Running")
+        return task_json(running[0])
+    if not jobs:
+        raise GatewayError(404, "No Scoring Tasks Found")
+    return task_json(jobs[0])
+
+
+async def _start(ctx: Ctx, method: str, params: dict[str, Any], enqueue: bool) -> al_res.ScoringJob:
+    check_id(method, "scoring method")
+    params = dict(params)
+    model = params.pop("model", "") or ""
+    force = params.pop("force", False)
+    if not isinstance(model, str) or not isinstance(force, bool):
+        raise GatewayError(422, "model must be a model name and force a boolean")
+    if model:
+        check_id(model, "model name")
+    job = al_res.ScoringJob(
+        method=f"scoringMethods/{method}", model=f"models/{model}" if model else "", params=to_struct(params), force=force
+    )
+    try:
+        response = await ctx.clients.activelearning.CreateScoringJob(
+            al_pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=ctx.timeout, metadata=ctx.metadata
+        )
+    except grpc.aio.AioRpcError as err:
+        raise _failed(ctx, err) from None
+    return response.scoring_job
+
+
+async def _wait(ctx: Ctx, job: al_res.ScoringJob) -> al_res.ScoringJob:
+    last = job
+    try:
+        async for message in ctx.clients.activelearning.WatchScoringJob(
+            al_pb.WatchScoringJobRequest(name=job.name), metadata=ctx.metadata
+        ):
+            last = message.scoring_job
+    except grpc.aio.AioRpcError as err:
+        raise _failed(ctx, err) from None
+    return last
+
+
+@router.post("/scoring/{method}", tags=["Scoring"], summary="Run Scoring Task")
+async def run(
+    method: str,
+    params: Annotated[dict[str, Any] | None, Body()] = None,
+    run_sync: bool = False,
+    enqueue: bool = False,
+    ctx: Ctx = CtxDep,
+) -> Any:
+    """A task, as MONAI Label answers; 429 while a run of the same method is active (unless
+    `enqueue`); with `run_sync` the answer waits for the run to end."""
+    params = dict(params or {})
+    params.pop("client_id", None)
+    job = await _start(ctx, method, params, enqueue)
+    if run_sync:
+        job = await _wait(ctx, job)
+    return task_json(job)
+
+
+@router.post("/scoring/", tags=["Scoring"], summary="Run All Scoring Methods", include_in_schema=False)
+async def run_all(params: Annotated[dict[str, Any] | None, Body()] = None, run_sync: bool = False, ctx: Ctx = CtxDep) -> Any:
+    """MONAI Label's deprecated "run all": `{method: params}`, every method queued."""
+    params = dict(params or {})
+    params.pop("client_id", None)
+    try:
+        listing = await ctx.clients.activelearning.ListScoringMethods(
+            al_pb.ListScoringMethodsRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+        )
+    except grpc.aio.AioRpcError as err:
+        raise _failed(ctx, err) from None
+    out: dict[str, Any] = {}
+    for entry in listing.scoring_methods:
+        own = params.get(entry.method_id)
+        job = await _start(ctx, entry.method_id, own if isinstance(own, dict) else {}, enqueue=True)
+        if run_sync:
+            job = await _wait(ctx, job)
+        out[entry.method_id] = {"result": task_json(job), "detail": None}
+    return out
+
+
+@router.delete("/scoring/", tags=["Scoring"], summary="Stop Scoring Task")
+async def stop(ctx: Ctx = CtxDep) -> Any:
+    """The stopped task, or null when nothing runs (as MONAI Label answers)."""
+    running = [job for job in await _jobs(ctx) if job.state == common_pb2.JOB_STATE_RUNNING]
+    if not running:
+        return None
+    try:
+        response = await ctx.clients.activelearning.CancelScoringJob(
+            al_pb.CancelScoringJobRequest(name=running[0].name), timeout=ctx.timeout, metadata=ctx.metadata
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            return None  # it ended meanwhile
+        raise _failed(ctx, err) from None
+    return task_json(response.scoring_job)
