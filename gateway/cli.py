@@ -228,14 +228,20 @@ class Ports:
     gateway: int = 8001
     datastore: int = 50051
     inference: int = 50052
+    training: int = 50053
+    activelearning: int = 50054
 
 
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
-    """The four children, wired to each other's loopback ports."""
-    ports = Ports(args.port, args.admin_port, args.gateway_port, args.datastore_port, args.inference_port)
+    """The six children, wired to each other's loopback ports."""
+    ports = Ports(
+        args.port, args.admin_port, args.gateway_port, args.datastore_port, args.inference_port,
+        args.training_port, args.activelearning_port,
+    )  # fmt: skip
     host = "127.0.0.1"
     work = Path(args.work_dir)
     datastore_address, inference_address = f"{host}:{ports.datastore}", f"{host}:{ports.inference}"
+    training_address, activelearning_address = f"{host}:{ports.training}", f"{host}:{ports.activelearning}"
     common = ["--host", host, "--log-level", args.log_level]
     python = [sys.executable, "-m"]
     datastore_argv = [*python, "services.datastore", *common, "--port", str(ports.datastore), "--backend", args.backend]
@@ -249,9 +255,19 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         *python, "services.infer", *common, "--port", str(ports.inference), "--datastore", datastore_address,
         "--device", args.device, "--app", args.app, "--work-dir", str(work / "infer"),
     ]  # fmt: skip
+    training_argv = [
+        *python, "services.train", *common, "--port", str(ports.training), "--datastore", datastore_address,
+        "--device", args.train_device, "--app", args.app, "--work-dir", str(work / "train"),
+    ]  # fmt: skip
+    activelearning_argv = [
+        *python, "services.activelearning", *common, "--port", str(ports.activelearning),
+        "--datastore", datastore_address, "--device", args.scoring_device, "--app", args.app,
+        "--work-dir", str(work / "activelearning"),
+    ]  # fmt: skip
     gateway_argv = [
         *python, "gateway", *common, "--port", str(ports.gateway),
         "--datastore-address", datastore_address, "--inference-address", inference_address,
+        "--training-address", training_address, "--activelearning-address", activelearning_address,
     ]  # fmt: skip
     envoy_config = write_bootstrap(
         EnvoySettings(
@@ -261,6 +277,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
             gateway_address=f"{host}:{ports.gateway}",
             datastore_address=datastore_address,
             inference_address=inference_address,
+            training_address=training_address,
+            activelearning_address=activelearning_address,
             access_log=args.access_log,
         ),
         work / "envoy.json",
@@ -269,6 +287,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         [Child("datastore", datastore_argv, grpc_serving(datastore_address), say)],
         [
             Child("inference", inference_argv, grpc_serving(inference_address), say),
+            Child("training", training_argv, grpc_serving(training_address), say),
+            Child("activelearning", activelearning_argv, grpc_serving(activelearning_address), say),
             Child("gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/"), say),
             Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
         ],
@@ -282,7 +302,7 @@ def make_say() -> Say:
 
     def say(line: str, source: str = "labelgrid") -> None:
         with lock:
-            print(f"{source:>9} | {line}", flush=True)
+            print(f"{source:>14} | {line}", flush=True)
 
     return say
 
@@ -334,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway-port", type=int, default=Ports.gateway)
     run.add_argument("--datastore-port", type=int, default=Ports.datastore)
     run.add_argument("--inference-port", type=int, default=Ports.inference)
+    run.add_argument("--training-port", type=int, default=Ports.training)
+    run.add_argument("--activelearning-port", type=int, default=Ports.activelearning)
     run.add_argument("--device", default="auto", help="inference devices: auto, cpu, cuda, cuda:N")
+    run.add_argument("--train-device", default="auto", help="training devices: auto, cpu, cuda, cuda:N")
+    run.add_argument("--scoring-device", default="auto", help="active learning scoring devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--app", default="apps.radiology", help="the app package inference serves")
     run.add_argument("--log-level", default="INFO")
     run.add_argument("--access-log", action="store_true", help="Envoy logs every request")
