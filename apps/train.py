@@ -111,6 +111,13 @@ class Trainer:
             out["labels"] = dict(self.labels)
         return out
 
+    def accepts(self, label_values: set[int]) -> bool:
+        """Whether a label with these values is one of this trainer's (a datastore may hold labels
+        of several models: the brain mask and the spheres' labels); default: only known indices."""
+        if not self.labels:
+            return True
+        return label_values <= {0, *self.labels.values()}
+
     # -- the run -----------------------------------------------------------------------------
 
     @property

@@ -74,6 +74,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _own_labels(trainer: Any, items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The items whose label values the trainer knows (the rest belong to other models)."""
+    import nibabel as nib
+    import numpy as np
+
+    kept = []
+    for item in items:
+        values = {int(v) for v in np.unique(np.asarray(nib.load(item["label"]).dataobj))}
+        if trainer.accepts(values):
+            kept.append(item)
+        else:
+            log.info("skipping %s: its label values %s are not this trainer's", item.get("image_id", item["image"]), sorted(values))
+    return kept
+
+
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
@@ -108,8 +123,13 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
     trainer_def = app.trainers[spec["trainer"]]
     context = TrainContext(params=params, device=device_name, rank=rank, world_size=world_size)
 
-    train_list: list[dict[str, str]] = list(spec["train_datalist"])
-    val_list: list[dict[str, str]] = list(spec["val_datalist"])
+    train_list = _own_labels(trainer_def, list(spec["train_datalist"]))
+    val_list = _own_labels(trainer_def, list(spec["val_datalist"]))
+    if not train_list:
+        raise RuntimeError(
+            f"none of the {len(spec['train_datalist'])} labeled image(s) has labels of trainer {spec['trainer']!r} "
+            f"(label values {sorted({0, *trainer_def.labels.values()})})"
+        )
     if world_size > 1:
         # Every rank gets its share; with fewer items than ranks each gets them all (MONAI Label does the same).
         if len(train_list) >= world_size:
