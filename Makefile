@@ -112,6 +112,7 @@ protos-baseline: install-dev
 bench: install-dev
 	$(PY) -m bench.datastore
 	$(PY) -m bench.infer
+	$(PY) -m bench.activelearning
 
 clean:
 	rm -rf $(VAR) .pytest_cache .buf-cache
