@@ -7,6 +7,7 @@ No mocks: leases, labels and info go through the datastore's gRPC API.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -291,6 +292,27 @@ async def test_leases_survive_a_restart_of_the_service(tmp_path: Path) -> None:
         assert other.image.image_id == ids[1]
     finally:
         await stop_stack(stack)
+
+
+async def test_metrics_count_next_samples_and_leases(tmp_path: Path) -> None:
+    stack = await start_stack(tmp_path, metrics_port=0, lease_gauge_seconds=0.1)
+    try:
+        await add_images(stack, 2)
+        for client in ("a", "b", "c"):
+            await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id=client))
+        url = f"http://127.0.0.1:{stack.server.metrics_port}/metrics"
+        for _ in range(50):
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            if "labelgrid_activelearning_leases 2.0" in text:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await stop_stack(stack)
+    assert 'labelgrid_activelearning_next_sample_total{outcome="leased",strategy="first"} 2.0' in text
+    assert 'labelgrid_activelearning_next_sample_total{outcome="all_leased",strategy="first"} 1.0' in text
+    assert "labelgrid_activelearning_leases 2.0" in text
+    assert 'labelgrid_activelearning_scoring_jobs{state="RUNNING"} 0.0' in text
+    assert 'labelgrid_activelearning_images_scored_total{method="epistemic",outcome="scored"} 0.0' in text
 
 
 async def test_strategies_and_methods_are_listed(stack: Stack) -> None:
