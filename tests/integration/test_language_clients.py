@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,6 @@ def start_stack(root: Path) -> Stack:
         argv += [flag, str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = Stack(proc, f"http://127.0.0.1:{ports['--port']}", ports["--port"], root / "studies")
-
-    import threading
 
     def drain() -> None:
         assert proc.stdout is not None
@@ -265,8 +264,15 @@ def test_labelgrid_cli_flow(target: str, reference: Reference, volume: Path, tmp
     assert np.array_equal(voxels(tmp_path / "file.nii.gz"), reference.label)
     (downloaded,) = ok("labels", "download", "scan_cli", "--tag", "cli", "-o", str(tmp_path / "stored.nii.gz"))
     assert downloaded["sha256"] == reference.label_sha256
-    (sample,) = ok("next-sample", "--client-id", "annotator-cli")
-    assert sample["image"] in {image["image"] for image in ok("images", "list")}
+
+
+def test_labelgrid_cli_next_sample(target: str, reference: Reference, tmp_path: Path) -> None:
+    result = labelgrid("next-sample", "--client-id", "annotator-cli", "--json", "--target", target, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sample = json.loads(result.stdout)
+    with Client(target) as sdk:
+        assert sample["image"] in {image.image_id for image in sdk.list_images()}
+    assert sample["lease_expire_time"]
 
 
 @pytest.mark.parametrize(

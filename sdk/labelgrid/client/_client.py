@@ -151,7 +151,10 @@ class Client:
                     self._sleep_before_retry(attempt)
                     attempt += 1
                     continue
-                raise from_rpc_error(err) from None
+                error = from_rpc_error(err)
+                if error.code == grpc.StatusCode.UNIMPLEMENTED:  # e.g. a service the edge does not route
+                    error.message = f"not served at {self.target}: {error.message}"
+                raise error from None
 
     def _unary(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         return self._retrying(lambda: method(request, timeout=timeout or self.timeout, metadata=self._metadata))
