@@ -33,8 +33,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-
 from labelgrid.client import Client
+
 from tests.integration.test_labelgrid_up import UP, Stack, free_ports, stop_stack
 from tests.integration.test_node_client import node  # noqa: F401 - the checked `node` fixture
 
@@ -51,9 +51,9 @@ def port_flags() -> list[str]:
     from gateway.cli import build_parser
 
     parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     up = commands.choices["up"]
-    return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]  # noqa: SLF001
+    return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]
 
 
 def start_stack(root: Path) -> Stack:
@@ -260,7 +260,7 @@ def test_labelgrid_cli_flow(target: str, reference: Reference, volume: Path, tmp
     assert "scan_cli" in {image["image"] for image in ok("images", "list")}
     (inferred,) = ok("infer", MODEL, "scan_cli", "-o", str(tmp_path / "cli.nii.gz"), "--save-label", "cli")
     assert inferred["sha256"] == sha256(tmp_path / "cli.nii.gz") == reference.label_sha256
-    (inferred_file,) = ok("infer", MODEL, str(volume), "--file", "-o", str(tmp_path / "file.nii.gz"))
+    (_,) = ok("infer", MODEL, str(volume), "--file", "-o", str(tmp_path / "file.nii.gz"))
     assert np.array_equal(voxels(tmp_path / "file.nii.gz"), reference.label)
     (downloaded,) = ok("labels", "download", "scan_cli", "--tag", "cli", "-o", str(tmp_path / "stored.nii.gz"))
     assert downloaded["sha256"] == reference.label_sha256

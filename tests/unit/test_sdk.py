@@ -14,12 +14,18 @@ import zipfile
 from pathlib import Path
 
 import grpc
+import labelgrid.client
 import nibabel as nib
 import numpy as np
 import pytest
+from labelgrid.client import (
+    Client,
+    LabelgridError,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 
-import labelgrid.client
-from labelgrid.client import Client, LabelgridError, NotFound, Unauthenticated, Unavailable
 from services.datastore.settings import DatastoreSettings
 from tests.contract.conftest import RunningDatastore, start_datastore
 from tests.integration.conftest import free_port
@@ -98,9 +104,8 @@ async def test_unavailable_is_retried_with_backoff(tmp_path: Path) -> None:
 
 
 def test_no_retries_left_is_unavailable() -> None:
-    with Client(f"127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=5) as client:
-        with pytest.raises(Unavailable) as err:
-            client.list_models()
+    with Client(f"127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=5) as client, pytest.raises(Unavailable) as err:
+        client.list_models()
     assert isinstance(err.value, LabelgridError) and err.value.code == grpc.StatusCode.UNAVAILABLE
 
 

@@ -7,15 +7,16 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
 from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
+from labelgrid.client._errors import ChecksumMismatch, LabelgridError, from_rpc_error
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
@@ -23,8 +24,6 @@ from labelgrid.datastore.v1 import resources_pb2 as ds_resources
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from labelgrid.inference.v1 import resources_pb2 as inf_resources
-
-from labelgrid.client._errors import ChecksumMismatch, LabelgridError, from_rpc_error
 
 DEFAULT_TARGET = "127.0.0.1:8000"  # `labelgrid up`'s Envoy: every service on one port
 CHUNK_BYTES = 1024 * 1024  # the contracts' largest chunk
@@ -129,7 +128,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -137,7 +136,7 @@ class Client:
 
     def _sleep_before_retry(self, attempt: int) -> None:
         delay = min(self.max_backoff, self.backoff * 2**attempt)
-        time.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+        time.sleep(delay * random.uniform(0.5, 1.0))
 
     def _retrying(self, attempt_call: Callable[[], T], *, retry: Callable[[], bool] = lambda: True) -> T:
         """Runs attempt_call, again after a backoff while it fails with UNAVAILABLE and

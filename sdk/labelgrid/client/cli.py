@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
-
 from labelgrid.client._client import DEFAULT_TARGET, Client, Progress, Transfer
 from labelgrid.client._errors import LabelgridError
 from labelgrid.inference.v1 import resources_pb2 as inf_resources
