@@ -320,11 +320,14 @@ class Training:
         job_dir = self.work_dir / "jobs" / job_id
         state, error = FAILED, None
         try:
-            doc = await self._set_state(job_id, {"state": RUNNING, "devices": devices})
+            current = await self.store.get(job_id)
+            started = f"running on {', '.join(devices)}; fetching the labeled images"
+            doc = await self._set_state(
+                job_id, {"state": RUNNING, "devices": devices, "log_tail": [*(current.get("log_tail") or []), started]}
+            )
             trainer = str(doc["trainer"])
             params = dict(doc["resolved_params"])
             await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
-            await self.store.log(job_id, f"running on {', '.join(devices)}; fetching the labeled images")
 
             def job_log(line: str) -> None:
                 asyncio.get_running_loop().create_task(self.store.log(job_id, line))
