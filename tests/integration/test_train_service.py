@@ -361,6 +361,10 @@ async def test_brain_training_beats_the_untrained_model_and_is_served_hot(stack:
             client = asyncio.create_task(keep_inferring())
             try:
                 done = await wait_for(stub, job.name, lambda j: False, timeout=400)
+                # The loop goes on until a request started before the switch has been answered after it.
+                deadline = time.monotonic() + 180
+                while not any(seen) and not client.done() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
             finally:
                 client.cancel()
                 with pytest.raises(asyncio.CancelledError):
