@@ -9,11 +9,13 @@ answered as a short JSON 500, never a stack trace.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.grpc_errors import error_details
@@ -72,6 +74,26 @@ def from_rpc_error(
             },
         )
     return GatewayError(status, message)
+
+
+def naming_service(service: str, address_setting: str) -> type[APIRoute]:
+    """A route class whose gRPC failures name the service behind the router (its address
+    is the gateway setting `address_setting`), e.g. "the training service is not reachable"."""
+
+    class ServiceRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def named(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except grpc.aio.AioRpcError as err:
+                    address = getattr(request.app.state.settings, address_setting)
+                    raise from_rpc_error(err, service=service, address=address) from None
+
+            return named
+
+    return ServiceRoute
 
 
 def error_response(

@@ -22,11 +22,11 @@ from labelgrid.common.v1 import common_pb2
 from labelgrid.training.v1 import resources_pb2 as res
 from labelgrid.training.v1 import training_service_pb2 as pb
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, naming_service
 from gateway.routes.common import Ctx, CtxDep, to_struct
 from services.common.protos import struct_to_dict
 
-router = APIRouter(prefix="/train", tags=["Train"])
+router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))
 log = logging.getLogger("labelgrid.gateway")
 
 _STATUS = {

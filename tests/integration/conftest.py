@@ -117,6 +117,9 @@ class GatewayStack:
             "metrics_port": -1,
             "datastore_address": datastore.address,
             "inference_address": inference_address,
+            # Not started here: closed ports, never whatever else listens on the defaults.
+            "training_address": f"127.0.0.1:{free_port()}",
+            "activelearning_address": f"127.0.0.1:{free_port()}",
             "info_timeout_seconds": 2.0,
         }
         values.update(self.gateway_overrides)
