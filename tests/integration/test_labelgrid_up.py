@@ -64,7 +64,10 @@ class Stack:
 
     def children(self) -> dict[str, psutil.Process]:
         """The supervisor's children by role, from their command lines."""
-        roles = {"services.datastore": "datastore", "services.infer": "inference", "gateway": "gateway", "envoy": "envoy"}
+        roles = {
+            "services.datastore": "datastore", "services.infer": "inference", "services.train": "training",
+            "services.activelearning": "activelearning", "gateway": "gateway", "envoy": "envoy",
+        }  # fmt: skip
         found: dict[str, psutil.Process] = {}
         for child in psutil.Process(self.proc.pid).children():
             with_args = child.cmdline()
@@ -88,14 +91,16 @@ class Stack:
 
 def start_stack(root: Path, *, sample_studies: bool = True) -> Stack:
     """`python -m gateway.cli up` on free ports; returns once it prints that it is up."""
-    edge, admin, gateway, datastore, inference = free_ports(5)
+    edge, admin, gateway, datastore, inference, training, activelearning = free_ports(7)
     studies = root / "studies"
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "gateway.cli", "up",
             "--studies", str(studies), "--work-dir", str(root / "var"),
             "--port", str(edge), "--admin-port", str(admin), "--gateway-port", str(gateway),
-            "--datastore-port", str(datastore), "--inference-port", str(inference), "--device", "cpu",
+            "--datastore-port", str(datastore), "--inference-port", str(inference),
+            "--training-port", str(training), "--activelearning-port", str(activelearning),
+            "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
             *(["--sample-studies"] if sample_studies else []),
         ],
         stdout=subprocess.PIPE,
@@ -165,6 +170,25 @@ def test_monailabel_client_round_trip_through_envoy(stack: Stack, tmp_path: Path
     assert answer["image"] == "via_envoy"
     objects = client.datastore()["objects"]
     assert "final" in objects["via_envoy"]["labels"]
+
+
+def test_monailabel_client_trains_and_gets_next_samples_through_envoy(stack: Stack, tmp_path: Path) -> None:
+    """What Slicer's training and "Next Sample" buttons do, with the official client."""
+    client = MONAILabelClient(stack.url, tmpdir=str(tmp_path), client_id="radiologist-1")
+    info = client.info()
+    assert "segmentation" in info["trainers"] and "first" in info["strategies"]
+
+    started = client.train_start("segmentation", {"max_epochs": 50, "val_split": 0.2})
+    assert started["status"] in ("SUBMITTED", "RUNNING"), started
+    assert client.train_status()["id"] == started["id"]
+    stopped = client.train_stop()
+    assert stopped["id"] == started["id"] and stopped["status"] == "STOPPED", stopped
+    assert client.train_status(check_if_running=True) is False
+
+    # Two annotators asking at once under "first" get two different images, each leased.
+    other = MONAILabelClient(stack.url, tmpdir=str(tmp_path), client_id="radiologist-2")
+    mine, theirs = client.next_sample("first", {}), other.next_sample("first", {})
+    assert mine["id"] and theirs["id"] and mine["id"] != theirs["id"]
 
 
 def rest_stats(stack: Stack) -> dict[str, object]:
@@ -280,7 +304,7 @@ def test_a_killed_child_is_restarted(stack: Stack) -> None:
 
 def test_sigterm_stops_every_child(stack: Stack) -> None:
     children = stack.children()
-    assert set(children) == {"datastore", "inference", "gateway", "envoy"}
+    assert set(children) == {"datastore", "inference", "training", "activelearning", "gateway", "envoy"}
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(60) == 0
     _gone, alive = psutil.wait_procs(list(children.values()), timeout=5)
@@ -293,7 +317,7 @@ def test_sigkill_of_labelgrid_up_leaves_no_orphan(tmp_path: Path) -> None:
     running = start_stack(tmp_path)
     children = running.children()
     try:
-        assert set(children) == {"datastore", "inference", "gateway", "envoy"}
+        assert set(children) == {"datastore", "inference", "training", "activelearning", "gateway", "envoy"}
         running.proc.kill()
         running.proc.wait(10)
         # Reparented children are not ours to reap: poll until their pids are gone (or zombies).
