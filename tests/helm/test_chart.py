@@ -448,8 +448,8 @@ def test_monitoring_objects(rendered: dict) -> None:
     selected = monitor["spec"]["selector"]["matchLabels"]
     scraped = [s for s in _of_kind(docs, "Service") if selected.items() <= s["metadata"]["labels"].items()]
     jobs = {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in scraped}
-    # The job names the dashboard and the alerts expect (training and active learning are off here).
-    assert jobs == {"labelgrid-datastore", "labelgrid-inference", "labelgrid-gateway", "labelgrid-envoy"}
+    # The job names the dashboard and the alerts expect.
+    assert jobs == {f"labelgrid-{c}" for c in (*GRPC_COMPONENTS, "gateway", "envoy")}
     [rule] = _of_kind(docs, "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files" / "alerts.rules.yaml").read_text())["groups"]
     [dashboard] = [d for d in _of_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
