@@ -113,6 +113,7 @@ bench: install-dev
 	$(PY) -m bench.datastore
 	$(PY) -m bench.infer
 	$(PY) -m bench.activelearning
+	$(PY) -m bench.train
 
 clean:
 	rm -rf $(VAR) .pytest_cache .buf-cache
