@@ -52,9 +52,9 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from apps.prompt import Prompt
 from bench.datastore import table
 from services.common.apps import load_app
+from services.common.models.torch_runner import TorchRunner
+from services.common.models.volumes import VolumeFiles
 from services.datastore.sample_studies import synthetic_volume
-from services.infer.adapters.torch_runner import TorchRunner
-from services.infer.adapters.volumes import VolumeFiles
 from tests.fixtures.processes import ServiceProcess, ServiceStartError
 
 MODEL = "segmentation"

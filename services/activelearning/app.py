@@ -17,7 +17,7 @@ from services.common.apps import load_app
 from services.common.datastore_client import DatastoreClient
 from services.common.errors import LabelgridError
 from services.common.jobs import JobStore
-from services.infer.adapters.devices import resolve_devices
+from services.common.models.devices import resolve_devices
 
 log = logging.getLogger("labelgrid.activelearning")
 

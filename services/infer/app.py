@@ -6,11 +6,11 @@ import torch
 
 from services.common.apps import load_app
 from services.common.datastore_client import DatastoreClient
-from services.infer.adapters.devices import resolve_devices
-from services.infer.adapters.torch_runner import TorchRunner
-from services.infer.adapters.volumes import VolumeFiles
+from services.common.models.cache import ModelCache, ServingVersions
+from services.common.models.devices import resolve_devices
+from services.common.models.torch_runner import TorchRunner
+from services.common.models.volumes import VolumeFiles
 from services.infer.domain.inference import Inference
-from services.infer.domain.model_cache import ModelCache, ServingVersions
 from services.infer.domain.scheduler import Scheduler
 from services.infer.settings import InferSettings
 

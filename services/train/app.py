@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from services.common.apps import load_app
 from services.common.datastore_client import DatastoreClient
 from services.common.jobs import JobStore
-from services.infer.adapters.devices import resolve_devices
+from services.common.models.devices import resolve_devices
 from services.train.adapters.data import DataCache
 from services.train.adapters.datastore import TrainingDatastore
 from services.train.adapters.process import ProcessLauncher

@@ -24,8 +24,8 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from services.common.models.volumes import nrrd_affine
 from services.datastore.sample_studies import synthetic_volume
-from services.infer.adapters.volumes import nrrd_affine
 from tests.integration.conftest import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)

@@ -30,10 +30,10 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from services.common.apps import load_app
+from services.common.models.volumes import nrrd_affine
 from services.common.server import GrpcService
 from services.datastore.sample_studies import write_sample_studies
 from services.datastore.settings import DatastoreSettings
-from services.infer.adapters.volumes import nrrd_affine
 from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.domain.inference import Inference

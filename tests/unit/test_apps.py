@@ -16,10 +16,10 @@ from apps.radiology.segmentation_brain import SegmentationBrain
 from apps.transforms import ResampleToSpacing, keep_clicked_components
 from services.common.apps import load_app
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.models.torch_runner import TorchRunner
+from services.common.models.types import Volume
+from services.common.models.volumes import VolumeFiles
 from services.datastore.sample_studies import write_sample_studies
-from services.infer.adapters.torch_runner import TorchRunner
-from services.infer.adapters.volumes import VolumeFiles
-from services.infer.domain.model import Volume
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 

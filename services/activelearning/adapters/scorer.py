@@ -2,7 +2,7 @@
 
 Networks load and hot-reload exactly as inference loads them (the datastore's served
 version, the app's seeded initial weights before any is published): the model cache, the
-torch runner and the volume reader are the inference service's classes, reused. All torch
+torch runner and the volume reader are the shared ones in `services.common.models`. All torch
 work runs on one worker thread per scoring device, off the event loop, one image at a time.
 """
 
@@ -17,9 +17,9 @@ import torch
 
 from apps.activelearning import ScoringInput
 from services.common.datastore_client import DatastoreClient
-from services.infer.adapters.torch_runner import TorchRunner
-from services.infer.adapters.volumes import VolumeFiles
-from services.infer.domain.model_cache import ModelCache
+from services.common.models.cache import ModelCache
+from services.common.models.torch_runner import TorchRunner
+from services.common.models.volumes import VolumeFiles
 
 T = TypeVar("T")
 

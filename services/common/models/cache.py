@@ -1,5 +1,8 @@
 """Loaded networks per (model, device): lazy, LRU-evicted over a byte budget, hot-reloaded.
 
+Shared by inference and active learning scoring, so both load exactly the version the
+datastore serves (the app's initial weights while none is published).
+
 A model loads the first time a request needs it on a device (with a warm-up forward pass,
 done by the runner). Before each request the served version is looked up in the datastore
 (cached for `version_ttl` seconds, so a burst of requests costs one lookup); when training
@@ -19,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from services.infer.domain.model import UNTRAINED, LoadedNetwork
-from services.infer.domain.ports import DatastorePort, ModelRunner
+from services.common.models.ports import ModelRunner, ModelSource
+from services.common.models.types import UNTRAINED, LoadedNetwork
 
 log = logging.getLogger("labelgrid.infer.models")
 
@@ -28,7 +31,7 @@ log = logging.getLogger("labelgrid.infer.models")
 class ServingVersions:
     """The version the datastore says to serve, per model, cached for `ttl` seconds."""
 
-    def __init__(self, datastore: DatastorePort, ttl: float):
+    def __init__(self, datastore: ModelSource, ttl: float):
         self.datastore = datastore
         self.ttl = ttl
         self._cache: dict[str, tuple[float, str]] = {}
@@ -58,7 +61,7 @@ class ServingVersions:
 class ModelCache:
     """(model, device) -> LoadedNetwork, least recently used evicted first over `budget_bytes`."""
 
-    def __init__(self, runner: ModelRunner, datastore: DatastorePort, budget_bytes: int, work_dir: Path):
+    def __init__(self, runner: ModelRunner, datastore: ModelSource, budget_bytes: int, work_dir: Path):
         self.runner = runner
         self.datastore = datastore
         self.budget_bytes = budget_bytes

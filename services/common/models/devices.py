@@ -1,5 +1,8 @@
 """Which devices to run on: `auto` (every visible GPU, else the CPU), `cpu`, `cuda` or `cuda:N`.
 
+Shared by inference, active learning scoring and training (each resolves its `--device`
+here); inference and scoring also describe their devices with it.
+
 CUDA_VISIBLE_DEVICES is honoured by torch itself: `cuda:0` is the first *visible* GPU.
 """
 
@@ -10,7 +13,7 @@ import os
 import torch
 
 from services.common.errors import InvalidArgument
-from services.infer.domain.model import DeviceInfo
+from services.common.models.types import DeviceInfo
 
 
 def resolve_devices(spec: str) -> list[str]:

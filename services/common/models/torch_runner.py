@@ -1,6 +1,8 @@
 """Runs the app's tasks with torch: builds networks, loads weights, warm-up, inference.
 
-Everything here blocks; the scheduler calls it on the device's thread pool. A weights
+Shared by inference and active learning scoring (which loads networks through it).
+Everything here blocks; callers run it on the device's thread pool (inference's scheduler,
+the scorer's worker thread). A weights
 file is a state_dict, or a MONAI Label / ignite checkpoint holding one under "model";
 loaded with `weights_only=True`, so a weights file can never run code.
 """
@@ -18,8 +20,8 @@ import torch.nn.functional as F
 
 from apps.base import InferInput, InferTask, Prompt
 from services.common.errors import FailedPrecondition, LabelgridError
-from services.infer.adapters.devices import describe_devices
-from services.infer.domain.model import (
+from services.common.models.devices import describe_devices
+from services.common.models.types import (
     Cancelled,
     DeviceInfo,
     LoadedNetwork,

@@ -1,5 +1,8 @@
 """Reading images and writing labels: NIfTI through nibabel, NRRD through pynrrd.
 
+Shared by inference (reads images, writes labels) and active learning scoring (reads
+images and labels).
+
 Affines are RAS (nibabel's convention) inside the service. NRRD files are LPS, so their
 space directions and origin are flipped on the way in and out (as MONAI's NrrdReader and
 3D Slicer do), and a label written here lands exactly on its image in any viewer.
@@ -15,7 +18,7 @@ import nrrd
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.infer.domain.model import Volume
+from services.common.models.types import Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

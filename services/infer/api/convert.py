@@ -17,10 +17,9 @@ from labelgrid.inference.v1 import resources_pb2 as res
 
 from apps.prompt import Point, Prompt
 from services.common.errors import InvalidArgument
+from services.common.models.types import UNTRAINED, DeviceInfo
 from services.common.protos import dict_to_struct, split_resource_name, struct_to_dict
 from services.infer.domain.model import (
-    UNTRAINED,
-    DeviceInfo,
     InferOutcome,
     InferParams,
     ModelInfo,

@@ -20,12 +20,13 @@ from typing import Any
 from apps.prompt import Prompt
 from services.common.apps import LoadedApp
 from services.common.errors import InvalidArgument, NotFound
+from services.common.models.cache import ModelCache, ServingVersions
+from services.common.models.ports import ModelRunner, VolumeIO
+from services.common.models.types import UNTRAINED, DeviceInfo, Volume
 from services.infer.domain.model import (
     LABEL_DTYPES,
     LABEL_EXTENSIONS,
-    UNTRAINED,
     AppInfo,
-    DeviceInfo,
     ImageInput,
     InferOutcome,
     InferParams,
@@ -34,10 +35,8 @@ from services.infer.domain.model import (
     ModelMetadata,
     QueueStat,
     TensorInfo,
-    Volume,
 )
-from services.infer.domain.model_cache import ModelCache, ServingVersions
-from services.infer.domain.ports import DatastorePort, ModelRunner, VolumeIO
+from services.infer.domain.ports import DatastorePort
 from services.infer.domain.scheduler import Scheduler
 
 log = logging.getLogger("labelgrid.infer")

@@ -1,4 +1,7 @@
-"""The inference service's domain types: plain data, no gRPC, no torch."""
+"""The inference service's domain types: plain data, no gRPC, no torch.
+
+The types for loading and running networks, shared with scoring, are in `services.common.models.types`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,7 @@ from typing import Any
 
 from apps.prompt import Prompt
 from services.common.errors import ErrorKind, LabelgridError
-
-UNTRAINED = "untrained"
-"""The version name of an app's initial weights (nothing published yet)."""
+from services.common.models.types import DeviceInfo
 
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 LABEL_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
@@ -20,13 +21,6 @@ class DeadlineExceeded(LabelgridError):
     """The request's deadline passed before its inference could run."""
 
     kind = ErrorKind.DEADLINE_EXCEEDED
-    reason = "INFERENCE_ERROR"
-
-
-class Cancelled(LabelgridError):
-    """The caller went away; the inference stopped at the next stage boundary."""
-
-    kind = ErrorKind.CANCELLED
     reason = "INFERENCE_ERROR"
 
 
@@ -60,38 +54,6 @@ class ImageInput:
     uploaded_file_name: str = ""
 
 
-@dataclass(frozen=True)
-class Volume:
-    """A loaded image: voxels (3D, float32 numpy) and the voxel-to-world affine (RAS, 4x4)."""
-
-    data: Any
-    affine: Any
-    file_name: str
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.data.shape)
-
-
-@dataclass(frozen=True)
-class LoadedNetwork:
-    """A network on one device, ready to run; `network` is opaque to the domain."""
-
-    network: Any
-    device: str
-    version: str
-    size_bytes: int
-    load_seconds: float
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What the runner computed: the label map on the image's grid, and seconds per stage."""
-
-    label: Any
-    latencies: dict[str, float]
-
-
 @dataclass
 class LabelFile:
     path: Path
@@ -120,15 +82,6 @@ class InferOutcome:
         if self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir = None
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    name: str
-    kind: str  # "cpu" or "cuda"
-    description: str
-    memory_total_bytes: int
-    memory_used_bytes: int
 
 
 @dataclass(frozen=True)
