@@ -190,6 +190,17 @@ def test_monailabel_client_trains_and_gets_next_samples_through_envoy(stack: Sta
     mine, theirs = client.next_sample("first", {}), other.next_sample("first", {})
     assert mine["id"] and theirs["id"] and mine["id"] != theirs["id"]
 
+    # Working on the image (an infer carries the client's id) keeps its lease alive.
+    handed_out_expiry = mine["lease"]["expire_ts"]
+    time.sleep(1.1)
+    client.infer("segmentation", mine["id"], {})
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
+        leases = pb_grpc.DatastoreServiceStub(channel).ListImageLeases(
+            pb.ListImageLeasesRequest(client_id="radiologist-1"), timeout=10
+        ).leases
+    [lease] = [lease for lease in leases if lease.image_id == mine["id"]]
+    assert lease.expire_time.seconds > handed_out_expiry
+
 
 def rest_stats(stack: Stack) -> dict[str, object]:
     """MONAI Label's datastore stats over REST, to compare the gRPC answers with."""
