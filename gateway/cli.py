@@ -26,10 +26,10 @@ from typing import Protocol
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 from labelgrid.client.cli import add_commands as add_sdk_commands
 from labelgrid.client.cli import run as run_sdk_command
+
+from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from labelgrid.common.v1 import common_pb2
 from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
+from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from labelgrid.training.v1 import training_service_pb2_grpc as train_grpc

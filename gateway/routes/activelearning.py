@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import grpc
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
-from google.protobuf import timestamp_pb2
 from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
 from labelgrid.activelearning.v1 import resources_pb2 as al_res
 from labelgrid.common.v1 import common_pb2
 
 from gateway.errors import GatewayError, from_rpc_error
-from gateway.routes.common import Ctx, CtxDep, check_id, to_struct
+from gateway.routes.common import (
+    Ctx,
+    CtxDep,
+    check_id,
+    task_status,
+    task_time,
+    to_struct,
+)
 from services.common.protos import struct_to_dict
 
 router = APIRouter()
@@ -40,13 +45,6 @@ _NO_SAMPLE = {
     al_pb.NO_SAMPLE_REASON_EMPTY: "EMPTY",
     al_pb.NO_SAMPLE_REASON_ALL_LABELED: "ALL_LABELED",
     al_pb.NO_SAMPLE_REASON_ALL_LEASED: "ALL_LEASED",
-}
-_STATUS = {
-    common_pb2.JOB_STATE_QUEUED: "SUBMITTED",
-    common_pb2.JOB_STATE_RUNNING: "RUNNING",
-    common_pb2.JOB_STATE_SUCCEEDED: "DONE",
-    common_pb2.JOB_STATE_FAILED: "ERROR",
-    common_pb2.JOB_STATE_CANCELLED: "STOPPED",
 }
 _ACTIVE = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
 
@@ -139,19 +137,15 @@ async def sample(
 # -- /scoring/ ------------------------------------------------------------------------------------
 
 
-def _ts(stamp: timestamp_pb2.Timestamp) -> str:
-    """MONAI Label's task times: server local time, "YYYY-MM-DD HH:MM:SS"."""
-    return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
-
 
 def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
     """A scoring job in MONAI Label's task shape (plus labelgrid's progress and errors)."""
     method = job.method.removeprefix("scoringMethods/")
     task: dict[str, Any] = {
         "id": job.job_id,
-        "status": _STATUS.get(job.state, "SUBMITTED"),
+        "status": task_status(job.state),
         "request": {"method": method, "model": job.model.removeprefix("models/"), **struct_to_dict(job.params)},
-        "start_ts": _ts(job.times.start_time if job.times.HasField("start_time") else job.times.create_time),
+        "start_ts": task_time(job.times.start_time if job.times.HasField("start_time") else job.times.create_time),
         "progress": {
             "total": job.progress.total,
             "scored": job.progress.scored,
@@ -166,7 +160,7 @@ def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
     if job.log_tail or job.state != common_pb2.JOB_STATE_QUEUED:
         task["details"] = list(job.log_tail)
     if job.times.HasField("end_time"):
-        task["end_ts"] = _ts(job.times.end_time)
+        task["end_ts"] = task_time(job.times.end_time)
     if job.state == common_pb2.JOB_STATE_SUCCEEDED:
         task["result"] = dict(task["progress"])
     if job.HasField("error"):

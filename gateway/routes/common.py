@@ -6,12 +6,14 @@ import json
 import mimetypes
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
+from labelgrid.common.v1 import common_pb2
 
 from gateway.clients import Download, GrpcClients
 from gateway.errors import GatewayError
@@ -148,3 +150,24 @@ def file_response(
     return StreamingResponse(
         download.chunks(), media_type=media_type(name), headers=headers
     )
+
+
+# -- MONAI Label's task objects (training and scoring runs) -----------------------------------
+
+_TASK_STATUS = {
+    common_pb2.JOB_STATE_QUEUED: "SUBMITTED",
+    common_pb2.JOB_STATE_RUNNING: "RUNNING",
+    common_pb2.JOB_STATE_SUCCEEDED: "DONE",
+    common_pb2.JOB_STATE_FAILED: "ERROR",
+    common_pb2.JOB_STATE_CANCELLED: "STOPPED",
+}
+
+
+def task_status(state: int) -> str:
+    """A JobState as MONAI Label's task status (SUBMITTED, RUNNING, DONE, ERROR, STOPPED)."""
+    return _TASK_STATUS.get(state, "SUBMITTED")
+
+
+def task_time(stamp: timestamp_pb2.Timestamp) -> str:
+    """MONAI Label's task times: server local time, "YYYY-MM-DD HH:MM:SS"."""
+    return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 from typing import Any
 
 import grpc
@@ -23,27 +22,16 @@ from labelgrid.training.v1 import resources_pb2 as res
 from labelgrid.training.v1 import training_service_pb2 as pb
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, to_struct
+from gateway.routes.common import Ctx, CtxDep, task_status, task_time, to_struct
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))
 log = logging.getLogger("labelgrid.gateway")
 
-_STATUS = {
-    common_pb2.JOB_STATE_QUEUED: "SUBMITTED",
-    common_pb2.JOB_STATE_RUNNING: "RUNNING",
-    common_pb2.JOB_STATE_SUCCEEDED: "DONE",
-    common_pb2.JOB_STATE_FAILED: "ERROR",
-    common_pb2.JOB_STATE_CANCELLED: "STOPPED",
-}
 # Keys of MONAI Label's train request the service does not take as params.
 _DROPPED = {"model", "client_id", "gpus", "multi_gpu", "device", "devices", "enqueue", "run_sync"}
 _DETAIL_LINES = 20
 
-
-def _ts(stamp: Any) -> str:
-    """MONAI Label's task time: server local time, "YYYY-MM-DD HH:MM:SS"."""
-    return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def task_json(job: res.TrainingJob) -> dict[str, Any]:
@@ -60,9 +48,9 @@ def task_json(job: res.TrainingJob) -> dict[str, Any]:
         request["device"] = list(job.devices)
     task: dict[str, Any] = {
         "id": job.job_id,
-        "status": _STATUS.get(job.state, "SUBMITTED"),
+        "status": task_status(job.state),
         "request": request,
-        "start_ts": _ts(job.times.create_time),
+        "start_ts": task_time(job.times.create_time),
     }
     if job.state != common_pb2.JOB_STATE_QUEUED:
         details = list(job.log_tail)[-_DETAIL_LINES:]
@@ -70,7 +58,7 @@ def task_json(job: res.TrainingJob) -> dict[str, Any]:
             details.append(f"{job.error.reason}: {job.error.message}")
         task["details"] = details
     if job.times.HasField("end_time"):
-        task["end_ts"] = _ts(job.times.end_time)
+        task["end_ts"] = task_time(job.times.end_time)
     return task
 
 

@@ -12,6 +12,7 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as pb_gr
 from services.activelearning.api import convert
 from services.activelearning.domain.next_sample import NextSampler
 from services.activelearning.domain.scoring import ScoringJobs
+from services.common.protos import job_state_name
 
 
 class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
@@ -69,7 +70,7 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
 
     async def ListScoringJobs(self, request: pb.ListScoringJobsRequest, context: Any) -> pb.ListScoringJobsResponse:
         page = await self.scoring.list(
-            state=convert.state_of(request.state),
+            state=job_state_name(request.state) or "",
             method=convert.method_of(request.method) if request.method else "",
             page_size=request.page_size,
             page_token=request.page_token,

@@ -18,7 +18,12 @@ from labelgrid.inference.v1 import resources_pb2 as res
 from apps.prompt import Point, Prompt
 from services.common.errors import InvalidArgument
 from services.common.models.types import UNTRAINED, DeviceInfo
-from services.common.protos import dict_to_struct, split_resource_name, struct_to_dict
+from services.common.protos import (
+    config_entries,
+    dict_to_struct,
+    split_resource_name,
+    struct_to_dict,
+)
 from services.infer.domain.model import (
     InferOutcome,
     InferParams,
@@ -144,19 +149,6 @@ def result_header(outcome: InferOutcome) -> pb.InferResultHeader:
     )
 
 
-def config_value(value: Any) -> common_pb2.ConfigValue:
-    if value is None:
-        return common_pb2.ConfigValue()
-    if isinstance(value, bool):
-        return common_pb2.ConfigValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.ConfigValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.ConfigValue(double_value=value)
-    if isinstance(value, (list, tuple)):
-        return common_pb2.ConfigValue(choice_value=common_pb2.ConfigChoice(options=[str(v) for v in value]))
-    return common_pb2.ConfigValue(string_value=str(value))
-
 
 def device(info: DeviceInfo) -> common_pb2.Device:
     kind = common_pb2.DEVICE_KIND_CUDA if info.kind == "cuda" else common_pb2.DEVICE_KIND_CPU
@@ -178,7 +170,7 @@ def model(info: ModelInfo) -> res.Model:
         labels_as_list=info.labels_as_list,
         dimension=info.dimension,
         description=info.description,
-        config=[common_pb2.ConfigEntry(key=key, value=config_value(value)) for key, value in info.config.items()],
+        config=config_entries(info.config),
         model_version=version_name(info.name, info.model_version),
         devices=[device(d) for d in info.devices],
     )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-from labelgrid.common.v1 import common_pb2
 from labelgrid.training.v1 import resources_pb2 as res
 
 from services.common.errors import InvalidArgument
-from services.common.protos import dict_to_struct, split_resource_name, struct_to_dict
+from services.common.protos import (
+    config_entries,
+    dict_to_struct,
+    job_error,
+    job_state,
+    job_times,
+    split_resource_name,
+    struct_to_dict,
+)
 from services.train.domain.training import JobRequest, TrainerInfo
 
 _OPTIONAL = ("val_split", "learning_rate", "amp", "pretrained", "early_stop_patience")
@@ -24,28 +29,6 @@ def trainer_name(name: str) -> str:
     return split_resource_name(name, "trainers/{trainer}")[0]
 
 
-def state_name(value: int) -> str | None:
-    """A JobState enum value as the domain's name; None for UNSPECIFIED."""
-    if value == common_pb2.JOB_STATE_UNSPECIFIED:
-        return None
-    try:
-        return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
-    except ValueError:
-        raise InvalidArgument(f"unknown job state {value}") from None
-
-
-def config_value(value: Any) -> common_pb2.ConfigValue:
-    if value is None:
-        return common_pb2.ConfigValue()
-    if isinstance(value, bool):
-        return common_pb2.ConfigValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.ConfigValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.ConfigValue(double_value=value)
-    if isinstance(value, (list, tuple)):
-        return common_pb2.ConfigValue(choice_value=common_pb2.ConfigChoice(options=[str(v) for v in value]))
-    return common_pb2.ConfigValue(string_value=str(value))
 
 
 def trainer(info: TrainerInfo) -> res.Trainer:
@@ -54,7 +37,7 @@ def trainer(info: TrainerInfo) -> res.Trainer:
         trainer_id=info.name,
         model=f"models/{info.model}",
         description=info.description,
-        config=[common_pb2.ConfigEntry(key=key, value=config_value(value)) for key, value in info.config.items()],
+        config=config_entries(info.config),
         labels=info.labels,
     )
 
@@ -89,13 +72,6 @@ def job_request(message: res.TrainingJob, enqueue: bool, request_id: str) -> Job
     )
 
 
-def _timestamp(value: str | None) -> timestamp_pb2.Timestamp | None:
-    if not value:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(datetime.fromisoformat(value))
-    return stamp
-
 
 def _params(given: dict[str, Any]) -> res.TrainingParams:
     given = dict(given or {})
@@ -125,7 +101,9 @@ def job(doc: dict[str, Any]) -> res.TrainingJob:
         job_id=doc["job_id"],
         trainer=f"trainers/{doc.get('trainer', '')}",
         params=_params(doc.get("params") or {}),
-        state=common_pb2.JobState.Value(f"JOB_STATE_{doc.get('state', 'UNSPECIFIED')}"),
+        state=job_state(doc.get("state")),
+        times=job_times(doc),
+        error=job_error(doc),
         queue_position=int(doc.get("queue_position") or 0),
         devices=[str(d) for d in doc.get("devices") or []],
         model_version=str(doc.get("model_version") or ""),
@@ -134,10 +112,6 @@ def job(doc: dict[str, Any]) -> res.TrainingJob:
     out.params.device_count = int(doc.get("device_count") or 0)
     if doc.get("initial_model_version"):
         out.params.initial_model_version = f"models/{doc.get('trainer')}/versions/{doc['initial_model_version']}"
-    for key in ("create_time", "start_time", "end_time"):
-        stamp = _timestamp(doc.get(key))
-        if stamp is not None:
-            getattr(out.times, key).CopyFrom(stamp)
     progress = doc.get("progress")
     if progress:
         out.progress.CopyFrom(
@@ -157,7 +131,4 @@ def job(doc: dict[str, Any]) -> res.TrainingJob:
         )
     if doc.get("train_stats"):
         out.train_stats.CopyFrom(dict_to_struct(doc["train_stats"]))
-    error = doc.get("error")
-    if error and doc.get("state") == "FAILED":
-        out.error.CopyFrom(common_pb2.JobError(reason=str(error.get("reason", "")), message=str(error.get("message", ""))))
     return out

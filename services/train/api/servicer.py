@@ -10,7 +10,7 @@ from labelgrid.training.v1 import training_service_pb2 as pb
 from labelgrid.training.v1 import training_service_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgument
-from services.common.protos import dict_to_struct
+from services.common.protos import dict_to_struct, job_state_name
 from services.common.server import GrpcService
 from services.train.adapters.metrics import TrainingCollector
 from services.train.api import convert
@@ -45,7 +45,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return pb.GetTrainingJobResponse(training_job=convert.job(await self.training.get(convert.job_name(request.name))))
 
     async def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest, context: Any) -> pb.ListTrainingJobsResponse:
-        state = convert.state_name(request.state)
+        state = job_state_name(request.state)
         trainer = convert.trainer_name(request.trainer) if request.trainer else None
         jobs = await self.training.list(state, trainer)
         start, size = _page(request.page_size, request.page_token, len(jobs))
