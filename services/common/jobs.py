@@ -174,15 +174,22 @@ class JobStore:
         self._last_write[job_id] = time.monotonic()
         await self.records.put_record(self.kind, job_id, self._jobs[job_id])
 
-    async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """The job now, then again after every change; ends after a final state."""
+    async def watch(self, job_id: str, min_interval: float = 1.0) -> AsyncIterator[dict[str, Any]]:
+        """The job now, then again after every change, ending after a final state. Changes
+        within one state (progress, log lines) come at most once per `min_interval`."""
         doc = await self.get(job_id)
         condition = self._changed.setdefault(job_id, asyncio.Condition())
         sent: dict[str, Any] | None = None
+        sent_at = 0.0
         while True:
+            if sent is not None and doc != sent and doc.get("state") == sent.get("state"):
+                delay = min_interval - (time.monotonic() - sent_at)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    doc = await self.get(job_id)
             if doc != sent:
                 yield doc
-                sent = doc
+                sent, sent_at = doc, time.monotonic()
             if doc.get("state") in FINAL_STATES:
                 return
             async with condition:

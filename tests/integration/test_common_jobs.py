@@ -101,3 +101,25 @@ async def test_a_restarted_store_fails_the_jobs_it_lost(client: DatastoreClient)
     with pytest.raises(LabelgridError) as missing:
         await second.get("no-such-job")
     assert missing.value.kind is ErrorKind.NOT_FOUND and missing.value.reason == "RECORD_NOT_FOUND"
+
+
+async def test_watchers_get_progress_at_most_once_per_interval_but_every_state(client: DatastoreClient) -> None:
+    store = jobs.JobStore(client, "testJobs")
+    job, _ = await store.create(jobs.new_job())
+    await store.update(job["job_id"], {"state": jobs.RUNNING})
+    seen: list[dict] = []
+
+    async def watch() -> None:
+        async for doc in store.watch(job["job_id"], min_interval=0.5):
+            seen.append(doc)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.05)
+    for step in range(20):
+        await store.update(job["job_id"], {"progress": {"iteration": step}}, persist=False)
+        await asyncio.sleep(0.01)
+    await store.update(job["job_id"], {"state": jobs.SUCCEEDED})
+    await asyncio.wait_for(watcher, 5)
+    running = [doc for doc in seen if doc["state"] == jobs.RUNNING]
+    assert 1 <= len(running) <= 2, [doc.get("progress") for doc in running]
+    assert seen[-1]["state"] == jobs.SUCCEEDED and seen[-1]["progress"] == {"iteration": 19}

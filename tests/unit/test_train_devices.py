@@ -19,6 +19,17 @@ def test_gpus_are_handed_out_whole_and_in_order() -> None:
     assert pool.try_allocate(DeviceRequest(count=2)) == ["cuda:0", "cuda:1"]
 
 
+def test_bare_cuda_means_any_free_gpu() -> None:
+    """MONAI Label's train request says `"device": "cuda"`; on a GPU host that is any free GPU."""
+    pool = DevicePool(["cuda:0", "cuda:1"])
+    pool.check(DeviceRequest(devices=("cuda",)))
+    assert pool.try_allocate(DeviceRequest(devices=("cuda:0",))) == ["cuda:0"]
+    assert pool.try_allocate(DeviceRequest(devices=("cuda",))) == ["cuda:1"]
+    assert pool.try_allocate(DeviceRequest(devices=("cuda",))) is None  # waits for a free one
+    with pytest.raises(InvalidArgument, match="'cuda'"):
+        DevicePool(["cpu"]).check(DeviceRequest(devices=("cuda",)))  # no GPU here: said so
+
+
 def test_cpu_slots_allow_ddp_on_the_cpu() -> None:
     pool = DevicePool(["cpu"], cpu_slots=2)
     assert pool.names == ["cpu"] and pool.totals() == {"cpu": 2}

@@ -45,8 +45,15 @@ class DevicePool:
     def totals(self) -> dict[str, int]:
         return dict(Counter(self.slots))
 
+    def _any_gpu(self, request: DeviceRequest) -> DeviceRequest:
+        """MONAI Label's bare "cuda" means any GPU: on a GPU host, count them instead of naming one."""
+        if self.gpu_mode and request.devices and all(name == "cuda" for name in request.devices):
+            return DeviceRequest(count=len(request.devices))
+        return request
+
     def check(self, request: DeviceRequest) -> None:
         """INVALID_INPUT if the host can never satisfy the request."""
+        request = self._any_gpu(request)
         if request.devices:
             unknown = [d for d in request.devices if d not in self.slots]
             if unknown:
@@ -66,6 +73,7 @@ class DevicePool:
 
     def try_allocate(self, request: DeviceRequest) -> list[str] | None:
         """The devices for the job, marked busy; None while they are not all free."""
+        request = self._any_gpu(request)
         free = [i for i, busy in enumerate(self._busy) if not busy]
         if request.devices:
             picked: list[int] = []
