@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, NotFound
 
 DEFAULT_APP = "apps.radiology"
+# Per part of an app: what users call one, and the NOT_FOUND reason for an unknown name.
+_PARTS = {
+    "infer_tasks": ("model", "MODEL_NOT_FOUND"),
+    "trainers": ("trainer", "MODEL_NOT_FOUND"),
+    "strategies": ("strategy", "STRATEGY_NOT_FOUND"),
+    "scoring_methods": ("scoring method", "STRATEGY_NOT_FOUND"),
+}
 
 
 @dataclass
@@ -34,6 +41,16 @@ class LoadedApp:
     trainers: dict[str, Any] = field(default_factory=dict)
     strategies: dict[str, Any] = field(default_factory=dict)
     scoring_methods: dict[str, Any] = field(default_factory=dict)
+
+    def lookup(self, part: str, name: str) -> Any:
+        """A model, trainer, strategy or scoring method by name (`part` is the attribute);
+        NOT_FOUND with the right reason, naming what the app has, if there is none."""
+        found = getattr(self, part).get(name)
+        if found is None:
+            what, reason = _PARTS[part]
+            known = ", ".join(getattr(self, part)) or "none"
+            raise NotFound(f"{what} {name!r} does not exist; this app has: {known}", reason=reason, metadata={what.replace(" ", "_"): name})
+        return found
 
 
 def _labels(module: ModuleType, infer_tasks: dict[str, Any]) -> tuple[dict[str, int], bool]:

@@ -24,7 +24,7 @@ from services.activelearning.domain.model import (
 )
 from services.activelearning.domain.ports import LeaseStore
 from services.common.apps import LoadedApp
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 
 log = logging.getLogger("labelgrid.activelearning")
 
@@ -50,14 +50,7 @@ class NextSampler:
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
     def strategy(self, name: str) -> Strategy:
-        strategy = self.app.strategies.get(name)
-        if strategy is None:
-            raise NotFound(
-                f"strategy {name!r} does not exist; this app has: {', '.join(self.app.strategies) or 'none'}",
-                reason="STRATEGY_NOT_FOUND",
-                metadata={"strategy": name},
-            )
-        return strategy
+        return self.app.lookup("strategies", name)  # type: ignore[no-any-return]
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:

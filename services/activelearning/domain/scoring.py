@@ -32,7 +32,6 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     LabelgridError,
-    NotFound,
 )
 from services.common.jobs import JobStore, new_job, parse_time
 
@@ -143,23 +142,11 @@ class ScoringJobs:
     # -- use cases ----------------------------------------------------------------------------
 
     def method(self, name: str) -> ScoringMethod:
-        method = self.app.scoring_methods.get(name)
-        if method is None:
-            raise NotFound(
-                f"scoring method {name!r} does not exist; this app has: {', '.join(self.app.scoring_methods) or 'none'}",
-                reason="STRATEGY_NOT_FOUND",
-                metadata={"method": name},
-            )
-        return method
+        return self.app.lookup("scoring_methods", name)  # type: ignore[no-any-return]
 
     def _model(self, method_name: str, method: ScoringMethod, model: str) -> str:
         model = model or method.model
-        if model not in self.app.infer_tasks:
-            raise NotFound(
-                f"model {model!r} does not exist; this app serves: {', '.join(self.app.infer_tasks) or 'nothing'}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": model},
-            )
+        self.app.lookup("infer_tasks", model)
         return model
 
     async def create(

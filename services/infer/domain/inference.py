@@ -97,14 +97,7 @@ class Inference:
         return AppInfo(app.name, app.description, app.version, dict(app.labels), app.labels_as_list)
 
     def task(self, model: str) -> Any:
-        task = self.app.infer_tasks.get(model)
-        if task is None:
-            raise NotFound(
-                f"model {model!r} does not exist; this app serves: {', '.join(self.app.infer_tasks) or 'nothing'}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": model},
-            )
-        return task
+        return self.app.lookup("infer_tasks", model)
 
     async def _version_or_last_known(self, model: str) -> str:
         """For info calls: the served version, or the last one seen when the datastore is down."""
