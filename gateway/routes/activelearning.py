@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -90,8 +91,11 @@ def _client_id(params: dict[str, Any]) -> str:
 
 def _ttl(params: dict[str, Any]) -> int:
     value = params.pop("lease_ttl_seconds", 0) or 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    not_whole = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not_whole or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise GatewayError(422, "lease_ttl_seconds must be a whole number of seconds")
+    if not -(2**31) <= value < 2**31:  # the contract's int32; the service says what range it takes
+        raise GatewayError(400, f"lease_ttl_seconds {value} is out of range")
     return int(value)
 
 
