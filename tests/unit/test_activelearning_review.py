@@ -18,3 +18,137 @@ def test_gateway_refuses_non_finite_and_huge_lease_ttls_with_a_4xx(value: object
 
 def test_gateway_passes_ordinary_lease_ttls() -> None:
     assert _ttl({"lease_ttl_seconds": 60}) == 60 and _ttl({"lease_ttl_seconds": 60.0}) == 60 and _ttl({}) == 0
+
+
+# -- scoring jobs with fakes around the domain -------------------------------------------------
+
+import asyncio  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from apps.activelearning import ScoringMethod  # noqa: E402
+from services.activelearning.domain.model import ImageEntry  # noqa: E402
+from services.activelearning.domain.scoring import ScoringJobs  # noqa: E402
+from services.common import jobs as job_states  # noqa: E402
+from services.common.errors import NotFound, Unavailable  # noqa: E402
+from services.common.jobs import JobStore  # noqa: E402
+
+
+class Records:
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+        self.fail = False
+
+    async def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
+        if self.fail:
+            raise Unavailable("the datastore is down")
+        self.data[record_id] = dict(data)
+        return 1
+
+    async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        return self.data.get(record_id)
+
+    async def list_records(self, kind: str) -> list[dict[str, Any]]:
+        return list(self.data.values())
+
+
+class Method(ScoringMethod):
+    model = "seg"
+    score_key = "s"
+
+
+class App:
+    def __init__(self) -> None:
+        self.scoring_methods = {"m": Method()}
+        self.infer_tasks = {"seg": object()}
+
+    def lookup(self, kind: str, name: str) -> Any:
+        table = getattr(self, kind)
+        if name not in table:
+            raise NotFound(f"{name} does not exist")
+        return table[name]
+
+
+class Store:
+    """Three unlabeled images; `gone` are deleted by the time they are downloaded or scored."""
+
+    def __init__(self, gone: set[str], gone_at: str = "download") -> None:
+        self.gone, self.gone_at = gone, gone_at
+        self.scores: dict[str, float] = {}
+
+    async def serving_version(self, model: str) -> str | None:
+        return None
+
+    async def images(self, labeled: bool, label_tag: str) -> list[ImageEntry]:
+        return [ImageEntry(i, f"{i}.nii.gz", "", {}, {}) for i in ("a", "b", "c")]
+
+    def _check(self, image_id: str, where: str) -> None:
+        if image_id in self.gone and self.gone_at == where:
+            raise NotFound(f"image {image_id!r} does not exist", reason="IMAGE_NOT_FOUND")
+
+    async def download_image(self, image_id: str, dest_dir: Path) -> Path:
+        self._check(image_id, "download")
+        path = dest_dir / f"{image_id}.nii.gz"
+        path.write_bytes(b"x")
+        return path
+
+    async def set_score(self, image_id: str, key: str, value: float, model_version: str) -> None:
+        self._check(image_id, "score")
+        self.scores[image_id] = value
+
+    async def update_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self._check(image_id, "info")
+
+
+class Scorer:
+    devices = ["cpu"]
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Event | None = None
+
+    async def score(self, method: Any, task: Any, model: str, version: str, image: Path, label: Any, params: Any) -> float:
+        if self.gate is not None:
+            await self.gate.wait()
+        return 0.5
+
+    def close(self) -> None:
+        pass
+
+
+async def run_job(jobs: ScoringJobs) -> dict[str, Any]:
+    doc = await jobs.create("m")
+    for _ in range(200):
+        doc = await jobs.get(doc["job_id"])
+        if doc["state"] in job_states.FINAL_STATES:
+            return doc
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the job never ended: {doc}")
+
+
+def scoring(tmp_path: Path, store: Store, records: Records | None = None, scorer: Scorer | None = None) -> ScoringJobs:
+    jobs = JobStore(records or Records(), "scoringJobs")
+    return ScoringJobs(App(), store, jobs, scorer or Scorer(), tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gone_at", ["download", "score", "info"])
+async def test_images_deleted_mid_scoring_are_skipped_not_failed(tmp_path: Path, gone_at: str) -> None:
+    store = Store({"b"}, gone_at)
+    jobs = scoring(tmp_path, store)
+    await jobs.start()
+    try:
+        doc = await run_job(jobs)
+    finally:
+        await jobs.stop()
+    assert doc["state"] == job_states.SUCCEEDED, doc
+    assert doc["progress"]["failed"] == 0 and doc["progress"]["skipped"] == 1 and doc["progress"]["scored"] == 2
+    assert not list(tmp_path.iterdir()), "scratch directories were left behind"
+
+
+async def test_a_job_whose_images_were_all_deleted_succeeds_with_nothing_scored(tmp_path: Path) -> None:
+    jobs = scoring(tmp_path, Store({"a", "b", "c"}))
+    await jobs.start()
+    try:
+        doc = await run_job(jobs)
+    finally:
+        await jobs.stop()
+    assert doc["state"] == job_states.SUCCEEDED and doc["progress"]["skipped"] == 3, doc

@@ -32,12 +32,15 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     LabelgridError,
+    NotFound,
 )
 from services.common.jobs import JobStore, new_job, parse_time
 
 log = logging.getLogger("labelgrid.activelearning.scoring")
 
 RECORD_KIND = "scoringJobs"
+# The datastore's reasons when an image (or its label) went away while a job scored it.
+GONE_REASONS = frozenset({"IMAGE_NOT_FOUND", "LABEL_NOT_FOUND"})
 MAX_PAGE_SIZE = 1000
 
 
@@ -344,13 +347,26 @@ class ScoringJobs:
             self.images[(method_name, "scored")] += 1
         except asyncio.CancelledError:
             raise
+        except NotFound as error:
+            if error.reason not in GONE_REASONS:
+                await self._image_failed(job_id, method_name, image, error.message, progress)
+                return
+            # Deleted (or, for Dice, unlabeled) since the job listed it: nothing left to score.
+            progress["skipped"] += 1
+            self.images[(method_name, "skipped")] += 1
+            await self.jobs.log(job_id, f"image {image.image_id}: skipped, {error.message}")
         except Exception as error:  # noqa: BLE001 - one bad image must not end the run
-            progress["failed"] += 1
-            self.images[(method_name, "failed")] += 1
             message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
-            await self.jobs.log(job_id, f"image {image.image_id}: {message}")
+            await self._image_failed(job_id, method_name, image, message, progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _image_failed(
+        self, job_id: str, method_name: str, image: ImageEntry, message: str, progress: dict[str, int]
+    ) -> None:
+        progress["failed"] += 1
+        self.images[(method_name, "failed")] += 1
+        await self.jobs.log(job_id, f"image {image.image_id}: {message}")
 
     # -- auto scoring -------------------------------------------------------------------------
 
