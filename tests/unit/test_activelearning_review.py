@@ -152,3 +152,34 @@ async def test_a_job_whose_images_were_all_deleted_succeeds_with_nothing_scored(
     finally:
         await jobs.stop()
     assert doc["state"] == job_states.SUCCEEDED and doc["progress"]["skipped"] == 3, doc
+
+
+class SlowStore(Store):
+    """Lists images only once `gate` opens, then fails (the datastore went away)."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+        self.gate = asyncio.Event()
+        self.listing = asyncio.Event()
+
+    async def images(self, labeled: bool, label_tag: str) -> list[ImageEntry]:
+        self.listing.set()
+        await self.gate.wait()
+        raise Unavailable("the datastore is down")
+
+
+async def test_a_cancelled_job_stays_cancelled_when_its_run_then_fails(tmp_path: Path) -> None:
+    store = SlowStore()
+    jobs = scoring(tmp_path, store)
+    await jobs.start()
+    try:
+        doc = await jobs.create("m")
+        await asyncio.wait_for(store.listing.wait(), 5)
+        assert (await jobs.cancel(doc["job_id"]))["state"] == job_states.CANCELLED
+        store.gate.set()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        after = await jobs.get(doc["job_id"])
+    finally:
+        await jobs.stop()
+    assert after["state"] == job_states.CANCELLED and not after.get("error"), after

@@ -316,6 +316,10 @@ class ScoringJobs:
 
     async def _fail(self, job_id: str, progress: dict[str, int], reason: str, message: str) -> None:
         current = await self.jobs.get(job_id)
+        if current.get("state") in job_states.FINAL_STATES or job_id in self._cancelled:
+            # Cancelled while it ran: it stays CANCELLED (what the canceller was told).
+            await self.jobs.update(job_id, {"progress": dict(progress)})
+            return
         await self.jobs.update(
             job_id,
             {
