@@ -363,6 +363,8 @@ class Training:
             proc = await self.launcher.start(job_dir, spec, devices, on_line, lambda event: self._on_event(job_id, trainer, event))
             self._procs[job_id] = proc
             await self.store.log(job_id, f"training process started (pid {proc.pid})")
+            if job_id in self._cancel:  # a stop came while the child was being started
+                await proc.stop(self.stop_grace_seconds)
             code = await proc.wait()
             await self._drain_publisher(job_id)
             if job_id in self._cancel:

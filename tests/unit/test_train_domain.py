@@ -1,0 +1,157 @@
+"""The training use cases over in-memory fakes: stop races, param bounds, child process groups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.jobs import CANCELLED, QUEUED, JobStore
+from services.train.api import convert
+from services.train.domain.devices import DevicePool
+from services.train.domain.training import JobRequest, Training
+
+
+class Records:
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+
+    async def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
+        self.data[record_id] = dict(data)
+        return 1
+
+    async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        return self.data.get(record_id)
+
+    async def list_records(self, kind: str) -> list[dict[str, Any]]:
+        return list(self.data.values())
+
+
+class Datastore:
+    async def serving_version(self, model: str) -> str | None:
+        return None
+
+    async def model_version_exists(self, model: str, version: str) -> bool:
+        return False
+
+
+class Data:
+    async def labeled_datalist(self, tag: str, log: Any) -> list[dict[str, str]]:
+        return [{"image": "a", "label": "b", "image_id": "a"}]
+
+
+class Proc:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.stopped = False
+
+    async def wait(self) -> int:
+        await self.done.wait()
+        return -15 if self.stopped else 0
+
+    async def stop(self, grace_seconds: float) -> None:
+        self.stopped = True
+        self.done.set()
+
+
+class SlowLauncher:
+    """A launcher whose start takes a moment (spawning a child does)."""
+
+    def __init__(self) -> None:
+        self.starting = asyncio.Event()
+        self.procs: list[Proc] = []
+
+    async def start(self, job_dir: Path, spec: dict[str, Any], devices: list[str], on_line: Any, on_event: Any) -> Proc:
+        self.starting.set()
+        await asyncio.sleep(0.2)
+        proc = Proc()
+        self.procs.append(proc)
+        return proc
+
+
+class Trainer:
+    config = {"max_epochs": 5, "val_split": 0.2, "early_stop_patience": -1}
+    description = "fake"
+
+    def info(self) -> dict[str, Any]:
+        return {"config": self.config, "description": self.description}
+
+
+def training(tmp_path: Path, launcher: Any) -> Training:
+    return Training(
+        trainers={"seg": Trainer()},
+        store=JobStore(Records(), "trainingJobs"),
+        datastore=Datastore(),  # type: ignore[arg-type]
+        data=Data(),
+        launcher=launcher,
+        pool=DevicePool(["cpu"]),
+        work_dir=tmp_path,
+        app_module="apps.radiology",
+        stop_grace_seconds=0.1,
+    )
+
+
+async def test_a_stop_while_the_child_is_being_started_stops_it(tmp_path: Path) -> None:
+    launcher = SlowLauncher()
+    t = training(tmp_path, launcher)
+    job = await t.create(JobRequest("seg", {}))
+    await asyncio.wait_for(launcher.starting.wait(), 5)
+    done = await asyncio.wait_for(t.cancel(job["job_id"]), 5)
+    assert done["state"] == CANCELLED
+    assert launcher.procs and launcher.procs[0].stopped
+    await t.close()
+
+
+async def test_a_cancelled_queued_job_leaves_nothing_behind(tmp_path: Path) -> None:
+    launcher = SlowLauncher()
+    t = training(tmp_path, launcher)
+    first = await t.create(JobRequest("seg", {}))
+    second = await t.create(JobRequest("seg", {}, enqueue=True))
+    assert second["state"] == QUEUED and second["queue_position"] == 1
+    assert (await t.cancel(second["job_id"]))["state"] == CANCELLED
+    assert second["job_id"] not in t._requests
+    await t.cancel(first["job_id"])
+    await t.close()
+
+
+@pytest.mark.parametrize("key", ["max_epochs", "train_batch_size", "val_batch_size", "early_stop_patience"])
+async def test_int32_params_out_of_range_are_invalid(tmp_path: Path, key: str) -> None:
+    t = training(tmp_path, SlowLauncher())
+    with pytest.raises(InvalidArgument, match=key):
+        await t.create(JobRequest("seg", {key: 2**31}))
+    # In range: accepted, and the job converts to its proto.
+    job = await t.create(JobRequest("seg", {key: 2**31 - 1}))
+    convert.job({**job, "progress": {"total_epochs": job["resolved_params"]["max_epochs"]}})
+    await t.cancel(job["job_id"])
+    await t.close()
+
+
+async def test_the_childs_process_group_is_killed_once_it_exits(tmp_path: Path) -> None:
+    from services.train.adapters.process import ChildRun
+
+    pid_file = tmp_path / "pid"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        f"import subprocess,sys; p=subprocess.Popen(['sleep','60']); open({str(pid_file)!r},'w').write(str(p.pid)); sys.exit(3)",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    run = ChildRun(proc, tmp_path, tmp_path / "events.jsonl", lambda line: None, lambda event: None)
+    assert await asyncio.wait_for(run.wait(), 10) == 3
+    orphan = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        os.kill(orphan, signal.SIGKILL)
+        pytest.fail("a process the child started outlived it")
