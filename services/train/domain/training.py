@@ -143,6 +143,7 @@ class Training:
         """Stops every running job (FAILED: the service stopped) and flushes progress."""
         for job_id in list(self._queue):
             self._queue.remove(job_id)
+            self._requests.pop(job_id, None)
             await self._finish(job_id, FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped before the job ran"})
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -259,6 +260,7 @@ class Training:
             raise FailedPrecondition(f"job {job_id} has already ended ({doc.get('state')})")
         if job_id in self._queue:
             self._queue.remove(job_id)
+            self._requests.pop(job_id, None)
             await self._finish(job_id, CANCELLED, None)
             self._dispatch()
             return self._view(await self.store.get(job_id))
