@@ -35,6 +35,8 @@ TYPED_PARAMS = (
     "max_epochs", "val_split", "learning_rate", "train_batch_size", "val_batch_size", "amp", "pretrained",
     "early_stop_patience",
 )  # fmt: skip
+# The contract holds these params (and progress epochs) as int32.
+INT32_MAX = 2**31 - 1
 
 
 class TrainFailed(LabelgridError):
@@ -184,12 +186,12 @@ class Training:
             if isinstance(default, list) and default and isinstance(value, str) and value not in default:
                 raise InvalidArgument(f"{key} must be one of {', '.join(map(str, default))}, got {value!r}")
             params[key] = value
-        _check_number(params, "max_epochs", int, 1, None)
+        _check_number(params, "max_epochs", int, 1, INT32_MAX)
         _check_number(params, "val_split", float, 0.0, 1.0, high_open=True)
         _check_number(params, "learning_rate", float, 0.0, None, low_open=True)
-        _check_number(params, "train_batch_size", int, 1, None)
-        _check_number(params, "val_batch_size", int, 1, None)
-        _check_number(params, "early_stop_patience", int, -1, None)
+        _check_number(params, "train_batch_size", int, 1, INT32_MAX)
+        _check_number(params, "val_batch_size", int, 1, INT32_MAX)
+        _check_number(params, "early_stop_patience", int, -1, INT32_MAX)
         if "num_samples" in config:
             _check_number(params, "num_samples", int, 1, 64)
         for key in ("amp", "pretrained"):
