@@ -183,3 +183,20 @@ async def test_a_cancelled_job_stays_cancelled_when_its_run_then_fails(tmp_path:
     finally:
         await jobs.stop()
     assert after["state"] == job_states.CANCELLED and not after.get("error"), after
+
+
+async def test_a_job_is_not_left_running_when_the_datastore_refuses_its_state_change(tmp_path: Path) -> None:
+    records = Records()
+    jobs = scoring(tmp_path, Store(set()), records)
+    await jobs.start()
+    try:
+        await jobs.taken_over
+        doc = await jobs.create("m")
+        records.fail = True  # the runner's first write (QUEUED -> RUNNING) fails
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        after = await jobs.get(doc["job_id"])
+    finally:
+        records.fail = False
+        await jobs.stop()
+    assert after["state"] == job_states.FAILED and after["error"]["reason"], after

@@ -254,11 +254,25 @@ class ScoringJobs:
                     await self._run(job_id)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as error:
                     log.exception("scoring job crashed", extra={"job": job_id})
+                    await self._crashed(job_id, error)
                 finally:
                     self._running = None
                     await self._count_states()
+
+    async def _crashed(self, job_id: str, error: Exception) -> None:
+        """Ends a job whose run broke outside the per-image handling (e.g. the datastore
+        refused its RUNNING write), so it does not show RUNNING forever. The state is set in
+        memory even when the datastore still refuses the write; a restart resumes the job."""
+        try:
+            current = await self.jobs.get(job_id)
+            if current.get("state") in job_states.ACTIVE_STATES:
+                progress = dict(current.get("progress") or {})
+                message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
+                await self._fail(job_id, progress, "SERVER_ERROR", message)
+        except Exception:  # noqa: BLE001 - the runner must go on with the next job
+            log.warning("could not store that the scoring job failed", extra={"job": job_id})
 
     async def _run(self, job_id: str) -> None:
         doc = await self.jobs.get(job_id)
