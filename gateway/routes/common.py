@@ -107,7 +107,7 @@ def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     try:
         out.update(value)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise GatewayError(422, f"unsupported value in JSON: {err}") from None
     return out
 

@@ -155,3 +155,12 @@ async def test_the_childs_process_group_is_killed_once_it_exits(tmp_path: Path) 
     else:
         os.kill(orphan, signal.SIGKILL)
         pytest.fail("a process the child started outlived it")
+
+
+def test_a_json_number_too_big_for_a_struct_is_a_422() -> None:
+    from gateway.errors import GatewayError
+    from gateway.routes.common import to_struct
+
+    with pytest.raises(GatewayError) as caught:
+        to_struct({"max_epochs": 10**400})
+    assert caught.value.status == 422
