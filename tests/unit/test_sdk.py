@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,41 @@ def test_wheel_installs_the_sdk_inside_the_labelgrid_package(tmp_path: Path) -> 
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert all(Path(line).is_relative_to(site) for line in result.stdout.split()), result.stdout
+
+
+async def test_next_sample_says_why_nothing_was_handed_out(tmp_path: Path) -> None:
+    """`next_sample` keeps answering None; `next_sample_result` and the CLI give the reason."""
+    from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
+    from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
+    from labelgrid.client import NoSample
+
+    class Servicer(al_grpc.ActiveLearningServiceServicer):
+        async def NextSample(self, request, context):  # type: ignore[no-untyped-def]
+            return al_pb.NextSampleResponse(no_sample_reason=al_pb.NO_SAMPLE_REASON_ALL_LEASED)
+
+    server = grpc.aio.server()
+    al_grpc.add_ActiveLearningServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+
+        def calls() -> tuple[object, object]:
+            with Client(f"127.0.0.1:{port}", retries=0) as client:
+                return client.next_sample("annotator"), client.next_sample_result("annotator", "first")
+
+        plain, result = await asyncio.to_thread(calls)
+        assert plain is None
+        assert isinstance(result, NoSample) and result.reason == "ALL_LEASED" and not result
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "gateway.cli", "next-sample", "--client-id", "annotator", *args,
+                                   "--target", f"127.0.0.1:{port}"],
+                                  capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)  # fmt: skip
+
+        as_json = await asyncio.to_thread(cli, "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        assert json.loads(as_json.stdout) == {"image": None, "reason": "ALL_LEASED"}
+        as_text = await asyncio.to_thread(cli)
+        assert as_text.returncode == 0 and "ALL_LEASED" in as_text.stdout, as_text.stdout + as_text.stderr
+    finally:
+        await server.stop(0)

@@ -8,6 +8,7 @@
         result = lg.infer("segmentation", image.image_id, "scan_seg.nii.gz")
         lg.download_label(image.image_id, "final", "final.nii.gz")
         lg.next_sample("annotator-1")                       # None when nothing is left
+        lg.next_sample_result("annotator-1")                # or NoSample(reason="ALL_LEASED")
 
 Uploads stream the file in chunks of at most 1 MiB and end with its sha256, which the server
 verifies; downloads are written to a temporary file, verified against the sha256 the server
@@ -25,6 +26,7 @@ from labelgrid.client._client import (
     DEFAULT_TARGET,
     Client,
     InferResult,
+    NoSample,
     Sample,
     Transfer,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "Client",
     "InferResult",
     "LabelgridError",
+    "NoSample",
     "NotFound",
     "PermissionDenied",
     "Sample",

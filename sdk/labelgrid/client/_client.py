@@ -66,6 +66,19 @@ class Sample:
     strategy_info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class NoSample:
+    """Why active learning handed out no image (`Client.next_sample_result`): reason is the
+    service's NoSampleReason without its prefix — "EMPTY" (no images), "ALL_LABELED" or
+    "ALL_LEASED" (every unlabeled image is held by another client); "" if none was given.
+    Falsy, so `if result:` reads as "an image was handed out"."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
 def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     if values:
@@ -419,7 +432,15 @@ class Client:
     def next_sample(
         self, client_id: str, strategy: str = "random", *, params: Mapping[str, Any] | None = None
     ) -> Sample | None:
-        """The next image to label for client_id, leased to it; None when nothing is left."""
+        """The next image to label for client_id, leased to it; None when nothing is left
+        (`next_sample_result` says why)."""
+        result = self.next_sample_result(client_id, strategy, params=params)
+        return result if isinstance(result, Sample) else None
+
+    def next_sample_result(
+        self, client_id: str, strategy: str = "random", *, params: Mapping[str, Any] | None = None
+    ) -> Sample | NoSample:
+        """As `next_sample`, but when nothing is left a `NoSample` with the service's reason."""
         if not client_id:
             raise LabelgridError("client_id is required")
         name = strategy if strategy.startswith("strategies/") else f"strategies/{strategy}"
@@ -428,7 +449,8 @@ class Client:
             al_pb.NextSampleRequest(strategy=name, client_id=client_id, params=_struct(params)),
         )
         if not answer.HasField("image"):
-            return None
+            reason = al_pb.NoSampleReason.Name(answer.no_sample_reason) if answer.no_sample_reason else ""
+            return NoSample(reason.removeprefix("NO_SAMPLE_REASON_"))
         return Sample(
             image_id=answer.image.image_id,
             image=answer.image,

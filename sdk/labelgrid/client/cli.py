@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
-from labelgrid.client._client import DEFAULT_TARGET, Client, Progress, Transfer
+from labelgrid.client._client import DEFAULT_TARGET, Client, Progress, Sample, Transfer
 from labelgrid.client._errors import LabelgridError
 from labelgrid.inference.v1 import resources_pb2 as inf_resources
 
@@ -205,9 +205,9 @@ def _infer(client: Client, args: argparse.Namespace) -> None:
 
 
 def _next_sample(client: Client, args: argparse.Namespace) -> None:
-    sample = client.next_sample(args.client_id, args.strategy)
-    if sample is None:
-        _emit(args, {"image": None}, "nothing left to label")
+    sample = client.next_sample_result(args.client_id, args.strategy)
+    if not isinstance(sample, Sample):
+        _emit(args, {"image": None, "reason": sample.reason}, f"nothing left to label ({sample.reason or 'no reason given'})")
         return
     record = {"image": sample.image_id, "lease_expire_time": sample.lease_expire_time,
               "strategy_info": sample.strategy_info, "file_name": sample.image.file_name}  # fmt: skip
