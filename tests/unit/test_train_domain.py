@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -78,7 +78,7 @@ class SlowLauncher:
 
 
 class Trainer:
-    config = {"max_epochs": 5, "val_split": 0.2, "early_stop_patience": -1}
+    config: ClassVar[dict[str, Any]] = {"max_epochs": 5, "val_split": 0.2, "early_stop_patience": -1}
     description = "fake"
 
     def info(self) -> dict[str, Any]:

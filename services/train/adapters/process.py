@@ -80,7 +80,17 @@ class ChildRun:
             await asyncio.sleep(EVENT_POLL_SECONDS)
 
     async def wait(self) -> int:
-        code = await self.proc.wait()
+        # proc.wait() also waits for the child's stdout to close, which a process it started
+        # may hold open long after the child is gone (torchrun's workers when torchrun died):
+        # watch for the child's own exit, then kill what it left behind in its group.
+        waiter = asyncio.ensure_future(self.proc.wait())
+        while self.proc.returncode is None and not waiter.done():
+            await asyncio.wait({waiter}, timeout=EVENT_POLL_SECONDS)
+        code = self.proc.returncode
+        assert code is not None
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=5)
         self._tailer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._tailer
@@ -96,6 +106,7 @@ class ChildRun:
     async def stop(self, grace_seconds: float) -> None:
         """SIGTERM to the whole group, SIGKILL after `grace_seconds`; returns once the child is gone."""
         if self.proc.returncode is not None:
+            self._signal_group(signal.SIGKILL)  # the child is gone; what it started may not be
             return
         if grace_seconds > 0:
             self._signal_group(signal.SIGTERM)
