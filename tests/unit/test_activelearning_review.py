@@ -200,3 +200,38 @@ async def test_a_job_is_not_left_running_when_the_datastore_refuses_its_state_ch
         records.fail = False
         await jobs.stop()
     assert after["state"] == job_states.FAILED and after["error"]["reason"], after
+
+
+# -- next sample -----------------------------------------------------------------------------
+
+from datetime import datetime  # noqa: E402
+
+from apps.activelearning import First  # noqa: E402
+from services.activelearning.domain.model import Acquired, Lease  # noqa: E402
+from services.activelearning.domain.next_sample import NextSampler  # noqa: E402
+
+
+class LeaseStore:
+    """Hands out "a" then "b"; "a" is deleted right after its lease."""
+
+    def __init__(self) -> None:
+        self.free = ["a", "b"]
+
+    async def acquire(self, client_id: str, strategy: str, order: str, score_key: str, label_tag: str, ttl: int) -> Acquired:
+        if not self.free:
+            return Acquired(no_image_reason="ALL_LEASED")
+        image_id = self.free.pop(0)
+        now = datetime.now()
+        return Acquired(ImageEntry(image_id, image_id, "", {}, {}), Lease(image_id, client_id, strategy, now, now))
+
+    async def update_info(self, image_id: str, info: dict[str, Any]) -> None:
+        if image_id == "a":
+            raise NotFound(f"image {image_id!r} not found", reason="IMAGE_NOT_FOUND")
+
+
+async def test_an_image_deleted_right_after_its_lease_is_replaced_by_the_next_one() -> None:
+    app = App()
+    app.strategies = {"first": First()}  # type: ignore[attr-defined]
+    sampler = NextSampler(app, LeaseStore(), 60)  # type: ignore[arg-type]
+    result = await sampler.next_sample("first", "annotator", {})
+    assert result.image is not None and result.image.image_id == "b", result

@@ -24,12 +24,13 @@ from services.activelearning.domain.model import (
 )
 from services.activelearning.domain.ports import LeaseStore
 from services.common.apps import LoadedApp
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 
 log = logging.getLogger("labelgrid.activelearning")
 
 MAX_TTL_SECONDS = 7 * 24 * 3600
 MAX_PAGE_SIZE = 1000
+ACQUIRE_ATTEMPTS = 3  # an image deleted between its lease and its info mark: lease another
 
 
 def check_client_id(client_id: str) -> str:
@@ -62,20 +63,27 @@ class NextSampler:
         check_client_id(client_id)
         ttl = self._ttl(ttl_seconds)
         label_tag = str(params.get("label_tag") or strategy.label_tag or self.label_tag)
-        acquired = await self.store.acquire(
-            client_id, strategy_name, strategy.order.value, strategy.score_key, label_tag, ttl
-        )
-        if acquired.image is None or acquired.lease is None:
-            reason = acquired.no_image_reason or ALL_LEASED
-            self.outcomes[(strategy_name, reason.lower())] += 1
-            return NextSample(None, None, {}, reason)
-        image = acquired.image
-        now = int(time.time())
-        # MONAI Label records who was handed the image under which strategy, in the image info.
-        marks = image.info.get("strategy")
-        marks = dict(marks) if isinstance(marks, dict) else {}
-        marks[strategy_name] = {"ts": now, "client_id": client_id}
-        await self.store.update_info(image.image_id, {"strategy": marks})
+        for attempt in range(ACQUIRE_ATTEMPTS):
+            acquired = await self.store.acquire(
+                client_id, strategy_name, strategy.order.value, strategy.score_key, label_tag, ttl
+            )
+            if acquired.image is None or acquired.lease is None:
+                reason = acquired.no_image_reason or ALL_LEASED
+                self.outcomes[(strategy_name, reason.lower())] += 1
+                return NextSample(None, None, {}, reason)
+            image = acquired.image
+            now = int(time.time())
+            # MONAI Label records who was handed the image under which strategy, in the image info.
+            marks = image.info.get("strategy")
+            marks = dict(marks) if isinstance(marks, dict) else {}
+            marks[strategy_name] = {"ts": now, "client_id": client_id}
+            try:
+                await self.store.update_info(image.image_id, {"strategy": marks})
+                break
+            except NotFound:
+                # Deleted right after it was leased (its lease went with it): lease the next one.
+                if attempt == ACQUIRE_ATTEMPTS - 1:
+                    raise
         self.outcomes[(strategy_name, "leased")] += 1
         return NextSample(image, acquired.lease, self._strategy_info(strategy, image.scores, now), "")
 
