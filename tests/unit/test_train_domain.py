@@ -164,3 +164,27 @@ def test_a_json_number_too_big_for_a_struct_is_a_422() -> None:
     with pytest.raises(GatewayError) as caught:
         to_struct({"max_epochs": 10**400})
     assert caught.value.status == 422
+
+
+async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path) -> None:
+    launcher = SlowLauncher()
+    t = training(tmp_path, launcher)
+    running = await t.create(JobRequest("seg", {}))
+    await t.create(JobRequest("seg", {}, enqueue=True))
+    await t.create(JobRequest("seg", {}, enqueue=True))
+    while not launcher.procs:
+        await asyncio.sleep(0.05)
+    records = t.store.records
+    put = records.put_record
+
+    async def slow_put(kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
+        if data.get("state") == "FAILED" and record_id != running["job_id"]:
+            launcher.procs[0].done.set()  # the running job ends just now
+            await asyncio.sleep(0.1)
+        return await put(kind, record_id, data, expected_revision)
+
+    records.put_record = slow_put  # type: ignore[method-assign]
+    await asyncio.wait_for(t.close(), 10)
+    assert not t._tasks and not t._queue
+    states = {doc["state"] for doc in await t.store.list()}
+    assert states <= {"SUCCEEDED", "FAILED"}, states

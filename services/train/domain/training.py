@@ -143,8 +143,9 @@ class Training:
 
     async def close(self) -> None:
         """Stops every running job (FAILED: the service stopped) and flushes progress."""
-        for job_id in list(self._queue):
-            self._queue.remove(job_id)
+        # Take the whole queue first: a job ending while these are written would start the next.
+        queued, self._queue[:] = list(self._queue), []
+        for job_id in queued:
             self._requests.pop(job_id, None)
             await self._finish(job_id, FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped before the job ran"})
         tasks = list(self._tasks.values())
