@@ -188,3 +188,23 @@ async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path
     assert not t._tasks and not t._queue
     states = {doc["state"] for doc in await t.store.list()}
     assert states <= {"SUCCEEDED", "FAILED"}, states
+
+
+async def test_two_starts_at_once_without_enqueue_start_one_job(tmp_path: Path) -> None:
+    from services.common.errors import AlreadyExists
+
+    t = training(tmp_path, SlowLauncher())
+    records = t.store.records
+    put = records.put_record
+
+    async def slow_put(kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
+        await asyncio.sleep(0.05)
+        return await put(kind, record_id, data, expected_revision)
+
+    records.put_record = slow_put  # type: ignore[method-assign]
+    results = await asyncio.gather(*[t.create(JobRequest("seg", {})) for _ in range(2)], return_exceptions=True)
+    assert sum(isinstance(r, AlreadyExists) for r in results) == 1, results
+    for job in await t.list():
+        if job["state"] in ("QUEUED", "RUNNING"):
+            await t.cancel(job["job_id"])
+    await t.close()

@@ -117,6 +117,7 @@ class Training:
         self.torch_threads = torch_threads
         self.keep_job_dirs = keep_job_dirs
         self._queue: list[str] = []
+        self._create_lock = asyncio.Lock()
         self._requests: dict[str, DeviceRequest] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._procs: dict[str, ChildProcess] = {}
@@ -216,33 +217,35 @@ class Training:
                     f"version {request.initial_model_version!r} of model {request.trainer!r} does not exist",
                     reason="MODEL_NOT_FOUND",
                 )
-        if request.request_id:
-            for existing in await self.store.list(where=lambda d: d.get("request_id") == request.request_id):
-                return self._view(existing)
-        active = [job_id for job_id, (state, _t) in self.states.items() if state in (QUEUED, RUNNING)]
-        if active and not request.enqueue:
-            raise AlreadyExists("++++++++++ Train Task is Already Running", reason="ALREADY_RUNNING")
-        if len(self._queue) >= self.queue_limit:
-            raise ResourceExhausted(f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL")
-        doc = new_job(
-            trainer=request.trainer,
-            model=request.trainer,
-            params=given,
-            resolved_params=params,
-            devices=list(request.devices),
-            device_count=int(request.device_count),
-            initial_model_version=request.initial_model_version,
-            progress=None,
-            train_stats={},
-            model_version="",
-            description=str(getattr(trainer, "description", "")),
-        )
-        doc, created = await self.store.create(doc, request.request_id)
-        if created:
-            self.states[doc["job_id"]] = (QUEUED, request.trainer)
-            self._queue.append(doc["job_id"])
-            self._requests[doc["job_id"]] = device_request
-            self._dispatch()
+        # One create at a time from the check to the queue: two at once must not both start.
+        async with self._create_lock:
+            if request.request_id:
+                for existing in await self.store.list(where=lambda d: d.get("request_id") == request.request_id):
+                    return self._view(existing)
+            active = [job_id for job_id, (state, _t) in self.states.items() if state in (QUEUED, RUNNING)]
+            if active and not request.enqueue:
+                raise AlreadyExists("++++++++++ Train Task is Already Running", reason="ALREADY_RUNNING")
+            if len(self._queue) >= self.queue_limit:
+                raise ResourceExhausted(f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL")
+            doc = new_job(
+                trainer=request.trainer,
+                model=request.trainer,
+                params=given,
+                resolved_params=params,
+                devices=list(request.devices),
+                device_count=int(request.device_count),
+                initial_model_version=request.initial_model_version,
+                progress=None,
+                train_stats={},
+                model_version="",
+                description=str(getattr(trainer, "description", "")),
+            )
+            doc, created = await self.store.create(doc, request.request_id)
+            if created:
+                self.states[doc["job_id"]] = (QUEUED, request.trainer)
+                self._queue.append(doc["job_id"])
+                self._requests[doc["job_id"]] = device_request
+                self._dispatch()
         return self._view(await self.store.get(doc["job_id"]))
 
     async def get(self, job_id: str) -> dict[str, Any]:
