@@ -26,6 +26,10 @@ from services.common.datastore_client import DatastoreClient
 from services.common.errors import LabelgridError, StorageError
 
 
+FETCH_PREFIX = "fetch-"
+"""Folders of downloads in progress, inside the cache folder (a rename away from cached)."""
+
+
 class DataCache:
     def __init__(self, datastore: DatastoreClient, cache_dir: Path, budget_bytes: int):
         self.datastore = datastore
@@ -36,10 +40,17 @@ class DataCache:
         self.url_downloads = 0
         self.stream_downloads = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        # Downloads a killed service left half-done: never complete, never cached.
+        for leftover in cache_dir.glob(f"{FETCH_PREFIX}*") if cache_dir.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _cached_files(self) -> list[Path]:
+        """Complete cached files only: <2 hex>/<sha256><ext>, never a download in progress."""
+        return [p for p in self.cache_dir.glob("??/*") if p.is_file()]
 
     def cached_bytes(self) -> int:
         try:
-            return sum(p.stat().st_size for p in self.cache_dir.glob("*/*") if p.is_file())
+            return sum(p.stat().st_size for p in self._cached_files())
         except OSError:
             return 0
 
@@ -76,7 +87,7 @@ class DataCache:
                 return target
             self.misses += 1
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-            tmp_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fetch-", dir=self.cache_dir))
+            tmp_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=FETCH_PREFIX, dir=self.cache_dir))
             try:
                 path = await self._download(name, sha256, tmp_dir, stream)
                 await asyncio.to_thread(os.replace, path, target)
@@ -113,7 +124,7 @@ class DataCache:
         return path
 
     def _trim(self, keep: set[Path]) -> None:
-        files = [p for p in self.cache_dir.glob("*/*") if p.is_file() and p.parent.name != "fetch"]
+        files = self._cached_files()
         total = sum(p.stat().st_size for p in files)
         for path in sorted(files, key=lambda p: p.stat().st_mtime):
             if total <= self.budget_bytes:
