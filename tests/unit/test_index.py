@@ -219,6 +219,15 @@ def test_filters_by_tag(index: SqlIndex) -> None:
     assert [r.image_id for r in orig.items] == [ids[2]] and "original" in orig.items[0].labels
 
 
+def test_a_final_label_found_by_reindex_ends_the_lease(index: SqlIndex) -> None:
+    ids = add_images(index, 2)
+    index.acquire_next_lease("c1", "first", ttl_seconds=600)
+    index.acquire_next_lease("c2", "first", ttl_seconds=600)
+    assert {lease.image_id for lease in all_pages(lambda t: index.list_leases(page_token=t))} == set(ids)
+    index.bulk_import([], [LabelImport(ids[0], "final", ".nii", SHA_A, 1, {}), LabelImport(ids[1], "draft", ".nii", SHA_A, 1, {})])
+    assert [lease.image_id for lease in all_pages(lambda t: index.list_leases(page_token=t))] == [ids[1]]
+
+
 def test_final_flag_follows_every_label_write(index: SqlIndex) -> None:
     """The unlabeled/labeled views of "final" stay exact whichever path changed the labels."""
 

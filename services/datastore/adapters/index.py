@@ -1562,7 +1562,11 @@ class SqlIndex:
                             update_time=sa.bindparam("b_t")),
                     l_upd,
                 )
-            self._sync_final(conn, [r["image_id"] for r in l_ins if r["tag"] == DEFAULT_TAG_FINAL])
+            finals = [r["image_id"] for r in l_ins if r["tag"] == DEFAULT_TAG_FINAL]
+            # A final label found by a reindex ends the image's lease, as a saved one does.
+            for i in range(0, len(finals), chunk):
+                conn.execute(sa.delete(self._t.leases).where(self._t.leases.c.image_id.in_(finals[i : i + chunk])))
+            self._sync_final(conn, finals)
             return BulkImportResult(
                 images_added=len(inserts), images_updated=len(updates), images_unchanged=unchanged,
                 labels_added=len(l_ins), labels_updated=len(l_upd), labels_unchanged=l_same, labels_skipped=skipped,
