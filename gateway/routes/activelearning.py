@@ -25,7 +25,7 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
 from labelgrid.activelearning.v1 import resources_pb2 as al_res
 from labelgrid.common.v1 import common_pb2
 
-from gateway.errors import GatewayError, from_rpc_error
+from gateway.errors import GatewayError, naming_service
 from gateway.routes.common import (
     Ctx,
     CtxDep,
@@ -36,7 +36,7 @@ from gateway.routes.common import (
 )
 from services.common.protos import struct_to_dict
 
-router = APIRouter()
+router = APIRouter(route_class=naming_service("active learning", "activelearning_address"))
 log = logging.getLogger("labelgrid.gateway")
 
 DEFAULT_CLIENT = "admin"
@@ -48,10 +48,6 @@ _NO_SAMPLE = {
     al_pb.NO_SAMPLE_REASON_ALL_LEASED: "ALL_LEASED",
 }
 _ACTIVE = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
-
-
-def _failed(ctx: Ctx, err: grpc.aio.AioRpcError) -> GatewayError:
-    return from_rpc_error(err, service="active learning", address=ctx.settings.activelearning_address)
 
 
 # -- /info/ ---------------------------------------------------------------------------------
@@ -107,16 +103,13 @@ async def sample(
     params = dict(params or {})
     client_id = _client_id(params)
     ttl = _ttl(params)
-    try:
-        response = await ctx.clients.activelearning.NextSample(
-            al_pb.NextSampleRequest(
-                strategy=f"strategies/{strategy}", client_id=client_id, params=to_struct(params), lease_ttl_seconds=ttl
-            ),
-            timeout=ctx.timeout,
-            metadata=ctx.metadata,
-        )
-    except grpc.aio.AioRpcError as err:
-        raise _failed(ctx, err) from None
+    response = await ctx.clients.activelearning.NextSample(
+        al_pb.NextSampleRequest(
+            strategy=f"strategies/{strategy}", client_id=client_id, params=to_struct(params), lease_ttl_seconds=ttl
+        ),
+        timeout=ctx.timeout,
+        metadata=ctx.metadata,
+    )
     if not response.HasField("image"):
         # MONAI Label's "nothing left" answer, which Slicer and OHIF check for; the header says why.
         reason = _NO_SAMPLE.get(response.no_sample_reason, "ALL_LEASED")
@@ -139,7 +132,6 @@ async def sample(
 
 
 # -- /scoring/ ------------------------------------------------------------------------------------
-
 
 
 def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
@@ -176,17 +168,14 @@ async def _jobs(ctx: Ctx) -> list[al_res.ScoringJob]:
     """Every scoring job, newest first."""
     jobs: list[al_res.ScoringJob] = []
     token = ""
-    try:
-        while True:
-            response = await ctx.clients.activelearning.ListScoringJobs(
-                al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
-            )
-            jobs.extend(response.scoring_jobs)
-            token = response.next_page_token
-            if not token:
-                return jobs
-    except grpc.aio.AioRpcError as err:
-        raise _failed(ctx, err) from None
+    while True:
+        response = await ctx.clients.activelearning.ListScoringJobs(
+            al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
+        )
+        jobs.extend(response.scoring_jobs)
+        token = response.next_page_token
+        if not token:
+            return jobs
 
 
 @router.get("/scoring/", tags=["Scoring"], summary="Get Status of Scoring Task")
@@ -216,24 +205,18 @@ async def _start(ctx: Ctx, method: str, params: dict[str, Any], enqueue: bool) -
     job = al_res.ScoringJob(
         method=f"scoringMethods/{method}", model=f"models/{model}" if model else "", params=to_struct(params), force=force
     )
-    try:
-        response = await ctx.clients.activelearning.CreateScoringJob(
-            al_pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=ctx.timeout, metadata=ctx.metadata
-        )
-    except grpc.aio.AioRpcError as err:
-        raise _failed(ctx, err) from None
+    response = await ctx.clients.activelearning.CreateScoringJob(
+        al_pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=ctx.timeout, metadata=ctx.metadata
+    )
     return response.scoring_job
 
 
 async def _wait(ctx: Ctx, job: al_res.ScoringJob) -> al_res.ScoringJob:
     last = job
-    try:
-        async for message in ctx.clients.activelearning.WatchScoringJob(
-            al_pb.WatchScoringJobRequest(name=job.name), metadata=ctx.metadata
-        ):
-            last = message.scoring_job
-    except grpc.aio.AioRpcError as err:
-        raise _failed(ctx, err) from None
+    async for message in ctx.clients.activelearning.WatchScoringJob(
+        al_pb.WatchScoringJobRequest(name=job.name), metadata=ctx.metadata
+    ):
+        last = message.scoring_job
     return last
 
 
@@ -260,12 +243,9 @@ async def run_all(params: Annotated[dict[str, Any] | None, Body()] = None, run_s
     """MONAI Label's deprecated "run all": `{method: params}`, every method queued."""
     params = dict(params or {})
     params.pop("client_id", None)
-    try:
-        listing = await ctx.clients.activelearning.ListScoringMethods(
-            al_pb.ListScoringMethodsRequest(), timeout=ctx.timeout, metadata=ctx.metadata
-        )
-    except grpc.aio.AioRpcError as err:
-        raise _failed(ctx, err) from None
+    listing = await ctx.clients.activelearning.ListScoringMethods(
+        al_pb.ListScoringMethodsRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+    )
     out: dict[str, Any] = {}
     for entry in listing.scoring_methods:
         own = params.get(entry.method_id)
@@ -289,5 +269,5 @@ async def stop(ctx: Ctx = CtxDep) -> Any:
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
             return None  # it ended meanwhile
-        raise _failed(ctx, err) from None
+        raise
     return task_json(response.scoring_job)

@@ -33,7 +33,6 @@ _DROPPED = {"model", "client_id", "gpus", "multi_gpu", "device", "devices", "enq
 _DETAIL_LINES = 20
 
 
-
 def task_json(job: res.TrainingJob) -> dict[str, Any]:
     """A TrainingJob as MONAI Label's task object."""
     request: dict[str, Any] = {"model": job.trainer.removeprefix("trainers/")}

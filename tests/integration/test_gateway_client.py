@@ -118,3 +118,10 @@ def test_training_without_its_service_is_a_clear_503(client: MONAILabelClient) -
         client.train_start("segmentation", {})
     assert "503" in str(caught.value) and "training" in str(caught.value).lower()
     assert client.train_status(check_if_running=True) is False
+
+
+def test_active_learning_without_its_service_is_a_clear_503(client: MONAILabelClient) -> None:
+    # No active learning service in this stack either: next sample says which service is down.
+    with pytest.raises(MONAILabelClientException) as caught:
+        client.next_sample("first", {})
+    assert "503" in str(caught.value) and "active learning service is not reachable" in str(caught.value)
