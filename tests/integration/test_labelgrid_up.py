@@ -8,6 +8,7 @@ The tests share one stack and run in file order.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -89,25 +90,31 @@ class Stack:
         raise AssertionError(f"no {pattern!r} in labelgrid's output:\n{self.text()[-6000:]}")
 
 
-def start_stack(root: Path, *, sample_studies: bool = True) -> Stack:
-    """`python -m gateway.cli up` on free ports; returns once it prints that it is up."""
-    edge, admin, gateway, datastore, inference, training, activelearning = free_ports(7)
+def port_flags() -> list[str]:
+    """Every --*-port option of `labelgrid up` (more appear as services join the stack)."""
+    from gateway.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    up = commands.choices["up"]
+    return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]
+
+
+def start_stack(root: Path, *, sample_studies: bool = True, ready_timeout: float = 150) -> Stack:
+    """`python -m gateway.cli up` with every port of the stack on a free port, on the CPU;
+    returns once it prints that it is up."""
+    flags = port_flags()
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
     studies = root / "studies"
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "gateway.cli", "up",
-            "--studies", str(studies), "--work-dir", str(root / "var"),
-            "--port", str(edge), "--admin-port", str(admin), "--gateway-port", str(gateway),
-            "--datastore-port", str(datastore), "--inference-port", str(inference),
-            "--training-port", str(training), "--activelearning-port", str(activelearning),
-            "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
-            *(["--sample-studies"] if sample_studies else []),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    running = Stack(proc, f"http://127.0.0.1:{edge}", edge, studies)
+    argv = [
+        sys.executable, "-m", "gateway.cli", "up", "--studies", str(studies), "--work-dir", str(root / "var"),
+        "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
+        *(["--sample-studies"] if sample_studies else []),
+    ]  # fmt: skip
+    for flag, port in ports.items():
+        argv += [flag, str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    running = Stack(proc, f"http://127.0.0.1:{ports['--port']}", ports["--port"], studies)
 
     def drain() -> None:
         assert proc.stdout is not None
@@ -116,7 +123,7 @@ def start_stack(root: Path, *, sample_studies: bool = True) -> Stack:
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        running.wait_for(re.escape(UP), timeout=150)
+        running.wait_for(re.escape(UP), timeout=ready_timeout)
     except BaseException:
         stop_stack(running)
         raise

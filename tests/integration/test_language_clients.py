@@ -16,15 +16,12 @@ installs it (`make install-go install-java`, part of `make test`); nothing is sk
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +32,7 @@ import numpy as np
 import pytest
 from labelgrid.client import Client
 
-from tests.integration.test_labelgrid_up import UP, Stack, free_ports, stop_stack
+from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
 from tests.integration.test_node_client import node  # noqa: F401 - the checked `node` fixture
 
 pytestmark = pytest.mark.timeout(420)
@@ -46,44 +43,9 @@ SHAPE = (24, 20, 16)
 INSTALL = "run `make install-go install-java` (Debian packages; part of `make test`)"
 
 
-def port_flags() -> list[str]:
-    """Every --*-port option of `labelgrid up` (more appear as services join the stack)."""
-    from gateway.cli import build_parser
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    up = commands.choices["up"]
-    return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]
-
-
-def start_stack(root: Path) -> Stack:
-    """`labelgrid up` (no sample studies) with every port of the stack on a free port."""
-    flags = port_flags()
-    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
-    argv = [sys.executable, "-m", "gateway.cli", "up", "--studies", str(root / "studies"),
-            "--work-dir", str(root / "var"), "--device", "cpu"]  # fmt: skip
-    for flag, port in ports.items():
-        argv += [flag, str(port)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    running = Stack(proc, f"http://127.0.0.1:{ports['--port']}", ports["--port"], root / "studies")
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            running.output.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        running.wait_for(re.escape(UP), timeout=180)
-    except BaseException:
-        stop_stack(running)
-        raise
-    return running
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("clients-stack"))
+    running = start_stack(tmp_path_factory.mktemp("clients-stack"), sample_studies=False, ready_timeout=180)
     yield running
     stop_stack(running)
 
