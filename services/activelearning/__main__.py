@@ -13,14 +13,9 @@ from services.common.settings import parse_settings
 
 async def serve(settings: ActiveLearningSettings) -> None:
     server, service = await start_service(settings)
-    # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
-    # tests/fixtures/processes.py and operators' scripts wait for.
-    metrics = f"on {settings.metrics_host}:{server.metrics_port}" if server.metrics_port else "off"
-    print(
-        f"labelgrid activelearning (app {settings.app}, strategies {', '.join(service.app.strategies) or 'none'}, "
-        f"scoring on {service.scorer.device}, datastore {settings.datastore}) "
-        f"listening on {settings.host}:{server.port}, metrics {metrics}",
-        flush=True,
+    server.announce_ready(
+        f"activelearning (app {settings.app}, strategies {', '.join(service.app.strategies) or 'none'}, "
+        f"scoring on {service.scorer.device}, datastore {settings.datastore})"
     )
     await server.run_until_signal()
 

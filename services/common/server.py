@@ -71,6 +71,12 @@ class GrpcService:
         """Where clients connect, once started."""
         return host_port(self.settings.host, self.port or 0)
 
+    def announce_ready(self, what: str) -> None:
+        """Prints the ready line every service shares, "labelgrid <what> listening on HOST:PORT,
+        metrics on HOST:PORT|off", which tests/fixtures/processes.py and operators' scripts wait for."""
+        metrics = f"on {self.settings.metrics_host}:{self.metrics_port}" if self.metrics_port else "off"
+        print(f"labelgrid {what} listening on {self.settings.host}:{self.port}, metrics {metrics}", flush=True)
+
     async def start(self) -> None:
         settings = self.settings
         if self._server is not None:

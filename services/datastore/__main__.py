@@ -27,12 +27,7 @@ async def serve(settings: DatastoreSettings) -> None:
         "datastore ready",
         extra={"backend": settings.backend, "location": datastore.location, "port": service.port},
     )
-    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
-    print(
-        f"labelgrid datastore ({settings.backend}: {datastore.location}) listening on "
-        f"{settings.host}:{service.port}, metrics {metrics}",
-        flush=True,
-    )
+    service.announce_ready(f"datastore ({settings.backend}: {datastore.location})")
     await service.run_until_signal()
 
 

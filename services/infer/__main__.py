@@ -19,13 +19,8 @@ async def serve(settings: InferSettings) -> None:
     inference, datastore = await asyncio.to_thread(build_inference, settings)
     service = create_service(settings, inference, datastore)
     await service.start()
-    # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
-    # tests/fixtures/processes.py and operators' scripts wait for, as the datastore prints it.
-    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
-    print(
-        f"labelgrid inference (app {settings.app}, devices {', '.join(inference.scheduler.devices)}, "
-        f"datastore {settings.datastore}) listening on {settings.host}:{service.port}, metrics {metrics}",
-        flush=True,
+    service.announce_ready(
+        f"inference (app {settings.app}, devices {', '.join(inference.scheduler.devices)}, datastore {settings.datastore})"
     )
     await service.run_until_signal()
 

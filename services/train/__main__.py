@@ -22,13 +22,8 @@ async def serve(settings: TrainSettings) -> None:
         log.warning("jobs lost by the previous process marked failed", extra={"count": len(lost)})
     service = create_service(settings, built.training, built.datastore, built.cache)
     await service.start()
-    # The shared ready line ("listening on HOST:PORT, metrics on HOST:PORT|off") that
-    # tests/fixtures/processes.py and operators' scripts wait for.
-    metrics = f"on {settings.metrics_host}:{service.metrics_port}" if service.metrics_port else "off"
-    print(
-        f"labelgrid training (app {settings.app}, devices {', '.join(built.training.pool.names)}, "
-        f"datastore {settings.datastore}) listening on {settings.host}:{service.port}, metrics {metrics}",
-        flush=True,
+    service.announce_ready(
+        f"training (app {settings.app}, devices {', '.join(built.training.pool.names)}, datastore {settings.datastore})"
     )
     await service.run_until_signal()
 
