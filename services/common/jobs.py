@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from services.common.errors import NotFound
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE_STATES = frozenset({QUEUED, RUNNING})
 # A request_id makes retries of a create safe for this long.

@@ -11,8 +11,11 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("leased", "empty", "all_labeled", "all_leased")
-STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+from services.activelearning.domain.model import NO_SAMPLE_REASONS
+from services.common.jobs import STATES
+
+# Next-sample outcomes as the domain counts them: "leased", or why no image was left.
+OUTCOMES = ("leased", *(reason.lower() for reason in NO_SAMPLE_REASONS))
 IMAGE_OUTCOMES = ("scored", "skipped", "failed")
 
 

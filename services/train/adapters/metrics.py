@@ -9,7 +9,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+from services.common.jobs import STATES as JOB_STATES
+
+# The `state` label values: the job states in lower case.
+STATES = tuple(state.lower() for state in JOB_STATES)
 
 
 class TrainingCollector(Collector):
