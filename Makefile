@@ -18,15 +18,18 @@ NODE_CLIENT := clients/node
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-dev install-node install-prometheus install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
+.PHONY: run test install install-dev install-node install-prometheus install-orthanc install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
 # Stamps make re-installs cheap: they are redone only when the dependency files change.
+# The OHIF viewer the gateway serves at /ohif/ is the build inside MONAI Label's wheel
+# (monailabel/endpoints/static/ohif/, 51 MB, never copied into git): installed --no-deps.
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps monailabel==0.8.5
 	touch $@
 
 # monailabel==0.8.5 is installed without its (large, unpinned) dependency list: the tests
@@ -52,6 +55,15 @@ install-prometheus:
 	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+# Orthanc with its DICOMweb plugin (Debian's packages) for the OHIF / DICOMweb tests, once per
+# machine; the tests start their own Orthanc on a free loopback port (the package's daemon is not used).
+ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+
+install-orthanc:
+	@$(call all_installed,$(ORTHANC_PACKAGES)) || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(ORTHANC_PACKAGES); }
 
 # Toolchains of the Go and Java clients (Debian's packages), once per machine: apt-get runs only
 # when one of them is missing. clients/build.py generates and builds each client, cached under
@@ -84,7 +96,7 @@ java-client: install-dev install-java
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev install-node install-prometheus install-go install-java check-protos
+test: install-dev install-node install-prometheus install-orthanc install-go install-java check-protos
 	$(PY) -m pytest
 
 protos: install-dev
