@@ -18,6 +18,7 @@ from gateway.routes import (
     datastore,
     infer,
     info,
+    logs,
     model,
     session,
     train,
@@ -33,7 +34,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.clients = GrpcClients.open(settings)
         try:
-            yield
+            with logs.recent_log() as app.state.recent_log:
+                yield
         finally:
             await app.state.clients.close()
 
@@ -56,6 +58,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         model.router,
         train.router,
         activelearning.router,
+        logs.router,
         unavailable.router,
     ):
         app.include_router(router)

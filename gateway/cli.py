@@ -268,6 +268,7 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         *python, "gateway", *common, "--port", str(ports.gateway),
         "--datastore-address", datastore_address, "--inference-address", inference_address,
         "--training-address", training_address, "--activelearning-address", activelearning_address,
+        "--log-file", str(stack_log_file(work)),
     ]  # fmt: skip
     envoy_config = write_bootstrap(
         EnvoySettings(
@@ -296,19 +297,44 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     return Supervisor(groups, say), ports
 
 
-def make_say() -> Say:
-    """Prints whole lines from many threads without interleaving them."""
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024  # then it moves to <name>.1 (one old file kept)
+
+
+def stack_log_file(work_dir: str | Path) -> Path:
+    """Where `labelgrid up` writes the stack's output; the gateway's GET /logs/ tails it."""
+    return Path(work_dir) / "logs" / "labelgrid.log"
+
+
+def make_say(log_file: Path | None = None) -> Say:
+    """Prints whole lines from many threads without interleaving them; also appends them to
+    `log_file` (bounded: at LOG_FILE_MAX_BYTES it is rotated once)."""
     lock = threading.Lock()
+    handle = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = log_file.open("a", encoding="utf-8", errors="replace")
 
     def say(line: str, source: str = "labelgrid") -> None:
+        nonlocal handle
+        text = f"{source:>14} | {line}"
         with lock:
-            print(f"{source:>14} | {line}", flush=True)
+            print(text, flush=True)
+            if handle is not None and log_file is not None:
+                try:
+                    handle.write(text + "\n")
+                    handle.flush()
+                    if handle.tell() >= LOG_FILE_MAX_BYTES:
+                        handle.close()
+                        os.replace(log_file, log_file.with_name(log_file.name + ".1"))
+                        handle = log_file.open("a", encoding="utf-8", errors="replace")
+                except OSError:  # a full disk stops the file, never the stack
+                    handle = None
 
     return say
 
 
 def up(args: argparse.Namespace) -> int:
-    say = make_say()
+    say = make_say(stack_log_file(args.work_dir))
     if args.sample_studies and args.backend == "local":
         subprocess.run([sys.executable, "-m", "services.datastore.sample_studies", str(args.studies)], check=True)
     supervisor, ports = build_stack(args, say)

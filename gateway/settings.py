@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
@@ -34,6 +35,23 @@ class GatewaySettings(ServiceSettings):
     cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(
         default_factory=lambda: ["*"]
     )
+    # The log GET /logs/ tails (`labelgrid up` writes the whole stack's output there); unset:
+    # the gateway's own recent records, kept in memory.
+    log_file: Path | None = None
+    # The DICOMweb server behind /proxy/dicom/* and OHIF (MONAI Label's --studies http://...);
+    # empty: none. Credentials (basic or bearer) are added server-side, never logged.
+    dicomweb_url: str = ""
+    dicomweb_username: str = ""
+    dicomweb_password: pydantic.SecretStr = pydantic.SecretStr("")
+    dicomweb_token: pydantic.SecretStr = pydantic.SecretStr("")
+    # MONAI Label's MONAI_LABEL_{QIDO,WADO,STOW}_PREFIX: path prefixes under dicomweb_url.
+    dicomweb_qido_prefix: str = ""
+    dicomweb_wado_prefix: str = ""
+    dicomweb_stow_prefix: str = ""
+    # Seconds the proxy waits to connect to, and between bytes from, the DICOMweb server.
+    dicomweb_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
+    # The built OHIF viewer served at /ohif/; empty: the one in MONAI Label's wheel.
+    ohif_dir: str = ""
     # Shown in /info/ when the inference service does not answer.
     app_name: str = "labelgrid"
     app_description: str = "MONAI Label on labelgrid"

@@ -14,8 +14,6 @@ _ROUTES: list[tuple[str, list[str], str]] = [
     ("/batch/infer/{model}", ["POST"], "Infer"),
     ("/infer/wsi/{model}", ["POST"], "Infer"),
     ("/infer/wsi_v2/{model}", ["POST"], "Infer"),
-    ("/logs/", ["GET"], "Logs"),
-    ("/logs/gpu", ["GET"], "Logs"),
     ("/reload", ["POST"], "AppService"),
 ]
 

@@ -111,8 +111,8 @@ def test_auth_route_is_public_and_off(http: httpx.Client) -> None:
 
 def test_unavailable_routes_are_501(http: httpx.Client) -> None:
     for method, path in [
-        ("GET", "/batch/infer"),
-        ("GET", "/logs/"),
+        ("POST", "/reload"),
+        ("POST", "/infer/wsi_v2/segmentation"),
     ]:
         body = assert_json_error(http.request(method, path), 501)
         assert "not available yet in labelgrid" in body["detail"]
