@@ -57,6 +57,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY services ./services
 COPY gateway ./gateway
 COPY apps ./apps
+COPY sdk ./sdk
 COPY protos/gen/python ./protos/gen/python
 RUN --mount=type=cache,target=/root/.cache/pip \
     PIP_CONSTRAINT=/src/constraints.txt pip install . \
