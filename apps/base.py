@@ -67,6 +67,9 @@ class InferTask:
     target_spacing: tuple[float, ...] | None = None
     # Seed of the untrained weights, so that two replicas (and two test runs) agree.
     seed: int = 0
+    # A task that reads the image file itself (a MONAI Bundle: its own LoadImaged ... Invertd)
+    # sets this and implements `infer_file`; the runner then skips the template's steps.
+    reads_files: bool = False
 
     def __init__(self) -> None:
         # User-settable options, MONAI Label style: a list value is a choice, default first.
@@ -118,6 +121,14 @@ class InferTask:
     def post_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
         """Steps from the network's logits (1, C, ...) to a label map (spatial dims only, ints)."""
         return []
+
+    def infer_file(
+        self, network: torch.nn.Module, path: Any, device: str, check: Callable[[], None], latencies: dict[str, float]
+    ) -> Any:
+        """Only for `reads_files` tasks: the label map (spatial dims, ints, on the image's grid) of the
+        image file at `path`; calls `check()` between stages (it raises when the caller hung up) and
+        puts the seconds of "pre", "infer" and "post" into `latencies`."""
+        raise NotImplementedError
 
     def finalize(self, label: Any, prompt: Prompt) -> Any:
         """Last step on the label map (numpy, original grid, original prompt); default: as is."""

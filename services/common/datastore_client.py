@@ -24,6 +24,7 @@ from labelgrid.datastore.v1 import resources_pb2 as ds_res
 from services.common.chunks import CHUNK_SIZE
 from services.common.errors import ErrorKind, LabelgridError, StorageError
 from services.common.grpc_errors import error_details
+from services.common.models.types import RESET_VERSION_PREFIX
 from services.common.protos import dict_to_struct, struct_to_dict
 
 T = TypeVar("T")
@@ -247,7 +248,10 @@ class DatastoreClient:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None  # nothing published yet: the app's initial weights
             raise domain_error(error, f"looking up the served version of model {model!r}") from None
-        return response.model.serving_version or None
+        serving = response.model.serving_version or None
+        if serving and serving.startswith(RESET_VERSION_PREFIX):
+            return None  # reset to the initial weights (DELETE /model), history kept
+        return serving
 
     async def list_versions(self, model: str) -> list[str]:
         versions: list[str] = []

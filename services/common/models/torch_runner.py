@@ -89,6 +89,13 @@ class TorchRunner:
         latencies: dict[str, float] = {}
         device = torch.device(loaded.device)
         try:
+            if task.reads_files:
+                if volume.path is None:
+                    raise InferenceError(f"{type(task).__name__} reads image files, and this image has none")
+                label = torch.from_numpy(
+                    np.asarray(task.infer_file(loaded.network, volume.path, loaded.device, lambda: _check(cancelled), latencies))
+                )
+                return self._restore(task, label, volume, prompt, latencies)
             started = time.perf_counter()
             item = InferInput(
                 {"image": torch.from_numpy(np.asarray(volume.data, dtype=np.float32))[None], "affine": volume.affine},
@@ -115,15 +122,19 @@ class TorchRunner:
                 label = step(label)
             latencies["post"] = time.perf_counter() - started
 
-            # Back onto the image's grid (MONAI Label's Restored): nearest, so labels stay labels.
-            started = time.perf_counter()
-            if tuple(label.shape) != volume.shape:
-                label = F.interpolate(label[None, None].float(), size=volume.shape, mode="nearest")[0, 0]
-            restored = label.to(torch.int64).cpu().numpy()
-            restored = task.finalize(restored, prompt)
-            latencies["invert"] = time.perf_counter() - started
+            return self._restore(task, label, volume, prompt, latencies)
         except LabelgridError:
             raise
         except Exception as error:
             raise InferenceError(f"running {type(task).__name__} failed: {error}") from error
+
+    @staticmethod
+    def _restore(task: InferTask, label: torch.Tensor, volume: Volume, prompt: Prompt, latencies: dict[str, float]) -> RunResult:
+        """Back onto the image's grid (MONAI Label's Restored): nearest, so labels stay labels."""
+        started = time.perf_counter()
+        if tuple(label.shape) != volume.shape:
+            label = F.interpolate(label[None, None].float(), size=volume.shape, mode="nearest")[0, 0]
+        restored = label.to(torch.int64).cpu().numpy()
+        restored = task.finalize(restored, prompt)
+        latencies["invert"] = time.perf_counter() - started
         return RunResult(restored, latencies)

@@ -10,6 +10,10 @@ from services.common.errors import ErrorKind, LabelgridError
 UNTRAINED = "untrained"
 """The version name of an app's initial weights (nothing published yet)."""
 
+RESET_VERSION_PREFIX = "initial-"
+"""A published version whose name starts with this says "serve the initial weights again"
+(MONAI Label's DELETE /model, or a replaced bundle), keeping the older versions for rollback."""
+
 
 class Cancelled(LabelgridError):
     """The caller went away; the inference stopped at the next stage boundary."""
@@ -25,6 +29,8 @@ class Volume:
     data: Any
     affine: Any
     file_name: str
+    # The file it was read from (tasks that read files themselves, such as bundles, use it).
+    path: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
