@@ -119,14 +119,13 @@ def test_pip_install_in_the_image_gets_every_module(tmp_path: Path) -> None:
     [wheel] = (tmp_path / "dist").glob("labelgrid-*.whl")
     in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
 
-    tracked = subprocess.run(
-        ["git", "ls-files", "services", "gateway", "apps", "sdk/labelgrid/client", "protos/gen/python/labelgrid"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+    sources = {"services": "services", "gateway": "gateway", "apps": "apps",
+               "sdk/labelgrid/client": "labelgrid/client", "protos/gen/python/labelgrid": "labelgrid"}  # fmt: skip
     expected = {
-        path.replace("sdk/labelgrid/client/", "labelgrid/client/").replace("protos/gen/python/", "")
-        for path in tracked
-        if path.endswith(".py") and "/tests/" not in path
+        f"{package}/{path.relative_to(ROOT / folder).as_posix()}"
+        for folder, package in sources.items()
+        for path in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts and "tests" not in path.relative_to(ROOT).parts
     }
     assert "labelgrid/client/cli.py" in expected
     assert sorted(expected - in_wheel) == [], "modules of labelgrid that the image would not have"
