@@ -18,6 +18,7 @@ import nrrd
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.common.formats import DEFAULT_LIMITS, VolumeLimits, check_volume, refuse_detached_nrrd
 from services.common.models.types import Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -40,35 +41,54 @@ def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
     return affine
 
 
+def _read_nrrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """pynrrd on an open file: the header it parses is checked again for a detached data file, and
+    with no file name given it can only read this file's own bytes."""
+    with open(path, "rb") as stream:
+        header = nrrd.read_header(stream)
+        refuse_detached_nrrd(header)
+        return nrrd.read_data(header, stream, None), header
+
+
 class VolumeFiles:
-    """`VolumeIO` over files on local disk."""
+    """`VolumeIO` over files on local disk.
+
+    Every read runs the shared volume check first (`services.common.formats.check_volume`): no
+    header makes a reader open another file, and no header sizes an allocation over `limits`.
+    """
+
+    def __init__(self, limits: VolumeLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
 
     def read(self, path: Path, file_name: str) -> Volume:
         lower = file_name.lower()
+        ext = next((e for e in (".nii.gz", ".nii", ".seg.nrrd", ".nrrd") if lower.endswith(e)), "")
+        if not ext:
+            raise InvalidArgument(f"image {file_name!r}: only .nii.gz, .nii and .nrrd volumes are supported")
+        check_volume(path, ext, self.limits)
         try:
-            if lower.endswith((".nii.gz", ".nii")):
+            if ext in (".nii.gz", ".nii"):
                 image = nib.load(str(path))
                 data = np.asanyarray(image.dataobj, dtype=np.float32)
                 affine = np.asarray(image.affine, dtype=float)
-            elif lower.endswith(".nrrd"):
-                raw, header = nrrd.read(str(path))
+            else:
+                raw, header = _read_nrrd(path)
                 data = np.asarray(raw, dtype=np.float32)
                 affine = nrrd_affine(header)
-            else:
-                raise InvalidArgument(f"image {file_name!r}: only .nii.gz, .nii and .nrrd volumes are supported")
         except InvalidArgument:
             raise
         except Exception as error:
-            # Readers name the file by its scratch path; the caller only knows its own file name.
-            reason = str(error).replace(str(path), file_name)
-            raise InvalidArgument(f"image {file_name!r} is not a readable volume: {reason}") from error
+            # The reason only: a reader's message may name paths (the scratch file, or any other).
+            raise InvalidArgument(
+                f"image {file_name!r} is not a readable volume ({type(error).__name__})"
+            ) from error
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != 3:
             raise InvalidArgument(f"image {file_name!r} has shape {list(data.shape)}; a 3D volume is needed")
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise InvalidArgument(f"image {file_name!r} has a degenerate affine")
-        return Volume(np.ascontiguousarray(data), affine, file_name, Path(path))
+        return Volume(np.ascontiguousarray(data), affine, file_name)
 
     def write_label(
         self, label: Any, affine: Any, dest_dir: Path, stem: str, extension: str, dtype: str, compress: bool

@@ -23,7 +23,7 @@ from services.common.server import GrpcService
 from services.common.streams import send_chunks
 from services.infer.adapters.metrics import InferenceCollector
 from services.infer.api import convert
-from services.infer.domain.inference import Inference
+from services.infer.domain.inference import Inference, upload_file_name
 from services.infer.domain.model import ImageInput, InferOutcome
 from services.infer.settings import InferSettings
 
@@ -121,6 +121,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = convert.model_of(header.model)
         self.inference.task(model)  # an unknown model is refused before any byte is received
         params = convert.infer_params(header.params)
+        self.inference.check_params(params)  # bad params are refused before any byte is received
         if header.label_file_name:
             raise Unimplemented("input labels (scribbles) are not supported by this inference service yet")
         if header.image:
@@ -128,6 +129,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         else:
             if not header.image_file_name:
                 raise InvalidArgument("the header must name a datastore image or give image_file_name")
+            file_name = upload_file_name(header.image_file_name)
             if header.image_size_bytes > self.max_upload_bytes:
                 raise InvalidArgument(
                     f"image of {header.image_size_bytes} bytes exceeds the limit of {self.max_upload_bytes} bytes",
@@ -135,7 +137,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 )
             spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
             spooled = await _receive_part(iterator, "image_chunk", "image_finish", spool, "image")
-            image = ImageInput(uploaded_path=spooled.path, uploaded_file_name=Path(header.image_file_name).name)
+            image = ImageInput(uploaded_path=spooled.path, uploaded_file_name=file_name)
         outcome = await self.inference.infer(model, image, params, deadline=_deadline(context))
         async for message in _stream_outcome(outcome, pb.InferUploadResponse):
             yield message

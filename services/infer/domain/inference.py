@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -40,6 +41,55 @@ from services.infer.domain.ports import DatastorePort
 from services.infer.domain.scheduler import Scheduler
 
 log = logging.getLogger("labelgrid.infer")
+
+# Client params that size the work of one inference (MONAI's sliding window): bounded, so one
+# request cannot ask for a patch or a batch that takes the device's memory or hours of CPU.
+MAX_ROI_SIDE = 512
+MAX_ROI_VOXELS = 256**3
+MAX_SW_BATCH_SIZE = 32
+MAX_SW_OVERLAP = 0.9
+UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def check_window_params(extra: dict[str, Any]) -> None:
+    """roi_size, sw_batch_size and sw_overlap from the client's params, within their ranges."""
+    roi = extra.get("roi_size")
+    if roi not in (None, "", []):
+        if not isinstance(roi, (list, tuple)) or not 1 <= len(roi) <= 3 or not all(_whole(v) for v in roi):
+            raise InvalidArgument(f"roi_size must be a list of 1 to 3 whole numbers, not {str(roi)[:80]}")
+        sides = [int(v) for v in roi]
+        if any(not 1 <= side <= MAX_ROI_SIDE for side in sides) or math.prod(sides) > MAX_ROI_VOXELS:
+            raise InvalidArgument(
+                f"roi_size {sides} is out of range: each side 1..{MAX_ROI_SIDE}, at most {MAX_ROI_VOXELS} voxels"
+            )
+    batch = extra.get("sw_batch_size")
+    if batch is not None and (not _whole(batch) or not 1 <= int(batch) <= MAX_SW_BATCH_SIZE):
+        raise InvalidArgument(f"sw_batch_size must be a whole number from 1 to {MAX_SW_BATCH_SIZE}, not {str(batch)[:40]}")
+    overlap = extra.get("sw_overlap")
+    if overlap is not None and (
+        isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_SW_OVERLAP
+    ):
+        raise InvalidArgument(f"sw_overlap must be a number from 0 to {MAX_SW_OVERLAP}, not {str(overlap)[:40]}")
+
+
+def upload_file_name(file_name: str) -> str:
+    """The name an uploaded image is read under: its base name, refused before any byte arrives
+    unless it ends with a readable extension (and is not '.', '..' or hidden)."""
+    name = file_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    lower = name.lower()
+    extension = next((e for e in UPLOAD_EXTENSIONS if lower.endswith(e)), "")
+    if not extension:
+        raise InvalidArgument(
+            f"image file name {file_name[:100]!r}: accepted formats are {', '.join(UPLOAD_EXTENSIONS)}"
+        )
+    stem = name[: -len(extension)]
+    if not stem or stem.startswith(".") or any(ord(c) < 32 or c in '\\/:*?"<>|' for c in name) or len(name) > 200:
+        return "image" + extension
+    return name
 
 
 def _file_stem(file_name: str) -> str:
@@ -177,6 +227,7 @@ class Inference:
             )
         if result.dtype and result.dtype not in LABEL_DTYPES:
             raise InvalidArgument(f"result_dtype {result.dtype!r} is not supported; use one of {', '.join(LABEL_DTYPES)}")
+        check_window_params(params.extra)
         self.scheduler.pick(params.device)  # refuses an unknown device now
 
     @staticmethod
@@ -233,8 +284,9 @@ class Inference:
             file_name = path.name
         else:
             assert image.uploaded_path is not None
-            # Readers pick the format by the file's name: give the spooled upload its real one.
-            file_name = Path(image.uploaded_file_name).name or "upload.nii.gz"
+            # Readers pick the format by the file's name: give the spooled upload its real one
+            # (checked: an accepted extension, never '..' or a path).
+            file_name = upload_file_name(image.uploaded_file_name or "upload.nii.gz")
             path = work_dir / file_name
             await asyncio.to_thread(image.uploaded_path.rename, path)
         volume: Volume = await asyncio.to_thread(self.volumes.read, path, file_name)
