@@ -9,17 +9,20 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import __version__
+from gateway.auth import AuthMiddleware
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
-from gateway.metrics import install_metrics
+from gateway.metrics import install_metrics, route_templates
 from gateway.routes import (
     activelearning,
     auth,
     datastore,
+    dicom_proxy,
     infer,
     info,
     logs,
     model,
+    ohif,
     session,
     train,
     unavailable,
@@ -33,10 +36,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.clients = GrpcClients.open(settings)
+        app.state.dicom_proxy = dicom_proxy.DicomProxy(settings)
         try:
             with logs.recent_log() as app.state.recent_log:
                 yield
         finally:
+            await app.state.dicom_proxy.aclose()
             await app.state.clients.close()
 
     app = FastAPI(
@@ -59,11 +64,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         train.router,
         activelearning.router,
         logs.router,
+        ohif.router,
+        dicom_proxy.router,
         unavailable.router,
     ):
         app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(UnhandledErrorMiddleware)
+    # Before any route reads a body: the caller's token and MONAI Label's role for the route.
+    app.add_middleware(AuthMiddleware, settings=settings, templates=lambda: [t for _, t in route_templates(app.router.routes)])
     # Outermost, so errors carry CORS headers too. With credentials allowed, Starlette echoes
     # the request's Origin instead of "*", as MONAI Label's server does.
     app.add_middleware(

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.seaweedfs",
     "tests.fixtures.postgres",
+    "tests.fixtures.orthanc",
 ]
