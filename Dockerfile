@@ -59,9 +59,13 @@ COPY gateway ./gateway
 COPY apps ./apps
 COPY sdk ./sdk
 COPY protos/gen/python ./protos/gen/python
+# The OHIF viewer served at /ohif/ is the build inside MONAI Label's wheel, installed without
+# its dependencies (only its static files are used; nothing imports monailabel).
 RUN --mount=type=cache,target=/root/.cache/pip \
     PIP_CONSTRAINT=/src/constraints.txt pip install . \
+ && pip install --no-deps monailabel==0.8.5 \
  && python -c "import torch, services.datastore, services.infer, gateway.app, envoy; print('torch', torch.__version__)" \
+ && python -c "from gateway.routes.ohif import wheel_ohif_dir; assert wheel_ohif_dir(), 'no OHIF build'" \
  && labelgrid-datastore --help >/dev/null && labelgrid-infer --help >/dev/null
 
 # ---- runtime: the interpreter, the virtualenv, a non-root user ---------------------------
