@@ -22,7 +22,11 @@ from gateway.settings import GatewaySettings
 # The datastore's id rule (letters, digits, '.', '_', '-'; no leading '.'; no '..'); checked
 # here too so a path-like id is a 400 before any call, and never becomes part of a resource
 # name such as "images/a/labels/b".
-_ID_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")  # with fullmatch: "$" allows a final "\n"
+# JSON a client sends (params, info, bodies) before it becomes a Struct: nesting and size bounded,
+# so a 100k-deep array is a 4xx (not a RecursionError), and no message outgrows a gRPC call.
+MAX_JSON_DEPTH = 32
+MAX_JSON_BYTES = 4 * 1024 * 1024
 SESSION_PREFIX = "session-"
 """Image ids of session images; reserved, so user uploads cannot take them."""
 
@@ -54,7 +58,7 @@ def check_id(value: str | None, what: str = "image id") -> str:
     """Refuses empty and path-like ids (`../x`, `a/b`, NUL, ...) with a 400."""
     if not value:
         raise GatewayError(400, f"{what} is required")
-    if ".." in value or not _ID_RE.match(value):
+    if ".." in value or not _ID_RE.fullmatch(value):
         raise GatewayError(
             400,
             f"invalid {what} {value[:80]!r}: use only letters, digits, '.', '_' and '-', "
@@ -85,6 +89,10 @@ def parse_json_field(value: str | None, field: str) -> dict[str, Any]:
     in FastAPI's validation shape (MONAI Label answered 500 here)."""
     if value is None or value.strip() == "":
         return {}
+    if len(value) > MAX_JSON_BYTES:
+        raise GatewayError(
+            413, f"the {field} field is {len(value)} bytes of JSON, over the limit of {MAX_JSON_BYTES}"
+        )
     try:
         parsed = json.loads(value)
     except (json.JSONDecodeError, RecursionError) as err:
@@ -102,13 +110,37 @@ def _invalid(field: str, msg: str, value: str, kind: str) -> dict[str, Any]:
     return {"type": kind, "loc": ["body", field], "msg": msg, "input": value[:200]}
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (a scalar is 0); iterative, so any depth is fine."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    """A JSON object as a Struct; a value Struct cannot hold is a 422, not a 500."""
+    """A JSON object as a Struct; a value Struct cannot hold is a 422, not a 500, and so is JSON
+    nested deeper than MAX_JSON_DEPTH (413 when it serializes to more than MAX_JSON_BYTES)."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise GatewayError(422, f"JSON nested deeper than {MAX_JSON_DEPTH} levels is not accepted")
     out = struct_pb2.Struct()
     try:
         out.update(value)
-    except (ValueError, TypeError, OverflowError) as err:
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
         raise GatewayError(422, f"unsupported value in JSON: {err}") from None
+    if out.ByteSize() > MAX_JSON_BYTES:
+        raise GatewayError(413, f"JSON of {out.ByteSize()} bytes is over the limit of {MAX_JSON_BYTES}")
     return out
 
 
