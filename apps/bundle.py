@@ -209,6 +209,11 @@ class Bundle:
         parser.config.update({"bundle_root": str(self.root), "device": f"$torch.device({device!r})"})
         return parser
 
+    @property
+    def trainable(self) -> bool:
+        """A train config and a state dict to train (a TorchScript network is not trained here)."""
+        return self.train_config is not None and not self.torchscript
+
     def describe(self) -> dict[str, Any]:
         """What /info shows of the bundle."""
         return {
@@ -218,7 +223,7 @@ class Bundle:
             "labels": dict(self.labels),
             "description": self.description,
             "torchscript": self.torchscript,
-            "trainable": self.train_config is not None,
+            "trainable": self.trainable,
         }
 
 
@@ -321,7 +326,7 @@ class _OnBundlePath:
 
 def parsed(parser: Any, key: str, root: Path, what: str, required: bool = True) -> Any:
     """`parser.get_parsed_content(key)`, with a BundleError naming the key if it is missing or broken."""
-    if key not in parser.config:
+    if key not in parser:
         if required:
             raise BundleError(f"{what} has no {key!r}")
         return None
@@ -478,6 +483,13 @@ class BundleInferTask(InferTask):
         return label.round().to(torch.int64).numpy()
 
 
+def bundle_trainer(task: BundleInferTask) -> Any:
+    """The trainer of a bundle with a train config (its train.json run by the training service)."""
+    from apps.bundle_train import BundleTrainer
+
+    return BundleTrainer(task)
+
+
 # -- checking a bundle (an upload) -------------------------------------------------------------
 
 
@@ -501,6 +513,8 @@ def check_bundle(bundle: Bundle) -> dict[str, Any]:
             f"network_def gives {int(out.shape[1])} output channels but metadata.json "
             f"network_data_format.outputs.{bundle.pred_key}.channel_def names {bundle.channels}"
         )
+    if bundle.trainable:
+        bundle_trainer(task).check()
     return {**bundle.describe(), "config": task.config}
 
 

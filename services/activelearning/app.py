@@ -14,6 +14,7 @@ from services.activelearning.domain.next_sample import NextSampler
 from services.activelearning.domain.scoring import RECORD_KIND, ScoringJobs
 from services.activelearning.settings import ActiveLearningSettings
 from services.common.apps import load_app
+from services.common.bundles import BundleModels
 from services.common.datastore_client import DatastoreClient
 from services.common.errors import LabelgridError
 from services.common.jobs import JobStore
@@ -48,9 +49,14 @@ class ActiveLearning:
         )
         self.live_leases = 0
         self._gauge_task: asyncio.Task[None] | None = None
+        # MONAI Bundles from the datastore, scored like the app's models (the --bundle paths are stored first).
+        self.bundles = BundleModels(
+            self.app, self.datastore, work_dir, settings.bundle, settings.bundle_check_seconds, with_trainers=False
+        )
 
     async def start(self) -> None:
         """Takes over scoring jobs left by a previous process and starts the background work."""
+        await self.bundles.start()
         await self.scoring.start(resume=self.settings.resume_scoring)
         self._gauge_task = asyncio.create_task(self._refresh_leases(), name="lease-gauge")
 
@@ -63,6 +69,7 @@ class ActiveLearning:
             await asyncio.sleep(self.settings.lease_gauge_seconds)
 
     async def stop(self) -> None:
+        await self.bundles.stop()
         if self._gauge_task is not None:
             self._gauge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import pydantic
 
-from services.common.settings import ServiceSettings
+from services.common.bundles import BundleSettings
 
 
-class ActiveLearningSettings(ServiceSettings):
+class ActiveLearningSettings(BundleSettings):
     port: int = 50054
     # The datastore's gRPC address: images, leases, scores and model weights all live there.
     datastore: str = "127.0.0.1:50051"

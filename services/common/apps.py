@@ -41,6 +41,8 @@ class LoadedApp:
     trainers: dict[str, Any] = field(default_factory=dict)
     strategies: dict[str, Any] = field(default_factory=dict)
     scoring_methods: dict[str, Any] = field(default_factory=dict)
+    # MONAI Bundles served next to the app's own models (services.common.bundles adds them), by model name.
+    bundles: dict[str, Any] = field(default_factory=dict)
 
     def lookup(self, part: str, name: str) -> Any:
         """A model, trainer, strategy or scoring method by name (`part` is the attribute);

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import pydantic
 
-from services.common.settings import ServiceSettings
+from services.common.bundles import BundleSettings
 
 
-class InferSettings(ServiceSettings):
+class InferSettings(BundleSettings):
     port: int = 50052
     # The datastore's gRPC address: images, labels and model weights all come from there.
     datastore: str = "127.0.0.1:50051"

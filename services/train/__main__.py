@@ -6,6 +6,8 @@ import asyncio
 import logging
 import sys
 
+from services.common.bundles import BundleModels
+from services.common.errors import LabelgridError
 from services.common.logging import configure_logging
 from services.common.settings import parse_settings
 from services.train.api.servicer import create_service
@@ -17,6 +19,14 @@ log = logging.getLogger("labelgrid.train")
 
 async def serve(settings: TrainSettings) -> None:
     built = await asyncio.to_thread(build_training, settings)
+    # MONAI Bundles with a train config become trainers (the --bundle paths are stored in the datastore first).
+    bundles = BundleModels(
+        built.app, built.datastore, settings.work_dir.resolve(), settings.bundle, settings.bundle_check_seconds
+    )
+    try:
+        await bundles.start()
+    except LabelgridError as error:
+        raise SystemExit(f"training: {error.message}") from None
     lost = await built.training.start()
     if lost:
         log.warning("jobs lost by the previous process marked failed", extra={"count": len(lost)})
@@ -25,7 +35,10 @@ async def serve(settings: TrainSettings) -> None:
     service.announce_ready(
         f"training (app {settings.app}, devices {', '.join(built.training.pool.names)}, datastore {settings.datastore})"
     )
-    await service.run_until_signal()
+    try:
+        await service.run_until_signal()
+    finally:
+        await bundles.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

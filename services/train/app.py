@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.apps import load_app
+from services.common.apps import LoadedApp, load_app
 from services.common.datastore_client import DatastoreClient
 from services.common.jobs import JobStore
 from services.common.models.devices import resolve_devices
@@ -21,6 +21,8 @@ class BuiltTraining:
     training: Training
     datastore: DatastoreClient
     cache: DataCache
+    # The app whose trainers `training` runs (bundle trainers are added to it in place).
+    app: LoadedApp | None = None
 
 
 def build_training(settings: TrainSettings) -> BuiltTraining:
@@ -46,4 +48,4 @@ def build_training(settings: TrainSettings) -> BuiltTraining:
         torch_threads=settings.torch_threads,
         keep_job_dirs=settings.keep_job_dirs,
     )
-    return BuiltTraining(training, client, cache)
+    return BuiltTraining(training, client, cache, app)

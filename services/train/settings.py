@@ -7,10 +7,10 @@ from typing import Annotated
 
 import pydantic
 
-from services.common.settings import ServiceSettings
+from services.common.bundles import BundleSettings
 
 
-class TrainSettings(ServiceSettings):
+class TrainSettings(BundleSettings):
     port: int = 50053
     # The datastore's gRPC address: labeled images come from there, model versions go there.
     datastore: str = "127.0.0.1:50051"

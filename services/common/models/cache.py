@@ -68,6 +68,7 @@ class ModelCache:
         self.work_dir = work_dir
         self._entries: OrderedDict[tuple[str, str], LoadedNetwork] = OrderedDict()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._tasks: dict[tuple[str, str], Any] = {}
         self.load_count = 0
 
     def loaded(self, model: str) -> list[LoadedNetwork]:
@@ -88,13 +89,14 @@ class ModelCache:
         """The network of `version` on `device`, loading it (via `run_blocking`, on the device's pool) if needed."""
         key = (model, device)
         entry = self._entries.get(key)
-        if entry is not None and entry.version == version:
+        # Same version of the same task (a replaced bundle is a new task with the same version names).
+        if entry is not None and entry.version == version and self._tasks.get(key) is task:
             self._entries.move_to_end(key)
             return entry
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.version == version:
+            if entry is not None and entry.version == version and self._tasks.get(key) is task:
                 self._entries.move_to_end(key)
                 return entry
             download_dir = Path(tempfile.mkdtemp(prefix=f"weights-{model}-", dir=self.work_dir))
@@ -107,6 +109,7 @@ class ModelCache:
                 shutil.rmtree(download_dir, ignore_errors=True)
             previous = self._entries.pop(key, None)
             self._entries[key] = loaded
+            self._tasks[key] = task
             self.load_count += 1
             log.info(
                 "model loaded",

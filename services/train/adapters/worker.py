@@ -119,8 +119,12 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
         torch.cuda.set_device(device)
     set_determinism(seed=int(spec.get("seed", 0)) + rank)
 
-    app = load_app(spec["app"])
-    trainer_def = app.trainers[spec["trainer"]]
+    if spec.get("bundle"):
+        from apps.bundle import BundleInferTask, bundle_trainer, load_bundle
+
+        trainer_def = bundle_trainer(BundleInferTask(load_bundle(Path(spec["bundle"]), spec["trainer"])))
+    else:
+        trainer_def = load_app(spec["app"]).trainers[spec["trainer"]]
     context = TrainContext(params=params, device=device_name, rank=rank, world_size=world_size)
 
     train_list = _own_labels(trainer_def, list(spec["train_datalist"]))

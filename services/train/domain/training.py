@@ -351,6 +351,8 @@ class Training:
             spec = {
                 "app": self.app_module,
                 "trainer": trainer,
+                # A MONAI Bundle's trainer: the child builds it from the bundle's folder, not from the app.
+                "bundle": getattr(self.trainers.get(trainer), "bundle_root", None),
                 "params": params,
                 "train_datalist": train_list,
                 "val_datalist": val_list,
