@@ -264,6 +264,11 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         "--datastore", datastore_address, "--device", args.scoring_device, "--app", args.app,
         "--work-dir", str(work / "activelearning"),
     ]  # fmt: skip
+    if args.bundle:  # MONAI Bundles: each model service stores them in the datastore (idempotent) and serves them
+        bundles = ["--bundle", ",".join(str(Path(path).resolve()) for path in args.bundle)]
+        inference_argv, training_argv, activelearning_argv = (
+            [*argv, *bundles] for argv in (inference_argv, training_argv, activelearning_argv)
+        )
     gateway_argv = [
         *python, "gateway", *common, "--port", str(ports.gateway),
         "--datastore-address", datastore_address, "--inference-address", inference_address,
@@ -386,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-device", default="auto", help="training devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--scoring-device", default="auto", help="active learning scoring devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--app", default="apps.radiology", help="the app package inference serves")
+    run.add_argument(
+        "--bundle", action="append", type=Path, default=[], metavar="PATH",
+        help="a MONAI Bundle (folder or .zip) to serve and train, named after the folder / zip; repeatable",
+    )  # fmt: skip
     run.add_argument("--log-level", default="INFO")
     run.add_argument("--access-log", action="store_true", help="Envoy logs every request")
     add_sdk_commands(commands)  # the SDK's: models, images, labels, infer, next-sample

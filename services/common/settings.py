@@ -122,7 +122,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
     elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         parser.add_argument(flag, choices=[member.value for member in annotation], **kwargs)
     elif origin in (list, tuple, set, frozenset):
-        parser.add_argument(flag, type=_split_list, metavar="A,B", **kwargs)
+        # Repeatable, and each value may be a comma list: --bundle a --bundle b,c -> [a, b, c].
+        parser.add_argument(flag, type=_split_list, metavar="A,B", action="extend", **kwargs)
     elif annotation in (int, float):
         parser.add_argument(flag, type=annotation, **kwargs)
     elif annotation is Path:
