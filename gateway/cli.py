@@ -30,6 +30,7 @@ from labelgrid.client.cli import add_commands as add_sdk_commands
 from labelgrid.client.cli import run as run_sdk_command
 
 from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
+from gateway.preflight import port_problems, stack_ports
 
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
@@ -340,6 +341,10 @@ def make_say(log_file: Path | None = None) -> Say:
 
 def up(args: argparse.Namespace) -> int:
     say = make_say(stack_log_file(args.work_dir))
+    if problems := port_problems(stack_ports(vars(args), args.host)):
+        for problem in [*problems, "labelgrid did not start"]:
+            say(problem)
+        return 1
     if args.sample_studies and args.backend == "local":
         subprocess.run([sys.executable, "-m", "services.datastore.sample_studies", str(args.studies)], check=True)
     supervisor, ports = build_stack(args, say)

@@ -312,3 +312,42 @@ def check_helm_command(block: Block, words: list[str]) -> None:
             continue
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
+
+
+# -- the "Tried with" table ------------------------------------------------------------------
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README.md has no '## {title}' section"
+    return match[1]
+
+
+def test_tried_with_names_what_the_tests_use() -> None:
+    """Every `package` version in the table is the one installed (npm: the one package.json
+    pins), every test it names exists, and the Kubernetes versions are the ones tests/helm validates."""
+    import importlib.metadata
+    import json
+
+    from tests.helm.test_chart import KUBE_VERSIONS
+
+    rows = [line for line in readme_section("Tried with").splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 5, rows
+    npm = json.loads((ROOT / "clients" / "node" / "package.json").read_text())
+    npm_versions = {**npm.get("dependencies", {}), **npm.get("devDependencies", {})}
+    checked = 0
+    for row in rows:
+        for name, version in re.findall(r"`(@?[\w./-]+)` (\d+(?:\.\d+)+)", row):
+            if name.startswith("@"):
+                pinned = {v.lstrip("^~=") for k, v in npm_versions.items() if k.startswith(name + "/")}
+                assert pinned == {version}, f"{row}: package.json pins {name}/* at {pinned}"
+            else:
+                installed = importlib.metadata.version(name)
+                assert installed.split("+")[0] == version, f"{row}: {name} {installed} is installed"
+            checked += 1
+        for path in re.findall(r"`(tests/[\w/.-]+\.py)`", row):
+            assert (ROOT / path).is_file(), f"{row}: {path} does not exist"
+        if row.startswith("| Kubernetes"):
+            assert all(version in row for version in KUBE_VERSIONS), row
+    assert checked >= 5
