@@ -88,7 +88,7 @@ class VolumeFiles:
             raise InvalidArgument(f"image {file_name!r} has shape {list(data.shape)}; a 3D volume is needed")
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise InvalidArgument(f"image {file_name!r} has a degenerate affine")
-        return Volume(np.ascontiguousarray(data), affine, file_name)
+        return Volume(np.ascontiguousarray(data), affine, file_name, Path(path))
 
     def write_label(
         self, label: Any, affine: Any, dest_dir: Path, stem: str, extension: str, dtype: str, compress: bool
