@@ -12,12 +12,16 @@ from apps.activelearning import ScoringMethod, Strategy
 from apps.base import InferTask
 from apps.radiology.deepedit import DeepEdit
 from apps.radiology.deepgrow import Deepgrow
+from apps.radiology.scribbles import HistogramGraphCut
 from apps.radiology.segmentation import Segmentation
 from apps.radiology.segmentation_brain import SegmentationBrain
 from apps.train import Trainer
 
 NAME = "radiology"
-DESCRIPTION = "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres; brain segmentation of T1 MRI"
+DESCRIPTION = (
+    "Sample radiology app: segmentation, deepgrow and deepedit of synthetic spheres; brain segmentation of T1 MRI; "
+    "scribbles (histogram + graph cut)"
+)
 VERSION = "0.1.0"
 LABELS = {"sphere_a": 1, "sphere_b": 2}
 
@@ -29,6 +33,7 @@ def infer_tasks() -> dict[str, InferTask]:
         "deepgrow": Deepgrow(),
         "deepedit": DeepEdit(LABELS),
         "segmentation_brain": SegmentationBrain(),
+        "scribbles": HistogramGraphCut(),
     }
 
 

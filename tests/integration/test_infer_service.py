@@ -131,7 +131,7 @@ async def test_app_info_and_models(stack: Stack) -> None:
     info = await stack.stub.GetAppInfo(pb.GetAppInfoRequest())
     assert info.display_name == "radiology" and dict(info.labels) == {"sphere_a": 1, "sphere_b": 2}
     models = (await stack.stub.ListModels(pb.ListModelsRequest())).models
-    assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit", "segmentation_brain"]
+    assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit", "segmentation_brain", "scribbles"]
     segmentation = models[0]
     assert segmentation.name == "models/segmentation" and segmentation.type == res.INFER_TYPE_SEGMENTATION
     assert dict(segmentation.labels) == {"sphere_a": 1, "sphere_b": 2} and segmentation.dimension == 3

@@ -32,7 +32,7 @@ def app():
 def test_app_loads_its_tasks(app) -> None:
     assert app.name == "radiology"
     assert app.labels == {"sphere_a": 1, "sphere_b": 2}
-    assert set(app.infer_tasks) == {"segmentation", "deepgrow", "deepedit", "segmentation_brain"}
+    assert set(app.infer_tasks) == {"segmentation", "deepgrow", "deepedit", "segmentation_brain", "scribbles"}
     segmentation = app.infer_tasks["segmentation"]
     assert isinstance(segmentation, InferTask)
     assert segmentation.type is InferType.SEGMENTATION

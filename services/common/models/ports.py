@@ -37,7 +37,14 @@ class ModelRunner(Protocol):
     def load(self, task: Any, device: str, weights: Path | None, version: str) -> LoadedNetwork: ...
 
     def run(
-        self, task: Any, loaded: LoadedNetwork, volume: Volume, prompt: Prompt, params: dict[str, Any], cancelled: threading.Event
+        self,
+        task: Any,
+        loaded: LoadedNetwork,
+        volume: Volume,
+        prompt: Prompt,
+        params: dict[str, Any],
+        cancelled: threading.Event,
+        input_label: Any = None,
     ) -> RunResult: ...
 
     def devices(self) -> list[DeviceInfo]: ...

@@ -85,6 +85,7 @@ class TorchRunner:
         prompt: Prompt,
         params: dict[str, Any],
         cancelled: threading.Event,
+        input_label: Any = None,
     ) -> RunResult:
         latencies: dict[str, float] = {}
         device = torch.device(loaded.device)
@@ -97,11 +98,10 @@ class TorchRunner:
                 )
                 return self._restore(task, label, volume, prompt, latencies)
             started = time.perf_counter()
-            item = InferInput(
-                {"image": torch.from_numpy(np.asarray(volume.data, dtype=np.float32))[None], "affine": volume.affine},
-                prompt,
-                dict(params),
-            )
+            data = {"image": torch.from_numpy(np.asarray(volume.data, dtype=np.float32))[None], "affine": volume.affine}
+            if input_label is not None:  # e.g. scribbles: on the image's grid, channel first as the image
+                data["label"] = torch.from_numpy(np.asarray(input_label, dtype=np.float32))[None]
+            item = InferInput(data, prompt, dict(params))
             for step in task.pre_transforms(params):
                 item = step(item)
             latencies["pre"] = time.perf_counter() - started

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.common.chunks import SpooledFile, SpoolWriter
+from services.common import raw_labels
+from services.common.chunks import SpooledFile, SpoolWriter, sha256_file
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.datastore.domain import formats, ids
 from services.datastore.domain.reindex import ReindexCounts, rebuild
@@ -310,6 +311,8 @@ class Datastore:
             tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
             if not file_name:
                 raise InvalidArgument("file_name is required: its extension tells the label format")
+            if raw_labels.is_raw_label(file_name):  # OHIF v2's label.bin: voxels on the image's grid
+                spooled, file_name = self._label_from_raw(spooled, image_id), f"{image_id}.nii.gz"
             ext = formats.label_ext_from_name(file_name)
             formats.check_volume(Path(spooled.path), ext)
             self.index.get_image(image_id)  # NotFound before anything is stored
@@ -330,6 +333,23 @@ class Datastore:
                 self.blobs.delete(label_key(tag, old.file_name))
         self._changed()
         return record
+
+    def _label_from_raw(self, raw: SpooledFile, image_id: str) -> SpooledFile:
+        """The raw label converted against the stored image (MONAI Label's binary_to_image); the
+        raw upload is removed, the converted file replaces it."""
+        image = self.index.get_image(image_id)
+        spool_dir = Path(self.blobs.spool_dir())
+        handle, name = tempfile.mkstemp(prefix="image-", suffix=image.ext, dir=spool_dir)
+        image_path = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                for chunk in self.blobs.open_read(image_key(image.file_name)):
+                    out.write(chunk)
+            label_path = raw_labels.raw_label_to_nifti(Path(raw.path), image_path, image.file_name, spool_dir)
+        finally:
+            image_path.unlink(missing_ok=True)
+        self._discard(raw)
+        return SpooledFile(label_path, label_path.stat().st_size, sha256_file(label_path))
 
     def read_label(self, image_id: str, tag: str, offset: int = 0, limit: int = 0) -> BlobRead:
         label = self.get_label(image_id, tag)

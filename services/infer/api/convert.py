@@ -118,6 +118,9 @@ def infer_params(message: res.InferParams) -> InferParams:
         params_only=result.params_only,
     )
     task_params = {k: v for k, v in extra.items() if k not in _PROMPT_KEYS and not _is_click_list(v)}
+    if message.prompt.HasField("roi"):  # scribbles tasks read it (MONAI Label's `roi` param)
+        roi = message.prompt.roi
+        task_params["roi"] = [roi.i0, roi.i1, roi.j0, roi.j1, roi.k0, roi.k1]
     return InferParams(prompt=prompt(message.prompt, extra), result=options, device=str(device), extra=task_params)
 
 

@@ -9,6 +9,7 @@ inference (its queue slot is freed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from services.common.server import GrpcService
 from services.common.streams import send_chunks
 from services.infer.adapters.metrics import InferenceCollector
 from services.infer.api import convert
-from services.infer.domain.inference import Inference, upload_file_name
+from services.infer.domain.inference import Inference, input_label_file_name, upload_file_name
 from services.infer.domain.model import ImageInput, InferOutcome
 from services.infer.settings import InferSettings
 
@@ -122,22 +123,31 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.inference.task(model)  # an unknown model is refused before any byte is received
         params = convert.infer_params(header.params)
         self.inference.check_params(params)  # bad params are refused before any byte is received
-        if header.label_file_name:
-            raise Unimplemented("input labels (scribbles) are not supported by this inference service yet")
+        label_file_name = input_label_file_name(header.label_file_name) if header.label_file_name else ""
+        for size, what in ((header.image_size_bytes, "image"), (header.label_size_bytes, "label")):
+            if size > self.max_upload_bytes:
+                raise InvalidArgument(
+                    f"{what} of {size} bytes exceeds the limit of {self.max_upload_bytes} bytes",
+                    reason="PAYLOAD_TOO_LARGE",
+                )
         if header.image:
             image = ImageInput(image_id=convert.image_of(header.image))
         else:
             if not header.image_file_name:
                 raise InvalidArgument("the header must name a datastore image or give image_file_name")
             file_name = upload_file_name(header.image_file_name)
-            if header.image_size_bytes > self.max_upload_bytes:
-                raise InvalidArgument(
-                    f"image of {header.image_size_bytes} bytes exceeds the limit of {self.max_upload_bytes} bytes",
-                    reason="PAYLOAD_TOO_LARGE",
-                )
             spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
             spooled = await _receive_part(iterator, "image_chunk", "image_finish", spool, "image")
             image = ImageInput(uploaded_path=spooled.path, uploaded_file_name=file_name)
+        if label_file_name:
+            try:
+                spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
+                label = await _receive_part(iterator, "label_chunk", "label_finish", spool, "label")
+            except BaseException:
+                if image.uploaded_path is not None:
+                    image.uploaded_path.unlink(missing_ok=True)
+                raise
+            image = dataclasses.replace(image, label_path=label.path, label_file_name=label_file_name)
         outcome = await self.inference.infer(model, image, params, deadline=_deadline(context))
         async for message in _stream_outcome(outcome, pb.InferUploadResponse):
             yield message

@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from apps.prompt import Prompt
+from services.common import raw_labels
 from services.common.apps import LoadedApp
 from services.common.errors import InvalidArgument, NotFound
 from services.common.models.cache import ModelCache, ServingVersions
@@ -90,6 +93,20 @@ def upload_file_name(file_name: str) -> str:
     if not stem or stem.startswith(".") or any(ord(c) < 32 or c in '\\/:*?"<>|' for c in name) or len(name) > 200:
         return "image" + extension
     return name
+
+
+def input_label_file_name(file_name: str) -> str:
+    """The name a streamed input label is read under: a readable volume or raw voxels (`.bin`)."""
+    name = file_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if raw_labels.is_raw_label(name):
+        return "label" + raw_labels.RAW_LABEL_EXT
+    try:
+        return upload_file_name(name)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"label file name {file_name[:100]!r}: accepted formats are "
+            f"{', '.join((*UPLOAD_EXTENSIONS, raw_labels.RAW_LABEL_EXT))}"
+        ) from None
 
 
 def _file_stem(file_name: str) -> str:
@@ -267,6 +284,8 @@ class Inference:
         finally:
             if image.uploaded_path is not None:
                 image.uploaded_path.unlink(missing_ok=True)
+            if image.label_path is not None:
+                image.label_path.unlink(missing_ok=True)
 
     async def _infer(
         self,
@@ -290,6 +309,17 @@ class Inference:
             path = work_dir / file_name
             await asyncio.to_thread(image.uploaded_path.rename, path)
         volume: Volume = await asyncio.to_thread(self.volumes.read, path, file_name)
+        input_label = None
+        if image.label_path is not None:
+            input_label = await asyncio.to_thread(self._read_input_label, image, volume, work_dir)
+        elif getattr(task, "needs_input_label", False):
+            raise InvalidArgument(f"model {model!r} needs an input label (the scribbles): send it as the `label` part")
+        validate = getattr(task, "validate_params", None)
+        if validate is not None:
+            try:
+                validate(params.extra, volume.shape)
+            except ValueError as error:
+                raise InvalidArgument(f"invalid params for model {model!r}: {error}") from None
         fetch_seconds = time.perf_counter() - fetch_started
         self.check_prompt(params.prompt, volume.shape, dict(task.labels))
 
@@ -302,7 +332,9 @@ class Inference:
                 model, task, queue.device, version, lambda load: slot.run(lambda _cancelled: load())
             )
             result = await slot.run(
-                lambda cancelled: self.runner.run(task, loaded, volume, params.prompt, params.extra, cancelled)
+                lambda cancelled: self.runner.run(
+                    task, loaded, volume, params.prompt, params.extra, cancelled, input_label=input_label
+                )
             )
         queue_seconds = slot.queue_seconds
 
@@ -369,6 +401,22 @@ class Inference:
             device=loaded.device,
             work_dir=work_dir,
         )
+
+    def _read_input_label(self, image: ImageInput, volume: Volume, work_dir: Path) -> Any:
+        """The streamed input label as integers on the image's grid (blocking)."""
+        assert image.label_path is not None
+        file_name = Path(image.label_file_name).name or "label.nii.gz"
+        if raw_labels.is_raw_label(file_name):
+            return raw_labels.read_raw_label(image.label_path, volume.shape, file_name)
+        path = work_dir / f"input-{file_name}"  # readers pick the format by the name
+        image.label_path.rename(path)
+        label = self.volumes.read(path, file_name)
+        if label.shape != volume.shape:
+            raise InvalidArgument(
+                f"the input label {file_name!r} is {'x'.join(map(str, label.shape))} voxels, "
+                f"the image {'x'.join(map(str, volume.shape))}: they must match"
+            )
+        return np.rint(label.data).astype(np.int32)
 
     def close(self) -> None:
         self.scheduler.shutdown()

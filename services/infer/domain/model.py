@@ -47,11 +47,16 @@ class InferParams:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """Where the image comes from: a datastore image id, or a file streamed in (then deleted)."""
+    """Where the image comes from: a datastore image id, or a file streamed in (then deleted);
+    and the input label, if one was given."""
 
     image_id: str = ""
     uploaded_path: Path | None = None
     uploaded_file_name: str = ""
+    # An input label streamed in (scribbles; MONAI Label's `label` part), deleted after use:
+    # a volume on the image's grid, or raw voxels (`.bin`, OHIF v2).
+    label_path: Path | None = None
+    label_file_name: str = ""
 
 
 @dataclass
