@@ -39,7 +39,7 @@ README = ROOT / "README.md"
 RUN = {"sh": "bash", "bash": "bash", "python": "python"}
 # The fixed address the README's examples use, and what replaces it in the test.
 README_ADDRESS = "127.0.0.1:8000"
-BLOCK_TIMEOUT_S = 240
+BLOCK_TIMEOUT_S = 120  # the slowest block (infer and a 1-epoch train start on CPU) takes a few seconds
 FENCE = re.compile(r"^(`{3,})([\w+-]*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(?P<why>.*?)\s*-->\s*$")
 CHECKED_BY = re.compile(r"checked by (?P<path>tests/[\w/.-]+\.py)(?:::(?P<name>\w+))?")
@@ -159,6 +159,7 @@ def test_readme_block_runs(block: Block, stack: Stack, folder: Path, tmp_path: P
         output = expired.output or ""
         output = output.decode(errors="replace") if isinstance(output, bytes) else output
         pytest.fail(f"{block} did not finish in {BLOCK_TIMEOUT_S} s:\n{code}\n--- output ---\n{output[-4000:]}")
+    print(f"--- {block} ---\n{done.stdout}")  # shown with -rP, or with the failure
     if done.returncode != 0:
         pytest.fail(
             f"{block} exited with {done.returncode}:\n{code}\n--- output ---\n{done.stdout[-4000:]}"
@@ -351,3 +352,25 @@ def test_tried_with_names_what_the_tests_use() -> None:
         if row.startswith("| Kubernetes"):
             assert all(version in row for version in KUBE_VERSIONS), row
     assert checked >= 5
+
+
+# -- claims about what the stack serves ----------------------------------------------------
+
+
+def test_what_info_lists_is_what_the_readme_names(stack: Stack) -> None:
+    """The app's models, trainers, strategies and scoring methods as /info/ lists them: each is
+    named in the README, and the README's list of the sample app's models names only real ones."""
+    import httpx
+
+    info = httpx.get(f"{stack.url}/info/", timeout=30).json()
+    text = README.read_text()
+    named = set(re.findall(r"`([\w-]+)`", text))
+    for key in ("models", "strategies", "scoring"):
+        missing = sorted(set(info[key]) - named)
+        assert missing == [], f"/info/ lists {key} the README never names: {missing}"
+    architecture = readme_section("Architecture")
+    missing_trainers = sorted(name for name in info["trainers"] if name not in text)
+    assert missing_trainers == [], f"trainers the README never names: {missing_trainers}"
+    [apps_row] = [line for line in architecture.splitlines() if line.startswith("| `apps/`")]
+    claimed = set(re.findall(r"`(\w+)`", apps_row.split("`apps/radiology` has", 1)[1].split(" and ", 1)[0]))
+    assert claimed and claimed <= set(info["models"]), f"the apps/ row names {claimed}, /info/ lists {sorted(info['models'])}"
