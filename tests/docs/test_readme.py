@@ -259,7 +259,7 @@ REPO_PATH = re.compile(r"^(?:clients|k8s|scripts|bench|services|gateway|apps|pro
 @pytest.mark.parametrize("block", NOT_RUN_BLOCKS, ids=str)
 def test_not_run_blocks_are_checked_elsewhere(block: Block) -> None:
     """What a block that is not run names exists and is exercised: make targets, repo files,
-    the test its marker names, docker build arguments, and helm commands (rendered and
+    the test its marker names, docker build arguments, and helm commands (linted, rendered and
     validated with exactly the values they pass, as tests/helm does for ci/*.yaml)."""
     why = block.not_run or ""
     for match in CHECKED_BY.finditer(why):
@@ -301,6 +301,8 @@ def check_helm_command(block: Block, words: list[str]) -> None:
     unknown = [key for key in set_keys(words) if not has_key(defaults, key)]
     assert unknown == [], f"{block}: --set of keys values.yaml does not have: {unknown}"
     values = helm_values(words)  # an upgrade's --reuse-values: rendered on the chart's defaults
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [], f"{block}: helm lint of {' '.join(words)}: {report}"
     loaded = helm.Chart.load(CHART)
     try:
         manifests = loaded.render(values, name=RELEASE, namespace=NAMESPACE)
