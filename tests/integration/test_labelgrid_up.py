@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def port_flags() -> list[str]:
     return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]
 
 
-def start_stack(root: Path, *, sample_studies: bool = True, ready_timeout: float = 150) -> Stack:
+def start_stack(root: Path, *, sample_studies: bool = True, ready_timeout: float = 150, extra: Sequence[str] = ()) -> Stack:
     """`python -m gateway.cli up` with every port of the stack on a free port, on the CPU;
     returns once it prints that it is up."""
     flags = port_flags()
@@ -109,7 +109,7 @@ def start_stack(root: Path, *, sample_studies: bool = True, ready_timeout: float
     argv = [
         sys.executable, "-m", "gateway.cli", "up", "--studies", str(studies), "--work-dir", str(root / "var"),
         "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
-        *(["--sample-studies"] if sample_studies else []),
+        *(["--sample-studies"] if sample_studies else []), *extra,
     ]  # fmt: skip
     for flag, port in ports.items():
         argv += [flag, str(port)]

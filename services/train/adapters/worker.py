@@ -134,6 +134,10 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
             f"none of the {len(spec['train_datalist'])} labeled image(s) has labels of trainer {spec['trainer']!r} "
             f"(label values {sorted({0, *trainer_def.labels.values()})})"
         )
+    if spec.get("bundle"):
+        # A bundle's transforms see only what its own datalist would hold (MONAI reads "image_id" as a meta-dict key).
+        train_list = [{"image": item["image"], "label": item["label"]} for item in train_list]
+        val_list = [{"image": item["image"], "label": item["label"]} for item in val_list]
     if world_size > 1:
         # Every rank gets its share; with fewer items than ranks each gets them all (MONAI Label does the same).
         if len(train_list) >= world_size:

@@ -1,0 +1,206 @@
+"""MONAI Bundles as models, through the REST API of a real `labelgrid up --bundle ...`.
+
+Bundles are made here with MONAI's own API and seeded weights (tests/fixtures/bundles.py):
+a 3D CT segmentation bundle (Orientationd, Spacingd, ScaleIntensityRanged window,
+SlidingWindowInferer, Invertd) with a train config, and the same network as a TorchScript
+bundle given as a zip. The label labelgrid answers must equal, voxel for voxel, what MONAI's
+own `monai.bundle.run` of the same bundle writes for the same image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.fixtures.bundles import ct_image, make_bundle, zip_folder
+from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+
+IMAGE = "ct001"
+
+
+def bundle_run(bundle: Path, image: Path, out: Path) -> np.ndarray:
+    """What `monai.bundle.run` of the bundle's inference config writes for `image`."""
+    from monai.bundle import run
+
+    data = out / "data"
+    data.mkdir(parents=True)
+    shutil.copy(image, data / image.name)
+    run(
+        config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle),
+        dataset_dir=str(data),
+        output_dir=str(out / "eval"),
+    )
+    written = sorted((out / "eval").rglob("*.nii.gz"))
+    assert len(written) == 1, written
+    return np.asarray(nib.load(str(written[0])).dataobj)
+
+
+def unpack(bundle_zip: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(bundle_zip) as archive:
+        archive.extractall(dest)
+    return next(path.parent.parent for path in dest.rglob("configs/metadata.json"))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    seg = make_bundle(root / "ct_seg", seed=3)
+    ts_folder = make_bundle(root / "build" / "ct_seg_ts", seed=4, torchscript=True, train=False)
+    return {"ct_seg": seg, "ct_seg_ts": zip_folder(ts_folder, root / "ct_seg_ts.zip"), "ct_seg_ts_folder": ts_folder}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("bundle-stack")
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    image = ct_image(root / f"{IMAGE}.nii.gz", seed=1)
+    shutil.copy(image, studies / image.name)
+    shutil.copy(root / f"{IMAGE}_label.nii.gz", studies / "labels" / "final" / image.name)
+    running = start_stack(
+        root, sample_studies=False, extra=["--bundle", str(bundles["ct_seg"]), "--bundle", str(bundles["ct_seg_ts"])]
+    )
+    yield running
+    stop_stack(running)
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=120) as client:
+        yield client
+
+
+def infer(http: httpx.Client, model: str) -> nib.Nifti1Image:
+    response = http.post(f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": "{}"})
+    assert response.status_code == 200, response.text
+    return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+
+
+def wait_until(condition: Any, timeout: float = 60.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_info_lists_bundles_with_labels_and_config(http: httpx.Client) -> None:
+    info = http.get("/info/").json()
+    for name in ("ct_seg", "ct_seg_ts"):
+        model = info["models"][name]
+        assert model["type"] == "segmentation"
+        assert model["labels"] == {"organ_a": 1, "organ_b": 2}  # channel_def without background
+        assert model["config"]["bundle_version"] == "0.1.0"
+    assert info["models"]["ct_seg_ts"]["config"]["torchscript"] is True
+    assert "ct_seg" in info["trainers"]  # has a train.json
+    assert "ct_seg_ts" not in info["trainers"]  # TorchScript: served, not trained
+
+
+@pytest.mark.parametrize("model", ["ct_seg", "ct_seg_ts"])
+def test_label_equals_monai_bundle_run(http: httpx.Client, stack: Stack, bundles: dict[str, Path], model: str, tmp_path: Path) -> None:
+    folder = bundles["ct_seg" if model == "ct_seg" else "ct_seg_ts_folder"]
+    image = stack.studies / f"{IMAGE}.nii.gz"
+    expected = bundle_run(folder, image, tmp_path)
+    label = infer(http, model)
+    got = np.asarray(label.dataobj)
+    assert got.shape == expected.shape == nib.load(str(image)).shape
+    assert np.array_equal(got, expected), f"{int((got != expected).sum())} voxels differ"
+    assert len(np.unique(expected)) > 1  # a real answer, not an empty label
+    np.testing.assert_allclose(label.affine, nib.load(str(image)).affine, atol=1e-5)
+
+
+def _bad_zip(tmp_path: Path, name: str, edit: Any) -> Path:
+    folder = make_bundle(tmp_path / "src" / name, seed=9, train=False)
+    extra = edit(folder) or {}
+    return zip_folder(folder, tmp_path / f"{name}.zip", extra=extra)
+
+
+def _unknown_network(folder: Path) -> None:
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config["network_def"]["_target_"] = "NoSuchNetwork"
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+
+
+def _wrong_label_count(folder: Path) -> None:
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    pred["channel_def"] = {"0": "background", "1": "a", "2": "b", "3": "c"}
+    pred["num_channels"] = 4
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "words"),
+    [
+        ("missing_config", lambda folder: (folder / "configs" / "inference.json").unlink(), "configs/inference.json"),
+        ("unknown_network", _unknown_network, "network_def"),
+        ("wrong_label_count", _wrong_label_count, "channel_def"),
+        ("traversal", lambda folder: {"../../escaped.txt": b"owned"}, "outside the bundle"),
+    ],
+)
+def test_bad_bundles_are_refused_and_nothing_is_stored(
+    http: httpx.Client, stack: Stack, tmp_path: Path, case: str, edit: Any, words: str
+) -> None:
+    name = f"bad_{case}"
+    archive = _bad_zip(tmp_path, name, edit)
+    response = http.put(f"/model/{name}", files={"file": (f"{name}.zip", archive.read_bytes(), "application/zip")})
+    assert response.status_code == 422, response.text
+    assert words in response.json()["detail"]
+    assert http.get(f"/model/{name}").status_code == 404
+    assert name not in http.get("/info/").json()["models"]
+    assert not list(stack.studies.parent.rglob("escaped.txt"))
+
+
+def test_put_download_replace_bundle(http: httpx.Client, tmp_path: Path, stack: Stack) -> None:
+    first = zip_folder(make_bundle(tmp_path / "a" / "ct_new", seed=11, train=False), tmp_path / "first.zip")
+    response = http.put("/model/ct_new", files={"file": ("ct_new.zip", first.read_bytes(), "application/zip")})
+    assert response.status_code == 200, response.text
+    assert response.json()["bundle"]["labels"] == {"organ_a": 1, "organ_b": 2}
+    wait_until(lambda: "ct_new" in http.get("/info/").json()["models"], what="the new bundle in /info/")
+    download = http.get("/model/ct_new")
+    assert download.status_code == 200 and download.content == first.read_bytes()
+
+    # Replace it: inference answers as MONAI runs the new bundle.
+    second_folder = make_bundle(tmp_path / "b" / "ct_new", seed=12, train=False)
+    second = zip_folder(second_folder, tmp_path / "second.zip")
+    response = http.put("/model/ct_new", files={"file": ("ct_new.zip", second.read_bytes(), "application/zip")})
+    assert response.status_code == 200 and response.json()["changed"] is True
+    assert http.get("/model/ct_new").content == second.read_bytes()
+    expected = bundle_run(second_folder, stack.studies / f"{IMAGE}.nii.gz", tmp_path / "run")
+    wait_until(lambda: np.array_equal(np.asarray(infer(http, "ct_new").dataobj), expected), what="the replaced bundle served")
+
+
+def test_train_bundle_then_delete_goes_back_to_the_bundle_weights(
+    http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    assert http.get("/model/info/ct_seg").status_code == 404  # serving the bundle's own weights
+    response = http.post("/train/ct_seg", params={"run_sync": "true"}, json={"max_epochs": 2, "val_split": 0.0})
+    assert response.status_code == 200, response.text
+    info = wait_until(lambda: (r := http.get("/model/info/ct_seg")).status_code == 200 and r.json(), what="a trained version")
+    assert not info["version"].startswith("initial-")
+    trained = wait_until(lambda: (r := http.post(
+        "/infer/ct_seg", params={"image": IMAGE, "output": "json"}, data={"params": "{}"}
+    )).status_code == 200 and r.json().get("model_version") == info["version"] and r.json(), what="the trained version served")
+    assert trained["model_version"] == info["version"]
+
+    # DELETE: info says 404 and inference serves the bundle's weights again (voxel for voxel).
+    assert http.delete("/model/ct_seg").status_code == 200
+    assert http.get("/model/info/ct_seg").status_code == 404
+    expected = bundle_run(bundles["ct_seg"], stack.studies / f"{IMAGE}.nii.gz", tmp_path)
+    wait_until(lambda: np.array_equal(np.asarray(infer(http, "ct_seg").dataobj), expected), what="the bundle's weights again")
