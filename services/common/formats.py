@@ -30,6 +30,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from services.common.errors import InvalidArgument
@@ -63,8 +64,9 @@ _CONTROL_OK = frozenset(b"\t\n")
 class VolumeLimits:
     """Caps taken from the header before anything is allocated or decompressed.
 
-    Defaults fit a 512 x 512 x 2048 CT. Services take `max_voxels` and `max_bytes` from their
-    settings (LABELGRID_MAX_VOLUME_VOXELS, LABELGRID_MAX_VOLUME_BYTES).
+    Defaults fit a 512 x 512 x 2048 CT. Every service reads the same env vars at start
+    (LABELGRID_MAX_VOLUME_VOXELS, LABELGRID_MAX_VOLUME_BYTES), so the datastore never stores a
+    volume that inference or scoring would then refuse to read.
     """
 
     max_voxels: int = 2**29
@@ -75,7 +77,23 @@ class VolumeLimits:
     max_zip_ratio: int = 200  # uncompressed / compressed, for members over 1 MiB
 
 
-DEFAULT_LIMITS = VolumeLimits()
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> VolumeLimits:
+        def number(name: str, default: int) -> int:
+            value = environ.get(name, "").strip()
+            if not value:
+                return default
+            if not value.isdigit() or int(value) <= 0:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            return int(value)
+
+        return cls(
+            max_voxels=number("LABELGRID_MAX_VOLUME_VOXELS", cls.max_voxels),
+            max_bytes=number("LABELGRID_MAX_VOLUME_BYTES", cls.max_bytes),
+        )
+
+
+DEFAULT_LIMITS = VolumeLimits.from_env()
 
 
 @dataclass(frozen=True)
@@ -475,7 +493,12 @@ def _check_nrrd_data(
                 f"truncated NRRD file ({ext}): {data_size} bytes of raw data, but the header declares "
                 f"{needed} ({declared})"
             )
-        if data_size > needed + _MAX_HEADER_SKIP and byte_skip != -1:
+        if data_size != needed and not line_skip and byte_skip != -1:
+            # pynrrd reads everything after the header: a reader would fail on (or allocate) the rest.
+            raise _invalid(
+                f"invalid NRRD file ({ext}): {data_size} bytes of raw data, but the header declares {needed} ({declared})"
+            )
+        if data_size > needed + _MAX_HEADER_SKIP:
             raise _invalid(f"invalid NRRD file ({ext}): {data_size} bytes of raw data, far more than the {needed} declared")
     elif compressed:
         kind = "gzip" if encoding in ("gzip", "gz") else "bzip2"
@@ -592,10 +615,18 @@ class _Budget:
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        target = offset if whence == 0 else self.raw.tell() + offset if whence == 1 else self.size + offset
+        here = self.raw.tell()
+        target = offset if whence == 0 else here + offset if whence == 1 else self.size + offset
         if target > self.max_position:
             raise ValueError(f"the DICOM header reaches past {self.max_position} bytes")
-        return int(self.raw.seek(target))
+        if target <= here:
+            return int(self.raw.seek(target))
+        while here < target:  # forward in small steps (zipfile's own seek reads 16 MiB at once)
+            step = self.raw.read(min(_FEED_SIZE * 16, target - here))
+            if not step:
+                break
+            here += len(step)
+        return here
 
     def tell(self) -> int:
         return int(self.raw.tell())

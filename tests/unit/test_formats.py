@@ -385,3 +385,67 @@ def test_zip_slip_names_refused(tmp_path: Path, name: str) -> None:
         archive.writestr(name, b"x")
     with pytest.raises(InvalidArgument, match="unsafe member name"):
         check_volume(path, ".zip")
+
+
+# -- limits: sizes from the header, before anything is allocated ------------------------------
+
+
+def test_limits_come_from_the_header(tmp_path: Path, nii: Path) -> None:
+    small = formats.VolumeLimits(max_voxels=100)
+    with pytest.raises(InvalidArgument, match=r"720 voxels \(8, 9, 10\), over the limit of 100"):
+        check_volume(nii, ".nii", small)
+    with pytest.raises(InvalidArgument, match="bytes of data, over the limit of 1000"):
+        check_volume(nii, ".nii", formats.VolumeLimits(max_bytes=1000))
+    assert formats.VolumeLimits.from_env({"LABELGRID_MAX_VOLUME_VOXELS": "100"}).max_voxels == 100
+    with pytest.raises(ValueError, match="positive integer"):
+        formats.VolumeLimits.from_env({"LABELGRID_MAX_VOLUME_BYTES": "-5"})
+
+
+def test_raw_nrrd_must_hold_exactly_the_declared_data(nrrd_raw: Path, tmp_path: Path) -> None:
+    """pynrrd reads everything after the header: one byte more and no reader could open it."""
+    with pytest.raises(InvalidArgument, match="bytes of raw data, but the header declares"):
+        check_volume(_write(tmp_path, "x.nrrd", nrrd_raw.read_bytes() + b"\0"), ".nrrd")
+
+
+def test_dicom_with_a_large_element_is_read_without_loading_it(tmp_path: Path) -> None:
+    """A 24 MiB private element (stored, so no ratio alarm): skipped by the header read, which keeps
+    only the tags it needs, so checking it allocates next to nothing."""
+    import tracemalloc
+
+    from pydicom import dcmread
+
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.add_new(0x00091010, "OB", bytes(24 * 1024 * 1024))
+    raw = io.BytesIO()
+    dataset.save_as(raw)
+    path = tmp_path / "big.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("IM1.dcm", raw.getvalue())
+    del dataset, raw
+    tracemalloc.start()
+    try:
+        assert check_volume(path, ".zip").shape == (128, 128, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+def test_dicom_header_reads_are_budgeted(tmp_path: Path) -> None:
+    """A header that keeps reading (here a long undefined-length sequence) stops at the budget."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    item = Dataset()
+    item.add_new(0x00091011, "OB", bytes(1024))
+    dataset.add_new(0x00091012, "SQ", Sequence([item] * 12_000))  # about 12 MiB of items
+    dataset[0x00091012].is_undefined_length = True
+    raw = io.BytesIO()
+    dataset.save_as(raw)
+    path = tmp_path / "seq.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("IM1.dcm", raw.getvalue())
+    with pytest.raises(InvalidArgument, match="DICOM header is larger than"):
+        check_volume(path, ".zip")
