@@ -24,8 +24,28 @@ class GatewaySettings(ServiceSettings):
     activelearning_address: str = "127.0.0.1:50054"
     # Seconds a unary call may take; streams (uploads, downloads, inference) have their own.
     rpc_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
-    # Seconds /info/ waits for the inference service before it answers without models.
+    # Seconds /info/ waits for a service in info_wait_for that has not answered yet, before
+    # it answers 503 with Retry-After (MONAI Label answers only once its app is loaded).
     info_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 3.0
+    # Services /info/ needs (inference, training, activelearning); one left out is a stack
+    # without it: its sections are empty when it does not answer.
+    info_wait_for: Annotated[list[str], NoDecode] = pydantic.Field(
+        default_factory=lambda: ["inference", "training", "activelearning"]
+    )
+
+    @field_validator("info_wait_for", mode="before")
+    @classmethod
+    def _split_services(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("info_wait_for")
+    @classmethod
+    def _known_services(cls, value: list[str]) -> list[str]:
+        unknown = set(value) - {"inference", "training", "activelearning"}
+        if unknown:
+            raise ValueError(f"info_wait_for: unknown services {sorted(unknown)}")
+        return value
+
     # Seconds one inference may take, queue wait included.
     infer_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 600.0
     # MONAI Label's MONAI_LABEL_SESSIONS and MONAI_LABEL_SESSION_EXPIRY.

@@ -7,8 +7,10 @@ are left out of listings and counts (see gateway.sessions).
 
 from __future__ import annotations
 
+import asyncio
 import enum
-import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Annotated, Any
@@ -25,6 +27,7 @@ from gateway.clients import found_or_none, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.routes.common import (
     Ctx,
+    SESSION_PREFIX,
     CtxDep,
     base_name,
     check_user_image_id,
@@ -42,6 +45,7 @@ router = APIRouter(prefix="/datastore", tags=["Datastore"])
 DEFAULT_USER = "admin"
 """MONAI Label records this user in info when auth is off."""
 PAGE_SIZE = 1000
+log = logging.getLogger("labelgrid.gateway")
 
 
 class ResultType(str, enum.Enum):
@@ -53,14 +57,40 @@ class ResultType(str, enum.Enum):
 # -- listing -------------------------------------------------------------------------------
 
 
+HIDE_SESSIONS = {"hidden_id_prefix": SESSION_PREFIX, "hidden_info_key": "session"}
+"""Session images (gateway.sessions) are left out of listings and counts by the datastore."""
+SESSION_SWEEP_SECONDS = 60.0
+"""Expired sessions are removed in the background at most this often (on stats calls)."""
+_sweeps: dict[int, tuple[float, asyncio.Task[Any] | None]] = {}
+
+
+def _sweep_sessions(ctx: Ctx) -> None:
+    """Removes expired sessions off the request path, at most once a SESSION_SWEEP_SECONDS
+    per gateway (they are also removed whenever one is looked up)."""
+    key = id(ctx.clients)
+    last, task = _sweeps.get(key, (float("-inf"), None))
+    now = time.monotonic()
+    if (task is not None and not task.done()) or now - last < SESSION_SWEEP_SECONDS:
+        return
+
+    async def sweep() -> None:
+        try:
+            await sessions.live_sessions(ctx)
+        except grpc.aio.AioRpcError as err:
+            log.warning("expired sessions were not swept", extra={"code": err.code().name})
+
+    _sweeps[key] = (now, asyncio.create_task(sweep()))
+
+
 async def datastore_stats(ctx: Ctx) -> dict[str, Any]:
-    """MONAI Label's status(): {total, completed, label_tags}, session images not counted."""
+    """MONAI Label's status(): {total, completed, label_tags}, session images not counted;
+    one query in the datastore."""
     status = await ctx.clients.datastore.GetStatus(
-        ds_pb.GetStatusRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+        ds_pb.GetStatusRequest(**HIDE_SESSIONS), timeout=ctx.timeout, metadata=ctx.metadata
     )
-    live = await sessions.live_sessions(ctx)
+    _sweep_sessions(ctx)
     return {
-        "total": max(0, int(status.total) - len(live)),
+        "total": int(status.total),
         "completed": int(status.completed),
         "label_tags": {tag: int(n) for tag, n in sorted(status.label_tags.items())},
     }
@@ -84,52 +114,16 @@ async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
             return
 
 
-def _object(image: ds_res.Image) -> dict[str, Any]:
-    """One entry of datastore_v2.json's `objects`."""
-    return {
-        "image": {"ext": image.ext, "info": struct_to_dict(image.info)},
-        "labels": {
-            label.tag: {"ext": label.ext, "info": struct_to_dict(label.info)}
-            for label in image.labels
-        },
-    }
-
-
-async def _json_stream(
-    first: list[ds_res.Image], rest: AsyncIterator[list[ds_res.Image]], head: str
-) -> AsyncIterator[bytes]:
-    """datastore_v2.json written page by page, so a large datastore is never one big dict."""
-    yield head.encode()
-    separator = ""
-    page: list[ds_res.Image] | None = first
-    while page is not None:
-        for image in page:
-            yield f"{separator}{json.dumps(image.image_id)}: {json.dumps(_object(image))}".encode()
-            separator = ", "
-        page = await anext(rest, None)
-    yield b"}}"
-
-
-async def _datastore_all(ctx: Ctx) -> StreamingResponse:
-    info = await ctx.clients.datastore.GetDatastoreInfo(
-        ds_pb.GetDatastoreInfoRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+async def _datastore_all(ctx: Ctx) -> Response:
+    """datastore_v2.json as the datastore serialises it in one query (compact UTF-8 JSON,
+    as FastAPI writes MONAI Label's answer); the gateway only passes the bytes on."""
+    call = ctx.clients.datastore.ExportDatastoreJson(
+        ds_pb.ExportDatastoreJsonRequest(**HIDE_SESSIONS),
+        timeout=ctx.timeout,
+        metadata=ctx.metadata,
     )
-    pages = _pages(ctx)
-    first = await anext(pages)  # errors before the response starts
-    head = (
-        json.dumps(
-            {
-                "name": info.display_name,
-                "description": info.description,
-                "images_dir": ".",
-                "labels_dir": "labels",
-            }
-        )[:-1]
-        + ', "objects": {'
-    )
-    return StreamingResponse(
-        _json_stream(first, pages, head), media_type="application/json"
-    )
+    body = b"".join([message.chunk async for message in call])
+    return Response(body, media_type="application/json")
 
 
 async def _datalist(ctx: Ctx, request: Request) -> list[dict[str, str]]:
@@ -156,7 +150,7 @@ async def datastore(
         return await _datastore_all(ctx)
     if output is ResultType.train:
         return await _datalist(ctx, request)
-    return await datastore_stats(ctx)
+    return JSONResponse(await datastore_stats(ctx))
 
 
 # -- images --------------------------------------------------------------------------------

@@ -121,6 +121,8 @@ class GatewayStack:
             "training_address": f"127.0.0.1:{free_port()}",
             "activelearning_address": f"127.0.0.1:{free_port()}",
             "info_timeout_seconds": 2.0,
+            # A stack of some services only: /info/ does not wait for the others.
+            "info_wait_for": [],
         }
         values.update(self.gateway_overrides)
         settings = GatewaySettings(**values)

@@ -27,6 +27,8 @@ def test_python_m_gateway_serves(gateway_stack: GatewayStack) -> None:
             "0",
             "--datastore-address",
             gateway_stack.datastore_address,
+            "--info-wait-for",  # no other service here: /info/ must not wait for them
+            "",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -890,18 +890,44 @@ class SqlIndex:
 
         return self._read(tx, "list_images")
 
-    def status(self) -> DatastoreStatus:
-        """MONAI Label's status(): image count, images with a final label, labels per tag."""
+    def _hidden(self, id_prefix: str, info_key: str) -> sa.ColumnElement[bool] | None:
+        """Images left out of listings and counts: id starts with ``id_prefix`` and info has
+        ``info_key`` set to JSON true (the gateway's session images). None: nothing hidden."""
+        if not id_prefix or not info_key:
+            return None
+        im = self._t.images
+        starts = sa.func.substr(im.c.id, 1, len(id_prefix)) == id_prefix
+        if self._pg:
+            flag = sa.and_(
+                sa.func.json_typeof(im.c.info.op("->")(info_key)) == "boolean",
+                im.c.info.op("->>")(info_key) == "true",
+            )
+        else:
+            flag = sa.func.json_type(im.c.info, "$." + json.dumps(info_key)) == "true"
+        return sa.and_(starts, sa.func.coalesce(flag, sa.false()))  # a missing key is NULL
+
+    def status(self, *, hidden_id_prefix: str = "", hidden_info_key: str = "") -> DatastoreStatus:
+        """MONAI Label's status(): image count, images with a final label, labels per tag.
+
+        Images matching ``hidden_id_prefix`` + ``hidden_info_key`` (see ``_hidden``) and
+        their labels are not counted."""
         im, lb = self._t.images, self._t.labels
+        hidden = self._hidden(hidden_id_prefix, hidden_info_key)
 
         def tx(conn: Connection) -> DatastoreStatus:
-            total = conn.execute(sa.select(sa.func.count()).select_from(im)).scalar_one()
-            tags = {
-                r.tag: r.n
-                for r in conn.execute(
-                    sa.select(lb.c.tag, sa.func.count().label("n")).group_by(lb.c.tag).order_by(lb.c.tag)
+            q_total = sa.select(sa.func.count()).select_from(im)
+            q_tags = sa.select(lb.c.tag, sa.func.count().label("n")).group_by(lb.c.tag).order_by(lb.c.tag)
+            if hidden is not None:
+                q_total = q_total.where(~hidden)
+                hidden_ids = sa.select(im.c.id).where(hidden)
+                q_tags = q_tags.where(
+                    ~(
+                        (sa.func.substr(lb.c.image_id, 1, len(hidden_id_prefix)) == hidden_id_prefix)
+                        & lb.c.image_id.in_(hidden_ids)
+                    )
                 )
-            }
+            total = conn.execute(q_total).scalar_one()
+            tags = {r.tag: r.n for r in conn.execute(q_tags)}
             # (image_id, tag) is the primary key: one final label per image at most.
             return DatastoreStatus(total=total, completed=tags.get(DEFAULT_TAG_FINAL, 0), label_tags=tags)
 
@@ -1478,6 +1504,62 @@ class SqlIndex:
             }
 
         return self._read(tx, "export_monailabel_model")
+
+    def export_monailabel_json(
+        self,
+        name: str = "new-dataset",
+        description: str = "New Dataset",
+        *,
+        hidden_id_prefix: str = "",
+        hidden_info_key: str = "",
+    ) -> bytes:
+        """``export_monailabel_model`` already serialised, as FastAPI would send it (compact
+        separators, UTF-8), leaving out the images ``_hidden`` names: MONAI Label's
+        ``GET /datastore/?output=all`` answer in one read.
+
+        On SQLite one statement builds every object's JSON inside the database (the stored
+        info text is never turned into Python objects); PostgreSQL goes through Python.
+        """
+        head = json.dumps(
+            {"name": name, "description": description, "images_dir": ".", "labels_dir": "labels"},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        head = head[:-1] + ',"objects":{'
+        hidden = self._hidden(hidden_id_prefix, hidden_info_key)
+        if self._pg:
+            model = self.export_monailabel_model(name, description)
+            if hidden is not None:
+                model["objects"] = {
+                    k: v
+                    for k, v in model["objects"].items()
+                    if not (k.startswith(hidden_id_prefix) and v["image"]["info"].get(hidden_info_key) is True)
+                }
+            return json.dumps(model, separators=(",", ":"), ensure_ascii=False).encode()
+        # Labels come in primary-key order (image_id, tag), so each object's tags are sorted;
+        # json_insert adds ts and name where the info lacks them, as export_monailabel_model.
+        sql = """
+            SELECT json_quote(i.id) || ':' || json_object(
+                'image', json_object('ext', i.ext, 'info', json_insert(json(i.info),
+                    '$.ts', CAST(i.create_time AS INTEGER), '$.name', i.id || i.ext)),
+                'labels', json((SELECT coalesce(json_group_object(l.tag, json_object('ext', l.ext,
+                    'info', json_insert(json(l.info), '$.ts', CAST(l.create_time AS INTEGER),
+                    '$.name', l.image_id || l.ext))), '{}')
+                    FROM labels AS l WHERE l.image_id = i.id)))
+            FROM images AS i WHERE_HIDDEN ORDER BY i.id
+        """
+        where = ""
+        params: dict[str, Any] = {}
+        if hidden is not None:
+            where = "WHERE NOT (substr(i.id, 1, :plen) = :prefix AND coalesce(json_type(i.info, :path), '') = 'true')"
+            params = {"plen": len(hidden_id_prefix), "prefix": hidden_id_prefix, "path": "$." + json.dumps(hidden_info_key)}
+        q = sa.text(sql.replace("WHERE_HIDDEN", where)).bindparams(**params)
+
+        def tx(conn: Connection) -> bytes:
+            body = ",".join(conn.execute(q).scalars())
+            return (head + body + "}}").encode()
+
+        return self._read(tx, "export_monailabel_json")
 
     def bulk_import(
         self, images: Iterable[ImageImport], labels: Iterable[LabelImport] = (), *, now: Now = None

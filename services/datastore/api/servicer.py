@@ -16,7 +16,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
-from services.common.chunks import iter_file_chunks, sha256_file
+from services.common.chunks import CHUNK_SIZE, iter_file_chunks, sha256_file
 from services.common.protos import struct_to_dict
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
@@ -38,7 +38,14 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         return convert.datastore_info(await run(self.ds.info))
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.GetStatusResponse:
-        return convert.status(await run(self.ds.status))
+        return convert.status(await run(self.ds.status, request.hidden_id_prefix, request.hidden_info_key))
+
+    async def ExportDatastoreJson(
+        self, request: pb.ExportDatastoreJsonRequest, context: Any
+    ) -> AsyncIterator[pb.ExportDatastoreJsonResponse]:
+        body = await run(self.ds.export_json, request.hidden_id_prefix, request.hidden_info_key)
+        for start in range(0, len(body), CHUNK_SIZE):
+            yield pb.ExportDatastoreJsonResponse(chunk=body[start : start + CHUNK_SIZE])
 
     # -- images ------------------------------------------------------------------------
 

@@ -177,8 +177,19 @@ class Datastore:
     def info(self) -> DatastoreInfo:
         return DatastoreInfo(self.display_name, self.description, self.backend, self.location, self.index.status())
 
-    def status(self) -> DatastoreStatus:
-        return self.index.status()
+    def status(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> DatastoreStatus:
+        """Counts; images with that id prefix and a true info key (sessions) left out."""
+        return self.index.status(hidden_id_prefix=hidden_id_prefix, hidden_info_key=hidden_info_key)
+
+    def export_json(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> bytes:
+        """MONAI Label's datastore model (GET /datastore/?output=all) as JSON bytes, from one
+        index query; the same images left out as in ``status``."""
+        return self.index.export_monailabel_json(
+            self.display_name,
+            self.description,
+            hidden_id_prefix=hidden_id_prefix,
+            hidden_info_key=hidden_info_key,
+        )
 
     # -- uploads -----------------------------------------------------------------------
 

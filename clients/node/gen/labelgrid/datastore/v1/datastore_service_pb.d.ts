@@ -81,6 +81,21 @@ export declare const GetDatastoreInfoResponseSchema: GenMessage<GetDatastoreInfo
  * @generated from message labelgrid.datastore.v1.GetStatusRequest
  */
 export declare type GetStatusRequest = Message<"labelgrid.datastore.v1.GetStatusRequest"> & {
+  /**
+   * With hidden_info_key: images whose id starts with this prefix and whose info has
+   * hidden_info_key set to true are not counted, nor their labels (the gateway's
+   * session images). Empty: every image counts.
+   *
+   * @generated from field: string hidden_id_prefix = 1;
+   */
+  hiddenIdPrefix: string;
+
+  /**
+   * See hidden_id_prefix.
+   *
+   * @generated from field: string hidden_info_key = 2;
+   */
+  hiddenInfoKey: string;
 };
 
 /**
@@ -1037,6 +1052,54 @@ export declare type ExportDatasetResponse = Message<"labelgrid.datastore.v1.Expo
  * Use `create(ExportDatasetResponseSchema)` to create a new message.
  */
 export declare const ExportDatasetResponseSchema: GenMessage<ExportDatasetResponse>;
+
+/**
+ * Request of ExportDatastoreJson.
+ *
+ * @generated from message labelgrid.datastore.v1.ExportDatastoreJsonRequest
+ */
+export declare type ExportDatastoreJsonRequest = Message<"labelgrid.datastore.v1.ExportDatastoreJsonRequest"> & {
+  /**
+   * Leave out the images GetStatusRequest.hidden_id_prefix describes.
+   *
+   * @generated from field: string hidden_id_prefix = 1;
+   */
+  hiddenIdPrefix: string;
+
+  /**
+   * See GetStatusRequest.hidden_info_key.
+   *
+   * @generated from field: string hidden_info_key = 2;
+   */
+  hiddenInfoKey: string;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.ExportDatastoreJsonRequest.
+ * Use `create(ExportDatastoreJsonRequestSchema)` to create a new message.
+ */
+export declare const ExportDatastoreJsonRequestSchema: GenMessage<ExportDatastoreJsonRequest>;
+
+/**
+ * One message of an ExportDatastoreJson stream: consecutive pieces of the JSON document
+ * (name, description, images_dir, labels_dir, objects keyed by image id in id order).
+ *
+ * @generated from message labelgrid.datastore.v1.ExportDatastoreJsonResponse
+ */
+export declare type ExportDatastoreJsonResponse = Message<"labelgrid.datastore.v1.ExportDatastoreJsonResponse"> & {
+  /**
+   * At most 1 MiB; the pieces joined are the document.
+   *
+   * @generated from field: bytes chunk = 1;
+   */
+  chunk: Uint8Array;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.ExportDatastoreJsonResponse.
+ * Use `create(ExportDatastoreJsonResponseSchema)` to create a new message.
+ */
+export declare const ExportDatastoreJsonResponseSchema: GenMessage<ExportDatastoreJsonResponse>;
 
 /**
  * Request of Reindex.
@@ -2286,6 +2349,19 @@ export declare const DatastoreService: GenService<{
     methodKind: "server_streaming";
     input: typeof ExportDatasetRequestSchema;
     output: typeof ExportDatasetResponseSchema;
+  },
+  /**
+   * Streams the whole datastore as MONAI Label's datastore_v2.json model (what its
+   * GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
+   * in one snapshot: the listing clients fetch on every next sample, without a page of
+   * Image messages per 1,000 images.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.ExportDatastoreJson
+   */
+  exportDatastoreJson: {
+    methodKind: "server_streaming";
+    input: typeof ExportDatastoreJsonRequestSchema;
+    output: typeof ExportDatastoreJsonResponseSchema;
   },
   /**
    * Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the

@@ -162,12 +162,24 @@ class GetStatusRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    HIDDEN_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    HIDDEN_INFO_KEY_FIELD_NUMBER: _builtins.int
+    hidden_id_prefix: _builtins.str
+    """With hidden_info_key: images whose id starts with this prefix and whose info has
+    hidden_info_key set to true are not counted, nor their labels (the gateway's
+    session images). Empty: every image counts.
+    """
+    hidden_info_key: _builtins.str
+    """See hidden_id_prefix."""
     def __init__(
         self,
+        *,
+        hidden_id_prefix: _builtins.str = ...,
+        hidden_info_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_id_prefix", b"hidden_id_prefix", "hidden_info_key", b"hidden_info_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1086,6 +1098,56 @@ class ExportDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ExportDatasetResponse: _TypeAlias = ExportDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ExportDatastoreJsonRequest(_message.Message):
+    """Request of ExportDatastoreJson."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HIDDEN_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    HIDDEN_INFO_KEY_FIELD_NUMBER: _builtins.int
+    hidden_id_prefix: _builtins.str
+    """Leave out the images GetStatusRequest.hidden_id_prefix describes."""
+    hidden_info_key: _builtins.str
+    """See GetStatusRequest.hidden_info_key."""
+    def __init__(
+        self,
+        *,
+        hidden_id_prefix: _builtins.str = ...,
+        hidden_info_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_id_prefix", b"hidden_id_prefix", "hidden_info_key", b"hidden_info_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDatastoreJsonRequest: _TypeAlias = ExportDatastoreJsonRequest  # noqa: Y015
+
+@_typing.final
+class ExportDatastoreJsonResponse(_message.Message):
+    """One message of an ExportDatastoreJson stream: consecutive pieces of the JSON document
+    (name, description, images_dir, labels_dir, objects keyed by image id in id order).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """At most 1 MiB; the pieces joined are the document."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDatastoreJsonResponse: _TypeAlias = ExportDatastoreJsonResponse  # noqa: Y015
 
 @_typing.final
 class ReindexRequest(_message.Message):

@@ -123,6 +123,11 @@ class DatastoreServiceStub:
                 request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetRequest.SerializeToString,
                 response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetResponse.FromString,
                 _registered_method=True)
+        self.ExportDatastoreJson = channel.unary_stream(
+                '/labelgrid.datastore.v1.DatastoreService/ExportDatastoreJson',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.FromString,
+                _registered_method=True)
         self.Reindex = channel.unary_unary(
                 '/labelgrid.datastore.v1.DatastoreService/Reindex',
                 request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ReindexRequest.SerializeToString,
@@ -346,6 +351,16 @@ class DatastoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportDatastoreJson(self, request, context):
+        """Streams the whole datastore as MONAI Label's datastore_v2.json model (what its
+        GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
+        in one snapshot: the listing clients fetch on every next sample, without a page of
+        Image messages per 1,000 images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reindex(self, request, context):
         """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
         folder or bucket behind the service's back and drops entries whose files are gone.
@@ -550,6 +565,11 @@ def add_DatastoreServiceServicer_to_server(servicer, server):
                     servicer.ExportDataset,
                     request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetRequest.FromString,
                     response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetResponse.SerializeToString,
+            ),
+            'ExportDatastoreJson': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportDatastoreJson,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.SerializeToString,
             ),
             'Reindex': grpc.unary_unary_rpc_method_handler(
                     servicer.Reindex,
@@ -1078,6 +1098,33 @@ class DatastoreService:
             '/labelgrid.datastore.v1.DatastoreService/ExportDataset',
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetRequest.SerializeToString,
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportDatastoreJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/ExportDatastoreJson',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.FromString,
             options,
             channel_credentials,
             insecure,

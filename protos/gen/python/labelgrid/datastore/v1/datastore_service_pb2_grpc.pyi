@@ -95,6 +95,12 @@ class DatastoreServiceStub:
     """Streams a ZIP of the labeled images, their labels and a metadata.json
     (MONAI Label's get_dataset_archive). FAILED_PRECONDITION if nothing is labeled.
     """
+    ExportDatastoreJson: _grpc.UnaryStreamMultiCallable[_datastore_service_pb2.ExportDatastoreJsonRequest, _datastore_service_pb2.ExportDatastoreJsonResponse]
+    """Streams the whole datastore as MONAI Label's datastore_v2.json model (what its
+    GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
+    in one snapshot: the listing clients fetch on every next sample, without a page of
+    Image messages per 1,000 images.
+    """
     Reindex: _grpc.UnaryUnaryMultiCallable[_datastore_service_pb2.ReindexRequest, _datastore_service_pb2.ReindexResponse]
     """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
     folder or bucket behind the service's back and drops entries whose files are gone.
@@ -201,6 +207,12 @@ class DatastoreServiceAsyncStub(DatastoreServiceStub):
     ExportDataset: _aio.UnaryStreamMultiCallable[_datastore_service_pb2.ExportDatasetRequest, _datastore_service_pb2.ExportDatasetResponse]  # type: ignore[assignment]
     """Streams a ZIP of the labeled images, their labels and a metadata.json
     (MONAI Label's get_dataset_archive). FAILED_PRECONDITION if nothing is labeled.
+    """
+    ExportDatastoreJson: _aio.UnaryStreamMultiCallable[_datastore_service_pb2.ExportDatastoreJsonRequest, _datastore_service_pb2.ExportDatastoreJsonResponse]  # type: ignore[assignment]
+    """Streams the whole datastore as MONAI Label's datastore_v2.json model (what its
+    GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
+    in one snapshot: the listing clients fetch on every next sample, without a page of
+    Image messages per 1,000 images.
     """
     Reindex: _aio.UnaryUnaryMultiCallable[_datastore_service_pb2.ReindexRequest, _datastore_service_pb2.ReindexResponse]  # type: ignore[assignment]
     """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
@@ -401,6 +413,18 @@ class DatastoreServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_datastore_service_pb2.ExportDatasetResponse], _abc.AsyncIterator[_datastore_service_pb2.ExportDatasetResponse]]:
         """Streams a ZIP of the labeled images, their labels and a metadata.json
         (MONAI Label's get_dataset_archive). FAILED_PRECONDITION if nothing is labeled.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportDatastoreJson(
+        self,
+        request: _datastore_service_pb2.ExportDatastoreJsonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datastore_service_pb2.ExportDatastoreJsonResponse], _abc.AsyncIterator[_datastore_service_pb2.ExportDatastoreJsonResponse]]:
+        """Streams the whole datastore as MONAI Label's datastore_v2.json model (what its
+        GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
+        in one snapshot: the listing clients fetch on every next sample, without a page of
+        Image messages per 1,000 images.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,70 @@
+"""The hot read paths of the index on both backends: GET /datastore/?output=all as one
+serialised export, and the counts, with the gateway's session images left out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from services.datastore.adapters.index import ImageImport, LabelImport, SqlIndex
+
+SHA = "a" * 64
+HIDE = {"hidden_id_prefix": "session-", "hidden_info_key": "session"}
+
+
+@pytest.fixture
+def index(index_url: str) -> Iterator[SqlIndex]:
+    ix = SqlIndex(index_url)
+    yield ix
+    ix.close()
+
+
+def fill(ix: SqlIndex) -> None:
+    ix.bulk_import(
+        [
+            ImageImport("b_img", ".nii.gz", SHA, 10, {"name": "b_img.nii.gz", "ts": 5, "é": "ü", "x": [1, 2.5, None]}),
+            ImageImport("a_img", ".nrrd", SHA, 10, {}),  # no ts / name: filled in, as MONAI Label always has them
+            ImageImport("session-1", ".nii.gz", SHA, 10, {"session": True}),
+            ImageImport("session-2", ".nii.gz", SHA, 10, {"session": "yes"}),  # not a session: the flag must be true
+            ImageImport("session-3", ".nii.gz", SHA, 10, {}),
+        ],
+        [
+            LabelImport("b_img", "zeta", ".nii.gz", SHA, 3, {"z": 1}),
+            LabelImport("b_img", "final", ".nrrd", SHA, 3, {"label_info": [{"name": "spleen", "idx": 1}]}),
+            LabelImport("session-1", "final", ".nii.gz", SHA, 3, {}),
+        ],
+        now=1_800_000_000.5,
+    )
+
+
+def test_export_json_is_the_monailabel_model_serialised(index: SqlIndex) -> None:
+    fill(index)
+    body = index.export_monailabel_json("ds", "Dataset")
+    model = index.export_monailabel_model("ds", "Dataset")
+    assert json.loads(body) == model
+    assert list(json.loads(body)["objects"]) == sorted(model["objects"])  # id order
+    assert list(json.loads(body)["objects"]["b_img"]["labels"]) == ["final", "zeta"]
+    assert json.loads(body)["objects"]["a_img"]["image"]["info"] == {"ts": 1_800_000_000, "name": "a_img.nrrd"}
+    # FastAPI's way of writing JSON (MONAI Label's answers): compact separators.
+    assert body.startswith(b'{"name":"ds","description":"Dataset","images_dir":".","labels_dir":"labels","objects":{"a_img":')
+    assert b'": ' not in body and b'", "' not in body
+
+
+def test_export_json_and_status_leave_out_session_images(index: SqlIndex) -> None:
+    fill(index)
+    objects = json.loads(index.export_monailabel_json(**HIDE))["objects"]
+    assert sorted(objects) == ["a_img", "b_img", "session-2", "session-3"]
+    status = index.status(**HIDE)
+    assert (status.total, status.completed, status.label_tags) == (4, 1, {"final": 1, "zeta": 1})
+    everything = index.status()
+    assert (everything.total, everything.completed, everything.label_tags) == (5, 2, {"final": 2, "zeta": 1})
+    assert sorted(json.loads(index.export_monailabel_json())["objects"]) == [
+        "a_img", "b_img", "session-1", "session-2", "session-3"
+    ]  # fmt: skip
+
+
+def test_export_json_of_an_empty_index(index: SqlIndex) -> None:
+    assert json.loads(index.export_monailabel_json(**HIDE))["objects"] == {}
+    assert index.status(**HIDE).total == 0
