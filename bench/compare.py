@@ -1,0 +1,300 @@
+"""labelgrid next to MONAI Label 0.8.5: the read paths annotators hit, one server at a time.
+
+    python -m bench.compare [--counts 1000,10000] [--rounds 3] [--requests 50]
+                            [--annotators 10] [--next-samples 10] [--out bench/results]
+
+1. Installs MONAI Label 0.8.5 into its own venv, bench/.venv-monailabel (once; not part of
+   `make test`): torch 2.13.0 (the local CPU wheel), pydicom 2.4.4, pynetdicom < 3,
+   dicomweb-client < 0.60, then torchvision removed (its wheel does not match that torch).
+2. For each image count: writes a studies folder (small generated NIfTI volumes, every
+   fifth with a final label), then serves a fresh copy of it with MONAI Label
+   (`monailabel start_server`, the app in bench/monailabel_app: the same 3D UNet as
+   labelgrid's sample segmentation model and MONAI Label's random / first strategies), and
+   another fresh copy with `labelgrid up`.
+3. Drives both with the same client: GET /datastore/?output=all, GET /datastore/ and
+   GET /info/ (median and p95 of --requests calls after a warm-up), then next sample
+   (POST /activelearning/random) from --annotators concurrent annotators.
+4. Prints the table with labelgrid ÷ MONAI Label and writes the numbers as JSON under --out.
+
+Numbers, not assertions: the tests check behaviour; this says how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+ML_VENV = ROOT / "bench" / ".venv-monailabel"
+ML_APP = ROOT / "bench" / "monailabel_app"
+ML_CONSTRAINTS = ["torch==2.13.0", "pydicom==2.4.4", "pynetdicom<3", "dicomweb-client<0.60"]
+READ_PATHS = {
+    "GET /datastore/?output=all": "/datastore/?output=all",
+    "GET /datastore/ (stats)": "/datastore/",
+    "GET /info/": "/info/",
+}
+
+
+# -- MONAI Label's venv ------------------------------------------------------------------
+
+
+def ensure_monailabel() -> Path:
+    """bench/.venv-monailabel with monailabel 0.8.5 (installed once); returns its `monailabel`."""
+    exe = ML_VENV / "bin" / "monailabel"
+    if exe.exists():
+        return exe
+    print(f"installing MONAI Label 0.8.5 into {ML_VENV} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(ML_VENV)], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write("\n".join(ML_CONSTRAINTS) + "\n")
+    env = {**os.environ, "PIP_CONSTRAINT": handle.name, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    pip = [str(ML_VENV / "bin" / "python"), "-m", "pip"]
+    try:
+        subprocess.run([*pip, "install", "--quiet", "monailabel==0.8.5"], check=True, env=env)
+        subprocess.run([*pip, "uninstall", "--yes", "--quiet", "torchvision"], check=True, env=env)
+    finally:
+        os.unlink(handle.name)
+    return exe
+
+
+# -- studies -------------------------------------------------------------------------------
+
+
+def _nifti(array: np.ndarray) -> bytes:
+    return gzip.compress(nib.Nifti1Image(array, np.eye(4)).to_bytes(), 1)
+
+
+def write_studies(folder: Path, count: int) -> None:
+    """`count` small volumes in MONAI Label's studies layout, every fifth with a final label."""
+    rng = np.random.default_rng(0)
+    image = _nifti(rng.integers(0, 255, (16, 16, 16), dtype=np.uint8))
+    label = _nifti(rng.integers(0, 3, (16, 16, 16)).astype(np.uint8))
+    (folder / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        (folder / f"img_{n:06d}.nii.gz").write_bytes(image)
+        if n % 5 == 0:
+            (folder / "labels" / "final" / f"img_{n:06d}.nii.gz").write_bytes(label)
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    """Until GET /info/ answers 200 with models (both servers answer only once loaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            answer = httpx.get(f"{url}/info/", timeout=30)
+            if answer.status_code == 200 and answer.json().get("models"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextmanager
+def serve(argv: list[str], url: str, log: Path, env: dict[str, str], timeout: float) -> Iterator[str]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_ready(url, proc, timeout, log)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
+    (port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+        # The `monailabel` script runs `python -m monailabel.main` with the python on PATH.
+        "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(ML_VENV),
+    }
+    env.pop("PYTHONPATH", None)
+    argv = [
+        str(exe), "start_server", "--app", str(ML_APP), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning",
+    ]  # fmt: skip
+    return serve(argv, f"http://127.0.0.1:{port}", work / "monailabel.log", env, timeout=600)
+
+
+def labelgrid_server(studies: Path, work: Path) -> Any:
+    flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port",
+             "--training-port", "--activelearning-port"]  # fmt: skip
+    ports = free_ports(len(flags))
+    argv = [
+        sys.executable, "-m", "gateway.cli", "up", "--studies", str(studies), "--work-dir", str(work / "var"),
+        "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
+    ]  # fmt: skip
+    for flag, port in zip(flags, ports, strict=True):
+        argv += [flag, str(port)]
+    return serve(argv, f"http://127.0.0.1:{ports[0]}", work / "labelgrid.log", dict(os.environ), timeout=600)
+
+
+# -- the client ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timed(call: Callable[[], httpx.Response], n: int) -> dict[str, float]:
+    for _ in range(3):  # warm-up (connections, caches)
+        call().raise_for_status()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = call()
+        response.raise_for_status()
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "bytes": len(response.content)}
+
+
+def next_samples(url: str, annotators: int, per_annotator: int) -> dict[str, float]:
+    """POST /activelearning/random from `annotators` threads at once (one connection each)."""
+    times: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(annotators)
+
+    def annotate(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            http.post("/activelearning/random", json={"client_id": f"warm{n}"})
+            barrier.wait()
+            for _ in range(per_annotator):
+                start = time.perf_counter()
+                answer = http.post("/activelearning/random", json={"client_id": f"annotator{n}"})
+                took = time.perf_counter() - start
+                with lock:
+                    times.append(took) if answer.status_code == 200 else errors.append(answer.text[:200])
+
+    threads = [threading.Thread(target=annotate, args=(n,)) for n in range(annotators)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"next sample failed: {errors[:3]}")
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "calls": len(times)}
+
+
+def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for name, path in READ_PATHS.items():
+            out[name] = timed(lambda: http.get(path), args.requests)
+    out[f"next sample, {args.annotators} annotators"] = next_samples(url, args.annotators, args.next_samples)
+    return out
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for row in rounds[0]:
+        merged[row] = {k: statistics.median(r[row][k] for r in rounds) for k in rounds[0][row]}
+    return merged
+
+
+def table(count: int, ml: dict[str, Any], lg: dict[str, Any]) -> str:
+    lines = [
+        f"| what ({count:,} images) | MONAI Label p50 / p95 | labelgrid p50 / p95 | labelgrid ÷ MONAI Label (p50) |",
+        "|---|---|---|---|",
+    ]
+    for row in ml:
+        a, b = ml[row], lg[row]
+        lines.append(
+            f"| {row} | {a['p50_ms']:.2f} / {a['p95_ms']:.2f} ms | {b['p50_ms']:.2f} / {b['p95_ms']:.2f} ms "
+            f"| {b['p50_ms'] / a['p50_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="1000,10000", help="image counts, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per system (medians are reported)")
+    parser.add_argument("--requests", type=int, default=50, help="timed calls per read path and round")
+    parser.add_argument("--annotators", type=int, default=10, help="concurrent next-sample clients")
+    parser.add_argument("--next-samples", type=int, default=10, help="next-sample calls per annotator")
+    parser.add_argument("--systems", default="monailabel,labelgrid")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    systems = args.systems.split(",")
+    exe = ensure_monailabel() if "monailabel" in systems else Path()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for count in (int(c) for c in args.counts.split(",")):
+        with tempfile.TemporaryDirectory(prefix="lg-compare-") as tmp:
+            base = Path(tmp)
+            write_studies(base / "studies", count)
+            results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            for round_ in range(args.rounds):
+                for system in systems:
+                    work = base / f"{system}-{round_}"
+                    shutil.copytree(base / "studies", work / "studies")
+                    start = time.perf_counter()
+                    server = (
+                        monailabel_server(exe, work / "studies", work)
+                        if system == "monailabel"
+                        else labelgrid_server(work / "studies", work)
+                    )
+                    with server as url:
+                        ready = time.perf_counter() - start
+                        result = measure(url, args)
+                    result["ready_s"] = ready
+                    results[system].append(result)
+                    print(f"{count} images, round {round_ + 1}, {system}: ready in {ready:.1f} s", flush=True)
+                    shutil.rmtree(work, ignore_errors=True)
+            medians = {s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in systems}
+            if len(systems) == 2:
+                print(table(count, medians[systems[0]], medians[systems[1]]), flush=True)
+            path = args.out / f"compare-{count}.json"
+            path.write_text(json.dumps({"images": count, "rounds": results, "medians": medians}, indent=2))
+            print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
