@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from services.datastore.adapters.blobs import LocalBlobStore, S3BlobStore
+from services.datastore.adapters.dicomweb import DicomwebPacs, parse_search_filter
+from services.datastore.adapters.dicomweb_store import PacsDatastore
 from services.datastore.adapters.index import SqlIndex
 from services.datastore.adapters.monailabel_json import JsonMirror, read_monailabel_json
 from services.datastore.domain.datastore import Datastore
@@ -11,6 +13,8 @@ from services.datastore.settings import DatastoreSettings
 
 def build_datastore(settings: DatastoreSettings) -> Datastore:
     """A ready datastore; the caller closes it. Adopts an existing folder or bucket on first use."""
+    if settings.backend == "dicomweb":
+        return build_pacs_datastore(settings)
     if settings.backend == "local":
         root = settings.root.resolve()
         blobs = LocalBlobStore(root)
@@ -47,6 +51,37 @@ def build_datastore(settings: DatastoreSettings) -> Datastore:
         lease_ttl_seconds=settings.lease_ttl_seconds,
         mirror=mirror,
         legacy_model=legacy,
+        display_name=settings.dataset_name,
+        description=settings.dataset_description,
+    )
+    datastore.open()
+    return datastore
+
+
+def build_pacs_datastore(settings: DatastoreSettings) -> Datastore:
+    """Images from a DICOMweb server; converted series and labels cached under state_dir/studies."""
+    if not settings.dicomweb_url.startswith(("http://", "https://")):
+        raise ValueError("backend dicomweb needs --dicomweb-url http(s)://HOST:PORT/dicom-web")
+    pacs = DicomwebPacs(
+        settings.dicomweb_url,
+        username=settings.dicomweb_username,
+        password=settings.dicomweb_password.get_secret_value(),
+        token=settings.dicomweb_token.get_secret_value(),
+        search_filter=parse_search_filter(settings.dicomweb_search_filter),
+        timeout_seconds=settings.dicomweb_timeout_seconds,
+    )
+    cache = (settings.state_dir / "studies").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    index = SqlIndex(settings.index or f"sqlite:///{settings.state_dir.resolve() / 'index.db'}")
+    datastore = PacsDatastore(
+        pacs,
+        LocalBlobStore(cache),
+        index,
+        sync_seconds=settings.dicomweb_sync_seconds,
+        backend="dicomweb",
+        location=pacs.url,
+        max_upload_bytes=settings.max_upload_bytes,
+        lease_ttl_seconds=settings.lease_ttl_seconds,
         display_name=settings.dataset_name,
         description=settings.dataset_description,
     )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import pydantic
 
 from services.common.settings import ServiceSettings
 
 
 class DatastoreSettings(ServiceSettings):
     port: int = 50051
-    backend: Literal["local", "s3"] = "local"
+    backend: Literal["local", "s3", "dicomweb"] = "local"
     # local: the studies folder (MONAI Label's --studies); also holds the SQLite index.
     root: Path = Path("var/studies")
     # SQLAlchemy URL of the index; empty means SQLite under <root>/.labelgrid/ (local) or
@@ -25,7 +27,19 @@ class DatastoreSettings(ServiceSettings):
     s3_secure: bool = False
     s3_region: str = ""
     s3_create_bucket: bool = True
-    # s3: local scratch space for uploads being verified, and the default SQLite index.
+    # dicomweb: the PACS's DICOMweb root (MONAI Label's --studies http://HOST:PORT/dicom-web);
+    # credentials basic or bearer, from env (LABELGRID_DICOMWEB_*), never logged. Series are
+    # converted and cached under state_dir/studies (the blob store), indexed in `index`.
+    dicomweb_url: str = ""
+    dicomweb_username: str = ""
+    dicomweb_password: pydantic.SecretStr = pydantic.SecretStr("")
+    dicomweb_token: pydantic.SecretStr = pydantic.SecretStr("")
+    # MONAI Label's MONAI_LABEL_DICOMWEB_SEARCH_FILTER: QIDO attributes selecting the images (JSON).
+    dicomweb_search_filter: str = '{"Modality": "CT"}'
+    # Seconds between two listings of the PACS (0: only at start and on demand).
+    dicomweb_sync_seconds: Annotated[float, pydantic.Field(ge=0)] = 60.0
+    dicomweb_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
+    # s3 and dicomweb: local scratch space for uploads being verified, and the default SQLite index.
     state_dir: Path = Path("var/datastore")
     max_upload_bytes: int = 8 * 1024**3
     lease_ttl_seconds: float = 1800.0

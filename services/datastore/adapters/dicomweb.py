@@ -1,0 +1,298 @@
+"""A DICOMweb server (a PACS: Orthanc, DCM4CHEE, Google Healthcare) as the datastore's image source.
+
+Everything that speaks HTTP or DICOM lives here, through well-kept libraries: `dicomweb-client`
+for QIDO-RS / WADO-RS / STOW-RS, `highdicom` for the geometry of a series (slice order,
+orientation, spacing: `get_volume_from_series`) and for DICOM SEG (writing final labels, and
+reading SEGs made elsewhere). The domain only ever sees NIfTI files and ids.
+
+An image is a series: id = SeriesInstanceUID. Its *content key* is a hash of the series'
+SOP Instance UIDs as QIDO lists them, so a series that changes in the PACS (instances added or
+replaced) is fetched and converted again (MONAI Label issue 944).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import FileDataset
+from pydicom.sr.codedict import codes
+
+from services.common.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+# dicomweb-client logs every request's headers at DEBUG, the Authorization header included:
+# never let that through, whatever the service's log level.
+logging.getLogger("dicomweb_client").setLevel(logging.INFO)
+
+# Series that are never images: derived objects, reports, presentation states.
+NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "REG", "RTPLAN", "RTDOSE", "DOC"}
+QIDO_PAGE = 200
+
+_TAG_STUDY, _TAG_SERIES, _TAG_MODALITY = "0020000D", "0020000E", "00080060"
+_TAG_PATIENT, _TAG_DESCRIPTION, _TAG_SOP = "00100020", "0008103E", "00080018"
+_TAG_COUNT, _TAG_NUMBER = "00201209", "00200011"
+
+
+def _value(item: dict[str, Any], tag: str, default: Any = "") -> Any:
+    values = item.get(tag, {}).get("Value")
+    return values[0] if values else default
+
+
+@dataclass(frozen=True)
+class PacsSeries:
+    study_uid: str
+    series_uid: str
+    modality: str
+    patient_id: str
+    description: str
+    instances: int
+
+    def info(self) -> dict[str, Any]:
+        """The image info OHIF's panel shows for a next-sample (MONAI Label's DICOMweb fields)."""
+        return {
+            "StudyInstanceUID": self.study_uid,
+            "SeriesInstanceUID": self.series_uid,
+            "PatientID": self.patient_id,
+            "Modality": self.modality,
+            "SeriesDescription": self.description,
+        }
+
+
+def parse_search_filter(text: str) -> dict[str, Any]:
+    """MONAI Label's MONAI_LABEL_DICOMWEB_SEARCH_FILTER: a JSON object of QIDO attributes."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"dicomweb_search_filter is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError("dicomweb_search_filter must be a JSON object such as {\"Modality\": \"CT\"}")
+    return value
+
+
+class DicomwebPacs:
+    """QIDO / WADO / STOW against one DICOMweb root. Credentials go into the HTTP session
+    (basic) or a header (bearer); neither is ever logged or put into an error message."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str = "",
+        password: str = "",
+        token: str = "",
+        search_filter: dict[str, Any] | None = None,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        session = requests.Session()
+        headers = {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        elif username:
+            session.auth = (username, password)
+        self.search_filter = dict(search_filter or {})
+        self.client = DICOMwebClient(self.url, session=session, headers=headers, timeout=(min(10.0, timeout_seconds), timeout_seconds))
+        # Its retries (5 attempts, exponential back-off, also on a refused connection) would make a
+        # PACS that is down answer after ~15 s per call; the sync loop is our retry.
+        self.client.set_http_retry_params(retry=False)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except requests.HTTPError as err:
+            status = err.response.status_code if err.response is not None else 0
+            raise Unavailable(f"the DICOMweb server {self.url} answered {status} to {what}", reason="PACS_UNAVAILABLE") from None
+        except requests.RequestException as err:
+            raise Unavailable(
+                f"the DICOMweb server {self.url} is unavailable ({what}: {type(err).__name__})", reason="PACS_UNAVAILABLE"
+            ) from None
+
+    def _search(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """QIDO-RS /series, paged with limit/offset (a PACS may cap each answer)."""
+        offset = 0
+        while True:
+            page = self._call(
+                "QIDO series",
+                self.client.search_for_series,
+                search_filters=filters,
+                fields=[_TAG_COUNT, _TAG_DESCRIPTION, _TAG_NUMBER],
+                limit=QIDO_PAGE,
+                offset=offset,
+            )
+            yield from page
+            if len(page) < QIDO_PAGE:
+                return
+            offset += len(page)
+
+    def list_series(self) -> list[PacsSeries]:
+        """The image series the search filter selects (never SEG, SR, ...)."""
+        found = []
+        for item in self._search(**self.search_filter):
+            series = self._series(item)
+            if series.modality.upper() not in NOT_IMAGES and series.series_uid:
+                found.append(series)
+        return found
+
+    def find_series(self, series_uid: str) -> PacsSeries | None:
+        items = list(self._search(SeriesInstanceUID=series_uid))
+        series = [self._series(item) for item in items]
+        return next((s for s in series if s.series_uid == series_uid and s.modality.upper() not in NOT_IMAGES), None)
+
+    def list_segs(self) -> list[PacsSeries]:
+        return [self._series(item) for item in self._search(Modality="SEG")]
+
+    @staticmethod
+    def _series(item: dict[str, Any]) -> PacsSeries:
+        return PacsSeries(
+            study_uid=str(_value(item, _TAG_STUDY)),
+            series_uid=str(_value(item, _TAG_SERIES)),
+            modality=str(_value(item, _TAG_MODALITY)),
+            patient_id=str(_value(item, _TAG_PATIENT)),
+            description=str(_value(item, _TAG_DESCRIPTION)),
+            instances=int(_value(item, _TAG_COUNT, 0) or 0),
+        )
+
+    def content_key(self, series: PacsSeries) -> str:
+        """A hash of the series' instance UIDs: changes when the PACS's copy changes."""
+        instances = self._call(
+            "QIDO instances",
+            self.client.search_for_instances,
+            series.study_uid,
+            series.series_uid,
+            fields=[_TAG_SOP],
+            get_remaining=True,
+        )
+        uids = sorted(str(_value(item, _TAG_SOP)) for item in instances)
+        return hashlib.sha256("\n".join(uids).encode()).hexdigest()
+
+    def fetch(self, series: PacsSeries) -> list[pydicom.Dataset]:
+        """WADO-RS: every instance of the series, pixel data included."""
+        return self._call(  # type: ignore[no-any-return]
+            "WADO series", self.client.retrieve_series, series.study_uid, series.series_uid
+        )
+
+    def metadata(self, series: PacsSeries) -> list[pydicom.Dataset]:
+        """WADO-RS metadata (no pixel data): enough for a SEG to reference the series."""
+        items = self._call("WADO metadata", self.client.retrieve_series_metadata, series.study_uid, series.series_uid)
+        datasets = []
+        for item in items:
+            item = {tag: value for tag, value in item.items() if "BulkDataURI" not in value and "InlineBinary" not in value}
+            datasets.append(pydicom.Dataset.from_json(item))
+        return datasets
+
+    def store(self, datasets: list[pydicom.Dataset], study_uid: str) -> None:
+        """STOW-RS. Each dataset is sent as a DICOM file (preamble, 'DICM', meta header)."""
+        files = [_as_file(ds) for ds in datasets]
+        self._call("STOW", self.client.store_instances, files, study_uid)
+
+
+def _as_file(dataset: pydicom.Dataset) -> FileDataset:
+    """dicomweb-client writes with pydicom's defaults, which leave a plain Dataset without its
+    preamble and 'DICM' (a PACS may store it and then serve files no reader accepts)."""
+    meta = getattr(dataset, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return FileDataset(None, dataset, file_meta=meta, preamble=b"\0" * 128)
+
+
+# -- conversions ---------------------------------------------------------------------------
+
+
+def series_to_nifti(datasets: list[pydicom.Dataset], path: Path) -> None:
+    """A series as one NIfTI volume with its true geometry (highdicom sorts the slices along
+    their normal and derives orientation and spacing from the headers), in nibabel's
+    closest-canonical (RAS) orientation. Modality rescale applied; int16 when lossless."""
+    try:
+        volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+    except Exception as err:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError/... for non-volumes
+        raise InvalidArgument(f"series is not one regular volume ({type(err).__name__}: {str(err)[:200]})") from None
+    image = nib.as_closest_canonical(volume.to_nibabel())
+    data = np.asarray(image.dataobj)
+    if data.size and np.all(np.mod(data, 1) == 0) and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)
+    out = nib.Nifti1Image(data, image.affine)
+    out.set_qform(image.affine, code=1)
+    out.set_sform(image.affine, code=1)
+    nib.save(out, str(path))
+
+
+def label_to_seg(
+    label: np.ndarray,
+    affine: np.ndarray,
+    source: list[pydicom.Dataset],
+    names: dict[int, str],
+) -> hd.seg.Segmentation:
+    """A DICOM SEG (one binary segment per label value) referencing `source`, from a label
+    volume in RAS world coordinates (as the datastore stores it)."""
+    values = sorted(int(v) for v in np.unique(label) if v > 0)
+    if not values:
+        raise InvalidArgument("the label is empty: a DICOM SEG needs at least one labeled voxel")
+    frame_of_reference = source[0].get("FrameOfReferenceUID")
+    volume = hd.Volume.from_nibabel(
+        nib.Nifti1Image(np.asarray(label).astype(np.uint16), affine), frame_of_reference_uid=frame_of_reference
+    )
+    relabeled = np.zeros(volume.spatial_shape, dtype=np.uint16)
+    for number, value in enumerate(values, start=1):
+        relabeled[volume.array == value] = number
+    volume = volume.with_array(relabeled)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=names.get(value, f"label-{value}")[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for number, value in enumerate(values, start=1)
+    ]
+    try:
+        return hd.seg.Segmentation(
+            source_images=source,
+            pixel_array=volume,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=9901,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="labelgrid",
+            manufacturer_model_name="labelgrid",
+            software_versions="0.1.0",
+            device_serial_number="labelgrid",
+            series_description="labelgrid final label",
+            omit_empty_frames=True,
+        )
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument(f"the label does not lie on the series' grid ({str(err)[:200]})") from None
+
+
+def seg_to_label(seg: pydicom.Dataset, image_path: Path, path: Path) -> None:
+    """A SEG read back onto the voxels of the stored image (`image_path`, NIfTI): segment n -> n."""
+    segmentation = hd.seg.Segmentation.from_dataset(seg)
+    image = nib.load(str(image_path))
+    grid = hd.Volume.from_nibabel(image, frame_of_reference_uid=seg.FrameOfReferenceUID)
+    volume = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint8)
+    matched = volume.match_geometry(grid)
+    out = nib.Nifti1Image(np.asarray(matched.to_nibabel().dataobj).astype(np.uint8), image.affine)
+    if out.shape != image.shape[:3] or not np.allclose(matched.to_nibabel().affine, image.affine, atol=1e-3):
+        raise InvalidArgument("the SEG does not lie on its source series' grid")
+    nib.save(out, str(path))
+
+
+def referenced_series(seg: pydicom.Dataset) -> str:
+    refs = seg.get("ReferencedSeriesSequence") or []
+    return str(refs[0].SeriesInstanceUID) if refs else ""

@@ -1,0 +1,244 @@
+"""The datastore over a PACS: images are DICOMweb series, mirrored into the SQL index.
+
+`PacsDatastore` is the plain `Datastore` (blob store + SQL index, so next-sample, leases,
+scores and training work unchanged) fed from a `DicomwebPacs`:
+
+- sync (at open, then every `sync_seconds` in a background thread, and on demand for a series
+  asked for by id): QIDO lists the series the search filter selects; a series not in the
+  index, or whose content key (its instance UIDs) changed, is fetched once by WADO, converted
+  to a NIfTI volume (highdicom: slice order, orientation, spacing) and stored through the
+  normal add_image path, so the blob store is the cache, keyed by series and content.
+  SEG series whose source series has no final label become that series' final label: a series
+  with a SEG counts as labeled.
+- a `final` label saved here is first written back to the PACS as a DICOM SEG by STOW (then
+  stored as usual); when the PACS cannot take it the save fails with UNAVAILABLE and nothing is
+  stored. Other tags stay in the blob store only.
+
+A PACS that is down makes a sync fail (logged, retried next period) and an on-demand fetch
+UNAVAILABLE; the service keeps serving what it already has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from services.common import raw_labels
+from services.common.chunks import SpooledFile, sha256_file
+from services.common.errors import InvalidArgument, LabelgridError, NotFound
+from services.common.formats import label_ext_from_name
+from services.common.models.volumes import VolumeFiles
+from services.datastore.adapters.dicomweb import (
+    DicomwebPacs,
+    PacsSeries,
+    label_to_seg,
+    referenced_series,
+    seg_to_label,
+    series_to_nifti,
+)
+from services.datastore.domain.datastore import Datastore, image_key
+from services.datastore.domain.model import DEFAULT_TAG_FINAL, ImageRecord, LabelRecord
+
+log = logging.getLogger(__name__)
+
+CONTENT_KEY = "dicomweb_content"  # image info: the series' content key when it was converted
+SEG_KEY = "dicomweb_seg_series"  # label info: the SEG series that holds this final label
+
+
+class PacsDatastore(Datastore):
+    def __init__(self, pacs: DicomwebPacs, *args: Any, sync_seconds: float = 60.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pacs = pacs
+        self.sync_seconds = sync_seconds
+        self._stop = threading.Event()
+        self._sync_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._segs_seen: set[str] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        super().open()
+        self._thread = threading.Thread(target=self._sync_loop, name="dicomweb-sync", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        super().close()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except LabelgridError as err:
+                log.warning("DICOMweb sync failed: %s", err)
+            except Exception:  # noqa: BLE001 - the loop must survive anything; logged with its trace
+                log.exception("DICOMweb sync failed")
+            if self.sync_seconds <= 0 or self._stop.wait(self.sync_seconds):
+                return
+
+    # -- sync ----------------------------------------------------------------------------
+
+    def sync(self) -> dict[str, int]:
+        """One pass over the PACS; returns how many series were fetched, kept, skipped, and SEGs imported."""
+        counts = {"fetched": 0, "unchanged": 0, "skipped": 0, "segs": 0}
+        with self._sync_lock:
+            for series in self.pacs.list_series():
+                if self._stop.is_set():
+                    break
+                try:
+                    fetched = self._mirror(series)
+                except InvalidArgument as err:  # a series that is not one volume (scout, multi-frame mix, ...)
+                    counts["skipped"] += 1
+                    log.warning("DICOMweb series %s skipped: %s", series.series_uid, err)
+                    continue
+                counts["fetched" if fetched else "unchanged"] += 1
+            for seg in self.pacs.list_segs():
+                if self._stop.is_set():
+                    break
+                if seg.series_uid in self._segs_seen:
+                    continue
+                try:
+                    counts["segs"] += int(self._import_seg(seg))
+                    self._segs_seen.add(seg.series_uid)
+                except InvalidArgument as err:
+                    self._segs_seen.add(seg.series_uid)
+                    log.warning("DICOMweb SEG %s not imported: %s", seg.series_uid, err)
+        log.info("DICOMweb sync", extra=counts)
+        return counts
+
+    def _mirror(self, series: PacsSeries) -> bool:
+        """Fetches and converts the series unless the index holds this very content; True if fetched."""
+        key = self.pacs.content_key(series)
+        old = self._find_image(series.series_uid)
+        if old is not None and old.info.get(CONTENT_KEY) == key:
+            return False
+        datasets = self.pacs.fetch(series)
+        fd, name = tempfile.mkstemp(prefix="series-", suffix=".nii.gz", dir=self.blobs.spool_dir())
+        os.close(fd)
+        path = Path(name)
+        try:
+            series_to_nifti(datasets, path)
+            spooled = SpooledFile(path, path.stat().st_size, sha256_file(path))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        info = {**series.info(), CONTENT_KEY: key}
+        super().add_image(spooled, image_id=series.series_uid, file_name=f"{series.series_uid}.nii.gz", info=info)
+        log.info("DICOMweb series %s cached (%d instances)", series.series_uid, len(datasets))
+        return True
+
+    def _import_seg(self, seg_series: PacsSeries) -> bool:
+        """A SEG made elsewhere (or by an earlier run) becomes its source series' final label."""
+        segs = self.pacs.fetch(seg_series)
+        if not segs:
+            return False
+        source_uid = referenced_series(segs[0])
+        image = self._find_image(source_uid) if source_uid else None
+        if image is None or DEFAULT_TAG_FINAL in image.labels:
+            return False
+        spool = Path(self.blobs.spool_dir())
+        fd, image_name = tempfile.mkstemp(prefix="image-", suffix=".nii.gz", dir=spool)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in self.blobs.open_read(image_key(image.file_name)):
+                out.write(chunk)
+        fd, label_name = tempfile.mkstemp(prefix="seg-", suffix=".nii.gz", dir=spool)
+        os.close(fd)
+        image_path, label_path = Path(image_name), Path(label_name)
+        try:
+            seg_to_label(segs[0], image_path, label_path)
+            spooled = SpooledFile(label_path, label_path.stat().st_size, sha256_file(label_path))
+        except BaseException:
+            label_path.unlink(missing_ok=True)
+            raise
+        finally:
+            image_path.unlink(missing_ok=True)
+        super().add_label(
+            spooled,
+            image_id=source_uid,
+            tag=DEFAULT_TAG_FINAL,
+            file_name=f"{source_uid}.nii.gz",
+            info={SEG_KEY: seg_series.series_uid, "source": "dicomweb"},
+        )
+        return True
+
+    # -- images: a series asked for by id is fetched on demand --------------------------
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        try:
+            return super().get_image(image_id)
+        except NotFound:
+            series = self.pacs.find_series(image_id)
+            if series is None:
+                raise
+            with self._sync_lock:
+                self._mirror(series)
+            return super().get_image(image_id)
+
+    # -- labels: final ones go back to the PACS as DICOM SEG ------------------------------
+
+    def add_label(
+        self, spooled: SpooledFile, *, image_id: str, tag: str, file_name: str, info: dict[str, Any]
+    ) -> LabelRecord:
+        if (tag or DEFAULT_TAG_FINAL) != DEFAULT_TAG_FINAL:
+            return super().add_label(spooled, image_id=image_id, tag=tag, file_name=file_name, info=info)
+        try:
+            image = self.get_image(image_id)
+            if raw_labels.is_raw_label(file_name):  # OHIF's label.bin: voxels on the image's grid
+                spooled, file_name = self._label_from_raw(spooled, image.image_id), f"{image.image_id}.nii.gz"
+            seg_uid = self._store_seg(image, Path(spooled.path), file_name, info)
+        except BaseException:
+            Path(spooled.path).unlink(missing_ok=True)
+            raise
+        return super().add_label(
+            spooled, image_id=image_id, tag=tag, file_name=file_name, info={**info, SEG_KEY: seg_uid}
+        )
+
+    def _store_seg(self, image: ImageRecord, label_path: Path, file_name: str, info: dict[str, Any]) -> str:
+        if not image.info.get("SeriesInstanceUID"):
+            raise InvalidArgument(f"image {image.image_id!r} is not a DICOMweb series")
+        ext = label_ext_from_name(file_name)
+        # The readers go by the file's extension; the spooled upload has none.
+        fd, named = tempfile.mkstemp(prefix="label-", suffix=ext, dir=self.blobs.spool_dir())
+        os.close(fd)
+        named_path = Path(named)
+        try:
+            named_path.unlink()
+            os.link(label_path, named_path)
+            volume = VolumeFiles().read(named_path, file_name)
+        finally:
+            named_path.unlink(missing_ok=True)
+        series = PacsSeries(
+            study_uid=image.info["StudyInstanceUID"],
+            series_uid=image.info["SeriesInstanceUID"],
+            modality=image.info.get("Modality", ""),
+            patient_id=image.info.get("PatientID", ""),
+            description="",
+            instances=0,
+        )
+        names = _label_names(info)
+        seg = label_to_seg(volume.data.round().astype("uint16"), volume.affine, self.pacs.metadata(series), names)
+        self.pacs.store([seg], series.study_uid)
+        self._segs_seen.add(str(seg.SeriesInstanceUID))
+        log.info("final label of %s stored in the PACS as SEG %s", image.image_id, seg.SeriesInstanceUID)
+        return str(seg.SeriesInstanceUID)
+
+
+def _label_names(info: dict[str, Any]) -> dict[int, str]:
+    """MONAI Label's label map in the save params ({"label_names": {"spleen": 1, ...}}), if any."""
+    names = info.get("label_names")
+    if not isinstance(names, dict):
+        return {}
+    out = {}
+    for name, value in names.items():
+        try:
+            out[int(value)] = str(name)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -1,0 +1,136 @@
+"""The DICOMweb datastore against a real Orthanc: series listed by QIDO and mirrored into the
+index (leases work on them), fetched by WADO once and fetched again when the PACS's copy
+changes, final labels written back as DICOM SEG, SEGs in the PACS counted as labels, a PACS
+that is down answered UNAVAILABLE. (Through the gateway: test_dicomweb_gateway.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from services.common.chunks import SpooledFile, sha256_file
+from services.common.errors import NotFound, Unavailable
+from services.datastore.adapters.dicomweb_store import PacsDatastore
+from services.datastore.app import build_datastore
+from services.datastore.domain.model import ImageFilter
+from services.datastore.settings import DatastoreSettings
+from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
+from tests.integration.conftest import free_port
+
+
+def expected_grid(series: CtSeries) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """Shape and RAS affine of the series in nibabel's closest-canonical orientation, computed
+    from the geometry the series was made with (not from any reader)."""
+    row, col = np.array(series.row_direction), np.array(series.column_direction)
+    lps = np.eye(4)
+    lps[:3, 0] = row * series.pixel_spacing[1]  # index 0: columns
+    lps[:3, 1] = col * series.pixel_spacing[0]  # index 1: rows
+    lps[:3, 2] = np.cross(row, col) * series.slice_step  # index 2: slices, in position order
+    lps[:3, 3] = series.origin
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    image = nib.as_closest_canonical(nib.Nifti1Image(series.volume.transpose(2, 1, 0).astype(np.int16), ras))
+    return image.shape, image.affine, np.asarray(image.dataobj)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
+
+
+def pacs_settings(orthanc_url: str, state_dir: Path, patient_id: str, **extra: Any) -> DatastoreSettings:
+    return DatastoreSettings(
+        port=0,
+        metrics_port=-1,
+        backend="dicomweb",
+        dicomweb_url=orthanc_url,
+        dicomweb_search_filter=json.dumps({"Modality": "CT", "PatientID": patient_id}),
+        dicomweb_sync_seconds=0,
+        state_dir=state_dir,
+        **extra,
+    )
+
+
+# -- the datastore itself: cache invalidation, SEGs made elsewhere, leases, a PACS down ----------
+
+
+def test_a_change_in_the_pacs_refetches_and_segs_count_as_labels(orthanc: Orthanc, tmp_path: Path) -> None:
+    patient = f"DSD-{uuid.uuid4().hex[:8]}"
+    series = ct_series(slices=5, seed=21, patient_id=patient)
+    other = ct_series(slices=3, seed=22, patient_id=patient)
+    orthanc.upload(series.datasets[:4] + other.datasets)
+    store = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "a", patient))
+    try:
+        assert isinstance(store, PacsDatastore)
+        wait_for(lambda: store.status().total == 2)
+        first = store.get_image(series.series_uid)
+        assert store.sync()["unchanged"] == 2  # the cache answers
+        # Next sample over PACS series: both unlabeled, leased one after the other.
+        leased = {store.acquire_lease("c1", "random")[0].image_id, store.acquire_lease("c2", "random")[0].image_id}
+        assert leased == {series.series_uid, other.series_uid}
+
+        orthanc.upload(series.datasets[4:])  # the PACS's copy changes: one more slice
+        assert store.sync()["fetched"] == 1
+        changed = store.get_image(series.series_uid)
+        assert changed.sha256 != first.sha256
+
+        # A final label saved here goes to the PACS as SEG ...
+        path = tmp_path / "label.nii.gz"
+        image_path = tmp_path / "image.nii.gz"
+        image_path.write_bytes(b"".join(store.read_image(other.series_uid).chunks))
+        image = nib.load(image_path)
+        label = (np.asarray(image.dataobj) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(label, image.affine), path)
+        store.add_label(
+            SpooledFile(path, path.stat().st_size, sha256_file(path)),
+            image_id=other.series_uid, tag="final", file_name="label.nii.gz", info={},
+        )  # fmt: skip
+    finally:
+        store.close()
+    # ... and a fresh datastore on the same PACS counts that series as labeled, on the same voxels.
+    fresh = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "b", patient))
+    try:
+        labeled = wait_for(lambda: list(fresh.list_images(filter=ImageFilter.LABELED).items))
+        assert [i.image_id for i in labeled] == [other.series_uid]
+        back = tmp_path / "back.nii.gz"
+        back.write_bytes(b"".join(fresh.read_label(other.series_uid, "final").chunks))
+        assert np.array_equal(np.asarray(nib.load(back).dataobj), label)
+        assert fresh.status().total == 2
+    finally:
+        fresh.close()
+
+
+def test_a_pacs_that_is_down_is_unavailable_and_nothing_is_listed(tmp_path: Path) -> None:
+    store = build_datastore(
+        pacs_settings(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path, "nobody", dicomweb_timeout_seconds=2)
+    )
+    try:
+        with pytest.raises(Unavailable, match="unavailable"):
+            store.get_image("1.2.3.4")
+        with pytest.raises(Unavailable):
+            store.sync()
+        assert store.status().total == 0
+    finally:
+        store.close()
+
+
+def test_an_unknown_series_is_not_found(orthanc: Orthanc, tmp_path: Path) -> None:
+    store = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path, "nobody"))
+    try:
+        with pytest.raises(NotFound):
+            store.get_image("1.2.3.4.5.6.7")
+    finally:
+        store.close()
