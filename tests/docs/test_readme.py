@@ -376,3 +376,36 @@ def test_what_info_lists_is_what_the_readme_names(stack: Stack) -> None:
     [apps_row] = [line for line in architecture.splitlines() if line.startswith("| `apps/`")]
     claimed = set(re.findall(r"`(\w+)`", apps_row.split("`apps/radiology` has", 1)[1].split(" and ", 1)[0]))
     assert claimed and claimed <= set(info["models"]), f"the apps/ row names {claimed}, /info/ lists {sorted(info['models'])}"
+
+
+def test_every_dependency_is_named_in_the_readme() -> None:
+    """RULES: say in the README which library you chose and why; a dependency in pyproject.toml
+    that the README never names (its "Libraries we chose" table, usually) is an unexplained one."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    text = README.read_text().lower()
+    names = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+    missing = sorted(name for name in names if name not in text)
+    assert missing == [], f"dependencies the README never names (add them to 'Libraries we chose, and why'): {missing}"
+
+
+def test_not_built_yet_is_what_answers_501(stack: Stack) -> None:
+    """The README's "Not built yet" routes are exactly the gateway's placeholders, and each answers 501."""
+    import httpx
+
+    spec = httpx.get(f"{stack.url}/openapi.json", timeout=30).json()
+    placeholders = {
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("summary") == "Not available yet in labelgrid"
+    }
+    listed = set(re.findall(r"`((?:GET|POST|PUT|DELETE) /[^`]*)`", readme_section("Not built yet")))
+    assert listed == placeholders, f"README lists {sorted(listed)}; the gateway's placeholders are {sorted(placeholders)}"
+    for route in sorted(listed):
+        method, path = route.split(" ", 1)
+        answer = httpx.request(method, stack.url + re.sub(r"\{\w+\}", "segmentation", path), timeout=30)
+        assert answer.status_code == 501, f"{route}: {answer.status_code} {answer.text[:200]}"
+        assert "not available yet in labelgrid" in answer.json()["detail"]
