@@ -16,6 +16,7 @@ from gateway.metrics import install_metrics, route_templates
 from gateway.routes import (
     activelearning,
     auth,
+    batch,
     datastore,
     dicom_proxy,
     infer,
@@ -60,6 +61,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         datastore.router,
         session.router,
         infer.router,
+        batch.router,
         model.router,
         train.router,
         activelearning.router,

@@ -10,8 +10,6 @@ from gateway.errors import GatewayError
 router = APIRouter()
 
 _ROUTES: list[tuple[str, list[str], str]] = [
-    ("/batch/infer", ["GET", "DELETE"], "Infer"),
-    ("/batch/infer/{model}", ["POST"], "Infer"),
     ("/infer/wsi/{model}", ["POST"], "Infer"),
     ("/infer/wsi_v2/{model}", ["POST"], "Infer"),
     ("/reload", ["POST"], "AppService"),

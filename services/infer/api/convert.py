@@ -21,6 +21,9 @@ from services.common.models.types import UNTRAINED, DeviceInfo
 from services.common.protos import (
     config_entries,
     dict_to_struct,
+    job_error,
+    job_state,
+    job_times,
     split_resource_name,
     struct_to_dict,
 )
@@ -198,3 +201,66 @@ def model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
         inputs=[pb.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
         outputs=[pb.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
     )
+
+
+# -- batch inference -----------------------------------------------------------------------
+
+_BATCH_FILTERS = {
+    res.BATCH_IMAGE_FILTER_UNSPECIFIED: "ALL",
+    res.BATCH_IMAGE_FILTER_LABELED: "LABELED",
+    res.BATCH_IMAGE_FILTER_UNLABELED: "UNLABELED",
+}
+_MAX_PAGE = 1000
+
+
+def batch_job_of(name: str) -> str:
+    return split_resource_name(name, "batchInferenceJobs/{job}")[0]
+
+
+def batch_filter_name(value: int) -> str:
+    if value not in _BATCH_FILTERS:
+        raise InvalidArgument(f"unknown image filter {value}")
+    return _BATCH_FILTERS[value]
+
+
+def batch_job(doc: dict[str, Any]) -> res.BatchInferenceJob:
+    """A batch job document (services.infer.domain.batch) as the resource."""
+    filters = {name: value for value, name in _BATCH_FILTERS.items()}
+    job = res.BatchInferenceJob(
+        name=f"batchInferenceJobs/{doc['job_id']}",
+        job_id=doc["job_id"],
+        model=f"models/{doc['model']}",
+        image_filter=filters.get(doc.get("image_filter", "ALL"), res.BATCH_IMAGE_FILTER_UNSPECIFIED),
+        images=[f"images/{image}" for image in doc.get("images") or []],
+        max_images=int(doc.get("max_images") or 0),
+        params=res.InferParams(
+            params=dict_to_struct(doc.get("params") or {}),
+            result=res.ResultOptions(save_label=True, label_tag=str(doc.get("label_tag") or "")),
+        ),
+        devices=list(doc.get("devices") or []),
+        state=job_state(doc.get("state")),
+        times=job_times(doc),
+        total_images=int(doc.get("total_images") or 0),
+        processed_images=int(doc.get("processed_images") or 0),
+        failed_images=int(doc.get("failed_images") or 0),
+        queue_position=int(doc.get("queue_position") or 0),
+        log_tail=list(doc.get("log_tail") or []),
+    )
+    error = job_error(doc)
+    if error is not None:
+        job.error.CopyFrom(error)
+    return job
+
+
+def page(docs: list[dict[str, Any]], page_size: int, page_token: str) -> tuple[list[dict[str, Any]], str]:
+    """One page of a listing: page_size 0 means 100, at most 1000; the token is the next offset."""
+    if page_size < 0:
+        raise InvalidArgument("page_size may not be negative")
+    size = min(page_size or 100, _MAX_PAGE)
+    start = 0
+    if page_token:
+        if not page_token.isdigit() or int(page_token) > len(docs):
+            raise InvalidArgument("page_token was not returned by a previous listing")
+        start = int(page_token)
+    end = start + size
+    return docs[start:end], (str(end) if end < len(docs) else "")

@@ -20,10 +20,15 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.common.chunks import SpooledFile, SpoolWriter, iter_file_chunks
 from services.common.errors import InvalidArgument, Unimplemented
+from services.common.jobs import JobStore
+from services.common.protos import job_state_name
 from services.common.server import GrpcService
 from services.common.streams import send_chunks
+from services.infer.adapters.batch_images import DatastoreImages
 from services.infer.adapters.metrics import InferenceCollector
 from services.infer.api import convert
+from services.infer.domain.batch import RECORD_KIND as BATCH_RECORD_KIND
+from services.infer.domain.batch import BatchInference
 from services.infer.domain.inference import Inference, input_label_file_name, upload_file_name
 from services.infer.domain.model import ImageInput, InferOutcome
 from services.infer.settings import InferSettings
@@ -73,8 +78,9 @@ async def _receive_part(
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, inference: Inference, upload_dir: Path, max_upload_bytes: int) -> None:
+    def __init__(self, inference: Inference, upload_dir: Path, max_upload_bytes: int, batch: BatchInference) -> None:
         self.inference = inference
+        self.batch = batch
         self.upload_dir = upload_dir
         self.max_upload_bytes = max_upload_bytes
 
@@ -175,41 +181,69 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         return convert.model_metadata(await self.inference.model_metadata(convert.model_of(request.name), request.version))
 
-    # -- batch inference: not yet --------------------------------------------------------------
+    # -- batch inference ----------------------------------------------------------------------
 
-    async def CreateBatchInferenceJob(self, request: Any, context: Any) -> Any:
-        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+    async def CreateBatchInferenceJob(
+        self, request: pb.CreateBatchInferenceJobRequest, context: Any
+    ) -> pb.CreateBatchInferenceJobResponse:
+        job = request.batch_inference_job
+        doc = await self.batch.create(
+            convert.model_of(job.model),
+            convert.infer_params(job.params),
+            image_filter=convert.batch_filter_name(job.image_filter),
+            images=[convert.image_of(name) for name in job.images] or None,
+            max_images=job.max_images,
+            devices=list(job.devices),
+            enqueue=request.enqueue,
+            request_id=request.request_id,
+        )
+        return pb.CreateBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 
-    async def GetBatchInferenceJob(self, request: Any, context: Any) -> Any:
-        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+    async def GetBatchInferenceJob(self, request: pb.GetBatchInferenceJobRequest, context: Any) -> pb.GetBatchInferenceJobResponse:
+        doc = await self.batch.get(convert.batch_job_of(request.name))
+        return pb.GetBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 
-    async def ListBatchInferenceJobs(self, request: Any, context: Any) -> Any:
-        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+    async def ListBatchInferenceJobs(
+        self, request: pb.ListBatchInferenceJobsRequest, context: Any
+    ) -> pb.ListBatchInferenceJobsResponse:
+        model = convert.model_of(request.model) if request.model else ""
+        docs = await self.batch.list(job_state_name(request.state), model)
+        page, token = convert.page(docs, request.page_size, request.page_token)
+        return pb.ListBatchInferenceJobsResponse(
+            batch_inference_jobs=[convert.batch_job(doc) for doc in page], next_page_token=token
+        )
 
-    async def CancelBatchInferenceJob(self, request: Any, context: Any) -> Any:
-        raise Unimplemented("batch inference is not implemented yet: run Infer per image instead")
+    async def CancelBatchInferenceJob(
+        self, request: pb.CancelBatchInferenceJobRequest, context: Any
+    ) -> pb.CancelBatchInferenceJobResponse:
+        doc = await self.batch.cancel(convert.batch_job_of(request.name))
+        return pb.CancelBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 
 
 def service_names() -> list[str]:
     return [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
 
-def register(server: grpc.aio.Server, inference: Inference, upload_dir: Path, max_upload_bytes: int) -> None:
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(inference, upload_dir, max_upload_bytes), server)
+def register(
+    server: grpc.aio.Server, inference: Inference, upload_dir: Path, max_upload_bytes: int, batch: BatchInference
+) -> None:
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(inference, upload_dir, max_upload_bytes, batch), server)
 
 
 def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
     """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
     upload_dir = settings.work_dir.resolve() / "uploads"
+    batch = BatchInference(inference, DatastoreImages(datastore), JobStore(datastore, BATCH_RECORD_KIND))
 
     async def on_stop() -> None:
+        await batch.close()
         await datastore.close()
         inference.close()
 
     service = GrpcService(
         settings,
         service_names(),
-        lambda server: register(server, inference, upload_dir, settings.max_upload_bytes),
+        lambda server: register(server, inference, upload_dir, settings.max_upload_bytes, batch),
         on_stop=on_stop,
     )
     service.registry.register(InferenceCollector(inference))

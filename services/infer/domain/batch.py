@@ -1,0 +1,251 @@
+"""Batch inference (MONAI Label's /batch/infer): one model over many datastore images, each
+result saved as a label (tag "original" by default), as a job of the inference service.
+
+The images run concurrently through the same device scheduler as single inferences (as
+many at once as the devices have slots, plus one waiting per slot so no device idles
+between images), not one after another (MONAI Label's issue 1192). A job belongs to the
+service, not to the request that started it: a client that hangs up changes nothing, and
+only CancelBatchInferenceJob stops it. One job runs at a time per service (a second is
+ALREADY_RUNNING, MONAI Label's 429, unless enqueued). An image that fails is counted and
+logged, and the job goes on. Job documents are datastore records (services.common.jobs),
+so they outlive the process; a restarted service marks the ones it lost as FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+from collections import deque
+from typing import Any, Protocol
+
+from services.common import jobs
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LabelgridError
+from services.common.jobs import JobStore
+from services.infer.domain.inference import Inference
+from services.infer.domain.model import ImageInput, InferParams
+
+log = logging.getLogger("labelgrid.infer.batch")
+
+RECORD_KIND = "batchInferenceJobs"
+FILTERS = ("ALL", "LABELED", "UNLABELED")
+DEFAULT_TAG = "original"
+MAX_IMAGES = 100_000
+
+
+class ImageLister(Protocol):
+    async def image_ids(self, image_filter: str) -> list[str]:
+        """Ids of the datastore's images: all, or those with / without a final label."""
+        ...
+
+
+def owner_id() -> str:
+    """Who runs a job: a restarted service recovers only its own lost jobs, not a replica's."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class BatchInference:
+    """Create, list, get and cancel batch inference jobs; runs them one at a time."""
+
+    def __init__(self, inference: Inference, images: ImageLister, store: JobStore, width: int | None = None) -> None:
+        self.inference = inference
+        self.images = images
+        self.store = store
+        # Images in flight at once: every slot busy and one waiting behind each.
+        self.width = width or max(1, 2 * sum(q.concurrency for q in inference.scheduler.queues.values()))
+        self.owner = owner_id()
+        self._params: dict[str, InferParams] = {}
+        self._queue: deque[str] = deque()
+        self._running: str | None = None
+        self._current: asyncio.Task[None] | None = None  # the running job
+        self._runner: asyncio.Task[None] | None = None  # runs the queue, one job after another
+        self._lock = asyncio.Lock()
+        self._recovered = False
+
+    async def _recover(self) -> None:
+        """Once: jobs a previous process on this host left active are FAILED (they died with it)."""
+        if self._recovered:
+            return
+        self._recovered = True
+        host = self.owner.rsplit(":", 1)[0]
+        for doc in await self.store.list():
+            owner = str(doc.get("owner", ""))
+            if doc.get("state") in jobs.ACTIVE_STATES and owner.rsplit(":", 1)[0] == host and owner != self.owner:
+                await self.store.update(
+                    doc["job_id"],
+                    {"state": jobs.FAILED, "error": {"reason": "SERVER_ERROR", "message": "lost: the service restarted"}},
+                )
+
+    # -- use cases ---------------------------------------------------------------------------
+
+    async def create(
+        self,
+        model: str,
+        params: InferParams,
+        *,
+        image_filter: str = "ALL",
+        images: list[str] | None = None,
+        max_images: int = 0,
+        devices: list[str] | None = None,
+        enqueue: bool = False,
+        request_id: str = "",
+    ) -> dict[str, Any]:
+        self.inference.task(model)  # NOT_FOUND for an unknown model, now
+        self.inference.check_params(params)
+        if image_filter not in FILTERS:
+            raise InvalidArgument(f"unknown image filter {image_filter!r}; use one of {', '.join(FILTERS)}")
+        if not 0 <= max_images <= MAX_IMAGES:
+            raise InvalidArgument(f"max_images must be between 0 and {MAX_IMAGES}")
+        if images is not None and len(images) > MAX_IMAGES:
+            raise InvalidArgument(f"at most {MAX_IMAGES} images per batch")
+        for device in devices or []:
+            self.inference.scheduler.pick(device)  # INVALID_ARGUMENT for a device this service lacks
+        tag = params.result.label_tag or DEFAULT_TAG
+        params = dataclasses.replace(
+            params, result=dataclasses.replace(params.result, save_label=True, label_tag=tag, params_only=True)
+        )
+        await self._recover()
+        async with self._lock:
+            busy = self._running is not None or bool(self._queue)
+            if busy and not enqueue:
+                raise AlreadyExists("++++++++++ Batch_infer Task is Already Running", reason="ALREADY_RUNNING")
+            doc = jobs.new_job(
+                model=model,
+                image_filter=image_filter,
+                images=list(images or []),
+                max_images=max_images,
+                devices=list(devices or []),
+                params=dict(params.extra),
+                label_tag=tag,
+                total_images=0,
+                processed_images=0,
+                failed_images=0,
+                owner=self.owner,
+            )
+            doc, created = await self.store.create(doc, request_id)
+            if not created:
+                return doc
+            self._params[doc["job_id"]] = params
+            self._queue.append(doc["job_id"])
+            if self._runner is None or self._runner.done():
+                self._runner = asyncio.create_task(self._run_queue(), name="batch-inference")
+        return doc
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        await self._recover()
+        return self._with_position(await self.store.get(job_id))
+
+    async def list(self, state: str | None = None, model: str = "") -> list[dict[str, Any]]:
+        await self._recover()
+        found = await self.store.list(state, where=(lambda doc: doc.get("model") == model) if model else None)
+        return [self._with_position(doc) for doc in found]
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        doc = await self.store.get(job_id)
+        if doc.get("state") in jobs.FINAL_STATES:
+            raise FailedPrecondition(f"batch inference {job_id} has already ended ({doc.get('state')})")
+        async with self._lock:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                self._params.pop(job_id, None)
+                return await self.store.update(job_id, {"state": jobs.CANCELLED})
+            current = self._current if self._running == job_id else None
+        if current is None:
+            raise FailedPrecondition(f"batch inference {job_id} runs in another replica of the inference service")
+        current.cancel()
+        await asyncio.wait([current])  # it writes CANCELLED itself
+        return await self.store.get(job_id)
+
+    async def close(self) -> None:
+        """Stops the running job and drops the queued ones (both CANCELLED)."""
+        async with self._lock:
+            queued, self._queue = list(self._queue), deque()
+            runner = self._runner
+        for job_id in queued:
+            await self.store.update(job_id, {"state": jobs.CANCELLED})
+        if runner is not None and not runner.done():
+            runner.cancel()
+            await asyncio.wait([runner])
+        await self.store.flush()
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _with_position(self, doc: dict[str, Any]) -> dict[str, Any]:
+        queue = list(self._queue)
+        doc = dict(doc)
+        doc["queue_position"] = queue.index(doc["job_id"]) + 1 if doc["job_id"] in queue else 0
+        return doc
+
+    async def _run_queue(self) -> None:
+        while True:
+            async with self._lock:
+                if not self._queue:
+                    self._running = self._current = None
+                    return
+                job_id = self._queue.popleft()
+                self._running = job_id
+                self._current = asyncio.create_task(self._run(job_id, self._params.pop(job_id)), name=f"batch-{job_id}")
+            try:
+                await self._current
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the service stops
+                    self._running = self._current = None
+                    raise
+                # else only this job was cancelled: on with the next one
+            except Exception as error:  # noqa: BLE001 - the job fails, the service goes on
+                log.exception("batch inference failed", extra={"job_id": job_id})
+                reason = error.reason if isinstance(error, LabelgridError) else "SERVER_ERROR"
+                message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
+                await self.store.update(job_id, {"state": jobs.FAILED, "error": {"reason": reason, "message": message}})
+
+    async def _select(self, doc: dict[str, Any]) -> list[str]:
+        if doc["images"]:
+            chosen = list(dict.fromkeys(doc["images"]))
+        else:
+            chosen = sorted(await self.images.image_ids(doc["image_filter"]))
+        return chosen[: doc["max_images"]] if doc["max_images"] else chosen
+
+    async def _run(self, job_id: str, params: InferParams) -> None:
+        doc = await self.store.update(job_id, {"state": jobs.RUNNING})
+        image_ids = await self._select(doc)
+        model, devices = doc["model"], doc["devices"]
+        await self.store.update(job_id, {"total_images": len(image_ids)})
+        await self.store.log(job_id, f"batch inference of {model} over {len(image_ids)} images, {self.width} at a time")
+        counts = {"processed_images": 0, "failed_images": 0}
+        pending = deque(enumerate(image_ids))
+
+        async def one(index: int, image_id: str) -> None:
+            device = devices[index % len(devices)] if devices else params.device
+            try:
+                outcome = await self.inference.infer(
+                    model, ImageInput(image_id=image_id), dataclasses.replace(params, device=device)
+                )
+            except LabelgridError as error:
+                counts["failed_images"] += 1
+                line = f"{image_id}: failed: {error.message}"
+            else:
+                outcome.cleanup()
+                counts["processed_images"] += 1
+                line = f"{image_id} => {outcome.device} => {outcome.saved_label}"
+            done = counts["processed_images"] + counts["failed_images"]
+            await self.store.update(job_id, dict(counts), persist=False)
+            await self.store.log(job_id, f"{line} ({done} / {len(image_ids)})")
+
+        async def worker() -> None:
+            while pending:
+                index, image_id = pending.popleft()
+                await one(index, image_id)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.width, len(image_ids))):
+                    group.create_task(worker())
+        except asyncio.CancelledError:
+            await asyncio.shield(self.store.update(job_id, {"state": jobs.CANCELLED, **counts}))
+            await asyncio.shield(self.store.log(job_id, "stopped; labels saved so far stay"))
+            raise
+        await self.store.update(job_id, {"state": jobs.SUCCEEDED, **counts})
+        log.info("batch inference done", extra={"job_id": job_id, "model": model, **counts})
