@@ -65,6 +65,7 @@ class GatewayStack:
 
     root: Path
     gateway_overrides: dict[str, Any] = field(default_factory=dict)
+    datastore_overrides: dict[str, Any] = field(default_factory=dict)
     # Starts an inference gRPC server in the stack's loop, given the datastore's address;
     # returns its address and the grpc.aio.Server. None: no inference service (a closed port).
     start_inference: Callable[[str], Awaitable[tuple[str, Any]]] | None = None
@@ -97,14 +98,16 @@ class GatewayStack:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        ds_settings = DatastoreSettings(
-            port=0,
-            metrics_port=-1,
-            backend="local",
-            root=self.root / "studies",
-            state_dir=self.root / "state",
-            max_upload_bytes=32 * 1024 * 1024,
-        )
+        ds_values: dict[str, Any] = {
+            "port": 0,
+            "metrics_port": -1,
+            "backend": "local",
+            "root": self.root / "studies",
+            "state_dir": self.root / "state",
+            "max_upload_bytes": 32 * 1024 * 1024,
+        }
+        ds_values.update(self.datastore_overrides)  # may replace any of these (backend too)
+        ds_settings = DatastoreSettings(**ds_values)
         datastore = await start_datastore(ds_settings)
         self.datastore_address = datastore.address
         inference_address, inference_server = f"127.0.0.1:{free_port()}", None

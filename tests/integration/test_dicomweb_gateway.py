@@ -1,0 +1,157 @@
+"""The DICOMweb datastore behind the gateway, as OHIF uses it: series of a real Orthanc listed,
+inferred on by SeriesInstanceUID (the label on the series' own grid), final labels saved back
+to the PACS as DICOM SEG that read back onto the same voxels."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import httpx
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from services.common.models.volumes import nrrd_affine
+from services.datastore.adapters.dicomweb_store import SEG_KEY
+from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
+from tests.integration.conftest import GatewayStack, real_inference
+from tests.integration.test_dicomweb_datastore import expected_grid, wait_for
+
+
+
+
+
+@pytest.fixture(scope="module")
+def pacs_series(orthanc: Orthanc) -> tuple[str, CtSeries, CtSeries]:
+    patient = f"DSW-{uuid.uuid4().hex[:8]}"
+    # An oblique-free but non-trivial geometry: coronal slices (rows run feet-ward), shuffled.
+    first = ct_series(
+        slices=6, rows=24, columns=28, row_direction=(1.0, 0.0, 0.0), column_direction=(0.0, 0.0, -1.0),
+        pixel_spacing=(1.5, 1.25), slice_step=3.0, seed=11, patient_id=patient,
+    )  # fmt: skip
+    second = ct_series(slices=4, seed=12, patient_id=patient)
+    orthanc.upload(first.datasets)
+    orthanc.upload(second.datasets)
+    return patient, first, second
+
+
+@pytest.fixture(scope="module")
+def pacs_stack(
+    tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc, pacs_series: tuple[str, CtSeries, CtSeries]
+) -> Iterator[GatewayStack]:
+    root = tmp_path_factory.mktemp("pacs")
+    patient = pacs_series[0]
+    stack = GatewayStack(
+        root,
+        start_inference=real_inference(root / "infer"),
+        datastore_overrides={
+            "backend": "dicomweb",
+            "dicomweb_url": orthanc.dicomweb_url,
+            "dicomweb_search_filter": json.dumps({"Modality": "CT", "PatientID": patient}),
+            "dicomweb_sync_seconds": 0,
+        },
+        gateway_overrides={"dicomweb_url": orthanc.dicomweb_url},
+    ).start()
+    yield stack
+    stack.stop()
+
+
+def test_series_are_listed_as_images(pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries]) -> None:
+    _, first, second = pacs_series
+
+    def listed() -> dict[str, Any]:
+        objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
+        return objects if {first.series_uid, second.series_uid} <= set(objects) else {}
+
+    objects = wait_for(listed)
+    info = objects[first.series_uid]["image"]["info"]
+    assert info["StudyInstanceUID"] == first.study_uid and info["SeriesInstanceUID"] == first.series_uid
+    assert info["PatientID"] == pacs_series[0]
+
+
+def test_the_cached_image_has_the_series_geometry(
+    pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries], tmp_path: Path
+) -> None:
+    first = pacs_series[1]
+    answer = httpx.get(f"{pacs_stack.url}/datastore/image", params={"image": first.series_uid}, timeout=60)
+    assert answer.status_code == 200
+    path = tmp_path / "image.nii.gz"
+    path.write_bytes(answer.content)
+    image = nib.load(path)
+    shape, affine, data = expected_grid(first)
+    assert image.shape == shape
+    np.testing.assert_allclose(image.affine, affine, atol=1e-4)
+    assert np.array_equal(np.asarray(image.dataobj), data)  # every voxel where the series put it
+
+
+def test_infer_by_series_uid_gives_a_label_on_the_series_grid(
+    pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries]
+) -> None:
+    first = pacs_series[1]
+    before = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"][first.series_uid]
+    params = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
+    for _ in range(2):  # OHIF's request; the second one is served from the cache
+        answer = httpx.post(
+            f"{pacs_stack.url}/infer/segmentation",
+            params={"image": first.series_uid, "output": "image"},
+            files={"params": (None, json.dumps(params))},
+            timeout=300,
+        )
+        assert answer.status_code == 200, answer.text
+    header = nrrd.read_header(io.BytesIO(answer.content))
+    shape, affine, _ = expected_grid(first)
+    assert tuple(int(n) for n in header["sizes"]) == shape
+    np.testing.assert_allclose(nrrd_affine(header), affine, atol=1e-4)
+    after = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"][first.series_uid]
+    assert after["image"]["info"]["ts"] == before["image"]["info"]["ts"]  # not fetched or converted again
+
+
+def test_unknown_series_is_404(pacs_stack: GatewayStack) -> None:
+    answer = httpx.post(f"{pacs_stack.url}/infer/segmentation", params={"image": "1.2.3.4.5.999"}, timeout=60)
+    assert answer.status_code == 404
+
+
+def test_saved_final_label_becomes_a_seg_in_the_pacs(
+    pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries], orthanc: Orthanc, tmp_path: Path
+) -> None:
+    second = pacs_series[2]
+    shape, affine, data = expected_grid(second)
+    label = (data > 0).astype(np.uint8)
+    label[: shape[0] // 2] *= 2  # two labels: two segments
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, affine), path)
+    segs_before = orthanc.series_uids("SEG")
+    with open(path, "rb") as handle:
+        answer = httpx.put(
+            f"{pacs_stack.url}/datastore/label",
+            params={"image": second.series_uid, "tag": "final"},
+            files={"label": ("label.nii.gz", handle), "params": (None, json.dumps({"label_names": {"a": 1, "b": 2}}))},
+            timeout=120,
+        )
+    assert answer.status_code == 200, answer.text
+    new = orthanc.series_uids("SEG") - segs_before
+    assert len(new) == 1
+    (seg_uid,) = new
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    (seg,) = client.retrieve_series(second.study_uid, seg_uid)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == second.series_uid
+    segmentation = hd.seg.Segmentation.from_dataset(seg)
+    assert [d.SegmentLabel for d in segmentation.SegmentSequence] == ["a", "b"]
+    # Read back onto the series' own grid: the same voxels.
+    source = hd.get_volume_from_series(client.retrieve_series(second.study_uid, second.series_uid))
+    back = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint8).match_geometry(source)
+    on_grid = nib.as_closest_canonical(back.to_nibabel())
+    np.testing.assert_allclose(on_grid.affine, affine, atol=1e-4)
+    assert np.array_equal(np.asarray(on_grid.dataobj), label)
+    objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert objects[second.series_uid]["labels"]["final"]["info"][SEG_KEY] == seg_uid
+
+
