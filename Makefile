@@ -126,6 +126,7 @@ bench: install-dev
 	$(PY) -m bench.infer
 	$(PY) -m bench.activelearning
 	$(PY) -m bench.train
+	$(PY) -m bench.bundle
 
 clean:
 	rm -rf $(VAR) .pytest_cache .buf-cache

@@ -1,0 +1,158 @@
+"""Bundle benchmark: a MONAI Bundle served through labelgrid's REST API vs the same bundle run bare.
+
+    python -m bench.bundle [--sizes 64,128] [--runs 10,5] [--out bench/results/bundle.json]
+
+The bundle is tests/fixtures/bundles.py's 3D CT segmentation bundle (seeded weights, the
+standard CT pipeline: LoadImaged, Orientationd, Spacingd 1.5x1.5x2 mm, ScaleIntensityRanged,
+SlidingWindowInferer 32³, Invertd, SaveImaged). Latency (p50 / p95, seconds) per image of
+  (a) workflow: the bundle's inference config run by MONAI itself in this process
+      (`monai.bundle.ConfigWorkflow`, initialised once, then `run()` per image: its DataLoader,
+      SupervisedEvaluator with CheckpointLoader, postprocessing and SaveImaged writing the label);
+  (a') pipeline: the bundle's parts parsed once by ConfigParser and called directly per image
+      (preprocessing, network under the inferer, postprocessing with SaveImaged): the floor;
+  (b) REST: MONAI Label's POST /infer/{bundle}?output=image of a `labelgrid up --bundle` stack
+      (Envoy, gateway, inference, datastore, each its own process), the label streamed back.
+Interleaved round by round on the same image. Prints a table and writes JSON; numbers, not
+assertions. On a shared 2-core machine the spread is wide; the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel as nib
+import numpy as np
+
+from bench.datastore import table
+from bench.infer import interleaved, p
+from tests.fixtures.bundles import make_bundle
+from tests.integration.test_labelgrid_up import start_stack, stop_stack
+
+MODEL = "ct_bench"
+
+
+def ct_volume(size: int, dest: Path) -> Path:
+    """A size³ CT-like volume (HU values, blobs on noise) at 1.5 mm, RAS-flipped on two axes."""
+    from monai.data import create_test_image_3d
+
+    image, _ = create_test_image_3d(size, size, size, num_objs=6, rad_max=max(4, size // 6), rad_min=3, noise_max=0.3,
+                                    random_state=np.random.RandomState(size))  # fmt: skip
+    affine = np.array([[-1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image((image * 200.0 - 40.0).astype(np.float32), affine), str(dest))
+    return dest
+
+
+def bare_workflow(bundle: Path, data_dir: Path, out_dir: Path) -> Any:
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        workflow_type="inference",
+        bundle_root=str(bundle),
+        dataset_dir=str(data_dir),
+        output_dir=str(out_dir),
+    )
+    workflow.initialize()
+    return workflow
+
+
+class BarePipeline:
+    """The bundle's own parts parsed once by monai.bundle.ConfigParser and called directly per image:
+    preprocessing (LoadImaged ...), the network with models/model.pt under the inferer, then
+    postprocessing (Invertd ... SaveImaged). No DataLoader, engine or handlers around them."""
+
+    def __init__(self, bundle: Path, image: Path, out_dir: Path):
+        import torch
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(bundle), "output_dir": str(out_dir), "device": "$torch.device('cpu')"})
+        self.pre = parser.get_parsed_content("preprocessing")
+        self.post = parser.get_parsed_content("postprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.network = parser.get_parsed_content("network")
+        self.network.load_state_dict(torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True))
+        self.network.eval()
+        self.image = str(image)
+
+    def __call__(self) -> None:
+        import torch
+
+        data = self.pre({"image": self.image})
+        with torch.no_grad():
+            data["pred"] = self.inferer(data["image"][None], self.network)[0]
+        self.post(data)
+
+
+def run(sizes: list[int], runs: list[int], work: Path) -> dict[str, Any]:
+    bundle = make_bundle(work / MODEL, seed=3, train=False)
+    (work / "images").mkdir()
+    images = {size: ct_volume(size, work / "images" / f"ct_{size}.nii.gz") for size in sizes}
+    stack = start_stack(work / "stack-root", sample_studies=False, extra=["--bundle", str(bundle)])
+    rows = []
+    try:
+        with httpx.Client(base_url=stack.url, timeout=600) as http:
+            for size, path in images.items():
+                image_id = path.name[: -len(".nii.gz")]
+                response = http.put("/datastore/", params={"image": image_id}, files={"file": (path.name, path.read_bytes())})
+                if response.status_code not in (200, 409):
+                    raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
+            for size, count in zip(sizes, runs, strict=True):
+                image_id = f"ct_{size}"
+                data_dir = work / f"data_{size}"
+                data_dir.mkdir()
+                shutil.copy(images[size], data_dir / images[size].name)
+                workflow = bare_workflow(bundle, data_dir, work / f"out_{size}")
+                pipeline = BarePipeline(bundle, images[size], work / f"pipe_{size}")
+
+                def rest(image_id: str = image_id) -> None:
+                    response = http.post(f"/infer/{MODEL}", params={"image": image_id, "output": "image"}, data={"params": "{}"})
+                    if response.status_code != 200:
+                        raise RuntimeError(f"infer failed: {response.status_code} {response.text}")
+
+                times = interleaved({"workflow": workflow.run, "pipeline": pipeline, "rest": rest}, count)
+                workflow.finalize()
+                rest50 = p(times["rest"], 50)
+                rows.append({
+                    "size": f"{size}^3", "runs": count,
+                    "workflow_p50": p(times["workflow"], 50), "pipeline_p50": p(times["pipeline"], 50),
+                    "pipeline_p95": p(times["pipeline"], 95), "rest_p50": rest50, "rest_p95": p(times["rest"], 95),
+                    "rest/pipeline": rest50 / p(times["pipeline"], 50), "rest/workflow": rest50 / p(times["workflow"], 50),
+                })  # fmt: skip
+    finally:
+        stop_stack(stack)
+    return {"model": MODEL, "latency": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,128", help="cube sides of the synthetic CT volumes")
+    parser.add_argument("--runs", default="10,5", help="timed runs per size (after one warm-up)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/bundle.json"))
+    args = parser.parse_args()
+    sizes = [int(v) for v in args.sizes.split(",")]
+    runs = [int(v) for v in args.runs.split(",")]
+    if len(runs) != len(sizes):
+        parser.error("--runs needs one count per size")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="labelgrid-bench-bundle-") as tmp:
+        result = run(sizes, runs, Path(tmp))
+    result["loadavg"] = {"before": load_before, "after": os.getloadavg()}
+    print()
+    print(table(result["latency"], f"bundle {MODEL} latency (s): in-process monai.bundle workflow run / bare parsed pipeline vs REST via Envoy"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
