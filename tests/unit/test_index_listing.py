@@ -68,3 +68,31 @@ def test_export_json_and_status_leave_out_session_images(index: SqlIndex) -> Non
 def test_export_json_of_an_empty_index(index: SqlIndex) -> None:
     assert json.loads(index.export_monailabel_json(**HIDE))["objects"] == {}
     assert index.status(**HIDE).total == 0
+
+
+def test_every_write_shows_in_the_next_export_and_count(index: SqlIndex) -> None:
+    # SQLite serves these two from a cache kept until the next write: each write must show.
+    def snapshot() -> tuple[dict, int, dict]:
+        status = index.status(**HIDE)
+        return json.loads(index.export_monailabel_json(**HIDE))["objects"], status.total, status.label_tags
+
+    fill(index)
+    objects, total, tags = snapshot()
+    assert snapshot() == (objects, total, tags)  # a read changes nothing
+    index.upsert_image("c_img", ".nii.gz", SHA, 1, {"k": 1})
+    objects, total, _ = snapshot()
+    assert objects["c_img"]["image"]["info"]["k"] == 1 and total == 5
+    index.update_image_info("c_img", {"k": 2})
+    assert snapshot()[0]["c_img"]["image"]["info"]["k"] == 2
+    index.upsert_label("c_img", "final", ".nii.gz", SHA, 1, {"l": 1})
+    objects, _, tags = snapshot()
+    assert objects["c_img"]["labels"]["final"]["info"]["l"] == 1 and tags["final"] == 2
+    index.update_label_info("c_img", "final", {"l": 2})
+    assert snapshot()[0]["c_img"]["labels"]["final"]["info"]["l"] == 2
+    index.delete_label("c_img", "final")
+    assert snapshot()[2]["final"] == 1
+    index.update_image_info("session-3", {"session": True})
+    assert "session-3" not in snapshot()[0]
+    index.delete_image("c_img")
+    objects, total, _ = snapshot()
+    assert "c_img" not in objects and total == 3

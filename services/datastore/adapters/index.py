@@ -391,6 +391,11 @@ class SqlIndex:
                 f"unsupported index URL {parsed.drivername!r}: use sqlite:///path/index.db or postgresql+psycopg://…"
             )
         self._insert = pg_dialect.insert if self._pg else sqlite_dialect.insert
+        # Read cache of the hot listings (see _cached): SQLite only, where this object is the
+        # index's one writer, so every change bumps _generation.
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+        self._read_cache: dict[tuple[Any, ...], tuple[int, Any]] = {}
         try:
             self._init_schema()
         except BaseException:
@@ -471,8 +476,11 @@ class SqlIndex:
                 with self._write_lock, self._engine.connect() as conn:
                     if not self._pg:
                         conn.execution_options(labelgrid_write=True)
-                    with conn.begin():
-                        return fn(conn)
+                    try:
+                        with conn.begin():
+                            return fn(conn)
+                    finally:  # committed or not: cached reads taken before are no longer trusted
+                        self._bump_generation()
             except LabelgridError:
                 raise
             except sa_exc.DBAPIError as e:
@@ -484,6 +492,27 @@ class SqlIndex:
             except sa_exc.SQLAlchemyError as e:
                 raise StorageError(f"index {what} failed: {_describe(e)}") from e
         raise AssertionError("unreachable")
+
+    def _bump_generation(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
+
+    def _cached(self, key: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
+        """``compute()``, reused until the next write transaction (SQLite only).
+
+        The generation is read before computing and the result kept under it; a write that
+        commits meanwhile bumps it after its commit, so a result that may predate the write
+        is never served. PostgreSQL may have other writers (replicas): never cached there."""
+        if self._pg:
+            return compute()
+        with self._generation_lock:
+            generation = self._generation
+        hit = self._read_cache.get(key)
+        if hit is not None and hit[0] == generation:
+            return hit[1]  # type: ignore[no-any-return]
+        value = compute()
+        self._read_cache[key] = (generation, value)
+        return value
 
     def _read(self, fn: Callable[[Connection], _T], what: str) -> _T:
         """Runs ``fn`` in one read-only snapshot (several statements see the same data)."""
@@ -931,7 +960,8 @@ class SqlIndex:
             # (image_id, tag) is the primary key: one final label per image at most.
             return DatastoreStatus(total=total, completed=tags.get(DEFAULT_TAG_FINAL, 0), label_tags=tags)
 
-        return self._read(tx, "status")
+        status = self._cached(("status", hidden_id_prefix, hidden_info_key), lambda: self._read(tx, "status"))
+        return DatastoreStatus(status.total, status.completed, dict(status.label_tags))
 
     # ------------------------------------------------------------------ scores
 
@@ -1559,7 +1589,8 @@ class SqlIndex:
             body = ",".join(conn.execute(q).scalars())
             return (head + body + "}}").encode()
 
-        return self._read(tx, "export_monailabel_json")
+        key = ("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key)
+        return self._cached(key, lambda: self._read(tx, "export_monailabel_json"))
 
     def bulk_import(
         self, images: Iterable[ImageImport], labels: Iterable[LabelImport] = (), *, now: Now = None
