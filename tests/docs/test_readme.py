@@ -167,6 +167,14 @@ def test_readme_block_runs(block: Block, stack: Stack, folder: Path, tmp_path: P
         )
 
 
+def test_make_run_is_labelgrid_up_with_the_sample_studies() -> None:
+    """What the README says `make run` does, from what make would run (`make -n`, nothing runs)."""
+    planned = subprocess.run(["make", "-n", "run"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert planned.returncode == 0, planned.stdout
+    last = planned.stdout.strip().splitlines()[-1]
+    assert re.search(r"/labelgrid up --studies var/studies --sample-studies --port 8000$", last), last
+
+
 def test_the_up_line_is_what_labelgrid_prints(stack: Stack) -> None:
     """The README quotes the line `labelgrid up` prints when it is ready ("..." elides)."""
     quoted = [block for block in BLOCKS if block.lang == "text" and block.code.lstrip().startswith(UP)]
