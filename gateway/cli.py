@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import getpass
+import ipaddress
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,6 +34,8 @@ from labelgrid.client.cli import run as run_sdk_command
 
 from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 from gateway.preflight import port_problems, stack_ports
+from services.common.auth import ROLES, USER, Identity, UsersFile, issue_access_token, new_signing_key
+from services.common.errors import InvalidArgument
 
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
@@ -58,12 +63,12 @@ def grpc_serving(address: str) -> Callable[[], bool]:
     return check
 
 
-def http_ok(url: str) -> Callable[[], bool]:
-    """Ready check: `url` answers 200."""
+def http_ok(url: str, headers: Callable[[], dict[str, str]] | None = None) -> Callable[[], bool]:
+    """Ready check: `url` answers 200 (sent with `headers()`, e.g. the supervisor's token)."""
 
     def check() -> bool:
         try:
-            return httpx.get(url, timeout=5.0).status_code == 200
+            return httpx.get(url, timeout=5.0, headers=headers() if headers else None).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -96,8 +101,11 @@ class Child:
     Its output goes to ours, each line prefixed with its name.
     """
 
-    def __init__(self, name: str, argv: list[str], ready: Callable[[], bool], say: Say) -> None:
+    def __init__(
+        self, name: str, argv: list[str], ready: Callable[[], bool], say: Say, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.argv, self.ready, self.say = name, argv, ready, say
+        self.env = env or {}  # added to ours (secrets go here, never into argv)
         self.proc: subprocess.Popen[str] | None = None
         self.started_at = 0.0
         self.restarts = 0
@@ -109,7 +117,7 @@ class Child:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
@@ -233,6 +241,66 @@ class Ports:
     activelearning: int = 50054
 
 
+@dataclass
+class StackAuth:
+    """Auth of a `labelgrid up` stack: on with --auth-users or LABELGRID_AUTH_TOKENS /
+    LABELGRID_AUTH_SIGNING_KEY in the environment. The signing key is generated for this run
+    unless given, and every service gets its own random service token (passed in env, not argv)."""
+
+    signing_key: str | None = None
+    static_tokens: tuple[str, ...] = ()
+    service_tokens: dict[str, str] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.signing_key or self.static_tokens)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StackAuth:
+        key = os.environ.get("LABELGRID_AUTH_SIGNING_KEY") or None
+        raw_tokens = os.environ.get("LABELGRID_AUTH_TOKENS")
+        tokens = tuple(token.strip() for token in (raw_tokens or "").split(",") if token.strip())
+        if raw_tokens is not None and not tokens:
+            raise SystemExit("LABELGRID_AUTH_TOKENS is set but empty: refusing to start with auth silently off")
+        if getattr(args, "auth_users", None):
+            users = UsersFile.load(args.auth_users)  # InvalidArgument: reported by main()
+            if not users.users:
+                raise SystemExit(f"users file {str(args.auth_users)!r} has no users: refusing to start")
+            key = key or new_signing_key()
+        if not key and not tokens:
+            return cls()
+        services = {name: secrets.token_urlsafe(32) for name in ("gateway", "inference", "training", "activelearning")}
+        return cls(key, tokens, services)
+
+    def env_for(self, service: str) -> dict[str, str]:
+        if not self.enabled or self.service_tokens is None:
+            return {}
+        env = {"LABELGRID_AUTH_SERVICES": ",".join(f"{name}={token}" for name, token in self.service_tokens.items())}
+        if self.signing_key:
+            env["LABELGRID_AUTH_SIGNING_KEY"] = self.signing_key
+        if service in self.service_tokens:
+            env["LABELGRID_AUTH_SERVICE_TOKEN"] = self.service_tokens[service]
+        return env
+
+    def check_headers(self) -> dict[str, str]:
+        """What the supervisor's own checks send: a short access token of its own (user role)."""
+        if self.signing_key:
+            identity = Identity("labelgrid-up", frozenset({USER}))
+            return {"authorization": f"Bearer {issue_access_token(identity, self.signing_key, 60)}"}
+        if self.static_tokens:
+            return {"authorization": f"Bearer {self.static_tokens[0]}"}
+        return {}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     """The six children, wired to each other's loopback ports."""
     ports = Ports(
@@ -276,6 +344,9 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         "--training-address", training_address, "--activelearning-address", activelearning_address,
         "--log-file", str(stack_log_file(work)),
     ]  # fmt: skip
+    stack_auth = StackAuth.from_args(args)
+    if args.auth_users:
+        gateway_argv += ["--auth-users-file", str(Path(args.auth_users).resolve())]
     envoy_config = write_bootstrap(
         EnvoySettings(
             host=args.host,
@@ -290,13 +361,17 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         ),
         work / "envoy.json",
     )
+    env = stack_auth.env_for
     groups = [
-        [Child("datastore", datastore_argv, grpc_serving(datastore_address), say)],
+        [Child("datastore", datastore_argv, grpc_serving(datastore_address), say, env("datastore"))],
         [
-            Child("inference", inference_argv, grpc_serving(inference_address), say),
-            Child("training", training_argv, grpc_serving(training_address), say),
-            Child("activelearning", activelearning_argv, grpc_serving(activelearning_address), say),
-            Child("gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/"), say),
+            Child("inference", inference_argv, grpc_serving(inference_address), say, env("inference")),
+            Child("training", training_argv, grpc_serving(training_address), say, env("training")),
+            Child("activelearning", activelearning_argv, grpc_serving(activelearning_address), say, env("activelearning")),
+            Child(
+                "gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/", stack_auth.check_headers),
+                say, env("gateway"),
+            ),  # fmt: skip
             Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
         ],
     ]
@@ -347,6 +422,16 @@ def up(args: argparse.Namespace) -> int:
         return 1
     if args.sample_studies and args.backend == "local":
         subprocess.run([sys.executable, "-m", "services.datastore.sample_studies", str(args.studies)], check=True)
+    if not is_loopback(args.host) and not StackAuth.from_args(args).enabled:
+        for line in (
+            "!" * 78,
+            f"WARNING: listening on {args.host} (not loopback) WITHOUT AUTH: anyone who can reach",
+            "this port can read, change and delete every image, label and model.",
+            "Add users (labelgrid users add NAME --role ROLE --users-file FILE) and start with",
+            "--auth-users FILE, or set LABELGRID_AUTH_TOKENS.",
+            "!" * 78,
+        ):
+            say(line)
     supervisor, ports = build_stack(args, say)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -402,14 +487,50 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--log-level", default="INFO")
     run.add_argument("--access-log", action="store_true", help="Envoy logs every request")
+    run.add_argument(
+        "--auth-users", type=Path, default=None, metavar="FILE",
+        help="turn auth on with the users of FILE (labelgrid users add); signing key: env "
+        "LABELGRID_AUTH_SIGNING_KEY, else generated for this run",
+    )  # fmt: skip
+    users = commands.add_parser("users", help="manage the built-in users of a users file")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="add or replace a user; the password is read from standard input")
+    add.add_argument("name")
+    add.add_argument("--role", action="append", required=True, choices=ROLES, help="a role (repeat for more)")
+    add.add_argument("--users-file", type=Path, required=True, metavar="FILE")
+    add.add_argument("--email", default=None)
+    add.add_argument("--full-name", default=None)
     add_sdk_commands(commands)  # the SDK's: models, images, labels, infer, next-sample
     return parser
 
 
+def users_add(args: argparse.Namespace) -> int:
+    """`labelgrid users add`: the password comes from stdin (one line; a terminal is asked twice)."""
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    path = Path(args.users_file)
+    users = UsersFile.load(path) if path.exists() else UsersFile()
+    users.add(args.name, password, args.role, email=args.email, name=args.full_name)
+    users.save(path)
+    print(f"user {args.name} ({', '.join(args.role)}) written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "up":
-        sys.exit(up(args))
+    try:
+        if args.command == "up":
+            sys.exit(up(args))
+        if args.command == "users":
+            sys.exit(users_add(args))
+    except InvalidArgument as err:
+        print(f"labelgrid: {err.message}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(run_sdk_command(args))
 
 

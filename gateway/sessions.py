@@ -73,7 +73,7 @@ async def put_record(ctx: Ctx, session: Session) -> None:
             name=_record_name(session.session_id), data=to_struct(session.data)
         ),
         timeout=ctx.timeout,
-        metadata=ctx.metadata,
+        metadata=ctx.service_metadata,
     )
 
 
@@ -90,7 +90,7 @@ async def delete_session(ctx: Ctx, session: Session) -> None:
         ),
     ):
         try:
-            await call(request, timeout=ctx.timeout, metadata=ctx.metadata)
+            await call(request, timeout=ctx.timeout, metadata=ctx.service_metadata)
         except grpc.aio.AioRpcError as err:
             if err.code() is not grpc.StatusCode.NOT_FOUND:
                 raise
@@ -104,7 +104,7 @@ async def get_session(ctx: Ctx, session_id: str) -> Session | None:
         ctx.clients.datastore.GetRecord(
             ds_pb.GetRecordRequest(name=_record_name(session_id)),
             timeout=ctx.timeout,
-            metadata=ctx.metadata,
+            metadata=ctx.service_metadata,
         )
     )
     if response is None:
@@ -126,7 +126,7 @@ async def live_sessions(ctx: Ctx) -> list[Session]:
                 parent=f"records/{RECORD_KIND}", page_size=1000, page_token=token
             ),
             timeout=ctx.timeout,
-            metadata=ctx.metadata,
+            metadata=ctx.service_metadata,
         )
         for record in response.records:
             sessions.append(Session(record.record_id, struct_to_dict(record.data)))

@@ -1,55 +1,114 @@
 """MONAI Label's /auth router. Public and cheap: Slicer calls GET /auth/ before every action.
 
 With auth off MONAI Label has no such route (404); clients read any non-200 as "off", so
-answering 200 with `enabled: false` is equivalent and cheaper to reason about. With auth on
-the gateway checks the bearer token against the configured tokens and passes it on to the
-gRPC services, which check it again.
+answering 200 with `enabled: false` is equivalent and cheaper to reason about. With auth on,
+`POST /auth/token` logs a built-in user in (the users file `labelgrid users add` writes) and
+answers a signed access token (services.common.auth); `GET /auth/token/valid` answers the
+token's user as MONAI Label's `User.model_dump()`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Form, Request
 
+from gateway.auth import audit, bearer
 from gateway.errors import GatewayError
+from services.common.auth import ANONYMOUS_ADMIN, Authenticator, UsersFile, issue_access_token
 
 router = APIRouter(prefix="/auth", tags=["Auth"])
+log = logging.getLogger("labelgrid.gateway.auth")
 
-CLIENT_ID = "monai-label"
-DEFAULT_USER = {
-    "username": "admin",
-    "email": "admin@monailabel.com",
-    "name": "UNK",
-    "roles": [],
-}
+_UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+_MAX_FIELD = 1024
 
 
-@router.get("/", summary="Check If Auth Is Enabled")
+@router.get("/", summary="Check If Auth is Enabled")
 async def auth_enabled(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
     return {
-        "enabled": request.app.state.settings.auth_enabled,
-        "client_id": CLIENT_ID,
-        "realm": "",
+        "enabled": settings.auth_enabled,
+        "client_id": settings.auth_client_id,
+        "realm": settings.auth_realm,
     }
 
 
-@router.post("/token", summary="Fetch Token")
-async def auth_token() -> None:
-    raise GatewayError(
-        501,
-        "token login is not available yet in labelgrid; use a configured bearer token",
-    )
+class _Users:
+    """The users file, read again when it changes (a `labelgrid users add` needs no restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._users = UsersFile()
+
+    def get(self) -> UsersFile:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return self._users  # gone or unreadable: keep the users it had
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            try:
+                self._users = UsersFile.load(self.path)
+                self._stamp = stamp
+            except Exception:  # noqa: BLE001 - a half-edited file: keep the last good users
+                log.warning("users file %s is not valid; keeping the previous users", self.path, exc_info=True)
+        return self._users
 
 
-@router.get("/token/valid", summary="Check If Token Is Valid")
-async def token_valid(request: Request) -> dict[str, Any]:
+def _users(request: Request) -> UsersFile | None:
+    settings = request.app.state.settings
+    if settings.auth_users_file is None:
+        return None
+    holder = getattr(request.app.state, "auth_users", None)
+    if holder is None:
+        holder = request.app.state.auth_users = _Users(settings.auth_users_file)
+    return holder.get()
+
+
+@router.post("/token", summary="Fetch new access code/token")
+async def access_token(
+    request: Request,
+    username: Annotated[str, Form(max_length=_MAX_FIELD)],
+    password: Annotated[str, Form(max_length=_MAX_FIELD)],
+    grant_type: Annotated[str | None, Form(pattern="^password$")] = None,
+) -> dict[str, Any]:
     settings = request.app.state.settings
     if not settings.auth_enabled:
-        return DEFAULT_USER
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in settings.auth_tokens:
+        return {"access_token": None, "token_type": None}
+    users = _users(request)
+    if users is None or not settings.auth_signing_key:
         raise GatewayError(
-            401, "Could not validate credentials", {"WWW-Authenticate": "Bearer"}
+            400, "this server has no built-in users (auth uses configured tokens); send a bearer token instead"
         )
-    return {**DEFAULT_USER, "username": "token-user"}
+    # argon2 is deliberately slow: off the event loop.
+    identity = await asyncio.to_thread(users.verify, username, password)
+    if identity is None:
+        log.warning("login failed", extra={"user": username[:200]})
+        raise GatewayError(401, "Incorrect username or password", _UNAUTHORIZED)
+    audit(identity, "POST", "/auth/token", "", 200)
+    token = issue_access_token(identity, settings.auth_signing_key, settings.auth_token_ttl_seconds)
+    # MONAI Label's response_model Token: exactly these two fields.
+    return {"access_token": token, "token_type": "Bearer"}
+
+
+@router.get("/token/valid", summary="Check If current token is Valid")
+async def valid_token(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
+    if not settings.auth_enabled:
+        return ANONYMOUS_ADMIN.as_user()
+    token = bearer(dict(request.scope.get("headers") or []))
+    if token is None:
+        raise GatewayError(401, "Not authenticated", _UNAUTHORIZED)
+    authenticator = getattr(request.app.state, "authenticator", None)
+    if authenticator is None:
+        authenticator = request.app.state.authenticator = Authenticator.from_settings(settings)
+    identity = authenticator.authenticate(token)
+    if identity is None:
+        raise GatewayError(401, "Could not validate credentials", _UNAUTHORIZED)
+    return identity.as_user()

@@ -18,6 +18,7 @@ from labelgrid.common.v1 import common_pb2
 from gateway.clients import Download, GrpcClients
 from gateway.errors import GatewayError
 from gateway.settings import GatewaySettings
+from services.common.auth import ANONYMOUS_ADMIN, Identity
 
 # The datastore's id rule (letters, digits, '.', '_', '-'; no leading '.'; no '..'); checked
 # here too so a path-like id is a 400 before any call, and never becomes part of a resource
@@ -38,6 +39,11 @@ class Ctx:
     clients: GrpcClients
     settings: GatewaySettings
     metadata: tuple[tuple[str, str], ...]
+    # The gateway's own service token, for what it stores as itself (sessions); falls back to
+    # the caller's metadata when no service token is configured.
+    service_metadata: tuple[tuple[str, str], ...] = ()
+    # Who is calling (set by gateway.auth.AuthMiddleware; MONAI Label's "admin" with auth off).
+    identity: Identity = ANONYMOUS_ADMIN
 
     @property
     def timeout(self) -> float:
@@ -45,10 +51,15 @@ class Ctx:
 
 
 def get_ctx(request: Request) -> Ctx:
-    """The clients live on app.state (opened by the lifespan); the bearer token is passed on."""
+    """The clients live on app.state (opened by the lifespan); the caller's bearer token is
+    passed on, so the services check the caller's own roles. A request the auth middleware let
+    in without one (a signed download link) reaches the services as the gateway itself."""
+    settings: GatewaySettings = request.app.state.settings
+    service = (("authorization", f"Bearer {settings.service_token}"),) if settings.service_token else ()
     auth = request.headers.get("authorization")
-    metadata = (("authorization", auth),) if auth else ()
-    return Ctx(request.app.state.clients, request.app.state.settings, metadata)
+    metadata = (("authorization", auth),) if auth else service
+    identity = getattr(request.state, "identity", None) or ANONYMOUS_ADMIN
+    return Ctx(request.app.state.clients, settings, metadata, service or metadata, identity)
 
 
 CtxDep = Depends(get_ctx)

@@ -181,6 +181,8 @@ async def _add_image(
     info = parse_json_field(params, "params")
     file_name = _refuse_empty(file, "image")
     image_id = check_user_image_id(image if image else _id_from_file_name(file_name))
+    if ctx.settings.auth_enabled:  # the authenticated user, not what the client says
+        info["user"] = ctx.identity.username
     info.setdefault("user", DEFAULT_USER)
     header = ds_pb.UploadImageHeader(
         image_id=image_id,
@@ -297,7 +299,7 @@ async def update_image_info(
     image: str = Query(...), info: str = Form(...), ctx: Ctx = CtxDep
 ) -> None:
     values = parse_json_field(info, "info")
-    values["user"] = DEFAULT_USER
+    values["user"] = ctx.identity.username  # "admin" (DEFAULT_USER) with auth off
     await ctx.clients.datastore.UpdateImageInfo(
         ds_pb.UpdateImageInfoRequest(name=image_name(image), info=to_struct(values)),
         timeout=ctx.timeout,
@@ -319,6 +321,8 @@ async def save_label(
     tag = tag or "final"
     name = label_name(image, tag)  # checks both before reading anything
     info = parse_json_field(params, "params")
+    if ctx.settings.auth_enabled:  # who saved it: the authenticated user (audit)
+        info["user"] = ctx.identity.username
     file_name = _refuse_empty(label, "label")
     header = ds_pb.UploadLabelHeader(
         image=name.rsplit("/labels/", 1)[0],
@@ -398,7 +402,7 @@ async def _update_label_info(
     ctx: Ctx, label: str, tag: str, info: str, field: str
 ) -> None:
     values = parse_json_field(info, field)
-    values["user"] = DEFAULT_USER
+    values["user"] = ctx.identity.username  # "admin" (DEFAULT_USER) with auth off
     await ctx.clients.datastore.UpdateLabelInfo(
         ds_pb.UpdateLabelInfoRequest(
             name=label_name(label, tag), info=to_struct(values)

@@ -151,11 +151,10 @@ def _reason(err: httpx.HTTPError) -> str:
 
 def _check_caller(request: Request) -> None:
     """With auth on, the proxy (which adds the PACS credentials) is for token holders only."""
+    # gateway.auth.AuthMiddleware authenticated the caller and checked the route's role
+    # (monailabel-user) before this ran; it leaves the identity here. Defence in depth.
     settings = request.app.state.settings
-    if not settings.auth_enabled:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in settings.auth_tokens:
+    if settings.auth_enabled and getattr(request.state, "identity", None) is None:
         raise GatewayError(401, "Could not validate credentials", {"WWW-Authenticate": "Bearer"})
 
 

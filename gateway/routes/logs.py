@@ -127,11 +127,10 @@ _PAGE = """<!DOCTYPE html>
 def _check_token(request: Request) -> None:
     """Logs are for admins in MONAI Label; with auth on, a configured bearer token is needed
     (no gRPC service is called for /logs/ that would check it)."""
+    # gateway.auth.AuthMiddleware authenticated the caller and checked monailabel-admin before
+    # this ran; it leaves the identity here. Defence in depth.
     settings = request.app.state.settings
-    if not settings.auth_enabled:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in settings.auth_tokens:
+    if settings.auth_enabled and getattr(request.state, "identity", None) is None:
         raise GatewayError(401, "Could not validate credentials", {"WWW-Authenticate": "Bearer"})
 
 

@@ -72,7 +72,7 @@ async def _upload_session_image(
         size_bytes=size,
     )
     await ctx.clients.datastore.UploadImage(
-        upload_stream(ds_pb.UploadImageRequest, header, source), metadata=ctx.metadata
+        upload_stream(ds_pb.UploadImageRequest, header, source), metadata=ctx.service_metadata
     )
 
 
@@ -154,7 +154,7 @@ async def get_session(
         name = f"images/{session.image_id}"
         download = await open_download(
             lambda: ctx.clients.datastore.DownloadImage(
-                ds_pb.DownloadImageRequest(name=name), metadata=ctx.metadata
+                ds_pb.DownloadImageRequest(name=name), metadata=ctx.service_metadata
             )
         )
         return file_response(download, session.data.get("file_name") or None)

@@ -26,6 +26,8 @@ import grpc
 from grpc.aio import AbortError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.auth import ROLES, Authenticator, Identity, current_identity
+from services.common.auth_methods import denial
 from services.common.errors import ErrorKind, LabelgridError
 from services.common.grpc_errors import PROMETHEUS_CODE_LABEL, rich_status, to_status
 
@@ -329,11 +331,32 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 
 
 class AuthInterceptor(WrappingInterceptor):
-    """Requires a valid bearer token on every RPC but health checks and reflection."""
+    """Requires a valid bearer token on every RPC but health checks and reflection, and the
+    caller's right to the method (services.common.auth_methods: MONAI Label's role for a user,
+    the named services for a service token).
 
-    def __init__(self, check: TokenCheck, public_prefixes: Sequence[str] = PUBLIC_METHOD_PREFIXES):
+    `check` is either an `Authenticator` (token -> Identity or None) or a plain token check
+    (token -> bool, possibly awaitable), whose accepted tokens act as admins. The identity of an
+    accepted call is in `services.common.auth.current_identity` while its handler runs.
+    """
+
+    def __init__(
+        self,
+        check: TokenCheck | Authenticator,
+        public_prefixes: Sequence[str] = PUBLIC_METHOD_PREFIXES,
+        enforce_roles: bool = True,
+    ):
         self.check = check
         self.public_prefixes = tuple(public_prefixes)
+        self.enforce_roles = enforce_roles
+
+    async def _identify(self, token: str) -> Identity | None:
+        if isinstance(self.check, Authenticator):
+            return self.check.authenticate(token)
+        verdict = self.check(token)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return Identity("token-user", frozenset(ROLES)) if verdict else None
 
     async def intercept_service(
         self,
@@ -341,25 +364,50 @@ class AuthInterceptor(WrappingInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self.public_prefixes):
+        method = handler_call_details.method
+        if handler is None or method.startswith(self.public_prefixes):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token", "UNAUTHENTICATED"))
         try:
-            verdict = self.check(token)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
+            identity = await self._identify(token)
         except LabelgridError as error:
             # A check may say why (e.g. Unavailable while its key set cannot be fetched).
             return _rejecting(handler, to_status(error))
         except Exception:
             # Raised here, it would reach the client as UNKNOWN with its text, uncounted.
-            log.exception("token check failed", extra={"method": handler_call_details.method})
+            log.exception("token check failed", extra={"method": method})
             return _rejecting(handler, rich_status(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE, "SERVER_ERROR"))
-        if verdict:
-            return handler
-        return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token", "UNAUTHENTICATED"))
+        if identity is None:
+            return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token", "UNAUTHENTICATED"))
+        why = denial(identity, method) if self.enforce_roles else None
+        if why is not None:
+            log.warning("rpc denied", extra={"method": method, "user": identity.username, "why": why})
+            return _rejecting(handler, rich_status(grpc.StatusCode.PERMISSION_DENIED, why, "PERMISSION_DENIED"))
+        return _as_identity(handler, identity)
+
+
+def _as_identity(handler: grpc.RpcMethodHandler, identity: Identity) -> grpc.RpcMethodHandler:
+    """`handler`, run with `current_identity` set to `identity` (its own task: no leak to others)."""
+    behavior = _behavior_of(handler)
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            current_identity.set(identity)
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return _with_behavior(handler, stream)
+    if inspect.iscoroutinefunction(behavior):
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            current_identity.set(identity)
+            return await behavior(request, context)
+
+        return _with_behavior(handler, call)
+    return handler
 
 
 def _rejecting(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
@@ -425,13 +473,19 @@ class ErrorInterceptor(WrappingInterceptor):
 
 
 def server_interceptors(
-    metrics: ServerMetrics, auth_tokens: Sequence[str] = (), token_check: TokenCheck | None = None
+    metrics: ServerMetrics,
+    auth_tokens: Sequence[str] = (),
+    token_check: TokenCheck | None = None,
+    authenticator: Authenticator | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptor chain in its order: metrics, auth (if tokens or a check are given), errors."""
+    """The interceptor chain in its order: metrics, auth (if an authenticator, tokens or a check
+    are given), errors. A plain `token_check` (tests, custom checks) authenticates without roles."""
     chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
-    if token_check is None and auth_tokens:
-        token_check = static_token_check(auth_tokens)
     if token_check is not None:
-        chain.append(AuthInterceptor(token_check))
+        chain.append(AuthInterceptor(token_check, enforce_roles=False))
+    elif authenticator is not None:
+        chain.append(AuthInterceptor(authenticator))
+    elif auth_tokens:
+        chain.append(AuthInterceptor(Authenticator(static_tokens=auth_tokens)))
     chain.append(ErrorInterceptor())
     return chain

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from services.common.auth import Authenticator
 from services.common.interceptors import RpcInfo, ServerMetrics, TokenCheck, server_interceptors
 from services.common.settings import ServiceSettings
 
@@ -82,7 +83,10 @@ class GrpcService:
         if self._server is not None:
             raise RuntimeError("the service is already started")
         server = grpc.aio.server(
-            interceptors=server_interceptors(self.metrics, settings.auth_tokens, self.token_check),
+            interceptors=server_interceptors(
+                self.metrics, token_check=self.token_check,
+                authenticator=Authenticator.from_settings(settings) if settings.auth_enabled else None,
+            ),  # fmt: skip
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -122,7 +126,7 @@ class GrpcService:
                 "metrics_host": settings.metrics_host,
                 "metrics_port": self.metrics_port,
                 "services": self.service_names,
-                "auth": bool(settings.auth_tokens or self.token_check),
+                "auth": bool(settings.auth_enabled or self.token_check),
             },
         )
 

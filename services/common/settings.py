@@ -19,6 +19,7 @@ import pydantic
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.auth import check_signing_key, parse_service_credentials
 from services.common.chunks import CHUNK_SIZE
 
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
@@ -50,17 +51,57 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = 10.0
     # Largest gRPC message either way; chunks are at most 1 MiB, so this is headroom.
     max_message_bytes: int = 8 * 1024 * 1024
-    # Bearer tokens accepted in `authorization` metadata; empty turns auth off.
+    # Auth (services.common.auth). Static bearer tokens, each an admin (older deployments).
     auth_tokens: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
+    # HS256 key of the access tokens the gateway issues to built-in users (at least 32 bytes).
+    auth_signing_key: str | None = None
+    # Service identities every server accepts: name=token entries (gateway, inference, ...).
+    auth_services: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
+    # The token this service sends to the datastore (its own entry of auth_services).
+    auth_service_token: str | None = None
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "auth_services", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
-        return _split_list(value)
+        """Fail closed: a value that is given but holds no token (an empty Secret, `tokens: [""]`)
+        refuses to start instead of silently turning auth off; only a real empty list is "off"."""
+        items = _split_list(value)
+        if not isinstance(items, list):
+            return items
+        kept = [item for item in items if not isinstance(item, str) or item.strip()]
+        if (isinstance(value, str) or items) and not kept:
+            raise ValueError("is set but empty: refusing to start with auth silently off")
+        return kept
+
+    @field_validator("auth_service_token", mode="after")
+    @classmethod
+    def _check_service_token(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is set but empty: refusing to start with auth silently off")
+        return value
+
+    @field_validator("auth_signing_key", mode="after")
+    @classmethod
+    def _check_signing_key(cls, value: str | None) -> str | None:
+        return None if value is None else check_signing_key(value)
+
+    @field_validator("auth_services", mode="after")
+    @classmethod
+    def _check_services(cls, value: list[str]) -> list[str]:
+        parse_service_credentials(value)
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Auth is on when static tokens, a signing key or service credentials are configured."""
+        return bool(self.auth_tokens or self.auth_signing_key or self.auth_services)
 
     @property
     def service_token(self) -> str:
-        """The token this service sends to the others (the first accepted one; empty with auth off)."""
+        """The token this service sends to the others: its own service token, else the first
+        static token (older deployments); empty with auth off."""
+        if self.auth_service_token:
+            return self.auth_service_token
         return self.auth_tokens[0] if self.auth_tokens else ""
 
     # Bounds are validators rather than Field(ge=...): a subclass that re-declares a field with

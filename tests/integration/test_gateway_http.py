@@ -103,7 +103,7 @@ def test_cors_echoes_origin_with_credentials(http: httpx.Client) -> None:
 def test_auth_route_is_public_and_off(http: httpx.Client) -> None:
     assert http.get("/auth/").json() == {
         "enabled": False,
-        "client_id": "monai-label",
+        "client_id": "monailabel-app",
         "realm": "",
     }
     assert http.get("/auth/token/valid").status_code == 200

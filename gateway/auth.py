@@ -1,0 +1,246 @@
+"""The gateway's auth: MONAI Label's per-route roles, checked before a request body is read.
+
+`AuthMiddleware` is a plain ASGI middleware inside CORS: it finds the route a request is for,
+authenticates the bearer token (services.common.auth) and checks MONAI Label's role for the
+route, all before the app reads any byte of the body, so an unauthenticated upload is refused
+without being received. Answers are MONAI Label's: 401 `{"detail": "Not authenticated"}` (no
+token) or `{"detail": "Could not validate credentials"}` with `WWW-Authenticate: Bearer`, and
+403 `{"detail": "Role \"...\" is required to perform this action"}`.
+
+The caller's identity goes into `request.state.identity`; the gateway forwards the caller's
+own token to the gRPC services, which check the same roles per method. Mutating requests are
+written to the structured audit log (logger `labelgrid.audit`) with the authenticated user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.settings import GatewaySettings
+from services.common.auth import (
+    ADMIN,
+    ANNOTATOR,
+    ANONYMOUS_ADMIN,
+    USER,
+    Authenticator,
+    Identity,
+    TokenError,
+    verify_download_token,
+)
+
+audit_log = logging.getLogger("labelgrid.audit")
+
+PUBLIC = "public"
+"""Open without a token: the docs, /auth/ and the login (MONAI Label's `-`)."""
+AUTHENTICATED = "authenticated"
+"""Any valid token (GET /auth/token/valid checks it itself, as MONAI Label's does)."""
+
+ROUTE_ROLES: dict[tuple[str, str], str] = {
+    # Public, as in MONAI Label.
+    ("GET", "/"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/auth/"): PUBLIC,
+    ("POST", "/auth/token"): PUBLIC,
+    ("GET", "/auth/token/valid"): PUBLIC,
+    # monailabel-user
+    ("GET", "/info/"): USER,
+    ("POST", "/infer/{model}"): USER,
+    ("POST", "/infer/wsi/{model}"): USER,
+    ("POST", "/infer/wsi_v2/{model}"): USER,
+    ("GET", "/batch/infer"): USER,
+    ("GET", "/train/"): USER,
+    ("POST", "/activelearning/{strategy}"): USER,
+    ("GET", "/scoring/"): USER,
+    ("GET", "/datastore/"): USER,
+    ("HEAD", "/datastore/image"): USER,
+    ("GET", "/datastore/image"): USER,
+    ("GET", "/datastore/image/info"): USER,
+    ("HEAD", "/datastore/label"): USER,
+    ("GET", "/datastore/label"): USER,
+    ("GET", "/datastore/label/info"): USER,
+    ("GET", "/ohif"): USER,
+    ("GET", "/ohif/{path:path}"): USER,
+    ("GET", "/proxy/dicom/{op}/{path:path}"): USER,
+    ("POST", "/proxy/dicom/{op}/{path:path}"): USER,
+    ("GET", "/proxy/dicom/{path}"): USER,
+    ("POST", "/proxy/dicom/{path}"): USER,
+    ("GET", "/session/{session_id}"): USER,
+    ("PUT", "/session/"): USER,
+    ("DELETE", "/session/{session_id}"): USER,
+    # monailabel-annotator
+    ("PUT", "/model/{model}"): ANNOTATOR,
+    ("DELETE", "/model/{model}"): ANNOTATOR,
+    ("POST", "/scoring/"): ANNOTATOR,
+    ("POST", "/scoring/{method}"): ANNOTATOR,
+    ("DELETE", "/scoring/"): ANNOTATOR,
+    ("PUT", "/datastore/image"): ANNOTATOR,
+    ("PUT", "/datastore/"): ANNOTATOR,
+    ("PUT", "/datastore/image/info"): ANNOTATOR,
+    ("PUT", "/datastore/label"): ANNOTATOR,
+    ("PUT", "/datastore/label/info"): ANNOTATOR,
+    ("PUT", "/datastore/updatelabelinfo"): ANNOTATOR,
+    ("GET", "/datastore/dataset"): ANNOTATOR,
+    # monailabel-admin
+    ("GET", "/model/{model}"): ADMIN,
+    ("GET", "/model/info/{model}"): ADMIN,
+    ("POST", "/batch/infer/{model}"): ADMIN,
+    ("DELETE", "/batch/infer"): ADMIN,
+    ("POST", "/train/"): ADMIN,
+    ("POST", "/train/{model}"): ADMIN,
+    ("DELETE", "/train/"): ADMIN,
+    ("DELETE", "/datastore/image"): ADMIN,
+    ("DELETE", "/datastore/"): ADMIN,
+    ("DELETE", "/datastore/label"): ADMIN,
+    ("GET", "/logs/"): ADMIN,
+    ("GET", "/logs/gpu"): ADMIN,
+    ("POST", "/reload"): ADMIN,  # public in MONAI Label, which reloads the app there
+}
+"""MONAI Label 0.8.5's role per route (monailabel-api-routes.md §2, `RBAC(...)` in its endpoints).
+A route of the app missing here needs the admin role (tests/integration/test_auth.py lists them)."""
+
+DOWNLOAD_ROUTE = "/datastore/image"
+"""Takes a signed `?token=` instead of a bearer token (Slicer's download sends no header)."""
+
+_AUDITED_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    pattern = ""
+    for part in re.split(r"(\{[^}]+\})", template):
+        if part.startswith("{"):
+            pattern += ".*" if part.endswith(":path}") else "[^/]+"
+        else:
+            pattern += re.escape(part)
+    return re.compile(f"^{pattern}$")
+
+
+def route_table(app_templates: list[str]) -> list[tuple[re.Pattern[str], str]]:
+    """(regex, template) for the app's routes, in routing order, deduplicated."""
+    return [(_compile(template), template) for template in dict.fromkeys(app_templates)]
+
+
+def required_role(method: str, template: str) -> str:
+    role = ROUTE_ROLES.get((method, template))
+    if role is None and method == "HEAD":
+        role = ROUTE_ROLES.get(("GET", template))
+    return role if role is not None else ADMIN
+
+
+def bearer(headers: dict[bytes, bytes]) -> str | None:
+    value = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def _answer(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """Authenticates and authorizes every HTTP request before the app (and its body parsing)."""
+
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, templates: Any) -> None:
+        self.app = app
+        self.settings = settings
+        self.enabled = settings.auth_enabled
+        self.authenticator = Authenticator.from_settings(settings) if self.enabled else None
+        self._templates_source = templates
+        self._routes: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _match(self, path: str) -> str | None:
+        if self._routes is None:
+            self._routes = route_table(self._templates_source())
+        for regex, template in self._routes:
+            if regex.match(path):
+                return template
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if not self.enabled:
+            state["identity"] = ANONYMOUS_ADMIN
+            await self.app(scope, receive, send)
+            return
+        method = scope.get("method", "GET").upper()
+        path = scope.get("path", "")
+        template = self._match(path)
+        # A path no route has: any valid token gets the router's 404 / redirect.
+        role = required_role(method, template) if template is not None else None
+        if role == PUBLIC or method == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        identity = self._identify(headers, scope, template)
+        if identity is None:
+            detail = "Not authenticated" if bearer(headers) is None else "Could not validate credentials"
+            await _answer(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+            return
+        if role is not None and role != AUTHENTICATED and not identity.has_role(role):
+            await _answer(send, 403, f'Role "{role}" is required to perform this action')
+            return
+        state["identity"] = identity
+        if method not in _AUDITED_METHODS:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            audit(identity, method, template or path, scope.get("query_string", b"").decode("latin-1"), status)
+
+    def _identify(self, headers: dict[bytes, bytes], scope: Scope, template: str | None) -> Identity | None:
+        assert self.authenticator is not None
+        token = bearer(headers)
+        if token is not None:
+            return self.authenticator.authenticate(token)
+        if template == DOWNLOAD_ROUTE and self.settings.auth_signing_key:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            signed, image = query.get("token", [""])[-1], query.get("image", [""])[-1]
+            if signed and image:
+                try:
+                    username = verify_download_token(signed, image, self.settings.auth_signing_key)
+                except TokenError:
+                    return None
+                return Identity(username, frozenset({USER}))
+        return None
+
+
+def audit(identity: Identity, method: str, route: str, query: str, status: int) -> None:
+    """One structured record per change: who (authenticated, not the client's client_id), what, result."""
+    audit_log.info(
+        "audit",
+        extra={
+            "user": identity.username,
+            "service": identity.service,
+            "method": method,
+            "route": route,
+            "query": query[:500],
+            "status": status,
+        },
+    )

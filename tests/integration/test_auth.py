@@ -1,0 +1,394 @@
+"""Auth with built-in users, MONAI Label's roles and service identities, against a real gateway
+and a real datastore (both with auth on).
+
+The enumeration goes over every route of the app (the OpenAPI's and the hidden ones) with no
+token, a wrong, an expired and a wrongly signed token, and a token of each single role: every
+answer is allowed (not 401/403) or 401/403 exactly per gateway.auth.ROUTE_ROLES, which is
+checked against MONAI Label's table here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import jwt
+import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from gateway.auth import AUTHENTICATED, PUBLIC, ROUTE_ROLES, required_role
+from gateway.metrics import route_templates
+from services.common.auth import (
+    ADMIN,
+    ANNOTATOR,
+    REVIEWER,
+    ROLES,
+    USER,
+    Identity,
+    UsersFile,
+    issue_access_token,
+    issue_download_token,
+    new_signing_key,
+)
+from tests.contract.helpers import nifti_bytes
+from tests.integration.conftest import GatewayStack
+
+pytestmark = pytest.mark.timeout(180)
+
+KEY = new_signing_key()
+GATEWAY_TOKEN = "gateway-service-token-" + "g" * 20
+INFERENCE_TOKEN = "inference-service-token-" + "i" * 20
+SERVICES = [f"gateway={GATEWAY_TOKEN}", f"inference={INFERENCE_TOKEN}"]
+PASSWORDS = {"alice": "alice-pw", "annie": "annie-pw", "uma": "uma-pw", "rita": "rita-pw"}
+USER_ROLES = {"alice": [ADMIN], "annie": [ANNOTATOR], "uma": [USER], "rita": [REVIEWER]}
+
+# MONAI Label 0.8.5's table (monailabel-api-routes.md §2): U, A, D, public.
+MONAILABEL_TABLE = """
+GET /info/ U|GET /model/{model} D|GET /model/info/{model} D|PUT /model/{model} A|DELETE /model/{model} A
+POST /infer/{model} U|POST /infer/wsi_v2/{model} U|POST /infer/wsi/{model} U|GET /batch/infer U
+POST /batch/infer/{model} D|DELETE /batch/infer D|GET /train/ U|POST /train/ D|POST /train/{model} D
+DELETE /train/ D|POST /activelearning/{strategy} U|GET /scoring/ U|POST /scoring/ A|POST /scoring/{method} A
+DELETE /scoring/ A|GET /datastore/ U|PUT /datastore/image A|PUT /datastore/ A|DELETE /datastore/image D
+DELETE /datastore/ D|HEAD /datastore/image U|GET /datastore/image U|GET /datastore/image/info U
+PUT /datastore/image/info A|PUT /datastore/label A|DELETE /datastore/label D|HEAD /datastore/label U
+GET /datastore/label U|GET /datastore/label/info U|PUT /datastore/label/info A|PUT /datastore/updatelabelinfo A
+GET /datastore/dataset A|GET /logs/ D|GET /logs/gpu D|GET /session/{session_id} U|PUT /session/ U
+DELETE /session/{session_id} U|GET /auth/ -|POST /auth/token -|GET /openapi.json -|GET /docs -|GET / -
+"""
+LETTERS = {"U": USER, "A": ANNOTATOR, "D": ADMIN, "-": PUBLIC}
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("users") / "users.json"
+    users = UsersFile()
+    for name, roles in USER_ROLES.items():
+        users.add(name, PASSWORDS[name], roles)
+    users.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, users_file: Path) -> Iterator[GatewayStack]:
+    auth = {"auth_signing_key": KEY, "auth_services": SERVICES}
+    running = GatewayStack(
+        tmp_path_factory.mktemp("auth"),
+        gateway_overrides={**auth, "auth_users_file": users_file, "auth_service_token": GATEWAY_TOKEN},
+        datastore_overrides=auth,
+    ).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def url(stack: GatewayStack) -> str:
+    return stack.url
+
+
+def login(url: str, username: str, password: str | None = None) -> str:
+    answer = httpx.post(
+        f"{url}/auth/token",
+        data={"username": username, "password": password or PASSWORDS[username], "grant_type": "password"},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"access_token", "token_type"} and body["token_type"] == "Bearer"
+    return body["access_token"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def role_token(*roles: str, key: str = KEY, ttl: int = 300, now: float | None = None) -> str:
+    return issue_access_token(Identity("probe", frozenset(roles)), key, ttl, now=now)
+
+
+# -- /auth ---------------------------------------------------------------------------
+
+
+def test_auth_routes_answer_as_monailabel(url: str) -> None:
+    assert httpx.get(f"{url}/auth/").json() == {"enabled": True, "client_id": "monailabel-app", "realm": ""}
+    token = login(url, "annie")
+    claims = jwt.decode(token, KEY, algorithms=["HS256"], audience="labelgrid")
+    assert claims["preferred_username"] == "annie"
+    assert set(claims["realm_access"]["roles"]) == {ANNOTATOR, USER}  # annotator implies user
+    assert 0 < claims["exp"] - claims["iat"] <= 900
+    valid = httpx.get(f"{url}/auth/token/valid", headers=bearer(token))
+    assert valid.status_code == 200
+    assert valid.json() == {"username": "annie", "email": None, "name": None, "roles": [USER, ANNOTATOR]}
+    missing = httpx.get(f"{url}/auth/token/valid")
+    assert missing.status_code == 401 and missing.json() == {"detail": "Not authenticated"}
+    assert missing.headers["www-authenticate"] == "Bearer"
+    bad = httpx.get(f"{url}/auth/token/valid", headers=bearer(token + "x"))
+    assert bad.status_code == 401 and bad.json() == {"detail": "Could not validate credentials"}
+
+
+@pytest.mark.parametrize("username, password", [("annie", "wrong"), ("nobody", "annie-pw"), ("annie", "")])
+def test_a_wrong_login_is_401_and_gives_no_token(url: str, username: str, password: str) -> None:
+    answer = httpx.post(f"{url}/auth/token", data={"username": username, "password": password, "grant_type": "password"})
+    assert answer.status_code in (401, 422)
+    assert "access_token" not in answer.text
+
+
+def test_only_the_password_grant(url: str) -> None:
+    answer = httpx.post(f"{url}/auth/token", data={"username": "annie", "password": "annie-pw", "grant_type": "client_credentials"})
+    assert answer.status_code == 422
+
+
+def test_users_added_later_log_in_without_a_restart(url: str, users_file: Path) -> None:
+    users = UsersFile.load(users_file)
+    users.add("late", "late-pw", [USER])
+    users.save(users_file)
+    assert httpx.get(f"{url}/info/", headers=bearer(login(url, "late", "late-pw"))).status_code not in (401, 403)
+
+
+# -- the route table -----------------------------------------------------------------
+
+
+def app_routes(stack: GatewayStack) -> list[tuple[str, str]]:
+    """(method, template) of every route the running app serves, hidden ones included."""
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    app = create_app(GatewaySettings())
+    out = []
+    for route in _routes(app.router.routes):
+        for method in sorted(route.methods or ()):
+            if method == "HEAD" and "GET" in route.methods:
+                continue
+            out.append((method, route.path))
+    return sorted(set(out))
+
+
+def _routes(routes: Any) -> Iterator[Any]:
+    for route in routes:
+        if getattr(route, "methods", None) and isinstance(getattr(route, "path", None), str):
+            yield route
+        else:
+            candidates = getattr(route, "effective_candidates", None)
+            yield from _routes(candidates() if callable(candidates) else getattr(route, "routes", ()))
+
+
+def test_every_route_has_monailabels_role() -> None:
+    expected = {}
+    for entry in MONAILABEL_TABLE.replace("\n", "|").split("|"):
+        if entry.strip():
+            method, path, letter = entry.split()
+            expected[(method, path)] = LETTERS[letter]
+    for key, role in expected.items():
+        assert ROUTE_ROLES[key] == role, key
+
+
+def test_every_route_of_the_app_is_in_the_table(stack: GatewayStack) -> None:
+    missing = [route for route in app_routes(stack) if route not in ROUTE_ROLES]
+    assert missing == []
+
+
+def _request_for(method: str, template: str) -> tuple[str, dict[str, str]]:
+    path = re.sub(r"\{[^}]+\}", "x", template)
+    return path, {"image": "missing-img", "label": "missing-img", "tag": "final", "id": "missing-img"}
+
+
+def _call(url: str, method: str, template: str, headers: dict[str, str]) -> int:
+    path, params = _request_for(method, template)
+    return httpx.request(method, f"{url}{path}", params=params, headers=headers, timeout=30).status_code
+
+
+def _protected_routes(stack: GatewayStack) -> list[tuple[str, str]]:
+    return [route for route in app_routes(stack) if required_role(*route) not in (PUBLIC, AUTHENTICATED)]
+
+
+def test_openapi_lists_only_routes_in_the_table(url: str) -> None:
+    spec = httpx.get(f"{url}/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method in operations:
+            assert (method.upper(), path) in ROUTE_ROLES, (method, path)
+
+
+BAD_TOKENS = {
+    "none": None,
+    "wrong": "not-a-token",
+    "expired": role_token(*ROLES, ttl=60, now=time.time() - 3600),
+    "wrongly signed": role_token(*ROLES, key=new_signing_key()),
+    "other scheme": "basic",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TOKENS))
+def test_every_protected_route_is_401_without_a_valid_token(stack: GatewayStack, kind: str) -> None:
+    token = BAD_TOKENS[kind]
+    headers = {} if token is None else ({"authorization": "Basic YTpi"} if token == "basic" else bearer(token))
+    answers = {route: _call(stack.url, *route, headers) for route in _protected_routes(stack)}
+    assert {route: status for route, status in answers.items() if status != 401} == {}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_gets_exactly_the_routes_of_the_table(stack: GatewayStack, role: str) -> None:
+    headers = bearer(role_token(role))
+    wrong = {}
+    for route in _protected_routes(stack):
+        status = _call(stack.url, *route, headers)
+        allowed = required_role(*route) == role
+        if allowed and status in (401, 403) or not allowed and status != 403:
+            wrong[route] = status
+    assert wrong == {}
+
+
+def test_public_routes_need_no_token(url: str) -> None:
+    for method, path in [("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/auth/")]:
+        assert httpx.request(method, f"{url}{path}").status_code == 200
+
+
+def test_a_403_is_monailabels(url: str) -> None:
+    answer = httpx.delete(f"{url}/datastore/image", params={"id": "x"}, headers=bearer(login(url, "annie")))
+    assert answer.status_code == 403
+    assert answer.json() == {"detail": 'Role "monailabel-admin" is required to perform this action'}
+
+
+def test_auth_is_checked_before_the_body_is_read(url: str) -> None:
+    """A 100 MB upload without a token is refused from its headers alone: none of it is sent."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"PUT /datastore/image?image=big HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        answer = sock.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+
+
+# -- gRPC: identities forwarded, services as themselves ------------------------------
+
+
+def test_the_datastore_checks_roles_and_service_identities(stack: GatewayStack) -> None:
+    async def calls() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with grpc.aio.insecure_channel(stack.datastore_address) as channel:
+            stub = ds_grpc.DatastoreServiceStub(channel)
+            cases = {
+                "none": ({}, stub.GetStatus, ds_pb.GetStatusRequest()),
+                "user status": (bearer(role_token(USER)), stub.GetStatus, ds_pb.GetStatusRequest()),
+                "user reindex": (bearer(role_token(USER)), stub.Reindex, ds_pb.ReindexRequest()),
+                "inference reindex": (bearer(INFERENCE_TOKEN), stub.Reindex, ds_pb.ReindexRequest()),
+                "inference status": (bearer(INFERENCE_TOKEN), stub.GetStatus, ds_pb.GetStatusRequest()),
+                "inference deletes": (bearer(INFERENCE_TOKEN), stub.DeleteImage, ds_pb.DeleteImageRequest(name="images/x")),
+                "gateway deletes": (bearer(GATEWAY_TOKEN), stub.DeleteImage, ds_pb.DeleteImageRequest(name="images/x")),
+                "token with a service's name": (
+                    bearer(issue_access_token(Identity("service:inference", frozenset()), KEY, 60)),
+                    stub.GetStatus, ds_pb.GetStatusRequest(),
+                ),
+            }  # fmt: skip
+            for name, (headers, method, request) in cases.items():
+                try:
+                    await method(request, metadata=tuple(headers.items()), timeout=10)
+                    out[name] = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as err:
+                    out[name] = err.code()
+        return out
+
+    import asyncio
+
+    got = asyncio.run(calls())
+    assert got == {
+        "none": grpc.StatusCode.UNAUTHENTICATED,
+        "user status": grpc.StatusCode.OK,
+        "user reindex": grpc.StatusCode.PERMISSION_DENIED,
+        "inference reindex": grpc.StatusCode.PERMISSION_DENIED,
+        "inference status": grpc.StatusCode.OK,
+        "inference deletes": grpc.StatusCode.PERMISSION_DENIED,
+        "gateway deletes": grpc.StatusCode.NOT_FOUND,  # allowed (sessions); the image does not exist
+        "token with a service's name": grpc.StatusCode.PERMISSION_DENIED,  # a user without roles
+    }
+
+
+# -- the official client, label audit, signed downloads ------------------------------
+
+
+def write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def monailabel_client(url: str, tmp_path: Path, username: str) -> MONAILabelClient:
+    client = MONAILabelClient(url, tmpdir=str(tmp_path), client_id="says-someone-else")
+    assert client.auth_enabled() is True
+    client.update_auth(client.auth_token(username, PASSWORDS[username]))
+    assert client.auth_valid_token() is True
+    return client
+
+
+def test_the_official_client_logs_in_and_works_per_role(url: str, tmp_path: Path) -> None:
+    annie = monailabel_client(url, tmp_path, "annie")
+    uma = monailabel_client(url, tmp_path, "uma")
+    image = write(tmp_path / "scan.nii.gz", nifti_bytes(seed=1))
+    label = write(tmp_path / "scan_seg.nii.gz", nifti_bytes(seed=2, dtype="uint8"))
+
+    assert annie.upload_image(image, "authimg", {}) == {"image": "authimg"}
+    assert annie.save_label("authimg", label, params={"label_info": [{"name": "spleen", "idx": 1}]})["image"] == "authimg"
+    with pytest.raises(MONAILabelClientException) as caught:
+        uma.upload_image(image, "by_user", {})
+    assert "Status: 403" in str(caught.value)
+
+    entry = uma.datastore()["objects"]["authimg"]
+    assert entry["image"]["info"]["user"] == "annie"
+    assert entry["labels"]["final"]["info"]["user"] == "annie"  # who saved, not the client_id
+    assert Path(uma.download_label("authimg", "final")).read_bytes() == Path(label).read_bytes()
+    # A fresh client: the official client's multipart calls write their content-type into its
+    # auth headers (client.py http_multipart), which breaks its next requests-based upload.
+    uma = monailabel_client(url, tmp_path, "uma")
+    session = uma.create_session(write(tmp_path / "local.nii.gz", nifti_bytes(seed=3)))
+    assert uma.get_session(session["session_id"])["name"] == session["session_id"]
+    uma.remove_session(session["session_id"])
+
+    anonymous = MONAILabelClient(url, tmpdir=str(tmp_path))
+    with pytest.raises(MONAILabelClientException) as caught:
+        anonymous.datastore()
+    assert "Status: 401" in str(caught.value)
+
+
+def test_signed_download_links_are_bound_to_the_image(url: str, tmp_path: Path) -> None:
+    annie = monailabel_client(url, tmp_path, "annie")
+    annie.upload_image(write(tmp_path / "dl.nii.gz", nifti_bytes(seed=5)), "dlimg", {})
+    token = issue_download_token("dlimg", "uma", KEY, 60)
+    ok = httpx.get(f"{url}/datastore/image", params={"image": "dlimg", "token": token})
+    assert ok.status_code == 200 and ok.content == nifti_bytes(seed=5)
+    other = httpx.get(f"{url}/datastore/image", params={"image": "authimg", "token": token})
+    assert other.status_code == 401
+    elsewhere = httpx.get(f"{url}/datastore/image/info", params={"image": "dlimg", "token": token})
+    assert elsewhere.status_code == 401
+    expired = issue_download_token("dlimg", "uma", KEY, 60, now=time.time() - 600)
+    assert httpx.get(f"{url}/datastore/image", params={"image": "dlimg", "token": expired}).status_code == 401
+    # An access token is no download token, and a download token is no access token.
+    assert httpx.get(f"{url}/datastore/image", params={"image": "dlimg", "token": login(url, "uma")}).status_code == 401
+    assert httpx.get(f"{url}/info/", headers=bearer(token)).status_code == 401
+
+
+# -- labelgrid users add -------------------------------------------------------------
+
+
+def test_users_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    argv = [sys.executable, "-m", "gateway.cli", "users", "add", "bob", "--role", USER, "--role", ANNOTATOR,
+            "--users-file", str(path)]  # fmt: skip
+    done = subprocess.run(argv, input="s3cret pass\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(path.read_text())
+    assert stored["users"]["bob"]["roles"] == [USER, ANNOTATOR]
+    assert "s3cret" not in path.read_text() and stored["users"]["bob"]["password_hash"].startswith("$argon2id$")
+    assert UsersFile.load(path).verify("bob", "s3cret pass") is not None
+    assert UsersFile.load(path).verify("bob", "s3cret") is None
+    bad = subprocess.run([*argv[:6], "--role", "monailabel-boss", *argv[10:]], input="x\n", capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
