@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.base import InferTask, InferType
+from apps.base import InferInput, InferTask, InferType
 
 __all__ = ["Bundle", "BundleError", "BundleInferTask", "load_bundle", "open_bundle", "bundle_name"]
 
@@ -442,6 +442,47 @@ class BundleInferTask(InferTask):
             raise BundleError(f"models/model.pt does not load into network_def: {error}") from None
         return network
 
+    # -- the template, for active learning scoring (an image already loaded, no file) ----------
+
+    def pre_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[InferInput], InferInput]]:
+        """The bundle's preprocessing on the loaded volume (a MetaTensor with its affine stands in
+        for what its LoadImaged + EnsureChannelFirstd give), so scoring sees the network's input."""
+        return [self._preprocess]
+
+    def _preprocess(self, item: InferInput) -> InferInput:
+        from monai.data import MetaTensor
+        from monai.transforms import Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged
+
+        loaders = (LoadImage, LoadImaged, EnsureChannelFirst, EnsureChannelFirstd)
+        steps = Compose([t for t in self.pipeline("cpu").pre.transforms if not isinstance(t, loaders)])
+        affine = torch.as_tensor(np.asarray(item.data["affine"]), dtype=torch.float64)
+        image = MetaTensor(item.data["image"], affine=affine, meta={"original_channel_dim": 0})
+        item.data["image"] = steps({self.bundle.image_key: image})[self.bundle.image_key]
+        return item
+
+    def inferer(self, params: Mapping[str, Any]) -> Any:
+        return self.pipeline("cpu").inferer
+
+    def post_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        """The bundle's postprocessing (Invertd back to the image's grid ...) on the logits of `_preprocess`'s input."""
+        return [self._postprocess]
+
+    def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        pred = logits[0]
+        # Invertd reads the transforms applied to the image from its orig_keys entry: the logits carry the same.
+        data = self.pipeline("cpu").post({self.bundle.image_key: pred, self.bundle.pred_key: pred})
+        return self._as_label(data[self.bundle.pred_key])
+
+    def _as_label(self, label: Any) -> torch.Tensor:
+        label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+        label = label.detach().cpu()
+        if label.ndim == self.dimension + 1:
+            if label.shape[0] != 1:
+                # postprocessing left channels (no AsDiscreted argmax): take the argmax, a label holds one value per voxel
+                label = label.argmax(dim=0, keepdim=True)
+            label = label[0]
+        return label.round().to(torch.int64)
+
     # -- running --------------------------------------------------------------------------------
 
     def infer_file(
@@ -471,16 +512,9 @@ class BundleInferTask(InferTask):
         started = time.perf_counter()
         data[self.bundle.pred_key] = pred[0]
         data = pipeline.post(data)
-        label = data[self.bundle.pred_key]
-        label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-        label = label.detach().cpu()
-        if label.ndim == self.dimension + 1:
-            if label.shape[0] != 1:
-                # postprocessing left channels (no AsDiscreted argmax): take the argmax, as a label needs one value per voxel
-                label = label.argmax(dim=0, keepdim=True)
-            label = label[0]
+        label = self._as_label(data[self.bundle.pred_key])
         latencies["post"] = time.perf_counter() - started
-        return label.round().to(torch.int64).numpy()
+        return label.numpy()
 
 
 def bundle_trainer(task: BundleInferTask) -> Any:
