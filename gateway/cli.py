@@ -301,6 +301,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def studies_arg(value: str) -> Path | str:
+    """--studies: a folder, or (as MONAI Label takes it) a DICOMweb URL kept as written."""
+    return value if value.startswith(("http://", "https://")) else Path(value)
+
+
+def dicomweb_studies(args: argparse.Namespace) -> str:
+    """The DICOMweb root given as --studies, else ''."""
+    return args.studies if isinstance(args.studies, str) else ""
+
+
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     """The six children, wired to each other's loopback ports."""
     ports = Ports(
@@ -313,8 +323,12 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     training_address, activelearning_address = f"{host}:{ports.training}", f"{host}:{ports.activelearning}"
     common = ["--host", host, "--log-level", args.log_level]
     python = [sys.executable, "-m"]
-    datastore_argv = [*python, "services.datastore", *common, "--port", str(ports.datastore), "--backend", args.backend]
-    if args.backend == "local":
+    pacs = dicomweb_studies(args)
+    backend = "dicomweb" if pacs else args.backend
+    datastore_argv = [*python, "services.datastore", *common, "--port", str(ports.datastore), "--backend", backend]
+    if pacs:  # credentials come from LABELGRID_DICOMWEB_USERNAME/_PASSWORD or _TOKEN, not argv
+        datastore_argv += ["--dicomweb-url", pacs, "--state-dir", str(work / "datastore")]
+    elif args.backend == "local":
         datastore_argv += ["--root", str(args.studies)]
     else:  # credentials come from LABELGRID_S3_ACCESS_KEY / LABELGRID_S3_SECRET_KEY, not argv
         datastore_argv += ["--state-dir", str(work / "datastore")]
@@ -344,6 +358,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         "--training-address", training_address, "--activelearning-address", activelearning_address,
         "--log-file", str(stack_log_file(work)),
     ]  # fmt: skip
+    if pacs:  # OHIF's DICOMweb source: /proxy/dicom on the same origin
+        gateway_argv += ["--dicomweb-url", pacs]
     stack_auth = StackAuth.from_args(args)
     if args.auth_users:
         gateway_argv += ["--auth-users-file", str(Path(args.auth_users).resolve())]
@@ -420,7 +436,7 @@ def up(args: argparse.Namespace) -> int:
         for problem in [*problems, "labelgrid did not start"]:
             say(problem)
         return 1
-    if args.sample_studies and args.backend == "local":
+    if args.sample_studies and args.backend == "local" and not dicomweb_studies(args):
         subprocess.run([sys.executable, "-m", "services.datastore.sample_studies", str(args.studies)], check=True)
     if not is_loopback(args.host) and not StackAuth.from_args(args).enabled:
         for line in (
@@ -463,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelgrid", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("up", help="run the whole stack on localhost until Ctrl-C")
-    run.add_argument("--studies", type=Path, default=Path("var/studies"), help="studies folder (local backend)")
+    run.add_argument(
+        "--studies", type=studies_arg, default=Path("var/studies"),
+        help="studies folder (local backend), or a DICOMweb URL http(s)://HOST:PORT/dicom-web (a PACS)",
+    )  # fmt: skip
     run.add_argument("--sample-studies", action="store_true", help="fill an empty studies folder with sample volumes")
     run.add_argument("--backend", choices=("local", "s3"), default="local")
     run.add_argument("--s3-endpoint", default="", help="s3 backend: HOST:PORT (keys: env LABELGRID_S3_ACCESS_KEY/_SECRET_KEY)")
@@ -522,7 +541,10 @@ def users_add(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "up" and dicomweb_studies(args) and (args.sample_studies or args.backend != "local"):
+        parser.error("a DICOMweb --studies URL is its own backend: drop --sample-studies and --backend")
     try:
         if args.command == "up":
             sys.exit(up(args))
