@@ -96,3 +96,15 @@ def test_every_write_shows_in_the_next_export_and_count(index: SqlIndex) -> None
     index.delete_image("c_img")
     objects, total, _ = snapshot()
     assert "c_img" not in objects and total == 3
+
+
+def test_the_cache_is_peeked_only_while_nothing_changed(index: SqlIndex) -> None:
+    fill(index)
+    status, body = index.status(**HIDE), index.export_monailabel_json(**HIDE)
+    if index.backend == "postgresql":  # other replicas may write: never cached
+        assert index.status_if_cached(**HIDE) is None and index.export_monailabel_json_if_cached(**HIDE) is None
+        return
+    assert index.status_if_cached(**HIDE) == status and index.export_monailabel_json_if_cached(**HIDE) == body
+    assert index.status_if_cached() is None  # another key: not computed yet
+    index.update_image_info("a_img", {"k": 1})
+    assert index.status_if_cached(**HIDE) is None and index.export_monailabel_json_if_cached(**HIDE) is None

@@ -514,6 +514,13 @@ class SqlIndex:
         self._read_cache[key] = (generation, value)
         return value
 
+    def _peek(self, key: tuple[Any, ...]) -> Any | None:
+        """What ``_cached`` would reuse for ``key`` now, else None (never blocks on the database)."""
+        with self._generation_lock:
+            generation = self._generation
+        hit = self._read_cache.get(key)
+        return hit[1] if hit is not None and hit[0] == generation else None
+
     def _read(self, fn: Callable[[Connection], _T], what: str) -> _T:
         """Runs ``fn`` in one read-only snapshot (several statements see the same data)."""
         try:
@@ -962,6 +969,11 @@ class SqlIndex:
 
         status = self._cached(("status", hidden_id_prefix, hidden_info_key), lambda: self._read(tx, "status"))
         return DatastoreStatus(status.total, status.completed, dict(status.label_tags))
+
+    def status_if_cached(self, *, hidden_id_prefix: str = "", hidden_info_key: str = "") -> DatastoreStatus | None:
+        """``status()`` if it is answered from the cache (no database access), else None."""
+        status = self._peek(("status", hidden_id_prefix, hidden_info_key))
+        return None if status is None else DatastoreStatus(status.total, status.completed, dict(status.label_tags))
 
     # ------------------------------------------------------------------ scores
 
@@ -1591,6 +1603,12 @@ class SqlIndex:
 
         key = ("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key)
         return self._cached(key, lambda: self._read(tx, "export_monailabel_json"))
+
+    def export_monailabel_json_if_cached(
+        self, name: str = "new-dataset", description: str = "New Dataset", *, hidden_id_prefix: str = "", hidden_info_key: str = ""
+    ) -> bytes | None:
+        """``export_monailabel_json()`` if it is answered from the cache, else None."""
+        return self._peek(("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key))  # type: ignore[no-any-return]
 
     def bulk_import(
         self, images: Iterable[ImageImport], labels: Iterable[LabelImport] = (), *, now: Now = None

@@ -181,6 +181,16 @@ class Datastore:
         """Counts; images with that id prefix and a true info key (sessions) left out."""
         return self.index.status(hidden_id_prefix=hidden_id_prefix, hidden_info_key=hidden_info_key)
 
+    def status_if_cached(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> DatastoreStatus | None:
+        """``status()`` when the index answers it from memory (no I/O, safe on the event loop), else None."""
+        return self.index.status_if_cached(hidden_id_prefix=hidden_id_prefix, hidden_info_key=hidden_info_key)
+
+    def export_json_if_cached(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> bytes | None:
+        """``export_json()`` when the index answers it from memory, else None."""
+        return self.index.export_monailabel_json_if_cached(
+            self.display_name, self.description, hidden_id_prefix=hidden_id_prefix, hidden_info_key=hidden_info_key
+        )
+
     def export_json(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> bytes:
         """MONAI Label's datastore model (GET /datastore/?output=all) as JSON bytes, from one
         index query; the same images left out as in ``status``."""
