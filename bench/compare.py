@@ -51,6 +51,8 @@ READ_PATHS = {
     "GET /datastore/?output=all": "/datastore/?output=all",
     "GET /datastore/ (stats)": "/datastore/",
     "GET /info/": "/info/",
+    # No backend call on either server: the floor of the HTTP stack (labelgrid: Envoy + FastAPI).
+    "GET /auth/ (floor: no backend call)": "/auth/",
 }
 
 
@@ -159,7 +161,7 @@ def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
     return serve(argv, f"http://127.0.0.1:{port}", work / "monailabel.log", env, timeout=600)
 
 
-def labelgrid_server(studies: Path, work: Path) -> Any:
+def labelgrid_server(studies: Path, work: Path, src: Path | None = None) -> Any:
     flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port",
              "--training-port", "--activelearning-port"]  # fmt: skip
     ports = free_ports(len(flags))
@@ -169,7 +171,10 @@ def labelgrid_server(studies: Path, work: Path) -> Any:
     ]  # fmt: skip
     for flag, port in zip(flags, ports, strict=True):
         argv += [flag, str(port)]
-    return serve(argv, f"http://127.0.0.1:{ports[0]}", work / "labelgrid.log", dict(os.environ), timeout=600)
+    env = dict(os.environ)
+    if src is not None:  # another checkout (e.g. an older commit, for a before/after table)
+        env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "protos" / "gen" / "python")])
+    return serve(argv, f"http://127.0.0.1:{ports[0]}", work / "labelgrid.log", env, timeout=600)
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -220,11 +225,27 @@ def next_samples(url: str, annotators: int, per_annotator: int) -> dict[str, flo
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "calls": len(times)}
 
 
+def listing_after_change(http: httpx.Client, n: int) -> dict[str, float]:
+    """GET /datastore/?output=all right after an image's info changed (what Slicer sees after
+    each next sample, which marks the image): no server may answer from an old listing."""
+    times = []
+    for i in range(n + 3):
+        http.put("/datastore/image/info", params={"image": "img_000001"}, data={"info": json.dumps({"bench": i})}).raise_for_status()
+        start = time.perf_counter()
+        response = http.get("/datastore/?output=all")
+        response.raise_for_status()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+        assert response.json()["objects"]["img_000001"]["image"]["info"]["bench"] == i
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "bytes": len(response.content)}
+
+
 def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with httpx.Client(base_url=url, timeout=120) as http:
         for name, path in READ_PATHS.items():
             out[name] = timed(lambda: http.get(path), args.requests)
+        out["GET /datastore/?output=all after an info change"] = listing_after_change(http, max(5, args.requests // 5))
     out[f"next sample, {args.annotators} annotators"] = next_samples(url, args.annotators, args.next_samples)
     return out
 
@@ -262,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--next-samples", type=int, default=10, help="next-sample calls per annotator")
     parser.add_argument("--systems", default="monailabel,labelgrid")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--labelgrid-src", type=Path, default=None,
+                        help="run labelgrid from this source tree (e.g. `git archive` of an older commit)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before)")
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
     exe = ensure_monailabel() if "monailabel" in systems else Path()
@@ -279,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                     server = (
                         monailabel_server(exe, work / "studies", work)
                         if system == "monailabel"
-                        else labelgrid_server(work / "studies", work)
+                        else labelgrid_server(work / "studies", work, args.labelgrid_src)
                     )
                     with server as url:
                         ready = time.perf_counter() - start
@@ -291,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             medians = {s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in systems}
             if len(systems) == 2:
                 print(table(count, medians[systems[0]], medians[systems[1]]), flush=True)
-            path = args.out / f"compare-{count}.json"
+            path = args.out / f"compare-{count}{'-' + args.tag if args.tag else ''}.json"
             path.write_text(json.dumps({"images": count, "rounds": results, "medians": medians}, indent=2))
             print(f"wrote {path}", flush=True)
 
