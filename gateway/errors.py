@@ -147,6 +147,21 @@ class UnhandledErrorMiddleware:
             await response(scope, receive, send)
 
 
+async def _http_error(request: Request, exc: Exception) -> Any:
+    """FastAPI's own answer, except for a JSON body nested too deep to parse: FastAPI says 400
+    "There was an error parsing the body" (a RecursionError); that is a precise 422."""
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.exceptions import HTTPException
+
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        return error_response(422, "the JSON body is nested too deeply to parse")
+    return await http_exception_handler(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    from starlette.exceptions import HTTPException
+
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(grpc.RpcError, _rpc_error)
+    app.add_exception_handler(HTTPException, _http_error)
