@@ -78,19 +78,19 @@ def model_json(model: inf_res.Model) -> dict[str, Any]:
 # -- the parts, one fetcher per service ---------------------------------------------------
 
 
-def _call_options(ctx: Ctx) -> dict[str, Any]:
-    # wait_for_ready: a service that is starting (connection refused) is waited for until
-    # the deadline instead of failing at once.
+def _call_options(ctx: Ctx, service: str) -> dict[str, Any]:
+    # wait_for_ready: a service /info/ needs that is starting (connection refused) is waited
+    # for until the deadline instead of failing at once; one it can do without is not.
     return {
         "timeout": ctx.settings.info_timeout_seconds,
         "metadata": ctx.metadata,
-        "wait_for_ready": True,
+        "wait_for_ready": service in ctx.settings.info_wait_for,
     }
 
 
 async def _inference_part(ctx: Ctx) -> dict[str, Any]:
     """App name, description, version, labels and the models."""
-    opts = _call_options(ctx)
+    opts = _call_options(ctx, "inference")
     info, listing = await asyncio.gather(
         ctx.clients.inference.GetAppInfo(inf_pb.GetAppInfoRequest(), **opts),
         ctx.clients.inference.ListModels(inf_pb.ListModelsRequest(), **opts),
@@ -107,7 +107,7 @@ async def _inference_part(ctx: Ctx) -> dict[str, Any]:
 async def _training_part(ctx: Ctx) -> dict[str, Any]:
     """The trainers (their stats are asked on every call, see _train_stats)."""
     listing = await ctx.clients.training.ListTrainers(
-        train_pb.ListTrainersRequest(), **_call_options(ctx)
+        train_pb.ListTrainersRequest(), **_call_options(ctx, "training")
     )
     trainers: dict[str, Any] = {}
     names: dict[str, str] = {}
@@ -124,7 +124,7 @@ async def _training_part(ctx: Ctx) -> dict[str, Any]:
 
 
 async def _activelearning_part(ctx: Ctx) -> dict[str, Any]:
-    opts = _call_options(ctx)
+    opts = _call_options(ctx, "activelearning")
     strategies, methods = await asyncio.gather(
         ctx.clients.activelearning.ListStrategies(al_pb.ListStrategiesRequest(), **opts),
         ctx.clients.activelearning.ListScoringMethods(al_pb.ListScoringMethodsRequest(), **opts),
@@ -264,7 +264,7 @@ async def _train_stats(ctx: Ctx, cache: InfoCache, names: Mapping[str, str]) -> 
         answers = await asyncio.gather(
             *(
                 ctx.clients.training.GetTrainStats(
-                    train_pb.GetTrainStatsRequest(trainer=name), **_call_options(ctx)
+                    train_pb.GetTrainStatsRequest(trainer=name), **_call_options(ctx, "training")
                 )
                 for name in names.values()
             )
