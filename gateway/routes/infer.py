@@ -236,13 +236,25 @@ async def _upload_requests(
             yield message
 
 
+# What the inference service reads as an input label (it checks again). Refused here, before
+# the upload starts: a server that refuses a stream it has not read can reach the client as
+# INTERNAL instead of its status (grpc/grpc#36066).
+_LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".bin")
+
+
 def _checked_upload(upload: UploadFile | None, what: str) -> UploadFile | None:
     if upload is None:
         return None
-    if not base_name(upload.filename):
+    name = base_name(upload.filename)
+    if not name:
         raise GatewayError(
             422,
             f"the {what} upload needs a file name (its extension selects the format)",
+        )
+    if what == "label" and not name.lower().endswith(_LABEL_EXTENSIONS):
+        raise GatewayError(
+            422,
+            f"label file name {name[:100]!r}: accepted formats are {', '.join(_LABEL_EXTENSIONS)}",
         )
     if upload_size(upload) == 0:
         raise GatewayError(422, f"the {what} file is empty")

@@ -40,7 +40,7 @@ from services.infer.domain.inference import Inference
 from services.infer.domain.scheduler import DeviceQueue
 from services.infer.settings import InferSettings
 from tests.contract.conftest import RunningDatastore, start_datastore
-from tests.contract.helpers import error_reason, struct, upload_image, upload_model
+from tests.contract.helpers import error_reason, struct, upload_image, upload_label, upload_model
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 SHAPE = (40, 36, 32)
@@ -361,3 +361,32 @@ async def test_segmentation_brain_on_the_mni152_t1(stack: Stack, tmp_path: Path)
     np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
     assert dict(header.label_names) == {"brain": 1} and header.model_version == ""
+
+
+async def test_scribbles_from_a_stored_label(stack: Stack) -> None:
+    """Infer's input_label: a label already in the datastore (here OHIF's label.bin, which the
+    datastore stored as a NIfTI on the image's grid) is the scribbles input."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), axis=-1)
+    sphere = np.linalg.norm(grid - np.array(SHAPE) / 2, axis=-1) < min(SHAPE) / 4
+    scribbles = np.zeros(SHAPE, dtype=np.uint8)
+    scribbles[18:22, 18, 16] = 3  # foreground, inside the sphere (default ids: 2 bg, 3 fg)
+    scribbles[2:6, 2, 2] = 2
+    await upload_label(stack.ds_stub, "spheres_1", scribbles.tobytes(order="F"), tag="strokes", file_name="label.bin")
+    request = infer_request("scribbles", "spheres_1", result=res.ResultOptions(result_dtype="uint8"))
+    request.input_label = "images/spheres_1/labels/strokes"
+    header, data = await read_result(stack.stub.Infer(request))
+    result = np.asarray(load_nifti(data).dataobj)
+    assert header.label_names == {"foreground": 1}
+    assert result[scribbles == 3].all() and result[sphere].mean() > 0.9
+    assert result[~sphere].sum() < 0.05 * sphere.sum()  # its rim only: resampled to 2 mm and back
+
+    other = infer_request("scribbles", "spheres_2")
+    other.input_label = "images/spheres_1/labels/strokes"
+    await expect_error(stack.stub.Infer(other), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    missing = infer_request("scribbles", "spheres_1")
+    missing.input_label = "images/spheres_1/labels/nothing"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_result(stack.stub.Infer(missing))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    without = infer_request("scribbles", "spheres_1")
+    await expect_error(stack.stub.Infer(without), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")

@@ -136,7 +136,7 @@ def test_bad_scribbles_are_422(volume: dict, inference_stack: GatewayStack) -> N
     )
     assert outside.status_code == 422 and "roi" in outside.json()["detail"]
     bad_ext = httpx.post(url, params={"image": "scribbled"}, files={"label": ("label.txt", b"x" * 10)}, timeout=60)
-    assert bad_ext.status_code == 422
+    assert bad_ext.status_code == 422, bad_ext.text
 
 
 def test_save_label_bin_becomes_a_label_volume(volume: dict, inference_stack: GatewayStack) -> None:

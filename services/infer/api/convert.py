@@ -59,6 +59,14 @@ def image_of(name: str) -> str:
     return split_resource_name(name, "images/{image}")[0]
 
 
+def input_label_tag(name: str, image_id: str) -> str:
+    """The tag of an input label "images/{image}/labels/{tag}", which must be of the same image."""
+    label_image, tag = split_resource_name(name, "images/{image}/labels/{tag}")
+    if label_image != image_id:
+        raise InvalidArgument(f"the input label {name!r} is not a label of images/{image_id}")
+    return tag
+
+
 def version_name(model: str, version: str) -> str:
     return "" if not version or version == UNTRAINED else f"models/{model}/versions/{version}"
 

@@ -19,7 +19,7 @@ from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.common.chunks import SpooledFile, SpoolWriter, iter_file_chunks
-from services.common.errors import InvalidArgument, Unimplemented
+from services.common.errors import InvalidArgument
 from services.common.jobs import JobStore
 from services.common.protos import job_state_name
 from services.common.server import GrpcService
@@ -105,11 +105,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------
 
     async def Infer(self, request: pb.InferRequest, context: Any) -> AsyncIterator[pb.InferResponse]:
-        if request.input_label:
-            raise Unimplemented("input labels (scribbles) are not supported by this inference service yet")
+        image_id = convert.image_of(request.image)
+        label_tag = convert.input_label_tag(request.input_label, image_id) if request.input_label else ""
         outcome = await self.inference.infer(
             convert.model_of(request.model),
-            ImageInput(image_id=convert.image_of(request.image)),
+            ImageInput(image_id=image_id, label_tag=label_tag),
             convert.infer_params(request.params),
             deadline=_deadline(context),
         )

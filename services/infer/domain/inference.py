@@ -9,6 +9,7 @@ datastore. Every stage's seconds end up in the result params, as MONAI Label rep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -310,6 +311,11 @@ class Inference:
             await asyncio.to_thread(image.uploaded_path.rename, path)
         volume: Volume = await asyncio.to_thread(self.volumes.read, path, file_name)
         input_label = None
+        if image.label_tag:  # a stored label of the image as the input (its own folder: same file name)
+            folder = work_dir / "input-label"
+            folder.mkdir()
+            stored = await self.datastore.download_label(image.image_id, image.label_tag, folder)
+            image = dataclasses.replace(image, label_path=stored, label_file_name=stored.name)
         if image.label_path is not None:
             input_label = await asyncio.to_thread(self._read_input_label, image, volume, work_dir)
         elif getattr(task, "needs_input_label", False):

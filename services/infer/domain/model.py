@@ -57,6 +57,8 @@ class ImageInput:
     # a volume on the image's grid, or raw voxels (`.bin`, OHIF v2).
     label_path: Path | None = None
     label_file_name: str = ""
+    # Or a stored label of the same datastore image as the input label (its tag).
+    label_tag: str = ""
 
 
 @dataclass
