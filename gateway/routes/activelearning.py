@@ -34,6 +34,7 @@ from gateway.routes.common import (
     task_time,
     to_struct,
 )
+from services.common.auth import issue_download_token
 from services.common.protos import struct_to_dict
 
 router = APIRouter(route_class=naming_service("active learning", "activelearning_address"))
@@ -116,11 +117,19 @@ async def sample(
         return JSONResponse({}, headers={NO_SAMPLE_HEADER: reason})
     image, lease = response.image, response.lease
     base = str(request.base_url)
+    path = f"{base}datastore/image?image={quote(image.image_id, safe='')}"
+    if ctx.settings.auth_enabled and ctx.settings.auth_signing_key:
+        # A download link that needs no header (MONAI Label issue 1493): signed, short-lived,
+        # for this image and this user only (gateway.auth checks it).
+        token = issue_download_token(
+            image.image_id, ctx.identity.username, ctx.settings.auth_signing_key, ctx.settings.auth_download_ttl_seconds
+        )
+        path += f"&token={token}"
     return {
         **struct_to_dict(image.info),
         "id": image.image_id,
         "name": image.file_name,
-        "path": f"{base}datastore/image?image={quote(image.image_id, safe='')}",
+        "path": path,
         "checksum": f"SHA256:{image.sha256}",
         **struct_to_dict(response.strategy_info),
         "lease": {

@@ -81,6 +81,10 @@ def test_a_user_works_through_services_that_act_as_themselves(stack: Stack, tmp_
     assert "segmentation" in uma.info()["models"]
     sample = uma.next_sample("random", {})  # active learning reads and marks the datastore as itself
     assert sample["id"]
+    # Its link downloads without a header (signed for this image and user), and nothing else does.
+    download = httpx.get(sample["path"], timeout=30)
+    assert download.status_code == 200 and download.content == (stack.studies / sample["name"]).read_bytes()
+    assert httpx.get(sample["path"].split("&token=")[0], timeout=30).status_code == 401
     label, result = uma.infer("segmentation", sample["id"], {})  # inference downloads as itself
     assert Path(label).stat().st_size > 0 and result["label_names"]
     image = tmp_path / "mine.nii.gz"
