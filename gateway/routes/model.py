@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from gateway.clients import found_or_none, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.routes.common import Ctx, CtxDep, check_id, file_response
+from services.common.auth import ADMIN
 from services.common.bundles import RESET_FILE_NAME, archive_model
 from services.common.models.types import RESET_VERSION_PREFIX
 
@@ -43,7 +45,6 @@ MAX_BUNDLE_BYTES = 4 * 1024**3
 """Largest bundle zip accepted (Model Zoo bundles are tens to hundreds of MB)."""
 BUNDLE_CHECK_SECONDS = 600.0
 _ZIP_MAGIC = b"PK\x03\x04"
-ADMIN_ROLE = "monailabel-admin"
 
 
 def _serving(model: str) -> str:
@@ -84,8 +85,7 @@ def _version_info(version: Any) -> dict[str, Any]:
 
 
 def _require_admin(ctx: Ctx, what: str) -> None:
-    identity = getattr(ctx, "identity", None)
-    if identity is not None and not identity.has_role(ADMIN_ROLE):
+    if not ctx.identity.has_role(ADMIN):
         raise GatewayError(403, f"{what} needs the admin role: a MONAI Bundle is code")
 
 
@@ -159,9 +159,11 @@ async def _spool(file: UploadFile, dest: Path) -> str:
 
 async def _check_bundle(path: Path) -> dict[str, Any]:
     """Builds the bundle in a child process (its configs run code): its description, or a 422."""
+    # The bundle's code must not read the gateway's secrets (signing key, service tokens): none of LABELGRID_* is passed.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LABELGRID_")}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "apps.bundle", "check", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(path.parent),
     )  # fmt: skip
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), BUNDLE_CHECK_SECONDS)

@@ -161,13 +161,36 @@ class BundleModels:
     async def start(self) -> None:
         """Stores the `--bundle` paths (a bad one stops the service: it was asked for), loads all, then keeps watching."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        from apps.bundle import BundleError, bundle_name
+
         for source in self.sources:
-            name = await publish_bundle(self.client, source, self.work_dir)
+            try:
+                name = bundle_name(source)
+            except BundleError as error:
+                raise InvalidArgument(f"bundle {str(source)!r}: {error}") from None
             if name in self._app_models:
                 raise InvalidArgument(f"bundle {name!r} has the name of one of the app's models; rename its folder or zip")
+            try:
+                await publish_bundle(self.client, source, self.work_dir)
+            except LabelgridError as error:
+                if error.kind != ErrorKind.PERMISSION_DENIED:
+                    raise
+                # With auth on only the training service may publish model versions: it stores the
+                # bundle (labelgrid up gives every model service the same --bundle); wait for it.
+                await self._wait_for(name, error)
         await self.refresh()
         if self.check_seconds > 0:
             self._task = asyncio.create_task(self._watch(), name="bundle-watch")
+
+    async def _wait_for(self, name: str, denied: LabelgridError, timeout: float = 300.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        log.info("waiting for the training service to store the bundle", extra={"model": name})
+        while name not in await self._stored():
+            if asyncio.get_running_loop().time() > deadline:
+                raise InvalidArgument(
+                    f"bundle {name!r}: this service may not store it ({denied.message}) and no other service did within {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         if self._task is not None:
