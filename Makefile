@@ -124,6 +124,7 @@ protos-baseline: install-dev
 bench: install-dev
 	$(PY) -m bench.datastore
 	$(PY) -m bench.infer
+	$(PY) -m bench.batch_infer
 	$(PY) -m bench.activelearning
 	$(PY) -m bench.train
 	$(PY) -m bench.bundle
