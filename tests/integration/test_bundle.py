@@ -4,7 +4,8 @@ Bundles are made here with MONAI's own API and seeded weights (tests/fixtures/bu
 a 3D CT segmentation bundle (Orientationd, Spacingd, ScaleIntensityRanged window,
 SlidingWindowInferer, Invertd) with a train config, and the same network as a TorchScript
 bundle given as a zip. The label labelgrid answers must equal, voxel for voxel, what MONAI's
-own `monai.bundle.run` of the same bundle writes for the same image.
+own `monai.bundle.run` of the same bundle writes for the same image. Auth is on: only an admin
+may add a bundle (it is code), and the services store and load bundles as themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from services.common.auth import ADMIN, ANNOTATOR, UsersFile
 from tests.fixtures.bundles import ct_image, make_bundle, zip_folder
 from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
 
@@ -65,22 +67,36 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) -> Iterator[Stack]:
+    """Auth on (an admin and an annotator): only the training service may publish model versions,
+    so it stores the --bundle paths and the other services wait for them."""
     root = tmp_path_factory.mktemp("bundle-stack")
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     image = ct_image(root / f"{IMAGE}.nii.gz", seed=1)
     shutil.copy(image, studies / image.name)
     shutil.copy(root / f"{IMAGE}_label.nii.gz", studies / "labels" / "final" / image.name)
+    users = UsersFile()
+    users.add("alice", "alice-pw", [ADMIN])
+    users.add("ann", "ann-pw", [ANNOTATOR])
+    users.save(root / "users.json")
     running = start_stack(
-        root, sample_studies=False, extra=["--bundle", str(bundles["ct_seg"]), "--bundle", str(bundles["ct_seg_ts"])]
-    )
+        root, sample_studies=False,
+        extra=["--auth-users", str(root / "users.json"), "--bundle", str(bundles["ct_seg"]), "--bundle", str(bundles["ct_seg_ts"])],
+    )  # fmt: skip
     yield running
     stop_stack(running)
 
 
+def token(stack: Stack, username: str) -> dict[str, str]:
+    response = httpx.post(f"{stack.url}/auth/token", data={"username": username, "password": f"{username}-pw"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return {"authorization": f"Bearer {response.json()['access_token']}"}
+
+
 @pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url, timeout=120) as client:
+    """The admin's client (tokens live 15 minutes or more: longer than this module runs)."""
+    with httpx.Client(base_url=stack.url, timeout=120, headers=token(stack, "alice")) as client:
         yield client
 
 
@@ -165,6 +181,15 @@ def test_bad_bundles_are_refused_and_nothing_is_stored(
     assert http.get(f"/model/{name}").status_code == 404
     assert name not in http.get("/info/").json()["models"]
     assert not list(stack.studies.parent.rglob("escaped.txt"))
+
+
+def test_only_an_admin_adds_a_bundle(http: httpx.Client, stack: Stack, tmp_path: Path) -> None:
+    archive = zip_folder(make_bundle(tmp_path / "src" / "ct_put", seed=6, train=False), tmp_path / "ct_put.zip")
+    files = {"file": ("ct_put.zip", archive.read_bytes(), "application/zip")}
+    refused = httpx.put(f"{stack.url}/model/ct_put", files=files, headers=token(stack, "ann"), timeout=120)
+    assert refused.status_code == 403, refused.text
+    assert "admin" in refused.json()["detail"]
+    assert http.get("/model/ct_put").status_code == 404  # nothing stored
 
 
 def test_put_download_replace_bundle(http: httpx.Client, tmp_path: Path, stack: Stack) -> None:
