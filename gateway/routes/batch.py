@@ -18,7 +18,7 @@ import asyncio
 import enum
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from labelgrid.common.v1 import common_pb2
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
@@ -156,6 +156,7 @@ async def api_status(all: bool = False, check_if_running: bool = False, ctx: Ctx
 @router.post("/infer/{model}", summary="Run Batch Inference Task")
 async def api_run(
     model: str,
+    request: Request,
     images: BatchImages = BatchImages.all,
     params: dict[str, Any] | None = Body(None),
     run_sync: bool = False,
@@ -166,9 +167,11 @@ async def api_run(
         pb.CreateBatchInferenceJobRequest(batch_inference_job=job), timeout=ctx.timeout, metadata=ctx.metadata
     )
     job = created.batch_inference_job
-    # run_sync waits here; a client that hangs up cancels only this wait, never the job.
+    # run_sync waits here; a client that hangs up ends only this wait, never the job.
     while run_sync and job.state not in _FINAL:
         await asyncio.sleep(_SYNC_POLL_SECONDS)
+        if await request.is_disconnected():
+            break
         answer = await ctx.clients.inference.GetBatchInferenceJob(
             pb.GetBatchInferenceJobRequest(name=job.name), timeout=ctx.timeout, metadata=ctx.metadata
         )
