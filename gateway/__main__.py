@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
+from gateway.auth import check_auth_settings
 from gateway.settings import GatewaySettings
 from services.common.logging import configure_logging
 from services.common.settings import parse_settings
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         GatewaySettings, argv, description=__doc__.splitlines()[0]
     )
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        check_auth_settings(settings)
+    except ValueError as err:  # fail closed, with the reason and no traceback
+        sys.exit(f"gateway: {err}")
     asyncio.run(serve(settings))
     sys.exit(0)
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import __version__
-from gateway.auth import AuthMiddleware
+from gateway.auth import AuthMiddleware, check_auth_settings
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
 from gateway.metrics import install_metrics, route_templates
@@ -54,6 +54,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         docs_url="/",
         redoc_url="/docs",
     )
+    check_auth_settings(settings)  # a users file nobody can log in with refuses to start
     app.state.settings = settings
     for router in (
         info.router,

@@ -31,8 +31,10 @@ from services.common.auth import (
     Authenticator,
     Identity,
     TokenError,
+    UsersFile,
     verify_download_token,
 )
+from services.common.errors import InvalidArgument
 
 audit_log = logging.getLogger("labelgrid.audit")
 
@@ -120,6 +122,20 @@ def _compile(template: str) -> re.Pattern[str]:
         else:
             pattern += re.escape(part)
     return re.compile(f"^{pattern}$")
+
+
+def check_auth_settings(settings: GatewaySettings) -> None:
+    """Refuses to start with a users file that cannot log anyone in (fail closed, never open)."""
+    if settings.auth_users_file is None:
+        return
+    if not settings.auth_signing_key:
+        raise ValueError("auth_users_file needs auth_signing_key (the key access tokens are signed with)")
+    try:
+        users = UsersFile.load(settings.auth_users_file).users
+    except InvalidArgument as err:
+        raise ValueError(err.message) from None
+    if not users:
+        raise ValueError(f"users file {str(settings.auth_users_file)!r} has no users: refusing to start")
 
 
 def route_table(app_templates: list[str]) -> list[tuple[re.Pattern[str], str]]:

@@ -9,8 +9,6 @@ import pydantic
 from pydantic import field_validator
 from pydantic_settings import NoDecode
 
-from services.common.auth import UsersFile
-from services.common.errors import InvalidArgument
 from services.common.settings import ServiceSettings, _split_list
 
 
@@ -87,22 +85,8 @@ class GatewaySettings(ServiceSettings):
     # `labelgrid users add` writes them; logging in needs auth_signing_key too.
     auth_users_file: Path | None = None
     # Lifetime of the access tokens POST /auth/token issues, and of signed download links.
-    auth_token_ttl_seconds: Annotated[int, pydantic.Field(ge=30, le=86400)] = 900
+    auth_access_ttl_seconds: Annotated[int, pydantic.Field(ge=30, le=86400)] = 900
     auth_download_ttl_seconds: Annotated[int, pydantic.Field(ge=10, le=3600)] = 300
     # GET /auth/'s client_id and realm (MONAI_LABEL_AUTH_CLIENT_ID / _REALM_URI).
     auth_client_id: str = "monailabel-app"
     auth_realm: str = ""
-
-    @pydantic.model_validator(mode="after")
-    def _check_users_file(self) -> Any:
-        """A users file needs a signing key and at least one user (fail closed, never open)."""
-        if self.auth_users_file is not None:
-            if not self.auth_signing_key:
-                raise ValueError("auth_users_file needs auth_signing_key (the key access tokens are signed with)")
-            try:
-                users = UsersFile.load(self.auth_users_file).users
-            except InvalidArgument as err:
-                raise ValueError(err.message) from None
-            if not users:
-                raise ValueError(f"users file {str(self.auth_users_file)!r} has no users: refusing to start")
-        return self

@@ -92,7 +92,7 @@ async def access_token(
         log.warning("login failed", extra={"user": username[:200]})
         raise GatewayError(401, "Incorrect username or password", _UNAUTHORIZED)
     audit(identity, "POST", "/auth/token", "", 200)
-    token = issue_access_token(identity, settings.auth_signing_key, settings.auth_token_ttl_seconds)
+    token = issue_access_token(identity, settings.auth_signing_key, settings.auth_access_ttl_seconds)
     # MONAI Label's response_model Token: exactly these two fields.
     return {"access_token": token, "token_type": "Bearer"}
 

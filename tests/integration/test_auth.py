@@ -392,3 +392,50 @@ def test_users_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
     assert UsersFile.load(path).verify("bob", "s3cret") is None
     bad = subprocess.run([*argv[:6], "--role", "monailabel-boss", *argv[10:]], input="x\n", capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+# -- fail closed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, argv, why",
+    [
+        ({"LABELGRID_AUTH_TOKENS": ""}, [], "set but empty"),
+        ({"LABELGRID_AUTH_TOKENS": " , "}, [], "set but empty"),
+        ({"LABELGRID_AUTH_SIGNING_KEY": ""}, [], "at least 32 bytes"),
+        ({"LABELGRID_AUTH_SERVICES": "inference="}, [], "name=token"),
+        ({"LABELGRID_AUTH_SIGNING_KEY": "k" * 40}, ["--auth-users-file", "EMPTY"], "has no users"),
+        ({}, ["--auth-users-file", "EMPTY"], "needs auth_signing_key"),
+    ],
+)
+def test_auth_configured_but_empty_refuses_to_start(tmp_path: Path, env: dict[str, str], argv: list[str], why: str) -> None:
+    import os
+
+    empty = tmp_path / "users.json"
+    empty.write_text('{"users": {}}')
+    argv = [str(empty) if arg == "EMPTY" else arg for arg in argv]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LABELGRID_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "-1", *argv],
+        env={**clean, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and why in done.stderr, done.stderr[-2000:]
+
+
+def test_up_warns_loudly_on_a_public_address_without_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import cli
+
+    said: list[str] = []
+    monkeypatch.delenv("LABELGRID_AUTH_TOKENS", raising=False)
+    monkeypatch.delenv("LABELGRID_AUTH_SIGNING_KEY", raising=False)
+    monkeypatch.setattr(cli, "make_say", lambda *_: lambda line, source="labelgrid": said.append(line))
+    monkeypatch.setattr(cli, "build_stack", lambda *_: (_ for _ in ()).throw(SystemExit(3)))
+    args = cli.build_parser().parse_args(["up", "--host", "0.0.0.0", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.up(args)
+    assert any("WITHOUT AUTH" in line for line in said)
+    said.clear()
+    args = cli.build_parser().parse_args(["up", "--host", "127.0.0.1", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.up(args)
+    assert not any("WITHOUT AUTH" in line for line in said)

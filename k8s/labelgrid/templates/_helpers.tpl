@@ -186,13 +186,50 @@ readinessProbe:
   value: /tmp/.cache/matplotlib
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
-{{- if .Values.auth.enabled }}
+{{- if and .Values.auth.enabled (or .Values.auth.existingSecret .Values.auth.tokens) }}
 - name: LABELGRID_AUTH_TOKENS
   valueFrom:
     secretKeyRef:
       name: {{ include "labelgrid.authSecretName" . }}
       key: {{ include "labelgrid.authSecretKey" . }}
 {{- end }}
+{{- end -}}
+
+{{/* Auth env of one component (dict root, component): the signing key, every service's token
+     (so each server knows them all), and the component's own token; the gateway's users file. */}}
+{{- define "labelgrid.authEnv" -}}
+{{- $root := .root -}}
+{{- if $root.Values.auth.enabled }}
+{{- $keys := include "labelgrid.authKeysSecretName" $root }}
+- name: LABELGRID_AUTH_SIGNING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.auth.signingKey.existingSecret | default $keys }}
+      key: {{ ternary $root.Values.auth.signingKey.existingSecretKey "signing-key" (not (empty $root.Values.auth.signingKey.existingSecret)) }}
+{{- range $service := list "gateway" "inference" "training" "activelearning" }}
+- name: LG_SERVICE_TOKEN_{{ upper $service }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $keys }}
+      key: {{ $service }}
+{{- end }}
+- name: LABELGRID_AUTH_SERVICES
+  value: "gateway=$(LG_SERVICE_TOKEN_GATEWAY),inference=$(LG_SERVICE_TOKEN_INFERENCE),training=$(LG_SERVICE_TOKEN_TRAINING),activelearning=$(LG_SERVICE_TOKEN_ACTIVELEARNING)"
+{{- if has .component (list "gateway" "inference" "training" "activelearning") }}
+- name: LABELGRID_AUTH_SERVICE_TOKEN
+  value: "$(LG_SERVICE_TOKEN_{{ upper .component }})"
+{{- end }}
+{{- if and (eq .component "gateway") $root.Values.auth.users.existingSecret }}
+- name: LABELGRID_AUTH_USERS_FILE
+  value: /etc/labelgrid/auth/users.json
+- name: LABELGRID_AUTH_ACCESS_TTL_SECONDS
+  value: {{ $root.Values.auth.tokenTTLSeconds | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "labelgrid.authKeysSecretName" -}}
+{{- include "labelgrid.componentName" (dict "root" . "component" "auth-keys") -}}
 {{- end -}}
 
 {{- define "labelgrid.authSecretName" -}}
@@ -278,8 +315,11 @@ readinessProbe:
 {{- if and (eq .Values.index.type "sqlite") .Values.datastore.autoscaling.enabled -}}
 {{- fail "index.type=sqlite runs one datastore replica: datastore.autoscaling needs postgresql or external" -}}
 {{- end -}}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) -}}
-{{- fail "auth.enabled needs auth.existingSecret or auth.tokens" -}}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) (not .Values.auth.users.existingSecret) -}}
+{{- fail "auth.enabled needs users (auth.users.existingSecret) or static tokens (auth.existingSecret or auth.tokens)" -}}
+{{- end -}}
+{{- if and .Values.auth.enabled .Values.auth.tokens (not (compact .Values.auth.tokens)) -}}
+{{- fail "auth.tokens holds only empty tokens: refusing to render auth that would be off" -}}
 {{- end -}}
 {{- if and .Values.app.files (not .Values.app.package) -}}
 {{- fail "app.files needs app.package (the package directory the files form)" -}}
