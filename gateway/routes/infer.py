@@ -240,6 +240,7 @@ async def _upload_requests(
 # the upload starts: a server that refuses a stream it has not read can reach the client as
 # INTERNAL instead of its status (grpc/grpc#36066).
 _LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".bin")
+_IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 
 def _checked_upload(upload: UploadFile | None, what: str) -> UploadFile | None:
@@ -255,6 +256,11 @@ def _checked_upload(upload: UploadFile | None, what: str) -> UploadFile | None:
         raise GatewayError(
             422,
             f"label file name {name[:100]!r}: accepted formats are {', '.join(_LABEL_EXTENSIONS)}",
+        )
+    if what == "image" and not name.lower().endswith(_IMAGE_EXTENSIONS):
+        raise GatewayError(
+            422,
+            f"image file name {name[:100]!r}: accepted formats are {', '.join(_IMAGE_EXTENSIONS)}",
         )
     if upload_size(upload) == 0:
         raise GatewayError(422, f"the {what} file is empty")

@@ -150,16 +150,28 @@ def test_infer_window_params_are_bounded_rest(hostile: Hostile, params: dict) ->
 
 @pytest.mark.parametrize("params", BAD_WINDOWS[:2] + BAD_WINDOWS[4:5], ids=["roi-huge", "roi-zero", "batch-huge"])
 def test_infer_window_params_are_bounded_grpc(hostile: Hostile, params: dict) -> None:
-    """InferUpload refuses them before a byte of the image is received."""
+    data = nifti()
     header = inf_pb.InferUploadHeader(
         model="models/segmentation",
         image_file_name="a.nii.gz",
-        image_size_bytes=10,
+        image_size_bytes=len(data),
         params=inf_res.InferParams(params=dict_to_struct(params)),
     )
     with pytest.raises(grpc.RpcError) as caught:
-        read_all(hostile.inference.InferUpload(iter([inf_pb.InferUploadRequest(header=header)]), timeout=30))
+        read_all(hostile.inference.InferUpload(upload_messages("inference", header, data), timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert next(iter(params)) in (caught.value.details() or "")
+    hostile.assert_alive()
+
+
+@pytest.mark.parametrize("params", BAD_WINDOWS[:1] + BAD_WINDOWS[4:5], ids=["roi-huge", "batch-huge"])
+def test_infer_window_params_with_an_uploaded_image(hostile: Hostile, params: dict) -> None:
+    """The same refusal when the image is uploaded with the request (an InferUpload stream)."""
+    answer = hostile.http.post(
+        "/infer/segmentation", files={"file": ("a.nii.gz", nifti((64, 64, 64)))}, data={"params": json.dumps(params)}
+    )
+    assert answer.status_code == 422, answer.text[:300]
+    assert next(iter(params)) in answer.json()["detail"]
     hostile.assert_alive()
 
 

@@ -128,7 +128,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model = convert.model_of(header.model)
         self.inference.task(model)  # an unknown model is refused before any byte is received
         params = convert.infer_params(header.params)
-        self.inference.check_params(params)  # bad params are refused before any byte is received
         label_file_name = input_label_file_name(header.label_file_name) if header.label_file_name else ""
         for size, what in ((header.image_size_bytes, "image"), (header.label_size_bytes, "label")):
             if size > self.max_upload_bytes:

@@ -272,16 +272,17 @@ class Inference:
         `deadline` is an event-loop time (loop.time()) after which queuing is pointless.
         """
         started = time.perf_counter()
-        task = self.task(model)
-        self.check_params(params)
-        if params.result.save_label and not image.image_id:
-            raise InvalidArgument("save_label needs a datastore image; an image streamed in cannot be saved to")
-        work_dir = Path(tempfile.mkdtemp(prefix=f"infer-{model}-", dir=self.work_dir))
-        try:
-            return await self._infer(task, model, image, params, deadline, work_dir, started)
-        except BaseException:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            raise
+        try:  # the uploaded files are removed however this ends, refused params included
+            task = self.task(model)
+            self.check_params(params)
+            if params.result.save_label and not image.image_id:
+                raise InvalidArgument("save_label needs a datastore image; an image streamed in cannot be saved to")
+            work_dir = Path(tempfile.mkdtemp(prefix=f"infer-{model}-", dir=self.work_dir))
+            try:
+                return await self._infer(task, model, image, params, deadline, work_dir, started)
+            except BaseException:
+                shutil.rmtree(work_dir, ignore_errors=True)
+                raise
         finally:
             if image.uploaded_path is not None:
                 image.uploaded_path.unlink(missing_ok=True)
