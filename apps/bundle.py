@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import stat
 import sys
 import threading
@@ -568,10 +567,6 @@ def _main(argv: list[str]) -> int:
             return 1
     print(json.dumps(description))
     return 0
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

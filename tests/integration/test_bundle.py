@@ -11,7 +11,6 @@ may add a bundle (it is code), and the services store and load bundles as themse
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import shutil
 import time
