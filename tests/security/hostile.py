@@ -58,6 +58,28 @@ def nrrd_non_ascii_field(target: str) -> tuple[str, bytes]:
     return "attack.nrrd", header + b"\ndata\xfffile: " + target.encode() + b"\n\n"
 
 
+def metaimage_element_data_file(target: str) -> tuple[str, bytes]:
+    """MetaImage: the header names its data file (ITK would open it)."""
+    header = (
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+        f"ElementDataFile = {target}\n"
+    )
+    return "attack.mhd", header.encode()
+
+
+def nrrd_detached_header(target: str) -> tuple[str, bytes]:
+    """A detached NRRD header (.nhdr): all it does is name a data file."""
+    header, _ = _nrrd_parts()
+    return "attack.nhdr", header + b"\ndata file: " + target.encode() + b"\n\n"
+
+
+def analyze_header() -> tuple[str, bytes]:
+    """An Analyze / NIfTI pair header (.hdr): its data lives in the .img next to it."""
+    raw = bytearray(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)).to_bytes()[:348])
+    raw[344:348] = b"ni1\x00"
+    return "attack.hdr", bytes(raw)
+
+
 def nifti_pair_magic() -> tuple[str, bytes]:
     """A .nii whose magic says header/image pair: its data would live in a .img next to it."""
     raw = bytearray(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)).to_bytes())
@@ -196,6 +218,9 @@ def catalogue(secret: str, missing: str) -> dict[str, Callable[[], tuple[str, by
         "nrrd-datafile-spelling": lambda: nrrd_datafile_spelling(secret),
         "nrrd-non-ascii-field": lambda: nrrd_non_ascii_field(secret),
         "nifti-pair-magic": nifti_pair_magic,
+        "metaimage-element-data-file": lambda: metaimage_element_data_file(secret),
+        "nrrd-detached-header": lambda: nrrd_detached_header(secret),
+        "analyze-header": analyze_header,
         "nifti-gzip-bomb": nifti_gzip_bomb,
         "nrrd-gzip-bomb": nrrd_gzip_bomb,
         "nrrd-bzip2-bomb": nrrd_bzip2_bomb,
