@@ -27,8 +27,9 @@ from tests.integration.conftest import free_port
 
 
 def expected_grid(series: CtSeries) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """Shape and RAS affine of the series in nibabel's closest-canonical orientation, computed
-    from the geometry the series was made with (not from any reader)."""
+    """Shape, RAS affine and voxels the series must have as a volume, computed from the geometry
+    it was made with (not from any reader): DICOM's voxel order, as cornerstone (OHIF) holds it:
+    column, row, then slice by increasing position along row x column cosines."""
     row, col = np.array(series.row_direction), np.array(series.column_direction)
     lps = np.eye(4)
     lps[:3, 0] = row * series.pixel_spacing[1]  # index 0: columns
@@ -36,8 +37,8 @@ def expected_grid(series: CtSeries) -> tuple[tuple[int, ...], np.ndarray, np.nda
     lps[:3, 2] = np.cross(row, col) * series.slice_step  # index 2: slices, in position order
     lps[:3, 3] = series.origin
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    image = nib.as_closest_canonical(nib.Nifti1Image(series.volume.transpose(2, 1, 0).astype(np.int16), ras))
-    return image.shape, image.affine, np.asarray(image.dataobj)
+    data = series.volume.transpose(2, 1, 0)
+    return data.shape, ras, data
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:

@@ -149,8 +149,9 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs(
     source = hd.get_volume_from_series(client.retrieve_series(second.study_uid, second.series_uid))
     back = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint8).match_geometry(source)
     on_grid = nib.as_closest_canonical(back.to_nibabel())
-    np.testing.assert_allclose(on_grid.affine, affine, atol=1e-4)
-    assert np.array_equal(np.asarray(on_grid.dataobj), label)
+    sent = nib.as_closest_canonical(nib.Nifti1Image(label, affine))  # the same axis order for both
+    np.testing.assert_allclose(on_grid.affine, sent.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(on_grid.dataobj), np.asarray(sent.dataobj))
     objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
     assert objects[second.series_uid]["labels"]["final"]["info"][SEG_KEY] == seg_uid
 

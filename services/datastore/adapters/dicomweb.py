@@ -214,19 +214,34 @@ def _as_file(dataset: pydicom.Dataset) -> FileDataset:
 
 def series_to_nifti(datasets: list[pydicom.Dataset], path: Path) -> None:
     """A series as one NIfTI volume with its true geometry (highdicom sorts the slices along
-    their normal and derives orientation and spacing from the headers), in nibabel's
-    closest-canonical (RAS) orientation. Modality rescale applied; int16 when lossless."""
+    their normal and derives orientation and spacing from the headers; the affine is RAS).
+
+    The voxels keep DICOM's own order, as cornerstone (OHIF) holds the series: first index the
+    column, second the row, third the slice by increasing position along the row x column
+    cosines. A label on this grid (what inference answers, as NRRD for OHIF) is then also
+    right for OHIF's panel, which copies the NRRD's voxels into its labelmap by index, ignoring
+    the header. Modality rescale applied; int16 when lossless."""
     try:
         volume = hd.get_volume_from_series(datasets, dtype=np.float32)
     except Exception as err:  # noqa: BLE001 - highdicom raises ValueError/RuntimeError/... for non-volumes
         raise InvalidArgument(f"series is not one regular volume ({type(err).__name__}: {str(err)[:200]})") from None
-    image = nib.as_closest_canonical(volume.to_nibabel())
-    data = np.asarray(image.dataobj)
+    image = volume.to_nibabel()  # indices (slice, row, column)
+    data = np.asarray(image.dataobj).transpose(2, 1, 0)
+    affine = np.array(image.affine, dtype=float)[:, [2, 1, 0, 3]]
+    cosines = [float(v) for v in datasets[0].ImageOrientationPatient]
+    to_ras = np.array([-1.0, -1.0, 1.0])
+    row, column = np.array(cosines[:3]) * to_ras, np.array(cosines[3:]) * to_ras
+    for axis, direction in enumerate((row, column, np.cross(cosines[:3], cosines[3:]) * to_ras)):
+        if float(affine[:3, axis] @ direction) < 0:  # highdicom ran this axis the other way
+            affine[:3, 3] += affine[:3, axis] * (data.shape[axis] - 1)
+            affine[:3, axis] *= -1
+            data = np.flip(data, axis=axis)
+    data = np.ascontiguousarray(data)
     if data.size and np.all(np.mod(data, 1) == 0) and data.min() >= -32768 and data.max() <= 32767:
         data = data.astype(np.int16)
-    out = nib.Nifti1Image(data, image.affine)
-    out.set_qform(image.affine, code=1)
-    out.set_sform(image.affine, code=1)
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
     nib.save(out, str(path))
 
 
