@@ -86,3 +86,26 @@ def test_errors_do_not_tell_whether_a_server_path_exists(hostile: Hostile, route
     assert existing.json() == missing.json()
     for answer in (existing, missing):
         assert str(hostile.secret_path) not in answer.text and MISSING not in answer.text
+
+
+@pytest.mark.parametrize("case", ["nrrd-data-file-x1c", "nrrd-data-file", "nrrd-gzip-bomb", "nifti-pair-magic"])
+def test_a_hostile_file_already_in_the_store_is_refused_by_the_reader(hostile: Hostile, case: str) -> None:
+    """Defence in depth: a file that reached the store some other way (written into the studies
+    folder and adopted by Reindex, or stored before the upload check was this strict) is refused
+    when inference reads it, with no byte of the secret in the answer."""
+    name, data = hostile_file(hostile, case)
+    ext = ".nrrd" if name.endswith(".nrrd") else ".nii"
+    planted = hostile.stack.root / "studies" / f"planted{ext}"
+    planted.write_bytes(data)
+    try:
+        hostile.datastore.Reindex(ds_pb.ReindexRequest(), timeout=60)
+        assert "planted" in hostile.stored()
+        answer = hostile.http.post("/infer/segmentation", params={"image": "planted"})
+        assert answer.status_code == 422, (answer.status_code, answer.text[:300])
+        hostile.assert_no_secret(answer.content)
+        assert str(hostile.secret_path) not in answer.text
+    finally:
+        hostile.http.delete("/datastore/image", params={"id": "planted"})
+        planted.unlink(missing_ok=True)
+    assert "planted" not in hostile.stored()
+    hostile.assert_alive()
