@@ -211,6 +211,8 @@ class AuthMiddleware:
             await _answer(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return
         if role is not None and role != AUTHENTICATED and not identity.has_role(role):
+            if method in _AUDITED_METHODS:  # a refused change is worth a record too
+                audit(identity, method, template or path, scope.get("query_string", b"").decode("latin-1"), 403)
             await _answer(send, 403, f'Role "{role}" is required to perform this action')
             return
         state["identity"] = identity

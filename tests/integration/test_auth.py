@@ -439,3 +439,91 @@ def test_up_warns_loudly_on_a_public_address_without_auth(tmp_path: Path, monkey
     with pytest.raises(SystemExit):
         cli.up(args)
     assert not any("WITHOUT AUTH" in line for line in said)
+
+
+# -- every RPC of the datastore, per identity -----------------------------------------
+
+
+def _datastore_methods() -> list[Any]:
+    from google.protobuf import descriptor_pool
+
+    return list(descriptor_pool.Default().FindServiceByName("labelgrid.datastore.v1.DatastoreService").methods)
+
+
+async def _status_of(channel: grpc.aio.Channel, method: Any, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+    """Calls `method` with an empty request (or no messages) and returns the status code."""
+    path = f"/labelgrid.datastore.v1.DatastoreService/{method.name}"
+    identity = (lambda data: data, lambda data: data)
+    try:
+        if method.client_streaming:
+            shape = channel.stream_stream if method.server_streaming else channel.stream_unary
+            call = shape(path, *identity)(iter(()), metadata=metadata, timeout=10)
+        else:
+            shape = channel.unary_stream if method.server_streaming else channel.unary_unary
+            call = shape(path, *identity)(b"", metadata=metadata, timeout=10)
+        if method.server_streaming:
+            async for _ in call:
+                break
+            call.cancel()
+        else:
+            await call
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_every_datastore_rpc_per_identity(stack: GatewayStack) -> None:
+    from services.common.auth_methods import AT_LEAST, METHOD_RULES
+
+    methods = _datastore_methods()
+    identities = {
+        "none": (),
+        "wrong": bearer("not-a-token"),
+        "expired": bearer(BAD_TOKENS["expired"]),
+        "wrongly signed": bearer(BAD_TOKENS["wrongly signed"]),
+        **{role: bearer(role_token(role)) for role in ROLES},
+        "gateway": bearer(GATEWAY_TOKEN),
+        "inference": bearer(INFERENCE_TOKEN),
+    }
+
+    async def run() -> dict[tuple[str, str], grpc.StatusCode]:
+        out = {}
+        async with grpc.aio.insecure_channel(stack.datastore_address) as channel:
+            for who, headers in identities.items():
+                metadata = tuple(headers.items()) if isinstance(headers, dict) else ()
+                for method in methods:
+                    if method.name == "Reindex" and who in (ADMIN,):
+                        continue  # allowed, and would rescan the studies folder: nothing to learn
+                    out[(who, method.name)] = await _status_of(channel, method, metadata)
+        return out
+
+    import asyncio
+
+    got = asyncio.run(run())
+    wrong = {}
+    for (who, name), code in got.items():
+        rule = METHOD_RULES[f"/labelgrid.datastore.v1.DatastoreService/{name}"]
+        if who in ("none", "wrong", "expired", "wrongly signed"):
+            expected_denied, denied_code = True, grpc.StatusCode.UNAUTHENTICATED
+        elif who in ROLES:
+            expected_denied, denied_code = who not in AT_LEAST[rule.role], grpc.StatusCode.PERMISSION_DENIED
+        else:
+            expected_denied, denied_code = who not in rule.services, grpc.StatusCode.PERMISSION_DENIED
+        if expected_denied != (code == denied_code) or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and code != denied_code:
+            wrong[(who, name)] = code
+    assert len(got) > 250 and wrong == {}
+
+
+def test_changes_are_audited_with_the_authenticated_user(url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="labelgrid.audit")
+    annie = monailabel_client(url, tmp_path, "annie")
+    annie.upload_image(write(tmp_path / "audited.nii.gz", nifti_bytes(seed=9)), "audited", {})
+    forbidden = httpx.delete(f"{url}/datastore/image", params={"id": "audited"}, headers=bearer(login(url, "annie")))
+    assert forbidden.status_code == 403
+    records = [r for r in caplog.records if r.name == "labelgrid.audit"]
+    upload = [r for r in records if getattr(r, "route", "") == "/datastore/" and getattr(r, "method", "") == "PUT"]
+    assert upload and upload[-1].user == "annie" and upload[-1].status == 200 and "image=audited" in upload[-1].query
+    assert any(r.route == "/auth/token" and r.user == "annie" for r in records)
+    assert any(r.route == "/datastore/image" and r.method == "DELETE" and r.status == 403 for r in records)
