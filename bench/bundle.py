@@ -12,7 +12,8 @@ SlidingWindowInferer 32³, Invertd, SaveImaged). Latency (p50 / p95, seconds) pe
       (preprocessing, network under the inferer, postprocessing with SaveImaged): the floor;
   (b) REST: MONAI Label's POST /infer/{bundle}?output=image of a `labelgrid up --bundle` stack
       (Envoy, gateway, inference, datastore, each its own process), the label streamed back.
-Interleaved round by round on the same image. Prints a table and writes JSON; numbers, not
+Interleaved round by round on the same image, with the same torch thread count on both sides
+(--torch-threads, default 1). Prints a table and writes JSON; numbers, not
 assertions. On a shared 2-core machine the spread is wide; the load average is recorded.
 """
 
@@ -138,7 +139,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,128", help="cube sides of the synthetic CT volumes")
     parser.add_argument("--runs", default="10,5", help="timed runs per size (after one warm-up)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/bundle.json"))
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads here and in the stack's services (LABELGRID_TORCH_THREADS): the same on both sides; "
+                             "on a loaded 2-core machine 2 OpenMP threads run an order of magnitude slower than 1")  # fmt: skip
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    os.environ["LABELGRID_TORCH_THREADS"] = str(args.torch_threads)
     sizes = [int(v) for v in args.sizes.split(",")]
     runs = [int(v) for v in args.runs.split(",")]
     if len(runs) != len(sizes):
@@ -147,6 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="labelgrid-bench-bundle-") as tmp:
         result = run(sizes, runs, Path(tmp))
     result["loadavg"] = {"before": load_before, "after": os.getloadavg()}
+    result["torch_threads"] = args.torch_threads
     print()
     print(table(result["latency"], f"bundle {MODEL} latency (s): in-process monai.bundle workflow run / bare parsed pipeline vs REST via Envoy"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
