@@ -18,7 +18,7 @@ NODE_CLIENT := clients/node
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-dev install-node install-prometheus install-orthanc install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
+.PHONY: run test install install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ install-orthanc:
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(ORTHANC_PACKAGES); }
 
+# Debian's Chromium for the OHIF browser test (driven by Playwright from PyPI with this
+# executable; Playwright's own browser download is never used), once per machine.
+install-chromium:
+	@$(call all_installed,chromium) || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
 # Toolchains of the Go and Java clients (Debian's packages), once per machine: apt-get runs only
 # when one of them is missing. clients/build.py generates and builds each client, cached under
 # build/clients by a hash of protos/ and the client's sources.
@@ -96,7 +103,7 @@ java-client: install-dev install-java
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev install-node install-prometheus install-orthanc install-go install-java check-protos
+test: install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java check-protos
 	$(PY) -m pytest
 
 protos: install-dev
