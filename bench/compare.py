@@ -128,9 +128,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Pat
 
 
 @contextmanager
-def serve(argv: list[str], url: str, log: Path, env: dict[str, str], timeout: float) -> Iterator[str]:
+def serve(
+    argv: list[str], url: str, log: Path, env: dict[str, str], timeout: float, cwd: Path | None = None
+) -> Iterator[str]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:
         wait_ready(url, proc, timeout, log)
         yield url
@@ -174,7 +176,8 @@ def labelgrid_server(studies: Path, work: Path, src: Path | None = None) -> Any:
     env = dict(os.environ)
     if src is not None:  # another checkout (e.g. an older commit, for a before/after table)
         env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "protos" / "gen" / "python")])
-    return serve(argv, f"http://127.0.0.1:{ports[0]}", work / "labelgrid.log", env, timeout=600)
+    # `python -m` puts the working directory first on sys.path: run in the tree to measure.
+    return serve(argv, f"http://127.0.0.1:{ports[0]}", work / "labelgrid.log", env, timeout=600, cwd=src or ROOT)
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -299,15 +302,22 @@ def main(argv: list[str] | None = None) -> None:
                 for system in systems:
                     work = base / f"{system}-{round_}"
                     shutil.copytree(base / "studies", work / "studies")
-                    start = time.perf_counter()
-                    server = (
-                        monailabel_server(exe, work / "studies", work)
-                        if system == "monailabel"
-                        else labelgrid_server(work / "studies", work, args.labelgrid_src)
-                    )
-                    with server as url:
-                        ready = time.perf_counter() - start
-                        result = measure(url, args)
+                    for attempt in range(3):  # a server that fails to start is started again
+                        start = time.perf_counter()
+                        server = (
+                            monailabel_server(exe, work / "studies", work)
+                            if system == "monailabel"
+                            else labelgrid_server(work / "studies", work, args.labelgrid_src)
+                        )
+                        try:
+                            with server as url:
+                                ready = time.perf_counter() - start
+                                result = measure(url, args)
+                            break
+                        except RuntimeError as err:
+                            if attempt == 2 or "server" not in str(err):
+                                raise
+                            print(f"{system} did not start, starting it again: {str(err)[-300:]}", flush=True)
                     result["ready_s"] = ready
                     results[system].append(result)
                     print(f"{count} images, round {round_ + 1}, {system}: ready in {ready:.1f} s", flush=True)
