@@ -30,7 +30,8 @@ from pydantic_settings import NoDecode
 
 from services.common.apps import LoadedApp
 from services.common.datastore_client import DatastoreClient
-from services.common.errors import ErrorKind, InvalidArgument, LabelgridError
+from services.common.auth import ADMIN, current_identity
+from services.common.errors import ErrorKind, InvalidArgument, LabelgridError, PermissionDenied
 from services.common.models.types import RESET_VERSION_PREFIX
 from services.common.settings import ServiceSettings, _split_list
 
@@ -51,7 +52,19 @@ class BundleSettings(ServiceSettings):
         return _split_list(value)
 
 BUNDLE_MODEL_SUFFIX = ".bundle"
+MODEL_SERVICES = frozenset({"inference", "training", "activelearning"})
 RESET_FILE_NAME = "initial.txt"
+
+
+def check_bundle_upload(model: str) -> None:
+    """A bundle is code: only an admin, or a model service storing its --bundle, may store a version of
+    a `<name>.bundle` model (whatever role the method itself needs); PERMISSION_DENIED otherwise."""
+    if not model.endswith(BUNDLE_MODEL_SUFFIX):
+        return
+    identity = current_identity.get()
+    if identity is None or identity.has_role(ADMIN) or identity.service in MODEL_SERVICES:
+        return  # auth off, an admin, or inference / training / active learning
+    raise PermissionDenied(f"storing MONAI Bundle {model!r} needs the admin role: a bundle is code")
 
 
 def archive_model(name: str) -> str:

@@ -19,10 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from services.common.auth import ADMIN, ANNOTATOR, UsersFile
 from tests.fixtures.bundles import ct_image, make_bundle, zip_folder
@@ -189,6 +192,16 @@ def test_only_an_admin_adds_a_bundle(http: httpx.Client, stack: Stack, tmp_path:
     assert refused.status_code == 403, refused.text
     assert "admin" in refused.json()["detail"]
     assert http.get("/model/ct_put").status_code == 404  # nothing stored
+
+    # Nor straight to the datastore over gRPC (Envoy's port): UploadModelVersion is an annotator's
+    # method, but a version of a `<name>.bundle` model is a bundle, refused before its bytes are read.
+    header = ds_pb.UploadModelVersionHeader(model="models/ct_put.bundle", file_name="bundle.zip", size_bytes=archive.stat().st_size)
+    messages = iter([ds_pb.UploadModelVersionRequest(header=header), ds_pb.UploadModelVersionRequest(chunk=archive.read_bytes()[:1024])])
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel, pytest.raises(grpc.RpcError) as caught:
+        ds_grpc.DatastoreServiceStub(channel).UploadModelVersion(messages, metadata=tuple(token(stack, "ann").items()), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+    assert "admin" in (caught.value.details() or "")
+    assert http.get("/model/ct_put").status_code == 404
 
 
 def test_put_download_replace_bundle(http: httpx.Client, tmp_path: Path, stack: Stack) -> None:

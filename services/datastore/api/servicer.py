@@ -16,6 +16,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from services.common.bundles import check_bundle_upload
 from services.common.chunks import CHUNK_SIZE, iter_file_chunks, sha256_file
 from services.common.protos import struct_to_dict
 from services.common.server import GrpcService
@@ -233,7 +234,11 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
     # -- models ------------------------------------------------------------------------
 
     async def UploadModelVersion(self, request_iterator: Any, context: Any) -> pb.UploadModelVersionResponse:
-        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
+        def spool(h: Any) -> Any:
+            check_bundle_upload(convert.model_of(h.model))  # a bundle is code: refused before its bytes are read
+            return self.ds.new_spool(h.size_bytes)
+
+        header, spooled = await receive_upload(request_iterator, spool)
         try:
             model = convert.model_of(header.model)
         except BaseException:
