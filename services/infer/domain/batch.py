@@ -108,7 +108,8 @@ class BatchInference:
         )
         await self._recover()
         async with self._lock:
-            busy = self._running is not None or bool(self._queue)
+            running = self._current is not None and not self._current.done()  # a job just ended is not busy
+            busy = running or bool(self._queue)
             if busy and not enqueue:
                 raise AlreadyExists("++++++++++ Batch_infer Task is Already Running", reason="ALREADY_RUNNING")
             doc = jobs.new_job(
