@@ -16,6 +16,7 @@ from tests.integration.conftest import GatewayStack
 pytestmark = pytest.mark.timeout(300)
 
 COUNT = 20
+SMALL = {"roi_size": [32, 32, 32]}  # a params key every inference of the batch gets (and a smaller window)
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
@@ -73,12 +74,13 @@ def test_batch_survives_a_client_that_hangs_up(stack: str) -> None:
         httpx.post(
             f"{url}/batch/infer/segmentation",
             params={"images": "all", "run_sync": "true"},
-            json={"device": "cuda", "multi_gpu": True, "gpus": "all", "label_tag": "original", "max_workers": 1},
+            json={"device": "cuda", "multi_gpu": True, "gpus": "all", "label_tag": "original", "max_workers": 1, **SMALL},
             timeout=httpx.Timeout(30.0, read=0.3),
         )
     running = last_task(url)
     assert running["status"] in ("SUBMITTED", "RUNNING")
     assert running["request"]["model"] == "segmentation" and running["request"]["images"] == "all"
+    assert running["request"]["roi_size"] == [32, 32, 32]
     # a second start while it runs: 429, as MONAI Label
     again = httpx.post(f"{url}/batch/infer/segmentation", json={})
     assert again.status_code == 429 and "Already Running" in again.json()["detail"]
@@ -101,7 +103,7 @@ def test_unlabeled_list_max_and_tag(stack: str) -> None:
     task = httpx.post(
         f"{url}/batch/infer/segmentation",
         params={"images": "unlabeled", "run_sync": "true"},
-        json={"label_tag": "pre", "max_batch_size": 4, "multi_gpu": False, "device": "cpu"},
+        json={"label_tag": "pre", "max_batch_size": 4, "multi_gpu": False, "device": "cpu", **SMALL},
         timeout=120,
     ).json()
     assert task["status"] == "DONE" and task["progress"]["total"] == 4
@@ -113,7 +115,7 @@ def test_unlabeled_list_max_and_tag(stack: str) -> None:
     listed = httpx.post(
         f"{url}/batch/infer/segmentation",
         params={"run_sync": "true"},
-        json={"images": ["batch_03", "batch_11"], "label_tag": "listed"},
+        json={"images": ["batch_03", "batch_11"], "label_tag": "listed", **SMALL},
         timeout=120,
     ).json()
     assert listed["status"] == "DONE" and listed["request"]["images"] == ["batch_03", "batch_11"]
