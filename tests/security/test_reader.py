@@ -136,3 +136,28 @@ def test_mutated_files_only_ever_fail_as_invalid_input(tmp_path: Path, ext: str,
         check_volume(path, ext)
     except InvalidArgument as error:
         assert error.reason == "INVALID_INPUT"
+
+
+@pytest.mark.parametrize("case", ["nrrd-data-file-x1c", "nrrd-gzip-bomb", "nifti-1024-cubed"])
+async def test_training_never_caches_a_hostile_file(tmp_path: Path, secret: tuple[Path, bytes], case: str) -> None:
+    """Training reads with MONAI's loaders (pynrrd follows a data file): its cache runs the same
+    check on every download, so such a file never reaches them."""
+    import hashlib
+
+    from services.common.datastore_client import DatastoreClient
+    from services.train.adapters.data import DataCache
+
+    name, data = build(case, str(secret[0]), "/nonexistent/x")
+    sha = hashlib.sha256(data).hexdigest()
+    cache = DataCache(DatastoreClient("127.0.0.1:9"), tmp_path / "cache", budget_bytes=1 << 30)
+
+    async def download(name: str, sha256: str, tmp_dir: Path, stream: object) -> Path:
+        path = tmp_dir / "blob"
+        path.write_bytes(data)
+        return path
+
+    cache._download = download  # type: ignore[method-assign]  # the bytes, as the datastore would send them
+    ext = ".nrrd" if name.endswith(".nrrd") else ".nii.gz"
+    with pytest.raises(InvalidArgument):
+        await cache._fetch(f"images/{case}", sha, ext, lambda folder: None)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

@@ -23,7 +23,8 @@ import httpx
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 
 from services.common.datastore_client import DatastoreClient
-from services.common.errors import LabelgridError, StorageError
+from services.common.errors import InvalidArgument, LabelgridError, StorageError
+from services.common.formats import check_volume
 
 
 FETCH_PREFIX = "fetch-"
@@ -62,11 +63,15 @@ class DataCache:
             label = next((item for item in image.labels if item.tag == tag), None)
             if label is None:
                 continue
-            image_path = await self._fetch(image.name, image.sha256, image.ext or ".nii.gz", lambda d, i=image.image_id: self.datastore.download_image(i, d))
-            label_path = await self._fetch(
-                label.name or f"images/{image.image_id}/labels/{tag}", label.sha256, label.ext or ".nii.gz",
-                lambda d, i=image.image_id: self.datastore.download_label(i, tag, d),
-            )  # fmt: skip
+            try:
+                image_path = await self._fetch(image.name, image.sha256, image.ext or ".nii.gz", lambda d, i=image.image_id: self.datastore.download_image(i, d))
+                label_path = await self._fetch(
+                    label.name or f"images/{image.image_id}/labels/{tag}", label.sha256, label.ext or ".nii.gz",
+                    lambda d, i=image.image_id: self.datastore.download_label(i, tag, d),
+                )  # fmt: skip
+            except InvalidArgument as error:  # a file the shared volume check refuses is never read
+                log(f"image {image.image_id} skipped: {error.message}")
+                continue
             datalist.append({"image": str(image_path), "label": str(label_path), "image_id": image.image_id})
         log(
             f"{len(datalist)} labeled image(s): {self.misses - misses} file(s) fetched from the datastore, "
@@ -90,6 +95,8 @@ class DataCache:
             tmp_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=FETCH_PREFIX, dir=self.cache_dir))
             try:
                 path = await self._download(name, sha256, tmp_dir, stream)
+                # MONAI's readers open it next: the shared check first (no data file, no bomb).
+                await asyncio.to_thread(check_volume, path, ext)
                 await asyncio.to_thread(os.replace, path, target)
             finally:
                 await asyncio.to_thread(shutil.rmtree, tmp_dir, True)
