@@ -90,3 +90,6 @@ class GatewaySettings(ServiceSettings):
     # GET /auth/'s client_id and realm (MONAI_LABEL_AUTH_CLIENT_ID / _REALM_URI).
     auth_client_id: str = "monailabel-app"
     auth_realm: str = ""
+    # OIDC: the issuer's token endpoint, to which POST /auth/token passes the password grant on
+    # (as MONAI Label does with Keycloak) when there is no users file.
+    auth_oidc_token_url: str | None = None

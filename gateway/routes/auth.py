@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Form, Request
 
 from gateway.auth import audit, bearer
@@ -34,7 +35,7 @@ async def auth_enabled(request: Request) -> dict[str, Any]:
     return {
         "enabled": settings.auth_enabled,
         "client_id": settings.auth_client_id,
-        "realm": settings.auth_realm,
+        "realm": settings.auth_realm or settings.auth_oidc_issuer or "",
     }
 
 
@@ -82,6 +83,8 @@ async def access_token(
     if not settings.auth_enabled:
         return {"access_token": None, "token_type": None}
     users = _users(request)
+    if users is None and settings.auth_oidc_token_url:
+        return await _issuer_token(settings, username, password)
     if users is None or not settings.auth_signing_key:
         raise GatewayError(
             400, "this server has no built-in users (auth uses configured tokens); send a bearer token instead"
@@ -112,3 +115,22 @@ async def valid_token(request: Request) -> dict[str, Any]:
     if identity is None:
         raise GatewayError(401, "Could not validate credentials", _UNAUTHORIZED)
     return identity.as_user()
+
+
+async def _issuer_token(settings: Any, username: str, password: str) -> dict[str, Any]:
+    """The password grant, passed on to the OIDC issuer (MONAI Label's /auth/token with Keycloak)."""
+    data = {"client_id": settings.auth_client_id, "username": username, "password": password, "grant_type": "password"}
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(settings.auth_oidc_token_url, data=data)
+    except httpx.HTTPError as err:
+        raise GatewayError(503, f"the identity provider did not answer: {type(err).__name__}") from None
+    if answer.status_code in (400, 401, 403):
+        raise GatewayError(401, "Incorrect username or password", _UNAUTHORIZED)
+    if answer.status_code != 200:
+        raise GatewayError(502, f"the identity provider answered {answer.status_code}")
+    try:
+        body = answer.json()
+        return {"access_token": str(body["access_token"]), "token_type": str(body.get("token_type") or "Bearer")}
+    except (ValueError, KeyError, TypeError):
+        raise GatewayError(502, "the identity provider's answer has no access_token") from None

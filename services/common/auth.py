@@ -276,6 +276,96 @@ def parse_service_credentials(entries: Iterable[str]) -> dict[str, str]:
     return out
 
 
+class JwksKeys:
+    """An issuer's signing keys (JWKS) from a URL or a file, cached and re-read for rotation.
+
+    Re-read every `refresh_seconds`, and at once for a token whose `kid` is unknown (a rotated
+    key), but at most every `min_refetch_seconds`, so tokens with made-up kids cannot make us
+    fetch in a loop. A fetch that fails keeps the keys it had."""
+
+    def __init__(self, source: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0, timeout: float = 5.0):
+        self.source = source
+        self.refresh_seconds, self.min_refetch_seconds, self.timeout = refresh_seconds, min_refetch_seconds, timeout
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched = float("-inf")
+
+    def _load(self) -> None:
+        self._fetched = time.monotonic()
+        try:
+            if self.source.startswith(("http://", "https://")):
+                import httpx
+
+                answer = httpx.get(self.source, timeout=self.timeout)
+                answer.raise_for_status()
+                data = answer.json()
+            else:
+                data = json.loads(Path(self.source).read_text(encoding="utf-8"))
+            keys = jwt.PyJWKSet.from_dict(data).keys
+        except Exception as err:  # noqa: BLE001 - keep the old keys; the token is refused if none fits
+            import logging
+
+            logging.getLogger("labelgrid.auth").warning("cannot read the JWKS %s: %s", self.source, err)
+            return
+        self._keys = {key.key_id: key for key in keys if key.key_id}
+
+    def key(self, kid: str) -> jwt.PyJWK | None:
+        age = time.monotonic() - self._fetched
+        if age >= self.refresh_seconds or (kid not in self._keys and age >= self.min_refetch_seconds):
+            self._load()
+        return self._keys.get(kid)
+
+
+@dataclass
+class OidcSettings:
+    """An external OpenID Connect issuer (Keycloak, Entra ID, Okta), with MONAI Label's claim names."""
+
+    issuer: str
+    jwks: str
+    audience: str | None = None
+    username_claim: str = "preferred_username"
+    roles_claim: str = "realm_access#roles"
+    leeway_seconds: float = 60.0
+
+
+ASYMMETRIC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+
+
+class OidcVerifier:
+    """Checks an issuer's access tokens: signature by a key of its JWKS (never HS*: no algorithm
+    confusion with our own key), issuer, audience when set, expiry with some clock skew."""
+
+    def __init__(self, settings: OidcSettings, keys: JwksKeys | None = None):
+        self.settings = settings
+        self.keys = keys or JwksKeys(settings.jwks)
+
+    def verify(self, token: str) -> Identity:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as err:
+            raise TokenError(str(err)) from None
+        if header.get("alg") not in ASYMMETRIC_ALGORITHMS:
+            raise TokenError("not an issuer's token")
+        key = self.keys.key(str(header.get("kid", "")))
+        if key is None:
+            raise TokenError("no key of the issuer has this kid")
+        options: dict[str, Any] = {"require": ["exp", "iss"], "verify_aud": self.settings.audience is not None}
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[header["alg"]], issuer=self.settings.issuer,
+                audience=self.settings.audience, leeway=self.settings.leeway_seconds, options=options,
+            )  # fmt: skip
+        except jwt.PyJWTError as err:
+            raise TokenError(str(err)) from None
+        roles: Any = claims
+        for part in self.settings.roles_claim.split("#"):
+            roles = roles.get(part) if isinstance(roles, dict) else None
+        roles = roles if isinstance(roles, list) else []
+        username = claims.get(self.settings.username_claim) or claims.get("sub")
+        if not username:
+            raise TokenError("the token names no user")
+        return Identity(str(username), frozenset(str(role) for role in roles), claims.get("email"), claims.get("name"))
+
+
 class Authenticator:
     """Turns a bearer token into an Identity, or None; every secret compared in constant time."""
 
@@ -284,21 +374,39 @@ class Authenticator:
         static_tokens: Iterable[str] = (),
         signing_key: str | None = None,
         service_credentials: Mapping[str, str] | None = None,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self._static = [hashlib.sha256(token.encode()).digest() for token in static_tokens if token]
         self._services = [(name, hashlib.sha256(token.encode()).digest()) for name, token in (service_credentials or {}).items()]
         self.signing_key = signing_key
+        self.oidc = oidc
 
     @classmethod
     def from_settings(cls, settings: Any) -> Authenticator:
-        return cls(settings.auth_tokens, settings.auth_signing_key, parse_service_credentials(settings.auth_services))
+        oidc = None
+        if getattr(settings, "auth_oidc_issuer", None):
+            oidc = OidcVerifier(
+                OidcSettings(
+                    settings.auth_oidc_issuer, settings.auth_oidc_jwks, settings.auth_oidc_audience,
+                    settings.auth_oidc_username_claim, settings.auth_oidc_roles_claim,
+                )
+            )  # fmt: skip
+        return cls(settings.auth_tokens, settings.auth_signing_key, parse_service_credentials(settings.auth_services), oidc)
 
     def authenticate(self, token: str) -> Identity | None:
-        if self.signing_key and token.count(".") == 2:
+        if token.count(".") == 2 and (self.signing_key or self.oidc):
             try:
-                return verify_access_token(token, self.signing_key)
+                algorithm = jwt.get_unverified_header(token).get("alg")
+            except jwt.PyJWTError:
+                return None
+            try:
+                if algorithm == ALGORITHM and self.signing_key:
+                    return verify_access_token(token, self.signing_key)
+                if algorithm != ALGORITHM and self.oidc is not None:
+                    return self.oidc.verify(token)
             except TokenError:
                 return None
+            return None
         # Equal-length digests, every candidate compared: timing tells nothing about a match.
         digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
         service = None

@@ -59,6 +59,20 @@ class ServiceSettings(BaseSettings):
     auth_services: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
     # The token this service sends to the datastore (its own entry of auth_services).
     auth_service_token: str | None = None
+    # An OpenID Connect issuer (Keycloak, Entra ID, Okta): its tokens are accepted, checked
+    # against its keys (JWKS URL or file) and, when set, the audience (client id). The claims
+    # are MONAI Label's MONAI_LABEL_AUTH_TOKEN_USERNAME / _ROLES ("a#b" is a nested claim).
+    auth_oidc_issuer: str | None = None
+    auth_oidc_jwks: str | None = None
+    auth_oidc_audience: str | None = None
+    auth_oidc_username_claim: str = "preferred_username"
+    auth_oidc_roles_claim: str = "realm_access#roles"
+
+    @pydantic.model_validator(mode="after")
+    def _check_oidc(self) -> Any:
+        if bool(self.auth_oidc_issuer) != bool(self.auth_oidc_jwks):
+            raise ValueError("auth_oidc_issuer and auth_oidc_jwks go together (the issuer and its keys)")
+        return self
 
     @field_validator("auth_tokens", "auth_services", mode="before")
     @classmethod
@@ -93,8 +107,8 @@ class ServiceSettings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        """Auth is on when static tokens, a signing key or service credentials are configured."""
-        return bool(self.auth_tokens or self.auth_signing_key or self.auth_services)
+        """Auth is on when static tokens, a signing key, service credentials or an issuer are configured."""
+        return bool(self.auth_tokens or self.auth_signing_key or self.auth_services or self.auth_oidc_issuer)
 
     @property
     def service_token(self) -> str:
