@@ -22,7 +22,7 @@ from services.datastore.adapters.dicomweb_store import PacsDatastore
 from services.datastore.app import build_datastore
 from services.datastore.domain.model import ImageFilter
 from services.datastore.settings import DatastoreSettings
-from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
+from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series, run_orthanc
 from tests.integration.conftest import free_port
 
 
@@ -133,5 +133,35 @@ def test_an_unknown_series_is_not_found(orthanc: Orthanc, tmp_path: Path) -> Non
     try:
         with pytest.raises(NotFound):
             store.get_image("1.2.3.4.5.6.7")
+    finally:
+        store.close()
+
+
+def test_a_final_label_the_pacs_cannot_take_is_not_stored(tmp_path: Path) -> None:
+    """The PACS goes away after the series was cached: saving a final label is UNAVAILABLE and
+    stores nothing (the SEG goes first); other tags still save, the cache still serves."""
+    series = ct_series(slices=3, seed=51, patient_id="GONE")
+    with run_orthanc(tmp_path / "orthanc") as own:
+        own.upload(series.datasets)
+        store = build_datastore(pacs_settings(own.dicomweb_url, tmp_path / "state", "GONE", dicomweb_timeout_seconds=2))
+        wait_for(lambda: store.status().total == 1)
+    try:  # Orthanc is stopped now
+        image_path = tmp_path / "image.nii.gz"
+        image_path.write_bytes(b"".join(store.read_image(series.series_uid).chunks))
+        image = nib.load(image_path)
+        label_path = tmp_path / "label.nii.gz"
+        nib.save(nib.Nifti1Image((np.asarray(image.dataobj) > 0).astype(np.uint8), image.affine), label_path)
+
+        def spooled() -> SpooledFile:
+            copy = tmp_path / f"upload-{uuid.uuid4().hex}"
+            copy.write_bytes(label_path.read_bytes())
+            return SpooledFile(copy, copy.stat().st_size, sha256_file(copy))
+
+        with pytest.raises(Unavailable, match="unavailable"):
+            store.add_label(spooled(), image_id=series.series_uid, tag="final", file_name="label.nii.gz", info={})
+        with pytest.raises(NotFound):
+            store.get_label(series.series_uid, "final")
+        store.add_label(spooled(), image_id=series.series_uid, tag="original", file_name="label.nii.gz", info={})
+        assert store.get_label(series.series_uid, "original").size > 0
     finally:
         store.close()

@@ -114,7 +114,14 @@ class PacsDatastore(Datastore):
         return counts
 
     def _mirror(self, series: PacsSeries) -> bool:
-        """Fetches and converts the series unless the index holds this very content; True if fetched."""
+        """Fetches and converts the series unless the index holds this very content; True if fetched.
+
+        One series at a time (a sync pass and a request for the same series wait for each
+        other, other series do not: a request never waits for a whole pass)."""
+        with self._locks(f"dicomweb:{series.series_uid}"):
+            return self._mirror_locked(series)
+
+    def _mirror_locked(self, series: PacsSeries) -> bool:
         key = self.pacs.content_key(series)
         old = self._find_image(series.series_uid)
         if old is not None and old.info.get(CONTENT_KEY) == key:
@@ -177,8 +184,7 @@ class PacsDatastore(Datastore):
             series = self.pacs.find_series(image_id)
             if series is None:
                 raise
-            with self._sync_lock:
-                self._mirror(series)
+            self._mirror(series)
             return super().get_image(image_id)
 
     # -- labels: final ones go back to the PACS as DICOM SEG ------------------------------
