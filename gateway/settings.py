@@ -92,4 +92,4 @@ class GatewaySettings(ServiceSettings):
     auth_realm: str = ""
     # OIDC: the issuer's token endpoint, to which POST /auth/token passes the password grant on
     # (as MONAI Label does with Keycloak) when there is no users file.
-    auth_oidc_token_url: str | None = None
+    auth_oidc_login_url: str | None = None

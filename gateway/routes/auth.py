@@ -83,7 +83,7 @@ async def access_token(
     if not settings.auth_enabled:
         return {"access_token": None, "token_type": None}
     users = _users(request)
-    if users is None and settings.auth_oidc_token_url:
+    if users is None and settings.auth_oidc_login_url:
         return await _issuer_token(settings, username, password)
     if users is None or not settings.auth_signing_key:
         raise GatewayError(
@@ -122,7 +122,7 @@ async def _issuer_token(settings: Any, username: str, password: str) -> dict[str
     data = {"client_id": settings.auth_client_id, "username": username, "password": password, "grant_type": "password"}
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            answer = await client.post(settings.auth_oidc_token_url, data=data)
+            answer = await client.post(settings.auth_oidc_login_url, data=data)
     except httpx.HTTPError as err:
         raise GatewayError(503, f"the identity provider did not answer: {type(err).__name__}") from None
     if answer.status_code in (400, 401, 403):

@@ -43,3 +43,24 @@ def test_users_signing_key_and_service_tokens(chart: Any) -> None:  # noqa: F811
 def test_auth_that_would_be_off_does_not_render(chart: Any, auth: dict[str, Any]) -> None:  # noqa: F811
     with pytest.raises(helm.HelmError):
         _render(chart, {"auth": auth})
+
+
+def test_oidc_env_and_egress(chart: Any) -> None:  # noqa: F811
+    oidc = {
+        "issuer": "https://kc.example.org/realms/monailabel",
+        "jwks": "https://kc.example.org/realms/monailabel/protocol/openid-connect/certs",
+        "loginUrl": "https://kc.example.org/realms/monailabel/protocol/openid-connect/token",
+        "egressTo": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+    }
+    docs = _render(chart, {"auth": {"enabled": True, "oidc": oidc}})
+    gateway, _ = _env(docs, "gateway")
+    datastore, _ = _env(docs, "datastore")
+    assert gateway["LABELGRID_AUTH_OIDC_LOGIN_URL"]["value"] == oidc["loginUrl"]
+    assert "LABELGRID_AUTH_OIDC_LOGIN_URL" not in datastore
+    for env in (gateway, datastore):
+        assert env["LABELGRID_AUTH_OIDC_ISSUER"]["value"] == oidc["issuer"]
+        assert env["LABELGRID_AUTH_OIDC_ROLES_CLAIM"]["value"] == "realm_access#roles"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-datastore")
+    assert {"to": oidc["egressTo"], "ports": [{"port": 443, "protocol": "TCP"}]} in policy["spec"]["egress"]
+    with pytest.raises(helm.HelmError):
+        _render(chart, {"auth": {"enabled": True, "oidc": {"issuer": oidc["issuer"]}}})

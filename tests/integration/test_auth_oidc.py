@@ -170,7 +170,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer) -> Iterator[
     oidc = {"auth_oidc_issuer": ISSUER, "auth_oidc_jwks": f"{issuer.url}/jwks", "auth_oidc_audience": "monailabel-app"}
     running = GatewayStack(
         tmp_path_factory.mktemp("oidc"),
-        gateway_overrides={**oidc, "auth_oidc_token_url": f"{issuer.url}/token"},
+        gateway_overrides={**oidc, "auth_oidc_login_url": f"{issuer.url}/token"},
         datastore_overrides=oidc,
     ).start()
     yield running

@@ -219,6 +219,26 @@ readinessProbe:
 - name: LABELGRID_AUTH_SERVICE_TOKEN
   value: "$(LG_SERVICE_TOKEN_{{ upper .component }})"
 {{- end }}
+{{- with $root.Values.auth.oidc }}
+{{- if .issuer }}
+- name: LABELGRID_AUTH_OIDC_ISSUER
+  value: {{ .issuer | quote }}
+- name: LABELGRID_AUTH_OIDC_JWKS
+  value: {{ .jwks | quote }}
+{{- if .audience }}
+- name: LABELGRID_AUTH_OIDC_AUDIENCE
+  value: {{ .audience | quote }}
+{{- end }}
+- name: LABELGRID_AUTH_OIDC_USERNAME_CLAIM
+  value: {{ .usernameClaim | quote }}
+- name: LABELGRID_AUTH_OIDC_ROLES_CLAIM
+  value: {{ .rolesClaim | quote }}
+{{- end }}
+{{- end }}
+{{- if and (eq .component "gateway") $root.Values.auth.oidc.issuer $root.Values.auth.oidc.loginUrl }}
+- name: LABELGRID_AUTH_OIDC_LOGIN_URL
+  value: {{ $root.Values.auth.oidc.loginUrl | quote }}
+{{- end }}
 {{- if and (eq .component "gateway") $root.Values.auth.users.existingSecret }}
 - name: LABELGRID_AUTH_USERS_FILE
   value: /etc/labelgrid/auth/users.json
@@ -315,9 +335,27 @@ readinessProbe:
 {{- if and (eq .Values.index.type "sqlite") .Values.datastore.autoscaling.enabled -}}
 {{- fail "index.type=sqlite runs one datastore replica: datastore.autoscaling needs postgresql or external" -}}
 {{- end -}}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) (not .Values.auth.users.existingSecret) -}}
-{{- fail "auth.enabled needs users (auth.users.existingSecret) or static tokens (auth.existingSecret or auth.tokens)" -}}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) (not .Values.auth.users.existingSecret) (not .Values.auth.oidc.issuer) -}}
+{{- fail "auth.enabled needs users (auth.users.existingSecret), an OIDC issuer (auth.oidc.issuer) or static tokens (auth.existingSecret or auth.tokens)" -}}
 {{- end -}}
+{{- if and .Values.auth.oidc.issuer (not .Values.auth.oidc.jwks) -}}
+{{- fail "auth.oidc.issuer needs auth.oidc.jwks (the issuer's keys)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Egress to the OIDC issuer (its keys, and the login for the gateway), when one is set. */}}
+{{- define "labelgrid.oidcEgress" -}}
+{{- if and .Values.auth.enabled .Values.auth.oidc.issuer }}
+- {{- with .Values.auth.oidc.egressTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  ports:
+    {{- range .Values.auth.oidc.egressPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
 {{- if and .Values.auth.enabled .Values.auth.tokens (not (compact .Values.auth.tokens)) -}}
 {{- fail "auth.tokens holds only empty tokens: refusing to render auth that would be off" -}}
 {{- end -}}
