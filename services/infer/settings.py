@@ -34,3 +34,10 @@ class InferSettings(BundleSettings):
     torch_threads: Annotated[int, pydantic.Field(ge=0)] = 0
     # Run one forward pass when a model loads, so the first request does not pay for lazy init.
     warm_up: bool = True
+    # gRPC target reaching every inference replica (e.g. dns:///labelgrid-inference-headless:50052):
+    # batch inference sends its images there, round robin, to use all replicas' devices; empty:
+    # this replica's devices only.
+    batch_address: str = ""
+    # Images of a batch in flight at once; 0: twice this replica's device slots (with
+    # batch_address, set it to the slots of all replicas, times two).
+    batch_width: Annotated[int, pydantic.Field(ge=0)] = 0

@@ -390,3 +390,40 @@ async def test_scribbles_from_a_stored_label(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     without = infer_request("scribbles", "spheres_1")
     await expect_error(stack.stub.Infer(without), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+
+
+async def test_batch_spreads_over_replicas(stack: Stack, tmp_path: Path) -> None:
+    """batch_address: a replica sends the batch's images, round robin, to every replica."""
+    for number in range(3, 9):
+        await upload_image(stack.ds_stub, sphere_image((24, 24, 24), number), f"r{number}.nii.gz", image_id=f"replica_{number}")
+    address = stack.datastore.service.address
+    a, inference_a, client_a = await start_inference(address, tmp_path / "a")
+    b, inference_b, client_b = await start_inference(address, tmp_path / "b")
+    c, inference_c, client_c = await start_inference(
+        address, tmp_path / "c", batch_address=f"ipv4:{a.address},{b.address}", batch_width=4
+    )
+    channel = grpc.aio.insecure_channel(c.address)
+    try:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        job = res.BatchInferenceJob(
+            model="models/segmentation",
+            images=[f"images/replica_{n}" for n in range(3, 9)],
+            params=res.InferParams(result=res.ResultOptions(label_tag="replicas")),
+        )
+        created = await stub.CreateBatchInferenceJob(pb.CreateBatchInferenceJobRequest(batch_inference_job=job))
+        name = created.batch_inference_job.name
+        for _ in range(1200):
+            done = (await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=name))).batch_inference_job
+            if done.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED):
+                break
+            await asyncio.sleep(0.1)
+        assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.processed_images == 6, done
+        # both replicas ran images; the one holding the job ran none itself
+        assert inference_a.cache.loaded("segmentation") and inference_b.cache.loaded("segmentation")
+        assert not inference_c.cache.loaded("segmentation")
+        label = await stack.ds_stub.GetLabel(ds.GetLabelRequest(name="images/replica_5/labels/replicas"))
+        assert label.label.info["model"] == "segmentation"
+    finally:
+        await channel.close()
+        for service in (c, b, a):
+            await service.stop(0)

@@ -26,6 +26,7 @@ from services.common.server import GrpcService
 from services.common.streams import send_chunks
 from services.infer.adapters.batch_images import DatastoreImages
 from services.infer.adapters.metrics import InferenceCollector
+from services.infer.adapters.remote_infer import RemoteInfer
 from services.infer.api import convert
 from services.infer.domain.batch import RECORD_KIND as BATCH_RECORD_KIND
 from services.infer.domain.batch import BatchInference
@@ -232,10 +233,19 @@ def register(
 def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
     """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
     upload_dir = settings.work_dir.resolve() / "uploads"
-    batch = BatchInference(inference, DatastoreImages(datastore), JobStore(datastore, BATCH_RECORD_KIND))
+    remote = RemoteInfer(settings.batch_address, settings.service_token) if settings.batch_address else None
+    batch = BatchInference(
+        inference,
+        DatastoreImages(datastore),
+        JobStore(datastore, BATCH_RECORD_KIND),
+        width=settings.batch_width or None,
+        infer_one=remote,
+    )
 
     async def on_stop() -> None:
         await batch.close()
+        if remote is not None:
+            await remote.close()
         await datastore.close()
         inference.close()
 

@@ -35,6 +35,12 @@ DEFAULT_TAG = "original"
 MAX_IMAGES = 100_000
 
 
+class InferOne(Protocol):
+    async def __call__(self, model: str, image_id: str, params: InferParams) -> tuple[str, str]:
+        """Runs the model on one datastore image, saving the label; (device, saved label name)."""
+        ...
+
+
 class ImageLister(Protocol):
     async def image_ids(self, image_filter: str) -> list[str]:
         """Ids of the datastore's images: all, or those with / without a final label."""
@@ -49,10 +55,19 @@ def owner_id() -> str:
 class BatchInference:
     """Create, list, get and cancel batch inference jobs; runs them one at a time."""
 
-    def __init__(self, inference: Inference, images: ImageLister, store: JobStore, width: int | None = None) -> None:
+    def __init__(
+        self,
+        inference: Inference,
+        images: ImageLister,
+        store: JobStore,
+        width: int | None = None,
+        infer_one: InferOne | None = None,
+    ) -> None:
         self.inference = inference
         self.images = images
         self.store = store
+        # Where each image runs: this replica's devices, or (RemoteInfer) every replica's.
+        self.infer_one: InferOne = infer_one or self._infer_here
         # Images in flight at once: every slot busy and one waiting behind each.
         self.width = width or max(1, 2 * sum(q.concurrency for q in inference.scheduler.queues.values()))
         self.owner = owner_id()
@@ -63,6 +78,11 @@ class BatchInference:
         self._runner: asyncio.Task[None] | None = None  # runs the queue, one job after another
         self._lock = asyncio.Lock()
         self._recovered = False
+
+    async def _infer_here(self, model: str, image_id: str, params: InferParams) -> tuple[str, str]:
+        outcome = await self.inference.infer(model, ImageInput(image_id=image_id), params)
+        outcome.cleanup()
+        return outcome.device, outcome.saved_label
 
     async def _recover(self) -> None:
         """Once: jobs a previous process on this host left active are FAILED (they died with it)."""
@@ -221,16 +241,13 @@ class BatchInference:
         async def one(index: int, image_id: str) -> None:
             device = devices[index % len(devices)] if devices else params.device
             try:
-                outcome = await self.inference.infer(
-                    model, ImageInput(image_id=image_id), dataclasses.replace(params, device=device)
-                )
+                ran_on, saved = await self.infer_one(model, image_id, dataclasses.replace(params, device=device))
             except LabelgridError as error:
                 counts["failed_images"] += 1
                 line = f"{image_id}: failed: {error.message}"
             else:
-                outcome.cleanup()
                 counts["processed_images"] += 1
-                line = f"{image_id} => {outcome.device} => {outcome.saved_label}"
+                line = f"{image_id} => {ran_on} => {saved}"
             done = counts["processed_images"] + counts["failed_images"]
             await self.store.update(job_id, dict(counts), persist=False)
             await self.store.log(job_id, f"{line} ({done} / {len(image_ids)})")
