@@ -18,7 +18,7 @@ import pytest
 
 from services.common.chunks import SpooledFile, sha256_file
 from services.common.errors import NotFound, Unavailable
-from services.datastore.adapters.dicomweb_store import PacsDatastore
+from services.datastore.adapters.dicomweb_store import CACHED_KEY, CONTENT_KEY, PacsDatastore
 from services.datastore.app import build_datastore
 from services.datastore.domain.model import ImageFilter
 from services.datastore.settings import DatastoreSettings
@@ -77,16 +77,21 @@ def test_a_change_in_the_pacs_refetches_and_segs_count_as_labels(orthanc: Orthan
     try:
         assert isinstance(store, PacsDatastore)
         wait_for(lambda: store.status().total == 2)
-        first = store.get_image(series.series_uid)
-        assert store.sync()["unchanged"] == 2  # the cache answers
+        listed = {image.image_id: image for image in store.list_images().items}
+        assert {i.size for i in listed.values()} == {0}  # listed, nothing fetched yet
+        first = store.get_image(series.series_uid)  # asked for: fetched and converted now
+        assert first.size > 0 and first.info[CACHED_KEY] == first.info[CONTENT_KEY]
+        assert store.get_image(series.series_uid).update_time == first.update_time  # the cache answers
+        assert store.sync()["unchanged"] == 2
         # Next sample over PACS series: both unlabeled, leased one after the other.
         leased = {store.acquire_lease("c1", "random")[0].image_id, store.acquire_lease("c2", "random")[0].image_id}
         assert leased == {series.series_uid, other.series_uid}
 
         orthanc.upload(series.datasets[4:])  # the PACS's copy changes: one more slice
-        assert store.sync()["fetched"] == 1
-        changed = store.get_image(series.series_uid)
+        assert store.sync()["listed"] == 1
+        changed = store.get_image(series.series_uid)  # stale: fetched again
         assert changed.sha256 != first.sha256
+        assert store.get_image(series.series_uid).sha256 == changed.sha256
 
         # A final label saved here goes to the PACS as SEG ...
         path = tmp_path / "label.nii.gz"
@@ -145,6 +150,7 @@ def test_a_final_label_the_pacs_cannot_take_is_not_stored(tmp_path: Path) -> Non
         own.upload(series.datasets)
         store = build_datastore(pacs_settings(own.dicomweb_url, tmp_path / "state", "GONE", dicomweb_timeout_seconds=2))
         wait_for(lambda: store.status().total == 1)
+        store.get_image(series.series_uid)  # used once while the PACS was there: cached
     try:  # Orthanc is stopped now
         image_path = tmp_path / "image.nii.gz"
         image_path.write_bytes(b"".join(store.read_image(series.series_uid).chunks))

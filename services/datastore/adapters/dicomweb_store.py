@@ -3,11 +3,13 @@
 `PacsDatastore` is the plain `Datastore` (blob store + SQL index, so next-sample, leases,
 scores and training work unchanged) fed from a `DicomwebPacs`:
 
-- sync (at open, then every `sync_seconds` in a background thread, and on demand for a series
-  asked for by id): QIDO lists the series the search filter selects; a series not in the
-  index, or whose content key (its instance UIDs) changed, is fetched once by WADO, converted
-  to a NIfTI volume (highdicom: slice order, orientation, spacing) and stored through the
-  normal add_image path, so the blob store is the cache, keyed by series and content.
+- sync (at open, then every `sync_seconds` in a background thread): QIDO lists the series the
+  search filter selects and each is indexed with its content key (a hash of its instance UIDs),
+  without its bytes. A series is fetched by WADO when someone first asks for it by id
+  (inference, training, a label; also a series the filter did not list), converted to a NIfTI
+  volume (highdicom: slice order, orientation, spacing) and stored through the normal
+  add_image path, so the blob store is the cache, keyed by series and content; a series whose
+  content key changed in the PACS is fetched again on its next use.
   SEG series whose source series has no final label become that series' final label: a series
   with a SEG counts as labeled.
 - a `final` label saved here is first written back to the PACS as a DICOM SEG by STOW (then
@@ -45,7 +47,8 @@ from services.datastore.domain.model import DEFAULT_TAG_FINAL, ImageRecord, Labe
 
 log = logging.getLogger(__name__)
 
-CONTENT_KEY = "dicomweb_content"  # image info: the series' content key when it was converted
+CONTENT_KEY = "dicomweb_content"  # image info: the series' content key as last listed
+CACHED_KEY = "dicomweb_cached"  # image info: the content key of the cached volume ('' until fetched)
 SEG_KEY = "dicomweb_seg_series"  # label info: the SEG series that holds this final label
 
 
@@ -86,19 +89,20 @@ class PacsDatastore(Datastore):
     # -- sync ----------------------------------------------------------------------------
 
     def sync(self) -> dict[str, int]:
-        """One pass over the PACS; returns how many series were fetched, kept, skipped, and SEGs imported."""
-        counts = {"fetched": 0, "unchanged": 0, "skipped": 0, "segs": 0}
+        """One pass over the PACS: new or changed series are indexed (fetched only when asked for);
+        returns how many series were listed anew, were unchanged, and SEGs imported."""
+        counts = {"listed": 0, "unchanged": 0, "skipped": 0, "segs": 0}
         with self._sync_lock:
             for series in self.pacs.list_series():
                 if self._stop.is_set():
                     break
                 try:
-                    fetched = self._mirror(series)
+                    listed = self._mirror(series, fetch=False)
                 except InvalidArgument as err:  # a series that is not one volume (scout, multi-frame mix, ...)
                     counts["skipped"] += 1
                     log.warning("DICOMweb series %s skipped: %s", series.series_uid, err)
                     continue
-                counts["fetched" if fetched else "unchanged"] += 1
+                counts["listed" if listed else "unchanged"] += 1
             for seg in self.pacs.list_segs():
                 if self._stop.is_set():
                     break
@@ -113,19 +117,31 @@ class PacsDatastore(Datastore):
         log.info("DICOMweb sync", extra=counts)
         return counts
 
-    def _mirror(self, series: PacsSeries) -> bool:
-        """Fetches and converts the series unless the index holds this very content; True if fetched.
+    def _mirror(self, series: PacsSeries, *, fetch: bool) -> bool:
+        """Indexes the series (`fetch` False) or makes sure its current content is cached (True);
+        True if something changed.
 
         One series at a time (a sync pass and a request for the same series wait for each
         other, other series do not: a request never waits for a whole pass)."""
         with self._locks(f"dicomweb:{series.series_uid}"):
-            return self._mirror_locked(series)
+            return self._mirror_locked(series, fetch)
 
-    def _mirror_locked(self, series: PacsSeries) -> bool:
+    def _mirror_locked(self, series: PacsSeries, fetch: bool) -> bool:
         key = self.pacs.content_key(series)
         old = self._find_image(series.series_uid)
-        if old is not None and old.info.get(CONTENT_KEY) == key:
-            return False
+        kept = {k: v for k, v in (old.info if old else {}).items() if k not in ("ts", "name")}
+        if old is not None and old.info.get(CACHED_KEY) == key:
+            return False  # cached and current
+        if not fetch:
+            if old is not None and old.info.get(CONTENT_KEY) == key:
+                return False
+            info = {**kept, **series.info(), CONTENT_KEY: key, CACHED_KEY: kept.get(CACHED_KEY, "")}
+            if old is None:  # listed, not fetched: no bytes yet (size 0) until someone asks for it
+                self.index.upsert_image(series.series_uid, ".nii.gz", "", 0, info)
+            else:  # changed in the PACS: the cached copy is stale, fetched again when asked for
+                self.index.update_image_info(series.series_uid, info, replace=True)
+            self._changed()
+            return True
         datasets = self.pacs.fetch(series)
         fd, name = tempfile.mkstemp(prefix="series-", suffix=".nii.gz", dir=self.blobs.spool_dir())
         os.close(fd)
@@ -136,10 +152,22 @@ class PacsDatastore(Datastore):
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        info = {**series.info(), CONTENT_KEY: key}
+        info = {**kept, **series.info(), CONTENT_KEY: key, CACHED_KEY: key}
         super().add_image(spooled, image_id=series.series_uid, file_name=f"{series.series_uid}.nii.gz", info=info)
         log.info("DICOMweb series %s cached (%d instances)", series.series_uid, len(datasets))
         return True
+
+    @staticmethod
+    def _series_of(image: ImageRecord) -> PacsSeries:
+        info = image.info
+        return PacsSeries(
+            study_uid=str(info["StudyInstanceUID"]),
+            series_uid=str(info["SeriesInstanceUID"]),
+            modality=str(info.get("Modality", "")),
+            patient_id=str(info.get("PatientID", "")),
+            description=str(info.get("SeriesDescription", "")),
+            instances=0,
+        )
 
     def _import_seg(self, seg_series: PacsSeries) -> bool:
         """A SEG made elsewhere (or by an earlier run) becomes its source series' final label."""
@@ -150,6 +178,7 @@ class PacsDatastore(Datastore):
         image = self._find_image(source_uid) if source_uid else None
         if image is None or DEFAULT_TAG_FINAL in image.labels:
             return False
+        image = self.get_image(source_uid)  # fetched now if it was only listed
         spool = Path(self.blobs.spool_dir())
         fd, image_name = tempfile.mkstemp(prefix="image-", suffix=".nii.gz", dir=spool)
         with os.fdopen(fd, "wb") as out:
@@ -178,14 +207,20 @@ class PacsDatastore(Datastore):
     # -- images: a series asked for by id is fetched on demand --------------------------
 
     def get_image(self, image_id: str) -> ImageRecord:
+        """The image, its current content cached first: a series is fetched when someone asks
+        for it (inference, training, a label), not when it is listed."""
         try:
-            return super().get_image(image_id)
+            image = super().get_image(image_id)
         except NotFound:
             series = self.pacs.find_series(image_id)
             if series is None:
                 raise
-            self._mirror(series)
+            self._mirror(series, fetch=True)
             return super().get_image(image_id)
+        if image.info.get("SeriesInstanceUID") and image.info.get(CACHED_KEY) != image.info.get(CONTENT_KEY):
+            self._mirror(self._series_of(image), fetch=True)
+            image = super().get_image(image_id)
+        return image
 
     # -- labels: final ones go back to the PACS as DICOM SEG ------------------------------
 
@@ -193,6 +228,11 @@ class PacsDatastore(Datastore):
         self, spooled: SpooledFile, *, image_id: str, tag: str, file_name: str, info: dict[str, Any]
     ) -> LabelRecord:
         if (tag or DEFAULT_TAG_FINAL) != DEFAULT_TAG_FINAL:
+            try:
+                self.get_image(image_id)  # cached first (a raw label.bin is converted against it)
+            except BaseException:
+                Path(spooled.path).unlink(missing_ok=True)
+                raise
             return super().add_label(spooled, image_id=image_id, tag=tag, file_name=file_name, info=info)
         try:
             image = self.get_image(image_id)
@@ -220,14 +260,7 @@ class PacsDatastore(Datastore):
             volume = VolumeFiles().read(named_path, file_name)
         finally:
             named_path.unlink(missing_ok=True)
-        series = PacsSeries(
-            study_uid=image.info["StudyInstanceUID"],
-            series_uid=image.info["SeriesInstanceUID"],
-            modality=image.info.get("Modality", ""),
-            patient_id=image.info.get("PatientID", ""),
-            description="",
-            instances=0,
-        )
+        series = self._series_of(image)
         names = _label_names(info)
         seg = label_to_seg(volume.data.round().astype("uint16"), volume.affine, self.pacs.metadata(series), names)
         self.pacs.store([seg], series.study_uid)
