@@ -86,7 +86,8 @@ class Identity:
             "username": self.username,
             "email": self.email,
             "name": self.name,
-            "roles": [role for role in ROLES if role in self.roles] + sorted(self.roles - set(ROLES)),
+            # In the order of MONAI Label's DEFAULT_USER (admin, reviewer, annotator, user).
+            "roles": [role for role in reversed(ROLES) if role in self.roles] + sorted(self.roles - set(ROLES)),
         }
 
 

@@ -128,7 +128,7 @@ def test_auth_routes_answer_as_monailabel(url: str) -> None:
     assert 0 < claims["exp"] - claims["iat"] <= 900
     valid = httpx.get(f"{url}/auth/token/valid", headers=bearer(token))
     assert valid.status_code == 200
-    assert valid.json() == {"username": "annie", "email": None, "name": None, "roles": [USER, ANNOTATOR]}
+    assert valid.json() == {"username": "annie", "email": None, "name": None, "roles": [ANNOTATOR, USER]}
     missing = httpx.get(f"{url}/auth/token/valid")
     assert missing.status_code == 401 and missing.json() == {"detail": "Not authenticated"}
     assert missing.headers["www-authenticate"] == "Bearer"

@@ -106,7 +106,13 @@ def test_auth_route_is_public_and_off(http: httpx.Client) -> None:
         "client_id": "monailabel-app",
         "realm": "",
     }
-    assert http.get("/auth/token/valid").status_code == 200
+    # MONAI Label's DEFAULT_USER: who every request runs as with auth off.
+    assert http.get("/auth/token/valid").json() == {
+        "username": "admin",
+        "email": "admin@monailabel.com",
+        "name": "UNK",
+        "roles": ["monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"],
+    }
 
 
 def test_unavailable_routes_are_501(http: httpx.Client) -> None:
