@@ -269,6 +269,7 @@ class StackAuth:
             key = key or new_signing_key()
         if not key and not tokens:
             return cls()
+        key = key or new_signing_key()  # also signs the next-sample download links
         services = {name: secrets.token_urlsafe(32) for name in ("gateway", "inference", "training", "activelearning")}
         return cls(key, tokens, services)
 
