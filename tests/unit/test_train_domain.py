@@ -117,7 +117,7 @@ async def test_a_cancelled_queued_job_leaves_nothing_behind(tmp_path: Path) -> N
     second = await t.create(JobRequest("seg", {}, enqueue=True))
     assert second["state"] == QUEUED and second["queue_position"] == 1
     assert (await t.cancel(second["job_id"]))["state"] == CANCELLED
-    assert second["job_id"] not in t._requests
+    assert second["job_id"] not in t._jobs
     await t.cancel(first["job_id"])
     await t.close()
 
@@ -185,7 +185,7 @@ async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path
 
     records.put_record = slow_put  # type: ignore[method-assign]
     await asyncio.wait_for(t.close(), 10)
-    assert not t._tasks and not t._queue
+    assert not t._jobs and not t._queue
     states = {doc["state"] for doc in await t.store.list()}
     assert states <= {"SUCCEEDED", "FAILED"}, states
 

@@ -49,10 +49,10 @@ class TrainingCollector(Collector):
         )
         for job_id, progress in list(self.training.last_progress.items()):
             trainer = self.training.states.get(job_id, ("", ""))[1]
-            epoch.add_metric([trainer], progress.get("epoch", 0))
-            loss.add_metric([trainer], progress.get("loss", 0.0))
-            best.add_metric([trainer], progress.get("best_metric", 0.0))
-            remaining.add_metric([trainer], progress.get("estimated_remaining_seconds", 0.0))
+            epoch.add_metric([trainer], progress.epoch)
+            loss.add_metric([trainer], progress.loss)
+            best.add_metric([trainer], progress.best_metric)
+            remaining.add_metric([trainer], progress.estimated_remaining_seconds)
         yield from (epoch, loss, best, remaining)
 
         finished = CounterMetricFamily(

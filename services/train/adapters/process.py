@@ -3,7 +3,7 @@
 The child runs in its own session (process group), so a stop reaches it and everything it
 started (torchrun's workers) at once: SIGTERM, then SIGKILL after the grace period. Its
 stdout and stderr become the job's log (and `train.log` in the job dir); its events file
-is tailed and handed over as dicts. The child watches the service's pid and exits when
+is tailed and handed over as typed events (`services.train.domain.events`). The child watches the service's pid and exits when
 the service is gone.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import services
+from services.train.domain import events
 
 PROJECT_ROOT = Path(services.__file__).resolve().parent.parent
 EVENT_POLL_SECONDS = 0.2
@@ -31,7 +32,7 @@ def _visible_gpus() -> list[str]:
 
 
 class ChildRun:
-    def __init__(self, proc: asyncio.subprocess.Process, job_dir: Path, events: Path, on_line: Callable[[str], None], on_event: Callable[[dict[str, Any]], None]):
+    def __init__(self, proc: asyncio.subprocess.Process, job_dir: Path, events: Path, on_line: Callable[[str], None], on_event: Callable[[events.Event], None]):
         self.proc = proc
         self.pid = proc.pid
         self.job_dir = job_dir
@@ -68,10 +69,10 @@ class ChildRun:
         self._offset += end + 1
         for raw in data[: end + 1].splitlines():
             try:
-                event = json.loads(raw)
+                event = events.parse(json.loads(raw))
             except ValueError:
                 continue
-            if isinstance(event, dict):
+            if event is not None:
                 self.on_event(event)
 
     async def _tail_events(self) -> None:
@@ -137,7 +138,7 @@ class ProcessLauncher:
         spec: dict[str, Any],
         devices: list[str],
         on_line: Callable[[str], None],
-        on_event: Callable[[dict[str, Any]], None],
+        on_event: Callable[[events.Event], None],
     ) -> ChildRun:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"

@@ -4,13 +4,8 @@ Runs under the training service (one process) or under torchrun (one process per
 DistributedDataParallel: NCCL on GPUs, gloo on the CPU). It loads the app, builds the
 trainer's parts, and trains them with MONAI's engines: SupervisedTrainer, a
 SupervisedEvaluator run by ValidationHandler, StatsHandler for the log, EarlyStopHandler.
-Rank 0 reports through a JSON-lines events file the service tails:
-
-    {"type": "started", ...}                 datasets built, first step next
-    {"type": "iteration", epoch, iteration, loss, ...}
-    {"type": "epoch", stats: {...}}          MONAI Label's train_stats after every epoch
-    {"type": "checkpoint", path, metric, epoch}   the key metric improved: weights saved at path
-    {"type": "completed", stats: {...}}
+Rank 0 reports through a JSON-lines events file the service tails; the events (started,
+iteration, epoch, checkpoint, completed) are the typed schema of `services.train.domain.events`.
 
 The service publishes each checkpoint as a model version. The worker exits when the
 service that started it dies (a kill -9 of the service must not leave training running).
@@ -31,9 +26,11 @@ from typing import Any
 
 import torch
 
+from services.train.domain import events
+
 log = logging.getLogger("labelgrid.train.worker")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[events.Event], None]
 
 
 def _watch_parent(pid: int) -> None:
@@ -251,15 +248,14 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
         last_tick[0] = now
         output = engine.state.output
         loss = output[0]["loss"] if isinstance(output, list) and output else output.get("loss") if isinstance(output, dict) else None
-        emit({
-            "type": "iteration",
-            "epoch": int(engine.state.epoch),
-            "iteration": int(engine.state.iteration),
-            "epoch_length": int(engine.state.epoch_length or 0),
-            "max_epochs": max_epochs,
-            "loss": _finite(_to_float(loss.item() if isinstance(loss, torch.Tensor) else loss)),
-            "elapsed_seconds": time.time() - started,
-        })
+        emit(events.Iteration(
+            epoch=int(engine.state.epoch),
+            iteration=int(engine.state.iteration),
+            epoch_length=int(engine.state.epoch_length or 0),
+            max_epochs=max_epochs,
+            loss=_finite(_to_float(loss.item() if isinstance(loss, torch.Tensor) else loss)),
+            elapsed_seconds=time.time() - started,
+        ))  # fmt: skip
 
     def on_epoch(engine: Any) -> None:
         key_engine = evaluator if evaluator is not None and evaluator.state.metrics else engine
@@ -271,28 +267,28 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
             tmp = path.with_suffix(".tmp")
             torch.save(_unwrap(network).state_dict(), tmp)
             os.replace(tmp, path)
-            emit({"type": "checkpoint", "path": str(path), "metric_name": name, "metric": metric, "epoch": int(engine.state.epoch)})
+            emit(events.Checkpoint(path=str(path), metric_name=name, metric=metric, epoch=int(engine.state.epoch)))
         stats.clear()
         stats.update(make_stats(final=False))
-        emit(_finite({"type": "epoch", "epoch": int(engine.state.epoch), "metric_name": name, "metric": metric, "stats": dict(stats)}))
+        emit(events.Epoch(epoch=int(engine.state.epoch), metric_name=name, metric=_finite(metric), stats=dict(stats)))
 
     if rank == 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, on_iteration)
         # After ValidationHandler (attached first), so the evaluator's metric is this epoch's.
         trainer.add_event_handler(Events.EPOCH_COMPLETED, on_epoch)
-        emit({"type": "started", "train_items": len(train_list), "val_items": len(val_list), "world_size": world_size})
+        emit(events.Started(train_items=len(train_list), val_items=len(val_list), world_size=world_size))
     trainer.run()
     final = make_stats(final=True)
     if rank == 0:
-        emit({"type": "completed", "stats": final})
+        emit(events.Completed(stats=final))
     return final
 
 
 def _file_emitter(path: str) -> Emit:
     file = open(path, "a", buffering=1)
 
-    def emit(event: dict[str, Any]) -> None:
-        file.write(json.dumps({"ts": time.time(), **event}) + "\n")
+    def emit(event: events.Event) -> None:
+        file.write(json.dumps(events.encode(event)) + "\n")
         file.flush()
 
     return emit

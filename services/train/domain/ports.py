@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.train.domain.events import Event
+
 
 class DatastorePort(Protocol):
     async def serving_version(self, model: str) -> str | None: ...
@@ -40,5 +42,5 @@ class LauncherPort(Protocol):
         spec: dict[str, Any],
         devices: list[str],
         on_line: Callable[[str], None],
-        on_event: Callable[[dict[str, Any]], None],
+        on_event: Callable[[Event], None],
     ) -> ChildProcess: ...

@@ -7,13 +7,17 @@ small ones. Each running job is one child process (torchrun above one device); i
 (progress, stats, improved checkpoints) come back through the launcher, and every
 improved checkpoint is published to the datastore as a new model version, which
 inference then serves.
+
+The parts: `params` (validation), `events` (what the child reports), `running` (what this
+instance holds per job), `publisher` (checkpoints to model versions); this module is the
+queue and the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
 import shutil
 import signal
 import time
@@ -22,21 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LabelgridError, NotFound, ResourceExhausted
+from services.common.errors import AlreadyExists, FailedPrecondition, LabelgridError, NotFound, ResourceExhausted
 from services.common.jobs import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobStore, new_job
+from services.train.domain import events
 from services.train.domain.devices import DevicePool, DeviceRequest
-from services.train.domain.ports import ChildProcess, DataPort, DatastorePort, LauncherPort
+from services.train.domain.params import check_requested_epochs, resolve_params, split_datalist
+from services.train.domain.ports import DataPort, DatastorePort, LauncherPort
+from services.train.domain.publisher import CheckpointPublisher
+from services.train.domain.running import Progress, RunningJob
 
 log = logging.getLogger("labelgrid.train")
 
 JOB_KIND = "trainingJobs"
-# Typed params and the trainer config keys they stand for.
-TYPED_PARAMS = (
-    "max_epochs", "val_split", "learning_rate", "train_batch_size", "val_batch_size", "amp", "pretrained",
-    "early_stop_patience",
-)  # fmt: skip
-# The contract holds these params (and progress epochs) as int32.
-INT32_MAX = 2**31 - 1
+# MONAI Label's answer to a start while a job runs (its REST clients show this text).
+ALREADY_RUNNING_MESSAGE = "++++++++++ Train Task is Already Running"
 
 
 class TrainFailed(LabelgridError):
@@ -72,21 +75,6 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def _check_number(params: dict[str, Any], key: str, kind: type, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> None:
-    if key not in params or params[key] is None:
-        return
-    value = params[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-        raise InvalidArgument(f"{key} must be a number, got {value!r}")
-    if kind is int and float(value) != int(value):
-        raise InvalidArgument(f"{key} must be a whole number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise InvalidArgument(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise InvalidArgument(f"{key} must be {'<' if high_open else '<='} {high}, got {value!r}")
-    params[key] = kind(value)
-
-
 class Training:
     def __init__(
         self,
@@ -116,20 +104,24 @@ class Training:
         self.stop_grace_seconds = stop_grace_seconds
         self.torch_threads = torch_threads
         self.keep_job_dirs = keep_job_dirs
+        self.publisher = CheckpointPublisher(store, datastore)
+        # The ids of the queued jobs in order, and every job this instance queued or runs.
         self._queue: list[str] = []
+        self._jobs: dict[str, RunningJob] = {}
         self._create_lock = asyncio.Lock()
-        self._requests: dict[str, DeviceRequest] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._procs: dict[str, ChildProcess] = {}
-        self._cancel: set[str] = set()
-        self._publishers: dict[str, asyncio.Task[None]] = {}
-        self._pending_checkpoint: dict[str, dict[str, Any]] = {}
-        self._first_step: dict[str, tuple[float, int]] = {}
         # job_id -> (state, trainer) of every job known, for metrics; and per-trainer counters.
         self.states: dict[str, tuple[str, str]] = {}
-        self.published: dict[str, int] = {}
         self.finished: dict[tuple[str, str], int] = {}
-        self.last_progress: dict[str, dict[str, Any]] = {}
+
+    @property
+    def published(self) -> dict[str, int]:
+        """Model versions this process published, per trainer."""
+        return self.publisher.published
+
+    @property
+    def last_progress(self) -> dict[str, Progress]:
+        """The progress of every running job that has reported some."""
+        return {job_id: job.progress for job_id, job in list(self._jobs.items()) if job.progress is not None}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,9 +139,9 @@ class Training:
         # Take the whole queue first: a job ending while these are written would start the next.
         queued, self._queue[:] = list(self._queue), []
         for job_id in queued:
-            self._requests.pop(job_id, None)
+            self._jobs.pop(job_id, None)
             await self._finish(job_id, FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped before the job ran"})
-        tasks = list(self._tasks.values())
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -178,36 +170,14 @@ class Training:
 
     def resolve_params(self, trainer_name: str, given: dict[str, Any]) -> dict[str, Any]:
         """The trainer's config defaults (a choice's first option) overlaid by the request; INVALID_INPUT when malformed."""
-        trainer = self.trainer(trainer_name)
-        config = dict(trainer.config)
-        params: dict[str, Any] = {k: (v[0] if isinstance(v, list) and v else v) for k, v in config.items()}
-        for key, value in given.items():
-            if value is None:
-                continue
-            default = config.get(key)
-            if isinstance(default, list) and default and isinstance(value, str) and value not in default:
-                raise InvalidArgument(f"{key} must be one of {', '.join(map(str, default))}, got {value!r}")
-            params[key] = value
-        _check_number(params, "max_epochs", int, 1, INT32_MAX)
-        _check_number(params, "val_split", float, 0.0, 1.0, high_open=True)
-        _check_number(params, "learning_rate", float, 0.0, None, low_open=True)
-        _check_number(params, "train_batch_size", int, 1, INT32_MAX)
-        _check_number(params, "val_batch_size", int, 1, INT32_MAX)
-        _check_number(params, "early_stop_patience", int, -1, INT32_MAX)
-        if "num_samples" in config:
-            _check_number(params, "num_samples", int, 1, 64)
-        for key in ("amp", "pretrained"):
-            if key in params and not isinstance(params[key], bool):
-                raise InvalidArgument(f"{key} must be true or false, got {params[key]!r}")
-        return params
+        return resolve_params(dict(self.trainer(trainer_name).config), given)
 
     # -- use cases ---------------------------------------------------------------------------
 
     async def create(self, request: JobRequest) -> dict[str, Any]:
         trainer = self.trainer(request.trainer)
         given = dict(request.params)
-        if "max_epochs" in given and isinstance(given["max_epochs"], (int, float)) and given["max_epochs"] <= 0 and not isinstance(given["max_epochs"], bool):
-            raise InvalidArgument(f"max_epochs must be a positive number of epochs, got {given['max_epochs']!r}")
+        check_requested_epochs(given)
         params = self.resolve_params(request.trainer, given)
         device_request = DeviceRequest(tuple(request.devices), int(request.device_count))
         self.pool.check(device_request)
@@ -224,7 +194,7 @@ class Training:
                     return self._view(existing)
             active = [job_id for job_id, (state, _t) in self.states.items() if state in (QUEUED, RUNNING)]
             if active and not request.enqueue:
-                raise AlreadyExists("++++++++++ Train Task is Already Running", reason="ALREADY_RUNNING")
+                raise AlreadyExists(ALREADY_RUNNING_MESSAGE, reason="ALREADY_RUNNING")
             if len(self._queue) >= self.queue_limit:
                 raise ResourceExhausted(f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL")
             doc = new_job(
@@ -244,7 +214,7 @@ class Training:
             if created:
                 self.states[doc["job_id"]] = (QUEUED, request.trainer)
                 self._queue.append(doc["job_id"])
-                self._requests[doc["job_id"]] = device_request
+                self._jobs[doc["job_id"]] = RunningJob(doc["job_id"], request.trainer, device_request)
                 self._dispatch()
         return self._view(await self.store.get(doc["job_id"]))
 
@@ -266,20 +236,19 @@ class Training:
             raise FailedPrecondition(f"job {job_id} has already ended ({doc.get('state')})")
         if job_id in self._queue:
             self._queue.remove(job_id)
-            self._requests.pop(job_id, None)
+            self._jobs.pop(job_id, None)
             await self._finish(job_id, CANCELLED, None)
             self._dispatch()
             return self._view(await self.store.get(job_id))
-        task = self._tasks.get(job_id)
-        if task is None:
+        job = self._jobs.get(job_id)
+        if job is None or job.task is None:
             # Active in the datastore but not ours: another replica runs it.
             raise FailedPrecondition(f"job {job_id} is not run by this training service instance")
-        self._cancel.add(job_id)
+        job.stop_requested = True
         await self.store.log(job_id, "stop requested")
-        proc = self._procs.get(job_id)
-        if proc is not None:
-            await proc.stop(self.stop_grace_seconds)
-        await asyncio.wait({task}, timeout=self.stop_grace_seconds + 30)
+        if job.proc is not None:
+            await job.proc.stop(self.stop_grace_seconds)
+        await asyncio.wait({job.task}, timeout=self.stop_grace_seconds + 30)
         return self._view(await self.store.get(job_id))
 
     async def train_stats(self, trainer: str) -> tuple[dict[str, Any], str]:
@@ -305,13 +274,12 @@ class Training:
 
     def _dispatch(self) -> None:
         while self._queue:
-            job_id = self._queue[0]
-            devices = self.pool.try_allocate(self._requests[job_id])
+            job = self._jobs[self._queue[0]]
+            devices = self.pool.try_allocate(job.device_request)
             if devices is None:
                 return
             self._queue.pop(0)
-            self._requests.pop(job_id, None)
-            self._tasks[job_id] = asyncio.create_task(self._run(job_id, devices), name=f"training-job-{job_id}")
+            job.task = asyncio.create_task(self._run(job, devices), name=f"training-job-{job.job_id}")
 
     async def _set_state(self, job_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         doc = await self.store.update(job_id, changes)
@@ -324,7 +292,8 @@ class Training:
         self.finished[key] = self.finished.get(key, 0) + 1
         log.info("job ended", extra={"job": job_id, "state": state, "error": (error or {}).get("message")})
 
-    async def _run(self, job_id: str, devices: list[str]) -> None:
+    async def _run(self, job: RunningJob, devices: list[str]) -> None:
+        job_id = job.job_id
         job_dir = self.work_dir / "jobs" / job_id
         state, error = FAILED, None
         try:
@@ -338,14 +307,14 @@ class Training:
             await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
 
             def job_log(line: str) -> None:
-                asyncio.get_running_loop().create_task(self.store.log(job_id, line))
+                job.spawn(self.store.log(job_id, line), "log")
 
             datalist = await self.data.labeled_datalist("final", job_log)
             if not datalist:
                 raise TrainFailed("no labeled images: save a final label for at least one image before training")
-            train_list, val_list = _split(datalist, float(params.get("val_split") or 0.0))
+            train_list, val_list = split_datalist(datalist, float(params.get("val_split") or 0.0))
             initial = await self._initial_weights(trainer, doc, params, job_dir)
-            if job_id in self._cancel:
+            if job.stop_requested:
                 state = CANCELLED
                 return
             spec = {
@@ -368,47 +337,46 @@ class Training:
             def on_line(line: str) -> None:
                 lines.append(line)
                 del lines[:-5]
-                asyncio.get_running_loop().create_task(self.store.log(job_id, line))
+                job.spawn(self.store.log(job_id, line), "log")
 
-            proc = await self.launcher.start(job_dir, spec, devices, on_line, lambda event: self._on_event(job_id, trainer, event))
-            self._procs[job_id] = proc
-            await self.store.log(job_id, f"training process started (pid {proc.pid})")
-            if job_id in self._cancel:  # a stop came while the child was being started
-                await proc.stop(self.stop_grace_seconds)
-            code = await proc.wait()
-            await self._drain_publisher(job_id)
-            if job_id in self._cancel:
+            job.proc = await self.launcher.start(job_dir, spec, devices, on_line, lambda event: self._on_event(job, event))
+            await self.store.log(job_id, f"training process started (pid {job.proc.pid})")
+            if job.stop_requested:  # a stop came while the child was being started
+                await job.proc.stop(self.stop_grace_seconds)
+            code = await job.proc.wait()
+            await self.publisher.drain(job)
+            job.progress = None
+            if job.stop_requested:
                 state = CANCELLED
             elif code == 0:
                 state = SUCCEEDED
             else:
-                why = f"killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
-                if code == -signal.SIGKILL:
-                    why += " (out of memory, or killed)"
-                last = next((line for line in reversed(lines) if line.strip()), "")
-                error = {"reason": "APP_TRAIN_FAILED", "message": f"the training process {why}" + (f": {last}" if last else "")}
+                error = {"reason": "APP_TRAIN_FAILED", "message": f"the training process {_exit_reason(code, lines)}"}
         except asyncio.CancelledError:
-            proc = self._procs.get(job_id)
-            if proc is not None:
-                await proc.stop(0)
+            if job.proc is not None:
+                await job.proc.stop(0)
             state, error = FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped while the job ran"}
             raise
         except LabelgridError as err:
-            state, error = (CANCELLED, None) if job_id in self._cancel else (FAILED, {"reason": err.reason, "message": err.message})
+            state, error = (CANCELLED, None) if job.stop_requested else (FAILED, {"reason": err.reason, "message": err.message})
         except Exception as err:  # noqa: BLE001 - a job's failure must never take the service down
             log.exception("training job failed", extra={"job": job_id})
             state, error = FAILED, {"reason": "APP_TRAIN_FAILED", "message": f"{type(err).__name__}: {err}"}
         finally:
-            self._procs.pop(job_id, None)
+            job.proc = None
+            job.progress = None
             self.pool.release(devices)
-            self._cancel.discard(job_id)
-            self._first_step.pop(job_id, None)
             try:
-                await asyncio.shield(self._finish(job_id, state, error))
+                await asyncio.shield(self._end(job, state, error))
             finally:
-                self._tasks.pop(job_id, None)
+                self._jobs.pop(job_id, None)
                 self._dispatch()
                 self._prune_job_dirs()
+
+    async def _end(self, job: RunningJob, state: str, error: dict[str, str] | None) -> None:
+        # The job's last log lines and progress land before its final state.
+        await job.settle()
+        await self._finish(job.job_id, state, error)
 
     async def _initial_weights(self, trainer: str, doc: dict[str, Any], params: dict[str, Any], job_dir: Path) -> Path | None:
         version = str(doc.get("initial_model_version") or "")
@@ -426,113 +394,67 @@ class Training:
         root = self.work_dir / "jobs"
         if not root.is_dir():
             return
-        active = set(self._tasks)
+        active = {job_id for job_id, job in self._jobs.items() if job.task is not None}
         dirs = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in active), key=lambda p: p.stat().st_mtime)
         for path in dirs[: max(0, len(dirs) - self.keep_job_dirs)]:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- events from the child ---------------------------------------------------------------
 
-    def _on_event(self, job_id: str, trainer: str, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        loop = asyncio.get_running_loop()
-        if kind == "iteration":
-            iteration = int(event.get("iteration", 0))
-            epoch_length = int(event.get("epoch_length", 0))
-            total = epoch_length * int(event.get("max_epochs", 0))
+    def _on_event(self, job: RunningJob, event: events.Event) -> None:
+        job_id = job.job_id
+        if isinstance(event, events.Iteration):
+            total = event.epoch_length * event.max_epochs
             now = time.monotonic()
-            first = self._first_step.setdefault(job_id, (now, iteration))
+            if job.first_step is None:
+                job.first_step = (now, event.iteration)
+            first_time, first_iteration = job.first_step
             remaining = 0.0
-            if iteration > first[1] and total:
-                remaining = (now - first[0]) / (iteration - first[1]) * max(0, total - iteration)
-            progress = {
-                **(self.last_progress.get(job_id) or {}),
-                "epoch": int(event.get("epoch", 0)),
-                "total_epochs": int(event.get("max_epochs", 0)),
-                "iteration": iteration,
-                "total_iterations": total,
-                "loss": float(event.get("loss") or 0.0),
-                "elapsed_seconds": float(event.get("elapsed_seconds", 0.0)),
-                "estimated_remaining_seconds": remaining,
-            }
-            self.last_progress[job_id] = progress
-            loop.create_task(self.store.update(job_id, {"progress": progress}, persist=False))
-        elif kind in ("epoch", "completed"):
-            stats = dict(event.get("stats") or {})
+            if event.iteration > first_iteration and total:
+                remaining = (now - first_time) / (event.iteration - first_iteration) * max(0, total - event.iteration)
+            job.progress = dataclasses.replace(
+                job.progress or Progress(),
+                epoch=event.epoch,
+                total_epochs=event.max_epochs,
+                iteration=event.iteration,
+                total_iterations=total,
+                loss=event.loss or 0.0,
+                elapsed_seconds=event.elapsed_seconds,
+                estimated_remaining_seconds=remaining,
+            )
+            job.spawn(self.store.update(job_id, {"progress": dataclasses.asdict(job.progress)}, persist=False), "progress")
+        elif isinstance(event, (events.Epoch, events.Completed)):
+            stats = dict(event.stats)
             evaluation = stats.get("eval") or stats.get("train") or {}
-            progress = {
-                **(self.last_progress.get(job_id) or {}),
-                "epoch": int(stats.get("epoch", 0)),
-                "total_epochs": int(stats.get("total_epochs", 0)),
-                "iteration": int(stats.get("current_iteration", 0)),
-                "total_iterations": int(stats.get("total_iterations", 0)),
-                "metric_name": str(event.get("metric_name") or evaluation.get("key_metric_name") or ""),
-                "metric": float(event.get("metric") or (evaluation.get("metrics") or {}).get(evaluation.get("key_metric_name")) or 0.0),
-                "best_metric": float(evaluation.get("best_metric") or stats.get("best_metric") or 0.0),
-                "best_metric_epoch": int(evaluation.get("best_metric_epoch", 0) or 0),
-            }
-            if kind == "completed":
-                progress["estimated_remaining_seconds"] = 0.0
-            self.last_progress[job_id] = progress
-            loop.create_task(self.store.update(job_id, {"progress": progress, "train_stats": stats}))
-        elif kind == "checkpoint":
-            self._pending_checkpoint[job_id] = {**event, "trainer": trainer}
-            if job_id not in self._publishers or self._publishers[job_id].done():
-                self._publishers[job_id] = loop.create_task(self._publish_loop(job_id))
-        elif kind == "started":
-            loop.create_task(self.store.log(job_id, f"training on {event.get('train_items')} image(s), validating on {event.get('val_items')}"))
-
-    async def _publish_loop(self, job_id: str) -> None:
-        """Publishes the newest pending checkpoint until none is left (older ones are skipped)."""
-        while job_id in self._pending_checkpoint:
-            event = self._pending_checkpoint.pop(job_id)
-            trainer = event["trainer"]
-            path = Path(event["path"])
-            try:
-                doc = await self.store.get(job_id)
-                metrics = {
-                    "best_metric": float(event.get("metric", 0.0)),
-                    "best_metric_epoch": int(event.get("epoch", 0)),
-                    "key_metric_name": str(event.get("metric_name", "")),
-                }
-                version = await self.datastore.upload_model_version(
-                    trainer,
-                    path,
-                    metrics=metrics,
-                    info={"training_job": f"trainingJobs/{job_id}", "trainer": trainer, "params": doc.get("resolved_params", {})},
-                )
-                name = getattr(version, "name", "") or f"models/{trainer}/versions/{getattr(version, 'version', '')}"
-                self.published[trainer] = self.published.get(trainer, 0) + 1
-                await self.store.update(job_id, {"model_version": name})
-                await self.store.log(job_id, f"New Model published: {name} ({metrics['key_metric_name']} {metrics['best_metric']:.4f} at epoch {metrics['best_metric_epoch']})")
-            except LabelgridError as err:
-                await self.store.log(job_id, f"publishing the checkpoint of epoch {event.get('epoch')} failed: {err.message}")
-            finally:
-                await asyncio.to_thread(_remove_older_checkpoints, path)
-
-    async def _drain_publisher(self, job_id: str) -> None:
-        # Let the event tailer deliver the last events, then wait for the uploads they caused.
-        await asyncio.sleep(0)
-        task = self._publishers.pop(job_id, None)
-        if job_id in self._pending_checkpoint and (task is None or task.done()):
-            task = asyncio.get_running_loop().create_task(self._publish_loop(job_id))
-        if task is not None:
-            await task
-        self.last_progress.pop(job_id, None)
+            key_metric = evaluation.get("key_metric_name")
+            metric_name = event.metric_name if isinstance(event, events.Epoch) else ""
+            metric = event.metric if isinstance(event, events.Epoch) else None
+            job.progress = dataclasses.replace(
+                job.progress or Progress(),
+                epoch=int(stats.get("epoch", 0)),
+                total_epochs=int(stats.get("total_epochs", 0)),
+                iteration=int(stats.get("current_iteration", 0)),
+                total_iterations=int(stats.get("total_iterations", 0)),
+                metric_name=str(metric_name or key_metric or ""),
+                metric=float(metric or (evaluation.get("metrics") or {}).get(key_metric) or 0.0),
+                best_metric=float(evaluation.get("best_metric") or stats.get("best_metric") or 0.0),
+                best_metric_epoch=int(evaluation.get("best_metric_epoch", 0) or 0),
+            )
+            if isinstance(event, events.Completed):
+                job.progress.estimated_remaining_seconds = 0.0
+            update = {"progress": dataclasses.asdict(job.progress), "train_stats": stats}
+            job.spawn(self.store.update(job_id, update), "stats")
+        elif isinstance(event, events.Checkpoint):
+            self.publisher.offer(job, event)
+        elif isinstance(event, events.Started):
+            line = f"training on {event.train_items} image(s), validating on {event.val_items}"
+            job.spawn(self.store.log(job_id, line), "log")
 
 
-def _remove_older_checkpoints(path: Path) -> None:
-    for other in path.parent.glob("model_epoch*.pt"):
-        if other.name < path.name:
-            other.unlink(missing_ok=True)
-
-
-def _split(datalist: list[dict[str, str]], val_split: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """MONAI Label's partition by val_split; with too few images to hold any out, validation
-    runs on the training images (so the key metric is still measured on whole volumes)."""
-    if val_split <= 0:
-        return datalist, []
-    val_count = int(len(datalist) * val_split)
-    if val_count == 0 or val_count >= len(datalist):
-        return datalist, list(datalist)
-    return datalist[val_count:], datalist[:val_count]
+def _exit_reason(code: int, lines: list[str]) -> str:
+    """Why the child ended with exit status `code`, with the last line it printed."""
+    why = f"killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
+    if code == -signal.SIGKILL:
+        why += " (out of memory, or killed)"
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    return why + (f": {last}" if last else "")

@@ -1,0 +1,84 @@
+"""What this service instance holds of one job while it is queued or running.
+
+One `RunningJob` per job, created when the job is queued and dropped when it ends: its
+device request, the task that runs it, the child process, a stop request, the progress
+last reported, the newest checkpoint waiting to be published, and every background task
+it started (log lines, progress writes, the publisher). Background tasks are kept until
+they end, and an exception they raise is logged, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.train.domain.devices import DeviceRequest
+from services.train.domain.events import Checkpoint
+from services.train.domain.ports import ChildProcess
+
+log = logging.getLogger("labelgrid.train")
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=error)
+
+
+def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Starts `coro` as a task held in `tasks` until it ends; its exception, if any, is logged."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(_log_failure)
+    return task
+
+
+@dataclass
+class Progress:
+    """A running job's progress as the contract's TrainingProgress holds it."""
+
+    epoch: int = 0
+    total_epochs: int = 0
+    iteration: int = 0
+    total_iterations: int = 0
+    loss: float = 0.0
+    metric_name: str = ""
+    metric: float = 0.0
+    best_metric: float = 0.0
+    best_metric_epoch: int = 0
+    elapsed_seconds: float = 0.0
+    estimated_remaining_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class RunningJob:
+    job_id: str
+    trainer: str
+    device_request: DeviceRequest
+    # The run, once the job has left the queue.
+    task: asyncio.Task[None] | None = None
+    # The child process, once started.
+    proc: ChildProcess | None = None
+    stop_requested: bool = False
+    progress: Progress | None = None
+    # (monotonic time, iteration) of the first step the child reported: the rate behind the ETA.
+    first_step: tuple[float, int] | None = None
+    # The newest improved checkpoint not yet published (older ones are skipped), and the task publishing.
+    pending_checkpoint: Checkpoint | None = None
+    publisher: asyncio.Task[None] | None = None
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+        """A background task of this job (kept until it ends, its exception logged)."""
+        return spawn(self.background, coro, f"training-job-{self.job_id}-{what}")
+
+    async def settle(self) -> None:
+        """Waits for the background tasks started so far (their failures are already logged)."""
+        while self.background:
+            await asyncio.gather(*list(self.background), return_exceptions=True)
