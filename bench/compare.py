@@ -52,7 +52,7 @@ READ_PATHS = {
     "GET /datastore/ (stats)": "/datastore/",
     "GET /info/": "/info/",
     # No backend call on either server: the floor of the HTTP stack (labelgrid: Envoy + FastAPI).
-    "GET /auth/ (floor: no backend call)": "/auth/",
+    "GET /docs (floor: no backend call)": "/docs",
 }
 
 
