@@ -25,11 +25,11 @@ from services.activelearning.domain.model import (
 from services.activelearning.domain.ports import LeaseStore
 from services.common.apps import LoadedApp
 from services.common.errors import InvalidArgument, NotFound
+from services.common.paging import page_size as checked_page_size
 
 log = logging.getLogger("labelgrid.activelearning")
 
 MAX_TTL_SECONDS = 7 * 24 * 3600
-MAX_PAGE_SIZE = 1000
 ACQUIRE_ATTEMPTS = 3  # an image deleted between its lease and its info mark: lease another
 
 
@@ -105,6 +105,4 @@ class NextSampler:
         await self.store.release(image_id, client_id)
 
     async def list_leases(self, client_id: str = "", page_size: int = 0, page_token: str = "") -> LeasePage:
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE} (got {page_size})")
-        return await self.store.list_leases(client_id, page_size or 100, page_token)
+        return await self.store.list_leases(client_id, checked_page_size(page_size), page_token)

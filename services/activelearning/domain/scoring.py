@@ -30,18 +30,18 @@ from services.common.apps import LoadedApp
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     LabelgridError,
     NotFound,
 )
 from services.common.jobs import JobStore, new_job, parse_time
+from services.common.paging import offset_page
+from services.common.paging import page_size as checked_page_size
 
 log = logging.getLogger("labelgrid.activelearning.scoring")
 
 RECORD_KIND = "scoringJobs"
 # The datastore's reasons when an image (or its label) went away while a job scored it.
 GONE_REASONS = frozenset({"IMAGE_NOT_FOUND", "LABEL_NOT_FOUND"})
-MAX_PAGE_SIZE = 1000
 
 
 def version_key(score_key: str) -> str:
@@ -199,19 +199,13 @@ class ScoringJobs:
         return self._with_position(await self.jobs.get(job_id))
 
     async def list(self, state: str = "", method: str = "", page_size: int = 0, page_token: str = "") -> JobPage:
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE} (got {page_size})")
-        if page_token and not page_token.isdigit():
-            raise InvalidArgument("invalid page_token: no previous response returned it")
+        checked_page_size(page_size)
         if method:
             self.method(method)
-        start = int(page_token or 0)
-        size = page_size or 100
         docs = await self.jobs.list(
             state=state or None, where=(lambda d: d.get("method") == method) if method else None
         )
-        page = docs[start : start + size]
-        token = str(start + size) if start + size < len(docs) else ""
+        page, token = offset_page(docs, page_size, page_token, "ListScoringJobs")
         return JobPage([self._with_position(d) for d in page], token)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:

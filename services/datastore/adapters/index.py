@@ -52,6 +52,8 @@ from services.common.errors import (
     NotFound,
     StorageError,
 )
+from services.common.paging import DEFAULT_PAGE_SIZE
+from services.common.paging import page_size as _check_page_size
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     DatastoreStatus,
@@ -71,8 +73,6 @@ from services.datastore.domain.model import (
 _log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: images.final
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 _KEY_LEN = 200  # ids.MAX_ID_LENGTH
 _T = TypeVar("_T")
 Now = datetime | float | None
@@ -237,12 +237,6 @@ def _check_json(value: Any, what: str) -> dict[str, Any]:
         return json.loads(json.dumps(dict(value), allow_nan=False))
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
-
-
-def _check_page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument(f"page_size must not be negative (got {page_size})")
-    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _encode_token(kind: str, payload: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 from services.common import raw_labels
 from services.common.chunks import SpooledFile, SpoolWriter, sha256_file
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from services.common.paging import MAX_PAGE_SIZE
+from services.common.paging import page_size as _page_size
 from services.datastore.domain import formats, ids
 from services.datastore.domain.reindex import ReindexCounts, rebuild
 from services.datastore.domain.model import (
@@ -42,8 +44,6 @@ from services.datastore.domain.model import (
 
 log = logging.getLogger(__name__)
 
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 MAX_URL_EXPIRY_SECONDS = 7 * 24 * 3600
 
 
@@ -104,12 +104,6 @@ def image_id_from_file_name(file_name: str) -> str:
     """MONAI Label's rule for an upload without an id: the base name minus all its suffixes."""
     base = os.path.basename(file_name)
     return base.split(".", 1)[0] if not base.startswith(".") else base
-
-
-def _page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument("page_size may not be negative")
-    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 class _KeyedLocks:

@@ -9,25 +9,13 @@ import grpc
 from labelgrid.training.v1 import training_service_pb2 as pb
 from labelgrid.training.v1 import training_service_pb2_grpc as pb_grpc
 
-from services.common.errors import InvalidArgument
+from services.common.paging import offset_page
 from services.common.protos import dict_to_struct, job_state_name
 from services.common.server import GrpcService
 from services.train.adapters.metrics import TrainingCollector
 from services.train.api import convert
 from services.train.domain.training import Training
 from services.train.settings import TrainSettings
-
-
-def _page(page_size: int, page_token: str, total: int) -> tuple[int, int]:
-    if page_size < 0:
-        raise InvalidArgument(f"page_size must not be negative, got {page_size}")
-    size = min(page_size or 100, 1000)
-    start = 0
-    if page_token:
-        if not page_token.isdigit() or int(page_token) > total:
-            raise InvalidArgument("page_token was not returned by a previous ListTrainingJobs")
-        start = int(page_token)
-    return start, size
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
@@ -48,9 +36,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         state = job_state_name(request.state)
         trainer = convert.trainer_name(request.trainer) if request.trainer else None
         jobs = await self.training.list(state, trainer)
-        start, size = _page(request.page_size, request.page_token, len(jobs))
-        page = jobs[start : start + size]
-        token = str(start + size) if start + size < len(jobs) else ""
+        page, token = offset_page(jobs, request.page_size, request.page_token, "ListTrainingJobs")
         return pb.ListTrainingJobsResponse(training_jobs=[convert.job(doc) for doc in page], next_page_token=token)
 
     async def CancelTrainingJob(self, request: pb.CancelTrainingJobRequest, context: Any) -> pb.CancelTrainingJobResponse:
