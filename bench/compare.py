@@ -148,6 +148,8 @@ def serve(
 
 def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
     (port,) = free_ports(1)
+    app = work / "app"  # MONAI Label writes logs/ and model/ into its app folder: serve a copy
+    shutil.copytree(ML_APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin", "lib"), dirs_exist_ok=True)
     env = {
         **os.environ,
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
@@ -157,7 +159,7 @@ def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
     }
     env.pop("PYTHONPATH", None)
     argv = [
-        str(exe), "start_server", "--app", str(ML_APP), "--studies", str(studies),
+        str(exe), "start_server", "--app", str(app), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning",
     ]  # fmt: skip
     return serve(argv, f"http://127.0.0.1:{port}", work / "monailabel.log", env, timeout=600)
