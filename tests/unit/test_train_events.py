@@ -191,3 +191,16 @@ async def test_a_failing_background_task_is_logged_not_lost(tmp_path: Path, capl
     failures = [r for r in caplog.records if "background task" in r.getMessage()]
     assert failures and failures[0].exc_info is not None
     await t.close()
+
+
+def test_the_eta_extrapolates_the_rate_since_the_first_step() -> None:
+    from services.train.domain.running import Progress, iteration_progress, stats_progress
+
+    step = events.Iteration(epoch=1, iteration=30, epoch_length=10, max_epochs=10, loss=0.5, elapsed_seconds=3.0)
+    # 20 iterations in 10 s since the first step at iteration 10: 70 left take 35 s.
+    progress = iteration_progress(Progress(metric_name="dice", metric=0.4), step, (100.0, 10), 110.0)
+    assert progress.estimated_remaining_seconds == 35.0
+    assert (progress.total_iterations, progress.loss, progress.metric_name, progress.metric) == (100, 0.5, "dice", 0.4)
+    assert iteration_progress(None, step, (100.0, 30), 100.0).estimated_remaining_seconds == 0.0
+    done = stats_progress(progress, events.Completed(stats={"epoch": 10, "train": {"key_metric_name": "acc", "metrics": {"acc": 0.9}}}))
+    assert (done.epoch, done.metric_name, done.metric, done.estimated_remaining_seconds, done.loss) == (10, "acc", 0.9, 0.0, 0.5)

@@ -10,13 +10,14 @@ they end, and an exception they raise is logged, never lost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.train.domain.devices import DeviceRequest
-from services.train.domain.events import Checkpoint
+from services.train.domain.events import Checkpoint, Completed, Epoch, Iteration
 from services.train.domain.ports import ChildProcess
 
 log = logging.getLogger("labelgrid.train")
@@ -54,6 +55,48 @@ class Progress:
     best_metric_epoch: int = 0
     elapsed_seconds: float = 0.0
     estimated_remaining_seconds: float = 0.0
+
+
+def iteration_progress(previous: Progress | None, event: Iteration, first_step: tuple[float, int], now: float) -> Progress:
+    """The progress after an iteration event; the ETA extrapolates the rate since `first_step` (time, iteration)."""
+    total = event.epoch_length * event.max_epochs
+    first_time, first_iteration = first_step
+    remaining = 0.0
+    if event.iteration > first_iteration and total:
+        remaining = (now - first_time) / (event.iteration - first_iteration) * max(0, total - event.iteration)
+    return dataclasses.replace(
+        previous or Progress(),
+        epoch=event.epoch,
+        total_epochs=event.max_epochs,
+        iteration=event.iteration,
+        total_iterations=total,
+        loss=event.loss or 0.0,
+        elapsed_seconds=event.elapsed_seconds,
+        estimated_remaining_seconds=remaining,
+    )
+
+
+def stats_progress(previous: Progress | None, event: Epoch | Completed) -> Progress:
+    """The progress after an epoch's (or the run's final) train_stats: the evaluator's key metric, else the trainer's."""
+    stats = event.stats
+    evaluation = stats.get("eval") or stats.get("train") or {}
+    key_metric = evaluation.get("key_metric_name")
+    metric_name = event.metric_name if isinstance(event, Epoch) else ""
+    metric = event.metric if isinstance(event, Epoch) else None
+    progress = dataclasses.replace(
+        previous or Progress(),
+        epoch=int(stats.get("epoch", 0)),
+        total_epochs=int(stats.get("total_epochs", 0)),
+        iteration=int(stats.get("current_iteration", 0)),
+        total_iterations=int(stats.get("total_iterations", 0)),
+        metric_name=str(metric_name or key_metric or ""),
+        metric=float(metric or (evaluation.get("metrics") or {}).get(key_metric) or 0.0),
+        best_metric=float(evaluation.get("best_metric") or stats.get("best_metric") or 0.0),
+        best_metric_epoch=int(evaluation.get("best_metric_epoch", 0) or 0),
+    )
+    if isinstance(event, Completed):
+        progress.estimated_remaining_seconds = 0.0
+    return progress
 
 
 @dataclass(eq=False)

@@ -33,7 +33,7 @@ from services.train.domain.devices import DevicePool, DeviceRequest
 from services.train.domain.params import check_requested_epochs, resolve_params, split_datalist
 from services.train.domain.ports import DataPort, DatastorePort, LauncherPort
 from services.train.domain.publisher import CheckpointPublisher
-from services.train.domain.running import Progress, RunningJob
+from services.train.domain.running import Progress, RunningJob, iteration_progress, stats_progress
 
 log = logging.getLogger("labelgrid.train")
 
@@ -404,45 +404,14 @@ class Training:
     def _on_event(self, job: RunningJob, event: events.Event) -> None:
         job_id = job.job_id
         if isinstance(event, events.Iteration):
-            total = event.epoch_length * event.max_epochs
             now = time.monotonic()
             if job.first_step is None:
                 job.first_step = (now, event.iteration)
-            first_time, first_iteration = job.first_step
-            remaining = 0.0
-            if event.iteration > first_iteration and total:
-                remaining = (now - first_time) / (event.iteration - first_iteration) * max(0, total - event.iteration)
-            job.progress = dataclasses.replace(
-                job.progress or Progress(),
-                epoch=event.epoch,
-                total_epochs=event.max_epochs,
-                iteration=event.iteration,
-                total_iterations=total,
-                loss=event.loss or 0.0,
-                elapsed_seconds=event.elapsed_seconds,
-                estimated_remaining_seconds=remaining,
-            )
+            job.progress = iteration_progress(job.progress, event, job.first_step, now)
             job.spawn(self.store.update(job_id, {"progress": dataclasses.asdict(job.progress)}, persist=False), "progress")
         elif isinstance(event, (events.Epoch, events.Completed)):
-            stats = dict(event.stats)
-            evaluation = stats.get("eval") or stats.get("train") or {}
-            key_metric = evaluation.get("key_metric_name")
-            metric_name = event.metric_name if isinstance(event, events.Epoch) else ""
-            metric = event.metric if isinstance(event, events.Epoch) else None
-            job.progress = dataclasses.replace(
-                job.progress or Progress(),
-                epoch=int(stats.get("epoch", 0)),
-                total_epochs=int(stats.get("total_epochs", 0)),
-                iteration=int(stats.get("current_iteration", 0)),
-                total_iterations=int(stats.get("total_iterations", 0)),
-                metric_name=str(metric_name or key_metric or ""),
-                metric=float(metric or (evaluation.get("metrics") or {}).get(key_metric) or 0.0),
-                best_metric=float(evaluation.get("best_metric") or stats.get("best_metric") or 0.0),
-                best_metric_epoch=int(evaluation.get("best_metric_epoch", 0) or 0),
-            )
-            if isinstance(event, events.Completed):
-                job.progress.estimated_remaining_seconds = 0.0
-            update = {"progress": dataclasses.asdict(job.progress), "train_stats": stats}
+            job.progress = stats_progress(job.progress, event)
+            update = {"progress": dataclasses.asdict(job.progress), "train_stats": dict(event.stats)}
             job.spawn(self.store.update(job_id, update), "stats")
         elif isinstance(event, events.Checkpoint):
             self.publisher.offer(job, event)
