@@ -5,6 +5,7 @@ that is down answered UNAVAILABLE. (Through the gateway: test_dicomweb_gateway.p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -171,3 +172,29 @@ def test_a_final_label_the_pacs_cannot_take_is_not_stored(tmp_path: Path) -> Non
         assert store.get_label(series.series_uid, "original").size > 0
     finally:
         store.close()
+
+
+def test_replicas_sharing_the_index_each_cache_the_same_bytes(orthanc: Orthanc, tmp_path: Path) -> None:
+    """Two datastore replicas on one index, each with its own cache: the second converts its own
+    copy when asked, byte for byte the first one's (the index's sha256 stays true for both)."""
+    patient = f"DSR-{uuid.uuid4().hex[:8]}"
+    series = ct_series(slices=3, seed=61, patient_id=patient)
+    orthanc.upload(series.datasets)
+    index = f"sqlite:///{tmp_path / 'shared-index.db'}"
+    one = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "one", patient, index=index))
+    try:
+        wait_for(lambda: one.status().total == 1)
+        # Started after the first one listed the PACS: two first passes at once on one SQLite file
+        # once left the image unlisted for a minute (not seen since; PostgreSQL is the shared index).
+        two = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "two", patient, index=index))
+        try:
+            cached = one.get_image(series.series_uid)
+            read_one = one.read_image(series.series_uid)
+            read_two = two.read_image(series.series_uid)  # not in two's cache: converted there now
+            bytes_one, bytes_two = b"".join(read_one.chunks), b"".join(read_two.chunks)
+            assert bytes_one == bytes_two
+            assert read_two.sha256 == cached.sha256 == hashlib.sha256(bytes_two).hexdigest()
+        finally:
+            two.close()
+    finally:
+        one.close()

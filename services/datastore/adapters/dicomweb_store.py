@@ -76,13 +76,22 @@ class PacsDatastore(Datastore):
         super().close()
 
     def _sync_loop(self) -> None:
+        """A pass now, then every sync_seconds (0: none after the first that succeeds). A failed
+        pass (PACS down, index busy) is retried after 1, 2, 4 ... s, at most sync_seconds or 60 s."""
+        backoff = 1.0
         while not self._stop.is_set():
             try:
                 self.sync()
-            except LabelgridError as err:
-                log.warning("DICOMweb sync failed: %s", err)
-            except Exception:  # noqa: BLE001 - the loop must survive anything; logged with its trace
-                log.exception("DICOMweb sync failed")
+            except Exception as err:  # noqa: BLE001 - the loop must survive anything; logged
+                if isinstance(err, LabelgridError):
+                    log.warning("DICOMweb sync failed: %s", err)
+                else:
+                    log.exception("DICOMweb sync failed")
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.sync_seconds if self.sync_seconds > 0 else 60.0)
+                continue
+            backoff = 1.0
             if self.sync_seconds <= 0 or self._stop.wait(self.sync_seconds):
                 return
 
@@ -117,21 +126,24 @@ class PacsDatastore(Datastore):
         log.info("DICOMweb sync", extra=counts)
         return counts
 
-    def _mirror(self, series: PacsSeries, *, fetch: bool) -> bool:
+    def _mirror(self, series: PacsSeries, *, fetch: bool, refetch: bool = False) -> bool:
         """Indexes the series (`fetch` False) or makes sure its current content is cached (True);
         True if something changed.
 
         One series at a time (a sync pass and a request for the same series wait for each
         other, other series do not: a request never waits for a whole pass)."""
         with self._locks(f"dicomweb:{series.series_uid}"):
-            return self._mirror_locked(series, fetch)
+            return self._mirror_locked(series, fetch, refetch)
 
-    def _mirror_locked(self, series: PacsSeries, fetch: bool) -> bool:
+    def _mirror_locked(self, series: PacsSeries, fetch: bool, refetch: bool) -> bool:
         key = self.pacs.content_key(series)
         old = self._find_image(series.series_uid)
         kept = {k: v for k, v in (old.info if old else {}).items() if k not in ("ts", "name")}
         if old is not None and old.info.get(CACHED_KEY) == key:
-            return False  # cached and current
+            # Cached and current, here (or, with a shared index, by another replica: then this
+            # one converts its own copy, byte for byte the same: same pixels, deterministic gzip).
+            if not (refetch and fetch and not self.blobs.exists(image_key(old.file_name))):
+                return False
         if not fetch:
             if old is not None and old.info.get(CONTENT_KEY) == key:
                 return False
@@ -217,8 +229,11 @@ class PacsDatastore(Datastore):
                 raise
             self._mirror(series, fetch=True)
             return super().get_image(image_id)
-        if image.info.get("SeriesInstanceUID") and image.info.get(CACHED_KEY) != image.info.get(CONTENT_KEY):
-            self._mirror(self._series_of(image), fetch=True)
+        if image.info.get("SeriesInstanceUID") and (
+            image.info.get(CACHED_KEY) != image.info.get(CONTENT_KEY)
+            or not self.blobs.exists(image_key(image.file_name))  # another replica cached it
+        ):
+            self._mirror(self._series_of(image), fetch=True, refetch=True)
             image = super().get_image(image_id)
         return image
 
