@@ -23,15 +23,17 @@ DESCRIPTION = (
     "scribbles (histogram + graph cut)"
 )
 VERSION = "0.1.0"
-LABELS = {"sphere_a": 1, "sphere_b": 2}
+# The spheres' labels of the segmentation and deepedit models. Not the app-level LABELS hook: without
+# one, /info/ lists the union of the models' labels as MONAI Label does (a list, which OHIF needs).
+SPHERE_LABELS = {"sphere_a": 1, "sphere_b": 2}
 
 
 def infer_tasks() -> dict[str, InferTask]:
     """The models this app serves, by name (MONAI Label's `models` in /info)."""
     return {
-        "segmentation": Segmentation(LABELS),
+        "segmentation": Segmentation(SPHERE_LABELS),
         "deepgrow": Deepgrow(),
-        "deepedit": DeepEdit(LABELS),
+        "deepedit": DeepEdit(SPHERE_LABELS),
         "segmentation_brain": SegmentationBrain(),
         "scribbles": HistogramGraphCut(),
     }

@@ -56,17 +56,20 @@ class LoadedApp:
 
 
 def _labels(module: ModuleType, infer_tasks: dict[str, Any]) -> tuple[dict[str, int], bool]:
-    """The app's own labels, else the union of its models' labels ordered by index (MONAI Label's /info)."""
+    """The app's own LABELS as declared, else the union of its models' labels (MONAI Label's /info)."""
     declared = getattr(module, "LABELS", None)
     if isinstance(declared, (list, tuple)):
         return {str(name): index + 1 for index, name in enumerate(declared)}, True
     if isinstance(declared, dict):
         return {str(k): int(v) for k, v in declared.items()}, False
-    merged: dict[str, int] = {}
+    # As MONAI Label merges them: a list of names, model by model, each model's labels by index.
+    # A list, never a dict: OHIF's MONAI Label panel pushes every model's labels onto it.
+    merged: list[str] = []
     for task in infer_tasks.values():
-        for name, index in dict(getattr(task, "labels", {}) or {}).items():
-            merged.setdefault(name, int(index))
-    return dict(sorted(merged.items(), key=lambda item: item[1])), False
+        for name, _ in sorted(dict(getattr(task, "labels", {}) or {}).items(), key=lambda item: item[1]):
+            if name not in merged:
+                merged.append(str(name))
+    return {name: position + 1 for position, name in enumerate(merged)}, True
 
 
 def load_app(module_name: str = DEFAULT_APP) -> LoadedApp:

@@ -33,8 +33,8 @@ def ohif_case(tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc) -> Ite
     root = tmp_path_factory.mktemp("ohif-browser")
     stack = GatewayStack(
         root,
-        # The sample app with its labels as a list, which OHIF's panel needs (see ohif_app.py).
-        start_inference=real_inference(root / "infer", app="tests.fixtures.ohif_app"),
+        # The sample app as `labelgrid up` serves it: its /info/ labels are a list, as OHIF's panel needs.
+        start_inference=real_inference(root / "infer"),
         datastore_overrides={
             "backend": "dicomweb",
             "dicomweb_url": orthanc.dicomweb_url,

@@ -31,7 +31,8 @@ def app():
 
 def test_app_loads_its_tasks(app) -> None:
     assert app.name == "radiology"
-    assert app.labels == {"sphere_a": 1, "sphere_b": 2}
+    # No app-level LABELS: MONAI Label's union of the models' labels, model by model, as a list.
+    assert app.labels == {"sphere_a": 1, "sphere_b": 2, "brain": 3} and app.labels_as_list
     assert set(app.infer_tasks) == {"segmentation", "deepgrow", "deepedit", "segmentation_brain", "scribbles"}
     segmentation = app.infer_tasks["segmentation"]
     assert isinstance(segmentation, InferTask)
