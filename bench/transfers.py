@@ -1,0 +1,162 @@
+"""Uploads and downloads through REST: labelgrid next to MONAI Label 0.8.5 and a plain copy.
+
+    python -m bench.transfers [--mib 64] [--repeats 5] [--systems copy,monailabel,labelgrid]
+                              [--labelgrid-src DIR] [--tag before] [--out bench/results]
+
+One valid uncompressed NIfTI of --mib MiB is uploaded (PUT /datastore/image, multipart
+with `params` before `file`, as MONAI Label's client sends) and downloaded
+(GET /datastore/image) --repeats times per system, one server at a time (bench.compare
+starts them: `labelgrid up` on the local folder, `monailabel start_server` from
+bench/.venv-monailabel when it exists). "copy" is the floor: the same bytes written to a
+file in the same folder and fsynced. Prints MiB/s (medians) with the ratio to MONAI
+Label and writes JSON under --out. Numbers, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel as nib
+import numpy as np
+
+from bench.compare import ML_VENV, ROOT, labelgrid_server, monailabel_server, write_studies
+
+MiB = 1024 * 1024
+
+
+def make_volume(path: Path, mib: int) -> int:
+    """A valid uncompressed NIfTI of about `mib` MiB (random uint8); returns its size."""
+    side = 256
+    depth = max(1, mib * MiB // (side * side))
+    data = np.random.default_rng(0).integers(0, 255, (side, side, depth), dtype=np.uint8)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path.stat().st_size
+
+
+def measure_http(url: str, volume: Path, repeats: int) -> dict[str, list[float]]:
+    size = volume.stat().st_size
+    up: list[float] = []
+    down: list[float] = []
+    with httpx.Client(base_url=url, timeout=300) as http:
+        for n in range(repeats + 1):  # the first round warms up
+            with volume.open("rb") as handle:
+                start = time.perf_counter()
+                answer = http.put(
+                    "/datastore/image",
+                    params={"image": f"bench_{n}"},
+                    data={"params": json.dumps({"client_id": "bench"})},
+                    files={"file": (volume.name, handle, "application/octet-stream")},
+                )
+                elapsed = time.perf_counter() - start
+            answer.raise_for_status()
+            if n:
+                up.append(size / MiB / elapsed)
+            start = time.perf_counter()
+            got = 0
+            with http.stream("GET", "/datastore/image", params={"image": f"bench_{n}"}) as stream:
+                stream.raise_for_status()
+                for block in stream.iter_raw(MiB):
+                    got += len(block)
+            elapsed = time.perf_counter() - start
+            if got != size:
+                raise RuntimeError(f"downloaded {got} bytes of {size}")
+            if n:
+                down.append(size / MiB / elapsed)
+    return {"upload_mib_s": up, "download_mib_s": down}
+
+
+def measure_copy(volume: Path, folder: Path, repeats: int) -> dict[str, list[float]]:
+    size = volume.stat().st_size
+    up: list[float] = []
+    down: list[float] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(repeats + 1):
+        target = folder / f"copy_{n}.nii"
+        start = time.perf_counter()
+        with volume.open("rb") as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out, MiB)
+            out.flush()
+            os.fsync(out.fileno())
+        elapsed = time.perf_counter() - start
+        if n:
+            up.append(size / MiB / elapsed)
+        start = time.perf_counter()
+        with target.open("rb") as src:
+            while src.read(MiB):
+                pass
+        elapsed = time.perf_counter() - start
+        if n:
+            down.append(size / MiB / elapsed)
+    return {"upload_mib_s": up, "download_mib_s": down}
+
+
+def table(mib: int, medians: dict[str, dict[str, float]]) -> str:
+    ref = medians.get("monailabel")
+    lines = [
+        f"| {mib} MiB through REST | upload MiB/s | download MiB/s | upload ÷ MONAI Label | download ÷ MONAI Label |",
+        "|---|---|---|---|---|",
+    ]
+    for system, row in medians.items():
+        ratios = (
+            (f"{row['upload_mib_s'] / ref['upload_mib_s']:.2f}", f"{row['download_mib_s'] / ref['download_mib_s']:.2f}")
+            if ref
+            else ("–", "–")
+        )
+        lines.append(
+            f"| {system} | {row['upload_mib_s']:.0f} | {row['download_mib_s']:.0f} | {ratios[0]} | {ratios[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timed transfers per system (medians)")
+    parser.add_argument("--systems", default="copy,monailabel,labelgrid")
+    parser.add_argument("--labelgrid-src", type=Path, default=None, help="run labelgrid from this tree")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    exe = ML_VENV / "bin" / "monailabel"
+    if "monailabel" in systems and not exe.exists():
+        print(f"no {exe}: MONAI Label left out (python -m bench.compare installs it)", flush=True)
+        systems.remove("monailabel")
+    raw: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="lg-transfers-") as tmp:
+        base = Path(tmp)
+        volume = base / "volume.nii"
+        make_volume(volume, args.mib)
+        for system in systems:
+            work = base / system
+            write_studies(work / "studies", 2)
+            if system == "copy":
+                raw[system] = measure_copy(volume, work / "studies", args.repeats)
+                continue
+            server = (
+                monailabel_server(exe, work / "studies", work)
+                if system == "monailabel"
+                else labelgrid_server(work / "studies", work, args.labelgrid_src)
+            )
+            with server as url:
+                raw[system] = measure_http(url, volume, args.repeats)
+            shutil.rmtree(work, ignore_errors=True)
+    medians = {s: {k: statistics.median(v) for k, v in r.items()} for s, r in raw.items()}
+    print(table(args.mib, medians), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"transfers-{args.mib}{'-' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps({"mib": args.mib, "medians": medians, "raw": raw}, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
