@@ -64,10 +64,28 @@ class EnvoySettings:
     cors_origins: tuple[str, ...] = ("*",)
     access_log: bool = False
     # A stream (upload, download, inference) may stay silent this long before Envoy drops it;
-    # there is no overall request timeout, so 100+ MiB transfers are never cut off.
-    stream_idle_timeout_seconds: int = 3600
+    # there is no overall request timeout, so 100+ MiB transfers are never cut off (a slow
+    # transfer that keeps sending bytes is never dropped; one that stops is, after this).
+    stream_idle_timeout_seconds: int = 300
+    # A client must send all its request headers within this (slowloris: trickled headers).
+    request_headers_timeout_seconds: float = 10.0
+    # A connection with no stream open is closed after this.
+    idle_timeout_seconds: int = 300
     connect_timeout_seconds: float = 2.0
     max_connections: int = 10000
+    # HTTP/2 (native gRPC): streams per connection and flow-control windows, so one
+    # connection cannot make Envoy buffer without bound (Envoy's defaults: 2^31-1 streams, 256 MiB).
+    max_concurrent_streams: int = 100
+    initial_stream_window_size: int = 1024 * 1024
+    initial_connection_window_size: int = 4 * 1024 * 1024
+    # Body cap of the REST routes that take JSON or form bodies only (the gateway's own
+    # MAX_JSON_BYTES); uploads (images, labels, models, infer) stream to the gateway, which caps them.
+    max_json_body_bytes: int = 4 * 1024 * 1024
+    # Heap cap: at 95 % Envoy stops accepting requests, at 90 % it shrinks its heap.
+    max_heap_bytes: int = 1024 * 1024 * 1024
+    # A listener that serves Envoy's /stats/prometheus (only that path of admin); 0: none.
+    # Admin itself stays on loopback.
+    stats_port: int = 0
     upstreams: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +96,19 @@ class EnvoySettings:
             "activelearning": self.activelearning_address,
         }
         object.__setattr__(self, "upstreams", {name: addr for name, addr in named.items() if addr})
+        if not _is_loopback(self.admin_host):
+            # /quitquitquit, /runtime_modify, /config_dump: never off the host (stats_port
+            # publishes /stats/prometheus alone).
+            raise ValueError(f"admin_host must be a loopback address, got {self.admin_host!r}; use stats_port for metrics")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -136,6 +167,28 @@ def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+# The buffer filter caps a body by holding all of it, so it runs on the small-body routes only
+# (JSON_BODY_ROUTES) and every other route turns it off: uploads and gRPC streams pass through.
+_BUFFER_FILTER = "envoy.filters.http.buffer"
+_NO_BUFFER = {"@type": _TYPE + "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}
+# REST routes whose bodies are JSON or a form (MONAI Label's params), never a file.
+JSON_BODY_ROUTES = (
+    r"/(activelearning|train|batch|scoring|auth)(/.*)?",
+    r"/datastore/(image/info|label/info|updatelabelinfo)/?",
+)
+
+
+def _spelled_any_way(word: str) -> str:
+    """A regex for `word` with each character also percent-encoded (matched case-insensitively)."""
+    return "".join(f"(?:{ch}|%{ord(ch):02x})" for ch in word)
+
+
+# The gateway's /metrics however spelled: any case, percent-encoded characters, trailing
+# slashes or more path. The listener normalizes first (RFC 3986 dot segments, merged slashes,
+# %2F / %5C unescaped), so `//metrics`, `/./metrics` and `/docs/../metrics` arrive as /metrics.
+METRICS_PATH_REGEX = "(?i)/+" + _spelled_any_way("metrics") + "(?:[/;%].*)?"
+
+
 def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """No route timeout (streams run as long as they need); a client's grpc-timeout is honoured."""
     match: dict[str, Any] = {"prefix": prefix}
@@ -148,7 +201,7 @@ def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[d
             "timeout": "0s",
             "max_stream_duration": {"grpc_timeout_header_max": "0s"},
         },
-        "typed_per_filter_config": {"envoy.filters.http.cors": cors},
+        "typed_per_filter_config": {"envoy.filters.http.cors": cors, _BUFFER_FILTER: _NO_BUFFER},
     }
 
 
@@ -164,10 +217,59 @@ def routes(settings: EnvoySettings) -> list[dict[str, Any]]:
         result.append(_grpc_route(prefix, "datastore", cors))
     # REST: the gateway answers CORS itself (MONAI Label's origins), so Envoy adds no policy here.
     # The gateway's /metrics is for Prometheus inside the deployment, which scrapes the gateway
-    # port directly; the edge does not publish it.
-    result.append({"match": {"path": "/metrics"}, "direct_response": {"status": 404}})
-    result.append({"match": {"prefix": "/"}, "route": {"cluster": "gateway", "timeout": "0s"}})
+    # directly; the edge never publishes it, however the path is spelled.
+    result.append({"match": {"safe_regex": {"regex": METRICS_PATH_REGEX}}, "direct_response": {"status": 404}})
+    # Small-body REST routes: the body is capped (413 from Envoy) before the gateway sees it.
+    result += [
+        {"match": {"safe_regex": {"regex": regex}}, "route": {"cluster": "gateway", "timeout": "0s"}}
+        for regex in JSON_BODY_ROUTES
+    ]
+    result.append(
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "gateway", "timeout": "0s"},
+            "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
+        }
+    )
     return result
+
+
+def _stats_listener(settings: EnvoySettings) -> dict[str, Any]:
+    """A listener that forwards GET /stats/prometheus to admin (on loopback) and answers 404 to
+    everything else, so Prometheus can scrape Envoy without reaching admin's other endpoints."""
+    manager = {
+        "@type": _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "stats",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "request_headers_timeout": f"{settings.request_headers_timeout_seconds}s",
+        "stream_idle_timeout": "30s",
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [
+                {
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                            "route": {"cluster": "envoy_admin", "timeout": "30s"},
+                        },
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"}}
+        ],
+    }
+    return {
+        "name": "stats",
+        "address": _socket_address(settings.host, settings.stats_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+    }
 
 
 def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
@@ -177,9 +279,20 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
         "stat_prefix": "edge",
         "codec_type": "AUTO",  # HTTP/1.1 (REST, gRPC-web) and h2c (native gRPC) on one port
         "use_remote_address": True,
+        # One spelling per path before routing: RFC 3986 dot segments removed, `//` merged,
+        # %2F / %5C unescaped (the gateway and the route table see the same path).
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
+        "request_headers_timeout": f"{settings.request_headers_timeout_seconds}s",
         "stream_idle_timeout": f"{settings.stream_idle_timeout_seconds}s",
         "request_timeout": "0s",
-        "common_http_protocol_options": {"idle_timeout": "3600s"},
+        "common_http_protocol_options": {"idle_timeout": f"{settings.idle_timeout_seconds}s"},
+        "http2_protocol_options": {
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "initial_stream_window_size": settings.initial_stream_window_size,
+            "initial_connection_window_size": settings.initial_connection_window_size,
+        },
         "route_config": {
             "name": "labelgrid",
             "virtual_hosts": [{"name": "labelgrid", "domains": ["*"], "routes": routes(settings)}],
@@ -192,6 +305,13 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
             {
                 "name": "envoy.filters.http.cors",
                 "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.cors.v3.Cors"},
+            },
+            {
+                "name": _BUFFER_FILTER,
+                "typed_config": {
+                    "@type": _TYPE + "envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": settings.max_json_body_bytes,
+                },
             },
             {
                 "name": "envoy.filters.http.router",
@@ -213,11 +333,26 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
         _cluster(name, address, http2=True, connect_timeout=settings.connect_timeout_seconds)
         for name, address in settings.upstreams.items()
     ]
+    listeners = [
+        {
+            "name": "edge",
+            "address": _socket_address(settings.host, settings.port),
+            "filter_chains": [
+                {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+            ],
+        }
+    ]
+    if settings.stats_port:
+        listeners.append(_stats_listener(settings))
+        clusters.append(
+            _cluster("envoy_admin", f"{settings.admin_host}:{settings.admin_port}", http2=False, connect_timeout=settings.connect_timeout_seconds)
+        )
     return {
         "admin": {"address": _socket_address(settings.admin_host, settings.admin_port)},
-        # A cap on open downstream connections, so a flood cannot exhaust file descriptors.
         "overload_manager": {
+            "refresh_interval": "0.25s",
             "resource_monitors": [
+                # A cap on open downstream connections, so a flood cannot exhaust file descriptors.
                 {
                     "name": "envoy.resource_monitors.global_downstream_max_connections",
                     "typed_config": {
@@ -225,21 +360,28 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
                         + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
                         "max_active_downstream_connections": settings.max_connections,
                     },
-                }
-            ]
-        },
-        "static_resources": {
-            "listeners": [
+                },
+                # A cap on Envoy's heap: near it Envoy gives memory back, then refuses new requests (503).
                 {
-                    "name": "edge",
-                    "address": _socket_address(settings.host, settings.port),
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
-                    ],
-                }
+                    "name": "envoy.resource_monitors.fixed_heap",
+                    "typed_config": {
+                        "@type": _TYPE + "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                        "max_heap_size_bytes": settings.max_heap_bytes,
+                    },
+                },
             ],
-            "clusters": clusters,
+            "actions": [
+                {
+                    "name": "envoy.overload_actions.shrink_heap",
+                    "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.90}}],
+                },
+                {
+                    "name": "envoy.overload_actions.stop_accepting_requests",
+                    "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}],
+                },
+            ],
         },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 

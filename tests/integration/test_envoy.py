@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.envoy import (
+    METRICS_PATH_REGEX,
     SERVICE_PREFIXES,
     EnvoySettings,
     bootstrap,
@@ -72,6 +73,7 @@ def test_routes_and_protocols() -> None:
     assert [f["name"] for f in manager["http_filters"]] == [
         "envoy.filters.http.grpc_web",
         "envoy.filters.http.cors",
+        "envoy.filters.http.buffer",  # on the small-body REST routes only
         "envoy.filters.http.router",
     ]
     routes = manager["route_config"]["virtual_hosts"][0]["routes"]
@@ -82,8 +84,9 @@ def test_routes_and_protocols() -> None:
     assert by_prefix["/grpc.health.v1.Health/"]["route"]["cluster"] == "datastore"
     assert routes[-1]["match"] == {"prefix": "/"} and routes[-1]["route"]["cluster"] == "gateway"
     assert {route["route"]["timeout"] for route in routes if "route" in route} == {"0s"}
-    hidden = [route for route in routes if route["match"] == {"path": "/metrics"}]
+    hidden = [route for route in routes if route["match"] == {"safe_regex": {"regex": METRICS_PATH_REGEX}}]
     assert hidden and hidden[0]["direct_response"] == {"status": 404}, "the edge must not publish /metrics"
+    assert routes.index(hidden[0]) < len(routes) - 1, "the /metrics refusal comes before the REST catch-all"
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
