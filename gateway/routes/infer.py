@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
@@ -26,6 +26,7 @@ from labelgrid.inference.v1 import resources_pb2 as inf_res
 from gateway import sessions
 from gateway.clients import Download, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
+from gateway.routes import infer_seg
 from gateway.routes.common import (
     Ctx,
     CtxDep,
@@ -278,6 +279,7 @@ async def _renew_lease(ctx: Ctx, image_id: str, client_id: str) -> None:
 @router.post("/infer/{model}", summary="Run Inference")
 async def run_inference(
     model: str,
+    http_request: Request,
     image: str = Query(""),
     session_id: str = Query(""),
     output: OutputType | None = None,
@@ -289,7 +291,7 @@ async def run_inference(
     model_res = f"models/{check_id(model, 'model name')}"
     values = parse_json_field(params, "params")
     if output is OutputType.dicom_seg:
-        raise GatewayError(501, "output=dicom_seg is not available yet in labelgrid")
+        infer_seg.check_available(ctx, file is not None, session_id)
     file = _checked_upload(file, "image")
     label = _checked_upload(label, "label")
     request_params = infer_params(values, output)
@@ -305,6 +307,7 @@ async def run_inference(
         if not image:
             raise GatewayError(400, "Neither image nor file nor session_id is provided")
         image_res = image_name(image)
+    seg_source = await infer_seg.source_series(ctx, image_res) if output is OutputType.dicom_seg else None
     client_id = values.get("client_id")
     renewing = (
         asyncio.create_task(_renew_lease(ctx, image_res.removeprefix("images/"), client_id))
@@ -346,4 +349,8 @@ async def run_inference(
     finally:
         if renewing is not None:
             await renewing
+    if seg_source is not None:
+        return await infer_seg.answer(
+            ctx, http_request.app.state.dicom_proxy, seg_source, download, _result_params(download.first.header), model
+        )
     return _answer(download, output)

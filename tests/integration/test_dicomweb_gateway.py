@@ -16,6 +16,7 @@ import httpx
 import nibabel as nib
 import nrrd
 import numpy as np
+import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
@@ -24,9 +25,6 @@ from services.datastore.adapters.dicomweb_store import SEG_KEY
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
 from tests.integration.conftest import GatewayStack, real_inference
 from tests.integration.test_dicomweb_datastore import expected_grid, wait_for
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +155,60 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs(
     assert objects[second.series_uid]["labels"]["final"]["info"][SEG_KEY] == seg_uid
 
 
+
+
+def test_infer_output_dicom_seg_is_the_label_as_a_seg_of_the_series(
+    pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries], tmp_path: Path
+) -> None:
+    """output=dicom_seg: the same inference as a NIfTI label, answered as a SEG that references
+    the series and whose segments read back onto the very voxels of that label."""
+    first = pacs_series[1]
+    params = json.dumps({"result_extension": ".nii.gz", "result_dtype": "uint8"})
+
+    def infer(output: str) -> httpx.Response:
+        answer = httpx.post(
+            f"{pacs_stack.url}/infer/segmentation",
+            params={"image": first.series_uid, "output": output},
+            files={"params": (None, params)},
+            timeout=300,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    path = tmp_path / "label.nii.gz"
+    path.write_bytes(infer("image").content)
+    label_image = nib.load(path)
+    label = np.asarray(label_image.dataobj).astype(np.uint16)
+    values = sorted(int(v) for v in np.unique(label) if v > 0)
+    assert values, "the model labeled nothing: the comparison would prove nothing"
+
+    answer = infer("dicom_seg")
+    assert answer.headers["content-type"] == "application/dicom"
+    seg = pydicom.dcmread(io.BytesIO(answer.content))
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == first.study_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.series_uid
+    segmentation = hd.seg.Segmentation.from_dataset(seg)
+    assert len(segmentation.SegmentSequence) == len(values)
+    client = DICOMwebClient(pacs_stack.gateway_overrides["dicomweb_url"])
+    source = hd.get_volume_from_series(client.retrieve_series(first.study_uid, first.series_uid))
+    back = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint16).match_geometry(source)
+    expected = np.zeros_like(label)
+    for number, value in enumerate(values, start=1):  # segment n is the n-th label value
+        expected[label == value] = number
+    on_grid = nib.as_closest_canonical(back.to_nibabel())
+    sent = nib.as_closest_canonical(nib.Nifti1Image(expected, label_image.affine))
+    np.testing.assert_allclose(on_grid.affine, sent.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(on_grid.dataobj), np.asarray(sent.dataobj))
+
+
+def test_infer_output_dicom_seg_needs_a_series(pacs_stack: GatewayStack, tmp_path: Path) -> None:
+    path = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), path)
+    with open(path, "rb") as handle:
+        answer = httpx.post(
+            f"{pacs_stack.url}/infer/segmentation",
+            params={"output": "dicom_seg"},
+            files={"file": ("x.nii.gz", handle)},
+            timeout=60,
+        )
+    assert answer.status_code == 422 and "SeriesInstanceUID" in answer.json()["detail"]

@@ -2,8 +2,8 @@
 
 Everything that speaks HTTP or DICOM lives here, through well-kept libraries: `dicomweb-client`
 for QIDO-RS / WADO-RS / STOW-RS, `highdicom` for the geometry of a series (slice order,
-orientation, spacing: `get_volume_from_series`) and for DICOM SEG (writing final labels, and
-reading SEGs made elsewhere). The domain only ever sees NIfTI files and ids.
+orientation, spacing: `get_volume_from_series`); DICOM SEG itself is services/common/dicom_seg.py
+(shared with the gateway's infer output=dicom_seg). The domain only ever sees NIfTI files and ids.
 
 An image is a series: id = SeriesInstanceUID. Its *content key* is a hash of the series'
 SOP Instance UIDs as QIDO lists them, so a series that changes in the PACS (instances added or
@@ -26,9 +26,8 @@ import numpy as np
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.dataset import FileDataset
-from pydicom.sr.codedict import codes
 
+from services.common.dicom_seg import as_file, datasets_from_metadata
 from services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -186,27 +185,12 @@ class DicomwebPacs:
     def metadata(self, series: PacsSeries) -> list[pydicom.Dataset]:
         """WADO-RS metadata (no pixel data): enough for a SEG to reference the series."""
         items = self._call("WADO metadata", self.client.retrieve_series_metadata, series.study_uid, series.series_uid)
-        datasets = []
-        for item in items:
-            item = {tag: value for tag, value in item.items() if "BulkDataURI" not in value and "InlineBinary" not in value}
-            datasets.append(pydicom.Dataset.from_json(item))
-        return datasets
+        return datasets_from_metadata(items)
 
     def store(self, datasets: list[pydicom.Dataset], study_uid: str) -> None:
         """STOW-RS. Each dataset is sent as a DICOM file (preamble, 'DICM', meta header)."""
-        files = [_as_file(ds) for ds in datasets]
+        files = [as_file(ds) for ds in datasets]
         self._call("STOW", self.client.store_instances, files, study_uid)
-
-
-def _as_file(dataset: pydicom.Dataset) -> FileDataset:
-    """dicomweb-client writes with pydicom's defaults, which leave a plain Dataset without its
-    preamble and 'DICM' (a PACS may store it and then serve files no reader accepts)."""
-    meta = getattr(dataset, "file_meta", None) or pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    return FileDataset(None, dataset, file_meta=meta, preamble=b"\0" * 128)
 
 
 # -- conversions ---------------------------------------------------------------------------
@@ -243,71 +227,3 @@ def series_to_nifti(datasets: list[pydicom.Dataset], path: Path) -> None:
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
     nib.save(out, str(path))
-
-
-def label_to_seg(
-    label: np.ndarray,
-    affine: np.ndarray,
-    source: list[pydicom.Dataset],
-    names: dict[int, str],
-) -> hd.seg.Segmentation:
-    """A DICOM SEG (one binary segment per label value) referencing `source`, from a label
-    volume in RAS world coordinates (as the datastore stores it)."""
-    values = sorted(int(v) for v in np.unique(label) if v > 0)
-    if not values:
-        raise InvalidArgument("the label is empty: a DICOM SEG needs at least one labeled voxel")
-    frame_of_reference = source[0].get("FrameOfReferenceUID")
-    volume = hd.Volume.from_nibabel(
-        nib.Nifti1Image(np.asarray(label).astype(np.uint16), affine), frame_of_reference_uid=frame_of_reference
-    )
-    relabeled = np.zeros(volume.spatial_shape, dtype=np.uint16)
-    for number, value in enumerate(values, start=1):
-        relabeled[volume.array == value] = number
-    volume = volume.with_array(relabeled)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=names.get(value, f"label-{value}")[:64],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        )
-        for number, value in enumerate(values, start=1)
-    ]
-    try:
-        return hd.seg.Segmentation(
-            source_images=source,
-            pixel_array=volume,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=9901,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="labelgrid",
-            manufacturer_model_name="labelgrid",
-            software_versions="0.1.0",
-            device_serial_number="labelgrid",
-            series_description="labelgrid final label",
-            omit_empty_frames=True,
-        )
-    except (ValueError, TypeError) as err:
-        raise InvalidArgument(f"the label does not lie on the series' grid ({str(err)[:200]})") from None
-
-
-def seg_to_label(seg: pydicom.Dataset, image_path: Path, path: Path) -> None:
-    """A SEG read back onto the voxels of the stored image (`image_path`, NIfTI): segment n -> n."""
-    segmentation = hd.seg.Segmentation.from_dataset(seg)
-    image = nib.load(str(image_path))
-    grid = hd.Volume.from_nibabel(image, frame_of_reference_uid=seg.FrameOfReferenceUID)
-    volume = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint8)
-    matched = volume.match_geometry(grid)
-    out = nib.Nifti1Image(np.asarray(matched.to_nibabel().dataobj).astype(np.uint8), image.affine)
-    if out.shape != image.shape[:3] or not np.allclose(matched.to_nibabel().affine, image.affine, atol=1e-3):
-        raise InvalidArgument("the SEG does not lie on its source series' grid")
-    nib.save(out, str(path))
-
-
-def referenced_series(seg: pydicom.Dataset) -> str:
-    refs = seg.get("ReferencedSeriesSequence") or []
-    return str(refs[0].SeriesInstanceUID) if refs else ""

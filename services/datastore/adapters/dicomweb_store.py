@@ -31,15 +31,13 @@ from typing import Any
 
 from services.common import raw_labels
 from services.common.chunks import SpooledFile, sha256_file
+from services.common.dicom_seg import label_to_seg, referenced_series, seg_to_label
 from services.common.errors import InvalidArgument, LabelgridError, NotFound
 from services.common.formats import label_ext_from_name
 from services.common.models.volumes import VolumeFiles
 from services.datastore.adapters.dicomweb import (
     DicomwebPacs,
     PacsSeries,
-    label_to_seg,
-    referenced_series,
-    seg_to_label,
     series_to_nifti,
 )
 from services.datastore.domain.datastore import Datastore, image_key
