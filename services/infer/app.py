@@ -6,6 +6,7 @@ import torch
 
 from services.common.apps import load_app
 from services.common.datastore_client import DatastoreClient
+from services.common.models.batching import BatchPolicies
 from services.common.models.cache import ModelCache, ServingVersions
 from services.common.models.devices import resolve_devices
 from services.common.models.torch_runner import TorchRunner
@@ -22,7 +23,8 @@ def build_inference(settings: InferSettings) -> tuple[Inference, DatastoreClient
     devices = resolve_devices(settings.device)
     app = load_app(settings.app)
     datastore = DatastoreClient(settings.datastore, settings.datastore_timeout_seconds, token=settings.service_token)
-    runner = TorchRunner(devices, warm_up=settings.warm_up)
+    batching = BatchPolicies(settings.max_batch_size, settings.max_queue_delay_ms, settings.model_batching)
+    runner = TorchRunner(devices, warm_up=settings.warm_up, batching=batching)
     work_dir = settings.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     inference = Inference(

@@ -8,6 +8,7 @@ from typing import Annotated
 import pydantic
 
 from services.common.bundles import BundleSettings
+from services.common.models.batching import BatchPolicy
 
 
 class InferSettings(BundleSettings):
@@ -41,3 +42,12 @@ class InferSettings(BundleSettings):
     # Images of a batch in flight at once; 0: twice this replica's device slots (with
     # batch_address, set it to the slots of all replicas, times two).
     batch_width: Annotated[int, pydantic.Field(ge=0)] = 0
+    # Dynamic batching: sliding-window patches of concurrent requests of one model version on one
+    # device run as one forward pass of at most max_batch_size patches; a forward waits at most
+    # max_queue_delay_ms for the patches of other running requests. Unset: by device (CPU off,
+    # i.e. 1 / 0, since a batch costs the sum of its patches there; GPU 8 / 5 ms). Requests run
+    # together only with concurrency_per_device > 1. model_batching sets a model's own, as JSON:
+    # {"segmentation": {"max_batch_size": 8, "max_queue_delay_ms": 5}}.
+    max_batch_size: Annotated[int, pydantic.Field(ge=1)] | None = None
+    max_queue_delay_ms: Annotated[float, pydantic.Field(ge=0, le=10_000)] | None = None
+    model_batching: Annotated[dict[str, BatchPolicy], pydantic.Field(default_factory=dict)]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from apps.base import InferInput, InferTask, Prompt
 from services.common.errors import FailedPrecondition, LabelgridError
+from services.common.models.batching import Batcher, BatchPolicies
 from services.common.models.devices import describe_devices
 from services.common.models.types import (
     Cancelled,
@@ -51,9 +52,13 @@ def _check(cancelled: threading.Event) -> None:
 class TorchRunner:
     """`ModelRunner` with torch on the devices it was given."""
 
-    def __init__(self, device_names: list[str], warm_up: bool = True):
+    def __init__(self, device_names: list[str], warm_up: bool = True, batching: BatchPolicies | None = None):
         self.device_names = list(device_names)
         self.warm_up = warm_up
+        # Dynamic batching of concurrent requests' patches (services.common.models.batching);
+        # None: every request runs its own forward passes.
+        self.batching = batching
+        self.batcher = Batcher()
 
     def devices(self) -> list[DeviceInfo]:
         return describe_devices(self.device_names)
@@ -86,6 +91,7 @@ class TorchRunner:
         params: dict[str, Any],
         cancelled: threading.Event,
         input_label: Any = None,
+        model: str = "",
     ) -> RunResult:
         latencies: dict[str, float] = {}
         device = torch.device(loaded.device)
@@ -109,8 +115,13 @@ class TorchRunner:
 
             started = time.perf_counter()
             inputs = item.data["image"][None].to(device)
+            policy = self.batching.policy(model, loaded.device) if self.batching is not None else None
             with torch.inference_mode():
-                logits = task.inferer(params)(inputs, loaded.network)
+                if policy is not None and policy.enabled:
+                    with self.batcher.predictor(loaded.network, policy, cancelled) as predictor:
+                        logits = task.inferer(params)(inputs, predictor)
+                else:
+                    logits = task.inferer(params)(inputs, loaded.network)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             latencies["infer"] = time.perf_counter() - started

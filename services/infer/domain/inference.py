@@ -299,6 +299,8 @@ class Inference:
         work_dir: Path,
         started: float,
     ) -> InferOutcome:
+        queue = self.scheduler.pick(params.device)
+        queue.check_room()  # a full queue refuses before the image is fetched
         fetch_started = time.perf_counter()
         if image.image_id:
             path = await self.datastore.download_image(image.image_id, work_dir)
@@ -310,37 +312,30 @@ class Inference:
             file_name = upload_file_name(image.uploaded_file_name or "upload.nii.gz")
             path = work_dir / file_name
             await asyncio.to_thread(image.uploaded_path.rename, path)
-        volume: Volume = await asyncio.to_thread(self.volumes.read, path, file_name)
-        input_label = None
         if image.label_tag:  # a stored label of the image as the input (its own folder: same file name)
             folder = work_dir / "input-label"
             folder.mkdir()
             stored = await self.datastore.download_label(image.image_id, image.label_tag, folder)
             image = dataclasses.replace(image, label_path=stored, label_file_name=stored.name)
-        if image.label_path is not None:
-            input_label = await asyncio.to_thread(self._read_input_label, image, volume, work_dir)
-        elif getattr(task, "needs_input_label", False):
+        if image.label_path is None and getattr(task, "needs_input_label", False):
             raise InvalidArgument(f"model {model!r} needs an input label (the scribbles): send it as the `label` part")
-        validate = getattr(task, "validate_params", None)
-        if validate is not None:
-            try:
-                validate(params.extra, volume.shape)
-            except ValueError as error:
-                raise InvalidArgument(f"invalid params for model {model!r}: {error}") from None
         fetch_seconds = time.perf_counter() - fetch_started
-        self.check_prompt(params.prompt, volume.shape, dict(task.labels))
 
         version = await self.versions.get(model)
-        queue = self.scheduler.pick(params.device)
 
-        # The slot covers loading and running: both are torch work on the device.
+        # The slot covers decoding, loading and running: the files above are on disk only, and a
+        # volume is decoded (and its pre-transforms allocate) only once the request holds a slot,
+        # so `queue_limit` bounds the memory of waiting requests, not only the device's work.
         async with queue.slot(model, deadline) as slot:
+            decode_started = time.perf_counter()
+            volume, input_label = await slot.run(lambda _cancelled: self._decode(task, model, image, params, path, file_name, work_dir))
+            decode_seconds = time.perf_counter() - decode_started
             loaded = await self.cache.get(
                 model, task, queue.device, version, lambda load: slot.run(lambda _cancelled: load())
             )
             result = await slot.run(
                 lambda cancelled: self.runner.run(
-                    task, loaded, volume, params.prompt, params.extra, cancelled, input_label=input_label
+                    task, loaded, volume, params.prompt, params.extra, cancelled, input_label=input_label, model=model
                 )
             )
         queue_seconds = slot.queue_seconds
@@ -387,6 +382,7 @@ class Inference:
             "latencies": {
                 **{key: round(value, 4) for key, value in latencies.items()},
                 "fetch": round(fetch_seconds, 4),
+                "decode": round(decode_seconds, 4),
                 "transform": {"pre": round(latencies["pre"], 4), "post": round(latencies["post"], 4)},
             },
             "model": model,
@@ -408,6 +404,21 @@ class Inference:
             device=loaded.device,
             work_dir=work_dir,
         )
+
+    def _decode(
+        self, task: Any, model: str, image: ImageInput, params: InferParams, path: Path, file_name: str, work_dir: Path
+    ) -> tuple[Volume, Any]:
+        """Reads the image and input label and checks the params against them (blocking; in the slot)."""
+        volume: Volume = self.volumes.read(path, file_name)
+        input_label = self._read_input_label(image, volume, work_dir) if image.label_path is not None else None
+        validate = getattr(task, "validate_params", None)
+        if validate is not None:
+            try:
+                validate(params.extra, volume.shape)
+            except ValueError as error:
+                raise InvalidArgument(f"invalid params for model {model!r}: {error}") from None
+        self.check_prompt(params.prompt, volume.shape, dict(task.labels))
+        return volume, input_label
 
     def _read_input_label(self, image: ImageInput, volume: Volume, work_dir: Path) -> Any:
         """The streamed input label as integers on the image's grid (blocking)."""

@@ -67,17 +67,26 @@ class DeviceQueue:
                 return
         self._free += 1
 
+    def check_room(self) -> None:
+        """Refuses now (QUEUE_FULL) when a request sent now could neither run nor wait: called
+        before a request fetches its image, so a full queue costs it no download."""
+        if not (self._free > 0 and not self._waiters) and len(self._waiters) >= self.queue_limit:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise ResourceExhausted(
+            f"the queue of device {self.device} is full ({len(self._waiters)} waiting, "
+            f"{self.total_running} running, limit {self.queue_limit}); retry later",
+            reason="QUEUE_FULL",
+            metadata={"device": self.device, "queue_limit": str(self.queue_limit)},
+        )
+
     async def _acquire(self, model: str, deadline: float | None) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
         if len(self._waiters) >= self.queue_limit:
-            raise ResourceExhausted(
-                f"the queue of device {self.device} is full ({len(self._waiters)} waiting, "
-                f"{self.total_running} running, limit {self.queue_limit}); retry later",
-                reason="QUEUE_FULL",
-                metadata={"device": self.device, "queue_limit": str(self.queue_limit)},
-            )
+            self._refuse()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
