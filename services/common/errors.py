@@ -4,7 +4,9 @@ Plain Python, no gRPC: domain code raises these, and one table in
 ``services.common.grpc_errors`` turns them into a gRPC status with a
 ``google.rpc.ErrorInfo`` detail. ``reason`` is MONAI Label's error code where MONAI
 Label has one (``INVALID_INPUT``, ``INFERENCE_ERROR`` ...), else one of ours in the
-same style; the list lives in ``protos/labelgrid/common/v1/errors.proto``.
+same style. The one list of reasons is the ``ErrorReason`` enum in
+``protos/labelgrid/common/v1/common.proto`` (names without ``ERROR_REASON_``);
+``tests/unit/test_error_reasons.py`` checks every reason the code raises is in it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
 from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
+from labelgrid.activelearning.v1 import resources_pb2 as al_resources
 from labelgrid.client._errors import ChecksumMismatch, LabelgridError, from_rpc_error
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
@@ -61,7 +62,7 @@ class Sample:
     """The image active learning hands a client next, leased to it until lease_expire_time."""
 
     image_id: str
-    image: ds_resources.Image = field(repr=False)
+    image: al_resources.Sample = field(repr=False)
     lease_expire_time: str  # RFC 3339
     strategy_info: dict[str, Any]
 

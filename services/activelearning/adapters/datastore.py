@@ -7,6 +7,7 @@ domain's values and back. Failures come back as domain errors with the datastore
 
 from __future__ import annotations
 
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ def image_entry(image: ds_res.Image) -> ImageEntry:
         info=struct_to_dict(image.info),
         scores=dict(image.scores),
         label_tags=tuple(label.tag for label in image.labels),
-        raw=image,
     )
 
 
@@ -42,9 +42,8 @@ def lease_value(lease: ds_res.Lease) -> Lease:
         image_id=lease.image_id,
         client_id=lease.client_id,
         strategy=lease.strategy,
-        acquire_time=lease.acquire_time.ToDatetime(),
-        expire_time=lease.expire_time.ToDatetime(),
-        raw=lease,
+        acquire_time=lease.acquire_time.ToDatetime(timezone.utc),
+        expire_time=lease.expire_time.ToDatetime(timezone.utc),
     )
 
 

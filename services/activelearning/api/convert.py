@@ -8,7 +8,7 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
 from labelgrid.activelearning.v1 import resources_pb2 as res
 
 from apps.activelearning import ScoringMethod, Strategy
-from services.activelearning.domain.model import UNTRAINED, NextSample
+from services.activelearning.domain.model import UNTRAINED, ImageEntry, Lease, NextSample
 from services.common.protos import (
     config_entries,
     dict_to_struct,
@@ -83,9 +83,29 @@ def next_sample(result: NextSample) -> pb.NextSampleResponse:
         strategy_info=dict_to_struct(result.strategy_info), no_sample_reason=_NO_SAMPLE[result.no_sample_reason]
     )
     if result.image is not None and result.lease is not None:
-        response.image.CopyFrom(result.image.raw)
-        response.lease.CopyFrom(result.lease.raw)
+        response.image.CopyFrom(sample(result.image))
+        response.lease.CopyFrom(lease(result.lease))
     return response
+
+
+def sample(image: ImageEntry) -> res.Sample:
+    return res.Sample(
+        image_id=image.image_id,
+        file_name=image.file_name,
+        sha256=image.sha256,
+        info=dict_to_struct(image.info),
+        scores=image.scores,
+        label_tags=list(image.label_tags),
+    )
+
+
+def lease(value: Lease) -> res.Lease:
+    message = res.Lease(
+        name=f"leases/{value.image_id}", image_id=value.image_id, client_id=value.client_id, strategy=value.strategy
+    )
+    message.acquire_time.FromDatetime(value.acquire_time)
+    message.expire_time.FromDatetime(value.expire_time)
+    return message
 
 
 

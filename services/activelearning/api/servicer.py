@@ -41,7 +41,7 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
 
     async def RenewLease(self, request: pb.RenewLeaseRequest, context: Any) -> pb.RenewLeaseResponse:
         lease = await self.sampler.renew(convert.lease_image_of(request.name), request.client_id, request.ttl_seconds)
-        return pb.RenewLeaseResponse(lease=lease.raw)
+        return pb.RenewLeaseResponse(lease=convert.lease(lease))
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.ReleaseLeaseResponse:
         await self.sampler.release(convert.lease_image_of(request.name), request.client_id)
@@ -49,7 +49,7 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
 
     async def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
         page = await self.sampler.list_leases(request.client_id, request.page_size, request.page_token)
-        return pb.ListLeasesResponse(leases=[lease.raw for lease in page.leases], next_page_token=page.next_page_token)
+        return pb.ListLeasesResponse(leases=[convert.lease(lease) for lease in page.leases], next_page_token=page.next_page_token)
 
     # -- scoring jobs ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ UNTRAINED = "untrained"
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """An image as the datastore lists it; `raw` is the datastore's own message, passed through."""
+    """An image as the datastore lists it: what strategies, scoring and clients need of it."""
 
     image_id: str
     file_name: str
@@ -23,17 +23,17 @@ class ImageEntry:
     info: dict[str, Any]
     scores: dict[str, float]
     label_tags: tuple[str, ...] = ()
-    raw: Any = None
 
 
 @dataclass(frozen=True)
 class Lease:
+    """A client's lease on an image; times are timezone-aware UTC."""
+
     image_id: str
     client_id: str
     strategy: str
     acquire_time: datetime
     expire_time: datetime
-    raw: Any = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
-import type { ScoringJob, ScoringMethod, Strategy } from "./resources_pb.js";
-import type { Image, Lease } from "../../datastore/v1/resources_pb.js";
+import type { Lease, Sample, ScoringJob, ScoringMethod, Strategy } from "./resources_pb.js";
 import type { JobState } from "../../common/v1/common_pb.js";
 
 /**
@@ -132,15 +131,15 @@ export declare type NextSampleResponse = Message<"labelgrid.activelearning.v1.Ne
   /**
    * The image to label, with its info as it was before this call; unset when none is left.
    *
-   * @generated from field: labelgrid.datastore.v1.Image image = 1;
+   * @generated from field: labelgrid.activelearning.v1.Sample image = 1;
    */
-  image?: Image | undefined;
+  image?: Sample | undefined;
 
   /**
    * The client's lease on the image (its expire_time tells when it lapses); unset when none
    * is left.
    *
-   * @generated from field: labelgrid.datastore.v1.Lease lease = 2;
+   * @generated from field: labelgrid.activelearning.v1.Lease lease = 2;
    */
   lease?: Lease | undefined;
 
@@ -209,7 +208,7 @@ export declare type RenewLeaseResponse = Message<"labelgrid.activelearning.v1.Re
   /**
    * The renewed lease.
    *
-   * @generated from field: labelgrid.datastore.v1.Lease lease = 1;
+   * @generated from field: labelgrid.activelearning.v1.Lease lease = 1;
    */
   lease?: Lease | undefined;
 };
@@ -304,7 +303,7 @@ export declare type ListLeasesResponse = Message<"labelgrid.activelearning.v1.Li
   /**
    * The live leases of this page.
    *
-   * @generated from field: repeated labelgrid.datastore.v1.Lease leases = 1;
+   * @generated from field: repeated labelgrid.activelearning.v1.Lease leases = 1;
    */
   leases: Lease[];
 

@@ -5,6 +5,7 @@
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 import type { ConfigEntry, JobError, JobState, JobTimes } from "../../common/v1/common_pb.js";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file labelgrid/activelearning/v1/resources.proto.
@@ -249,4 +250,116 @@ export declare type ScoringProgress = Message<"labelgrid.activelearning.v1.Scori
  * Use `create(ScoringProgressSchema)` to create a new message.
  */
 export declare const ScoringProgressSchema: GenMessage<ScoringProgress>;
+
+/**
+ * An image NextSample hands out to label: what an annotator's client needs to fetch and show
+ * it. The image itself lives in the datastore ("images/{image}" there).
+ *
+ * @generated from message labelgrid.activelearning.v1.Sample
+ */
+export declare type Sample = Message<"labelgrid.activelearning.v1.Sample"> & {
+  /**
+   * The image id (MONAI Label's image id: the file name without its extension).
+   *
+   * @generated from field: string image_id = 1;
+   */
+  imageId: string;
+
+  /**
+   * File name with extension, e.g. "img_01.nii.gz" (MONAI Label's info["name"]).
+   *
+   * @generated from field: string file_name = 2;
+   */
+  fileName: string;
+
+  /**
+   * Lower-case hex sha256 of the stored file (MONAI Label sends "SHA256:" + this).
+   *
+   * @generated from field: string sha256 = 3;
+   */
+  sha256: string;
+
+  /**
+   * The image info as it was before NextSample (MONAI Label's image info).
+   *
+   * @generated from field: google.protobuf.Struct info = 4;
+   */
+  info?: JsonObject | undefined;
+
+  /**
+   * Scores stored by scoring methods, by score key (e.g. "epistemic_entropy").
+   *
+   * @generated from field: map<string, double> scores = 5;
+   */
+  scores: { [key: string]: number };
+
+  /**
+   * Tags of the image's labels, e.g. ["original"].
+   *
+   * @generated from field: repeated string label_tags = 6;
+   */
+  labelTags: string[];
+};
+
+/**
+ * Describes the message labelgrid.activelearning.v1.Sample.
+ * Use `create(SampleSchema)` to create a new message.
+ */
+export declare const SampleSchema: GenMessage<Sample>;
+
+/**
+ * A client's lease on an image: NextSample will not hand the image to anyone else until it
+ * expires or is released.
+ *
+ * @generated from message labelgrid.activelearning.v1.Lease
+ */
+export declare type Lease = Message<"labelgrid.activelearning.v1.Lease"> & {
+  /**
+   * Resource name: "leases/{image}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The leased image id.
+   *
+   * @generated from field: string image_id = 2;
+   */
+  imageId: string;
+
+  /**
+   * The annotator holding the lease (MONAI Label's client_id).
+   *
+   * @generated from field: string client_id = 3;
+   */
+  clientId: string;
+
+  /**
+   * The strategy that handed the image out.
+   *
+   * @generated from field: string strategy = 4;
+   */
+  strategy: string;
+
+  /**
+   * When the lease was taken.
+   *
+   * @generated from field: google.protobuf.Timestamp acquire_time = 5;
+   */
+  acquireTime?: Timestamp | undefined;
+
+  /**
+   * When the lease expires unless renewed.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 6;
+   */
+  expireTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message labelgrid.activelearning.v1.Lease.
+ * Use `create(LeaseSchema)` to create a new message.
+ */
+export declare const LeaseSchema: GenMessage<Lease>;
 

@@ -458,6 +458,62 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_OUT_OF_RANGE = 20;
    */
   OUT_OF_RANGE = 20,
+
+  /**
+   * Something other than the above does not exist, e.g. a stored object (NOT_FOUND).
+   *
+   * @generated from enum value: ERROR_REASON_NOT_FOUND = 21;
+   */
+  NOT_FOUND = 21,
+
+  /**
+   * The resource to create exists already, e.g. an image id (ALREADY_EXISTS).
+   *
+   * @generated from enum value: ERROR_REASON_ALREADY_EXISTS = 22;
+   */
+  ALREADY_EXISTS = 22,
+
+  /**
+   * A service the call needs cannot be reached; retry later (UNAVAILABLE).
+   *
+   * @generated from enum value: ERROR_REASON_UNAVAILABLE = 23;
+   */
+  UNAVAILABLE = 23,
+
+  /**
+   * A limit other than a payload's size or a queue was reached (RESOURCE_EXHAUSTED).
+   *
+   * @generated from enum value: ERROR_REASON_RESOURCE_EXHAUSTED = 24;
+   */
+  RESOURCE_EXHAUSTED = 24,
+
+  /**
+   * The caller's role may not make this call (PERMISSION_DENIED).
+   *
+   * @generated from enum value: ERROR_REASON_PERMISSION_DENIED = 25;
+   */
+  PERMISSION_DENIED = 25,
+
+  /**
+   * The server does not implement this call or option (UNIMPLEMENTED).
+   *
+   * @generated from enum value: ERROR_REASON_UNIMPLEMENTED = 26;
+   */
+  UNIMPLEMENTED = 26,
+
+  /**
+   * The DICOMweb server (PACS) behind the datastore failed or cannot be reached (UNAVAILABLE).
+   *
+   * @generated from enum value: ERROR_REASON_PACS_UNAVAILABLE = 27;
+   */
+  PACS_UNAVAILABLE = 27,
+
+  /**
+   * A MONAI Bundle is malformed or unsafe (INVALID_ARGUMENT).
+   *
+   * @generated from enum value: ERROR_REASON_INVALID_BUNDLE = 28;
+   */
+  INVALID_BUNDLE = 28,
 }
 
 /**

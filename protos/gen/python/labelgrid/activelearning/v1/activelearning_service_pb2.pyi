@@ -11,7 +11,6 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from labelgrid.activelearning.v1 import resources_pb2 as _resources_pb2
 from labelgrid.common.v1 import common_pb2 as _common_pb2
-from labelgrid.datastore.v1 import resources_pb2 as _resources_pb2_1
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -184,11 +183,11 @@ class NextSampleResponse(_message.Message):
     no_sample_reason: Global___NoSampleReason.ValueType
     """Why no image was handed out; UNSPECIFIED when one was."""
     @_builtins.property
-    def image(self) -> _resources_pb2_1.Image:
+    def image(self) -> _resources_pb2.Sample:
         """The image to label, with its info as it was before this call; unset when none is left."""
 
     @_builtins.property
-    def lease(self) -> _resources_pb2_1.Lease:
+    def lease(self) -> _resources_pb2.Lease:
         """The client's lease on the image (its expire_time tells when it lapses); unset when none
         is left.
         """
@@ -202,8 +201,8 @@ class NextSampleResponse(_message.Message):
     def __init__(
         self,
         *,
-        image: _resources_pb2_1.Image | None = ...,
-        lease: _resources_pb2_1.Lease | None = ...,
+        image: _resources_pb2.Sample | None = ...,
+        lease: _resources_pb2.Lease | None = ...,
         strategy_info: _struct_pb2.Struct | None = ...,
         no_sample_reason: Global___NoSampleReason.ValueType = ...,
     ) -> None: ...
@@ -253,13 +252,13 @@ class RenewLeaseResponse(_message.Message):
 
     LEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def lease(self) -> _resources_pb2_1.Lease:
+    def lease(self) -> _resources_pb2.Lease:
         """The renewed lease."""
 
     def __init__(
         self,
         *,
-        lease: _resources_pb2_1.Lease | None = ...,
+        lease: _resources_pb2.Lease | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -353,13 +352,13 @@ class ListLeasesResponse(_message.Message):
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
     @_builtins.property
-    def leases(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2_1.Lease]:
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Lease]:
         """The live leases of this page."""
 
     def __init__(
         self,
         *,
-        leases: _abc.Iterable[_resources_pb2_1.Lease] | None = ...,
+        leases: _abc.Iterable[_resources_pb2.Lease] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from labelgrid.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -221,3 +222,121 @@ class ScoringProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScoringProgress: _TypeAlias = ScoringProgress  # noqa: Y015
+
+@_typing.final
+class Sample(_message.Message):
+    """An image NextSample hands out to label: what an annotator's client needs to fetch and show
+    it. The image itself lives in the datastore ("images/{image}" there).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    LABEL_TAGS_FIELD_NUMBER: _builtins.int
+    image_id: _builtins.str
+    """The image id (MONAI Label's image id: the file name without its extension)."""
+    file_name: _builtins.str
+    """File name with extension, e.g. "img_01.nii.gz" (MONAI Label's info["name"])."""
+    sha256: _builtins.str
+    """Lower-case hex sha256 of the stored file (MONAI Label sends "SHA256:" + this)."""
+    @_builtins.property
+    def info(self) -> _struct_pb2.Struct:
+        """The image info as it was before NextSample (MONAI Label's image info)."""
+
+    @_builtins.property
+    def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Scores stored by scoring methods, by score key (e.g. "epistemic_entropy")."""
+
+    @_builtins.property
+    def label_tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags of the image's labels, e.g. ["original"]."""
+
+    def __init__(
+        self,
+        *,
+        image_id: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        info: _struct_pb2.Struct | None = ...,
+        scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        label_tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "image_id", b"image_id", "info", b"info", "label_tags", b"label_tags", "scores", b"scores", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sample: _TypeAlias = Sample  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    """A client's lease on an image: NextSample will not hand the image to anyone else until it
+    expires or is released.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    ACQUIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "leases/{image}"."""
+    image_id: _builtins.str
+    """The leased image id."""
+    client_id: _builtins.str
+    """The annotator holding the lease (MONAI Label's client_id)."""
+    strategy: _builtins.str
+    """The strategy that handed the image out."""
+    @_builtins.property
+    def acquire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease was taken."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lease expires unless renewed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        acquire_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire_time", b"acquire_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_time", b"acquire_time", "client_id", b"client_id", "expire_time", b"expire_time", "image_id", b"image_id", "name", b"name", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015

@@ -68,6 +68,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The request conflicts with the resource's state (FAILED_PRECONDITION)."""
     ERROR_REASON_OUT_OF_RANGE: _ErrorReason.ValueType  # 20
     """The read offset lies beyond the end of the object (OUT_OF_RANGE)."""
+    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 21
+    """Something other than the above does not exist, e.g. a stored object (NOT_FOUND)."""
+    ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 22
+    """The resource to create exists already, e.g. an image id (ALREADY_EXISTS)."""
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 23
+    """A service the call needs cannot be reached; retry later (UNAVAILABLE)."""
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 24
+    """A limit other than a payload's size or a queue was reached (RESOURCE_EXHAUSTED)."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 25
+    """The caller's role may not make this call (PERMISSION_DENIED)."""
+    ERROR_REASON_UNIMPLEMENTED: _ErrorReason.ValueType  # 26
+    """The server does not implement this call or option (UNIMPLEMENTED)."""
+    ERROR_REASON_PACS_UNAVAILABLE: _ErrorReason.ValueType  # 27
+    """The DICOMweb server (PACS) behind the datastore failed or cannot be reached (UNAVAILABLE)."""
+    ERROR_REASON_INVALID_BUNDLE: _ErrorReason.ValueType  # 28
+    """A MONAI Bundle is malformed or unsafe (INVALID_ARGUMENT)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Types shared by every labelgrid service.
@@ -127,6 +143,22 @@ ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 19
 """The request conflicts with the resource's state (FAILED_PRECONDITION)."""
 ERROR_REASON_OUT_OF_RANGE: ErrorReason.ValueType  # 20
 """The read offset lies beyond the end of the object (OUT_OF_RANGE)."""
+ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 21
+"""Something other than the above does not exist, e.g. a stored object (NOT_FOUND)."""
+ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 22
+"""The resource to create exists already, e.g. an image id (ALREADY_EXISTS)."""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 23
+"""A service the call needs cannot be reached; retry later (UNAVAILABLE)."""
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 24
+"""A limit other than a payload's size or a queue was reached (RESOURCE_EXHAUSTED)."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 25
+"""The caller's role may not make this call (PERMISSION_DENIED)."""
+ERROR_REASON_UNIMPLEMENTED: ErrorReason.ValueType  # 26
+"""The server does not implement this call or option (UNIMPLEMENTED)."""
+ERROR_REASON_PACS_UNAVAILABLE: ErrorReason.ValueType  # 27
+"""The DICOMweb server (PACS) behind the datastore failed or cannot be reached (UNAVAILABLE)."""
+ERROR_REASON_INVALID_BUNDLE: ErrorReason.ValueType  # 28
+"""A MONAI Bundle is malformed or unsafe (INVALID_ARGUMENT)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _DeviceKind:
