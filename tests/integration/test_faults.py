@@ -1,0 +1,317 @@
+"""Faults survived, nothing lost: real service processes killed by pid (SIGKILL) mid-request,
+restarted, and checked with `python -m services.datastore fsck`; 100 concurrent writers on one image."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import nibabel as nib
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+from labelgrid.common.v1 import common_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+
+from services.datastore.api.servicer import create_service
+from services.datastore.app import build_datastore
+from services.datastore.sample_studies import write_sample_studies
+from services.datastore.settings import DatastoreSettings
+from tests.fixtures.processes import ServiceProcess, ServiceStartError
+
+pytestmark = pytest.mark.timeout(300)
+
+CHUNK = 1024 * 1024
+
+
+def _start(module: str, *args: str) -> ServiceProcess:
+    try:
+        return ServiceProcess(module, *args)
+    except ServiceStartError as error:
+        pytest.fail(str(error))
+
+
+def _wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _fsck(root: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.datastore",
+            "fsck",
+            "--root",
+            str(root),
+            *flags,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _endless_upload(stop: threading.Event) -> Iterator[pb.UploadImageRequest]:
+    """A 'big' NIfTI that keeps arriving until the server goes away (or 1 GiB, as a bound)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 4096))
+    header.set_data_dtype(np.uint8)
+    header.set_data_offset(352)
+    yield pb.UploadImageRequest(
+        header=pb.UploadImageHeader(image_id="big", file_name="big.nii")
+    )
+    yield pb.UploadImageRequest(
+        chunk=header.binaryblock + b"\0" * (352 - len(header.binaryblock))
+    )
+    block = bytes(range(256)) * (CHUNK // 256)
+    for _ in range(1024):
+        if stop.is_set():
+            return
+        yield pb.UploadImageRequest(chunk=block)
+    yield pb.UploadImageRequest(finish=common_pb2.UploadFinish())
+
+
+def test_kill_9_of_the_datastore_mid_upload_loses_nothing(tmp_path: Path):
+    root = tmp_path / "studies"
+    write_sample_studies(root, count=2, labeled=1, size=16)
+    spool = root / ".labelgrid" / "tmp"
+    datastore = _start(
+        "services.datastore", "--root", str(root), "--metrics-port", "-1"
+    )
+    outcome: dict[str, object] = {}
+    stop = threading.Event()
+
+    def upload() -> None:
+        with grpc.insecure_channel(datastore.address) as channel:
+            try:
+                pb_grpc.DatastoreServiceStub(channel).UploadImage(
+                    _endless_upload(stop), timeout=120
+                )
+                outcome["code"] = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                outcome["code"] = error.code()
+            finally:
+                stop.set()
+
+    uploader = threading.Thread(target=upload)
+    try:
+        uploader.start()
+        # Mid-upload: the spool already holds several MiB of it.
+        _wait_until(
+            lambda: sum(p.stat().st_size for p in spool.glob("upload-*")) > 8 * CHUNK,
+            "the upload to spool",
+        )
+        os.kill(datastore.proc.pid, signal.SIGKILL)
+        assert datastore.proc.wait(30) == -signal.SIGKILL
+        uploader.join(120)
+        # Prompt: the client learns the server is gone, not its 120 s deadline.
+        assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop.set()
+        datastore.stop()
+        uploader.join(120)
+
+    restarted = _start(
+        "services.datastore", "--root", str(root), "--metrics-port", "-1"
+    )
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            stub = pb_grpc.DatastoreServiceStub(channel)
+            status = stub.GetStatus(pb.GetStatusRequest())
+            assert (status.total, status.completed) == (2, 1)
+            assert [
+                i.image_id for i in stub.ListImages(pb.ListImagesRequest()).images
+            ] == ["sample_00", "sample_01"]
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetImage(pb.GetImageRequest(name="images/big"))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        assert restarted.stop() == 0
+    assert not (root / "big.nii").exists()
+
+    # With no server running, nothing is in flight (--min-age 0): the killed upload's spool is
+    # the only trace, nothing is half-visible in the index or the folder.
+    found = _fsck(root, "--min-age", "0")
+    lines = found.stdout.splitlines()
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert [line.split(": ")[0] for line in lines[:-1]] == ["half-written-spool"], (
+        found.stdout
+    )
+    repaired = _fsck(root, "--min-age", "0", "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert repaired.stdout.splitlines()[0].startswith("repaired: removed ")
+    clean = _fsck(root, "--min-age", "0", "--checksums")
+    assert clean.returncode == 0 and "fsck: clean" in clean.stdout, clean.stdout
+    assert not list(spool.iterdir())
+
+    again = _start("services.datastore", "--root", str(root), "--metrics-port", "-1")
+    try:
+        with grpc.insecure_channel(again.address) as channel:
+            assert (
+                pb_grpc.DatastoreServiceStub(channel)
+                .GetStatus(pb.GetStatusRequest())
+                .total
+                == 2
+            )
+    finally:
+        assert again.stop() == 0
+
+
+# -- 100 concurrent writers on one image ---------------------------------------------
+
+
+def _label_bytes(value: int) -> bytes:
+    data = np.zeros((16, 16, 16), dtype=np.uint8)
+    data[value % 16, :, :] = 1 + value % 200
+    image = nib.Nifti1Image(data, np.eye(4))
+    buffer = io.BytesIO()
+    file_map = image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    return buffer.getvalue()
+
+
+def _struct(values: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+def _label_upload(
+    image_id: str, data: bytes, writer: int
+) -> Iterator[pb.UploadLabelRequest]:
+    yield pb.UploadLabelRequest(
+        header=pb.UploadLabelHeader(
+            image=f"images/{image_id}",
+            tag="final",
+            file_name=f"{image_id}.nii",
+            info=_struct({"writer": writer}),
+        )
+    )
+    yield pb.UploadLabelRequest(chunk=data)
+    yield pb.UploadLabelRequest(
+        finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest())
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatastoreSettings:
+    root = tmp_path / "studies"
+    write_sample_studies(root, count=1, labeled=0, size=16)
+    values: dict = {
+        "port": 0,
+        "metrics_port": -1,
+        "root": root,
+        "state_dir": tmp_path / "state",
+    }
+    if request.param == "postgres":
+        values["index"] = request.getfixturevalue("postgres_url")
+    return DatastoreSettings(**values)
+
+
+async def test_100_concurrent_label_saves_and_info_updates_lose_nothing(
+    settings: DatastoreSettings,
+):
+    datastore = await asyncio.to_thread(build_datastore, settings)
+    service = create_service(settings, datastore)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = pb_grpc.DatastoreServiceStub(channel)
+            labels = {writer: _label_bytes(writer) for writer in range(50)}
+
+            async def save_label(writer: int) -> pb.UploadLabelResponse:
+                return await stub.UploadLabel(
+                    _label_upload("sample_00", labels[writer], writer)
+                )
+
+            async def merge_key(i: int) -> None:
+                # Shallow merges of distinct keys: a lost update would drop a key.
+                await stub.UpdateImageInfo(
+                    pb.UpdateImageInfoRequest(
+                        name="images/sample_00", info=_struct({f"k{i}": i})
+                    )
+                )
+
+            conflicts = 0
+
+            async def increment() -> None:
+                # Read-modify-write with a precondition: retried on ABORTED, never silently lost.
+                nonlocal conflicts
+                while True:
+                    image = await stub.GetImage(
+                        pb.GetImageRequest(name="images/sample_00")
+                    )
+                    count = int(dict(image.image.info).get("count", 0))
+                    try:
+                        await stub.UpdateImageInfo(
+                            pb.UpdateImageInfoRequest(
+                                name="images/sample_00",
+                                info=_struct({"count": count + 1}),
+                                expected_revision=image.image.revision,
+                            )
+                        )
+                        return
+                    except grpc.aio.AioRpcError as error:
+                        assert error.code() == grpc.StatusCode.ABORTED, error.details()
+                        conflicts += 1
+
+            before = (
+                await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))
+            ).image.revision
+            saves = [save_label(w) for w in range(50)]
+            merges = [merge_key(i) for i in range(25)]
+            increments = [increment() for _ in range(25)]
+            results = await asyncio.gather(*saves, *merges, *increments)
+
+            image = (
+                await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))
+            ).image
+            info = dict(image.info)
+            assert {f"k{i}" for i in range(25)} <= set(info), (
+                "a merged info key was lost"
+            )
+            assert int(info["count"]) == 25, (
+                f"increments lost: {info['count']} of 25 ({conflicts} conflicts retried)"
+            )
+            # Every info write (25 merges + 25 increments) took its own revision.
+            assert image.revision - before >= 50
+            # Labels: last writer wins, whole: the stored bytes are the bytes of the writer the info names.
+            label = (
+                await stub.GetLabel(
+                    pb.GetLabelRequest(name="images/sample_00/labels/final")
+                )
+            ).label
+            assert label.revision == 50, (
+                "every save of the 50 took effect, one after another"
+            )
+            writer = int(dict(label.info)["writer"])
+            received = b""
+            async for message in stub.DownloadLabel(
+                pb.DownloadLabelRequest(name="images/sample_00/labels/final")
+            ):
+                if message.WhichOneof("payload") == "chunk":
+                    received += message.chunk
+            assert (
+                received == labels[writer]
+                and label.sha256 == hashlib.sha256(labels[writer]).hexdigest()
+            )
+            assert all(r.label.image_id == "sample_00" for r in results[:50])
+    finally:
+        await service.stop(0)
