@@ -9,14 +9,23 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import check_auth_settings
+from gateway.metrics import serve_metrics
 from gateway.settings import GatewaySettings
 from services.common.logging import configure_logging
 from services.common.settings import parse_settings
 
 
 async def serve(settings: GatewaySettings) -> None:
+    app = create_app(settings)
+    # Metrics on their own port (never the REST port); -1: off.
+    metrics_note, metrics_server = "metrics off", None
+    if settings.metrics_port >= 0:
+        metrics_server, bound = serve_metrics(app.state.metrics, settings.metrics_host, settings.metrics_port)
+        metrics_note = f"metrics on {settings.metrics_host}:{bound}"
+    else:
+        app.state.metrics.serve_on_app_port = False
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # our structlog handler renders uvicorn's records too
@@ -35,8 +44,12 @@ async def serve(settings: GatewaySettings) -> None:
         if server.servers
         else settings.port
     )
-    print(f"gateway listening on http://{settings.host}:{port}", flush=True)
-    await task
+    print(f"gateway listening on http://{settings.host}:{port}, {metrics_note}", flush=True)
+    try:
+        await task
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,10 @@
 """The gateway's Prometheus metrics, served at `/metrics` on its own HTTP port.
 
+`python -m gateway` serves them on `metrics_host:metrics_port` (a separate listener,
+`serve_metrics`) and its REST port does not answer /metrics at all, so the metrics port can be
+opened to Prometheus without opening the REST API; metrics_port -1 turns them off. An app made
+by `create_app` alone (embedding, in-process tests) answers /metrics on itself.
+
 A pure ASGI middleware (not BaseHTTPMiddleware, which would buffer streamed downloads and
 inference results) counts every HTTP request by method, route *template* and status, times
 it, and counts its body bytes in and out. The route is the template the router matched
@@ -23,6 +28,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -73,8 +79,20 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Whether the app's own port answers GET /metrics (off once a metrics port serves them).
+        self.serve_on_app_port = True
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def serve_metrics(metrics: GatewayMetrics, host: str, port: int) -> tuple[Any, int]:
+    """Serves the metrics on their own HTTP listener (prometheus_client's, in a thread) and
+    stops the app port from answering /metrics. Returns the server (`shutdown()` stops it)
+    and the bound port (useful with 0)."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    metrics.serve_on_app_port = False
+    return server, int(server.server_address[1])
 
 
 def route_templates(routes: Any) -> list[tuple[Any, str]]:
@@ -158,7 +176,7 @@ class MetricsMiddleware:
 
         metrics.in_flight.inc()
         try:
-            if scope.get("path") == METRICS_PATH and method in ("GET", "HEAD"):
+            if metrics.serve_on_app_port and scope.get("path") == METRICS_PATH and method in ("GET", "HEAD"):
                 scope["route"] = _MetricsRoute
                 await self._serve_metrics(method, counting_send)
             else:

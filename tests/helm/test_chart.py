@@ -353,6 +353,17 @@ def test_network_policies(rendered: dict, merged: dict, case: str) -> None:
         assert open_rules == []
     else:
         assert [[p["port"] for p in r["ports"]] for r in open_rules] == [[edge_port]]
+    # Prometheus (metricsFrom) reaches metrics ports only: never the gateway's REST port nor
+    # Envoy's admin; nothing but the edge rule admits the REST API's ports.
+    gateway_rules = policies["gateway"]["spec"]["ingress"]
+    edge_values = values["gateway"]["edge"]
+    metrics_ports = {values["metrics"]["port"]} | ({edge_values["statsPort"]} if edge_values["metrics"]["enabled"] else set())
+    for rule in gateway_rules:
+        ports = {p["port"] for p in rule["ports"]}
+        assert values["gateway"]["port"] not in ports and edge_values["adminPort"] not in ports
+        if ports != {edge_port}:
+            assert values["metrics"]["enabled"] and ports == metrics_ports, ports
+            assert rule["from"] == values["networkPolicy"]["metricsFrom"]
     # Nothing else takes traffic from everywhere.
     for component, policy in policies.items():
         if component != "gateway":
@@ -537,3 +548,40 @@ def test_envoy_flags_are_accepted(rendered: dict, tmp_path: Path) -> None:
         assert {"gateway", "datastore", "inference"} <= clusters
         if case == "gpu.yaml":
             assert {"training", "activelearning"} <= clusters
+        # Admin on loopback always; with edge metrics a second listener serves /stats/prometheus only.
+        assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+        listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
+        edge_metrics = _values(case).get("gateway", {}).get("edge", {}).get("metrics", {}).get("enabled", False)
+        assert set(listeners) == ({"edge", "stats"} if edge_metrics else {"edge"}), case
+        if edge_metrics:
+            manager = listeners["stats"]["filter_chains"][0]["filters"][0]["typed_config"]
+            [host] = manager["route_config"]["virtual_hosts"]
+            forwarded = [r for r in host["routes"] if "route" in r]
+            assert [r["match"]["path"] for r in forwarded] == ["/stats/prometheus"]
+            assert all(r.get("direct_response") == {"status": 404} for r in host["routes"] if "route" not in r)
+            edge_container = next(c for c in _containers(_deployment(rendered[case], "gateway"), init=False) if c["name"] == "edge")
+            [stats_port] = [p["containerPort"] for p in edge_container["ports"] if p["name"] == "edge-metrics"]
+            assert listeners["stats"]["address"]["socket_address"]["port_value"] == stats_port
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gateway_metrics_on_their_own_port(rendered: dict, merged: dict, case: str) -> None:
+    """The gateway serves /metrics on metrics.port, never its REST port; the metrics Services
+    and annotations point there, and port names are unique in the pod."""
+    docs, values = rendered[case], merged[case]
+    gateway = _deployment(docs, "gateway")
+    containers = _containers(gateway, init=False)
+    names = [p["name"] for c in containers for p in c.get("ports", [])]
+    assert len(names) == len(set(names)), names
+    [container] = [c for c in containers if c["name"] == "gateway"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    enabled = values["metrics"]["enabled"]
+    assert env["LABELGRID_METRICS_PORT"] == str(values["metrics"]["port"] if enabled else -1)
+    services = {s["metadata"]["name"]: s for s in _of_kind(docs, "Service")}
+    metrics_service = services.get(f"{RELEASE}-labelgrid-gateway-metrics")
+    assert (metrics_service is not None) == enabled
+    if enabled:
+        [port] = metrics_service["spec"]["ports"]
+        assert port["port"] == values["metrics"]["port"] and port["targetPort"] == "metrics"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == values["metrics"]["port"] != values["gateway"]["port"]

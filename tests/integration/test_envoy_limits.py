@@ -9,9 +9,11 @@ stays on loopback and the stats listener forwards /stats/prometheus only.
 from __future__ import annotations
 
 import http.client
+import re
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,11 +137,43 @@ METRICS_SPELLINGS = [
 
 
 def test_gateway_metrics_is_served_by_the_gateway_itself(edge: Edge) -> None:
-    """The control: the gateway answers /metrics and a percent-encoded spelling of it, so
-    the 404s through the edge below come from the edge."""
+    """The control: this gateway (an in-process app, which answers /metrics on its own port)
+    answers /metrics and a percent-encoded spelling of it, so the 404s through the edge below
+    come from the edge, which holds even in front of a gateway that serves them."""
     for path in ("/metrics", "/%6Detrics"):
         status, body = _raw_get(int(edge.gateway_url.rsplit(":", 1)[1]), path)
         assert status == 200 and b"labelgrid_gateway_requests_total" in body, path
+
+
+GATEWAY_READY = re.compile(r"gateway listening on http://127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)")
+
+
+def test_python_m_gateway_serves_metrics_on_their_own_port_only(gateway_stack: GatewayStack) -> None:
+    """As deployed: the REST port answers no spelling of /metrics; the metrics port does."""
+    argv = [sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "0",
+            "--datastore-address", gateway_stack.datastore_address, "--info-wait-for", ""]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        match = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            match = GATEWAY_READY.search(line)
+            if match:
+                break
+        assert match, "the gateway did not print its addresses"
+        port, metrics_port = int(match[1]), int(match[2])
+        assert port != metrics_port
+        assert httpx.get(f"http://127.0.0.1:{port}/auth/", timeout=30).status_code == 200
+        for path in ("/metrics", "/%6Detrics", "/metrics/"):
+            status, body = _raw_get(port, path)
+            assert status == 404 and b"labelgrid_gateway" not in body, path
+        response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
+        assert response.status_code == 200
+        assert 'labelgrid_gateway_requests_total{method="GET",route="/auth/",status="200"} 1.0' in response.text
+        # The metrics port is no way into the REST API.
+        assert "enabled" not in httpx.get(f"http://127.0.0.1:{metrics_port}/auth/", timeout=30).text
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 @pytest.mark.parametrize("path", METRICS_SPELLINGS)

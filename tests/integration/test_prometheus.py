@@ -207,7 +207,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         targets = {
             "labelgrid-datastore": (metrics_port(stack, "datastore"), "/metrics"),
             "labelgrid-inference": (metrics_port(stack, "inference"), "/metrics"),
-            "labelgrid-gateway": (gw, "/metrics"),
+            "labelgrid-gateway": (metrics_port(stack, "gateway"), "/metrics"),
             "labelgrid-envoy": (admin_port(stack), "/stats/prometheus"),
         }
         config = root / "prometheus.yml"
