@@ -13,13 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 
 from services.common.chunks import SpooledFile, sha256_file
 from services.common.errors import NotFound, Unavailable
-from services.datastore.adapters.dicomweb_store import CACHED_KEY, CONTENT_KEY, PacsDatastore
+from services.datastore.adapters.dicomweb_store import (
+    CACHED_KEY,
+    CONTENT_KEY,
+    SEG_KEY,
+    SUPERSEDED_KEY,
+    PacsDatastore,
+)
 from services.datastore.app import build_datastore
 from services.datastore.domain.model import ImageFilter
 from services.datastore.settings import DatastoreSettings
@@ -198,3 +205,56 @@ def test_replicas_sharing_the_index_each_cache_the_same_bytes(orthanc: Orthanc, 
             two.close()
     finally:
         one.close()
+
+
+def test_a_deleted_final_label_keeps_its_seg_superseded_and_removed_series_leave_the_index(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """DICOMweb has no delete: a deleted final label's SEG stays in the PACS, marked superseded in
+    the index, so a restarted datastore does not bring the label back. A series deleted from the
+    PACS leaves the index (labels and cache too) on the next sync."""
+    patient = f"DSX-{uuid.uuid4().hex[:8]}"
+    kept, removed = ct_series(slices=3, seed=61, patient_id=patient), ct_series(slices=3, seed=62, patient_id=patient)
+    orthanc.upload(kept.datasets + removed.datasets)
+    settings = pacs_settings(orthanc.dicomweb_url, tmp_path / "state", patient)
+    store = build_datastore(settings)
+    try:
+        wait_for(lambda: store.status().total == 2)
+        image_path = tmp_path / "image.nii.gz"
+        image_path.write_bytes(b"".join(store.read_image(kept.series_uid).chunks))
+        image = nib.load(image_path)
+        label_path = tmp_path / "label.nii.gz"
+        nib.save(nib.Nifti1Image((np.asarray(image.dataobj) > 0).astype(np.uint8), image.affine), label_path)
+        segs_before = orthanc.series_uids("SEG")
+        label = store.add_label(
+            SpooledFile(label_path, label_path.stat().st_size, sha256_file(label_path)),
+            image_id=kept.series_uid, tag="final", file_name="label.nii.gz", info={},
+        )  # fmt: skip
+        seg_uid = label.info[SEG_KEY]
+        assert orthanc.series_uids("SEG") - segs_before == {seg_uid}
+        store.delete_label(kept.series_uid, "final")
+        with pytest.raises(NotFound):
+            store.get_label(kept.series_uid, "final")
+        assert seg_uid in orthanc.series_uids("SEG")  # kept in the PACS ...
+        assert store.get_image(kept.series_uid).info[SUPERSEDED_KEY] == [seg_uid]  # ... superseded
+        store.get_image(removed.series_uid)  # cached, so removing it also drops bytes
+    finally:
+        store.close()
+
+    # Orthanc's own REST API (not DICOMweb) deletes a series behind labelgrid's back.
+    (found,) = httpx.post(f"{orthanc.url}/tools/lookup", content=removed.series_uid, timeout=30).json()
+    httpx.delete(f"{orthanc.url}/series/{found['ID']}", timeout=30).raise_for_status()
+
+    restarted = build_datastore(settings)  # the same index: a restart
+    try:
+        # Its first pass runs at open; this one waits for it (one pass at a time), so after it
+        # every SEG in the PACS has been considered for import.
+        wait_for(lambda: restarted.status().total == 1)
+        assert restarted.sync()["segs"] == 0
+        assert [i.image_id for i in restarted.list_images().items] == [kept.series_uid]
+        with pytest.raises(NotFound):
+            restarted.get_label(kept.series_uid, "final")  # the superseded SEG was not imported
+        with pytest.raises(NotFound):
+            restarted.get_image(removed.series_uid)
+    finally:
+        restarted.close()

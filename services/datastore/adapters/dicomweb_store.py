@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 CONTENT_KEY = "dicomweb_content"  # image info: the series' content key as last listed
 CACHED_KEY = "dicomweb_cached"  # image info: the content key of the cached volume ('' until fetched)
 SEG_KEY = "dicomweb_seg_series"  # label info: the SEG series that holds this final label
+# image info: SEG series that are no longer this series' final label (deleted or replaced here).
+# DICOMweb has no delete, so they stay in the PACS; a sync never imports them again.
+SUPERSEDED_KEY = "dicomweb_superseded_segs"
 
 
 class PacsDatastore(Datastore):
@@ -98,18 +101,22 @@ class PacsDatastore(Datastore):
     def sync(self) -> dict[str, int]:
         """One pass over the PACS: new or changed series are indexed (fetched only when asked for);
         returns how many series were listed anew, were unchanged, and SEGs imported."""
-        counts = {"listed": 0, "unchanged": 0, "skipped": 0, "segs": 0}
+        counts = {"listed": 0, "unchanged": 0, "skipped": 0, "segs": 0, "removed": 0}
         with self._sync_lock:
+            listed: set[str] = set()
             for series in self.pacs.list_series():
                 if self._stop.is_set():
                     break
+                listed.add(series.series_uid)
                 try:
-                    listed = self._mirror(series, fetch=False)
+                    listed_now = self._mirror(series, fetch=False)
                 except InvalidArgument as err:  # a series that is not one volume (scout, multi-frame mix, ...)
                     counts["skipped"] += 1
                     log.warning("DICOMweb series %s skipped: %s", series.series_uid, err)
                     continue
-                counts["listed" if listed else "unchanged"] += 1
+                counts["listed" if listed_now else "unchanged"] += 1
+            if not self._stop.is_set():
+                counts["removed"] = self._drop_removed(listed)
             for seg in self.pacs.list_segs():
                 if self._stop.is_set():
                     break
@@ -123,6 +130,25 @@ class PacsDatastore(Datastore):
                     log.warning("DICOMweb SEG %s not imported: %s", seg.series_uid, err)
         log.info("DICOMweb sync", extra=counts)
         return counts
+
+    def _drop_removed(self, listed: set[str]) -> int:
+        """Series the index holds that the PACS no longer has leave the index (labels and cached
+        bytes too). One the filter did not list (asked for by id) stays while the PACS has it."""
+        gone = 0
+        known = [image.image_id for image in self._all_images() if image.info.get("SeriesInstanceUID")]
+        for image_id in known:
+            if image_id in listed or self._stop.is_set():
+                continue
+            if self.pacs.find_series(image_id) is not None:
+                continue
+            with self._locks(f"dicomweb:{image_id}"):
+                try:
+                    super().delete_image(image_id)
+                except NotFound:
+                    continue
+            gone += 1
+            log.info("DICOMweb series %s is no longer in the PACS: removed from the index", image_id)
+        return gone
 
     def _mirror(self, series: PacsSeries, *, fetch: bool, refetch: bool = False) -> bool:
         """Indexes the series (`fetch` False) or makes sure its current content is cached (True);
@@ -188,6 +214,8 @@ class PacsDatastore(Datastore):
         image = self._find_image(source_uid) if source_uid else None
         if image is None or DEFAULT_TAG_FINAL in image.labels:
             return False
+        if seg_series.series_uid in (image.info.get(SUPERSEDED_KEY) or []):
+            return False  # its final label was deleted or replaced here
         image = self.get_image(source_uid)  # fetched now if it was only listed
         spool = Path(self.blobs.spool_dir())
         fd, image_name = tempfile.mkstemp(prefix="image-", suffix=".nii.gz", dir=spool)
@@ -249,15 +277,43 @@ class PacsDatastore(Datastore):
             return super().add_label(spooled, image_id=image_id, tag=tag, file_name=file_name, info=info)
         try:
             image = self.get_image(image_id)
+            old_seg = self._final_seg(image_id)
             if raw_labels.is_raw_label(file_name):  # OHIF's label.bin: voxels on the image's grid
                 spooled, file_name = self._label_from_raw(spooled, image.image_id), f"{image.image_id}.nii.gz"
             seg_uid = self._store_seg(image, Path(spooled.path), file_name, info)
         except BaseException:
             Path(spooled.path).unlink(missing_ok=True)
             raise
-        return super().add_label(
+        record = super().add_label(
             spooled, image_id=image_id, tag=tag, file_name=file_name, info={**info, SEG_KEY: seg_uid}
         )
+        if old_seg and old_seg != seg_uid:
+            self._supersede(image_id, old_seg)
+        return record
+
+    def delete_label(self, image_id: str, tag: str) -> None:
+        """The label leaves the index. A final label's SEG stays in the PACS (DICOMweb, PS3.18,
+        defines no delete) but is marked superseded first, so no sync brings the label back."""
+        if (tag or DEFAULT_TAG_FINAL) == DEFAULT_TAG_FINAL:
+            seg = self._final_seg(image_id)
+            if seg:
+                self._supersede(image_id, seg)
+        super().delete_label(image_id, tag)
+
+    def _final_seg(self, image_id: str) -> str:
+        try:
+            return str(super().get_label(image_id, DEFAULT_TAG_FINAL).info.get(SEG_KEY) or "")
+        except NotFound:
+            return ""
+
+    def _supersede(self, image_id: str, seg_uid: str) -> None:
+        image = self._find_image(image_id)
+        if image is None:
+            return
+        superseded = [str(uid) for uid in image.info.get(SUPERSEDED_KEY) or []]
+        if seg_uid not in superseded:
+            super().update_image_info(image_id, {SUPERSEDED_KEY: [*superseded, seg_uid]})
+            log.info("DICOMweb SEG %s of %s superseded (kept in the PACS: DICOMweb has no delete)", seg_uid, image_id)
 
     def _store_seg(self, image: ImageRecord, label_path: Path, file_name: str, info: dict[str, Any]) -> str:
         if not image.info.get("SeriesInstanceUID"):
