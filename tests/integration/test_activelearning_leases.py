@@ -241,6 +241,14 @@ async def test_score_strategy_respects_leases_and_says_when_all_are_labeled(stac
     ]
     assert [g.image.image_id for g in got] == [ids[1], ids[2], ids[0]]
     assert got[0].strategy_info["epistemic_entropy"] == pytest.approx(0.9)
+    # Sample and Lease are the service's own messages, filled from the datastore's image and lease.
+    stored = (await stack.ds_stub.GetImage(ds.GetImageRequest(name=f"images/{ids[1]}"))).image
+    sample, lease = got[0].image, got[0].lease
+    assert sample.sha256 and (sample.file_name, sample.sha256) == (stored.file_name, stored.sha256)
+    assert dict(sample.scores) == pytest.approx({"epistemic_entropy": 0.9}) and list(sample.label_tags) == []
+    assert (lease.name, lease.image_id, lease.client_id, lease.strategy) == (f"leases/{ids[1]}", ids[1], "c0", "epistemic")
+    assert lease.acquire_time.ToDatetime() < lease.expire_time.ToDatetime()
+    assert list((await stack.stub.ListLeases(pb.ListLeasesRequest(client_id="c0"))).leases) == [lease]
     label = nifti_bytes((8, 8, 8), seed=5, dtype="uint8")
     for image_id in ids:
         await upload_label(stack.ds_stub, image_id, label)
