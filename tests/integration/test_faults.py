@@ -7,15 +7,18 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
@@ -315,3 +318,111 @@ async def test_100_concurrent_label_saves_and_info_updates_lose_nothing(
             assert all(r.label.image_id == "sample_00" for r in results[:50])
     finally:
         await service.stop(0)
+
+
+# -- inference killed mid-infer ----------------------------------------------------------
+
+GATEWAY_READY = re.compile(r"gateway listening on http://127\.0\.0\.1:(\d+)")
+
+
+def _metric(port: int, name: str) -> float:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    return sum(
+        float(m[1])
+        for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    )
+
+
+def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
+    tmp_path: Path,
+):
+    studies = tmp_path / "studies"
+    write_sample_studies(studies, count=1, labeled=0, size=96)
+    datastore = _start(
+        "services.datastore", "--root", str(studies), "--metrics-port", "-1"
+    )
+    infer_args = (
+        "--datastore",
+        datastore.address,
+        "--device",
+        "cpu",
+        "--work-dir",
+        str(tmp_path / "infer"),
+    )
+    inference = _start("services.infer", *infer_args, "--metrics-port", "0")
+    gateway = subprocess.Popen(
+        [
+            sys.executable, "-m", "gateway", "--port", "0",
+            "--datastore-address", datastore.address, "--inference-address", inference.address,
+            "--info-wait-for", "",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    restarted: ServiceProcess | None = None
+    try:
+        port = None
+        for line in gateway.stdout:  # type: ignore[union-attr]
+            if match := GATEWAY_READY.search(line):
+                port = int(match[1])
+                break
+        assert port, "the gateway did not start"
+        threading.Thread(
+            target=lambda: [None for _ in gateway.stdout], daemon=True
+        ).start()  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}/infer/segmentation?image=sample_00"
+        statuses: list[int] = []
+
+        def infer() -> None:
+            statuses.append(
+                httpx.post(url, data={"params": "{}"}, timeout=120).status_code
+            )
+
+        # Several at once: one runs, the others wait in the queue, so the kill lands mid-infer.
+        callers = [threading.Thread(target=infer) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        _wait_until(
+            lambda: (
+                _metric(inference.metrics_port, "labelgrid_inference_queue_running")
+                >= 1
+                and _metric(inference.metrics_port, "labelgrid_inference_queue_waiting")
+                >= 1
+            ),
+            "an inference running with others queued",
+        )
+        os.kill(inference.proc.pid, signal.SIGKILL)
+        inference.proc.wait(30)
+        for caller in callers:
+            caller.join(120)
+        assert len(statuses) == 4 and 503 in statuses, statuses
+        assert set(statuses) <= {200, 503}, (
+            statuses
+        )  # never a 500, never the 120 s timeout
+        # While it is down: a prompt 503 too.
+        assert httpx.post(url, data={"params": "{}"}, timeout=120).status_code == 503
+        restarted = _start(
+            "services.infer",
+            *infer_args,
+            "--metrics-port",
+            "-1",
+            "--port",
+            str(inference.port),
+        )
+        _wait_until(
+            lambda: (
+                httpx.post(url, data={"params": "{}"}, timeout=120).status_code == 200
+            ),
+            "inference back",
+        )
+    finally:
+        gateway.terminate()
+        gateway.wait(20)
+        for process in (restarted, inference, datastore):
+            if process is not None:
+                process.stop()
