@@ -1,7 +1,8 @@
 """MONAI Label's /datastore router (`endpoints/datastore.py`) on the datastore gRPC service.
 
 Ids are checked here (400 for path-like ones) before any call; uploads stream from the
-multipart temp file into UploadImage / UploadLabel; downloads stream back. Session images
+request body as it arrives into UploadImage / UploadLabel (gateway.multipart: no temp file
+in the gateway); downloads stream back. Session images
 are left out of listings and counts (see gateway.sessions).
 """
 
@@ -13,30 +14,29 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
 import grpc
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from gateway import sessions
-from gateway.clients import found_or_none, open_download, upload_stream
-from gateway.errors import GatewayError, from_rpc_error
+from gateway.clients import found_or_none, open_download
+from gateway.errors import from_rpc_error
+from gateway.multipart import upload_form
 from gateway.routes.common import (
-    Ctx,
     SESSION_PREFIX,
+    Ctx,
     CtxDep,
-    base_name,
     check_user_image_id,
     file_response,
     image_name,
     label_name,
     parse_json_field,
     to_struct,
-    upload_size,
 )
 from services.common.protos import struct_to_dict
 
@@ -163,61 +163,53 @@ def _id_from_file_name(file_name: str) -> str:
     return path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
 
 
-def _refuse_empty(upload: UploadFile, what: str) -> str:
-    file_name = base_name(upload.filename)
-    if not file_name:
-        raise GatewayError(
-            422,
-            f"the {what} upload needs a file name (its extension selects the format)",
-        )
-    if upload_size(upload) == 0:
-        raise GatewayError(422, f"the {what} file {file_name!r} is empty")
-    return file_name
+def _upload_form(file_field: str) -> dict[str, Any]:
+    """The form these routes read themselves (gateway.multipart streams it; FastAPI does not
+    parse it), for the OpenAPI document: `params` (JSON) and the file part."""
+    properties = {"params": {"type": "string", "default": "{}"}, file_field: {"type": "string", "format": "binary"}}
+    schema = {"type": "object", "required": [file_field], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-async def _add_image(
-    ctx: Ctx, image: str | None, params: str, file: UploadFile
-) -> dict[str, str]:
-    info = parse_json_field(params, "params")
-    file_name = _refuse_empty(file, "image")
-    image_id = check_user_image_id(image if image else _id_from_file_name(file_name))
-    if ctx.settings.auth_enabled:  # the authenticated user, not what the client says
-        info["user"] = ctx.identity.username
-    info.setdefault("user", DEFAULT_USER)
-    header = ds_pb.UploadImageHeader(
-        image_id=image_id,
-        file_name=file_name,
-        info=to_struct(info),
-        size_bytes=upload_size(file),
-    )
+async def _add_image(ctx: Ctx, image: str | None, request: Request) -> dict[str, str]:
+    if image:
+        check_user_image_id(image)  # before any byte of the body is read
+
+    def header(fields: dict[str, str], file_name: str) -> ds_pb.UploadImageHeader:
+        info = parse_json_field(fields.get("params", "{}"), "params")
+        image_id = check_user_image_id(image if image else _id_from_file_name(file_name))
+        if ctx.settings.auth_enabled:  # the authenticated user, not what the client says
+            info["user"] = ctx.identity.username
+        info.setdefault("user", DEFAULT_USER)
+        return ds_pb.UploadImageHeader(image_id=image_id, file_name=file_name, info=to_struct(info))
+
     try:
-        response = await ctx.clients.datastore.UploadImage(
-            upload_stream(ds_pb.UploadImageRequest, header, file), metadata=ctx.metadata
+        response = await upload_form(
+            request,
+            "file",
+            "image",
+            header,
+            lambda messages: ctx.clients.datastore.UploadImage(messages, metadata=ctx.metadata),
+            ds_pb.UploadImageRequest,
         )
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err, invalid_status=422) from None
     return {"image": response.image.image_id}
 
 
-@router.put("/image", summary="Upload new Image")
+@router.put("/image", summary="Upload new Image", openapi_extra=_upload_form("file"))
 async def add_image(
-    file: Annotated[UploadFile, File()],
-    image: str | None = Query(None),
-    params: str = Form("{}"),
-    ctx: Ctx = CtxDep,
+    request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep
 ) -> dict[str, str]:
-    return await _add_image(ctx, image, params, file)
+    return await _add_image(ctx, image, request)
 
 
 @router.put("/", include_in_schema=False)
 async def add_image_alias(
-    file: Annotated[UploadFile, File()],
-    image: str | None = Query(None),
-    params: str = Form("{}"),
-    ctx: Ctx = CtxDep,
+    request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep
 ) -> dict[str, str]:
     """The deprecated alias the official client's upload_image uses."""
-    return await _add_image(ctx, image, params, file)
+    return await _add_image(ctx, image, request)
 
 
 async def _remove_image(ctx: Ctx, image_id: str) -> dict[str, Any]:
@@ -310,31 +302,32 @@ async def update_image_info(
 # -- labels --------------------------------------------------------------------------------
 
 
-@router.put("/label", summary="Save Finalized Label")
+@router.put("/label", summary="Save Finalized Label", openapi_extra=_upload_form("label"))
 async def save_label(
-    label: Annotated[UploadFile, File()],
+    request: Request,
     image: str = Query(...),
     tag: str = Query("final"),
-    params: str = Form("{}"),
     ctx: Ctx = CtxDep,
 ) -> dict[str, str]:
     tag = tag or "final"
     name = label_name(image, tag)  # checks both before reading anything
-    info = parse_json_field(params, "params")
-    if ctx.settings.auth_enabled:  # who saved it: the authenticated user (audit)
-        info["user"] = ctx.identity.username
-    file_name = _refuse_empty(label, "label")
-    header = ds_pb.UploadLabelHeader(
-        image=name.rsplit("/labels/", 1)[0],
-        tag=tag,
-        file_name=file_name,
-        info=to_struct(info),
-        size_bytes=upload_size(label),
-    )
+
+    def header(fields: dict[str, str], file_name: str) -> ds_pb.UploadLabelHeader:
+        info = parse_json_field(fields.get("params", "{}"), "params")
+        if ctx.settings.auth_enabled:  # who saved it: the authenticated user (audit)
+            info["user"] = ctx.identity.username
+        return ds_pb.UploadLabelHeader(
+            image=name.rsplit("/labels/", 1)[0], tag=tag, file_name=file_name, info=to_struct(info)
+        )
+
     try:
-        response = await ctx.clients.datastore.UploadLabel(
-            upload_stream(ds_pb.UploadLabelRequest, header, label),
-            metadata=ctx.metadata,
+        response = await upload_form(
+            request,
+            "label",
+            "label",
+            header,
+            lambda messages: ctx.clients.datastore.UploadLabel(messages, metadata=ctx.metadata),
+            ds_pb.UploadLabelRequest,
         )
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err, invalid_status=422) from None

@@ -61,8 +61,9 @@ class SpoolWriter:
     `abort` (or leaving a ``with`` block with an exception) removes it.
     """
 
-    def __init__(self, directory: Path, max_bytes: int):
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = True):
         directory = Path(directory)
+        self.fsync = fsync  # False: the owner's store makes it durable (one fsync per upload, not two)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.max_bytes = max_bytes
@@ -99,7 +100,8 @@ class SpoolWriter:
         self._size += len(data)
 
     def finish(self, expected_sha256: str | None = None) -> SpooledFile:
-        """Verifies the checksum (None: the sender sent none) and fsyncs; any failure removes the temp file."""
+        """Verifies the checksum (None: the sender sent none) and fsyncs (unless made with
+        fsync=False); any failure removes the temp file."""
         if self._done:
             raise InvalidArgument("the upload is already finished or aborted")
         try:
@@ -112,7 +114,8 @@ class SpoolWriter:
                     metadata={"expected_sha256": expected, "actual_sha256": actual},
                 )
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.fsync:
+                os.fsync(self._file.fileno())
             self._file.close()
         except BaseException:
             self.abort()

@@ -204,7 +204,9 @@ class Datastore:
                 f"upload of {declared_size} bytes exceeds the limit of {self.max_upload_bytes} bytes",
                 reason="PAYLOAD_TOO_LARGE",
             )
-        return SpoolWriter(self.blobs.spool_dir(), max_bytes=self.max_upload_bytes)
+        # No fsync of the spool: put_file makes the stored object durable (local: fsync then
+        # rename; S3: the object store), so an upload is synced once, not twice.
+        return SpoolWriter(self.blobs.spool_dir(), max_bytes=self.max_upload_bytes, fsync=False)
 
     def _discard(self, spooled: SpooledFile) -> None:
         Path(spooled.path).unlink(missing_ok=True)

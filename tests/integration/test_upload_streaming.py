@@ -1,0 +1,136 @@
+"""Uploads streamed from the request body into the datastore (gateway.multipart): a form whose
+fields come after its file, a client that hangs up mid-body and an upload over the size cap,
+each against a real datastore; nothing half-stored, no spool left behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.contract.helpers import nifti_bytes
+from tests.integration.conftest import GatewayStack
+
+pytestmark = pytest.mark.timeout(120)
+
+CAP = 2 * 1024 * 1024
+NIFTI = nifti_bytes(seed=21)
+LABEL = nifti_bytes(seed=22, dtype="uint8")
+BOUNDARY = "lgboundary7d3f"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
+    stack = GatewayStack(
+        tmp_path_factory.mktemp("streaming"), datastore_overrides={"max_upload_bytes": CAP}
+    ).start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def http(stack: GatewayStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        yield client
+
+
+def form(*parts: tuple[str, str | None, bytes]) -> bytes:
+    """A multipart/form-data body with the parts in the order given: (name, file name, bytes)."""
+    out = b""
+    for name, file_name, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{file_name}"' if file_name else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def put(http: httpx.Client, path: str, query: dict[str, str], body: bytes) -> httpx.Response:
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return http.put(path, params=query, content=body, headers=headers)
+
+
+def spools(stack: GatewayStack) -> list[Path]:
+    return sorted(stack.root.rglob("upload-*.part"))
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_params_before_file_stream(http: httpx.Client) -> None:
+    body = form(("params", None, json.dumps({"client_id": "a", "k": 1}).encode()), ("file", "s1.nii.gz", NIFTI))
+    answer = put(http, "/datastore/image", {}, body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"image": "s1"}
+    assert http.get("/datastore/image", params={"image": "s1"}).content == NIFTI
+    assert http.get("/datastore/image/info", params={"image": "s1"}).json()["k"] == 1
+
+
+def test_params_after_file_are_applied(http: httpx.Client) -> None:
+    body = form(("file", "s2.nii.gz", NIFTI), ("params", None, json.dumps({"k": "after"}).encode()))
+    answer = put(http, "/datastore/image", {"image": "s2"}, body)
+    assert answer.status_code == 200, answer.text
+    assert http.get("/datastore/image", params={"image": "s2"}).content == NIFTI
+    assert http.get("/datastore/image/info", params={"image": "s2"}).json()["k"] == "after"
+    label = form(("label", "s2.nii.gz", LABEL), ("params", None, json.dumps({"who": "late"}).encode()))
+    answer = put(http, "/datastore/label", {"image": "s2", "tag": "final"}, label)
+    assert answer.status_code == 200, answer.text
+    assert http.get("/datastore/label", params={"label": "s2", "tag": "final"}).content == LABEL
+    assert http.get("/datastore/label/info", params={"label": "s2", "tag": "final"}).json()["who"] == "late"
+
+
+def test_bad_params_after_file_store_nothing(http: httpx.Client, stack: GatewayStack) -> None:
+    body = form(("file", "s3.nii.gz", NIFTI), ("params", None, b"{not json"))
+    assert put(http, "/datastore/image", {}, body).status_code == 422
+    assert http.get("/datastore/image/info", params={"image": "s3"}).json() == {}
+    assert spools(stack) == []
+
+
+def test_missing_file_part_and_empty_file(http: httpx.Client) -> None:
+    assert put(http, "/datastore/image", {"image": "s4"}, form(("params", None, b"{}"))).status_code == 422
+    empty = form(("params", None, b"{}"), ("file", "s4.nii.gz", b""))
+    answer = put(http, "/datastore/image", {}, empty)
+    assert answer.status_code == 422 and "empty" in answer.json()["detail"]
+    not_multipart = http.put("/datastore/image", params={"image": "s4"}, content=NIFTI)
+    assert not_multipart.status_code == 422
+    assert http.get("/datastore/image/info", params={"image": "s4"}).json() == {}
+
+
+@pytest.mark.parametrize("params_first", [True, False])
+def test_over_the_cap_is_413_and_stores_nothing(http: httpx.Client, stack: GatewayStack, params_first: bool) -> None:
+    big = NIFTI + b"\0" * (CAP + 1024)
+    parts = [("params", None, b"{}"), ("file", "big.nii.gz", big)]
+    answer = put(http, "/datastore/image", {"image": "big"}, form(*(parts if params_first else parts[::-1])))
+    assert answer.status_code == 413, answer.text
+    assert str(CAP) in answer.json()["detail"]
+    assert http.get("/datastore/image/info", params={"image": "big"}).json() == {}
+    wait_for(lambda: spools(stack) == [], "the spool to be removed")
+
+
+def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: GatewayStack) -> None:
+    head = form(("params", None, b"{}"), ("file", "gone.nii.gz", b"")).rsplit(b"\r\n--", 1)[0]
+    sent = head + NIFTI[: len(NIFTI) // 2] + b"\0" * (1024 * 1024)  # over one chunk: the stream has begun
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            (
+                f"PUT /datastore/image?image=gone HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Length: {len(sent) + 10 * 1024 * 1024}\r\n\r\n"
+            ).encode()
+            + sent
+        )
+        wait_for(lambda: spools(stack) != [], "the datastore to start spooling the upload")
+    wait_for(lambda: spools(stack) == [], "the spool of the abandoned upload to be removed")
+    assert http.get("/datastore/image/info", params={"image": "gone"}).json() == {}
+    # The service is fine afterwards.
+    body = form(("params", None, b"{}"), ("file", "gone.nii.gz", NIFTI))
+    assert put(http, "/datastore/image", {}, body).status_code == 200
