@@ -548,6 +548,8 @@ def test_envoy_flags_are_accepted(rendered: dict, tmp_path: Path) -> None:
         assert {"gateway", "datastore", "inference"} <= clusters
         if case == "gpu.yaml":
             assert {"training", "activelearning"} <= clusters
+        heap = next(m for m in config["overload_manager"]["resource_monitors"] if m["name"].endswith("fixed_heap"))
+        assert heap["typed_config"]["max_heap_size_bytes"] == 402653184  # under the container's 512Mi
         # Admin on loopback always; with edge metrics a second listener serves /stats/prometheus only.
         assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
         listeners = {item["name"]: item for item in config["static_resources"]["listeners"]}
