@@ -80,6 +80,9 @@ BY_PATH = {
     "gateway.edge.port": PORT,
     "gateway.edge.streamIdleTimeoutSeconds": {"type": "integer", "minimum": 1},
     "gateway.edge.maxConnections": {"type": "integer", "minimum": 1},
+    "gateway.edge.statsPort": PORT,
+    "gateway.edge.requestHeadersTimeoutSeconds": {"type": "number", "exclusiveMinimum": 0},
+    "gateway.edge.maxHeapBytes": {"type": "integer", "minimum": 16777216},
     "metrics.serviceMonitor.interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
     "metrics.serviceMonitor.scrapeTimeout": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
 }
