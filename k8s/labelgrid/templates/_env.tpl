@@ -2,7 +2,7 @@
 
 {{- define "labelgrid.env.datastore" -}}
 - name: LABELGRID_BACKEND
-  value: s3
+  value: {{ ternary "dicomweb" "s3" .Values.dicomweb.enabled }}
 {{- if eq .Values.storage.type "minio" }}
 - name: LABELGRID_S3_ENDPOINT
   value: {{ printf "%s:9000" (include "labelgrid.componentName" (dict "root" . "component" "minio")) | quote }}
@@ -44,6 +44,9 @@
   value: {{ .Values.storage.createBucket | toString | quote }}
 - name: LABELGRID_STATE_DIR
   value: /var/lib/labelgrid/datastore
+{{- with (include "labelgrid.dicomwebDatastoreEnv" .) }}
+{{ . | trim }}
+{{- end }}
 {{- if eq .Values.index.type "postgresql" }}
 # The URL is composed by Kubernetes from the password Secret: no secret in the manifest.
 - name: POSTGRES_PASSWORD
