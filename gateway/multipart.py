@@ -118,7 +118,8 @@ class FormStream:
         self._events.append(("part", self._part))
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._events.append(("data", data[start:end]))
+        # A view, not a copy: the body chunk is immutable; file_data joins views once.
+        self._events.append(("data", memoryview(data)[start:end]))
 
     def _on_part_end(self) -> None:
         self._events.append(("end", None))
@@ -173,15 +174,22 @@ class FormStream:
         return False
 
     async def file_data(self) -> AsyncIterator[bytes]:
-        """The file part's bytes in pieces of at most CHUNK_SIZE, as they arrive."""
-        pending = bytearray()
+        """The file part's bytes in pieces of at most CHUNK_SIZE, as they arrive (each byte is
+        copied once, when the pieces of a chunk are joined)."""
+        pieces: list[memoryview] = []
+        size = 0
         while (event := await self._next_event()) is not None and event[0] == "data":
-            pending += event[1]
-            while len(pending) >= CHUNK_SIZE:
-                yield bytes(pending[:CHUNK_SIZE])
-                del pending[:CHUNK_SIZE]
-        if pending:
-            yield bytes(pending)
+            view: memoryview = event[1]
+            while size + len(view) >= CHUNK_SIZE:
+                cut = CHUNK_SIZE - size
+                pieces.append(view[:cut])
+                yield b"".join(pieces)
+                pieces, size, view = [], 0, view[cut:]
+            if view:
+                pieces.append(view)
+                size += len(view)
+        if size:
+            yield b"".join(pieces)
 
     async def rest(self) -> None:
         """Reads the parts after the file to the end of the body (fields land in `fields`)."""

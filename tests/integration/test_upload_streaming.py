@@ -74,6 +74,21 @@ def test_params_before_file_stream(http: httpx.Client) -> None:
     assert http.get("/datastore/image/info", params={"image": "s1"}).json()["k"] == 1
 
 
+def test_a_file_over_one_chunk_arrives_byte_for_byte(http: httpx.Client) -> None:
+    """More than one 1 MiB message, sent in odd-sized network pieces, on both paths."""
+    volume = nifti_bytes((64, 64, 80), seed=23, gz=False)
+    assert 1024 * 1024 < len(volume) < CAP
+    for n, params_first in enumerate((True, False)):
+        parts = [("params", None, b'{"n": 1}'), ("file", f"big{n}.nii", volume)]
+        body = form(*(parts if params_first else parts[::-1]))
+        pieces = (body[i : i + 7777] for i in range(0, len(body), 7777))
+        headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+        answer = http.put("/datastore/image", content=pieces, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert http.get("/datastore/image", params={"image": f"big{n}"}).content == volume
+        assert http.get("/datastore/image/info", params={"image": f"big{n}"}).json()["n"] == 1
+
+
 def test_params_after_file_are_applied(http: httpx.Client) -> None:
     body = form(("file", "s2.nii.gz", NIFTI), ("params", None, json.dumps({"k": "after"}).encode()))
     answer = put(http, "/datastore/image", {"image": "s2"}, body)
