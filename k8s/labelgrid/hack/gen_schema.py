@@ -85,6 +85,16 @@ BY_PATH = {
     "gateway.edge.maxHeapBytes": {"type": "integer", "minimum": 16777216},
     "metrics.serviceMonitor.interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
     "metrics.serviceMonitor.scrapeTimeout": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
+    "dicomweb.url": {"type": "string", "pattern": r"^(https?://.+)?$"},
+    "dicomweb.auth": {"type": "string", "enum": ["none", "basic", "bearer"]},
+    "dicomweb.usernameKey": {"type": "string", "minLength": 1},
+    "dicomweb.passwordKey": {"type": "string", "minLength": 1},
+    "dicomweb.tokenKey": {"type": "string", "minLength": 1},
+    "dicomweb.searchFilter": {"type": "object"},
+    "dicomweb.syncSeconds": {"type": "number", "minimum": 0},
+    "dicomweb.timeoutSeconds": {"type": "number", "exclusiveMinimum": 0},
+    "dicomweb.egressTo": OBJ_ITEMS,
+    "dicomweb.egressPorts": {"type": "array", "items": PORT},
 }
 
 
