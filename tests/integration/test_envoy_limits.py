@@ -43,6 +43,7 @@ class Edge:
     port: int
     stats_url: str
     gateway_url: str
+    admin_port: int
 
 
 def _wait_ready(
@@ -94,6 +95,7 @@ def edge(
             port,
             f"http://127.0.0.1:{stats_port}",
             gateway_stack.url,
+            admin_port,
         )
     finally:
         proc.terminate()
@@ -145,14 +147,20 @@ def test_gateway_metrics_is_served_by_the_gateway_itself(edge: Edge) -> None:
         assert status == 200 and b"labelgrid_gateway_requests_total" in body, path
 
 
-GATEWAY_READY = re.compile(r"gateway listening on http://127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)")
+GATEWAY_READY = re.compile(
+    r"gateway listening on http://127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)"
+)
 
 
-def test_python_m_gateway_serves_metrics_on_their_own_port_only(gateway_stack: GatewayStack) -> None:
+def test_python_m_gateway_serves_metrics_on_their_own_port_only(
+    gateway_stack: GatewayStack,
+) -> None:
     """As deployed: the REST port answers no spelling of /metrics; the metrics port does."""
     argv = [sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "0",
             "--datastore-address", gateway_stack.datastore_address, "--info-wait-for", ""]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         match = None
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -162,15 +170,23 @@ def test_python_m_gateway_serves_metrics_on_their_own_port_only(gateway_stack: G
         assert match, "the gateway did not print its addresses"
         port, metrics_port = int(match[1]), int(match[2])
         assert port != metrics_port
-        assert httpx.get(f"http://127.0.0.1:{port}/auth/", timeout=30).status_code == 200
+        assert (
+            httpx.get(f"http://127.0.0.1:{port}/auth/", timeout=30).status_code == 200
+        )
         for path in ("/metrics", "/%6Detrics", "/metrics/"):
             status, body = _raw_get(port, path)
             assert status == 404 and b"labelgrid_gateway" not in body, path
         response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
         assert response.status_code == 200
-        assert 'labelgrid_gateway_requests_total{method="GET",route="/auth/",status="200"} 1.0' in response.text
+        assert (
+            'labelgrid_gateway_requests_total{method="GET",route="/auth/",status="200"} 1.0'
+            in response.text
+        )
         # The metrics port is no way into the REST API.
-        assert "enabled" not in httpx.get(f"http://127.0.0.1:{metrics_port}/auth/", timeout=30).text
+        assert (
+            "enabled"
+            not in httpx.get(f"http://127.0.0.1:{metrics_port}/auth/", timeout=30).text
+        )
     finally:
         proc.terminate()
         proc.wait(20)
@@ -294,6 +310,33 @@ def test_admin_is_loopback_only() -> None:
         "lb_endpoints"
     ][0]["endpoint"]
     assert endpoint["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def _host_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_admin_answers_on_loopback_only(edge: Edge) -> None:
+    assert (
+        httpx.get(f"http://127.0.0.1:{edge.admin_port}/ready", timeout=30).status_code
+        == 200
+    )
+    address = _host_address()
+    if (
+        address is not None
+    ):  # a host with no other interface has nothing else to refuse on
+        with (
+            pytest.raises(OSError),
+            socket.create_connection((address, edge.admin_port), timeout=10),
+        ):
+            pass
 
 
 def test_limits_are_in_the_config() -> None:
