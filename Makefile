@@ -132,6 +132,7 @@ bench: install-dev
 	$(PY) -m bench.datastore
 	$(PY) -m bench.infer
 	$(PY) -m bench.batch_infer
+	$(PY) -m bench.batching
 	$(PY) -m bench.activelearning
 	$(PY) -m bench.train
 	$(PY) -m bench.bundle
