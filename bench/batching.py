@@ -86,7 +86,7 @@ def main() -> None:
         loaded = off.load(task, device, None, "")
         off.run(task, loaded, volume, Prompt(), {}, threading.Event(), model=MODEL)  # warm
         for n in clients:
-            off_rate, off_forwards = throughput(off, task, loaded, volume, n, args.requests)
+            off_rate, _ = throughput(off, task, loaded, volume, n, args.requests)
             on_rate, on_forwards = throughput(on, task, loaded, volume, n, args.requests)
             rows.append(
                 {

@@ -165,3 +165,38 @@ def test_a_full_queue_refuses_before_the_fetch() -> None:
         queue.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_runner_with_batching_gives_the_labels_of_the_runner_without() -> None:
+    """The sample app's segmentation through TorchRunner, three requests at once, batched."""
+    import numpy as np
+
+    from apps.prompt import Prompt
+    from services.common.apps import load_app
+    from services.common.models.torch_runner import TorchRunner
+    from services.common.models.types import Volume
+
+    task = load_app("apps.radiology").infer_tasks["segmentation"]
+    plain = TorchRunner(["cpu"], warm_up=False)
+    batched = TorchRunner(["cpu"], warm_up=False, batching=BatchPolicies(8, 2000.0))
+    loaded = plain.load(task, "cpu", None, "")
+    rng = np.random.default_rng(3)
+    volumes = [Volume(rng.random((48, 40, 32), dtype=np.float32), np.eye(4), "v.nii.gz", None) for _ in range(3)]
+    params = {"roi_size": [16, 16, 16]}
+    alone = [plain.run(task, loaded, v, Prompt(), params, threading.Event()).label for v in volumes]
+    together: list[object] = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        together[i] = batched.run(task, loaded, volumes[i], Prompt(), params, threading.Event(), model="segmentation").label
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert batched.batcher.group(loaded.network).batched > 0
+    for a, b in zip(alone, together):
+        assert len(np.unique(a)) > 1  # a label worth comparing
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b)
