@@ -159,6 +159,10 @@ def check(
     now: Now = time.time,
 ) -> FsckReport:
     """Finds problems without changing anything."""
+    if datastore.mirror is not None:
+        # Stop this process's own datastore_v2.json writer (it writes what is pending first):
+        # its temp file must not show up as a leftover while we look.
+        datastore.mirror.close()
     report = FsckReport()
     blobs, index = datastore.blobs, datastore.index
     known = _indexed(index)
@@ -301,6 +305,8 @@ def repair(
             _, model, version, _ = key.split("/", 3)
             datastore.index.delete_model_version(model, version)
             done.append(f"dropped model version {model}/{version} (its blob is gone)")
+    if datastore.mirror is not None:
+        datastore.mirror.flush()  # MONAI Label's datastore_v2.json follows the repaired index
     after = check(
         datastore, checksums=checksums, min_age_seconds=min_age_seconds, now=now
     )
