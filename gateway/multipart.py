@@ -251,14 +251,19 @@ async def upload_form(
 
         async def messages() -> AsyncIterator[Any]:
             yield request_type(header=header)
-            digest = hashlib.sha256(first)
+            digest = hashlib.sha256()
+            # Each chunk is hashed in a worker thread (hashlib lets go of the GIL) while gRPC
+            # sends it and the next one is read; the updates stay in order.
+            hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, first))
             yield request_type(chunk=first)
             try:
                 async for data in chunks:
-                    digest.update(data)
+                    await hashing
+                    hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, data))
                     yield request_type(chunk=data)
                 if buffer is None:
                     await form.rest()
+                await hashing
             except BaseException as err:
                 failure.append(err)
                 raise  # gRPC cancels the call: no finish, nothing stored

@@ -40,29 +40,44 @@ async def receive_upload(
         raise InvalidArgument("the first message of an upload stream must be the header")
     header = first.header
     spool = await asyncio.to_thread(open_spool, header)
+    writing: asyncio.Future[None] | None = None
     try:
         sha256: str | None = None
+        # A chunk is written and hashed in a worker thread while the next one is received;
+        # one write in flight at a time, so the spool sees the chunks in order.
         async for message in iterator:
             kind = message.WhichOneof("payload")
             if sha256 is not None:
                 raise InvalidArgument("nothing may follow the finish message of an upload stream")
             if kind == "chunk":
-                await asyncio.to_thread(spool.write, message.chunk)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(spool.write, message.chunk))
             elif kind == "finish":
                 sha256 = message.finish.sha256
                 if not sha256:
                     raise InvalidArgument("the finish message must carry the sha256 of the upload")
             else:
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
+        if writing is not None:
+            await writing
         if sha256 is None:
             raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")
         spooled = await finish_spool(spool, sha256)
     except BaseException:
         # Also on CancelledError: a client that hangs up leaves no temp file behind. Called
-        # directly (a close and an unlink): an await here would itself be cancelled.
+        # directly (a close and an unlink): an await here would itself be cancelled. A write
+        # still in flight finishes first (close takes the file's lock); its outcome is dropped.
+        if writing is not None:
+            writing.add_done_callback(_drop_outcome)
         spool.abort()
         raise
     return header, spooled
+
+
+def _drop_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: the upload has failed already
 
 
 async def send_chunks(
