@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 
@@ -51,3 +52,14 @@ class InferSettings(BundleSettings):
     max_batch_size: Annotated[int, pydantic.Field(ge=1)] | None = None
     max_queue_delay_ms: Annotated[float, pydantic.Field(ge=0, le=10_000)] | None = None
     model_batching: Annotated[dict[str, BatchPolicy], pydantic.Field(default_factory=dict)]
+
+    @pydantic.field_validator("model_batching", mode="before")
+    @classmethod
+    def _model_batching_json(cls, value: Any) -> Any:
+        """--model-batching comes as a JSON string (env vars are parsed by pydantic-settings)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError as error:
+                raise ValueError(f"model_batching must be JSON: {error}") from None
+        return value

@@ -200,3 +200,17 @@ def test_runner_with_batching_gives_the_labels_of_the_runner_without() -> None:
     for a, b in zip(alone, together):
         assert len(np.unique(a)) > 1  # a label worth comparing
         assert isinstance(b, np.ndarray) and np.array_equal(a, b)
+
+
+def test_batching_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.common.settings import parse_settings
+    from services.infer.settings import InferSettings
+
+    settings = parse_settings(InferSettings, ["--max-batch-size", "4", "--model-batching", '{"deepedit": {"max_batch_size": 2}}'])
+    assert settings.max_batch_size == 4 and settings.max_queue_delay_ms is None
+    assert settings.model_batching == {"deepedit": BatchPolicy(2, 0.0)}
+    monkeypatch.setenv("LABELGRID_MODEL_BATCHING", '{"segmentation": {"max_batch_size": 8, "max_queue_delay_ms": 5}}')
+    assert parse_settings(InferSettings, []).model_batching == {"segmentation": BatchPolicy(8, 5.0)}
+    for bad in ('{"deepedit": {"max_batch_size": 0}}', "not json"):
+        with pytest.raises(SystemExit):
+            parse_settings(InferSettings, ["--model-batching", bad])
