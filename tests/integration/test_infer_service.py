@@ -129,7 +129,9 @@ def load_nifti(data: bytes) -> nib.Nifti1Image:
 
 async def test_app_info_and_models(stack: Stack) -> None:
     info = await stack.stub.GetAppInfo(pb.GetAppInfoRequest())
-    assert info.display_name == "radiology" and dict(info.labels) == {"sphere_a": 1, "sphere_b": 2}
+    assert info.display_name == "radiology"
+    # No app-level labels: the union of the models' labels as a list (MONAI Label's /info/ merge).
+    assert dict(info.labels) == {"sphere_a": 1, "sphere_b": 2, "brain": 3} and info.labels_as_list
     models = (await stack.stub.ListModels(pb.ListModelsRequest())).models
     assert [m.model_id for m in models] == ["segmentation", "deepgrow", "deepedit", "segmentation_brain", "scribbles"]
     segmentation = models[0]
