@@ -12,7 +12,6 @@ keep MONAI Label's task shape (`id`, `status` SUBMITTED/RUNNING/DONE/ERROR/STOPP
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from typing import Annotated, Any
@@ -49,29 +48,6 @@ _NO_SAMPLE = {
     al_pb.NO_SAMPLE_REASON_ALL_LEASED: "ALL_LEASED",
 }
 _ACTIVE = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
-
-
-# -- /info/ ---------------------------------------------------------------------------------
-
-
-async def info_parts(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MONAI Label's `strategies` and `scoring` of /info/ ({name: {description}}); empty when
-    the active learning service does not answer, so /info/ still works without it."""
-    timeout = ctx.settings.info_timeout_seconds
-    try:
-        strategies, methods = await asyncio.gather(
-            ctx.clients.activelearning.ListStrategies(al_pb.ListStrategiesRequest(), timeout=timeout, metadata=ctx.metadata),
-            ctx.clients.activelearning.ListScoringMethods(
-                al_pb.ListScoringMethodsRequest(), timeout=timeout, metadata=ctx.metadata
-            ),
-        )
-    except grpc.aio.AioRpcError as err:
-        log.warning("active learning service did not answer /info/", extra={"code": err.code().name})
-        return {}, {}
-    return (
-        {s.strategy_id: {"description": s.description} for s in strategies.strategies},
-        {m.method_id: {"description": m.description} for m in methods.scoring_methods},
-    )
 
 
 # -- /activelearning/{strategy} ---------------------------------------------------------------

@@ -10,7 +10,6 @@ accepted and ends in ERROR, as in MONAI Label, with the reason in its details.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -166,32 +165,3 @@ async def api_stop(ctx: Ctx = CtxDep) -> Any:
             return None  # it ended on its own meanwhile
         raise
     return task_json(response.training_job)
-
-
-async def trainers_info(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
-    """/info/'s `trainers` and `train_stats`; empty when the training service does not answer."""
-    timeout = ctx.settings.info_timeout_seconds
-    try:
-        listing = await ctx.clients.training.ListTrainers(pb.ListTrainersRequest(), timeout=timeout, metadata=ctx.metadata)
-        stats = await asyncio.gather(
-            *[
-                ctx.clients.training.GetTrainStats(pb.GetTrainStatsRequest(trainer=t.name), timeout=timeout, metadata=ctx.metadata)
-                for t in listing.trainers
-            ]
-        )
-    except grpc.aio.AioRpcError as err:
-        log.warning("training service did not answer /info/", extra={"code": err.code().name})
-        return {}, {}
-    from gateway.routes.info import config_value
-
-    trainers: dict[str, Any] = {}
-    for trainer in listing.trainers:
-        entry: dict[str, Any] = {
-            "description": trainer.description,
-            "config": {item.key: config_value(item.value) for item in trainer.config},
-        }
-        if trainer.labels:
-            entry["labels"] = dict(sorted(trainer.labels.items(), key=lambda item: item[1]))
-        trainers[trainer.trainer_id] = entry
-    train_stats = {t.trainer_id: struct_to_dict(s.train_stats) for t, s in zip(listing.trainers, stats)}
-    return trainers, train_stats
