@@ -170,7 +170,13 @@ def test_readme_block_runs(block: Block, stack: Stack, folder: Path, tmp_path: P
 
 def test_make_run_is_labelgrid_up_with_the_sample_studies() -> None:
     """What the README says `make run` does, from what make would run (`make -n`, nothing runs)."""
-    planned = subprocess.run(["make", "-n", "run"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    # Run as a top-level make even inside `make test`: a parent make's MAKELEVEL / MAKEFLAGS would
+    # make this one print "Leaving directory" lines (and pass on the parent's flags).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    planned = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+    )  # fmt: skip
     assert planned.returncode == 0, planned.stdout
     last = planned.stdout.strip().splitlines()[-1]
     assert re.search(r"/labelgrid up --studies var/studies --sample-studies --port 8000$", last), last
