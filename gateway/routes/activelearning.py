@@ -28,6 +28,7 @@ from gateway.errors import GatewayError, naming_service
 from gateway.routes.common import (
     Ctx,
     CtxDep,
+    all_pages,
     check_id,
     task_status,
     task_time,
@@ -151,16 +152,15 @@ def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
 
 async def _jobs(ctx: Ctx) -> list[al_res.ScoringJob]:
     """Every scoring job, newest first."""
-    jobs: list[al_res.ScoringJob] = []
-    token = ""
-    while True:
-        response = await ctx.clients.activelearning.ListScoringJobs(
-            al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
+    return [
+        job
+        async for page in all_pages(
+            lambda token: ctx.clients.activelearning.ListScoringJobs(
+                al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
+            )
         )
-        jobs.extend(response.scoring_jobs)
-        token = response.next_page_token
-        if not token:
-            return jobs
+        for job in page.scoring_jobs
+    ]
 
 
 @router.get("/scoring/", tags=["Scoring"], summary="Get Status of Scoring Task")

@@ -24,7 +24,7 @@ from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, check_id, task_status, task_time, to_struct
+from gateway.routes.common import Ctx, CtxDep, all_pages, check_id, task_answer, task_status, task_time, to_struct
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/batch", tags=["Infer"], route_class=naming_service("inference", "inference_address"))
@@ -124,33 +124,23 @@ def _job(model: str, images: BatchImages, body: dict[str, Any]) -> res.BatchInfe
 
 
 async def _jobs(ctx: Ctx, state: int = common_pb2.JOB_STATE_UNSPECIFIED) -> list[res.BatchInferenceJob]:
-    found: list[res.BatchInferenceJob] = []
-    token = ""
-    while True:
-        page = await ctx.clients.inference.ListBatchInferenceJobs(
-            pb.ListBatchInferenceJobsRequest(page_size=1000, page_token=token, state=state),
-            timeout=ctx.timeout,
-            metadata=ctx.metadata,
+    return [
+        job
+        async for page in all_pages(
+            lambda token: ctx.clients.inference.ListBatchInferenceJobs(
+                pb.ListBatchInferenceJobsRequest(page_size=1000, page_token=token, state=state),
+                timeout=ctx.timeout,
+                metadata=ctx.metadata,
+            )
         )
-        found.extend(page.batch_inference_jobs)
-        token = page.next_page_token
-        if not token:
-            return found
+        for job in page.batch_inference_jobs
+    ]
 
 
 @router.get("/infer", summary="Get Status of Batch Inference Task")
 async def api_status(all: bool = False, check_if_running: bool = False, ctx: Ctx = CtxDep) -> Any:
-    if check_if_running:
-        running = await _jobs(ctx, common_pb2.JOB_STATE_RUNNING)
-        if not running:
-            raise GatewayError(404, "No Batch_infer Tasks are currently Running")
-        return task_json(running[0])
-    jobs = await _jobs(ctx)
-    if not jobs:
-        raise GatewayError(404, "No Batch_infer Tasks Found")
-    if all:
-        return [task_json(job) for job in reversed(jobs)]  # oldest first, as MONAI Label lists them
-    return task_json(jobs[0])
+    state = common_pb2.JOB_STATE_RUNNING if check_if_running else common_pb2.JOB_STATE_UNSPECIFIED
+    return task_answer(await _jobs(ctx, state), check_if_running, all, "Batch_infer", task_json)
 
 
 @router.post("/infer/{model}", summary="Run Batch Inference Task")

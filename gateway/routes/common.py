@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -214,3 +215,30 @@ def task_status(state: int) -> str:
 def task_time(stamp: timestamp_pb2.Timestamp) -> str:
     """MONAI Label's task times: server local time, "YYYY-MM-DD HH:MM:SS"."""
     return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def all_pages(list_page: Callable[[str], Awaitable[Any]]) -> AsyncIterator[Any]:
+    """Every page of a paged List RPC: `list_page(token)` asks for one, until next_page_token is empty."""
+    token = ""
+    while True:
+        page = await list_page(token)
+        yield page
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def task_answer(
+    jobs: Sequence[Any], check_if_running: bool, all: bool, what: str, to_json: Callable[[Any], dict[str, Any]]
+) -> Any:
+    """MONAI Label's GET answer for a kind of task, from its jobs newest first (only the running
+    ones with check_if_running): that running one, every one oldest first with `all`, else the newest."""
+    if check_if_running:
+        if not jobs:
+            raise GatewayError(404, f"No {what} Tasks are currently Running")
+        return to_json(jobs[0])
+    if not jobs:
+        raise GatewayError(404, f"No {what} Tasks Found")
+    if all:
+        return [to_json(job) for job in reversed(jobs)]  # oldest first, as MONAI Label lists them
+    return to_json(jobs[0])

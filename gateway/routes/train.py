@@ -21,7 +21,7 @@ from labelgrid.training.v1 import resources_pb2 as res
 from labelgrid.training.v1 import training_service_pb2 as pb
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, task_status, task_time, to_struct
+from gateway.routes.common import Ctx, CtxDep, all_pages, task_answer, task_status, task_time, to_struct
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))
@@ -97,31 +97,21 @@ async def _wait_stats(ctx: Ctx, job: res.TrainingJob) -> dict[str, Any]:
 
 
 async def _jobs(ctx: Ctx, state: int = common_pb2.JOB_STATE_UNSPECIFIED) -> list[res.TrainingJob]:
-    jobs: list[res.TrainingJob] = []
-    token = ""
-    while True:
-        page = await ctx.clients.training.ListTrainingJobs(
-            pb.ListTrainingJobsRequest(page_size=1000, page_token=token, state=state), timeout=ctx.timeout, metadata=ctx.metadata
+    return [
+        job
+        async for page in all_pages(
+            lambda token: ctx.clients.training.ListTrainingJobs(
+                pb.ListTrainingJobsRequest(page_size=1000, page_token=token, state=state), timeout=ctx.timeout, metadata=ctx.metadata
+            )
         )
-        jobs.extend(page.training_jobs)
-        token = page.next_page_token
-        if not token:
-            return jobs
+        for job in page.training_jobs
+    ]
 
 
 @router.get("/", summary="Get Status of Training Task")
 async def api_status(all: bool = False, check_if_running: bool = False, ctx: Ctx = CtxDep) -> Any:
-    if check_if_running:
-        running = await _jobs(ctx, common_pb2.JOB_STATE_RUNNING)
-        if not running:
-            raise GatewayError(404, "No Train Tasks are currently Running")
-        return task_json(running[0])
-    jobs = await _jobs(ctx)
-    if not jobs:
-        raise GatewayError(404, "No Train Tasks Found")
-    if all:
-        return [task_json(job) for job in reversed(jobs)]  # oldest first, as MONAI Label lists them
-    return task_json(jobs[0])
+    state = common_pb2.JOB_STATE_RUNNING if check_if_running else common_pb2.JOB_STATE_UNSPECIFIED
+    return task_answer(await _jobs(ctx, state), check_if_running, all, "Train", task_json)
 
 
 @router.post("/", summary="Run All Training Tasks", include_in_schema=False, deprecated=True)
