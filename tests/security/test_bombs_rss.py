@@ -8,7 +8,6 @@ into the datastore's memory."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from services.datastore.sample_studies import write_sample_studies
-from tests.fixtures.processes import ServiceProcess, ServiceStartError
+from tests.fixtures.processes import ServiceProcess, ServiceStartError, peak_rss
 from tests.security import hostile as files
 from tests.security.conftest import read_all, upload_messages
 
@@ -27,14 +26,6 @@ pytestmark = pytest.mark.timeout(240)
 MIB = 1024 * 1024
 BOMB = 256 * MIB  # what each bomb expands to
 ALLOWED_GROWTH = 96 * MIB
-
-
-def peak_rss(pid: int) -> int:
-    """The process's peak resident set size so far, in bytes (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc status")
 
 
 @pytest.fixture(scope="module")
