@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import ctypes
 import getpass
-import ipaddress
 import os
 import secrets
 import signal
@@ -32,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from labelgrid.client.cli import add_commands as add_sdk_commands
 from labelgrid.client.cli import run as run_sdk_command
 
-from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
+from gateway.envoy import EnvoySettings, envoy_command, is_loopback, write_bootstrap
 from gateway.preflight import port_problems, stack_ports
 from services.common.auth import ROLES, USER, Identity, UsersFile, issue_access_token, new_signing_key
 from services.common.errors import InvalidArgument
@@ -291,15 +290,6 @@ class StackAuth:
         if self.static_tokens:
             return {"authorization": f"Bearer {self.static_tokens[0]}"}
         return {}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def studies_arg(value: str) -> Path | str:

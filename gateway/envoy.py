@@ -96,13 +96,14 @@ class EnvoySettings:
             "activelearning": self.activelearning_address,
         }
         object.__setattr__(self, "upstreams", {name: addr for name, addr in named.items() if addr})
-        if not _is_loopback(self.admin_host):
+        if not is_loopback(self.admin_host):
             # /quitquitquit, /runtime_modify, /config_dump: never off the host (stats_port
             # publishes /stats/prometheus alone).
             raise ValueError(f"admin_host must be a loopback address, got {self.admin_host!r}; use stats_port for metrics")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A loopback address or `localhost` (brackets of an IPv6 literal allowed)."""
     if host == "localhost":
         return True
     try:
