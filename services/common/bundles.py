@@ -16,7 +16,6 @@ then every few seconds, so a bundle added with `PUT /model/{name}` appears every
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from pydantic_settings import NoDecode
 from services.common.apps import LoadedApp
 from services.common.datastore_client import DatastoreClient
 from services.common.auth import ADMIN, current_identity
+from services.common.chunks import sha256_file
 from services.common.errors import ErrorKind, InvalidArgument, LabelgridError, PermissionDenied
 from services.common.models.types import RESET_VERSION_PREFIX
 from services.common.settings import ServiceSettings, _split_list
@@ -71,13 +71,6 @@ def archive_model(name: str) -> str:
     """The datastore model whose versions are the bundle's zips."""
     return f"{name}{BUNDLE_MODEL_SUFFIX}"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_bundle_file(source: Path, scratch: Path) -> tuple[str, Path, dict[str, Any]]:
@@ -123,7 +116,7 @@ async def latest_archive(client: DatastoreClient, name: str) -> Any | None:
 
 async def store_bundle(client: DatastoreClient, name: str, archive: Path, description: dict[str, Any]) -> bool:
     """Stores a checked bundle zip; False if these bytes already are the newest. A replaced bundle resets its weights."""
-    sha = await asyncio.to_thread(_sha256, archive)
+    sha = await asyncio.to_thread(sha256_file, archive)
     latest = await latest_archive(client, name)
     if latest is not None and latest.sha256 == sha:
         return False

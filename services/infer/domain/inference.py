@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import math
 import shutil
@@ -24,6 +23,7 @@ import numpy as np
 from apps.prompt import Prompt
 from services.common import raw_labels
 from services.common.apps import LoadedApp
+from services.common.chunks import sha256_file
 from services.common.errors import InvalidArgument, NotFound
 from services.common.models.cache import ModelCache, ServingVersions
 from services.common.models.ports import ModelRunner, VolumeIO
@@ -125,13 +125,6 @@ def _extension_of(file_name: str) -> str:
             return extension
     return ".nii.gz"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Inference:
@@ -353,7 +346,7 @@ class Inference:
             dtype,
             params.result.compress or extension == ".nii.gz",
         )
-        label_file = LabelFile(label_path, label_path.name, label_path.stat().st_size, await asyncio.to_thread(_sha256, label_path))
+        label_file = LabelFile(label_path, label_path.name, label_path.stat().st_size, await asyncio.to_thread(sha256_file, label_path))
         write_seconds = time.perf_counter() - write_started
 
         label_names = task.label_names(params.prompt)

@@ -23,6 +23,7 @@ import httpx
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 
 from services.common.datastore_client import DatastoreClient
+from services.common.chunks import sha256_file
 from services.common.errors import InvalidArgument, LabelgridError, StorageError
 from services.common.formats import check_volume
 
@@ -124,7 +125,7 @@ class DataCache:
             self.url_downloads += 1
             return path
         path = await stream(tmp_dir)
-        got = await asyncio.to_thread(_sha256_file, path)
+        got = await asyncio.to_thread(sha256_file, path)
         if got != sha256:
             raise StorageError(f"the bytes of {name!r} did not match their sha256")
         self.stream_downloads += 1
@@ -142,9 +143,3 @@ class DataCache:
             path.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
