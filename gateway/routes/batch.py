@@ -24,12 +24,11 @@ from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, all_pages, check_id, task_answer, task_status, task_time, to_struct
+from gateway.routes.common import Ctx, CtxDep, all_pages, check_id, task_answer, task_status, task_time, to_struct, with_task_outcome
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/batch", tags=["Infer"], route_class=naming_service("inference", "inference_address"))
 
-_DETAIL_LINES = 20
 _SYNC_POLL_SECONDS = 0.5
 # MONAI Label's batch request keys that are not params of each inference.
 _DROPPED = {"device", "multi_gpu", "gpus", "logging", "save_label", "label_tag", "max_workers", "max_batch_size", "images"}
@@ -68,14 +67,7 @@ def task_json(job: res.BatchInferenceJob) -> dict[str, Any]:
         "start_ts": task_time(job.times.create_time),
         "progress": {"total": job.total_images, "done": job.processed_images, "failed": job.failed_images},
     }
-    if job.state != common_pb2.JOB_STATE_QUEUED:
-        details = list(job.log_tail)[-_DETAIL_LINES:]
-        if job.state == common_pb2.JOB_STATE_FAILED and job.error.message:
-            details.append(f"{job.error.reason}: {job.error.message}")
-        task["details"] = details
-    if job.times.HasField("end_time"):
-        task["end_ts"] = task_time(job.times.end_time)
-    return task
+    return with_task_outcome(task, job)
 
 
 def _devices(body: dict[str, Any]) -> list[str]:

@@ -217,6 +217,22 @@ def task_time(stamp: timestamp_pb2.Timestamp) -> str:
     return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
+TASK_DETAIL_LINES = 20  # of a job's log tail, in MONAI Label's task `details`
+
+
+def with_task_outcome(task: dict[str, Any], job: Any) -> dict[str, Any]:
+    """Adds what a job (training or batch inference) has done to its MONAI Label task: `details`
+    (the end of its log, and the error of a failed job) once it started, `end_ts` once it ended."""
+    if job.state != common_pb2.JOB_STATE_QUEUED:
+        details = list(job.log_tail)[-TASK_DETAIL_LINES:]
+        if job.state == common_pb2.JOB_STATE_FAILED and job.error.message:
+            details.append(f"{job.error.reason}: {job.error.message}")
+        task["details"] = details
+    if job.times.HasField("end_time"):
+        task["end_ts"] = task_time(job.times.end_time)
+    return task
+
+
 async def all_pages(list_page: Callable[[str], Awaitable[Any]]) -> AsyncIterator[Any]:
     """Every page of a paged List RPC: `list_page(token)` asks for one, until next_page_token is empty."""
     token = ""

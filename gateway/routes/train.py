@@ -21,7 +21,7 @@ from labelgrid.training.v1 import resources_pb2 as res
 from labelgrid.training.v1 import training_service_pb2 as pb
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, all_pages, task_answer, task_status, task_time, to_struct
+from gateway.routes.common import Ctx, CtxDep, all_pages, task_answer, task_status, task_time, to_struct, with_task_outcome
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))
@@ -29,7 +29,6 @@ log = logging.getLogger("labelgrid.gateway")
 
 # Keys of MONAI Label's train request the service does not take as params.
 _DROPPED = {"model", "client_id", "gpus", "multi_gpu", "device", "devices", "enqueue", "run_sync"}
-_DETAIL_LINES = 20
 
 
 def task_json(job: res.TrainingJob) -> dict[str, Any]:
@@ -50,14 +49,7 @@ def task_json(job: res.TrainingJob) -> dict[str, Any]:
         "request": request,
         "start_ts": task_time(job.times.create_time),
     }
-    if job.state != common_pb2.JOB_STATE_QUEUED:
-        details = list(job.log_tail)[-_DETAIL_LINES:]
-        if job.state == common_pb2.JOB_STATE_FAILED and job.error.message:
-            details.append(f"{job.error.reason}: {job.error.message}")
-        task["details"] = details
-    if job.times.HasField("end_time"):
-        task["end_ts"] = task_time(job.times.end_time)
-    return task
+    return with_task_outcome(task, job)
 
 
 def _params(body: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
