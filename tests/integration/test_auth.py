@@ -430,6 +430,9 @@ def test_up_warns_loudly_on_a_public_address_without_auth(tmp_path: Path, monkey
     monkeypatch.delenv("LABELGRID_AUTH_SIGNING_KEY", raising=False)
     monkeypatch.setattr(cli, "make_say", lambda *_: lambda line, source="labelgrid": said.append(line))
     monkeypatch.setattr(cli, "build_stack", lambda *_: (_ for _ in ()).throw(SystemExit(3)))
+    # The default ports may be held by other servers of the suite: the port check (tested in
+    # tests/docs/test_troubleshooting.py) would end up() before the warning this test is about.
+    monkeypatch.setattr(cli, "port_problems", lambda *_: [])
     args = cli.build_parser().parse_args(["up", "--host", "0.0.0.0", "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         cli.up(args)
