@@ -8,7 +8,6 @@ driving the gateway over HTTP (the official MONAI Label client, httpx) while the
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,13 +25,8 @@ from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
 from tests.contract.conftest import start_datastore
+from tests.ports import free_port
 
-
-def free_port() -> int:
-    """A port nothing listens on (bound and released), to stand for a service that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def real_inference(

@@ -23,7 +23,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from monailabel.client import MONAILabelClient
 
 from services.common.auth import ADMIN, USER, UsersFile
-from tests.integration.test_labelgrid_up import UP, Stack, free_ports, port_flags, stop_stack
+from tests.integration.test_labelgrid_up import UP, Stack, port_flags, stop_stack
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -31,7 +31,7 @@ from services.datastore.app import build_datastore
 from services.datastore.domain.model import ImageFilter
 from services.datastore.settings import DatastoreSettings
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series, run_orthanc
-from tests.integration.conftest import free_port
+from tests.ports import free_port
 
 
 def expected_grid(series: CtSeries) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:

@@ -14,7 +14,8 @@ from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 
 from tests.fixtures.orthanc import Orthanc, ct_series, run_orthanc
-from tests.integration.conftest import GatewayStack, free_port
+from tests.integration.conftest import GatewayStack
+from tests.ports import free_port
 from tests.integration.test_ohif import offline_app
 
 

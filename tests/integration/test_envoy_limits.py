@@ -29,7 +29,8 @@ from gateway.envoy import (
     validate,
     write_bootstrap,
 )
-from tests.integration.conftest import GatewayStack, free_port
+from tests.integration.conftest import GatewayStack
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(180)
 

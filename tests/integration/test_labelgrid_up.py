@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from monailabel.client import MONAILabelClient
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,17 +39,6 @@ DATASTORE = "/labelgrid.datastore.v1.DatastoreService/"
 # How long the gateway may take to reach a restarted service (its gRPC channel's reconnect backoff).
 RECONNECT_S = 15.0
 
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports nothing listens on (all held until all are picked)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass

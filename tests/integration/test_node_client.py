@@ -48,7 +48,8 @@ from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 from services.datastore.settings import DatastoreSettings
 from tests.contract.conftest import start_datastore
 from tests.contract.helpers import upload_image
-from tests.integration.conftest import free_port, real_inference
+from tests.integration.conftest import real_inference
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,7 +14,8 @@ from gateway.app import create_app
 from gateway.routes.ohif import wheel_ohif_dir
 from gateway.settings import GatewaySettings
 from tests.fixtures.orthanc import Orthanc
-from tests.integration.conftest import GatewayStack, free_port
+from tests.integration.conftest import GatewayStack
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")

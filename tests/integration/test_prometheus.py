@@ -30,12 +30,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.integration.test_labelgrid_up import (
-    Stack,
-    free_ports,
-    start_stack,
-    stop_stack,
-)
+from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -29,7 +29,7 @@ from labelgrid.client import (
 
 from services.datastore.settings import DatastoreSettings
 from tests.contract.conftest import RunningDatastore, start_datastore
-from tests.integration.conftest import free_port
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "sdk-test-token"
