@@ -37,7 +37,7 @@ import torch
 
 from apps.base import InferInput, InferTask, InferType
 
-__all__ = ["Bundle", "BundleError", "BundleInferTask", "load_bundle", "open_bundle", "bundle_name"]
+__all__ = ["Bundle", "BundleError", "BundleInferTask", "bundle_name", "load_bundle", "open_bundle"]
 
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 TRAIN_CONFIGS = ("train.json", "train.yaml", "train.yml")

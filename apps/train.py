@@ -30,7 +30,7 @@ from monai.transforms import MapTransform
 from apps.base import InferTask
 from apps.transforms import voxel_spacing
 
-__all__ = ["TrainContext", "Trainer", "ResampleToSpacingd"]
+__all__ = ["ResampleToSpacingd", "TrainContext", "Trainer"]
 
 
 @dataclass

@@ -127,7 +127,7 @@ class Child:
             env=env,
             # Own session: Ctrl-C reaches only the supervisor, which stops the children in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - prctl only, no locks
+            preexec_fn=_die_with_parent(),
         )
         self.started_at, self.is_ready, self.restart_at = time.monotonic(), False, None
         threading.Thread(target=self._forward, args=(self.proc,), name=f"{self.name}-output", daemon=True).start()

@@ -24,8 +24,8 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
-    Randomizable,
     RandCropByPosNegLabeld,
+    Randomizable,
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
 )

@@ -4,7 +4,8 @@ MONAI Label's own `random` and `first` strategies. Runs only in bench/.venv-mona
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks.nets import UNet

@@ -57,7 +57,7 @@ class _Users:
             try:
                 self._users = UsersFile.load(self.path)
                 self._stamp = stamp
-            except Exception:  # noqa: BLE001 - a half-edited file: keep the last good users
+            except Exception:
                 log.warning("users file %s is not valid; keeping the previous users", self.path, exc_info=True)
         return self._users
 

@@ -24,7 +24,17 @@ from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, all_pages, check_id, task_answer, task_status, task_time, to_struct, with_task_outcome
+from gateway.routes.common import (
+    Ctx,
+    CtxDep,
+    all_pages,
+    check_id,
+    task_answer,
+    task_status,
+    task_time,
+    to_struct,
+    with_task_outcome,
+)
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/batch", tags=["Infer"], route_class=naming_service("inference", "inference_address"))

@@ -167,7 +167,7 @@ async def _check_bundle(path: Path) -> dict[str, Any]:
     )  # fmt: skip
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), BUNDLE_CHECK_SECONDS)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
         raise GatewayError(422, f"checking the bundle took longer than {BUNDLE_CHECK_SECONDS:.0f} s") from None

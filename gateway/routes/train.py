@@ -21,7 +21,16 @@ from labelgrid.training.v1 import resources_pb2 as res
 from labelgrid.training.v1 import training_service_pb2 as pb
 
 from gateway.errors import GatewayError, naming_service
-from gateway.routes.common import Ctx, CtxDep, all_pages, task_answer, task_status, task_time, to_struct, with_task_outcome
+from gateway.routes.common import (
+    Ctx,
+    CtxDep,
+    all_pages,
+    task_answer,
+    task_status,
+    task_time,
+    to_struct,
+    with_task_outcome,
+)
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))

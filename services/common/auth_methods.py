@@ -44,6 +44,7 @@ _DATASTORE = "labelgrid.datastore.v1.DatastoreService"
 _INFERENCE = "labelgrid.inference.v1.InferenceService"
 _TRAINING = "labelgrid.training.v1.TrainingService"
 _ACTIVELEARNING = "labelgrid.activelearning.v1.ActiveLearningService"
+_REFLECTION = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
 
 METHOD_RULES: dict[str, Rule] = {
     **_service(_DATASTORE, {
@@ -123,6 +124,9 @@ METHOD_RULES: dict[str, Rule] = {
         "CancelScoringJob": Rule(ANNOTATOR),
         "WatchScoringJob": Rule(USER),
     }),
+    # Server reflection (grpcurl, Postman) lists every method: any authenticated caller, never
+    # an anonymous one (services.common.interceptors: only health is open).
+    **{f"/{name}/ServerReflectionInfo": Rule(USER, ALL) for name in _REFLECTION},
 }  # fmt: skip
 
 

@@ -28,9 +28,9 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 from pydantic_settings import NoDecode
 
 from services.common.apps import LoadedApp
-from services.common.datastore_client import DatastoreClient
 from services.common.auth import ADMIN, current_identity
 from services.common.chunks import sha256_file
+from services.common.datastore_client import DatastoreClient
 from services.common.errors import ErrorKind, InvalidArgument, LabelgridError, PermissionDenied
 from services.common.models.types import RESET_VERSION_PREFIX
 from services.common.settings import ServiceSettings, _split_list

@@ -12,7 +12,7 @@ same style. The one list of reasons is the ``ErrorReason`` enum in
 from __future__ import annotations
 
 import enum
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class ErrorKind(enum.Enum):

@@ -28,9 +28,9 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from services.common.errors import InvalidArgument
@@ -325,7 +325,7 @@ def _read_nifti_header(stream: BinaryIO, ext: str, limits: VolumeLimits) -> tupl
         dtype = header.get_data_dtype()
         spacing = tuple(float(z) for z in header.get_zooms())
         vox_offset = int(header.get_data_offset())
-    except Exception as exc:  # noqa: BLE001 - same: any failure is a bad header
+    except Exception as exc:
         raise _invalid(f"invalid NIfTI header ({ext}): {exc}") from exc
     if not shape or any(d <= 0 for d in shape):
         raise _invalid(f"invalid NIfTI header ({ext}): dimensions {shape} hold no voxels")
@@ -441,7 +441,7 @@ def refuse_detached_nrrd(header: dict[str, Any], ext: str = ".nrrd") -> None:
 
 
 def _check_nrrd(path: Path, size: int, ext: str, limits: VolumeLimits) -> VolumeHeader:
-    from nrrd.reader import _determine_datatype  # noqa: PLC2701 - the one place pynrrd maps types
+    from nrrd.reader import _determine_datatype
 
     raw_header, data_start = split_nrrd_header(_head(path, _MAX_NRRD_HEADER), ext)
     header = parse_nrrd_header(raw_header, ext)
@@ -458,7 +458,7 @@ def _check_nrrd(path: Path, size: int, ext: str, limits: VolumeLimits) -> Volume
         spacing = _nrrd_spacing(header, len(sizes))
         line_skip = int(header.get("line skip", header.get("lineskip", 0)))
         byte_skip = int(header.get("byte skip", header.get("byteskip", 0)))
-    except Exception as exc:  # noqa: BLE001 - any failure here is a bad header
+    except Exception as exc:
         raise _invalid(f"invalid NRRD header ({ext}): {exc}") from exc
     if line_skip < 0 or byte_skip < -1:
         raise _invalid(f"invalid NRRD header ({ext}): line skip {line_skip} / byte skip {byte_skip} out of range")
@@ -548,12 +548,12 @@ def _check_zip_directory(path: Path, limits: VolumeLimits) -> None:
     """The member count from the end record, before zipfile builds an object per member."""
     with open(path, "rb") as stream:
         try:
-            end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]  # noqa: SLF001 - stdlib's own reader
+            end = zipfile._EndRecData(stream)  # type: ignore[attr-defined]
         except OSError:
             end = None
     if not end:
         raise _invalid("corrupt ZIP file: no end of central directory record" + _looks_like(_head(path)))
-    count = int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]  # noqa: SLF001
+    count = int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
     if count > limits.max_zip_members:
         raise _invalid(f"the ZIP file holds {count} members, over the limit of {limits.max_zip_members}")
 

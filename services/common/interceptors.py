@@ -17,8 +17,8 @@ import hmac
 import inspect
 import logging
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,9 @@ from services.common.grpc_errors import PROMETHEUS_CODE_LABEL, rich_status, to_s
 log = logging.getLogger("labelgrid.grpc")
 
 INTERNAL_ERROR_MESSAGE = "internal error; see the server log"
-PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-"""Methods that never need a token: probes (kubelet, load balancers) and reflection."""
+PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+"""Methods that never need a token: probes (kubelet, load balancers). Reflection, which lists
+every method (the admin ones too), needs a valid identity like any RPC (auth_methods)."""
 
 Behavior = Callable[..., Any]
 TokenCheck = Callable[[str], "bool | Awaitable[bool]"]
@@ -331,7 +332,7 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 
 
 class AuthInterceptor(WrappingInterceptor):
-    """Requires a valid bearer token on every RPC but health checks and reflection, and the
+    """Requires a valid bearer token on every RPC but health checks, and the
     caller's right to the method (services.common.auth_methods: MONAI Label's role for a user,
     the named services for a service token).
 

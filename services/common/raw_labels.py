@@ -50,7 +50,7 @@ def image_geometry(path: Path, file_name: str) -> tuple[tuple[int, ...], np.ndar
             )
     except InvalidArgument:
         raise
-    except Exception as error:  # noqa: BLE001 - a reader's own message, without our scratch path
+    except Exception as error:
         reason = str(error).replace(str(path), file_name)
         raise InvalidArgument(f"image {file_name!r} is not a readable volume: {reason}") from error
     shape = _spatial(shape)

@@ -12,8 +12,8 @@ import grpc
 import nibabel as nib
 import numpy as np
 from google.protobuf import struct_pb2
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 

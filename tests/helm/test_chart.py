@@ -19,11 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
+import kubernetes_validate
 import pytest
-
-import helm_python as helm  # noqa: E402  (dev dependencies: a missing one fails, never skips)
-import kubernetes_validate  # noqa: E402
-import yaml  # noqa: E402
+import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "k8s" / "labelgrid"
 CI_VALUES = sorted(path.name for path in (CHART / "ci").glob("*.yaml"))

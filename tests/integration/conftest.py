@@ -28,7 +28,6 @@ from tests.contract.conftest import start_datastore
 from tests.ports import free_port
 
 
-
 def real_inference(
     work_dir: Path, **overrides: Any
 ) -> Callable[[str], Awaitable[tuple[str, GrpcService]]]:

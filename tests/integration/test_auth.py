@@ -29,7 +29,6 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from gateway.auth import AUTHENTICATED, PUBLIC, ROUTE_ROLES, required_role
-from gateway.metrics import route_templates
 from services.common.auth import (
     ADMIN,
     ANNOTATOR,
@@ -242,7 +241,7 @@ def test_each_role_gets_exactly_the_routes_of_the_table(stack: GatewayStack, rol
     for route in _protected_routes(stack):
         status = _call(stack.url, *route, headers)
         allowed = required_role(*route) == role
-        if allowed and status in (401, 403) or not allowed and status != 403:
+        if (allowed and status in (401, 403)) or (not allowed and status != 403):
             wrong[route] = status
     assert wrong == {}
 
@@ -512,7 +511,7 @@ def test_every_datastore_rpc_per_identity(stack: GatewayStack) -> None:
             expected_denied, denied_code = who not in AT_LEAST[rule.role], grpc.StatusCode.PERMISSION_DENIED
         else:
             expected_denied, denied_code = who not in rule.services, grpc.StatusCode.PERMISSION_DENIED
-        if expected_denied != (code == denied_code) or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and code != denied_code:
+        if expected_denied != (code == denied_code) or (code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and code != denied_code):
             wrong[(who, name)] = code
     assert len(got) > 250 and wrong == {}
 

@@ -50,11 +50,11 @@ class Issuer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 issuer.fetches += 1
                 self._send(200, issuer.jwks())
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["content-length"])).decode())
                 user = issuer.users.get(form.get("username", [""])[0])
                 if form.get("grant_type") != ["password"] or user is None or form.get("password", [""])[0] != user[0]:

@@ -87,7 +87,7 @@ def _big_nifti(total_bytes: int) -> tuple[bytes, int]:
     return raw, side * side * depth
 
 
-def _upload_requests(head: bytes, data_bytes: int, digest: "hashlib._Hash") -> Iterator[pb.UploadImageRequest]:
+def _upload_requests(head: bytes, data_bytes: int, digest: hashlib._Hash) -> Iterator[pb.UploadImageRequest]:
     yield pb.UploadImageRequest(header=pb.UploadImageHeader(image_id="big", file_name="big.nii"))
     digest.update(head)
     yield pb.UploadImageRequest(chunk=head)

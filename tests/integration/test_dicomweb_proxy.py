@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from tests.fixtures.orthanc import Orthanc, ct_series, run_orthanc
 from tests.integration.conftest import GatewayStack
-from tests.ports import free_port
 from tests.integration.test_ohif import offline_app
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")

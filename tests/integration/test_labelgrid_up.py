@@ -30,6 +30,7 @@ import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from monailabel.client import MONAILabelClient
+
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(240)

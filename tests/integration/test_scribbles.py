@@ -5,15 +5,12 @@ inference service (sample app, CPU). Also /logs/gpu, which asks the inference se
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException
 
 from tests.integration.conftest import GatewayStack
 

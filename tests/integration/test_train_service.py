@@ -24,7 +24,6 @@ import nibabel as nib
 import numpy as np
 import psutil
 import pytest
-from google.protobuf import struct_pb2
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc

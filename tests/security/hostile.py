@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import nrrd
+import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 

@@ -164,7 +164,7 @@ def test_interrupted_upload_is_never_visible(store: BlobStore, monkeypatch: pyte
     data = os.urandom(40 * MIB)
     path, sha = _spool(store, data)
     if isinstance(store, S3BlobStore):
-        real_upload_part = store._client._upload_part  # noqa: SLF001
+        real_upload_part = store._client._upload_part
         calls = {"n": 0}
 
         def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -173,7 +173,7 @@ def test_interrupted_upload_is_never_visible(store: BlobStore, monkeypatch: pyte
                 raise OSError("simulated network failure")
             return real_upload_part(*args, **kwargs)
 
-        monkeypatch.setattr(store._client, "_upload_part", flaky)  # noqa: SLF001
+        monkeypatch.setattr(store._client, "_upload_part", flaky)
     else:
         monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated rename failure")))
     with pytest.raises(StorageError):
@@ -193,7 +193,7 @@ def test_presigned_url_downloads(store: BlobStore) -> None:
         assert path.is_absolute() and path.read_bytes() == data
     else:
         assert url.startswith(f"http://{store.endpoint}/") and "X-Amz-Signature" in url
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as response:
             assert response.read() == data
 
 

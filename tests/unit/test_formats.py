@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from services.common.errors import InvalidArgument
 from services.common import formats
+from services.common.errors import InvalidArgument
 from services.datastore.domain.formats import VolumeHeader, check_volume, image_ext_from_name, label_ext_from_name
 
 SHAPE = (8, 9, 10)

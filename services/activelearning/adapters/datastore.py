@@ -7,7 +7,7 @@ domain's values and back. Failures come back as domain errors with the datastore
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ def lease_value(lease: ds_res.Lease) -> Lease:
         image_id=lease.image_id,
         client_id=lease.client_id,
         strategy=lease.strategy,
-        acquire_time=lease.acquire_time.ToDatetime(timezone.utc),
-        expire_time=lease.expire_time.ToDatetime(timezone.utc),
+        acquire_time=lease.acquire_time.ToDatetime(UTC),
+        expire_time=lease.expire_time.ToDatetime(UTC),
     )
 
 

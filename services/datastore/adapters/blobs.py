@@ -593,7 +593,7 @@ class S3BlobStore:
                 region=region,
                 http_client=self._http,
             )
-        except Exception as exc:  # noqa: BLE001 - bad endpoint strings raise ValueError
+        except Exception as exc:
             raise StorageError(f"invalid S3 endpoint {endpoint!r}: {exc}") from exc
         if spool_root is None:
             self._spool = Path(tempfile.mkdtemp(prefix="labelgrid-spool-"))
@@ -613,12 +613,12 @@ class S3BlobStore:
                 )
             try:
                 self._client.make_bucket(self.bucket, location=region)
-            except Exception as exc:  # noqa: BLE001 - a concurrent creator may have won
+            except Exception as exc:
                 if getattr(exc, "code", "") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(f"cannot open S3 bucket {self.bucket!r}", exc) from exc
 
     def close(self) -> None:
@@ -668,7 +668,7 @@ class S3BlobStore:
                     part_size=_part_size(size, self._part_size),
                     num_parallel_uploads=self._parallel,
                 )
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise self._error(f"cannot store {key!r}", exc) from exc
         finally:
             _discard(source)
@@ -680,7 +680,7 @@ class S3BlobStore:
             return False
         try:
             self._client.remove_object(self.bucket, name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if self._is_not_found(exc):
                 return False
             raise self._error(f"cannot delete {key!r}", exc) from exc
@@ -697,7 +697,7 @@ class S3BlobStore:
             batch = [DeleteObject(n) for n in names[start : start + 1000]]
             try:
                 errors = list(self._client.remove_objects(self.bucket, batch))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise self._error(f"cannot delete objects under {prefix!r}", exc) from exc
             failed = [e for e in errors if getattr(e, "code", None) not in ("NoSuchKey", None)]
             if failed:
@@ -713,7 +713,7 @@ class S3BlobStore:
         name = self._name(key)
         try:
             obj = self._client.stat_object(self.bucket, name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if self._is_not_found(exc):
                 raise NotFound(f"object {key!r} not found", reason="NOT_FOUND") from None
             raise self._error(f"cannot stat {key!r}", exc) from exc
@@ -735,7 +735,7 @@ class S3BlobStore:
             return iter(())
         try:
             response = self._client.get_object(self.bucket, name, offset=offset, length=length or 0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if self._is_not_found(exc):
                 raise NotFound(f"object {key!r} not found", reason="NOT_FOUND") from None
             if getattr(exc, "code", None) == "InvalidRange":
@@ -772,7 +772,7 @@ class S3BlobStore:
                 if only_keys and not self._valid_key(key):
                     continue  # e.g. a file someone put into the bucket by hand under a name we never use
                 found.append(BlobInfo(key, int(obj.size or 0), None, _mtime(obj.last_modified)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(f"cannot list objects under {prefix!r}", exc) from exc
         found.sort(key=lambda info: info.key)
         return found
@@ -793,7 +793,7 @@ class S3BlobStore:
             return self._client.presigned_get_object(
                 self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds)
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(f"cannot sign a URL for {key!r}", exc) from exc
 
     def spool_dir(self) -> Path:
@@ -801,4 +801,4 @@ class S3BlobStore:
         return self._spool
 
 
-__all__ = ["BlobInfo", "BlobStore", "CHUNK_SIZE", "LocalBlobStore", "MONAILABEL_IMAGE_EXTS", "S3BlobStore"]
+__all__ = ["CHUNK_SIZE", "MONAILABEL_IMAGE_EXTS", "BlobInfo", "BlobStore", "LocalBlobStore", "S3BlobStore"]

@@ -83,7 +83,7 @@ class PacsDatastore(Datastore):
         while not self._stop.is_set():
             try:
                 self.sync()
-            except Exception as err:  # noqa: BLE001 - the loop must survive anything; logged
+            except Exception as err:
                 if isinstance(err, LabelgridError):
                     log.warning("DICOMweb sync failed: %s", err)
                 else:

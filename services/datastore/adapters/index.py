@@ -32,10 +32,11 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -220,13 +221,13 @@ def _epoch(now: Now) -> float:
         return time.time()
     if isinstance(now, datetime):
         if now.tzinfo is None:  # naive = UTC, never the host's local zone
-            now = now.replace(tzinfo=timezone.utc)
+            now = now.replace(tzinfo=UTC)
         return now.timestamp()
     return float(now)
 
 
 def _dt(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    return datetime.fromtimestamp(t, tz=UTC)
 
 
 def _check_json(value: Any, what: str) -> dict[str, Any]:

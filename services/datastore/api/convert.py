@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 from labelgrid.common.v1 import common_pb2
@@ -81,7 +81,7 @@ def timestamp(value: datetime | float | None) -> timestamp_pb2.Timestamp | None:
         return None
     out = timestamp_pb2.Timestamp()
     if isinstance(value, datetime):
-        out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+        out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     else:
         out.FromNanoseconds(int(value * 1e9))
     return out

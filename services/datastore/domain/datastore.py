@@ -23,11 +23,17 @@ from typing import Any, Protocol
 
 from services.common import raw_labels
 from services.common.chunks import SpooledFile, SpoolWriter, sha256_file
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from services.common.paging import MAX_PAGE_SIZE
 from services.common.paging import page_size as _page_size
 from services.datastore.domain import formats, ids
-from services.datastore.domain.reindex import ReindexCounts, rebuild
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     DatastoreStatus,
@@ -41,6 +47,7 @@ from services.datastore.domain.model import (
     Page,
     Record,
 )
+from services.datastore.domain.reindex import ReindexCounts, rebuild
 
 log = logging.getLogger(__name__)
 

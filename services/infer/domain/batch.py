@@ -216,7 +216,7 @@ class BatchInference:
                     self._running = self._current = None
                     raise
                 # else only this job was cancelled: on with the next one
-            except Exception as error:  # noqa: BLE001 - the job fails, the service goes on
+            except Exception as error:
                 log.exception("batch inference failed", extra={"job_id": job_id})
                 reason = error.reason if isinstance(error, LabelgridError) else "SERVER_ERROR"
                 message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"

@@ -22,11 +22,10 @@ from typing import Any
 import httpx
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 
-from services.common.datastore_client import DatastoreClient
 from services.common.chunks import sha256_file
+from services.common.datastore_client import DatastoreClient
 from services.common.errors import InvalidArgument, LabelgridError, StorageError
 from services.common.formats import check_volume
-
 
 FETCH_PREFIX = "fetch-"
 """Folders of downloads in progress, inside the cache folder (a rename away from cached)."""

@@ -99,12 +99,12 @@ def _load_weights(network: torch.nn.Module, path: str) -> None:
 
 def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Trains as `spec` says and returns the final train_stats. `emit` gets rank 0's events."""
+    from ignite.engine import Events
     from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, partition_dataset
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
     from monai.handlers import EarlyStopHandler, StatsHandler, ValidationHandler, from_engine
     from monai.transforms import Compose
     from monai.utils import set_determinism
-    from ignite.engine import Events
 
     from apps.train import TrainContext
     from services.common.apps import load_app

@@ -359,7 +359,7 @@ class Training:
             raise
         except LabelgridError as err:
             state, error = (CANCELLED, None) if job.stop_requested else (FAILED, {"reason": err.reason, "message": err.message})
-        except Exception as err:  # noqa: BLE001 - a job's failure must never take the service down
+        except Exception as err:
             log.exception("training job failed", extra={"job": job_id})
             state, error = FAILED, {"reason": "APP_TRAIN_FAILED", "message": f"{type(err).__name__}: {err}"}
         finally:

@@ -1,22 +1,27 @@
-"""Regenerates values.schema.json from values.yaml and its `## @param` lines.
+"""Generates the Helm chart's values.schema.json from values.yaml and its `## @param` lines.
 
-    python k8s/labelgrid/hack/gen_schema.py     (needs PyYAML)
+    python scripts/gen_schema.py            writes k8s/labelgrid/values.schema.json
+    python scripts/gen_schema.py --check    exits 1 if the committed file differs
 
-Types come from the defaults, refined by name or path below (enums, ports, quantities);
-a value without a `## @param` line is an error. tests/helm checks the two stay in step.
+The generator is the source of the schema: never edit values.schema.json by hand (tests/helm
+checks that regenerating it changes nothing). Types come from the defaults, refined by name or
+path below (enums, ports, quantities, bounds); a value without a `## @param` line is an error.
 """
+
+from __future__ import annotations
+
+import argparse
 import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-CHART = Path(__file__).resolve().parent.parent
+CHART = Path(__file__).resolve().parent.parent / "k8s" / "labelgrid"
 SRC = CHART / "values.yaml"
-text = SRC.read_text()
-values = yaml.safe_load(text)
-descs = dict(re.findall(r"^\s*## @param (\S+) (.*)$", text, re.M))
+OUT = CHART / "values.schema.json"
 
 FREEFORM = {"nodeSelector", "affinity", "resources", "podAnnotations", "podLabels", "annotations", "commonLabels",
             "commonAnnotations", "podSecurityContext", "containerSecurityContext", "customStartupProbe",
@@ -74,6 +79,13 @@ BY_PATH = {
     "image.digest": {"type": "string", "pattern": r"^(sha256:[a-f0-9]{64})?$"},
     "storage.s3.endpoint": {"type": "string", "pattern": r"^([^:/\s]+:[0-9]+)?$"},
     "inference.device": {"type": "string", "minLength": 1},
+    "auth.users.existingSecretKey": {"type": "string", "minLength": 1},
+    "auth.signingKey.existingSecretKey": {"type": "string", "minLength": 1},
+    "auth.tokenTTLSeconds": {"type": "integer", "minimum": 30, "maximum": 86400},
+    "auth.oidc.usernameClaim": {"type": "string", "minLength": 1},
+    "auth.oidc.rolesClaim": {"type": "string", "minLength": 1},
+    "auth.oidc.egressTo": OBJ_ITEMS,
+    "auth.oidc.egressPorts": {"type": "array", "items": PORT},
     "training.device": {"type": "string", "minLength": 1},
     "metrics.port": PORT,
     "metrics.podAnnotations": {"type": "boolean"},
@@ -98,7 +110,7 @@ BY_PATH = {
 }
 
 
-def scalar(value):
+def scalar(value: Any) -> dict[str, Any]:
     if isinstance(value, bool):
         return {"type": "boolean"}
     if isinstance(value, int):
@@ -108,7 +120,7 @@ def scalar(value):
     return {"type": "string"}
 
 
-def schema_for(path, name, value):
+def schema_for(path: str, name: str, value: Any, descs: dict[str, str]) -> dict[str, Any]:
     if path in BY_PATH:
         s = dict(BY_PATH[path])
     elif path.endswith("autoscaling.metrics"):
@@ -121,7 +133,7 @@ def schema_for(path, name, value):
             s["additionalProperties"] = {"type": "string"}
     elif isinstance(value, dict):
         s = {"type": "object", "additionalProperties": False,
-             "properties": {k: schema_for(f"{path}.{k}" if path else k, k, v) for k, v in value.items()}}
+             "properties": {k: schema_for(f"{path}.{k}" if path else k, k, v, descs) for k, v in value.items()}}
     elif isinstance(value, list):
         s = {"type": "array"}
     else:
@@ -129,19 +141,40 @@ def schema_for(path, name, value):
     if path in descs:
         s = {"description": descs[path], **s}
     elif isinstance(value, (str, int, bool, list)) or name in FREEFORM:
-        sys.exit(f"no @param for {path}")
+        raise SystemExit(f"gen_schema: no `## @param {path}` line in values.yaml")
     return s
 
 
-root = {
-    "$schema": "http://json-schema.org/draft-07/schema#",
-    "title": "labelgrid Helm chart values",
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {k: schema_for(k, k, v) for k, v in values.items()},
-}
-# helm adds `global` to every chart's values.
-root["properties"]["global"] = {"type": "object", "description": "Global values shared with subcharts (unused)"}
-out = CHART / "values.schema.json"
-out.write_text(json.dumps(root, indent=2) + "\n")
-print("wrote", out, len(descs), "params")
+def generate(values_yaml: str) -> str:
+    """The schema (the file's whole text) for the text of values.yaml."""
+    values = yaml.safe_load(values_yaml)
+    descs = dict(re.findall(r"^\s*## @param (\S+) (.*)$", values_yaml, re.M))
+    root: dict[str, Any] = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "labelgrid Helm chart values",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {k: schema_for(k, k, v, descs) for k, v in values.items()},
+    }
+    # helm adds `global` to every chart's values.
+    root["properties"]["global"] = {"type": "object", "description": "Global values shared with subcharts (unused)"}
+    return json.dumps(root, indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare with the committed file; 1 if it differs")
+    args = parser.parse_args(argv)
+    text = generate(SRC.read_text())
+    if args.check:
+        if OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python scripts/gen_schema.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print("wrote", OUT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
