@@ -29,13 +29,19 @@ FREEFORM = {"nodeSelector", "affinity", "resources", "podAnnotations", "podLabel
 STRING_MAPS = {"nodeSelector", "podAnnotations", "podLabels", "annotations", "commonLabels", "commonAnnotations", "labels"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"}
-INT_OR_EMPTY = lambda lo, hi: {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi}, {"type": "string", "enum": [""]}]}
+
+
+def INT_OR_EMPTY(lo: int, hi: int) -> dict[str, Any]:
+    return {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi}, {"type": "string", "enum": [""]}]}
+
+
+
 INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^([0-9]+%)?$"}]}
 PULL = {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]}
 OBJ_ITEMS = {"type": "array", "items": {"type": "object"}}
 STR_ITEMS = {"type": "array", "items": {"type": "string"}}
 
-BY_NAME = {
+BY_NAME: dict[str, dict[str, Any]] = {
     "port": PORT, "metricsPort": PORT, "adminPort": PORT,
     "pullPolicy": PULL,
     "podAntiAffinityPreset": {"type": "string", "enum": ["soft", "hard", "none"]},
@@ -62,7 +68,7 @@ BY_NAME = {
     "config": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]},
                "propertyNames": {"pattern": "^[a-z][a-z0-9_]*$"}},
 }
-BY_PATH = {
+BY_PATH: dict[str, dict[str, Any]] = {
     "storage.type": {"type": "string", "enum": ["minio", "s3"]},
     "index.type": {"type": "string", "enum": ["postgresql", "external", "sqlite"]},
     "gateway.service.type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
@@ -121,6 +127,7 @@ def scalar(value: Any) -> dict[str, Any]:
 
 
 def schema_for(path: str, name: str, value: Any, descs: dict[str, str]) -> dict[str, Any]:
+    s: dict[str, Any]
     if path in BY_PATH:
         s = dict(BY_PATH[path])
     elif path.endswith("autoscaling.metrics"):
@@ -148,7 +155,7 @@ def schema_for(path: str, name: str, value: Any, descs: dict[str, str]) -> dict[
 def generate(values_yaml: str) -> str:
     """The schema (the file's whole text) for the text of values.yaml."""
     values = yaml.safe_load(values_yaml)
-    descs = dict(re.findall(r"^\s*## @param (\S+) (.*)$", values_yaml, re.M))
+    descs: dict[str, str] = dict(re.findall(r"^\s*## @param (\S+) (.*)$", values_yaml, re.M))
     root: dict[str, Any] = {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "labelgrid Helm chart values",

@@ -13,6 +13,7 @@ every LABELGRID_* variable is a settings field, and the Envoy flags are ones gat
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -169,13 +170,38 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
             out = []
             for key, sub in value.items():
                 path = f"{prefix}.{key}" if prefix else key
-                assert key in props, f"{path} is not in values.schema.json (run hack/gen_schema.py)"
+                assert key in props, f"{path} is not in values.schema.json (run scripts/gen_schema.py)"
                 out += leaves(path, sub, props[key])
             return out
         return [prefix]
 
     found = leaves("", yaml.safe_load(text), schema)
     assert sorted(set(found) - documented) == [], "values without a ## @param line"
+
+
+def _schema_generator() -> Any:
+    spec = importlib.util.spec_from_file_location("gen_schema", CHART.parents[1] / "scripts" / "gen_schema.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schema_is_what_the_generator_makes(tmp_path: Path) -> None:
+    """values.schema.json is generated (scripts/gen_schema.py), never edited by hand: regenerating
+    it from values.yaml gives the committed file byte for byte, and --check notices a hand edit."""
+    generator = _schema_generator()
+    committed = (CHART / "values.schema.json").read_text()
+    assert generator.generate((CHART / "values.yaml").read_text()) == committed, "run python scripts/gen_schema.py"
+    assert generator.main(["--check"]) == 0
+    edited = json.loads(committed)
+    edited["properties"]["logLevel"]["enum"].append("LOUD")
+    generator.OUT = tmp_path / "values.schema.json"
+    generator.OUT.write_text(json.dumps(edited, indent=2) + "\n")
+    assert generator.main(["--check"]) == 1
+    # A value without its `## @param` line is refused, not silently typed.
+    with pytest.raises(SystemExit, match=r"inference\.undocumented"):
+        generator.generate((CHART / "values.yaml").read_text() + "\ninference:\n  undocumented: 1\n")
 
 
 def test_invalid_combinations_fail_to_render(chart: Any) -> None:
