@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.base import InferInput, InferTask, InferType
+from apps.api.base import InferInput, InferTask, InferType
 
 __all__ = ["Bundle", "BundleError", "BundleInferTask", "bundle_name", "load_bundle", "open_bundle"]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from apps.api.train import TrainContext, Trainer
 from apps.bundle import BundleError, BundleInferTask, _transforms, parsed
-from apps.train import TrainContext, Trainer
 
 REQUIRED_KEYS = (
     "loss",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apps.prompt import Prompt
+from apps.api.prompt import Prompt
 from bench.datastore import table
 from services.common.apps import load_app
 from services.common.models.batching import BatchPolicies

@@ -49,7 +49,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from apps.prompt import Prompt
+from apps.api.prompt import Prompt
 from bench.datastore import table
 from services.common.apps import load_app
 from services.common.models.torch_runner import TorchRunner

@@ -8,14 +8,14 @@ CPU-sized: 2 mm voxels, 64³ patches (96³ for the brain), a few channels.
 
 from __future__ import annotations
 
-from apps.activelearning import ScoringMethod, Strategy
-from apps.base import InferTask
+from apps.api.activelearning import ScoringMethod, Strategy
+from apps.api.base import InferTask
+from apps.api.train import Trainer
 from apps.radiology.deepedit import DeepEdit
 from apps.radiology.deepgrow import Deepgrow
 from apps.radiology.scribbles import HistogramGraphCut
 from apps.radiology.segmentation import Segmentation
 from apps.radiology.segmentation_brain import SegmentationBrain
-from apps.train import Trainer
 
 NAME = "radiology"
 DESCRIPTION = (

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apps.activelearning import (
+from apps.api.activelearning import (
     First,
     ImageSet,
     Random,
@@ -28,7 +28,7 @@ from apps.activelearning import (
     prepare,
     probabilities,
 )
-from apps.base import InferTask
+from apps.api.base import InferTask
 
 EPISTEMIC_KEY = "epistemic_entropy"  # MONAI Label's key, so its users' Epistemic strategy reads it
 TTA_KEY = "tta_variance"

@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from apps.base import InferInput, InferTask, InferType
-from apps.radiology.networks import small_unet
-from apps.transforms import (
+from apps.api.base import InferInput, InferTask, InferType
+from apps.api.transforms import (
     AddClickGuidance,
     NormalizeIntensity,
     ResampleToSpacing,
     argmax_labels,
 )
+from apps.radiology.networks import small_unet
 
 
 class DeepEdit(InferTask):

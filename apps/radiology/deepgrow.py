@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from apps.base import InferInput, InferTask, InferType, Prompt
-from apps.radiology.networks import small_unet
-from apps.transforms import (
+from apps.api.base import InferInput, InferTask, InferType, Prompt
+from apps.api.transforms import (
     AddClickGuidance,
     NormalizeIntensity,
     ResampleToSpacing,
     keep_clicked_components,
     sigmoid_threshold,
 )
+from apps.radiology.networks import small_unet
 
 
 class Deepgrow(InferTask):

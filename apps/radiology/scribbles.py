@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apps.base import InferInput, InferTask, InferType, Prompt
-from apps.transforms import voxel_spacing
+from apps.api.base import InferInput, InferTask, InferType, Prompt
+from apps.api.transforms import voxel_spacing
 
 FOREGROUND = "foreground_scribbles"
 BACKGROUND = "background_scribbles"

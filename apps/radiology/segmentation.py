@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from apps.base import InferInput, InferTask, InferType
+from apps.api.base import InferInput, InferTask, InferType
+from apps.api.transforms import NormalizeIntensity, ResampleToSpacing, argmax_labels
 from apps.radiology.networks import small_unet
-from apps.transforms import NormalizeIntensity, ResampleToSpacing, argmax_labels
 
 
 class Segmentation(InferTask):

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.base import InferInput, InferTask, InferType
+from apps.api.base import InferInput, InferTask, InferType
+from apps.api.transforms import ResampleToSpacing, argmax_labels
 from apps.radiology.networks import small_unet
-from apps.transforms import ResampleToSpacing, argmax_labels
 
 
 class ScaleIntensityPercentiles:

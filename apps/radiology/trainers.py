@@ -3,7 +3,7 @@
 Each trains its infer task's own network on the datastore's final labels, with the same
 resampling and intensity steps the task applies at inference, so a published version is
 served as it is. Deepgrow and DeepEdit learn from simulated clicks: Gaussian guidance
-channels (`apps.transforms.click_map`, as inference builds them) at random voxels inside
+channels (`apps.api.transforms.click_map`, as inference builds them) at random voxels inside
 and outside the labels.
 """
 
@@ -30,9 +30,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from apps.base import InferTask
-from apps.train import ResampleToSpacingd, TrainContext, Trainer
-from apps.transforms import click_map
+from apps.api.base import InferTask
+from apps.api.train import ResampleToSpacingd, TrainContext, Trainer
+from apps.api.transforms import click_map
 
 KEYS = ("image", "label")
 

@@ -226,7 +226,7 @@ def test_put_download_replace_bundle(http: httpx.Client, tmp_path: Path, stack: 
 def test_scoring_runs_on_bundle_models(http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path) -> None:
     """The app's scoring methods score a bundle model (POST /scoring/{method} with its name): the
     stored Dice equals the Dice of what monai.bundle.run writes against the final label."""
-    from apps.activelearning import dice
+    from apps.api.activelearning import dice
 
     unlabeled = ct_image(tmp_path / "ct002.nii.gz", seed=2)  # epistemic scores unlabeled images
     uploaded = http.put("/datastore/", params={"image": "ct002"}, files={"file": ("ct002.nii.gz", unlabeled.read_bytes())})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from apps.activelearning import ImageSet, Order, ScoringInput, dice, mc_dropout
+from apps.api.activelearning import ImageSet, Order, ScoringInput, dice, mc_dropout
 from apps.radiology.activelearning import DiceScoring, EpistemicScoring, TTAScoring
 from services.common.apps import load_app
 from services.datastore.sample_studies import synthetic_volume

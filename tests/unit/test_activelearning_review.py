@@ -26,7 +26,7 @@ import asyncio  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from apps.activelearning import ScoringMethod  # noqa: E402
+from apps.api.activelearning import ScoringMethod  # noqa: E402
 from services.activelearning.domain.model import ImageEntry  # noqa: E402
 from services.activelearning.domain.scoring import ScoringJobs  # noqa: E402
 from services.common import jobs as job_states  # noqa: E402
@@ -206,7 +206,7 @@ async def test_a_job_is_not_left_running_when_the_datastore_refuses_its_state_ch
 
 from datetime import datetime  # noqa: E402
 
-from apps.activelearning import First  # noqa: E402
+from apps.api.activelearning import First  # noqa: E402
 from services.activelearning.domain.model import Acquired, Lease  # noqa: E402
 from services.activelearning.domain.next_sample import NextSampler  # noqa: E402
 

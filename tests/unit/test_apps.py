@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from apps.base import InferInput, InferTask, InferType
-from apps.prompt import Prompt
+from apps.api.base import InferInput, InferTask, InferType
+from apps.api.prompt import Prompt
+from apps.api.transforms import ResampleToSpacing, keep_clicked_components
 from apps.radiology.segmentation_brain import SegmentationBrain
-from apps.transforms import ResampleToSpacing, keep_clicked_components
 from services.common.apps import load_app
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.models.torch_runner import TorchRunner

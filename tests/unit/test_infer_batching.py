@@ -171,7 +171,7 @@ def test_runner_with_batching_gives_the_labels_of_the_runner_without() -> None:
     """The sample app's segmentation through TorchRunner, three requests at once, batched."""
     import numpy as np
 
-    from apps.prompt import Prompt
+    from apps.api.prompt import Prompt
     from services.common.apps import load_app
     from services.common.models.torch_runner import TorchRunner
     from services.common.models.types import Volume

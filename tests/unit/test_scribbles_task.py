@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from apps.base import InferInput, Prompt
+from apps.api.base import InferInput, Prompt
 from apps.radiology.scribbles import HistogramGraphCut, apply_roi, scribble_ids
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from apps.activelearning import ScoringInput
+from apps.api.activelearning import ScoringInput
 from services.common.datastore_client import DatastoreClient
 from services.common.models.cache import ModelCache
 from services.common.models.torch_runner import TorchRunner

@@ -7,7 +7,7 @@ from typing import Any
 from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
 from labelgrid.activelearning.v1 import resources_pb2 as res
 
-from apps.activelearning import ScoringMethod, Strategy
+from apps.api.activelearning import ScoringMethod, Strategy
 from services.activelearning.domain.model import UNTRAINED, ImageEntry, Lease, NextSample
 from services.common.protos import (
     config_entries,

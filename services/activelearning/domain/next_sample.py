@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from apps.activelearning import Order, Strategy
+from apps.api.activelearning import Order, Strategy
 from services.activelearning.domain.model import (
     ALL_LEASED,
     Lease,

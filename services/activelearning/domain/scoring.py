@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from apps.activelearning import ImageSet, ScoringMethod
+from apps.api.activelearning import ImageSet, ScoringMethod
 from services.activelearning.domain.model import UNTRAINED, ImageEntry, JobPage
 from services.activelearning.domain.ports import LeaseStore, Scorer
 from services.common import jobs as job_states

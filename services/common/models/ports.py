@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from apps.prompt import Prompt
+from apps.api.prompt import Prompt
 from services.common.models.types import DeviceInfo, LoadedNetwork, RunResult, Volume
 
 

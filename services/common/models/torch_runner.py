@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apps.base import InferInput, InferTask, Prompt
+from apps.api.base import InferInput, InferTask, Prompt
 from services.common.errors import FailedPrecondition, LabelgridError
 from services.common.models.batching import Batcher, BatchPolicies
 from services.common.models.devices import describe_devices

@@ -15,7 +15,7 @@ from labelgrid.common.v1 import common_pb2
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import resources_pb2 as res
 
-from apps.prompt import Point, Prompt
+from apps.api.prompt import Point, Prompt
 from services.common.errors import InvalidArgument
 from services.common.models.types import UNTRAINED, DeviceInfo
 from services.common.protos import (

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from apps.prompt import Prompt
+from apps.api.prompt import Prompt
 from services.common import raw_labels
 from services.common.apps import LoadedApp
 from services.common.chunks import sha256_file

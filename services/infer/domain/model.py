@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apps.prompt import Prompt
+from apps.api.prompt import Prompt
 from services.common.errors import ErrorKind, LabelgridError
 from services.common.models.types import DeviceInfo
 

@@ -106,7 +106,7 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
-    from apps.train import TrainContext
+    from apps.api.train import TrainContext
     from services.common.apps import load_app
 
     params: dict[str, Any] = dict(spec["params"])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-from apps.prompt import Point, Prompt
+from apps.api.prompt import Point, Prompt
 
 __all__ = ["InferInput", "InferTask", "InferType", "Point", "Prompt"]
 

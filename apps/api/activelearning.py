@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apps.base import InferInput, InferTask, Prompt
+from apps.api.base import InferInput, InferTask, Prompt
 
 
 class Order(str, enum.Enum):

@@ -27,8 +27,8 @@ from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.transforms import MapTransform
 
-from apps.base import InferTask
-from apps.transforms import voxel_spacing
+from apps.api.base import InferTask
+from apps.api.transforms import voxel_spacing
 
 __all__ = ["ResampleToSpacingd", "TrainContext", "Trainer"]
 
@@ -44,7 +44,7 @@ class TrainContext:
 
 
 class ResampleToSpacingd(MapTransform):
-    """`apps.transforms.ResampleToSpacing` for data dicts: images trilinear, labels nearest.
+    """`apps.api.transforms.ResampleToSpacing` for data dicts: images trilinear, labels nearest.
 
     Keeps the axes (no reorientation) and computes the new shape the same way, so a
     network trains on exactly the grid inference feeds it.

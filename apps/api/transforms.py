@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apps.base import InferInput
-from apps.prompt import Point, Prompt
+from apps.api.base import InferInput
+from apps.api.prompt import Point, Prompt
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
