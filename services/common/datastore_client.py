@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -170,7 +171,8 @@ class DatastoreClient:
         info_struct = struct_pb2.Struct()
         info_struct.update(info)
         header = ds.UploadLabelHeader(
-            image=f"images/{image_id}", tag=tag, file_name=file_name, info=info_struct, size_bytes=path.stat().st_size
+            image=f"images/{image_id}", tag=tag, file_name=file_name, info=info_struct,
+            size_bytes=path.stat().st_size,
         )
         messages = _upload_messages(ds.UploadLabelRequest, ds.UploadLabelRequest(header=header), path)
         response = await self.call(
@@ -209,7 +211,7 @@ class DatastoreClient:
                 page_size=1000, page_token=token, filter=filter, label_tag=label_tag, order=order,
                 score_key=score_key, exclude_leased=exclude_leased,
             )  # fmt: skip
-            response = await self.call("listing images", lambda: self.stub.ListImages(request, timeout=self.timeout))
+            response = await self.call("listing images", partial(self.stub.ListImages, request, timeout=self.timeout))
             images.extend(response.images)
             token = response.next_page_token
             if not token:
@@ -245,7 +247,7 @@ class DatastoreClient:
         token = ""
         while True:
             request = ds.ListRecordsRequest(parent=f"records/{kind}", page_size=1000, page_token=token)
-            response = await self.call(f"listing records {kind}", lambda: self.stub.ListRecords(request, timeout=self.timeout))
+            response = await self.call(f"listing records {kind}", partial(self.stub.ListRecords, request, timeout=self.timeout))
             documents.extend(struct_to_dict(record.data) for record in response.records)
             token = response.next_page_token
             if not token:

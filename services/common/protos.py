@@ -15,9 +15,9 @@ def split_resource_name(name: str, pattern: str) -> list[str]:
     """The variables of `name` by a pattern like "images/{image}/labels/{tag}"; INVALID_INPUT otherwise."""
     want = pattern.split("/")
     got = name.split("/") if name else []
-    if len(got) != len(want) or any(w != g for w, g in zip(want, got) if not w.startswith("{")):
+    if len(got) != len(want) or any(w != g for w, g in zip(want, got, strict=True) if not w.startswith("{")):
         raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    values = [g for w, g in zip(want, got) if w.startswith("{")]
+    values = [g for w, g in zip(want, got, strict=True) if w.startswith("{")]
     if any(not v for v in values):
         raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
     return values

@@ -190,7 +190,7 @@ class Batcher:
             else:
                 sizes = [entry.inputs.shape[0] for entry in taken]
                 outputs = _split(network(torch.cat([entry.inputs for entry in taken], dim=0)), sizes)
-            for entry, output in zip(taken, outputs):
+            for entry, output in zip(taken, outputs, strict=True):
                 entry.output = output
         except BaseException as error:  # noqa: BLE001 - every request of the batch gets the failure
             for entry in taken:

@@ -244,7 +244,7 @@ class Inference:
     @staticmethod
     def check_prompt(prompt: Prompt, shape: tuple[int, ...], labels: dict[str, int]) -> None:
         for point in prompt.all_points():
-            if len(point) != len(shape) or any(not 0 <= p < n for p, n in zip(point, shape)):
+            if len(point) != len(shape) or any(not 0 <= p < n for p, n in zip(point, shape, strict=True)):
                 raise InvalidArgument(
                     f"click {list(point)} lies outside the image, whose voxel indices run to {[n - 1 for n in shape]}",
                     metadata={"point": ",".join(map(str, point)), "shape": "x".join(map(str, shape))},

@@ -285,7 +285,7 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
 
 
 def _file_emitter(path: str) -> Emit:
-    file = open(path, "a", buffering=1)
+    file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the emitter's whole life
 
     def emit(event: events.Event) -> None:
         file.write(json.dumps(events.encode(event)) + "\n")

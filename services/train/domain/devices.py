@@ -38,7 +38,7 @@ class DevicePool:
 
     def busy(self) -> dict[str, int]:
         out: Counter[str] = Counter()
-        for name, busy in zip(self.slots, self._busy):
+        for name, busy in zip(self.slots, self._busy, strict=True):
             out[name] += int(busy)
         return {name: out[name] for name in self.names}
 

@@ -181,12 +181,13 @@ class Training:
         params = self.resolve_params(request.trainer, given)
         device_request = DeviceRequest(tuple(request.devices), int(request.device_count))
         self.pool.check(device_request)
-        if request.initial_model_version:
-            if not await self.datastore.model_version_exists(request.trainer, request.initial_model_version):
-                raise NotFound(
-                    f"version {request.initial_model_version!r} of model {request.trainer!r} does not exist",
-                    reason="MODEL_NOT_FOUND",
-                )
+        if request.initial_model_version and not await self.datastore.model_version_exists(
+            request.trainer, request.initial_model_version
+        ):
+            raise NotFound(
+                f"version {request.initial_model_version!r} of model {request.trainer!r} does not exist",
+                reason="MODEL_NOT_FOUND",
+            )
         # One create at a time from the check to the queue: two at once must not both start.
         async with self._create_lock:
             if request.request_id:
