@@ -529,3 +529,34 @@ def test_changes_are_audited_with_the_authenticated_user(url: str, tmp_path: Pat
     assert upload and upload[-1].user == "annie" and upload[-1].status == 200 and "image=audited" in upload[-1].query
     assert any(r.route == "/auth/token" and r.user == "annie" for r in records)
     assert any(r.route == "/datastore/image" and r.method == "DELETE" and r.status == 403 for r in records)
+
+
+def test_reflection_needs_an_identity(stack: GatewayStack) -> None:
+    """Reflection lists every method (the admin ones too): no token, no listing."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    def services(metadata: tuple[tuple[str, str], ...]) -> list[str]:
+        with grpc.insecure_channel(stack.datastore_address) as channel:
+            if metadata:
+                channel = grpc.intercept_channel(channel, _Metadata(metadata))
+            return list(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+    with pytest.raises(grpc.RpcError) as caught:
+        services(())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as caught:
+        services((("authorization", f"Bearer {BAD_TOKENS['wrongly signed']}"),))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "labelgrid.datastore.v1.DatastoreService" in services((("authorization", f"Bearer {role_token(USER)}"),))
+    assert "labelgrid.datastore.v1.DatastoreService" in services((("authorization", f"Bearer {INFERENCE_TOKEN}"),))
+
+
+class _Metadata(grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to the reflection stream (its client takes no metadata argument)."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return continuation(details, requests)
