@@ -159,7 +159,7 @@ def _check_caller(request: Request) -> None:
 
 
 def _proxy(request: Request) -> DicomProxy:
-    return request.app.state.dicom_proxy  # type: ignore[no-any-return]
+    return request.app.state.dicom_proxy
 
 
 @router.api_route("/dicom/{op}/{path:path}", methods=["GET", "POST"], include_in_schema=False)

@@ -105,8 +105,8 @@ class ErrorDetails:
 
 def error_details(rpc_error: grpc.RpcError) -> ErrorDetails:
     """Decodes a failed call (sync or aio); without an ErrorInfo the reason is the code's name."""
-    code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    message = (rpc_error.details() if hasattr(rpc_error, "details") else None) or ""  # type: ignore[attr-defined]
+    code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN
+    message = (rpc_error.details() if hasattr(rpc_error, "details") else None) or ""
     try:
         status = rpc_status.from_call(rpc_error)
     except (ValueError, TypeError, AttributeError):

@@ -80,7 +80,7 @@ def job_state_name(value: int) -> str | None:
     if value == common_pb2.JOB_STATE_UNSPECIFIED:
         return None
     try:
-        return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+        return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
     except ValueError:
         raise InvalidArgument(f"unknown job state {value}") from None
 

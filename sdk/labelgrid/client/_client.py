@@ -160,7 +160,7 @@ class Client:
             try:
                 return attempt_call()
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries and retry():  # type: ignore[attr-defined]
+                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries and retry():
                     self._sleep_before_retry(attempt)
                     attempt += 1
                     continue

@@ -57,7 +57,7 @@ def from_rpc_error(err: grpc.RpcError) -> LabelgridError:
     message = (err.details() if hasattr(err, "details") else "") or code.name.lower().replace("_", " ")
     reason = ""
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except (ValueError, AttributeError):
         status = None
     if status is not None:

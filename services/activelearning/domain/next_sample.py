@@ -51,7 +51,7 @@ class NextSampler:
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
     def strategy(self, name: str) -> Strategy:
-        return self.app.lookup("strategies", name)  # type: ignore[no-any-return]
+        return self.app.lookup("strategies", name)
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:

@@ -145,7 +145,7 @@ class ScoringJobs:
     # -- use cases ----------------------------------------------------------------------------
 
     def method(self, name: str) -> ScoringMethod:
-        return self.app.lookup("scoring_methods", name)  # type: ignore[no-any-return]
+        return self.app.lookup("scoring_methods", name)
 
     def _model(self, method_name: str, method: ScoringMethod, model: str) -> str:
         model = model or method.model

@@ -178,7 +178,7 @@ class DicomwebPacs:
 
     def fetch(self, series: PacsSeries) -> list[pydicom.Dataset]:
         """WADO-RS: every instance of the series, pixel data included."""
-        return self._call(  # type: ignore[no-any-return]
+        return self._call(
             "WADO series", self.client.retrieve_series, series.study_uid, series.series_uid
         )
 

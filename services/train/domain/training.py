@@ -16,6 +16,7 @@ queue and the run.
 from __future__ import annotations
 
 import asyncio
+import builtins  # `list` below is a method of Training: annotations after it name builtins.list
 import dataclasses
 import logging
 import shutil
@@ -293,7 +294,7 @@ class Training:
         self.finished[key] = self.finished.get(key, 0) + 1
         log.info("job ended", extra={"job": job_id, "state": state, "error": (error or {}).get("message")})
 
-    async def _run(self, job: RunningJob, devices: list[str]) -> None:
+    async def _run(self, job: RunningJob, devices: builtins.list[str]) -> None:
         job_id = job.job_id
         job_dir = self.work_dir / "jobs" / job_id
         state, error = FAILED, None
