@@ -22,6 +22,9 @@ from labelgrid.training.v1 import training_service_pb2_grpc as train_grpc
 
 from gateway.settings import GatewaySettings
 
+_CORE_WRITE_ERROR = "Internal error from Core"
+"""What grpc.aio reports when a client write fails after the server already ended the call."""
+
 CHUNK_SIZE = 1024 * 1024
 """Largest chunk sent on a gRPC stream (the services refuse larger ones)."""
 
@@ -65,16 +68,138 @@ class GrpcClients:
             settings.activelearning_address,
         )
         channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
+        unary, stream = settings.rpc_timeout_seconds, settings.stream_timeout_seconds
         return cls(
             channels,
-            ds_grpc.DatastoreServiceStub(channels[0]),
-            inf_grpc.InferenceServiceStub(channels[1]),
-            train_grpc.TrainingServiceStub(channels[2]),
-            al_grpc.ActiveLearningServiceStub(channels[3]),
+            with_deadlines(ds_grpc.DatastoreServiceStub(channels[0]), unary, stream),
+            with_deadlines(inf_grpc.InferenceServiceStub(channels[1]), unary, stream),
+            with_deadlines(train_grpc.TrainingServiceStub(channels[2]), unary, stream),
+            with_deadlines(al_grpc.ActiveLearningServiceStub(channels[3]), unary, stream),
         )
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels))
+
+
+StubT = TypeVar("StubT")
+
+
+def with_deadlines(stub: StubT, unary_timeout: float, stream_timeout: float) -> StubT:
+    """`stub` with every method wrapped: a call made without `timeout` gets one (unary calls
+    `unary_timeout`, streams `stream_timeout`), so no gateway call waits forever on a stuck
+    service; a call that streams requests reports the server's own status when it refuses the
+    stream early (see `_EarlyRefusal`)."""
+    for name, method in list(vars(stub).items()):
+        if isinstance(method, grpc.aio.UnaryUnaryMultiCallable):
+            setattr(stub, name, _Deadline(method, unary_timeout, None))
+        elif isinstance(method, grpc.aio.UnaryStreamMultiCallable):
+            setattr(stub, name, _Deadline(method, stream_timeout, None))
+        elif isinstance(method, grpc.aio.StreamUnaryMultiCallable):
+            setattr(stub, name, _Deadline(method, stream_timeout, _StreamUnaryCall))
+        elif isinstance(method, grpc.aio.StreamStreamMultiCallable):
+            setattr(stub, name, _Deadline(method, stream_timeout, _StreamStreamCall))
+    return stub
+
+
+class _Deadline:
+    """One stub method whose calls always carry a deadline."""
+
+    def __init__(self, method: Any, timeout: float, wrap: Callable[[Any], Any] | None) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.wrap = wrap
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        call = self.method(*args, **kwargs)
+        return call if self.wrap is None else self.wrap(call)
+
+
+def _at_once(coroutine: Any) -> Any:
+    """The value of a coroutine that finishes without waiting (a finished call's status parts)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    return None
+
+
+class _EarlyRefusal:
+    """grpc issue 36066: when a server ends a client-streaming call before the client has sent
+    everything (a refused header, an upload over the limit, a full queue), grpc.aio may fail the
+    client's next write and overwrite the server's status with INTERNAL "Internal error from
+    Core", which the gateway would answer as a 500. The status that arrives first is the
+    server's; it is kept here (a done callback runs on the first status) and raised instead."""
+
+    def __init__(self, call: Any) -> None:
+        self.first: grpc.aio.AioRpcError | None = None
+        call.add_done_callback(self._done)
+
+    def _done(self, call: Any) -> None:
+        code = _at_once(call.code())
+        if code is None or code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            return
+        self.first = grpc.aio.AioRpcError(
+            code,
+            _at_once(call.initial_metadata()) or grpc.aio.Metadata(),
+            _at_once(call.trailing_metadata()) or grpc.aio.Metadata(),
+            details=_at_once(call.details()),
+            debug_error_string=_at_once(call.debug_error_string()),
+        )
+
+    def error(self, err: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """The server's own error in place of a write failure that overwrote it."""
+        if (
+            err.code() is grpc.StatusCode.INTERNAL
+            and err.details() == _CORE_WRITE_ERROR
+            and self.first is not None
+            and self.first.details() != _CORE_WRITE_ERROR
+        ):
+            return self.first
+        return err
+
+
+class _StreamUnaryCall:
+    """A client-streaming call (uploads) that raises the server's status, not a write failure."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._refusal = _EarlyRefusal(call)
+
+    def __await__(self) -> Any:
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        try:
+            return await self._call
+        except grpc.aio.AioRpcError as err:
+            raise self._refusal.error(err) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class _StreamStreamCall:
+    """A bidirectional call (InferUpload) whose reads raise the server's status, not a write failure."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._refusal = _EarlyRefusal(call)
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError as err:
+            raise self._refusal.error(err) from None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while (message := await self.read()) is not grpc.aio.EOF:
+            yield message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
 
 
 async def file_chunks(source: Readable, digest: Any) -> AsyncIterator[bytes]:

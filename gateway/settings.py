@@ -24,6 +24,9 @@ class GatewaySettings(ServiceSettings):
     activelearning_address: str = "127.0.0.1:50054"
     # Seconds a unary call may take; streams (uploads, downloads, inference) have their own.
     rpc_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 30.0
+    # Deadline of a stream call made without its own (uploads, downloads, exports, waiting for a
+    # job with run_sync): every gateway call carries a deadline, none waits forever.
+    stream_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 6 * 3600.0
     # Seconds /info/ waits for a service in info_wait_for that has not answered yet, before
     # it answers 503 with Retry-After (MONAI Label answers only once its app is loaded).
     info_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 3.0
