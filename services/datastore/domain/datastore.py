@@ -47,6 +47,7 @@ from services.datastore.domain.model import (
     Page,
     Record,
 )
+from services.datastore.domain.ports import BlobStore, Index
 from services.datastore.domain.reindex import ReindexCounts, rebuild
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ class Datastore:
 
     def __init__(
         self,
-        blobs: Any,
-        index: Any,
+        blobs: BlobStore,
+        index: Index,
         *,
         backend: str,
         location: str,

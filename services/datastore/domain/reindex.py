@@ -17,6 +17,7 @@ from typing import Any
 from services.common.errors import InvalidArgument
 from services.datastore.domain import formats, ids
 from services.datastore.domain.model import ImageFilter, ImageImport, ImageRecord, LabelImport
+from services.datastore.domain.ports import BlobInfo, BlobStore, Index
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ReindexCounts:
     removed: int
 
 
-def _blob_sha256(blobs: Any, blob: Any) -> str:
+def _blob_sha256(blobs: BlobStore, blob: BlobInfo) -> str:
     """The stored digest if the store keeps one (S3 metadata), else a hash of the bytes."""
     stored = blob.sha256 or blobs.stat(blob.key).sha256
     if stored:
@@ -49,7 +50,7 @@ def _split_file(file_name: str, ext_of: Callable[[str], str]) -> tuple[str, str]
         return None
 
 
-def _all_images(index: Any) -> Iterator[ImageRecord]:
+def _all_images(index: Index) -> Iterator[ImageRecord]:
     token = ""
     while True:
         page = index.list_images(filter=ImageFilter.ALL, page_size=1000, page_token=token)
@@ -59,7 +60,7 @@ def _all_images(index: Any) -> Iterator[ImageRecord]:
             return
 
 
-def _all_model_versions(index: Any) -> set[tuple[str, str]]:
+def _all_model_versions(index: Index) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     token = ""
     while True:
@@ -77,7 +78,7 @@ def _all_model_versions(index: Any) -> set[tuple[str, str]]:
             return found
 
 
-def rebuild(blobs: Any, index: Any, legacy_model: dict[str, Any] | None) -> ReindexCounts:
+def rebuild(blobs: BlobStore, index: Index, legacy_model: dict[str, Any] | None) -> ReindexCounts:
     known = {image.image_id: image for image in _all_images(index)}
     legacy = (legacy_model or {}).get("objects", {}) or {}
 
