@@ -1,0 +1,327 @@
+"""The S3 blob store (minio SDK): objects in a bucket, for clusters.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from services.common.errors import InvalidArgument, NotFound, StorageError
+from services.datastore.adapters.blobs.shared import (
+    STALE_SPOOL_SECONDS,
+    _check_expiry,
+    _check_range,
+    _check_sha256,
+    _ChunkStream,
+    _discard,
+    _remove_stale,
+    _split_key,
+)
+from services.datastore.domain.ports import BlobInfo
+
+_S3_PART_SIZE = 16 * 1024 * 1024
+_S3_MAX_PARTS = 10_000
+_S3_PARALLEL_UPLOADS = 2
+
+
+def _s3_sha256(metadata: Any) -> str | None:
+    """SeaweedFS title-cases user metadata keys (X-Amz-Meta-Sha256): match case-insensitively."""
+    if not metadata:
+        return None
+    for name, value in dict(metadata).items():
+        lowered = str(name).lower()
+        if lowered in ("x-amz-meta-sha256", "sha256"):
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            return str(value).lower() if value else None
+    return None
+
+
+def _mtime(value: Any) -> float:
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    return 0.0
+
+
+def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+    """Accepts ``host:port`` (minio's form) and also ``http(s)://host:port``, as users write it."""
+    if "://" not in endpoint:
+        return endpoint, secure
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise StorageError(f"invalid S3 endpoint {endpoint!r}: expected host:port or http(s)://host:port")
+    return parts.netloc, parts.scheme == "https"
+
+
+def _part_size(size: int, minimum: int) -> int:
+    """`minimum`, grown (in whole MiB) when a file would need more than S3's 10,000 parts."""
+    part = max(minimum, -(-size // _S3_MAX_PARTS))
+    return -(-part // (1024 * 1024)) * 1024 * 1024
+
+
+class S3BlobStore:
+    """Objects in an S3 bucket at ``<prefix><key>``, via the minio SDK.
+
+    Uploads go through `fput_object` (multipart for big files, so an object appears only
+    when complete; a failed multipart upload is aborted) with the sha256 as user metadata;
+    reads are ranged GETs streamed in 1 MiB chunks. Every SDK or network failure surfaces
+    as StorageError (a missing object as NotFound), never as a minio/urllib3 exception.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        prefix: str = "",
+        secure: bool = False,
+        region: str | None = None,
+        create_bucket: bool = True,
+        *,
+        spool_root: Path | None = None,
+        part_size: int = _S3_PART_SIZE,
+        parallel_uploads: int = _S3_PARALLEL_UPLOADS,
+        stale_spool_seconds: float = STALE_SPOOL_SECONDS,
+    ):
+        import urllib3
+        from minio import Minio
+
+        prefix = prefix.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if part_size < 5 * 1024 * 1024:
+            raise InvalidArgument("S3 multipart parts must be at least 5 MiB")
+        endpoint, secure = _split_endpoint(endpoint, secure)
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = endpoint
+        self._part_size = part_size
+        self._parallel = max(1, parallel_uploads)
+        # Bounded retries and timeouts, so a dead endpoint fails in seconds (minio's default
+        # retries for minutes); a pool big enough for the service's concurrent streams.
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            maxsize=32,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        try:
+            self._client = Minio(
+                endpoint,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=secure,
+                region=region,
+                http_client=self._http,
+            )
+        except Exception as exc:
+            raise StorageError(f"invalid S3 endpoint {endpoint!r}: {exc}") from exc
+        if spool_root is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="labelgrid-spool-"))
+        else:
+            self._spool = Path(spool_root)
+            self._spool.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self._spool, stale_spool_seconds)
+        self._ensure_bucket(create_bucket, region)
+
+    def _ensure_bucket(self, create: bool, region: str | None) -> None:
+        try:
+            if self._client.bucket_exists(self.bucket):
+                return
+            if not create:
+                raise StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist at {self.endpoint} (and creating it is off)"
+                )
+            try:
+                self._client.make_bucket(self.bucket, location=region)
+            except Exception as exc:
+                if getattr(exc, "code", "") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._error(f"cannot open S3 bucket {self.bucket!r}", exc) from exc
+
+    def close(self) -> None:
+        """Drops pooled connections (the store is unusable afterwards)."""
+        self._http.clear()
+
+    # helpers
+
+    def _name(self, key: str) -> str:
+        _split_key(key)
+        return self.prefix + key
+
+    @staticmethod
+    def _is_not_found(exc: BaseException) -> bool:
+        code = getattr(exc, "code", None)
+        if code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound", "NotFound"):
+            return True
+        response = getattr(exc, "response", None)
+        return getattr(response, "status", None) == 404 and code != "NoSuchBucket"
+
+    def _error(self, what: str, exc: BaseException) -> StorageError:
+        code = getattr(exc, "code", None)
+        detail = f"{code}: {getattr(exc, 'message', exc)}" if code else f"{type(exc).__name__}: {exc}"
+        return StorageError(f"{what} (S3 {self.endpoint}/{self.bucket}): {detail}")
+
+    # writes
+
+    def put_file(self, key: str, path: Path, *, sha256: str, content_type: str = "application/octet-stream") -> None:
+        """Uploads `path` (multipart when big: invisible until complete, aborted on failure); consumes `path`."""
+        source = Path(path)
+        try:
+            name = self._name(key)
+            digest = _check_sha256(sha256)
+            try:
+                size = source.stat().st_size
+            except OSError as exc:
+                raise StorageError(f"cannot store {key!r}: the source file is unreadable: {exc}") from exc
+            if not source.is_file():
+                raise StorageError(f"cannot store {key!r}: the source {source} is not a file")
+            try:
+                self._client.fput_object(
+                    self.bucket,
+                    name,
+                    str(source),
+                    content_type=content_type,
+                    metadata={"sha256": digest},
+                    part_size=_part_size(size, self._part_size),
+                    num_parallel_uploads=self._parallel,
+                )
+            except Exception as exc:
+                raise self._error(f"cannot store {key!r}", exc) from exc
+        finally:
+            _discard(source)
+
+    def delete(self, key: str) -> bool:
+        """True if the object existed (S3's DELETE cannot tell: a HEAD first)."""
+        name = self._name(key)
+        if not self.exists(key):
+            return False
+        try:
+            self._client.remove_object(self.bucket, name)
+        except Exception as exc:
+            if self._is_not_found(exc):
+                return False
+            raise self._error(f"cannot delete {key!r}", exc) from exc
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every object under `prefix` (batches of 1,000); an empty prefix is refused."""
+        from minio.deleteobjects import DeleteObject
+
+        if not prefix:
+            raise InvalidArgument("delete_prefix needs a prefix: refusing to delete the whole store")
+        names = [self.prefix + info.key for info in self._list(prefix, only_keys=False)]
+        for start in range(0, len(names), 1000):
+            batch = [DeleteObject(n) for n in names[start : start + 1000]]
+            try:
+                errors = list(self._client.remove_objects(self.bucket, batch))
+            except Exception as exc:
+                raise self._error(f"cannot delete objects under {prefix!r}", exc) from exc
+            failed = [e for e in errors if getattr(e, "code", None) not in ("NoSuchKey", None)]
+            if failed:
+                raise StorageError(
+                    f"cannot delete {len(failed)} objects under {prefix!r}: {failed[0].code}: {failed[0].message}"
+                )
+        return len(names)
+
+    # reads
+
+    def stat(self, key: str) -> BlobInfo:
+        """Size, mtime and the sha256 stored with the object at upload (None if it came from elsewhere)."""
+        name = self._name(key)
+        try:
+            obj = self._client.stat_object(self.bucket, name)
+        except Exception as exc:
+            if self._is_not_found(exc):
+                raise NotFound(f"object {key!r} not found", reason="NOT_FOUND") from None
+            raise self._error(f"cannot stat {key!r}", exc) from exc
+        return BlobInfo(key, int(obj.size or 0), _s3_sha256(obj.metadata), _mtime(obj.last_modified))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFound:
+            return False
+        return True
+
+    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        _check_range(offset, length)
+        name = self._name(key)
+        if length == 0:
+            # minio reads length=0 as "to the end"; an empty read still has to prove the object exists.
+            self.stat(key)
+            return iter(())
+        try:
+            response = self._client.get_object(self.bucket, name, offset=offset, length=length or 0)
+        except Exception as exc:
+            if self._is_not_found(exc):
+                raise NotFound(f"object {key!r} not found", reason="NOT_FOUND") from None
+            if getattr(exc, "code", None) == "InvalidRange":
+                return iter(())  # offset at or past the end: nothing to read, like a file
+            raise self._error(f"cannot read {key!r}", exc) from exc
+
+        def read(amount: int) -> bytes:
+            # Raw bytes: never let urllib3 gunzip a .nii.gz a server labels Content-Encoding: gzip.
+            return response.read(amount, decode_content=False)
+
+        def release() -> None:
+            try:
+                response.close()
+            finally:
+                response.release_conn()
+
+        return _ChunkStream(read, release, length)
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        """Valid keys under `prefix`, sorted (SeaweedFS lists folder by folder, not in S3's byte order).
+
+        One listing, no HEAD per object: `sha256` is None here; `stat` reads it.
+        """
+        return iter(self._list(prefix, only_keys=True))
+
+    def _list(self, prefix: str, *, only_keys: bool) -> builtins.list[BlobInfo]:
+        found: list[BlobInfo] = []
+        try:
+            for obj in self._client.list_objects(self.bucket, prefix=self.prefix + prefix, recursive=True):
+                name = obj.object_name or ""
+                if obj.is_dir or name.endswith("/") or not name.startswith(self.prefix):
+                    continue
+                key = name[len(self.prefix) :]
+                if only_keys and not self._valid_key(key):
+                    continue  # e.g. a file someone put into the bucket by hand under a name we never use
+                found.append(BlobInfo(key, int(obj.size or 0), None, _mtime(obj.last_modified)))
+        except Exception as exc:
+            raise self._error(f"cannot list objects under {prefix!r}", exc) from exc
+        found.sort(key=lambda info: info.key)
+        return found
+
+    @staticmethod
+    def _valid_key(key: str) -> bool:
+        try:
+            _split_key(key)
+        except InvalidArgument:
+            return False
+        return True
+
+    def presigned_get_url(self, key: str, expires_seconds: int) -> str:
+        """A SigV4 GET URL for the endpoint as configured (clients must reach that address)."""
+        name = self._name(key)
+        _check_expiry(expires_seconds)
+        try:
+            return self._client.presigned_get_object(
+                self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds)
+            )
+        except Exception as exc:
+            raise self._error(f"cannot sign a URL for {key!r}", exc) from exc
+
+    def spool_dir(self) -> Path:
+        self._spool.mkdir(parents=True, exist_ok=True)
+        return self._spool
