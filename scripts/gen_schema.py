@@ -37,6 +37,7 @@ def INT_OR_EMPTY(lo: int, hi: int) -> dict[str, Any]:
 
 
 INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^([0-9]+%)?$"}]}
+DELAY_MS = {"type": "number", "minimum": 0, "maximum": 10000}
 PULL = {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]}
 OBJ_ITEMS = {"type": "array", "items": {"type": "object"}}
 STR_ITEMS = {"type": "array", "items": {"type": "string"}}
@@ -85,6 +86,20 @@ BY_PATH: dict[str, dict[str, Any]] = {
     "image.digest": {"type": "string", "pattern": r"^(sha256:[a-f0-9]{64})?$"},
     "storage.s3.endpoint": {"type": "string", "pattern": r"^([^:/\s]+:[0-9]+)?$"},
     "inference.device": {"type": "string", "minLength": 1},
+    "inference.batching.maxBatchSize": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": [""]}]},
+    "inference.batching.maxQueueDelayMs": {"anyOf": [DELAY_MS, {"type": "string", "enum": [""]}]},
+    "inference.batching.models": {
+        "type": "object",
+        "propertyNames": {"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "additionalProperties": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"maxBatchSize": {"type": "integer", "minimum": 1}, "maxQueueDelayMs": DELAY_MS},
+        },
+    },
+    "inference.batch.width": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": [""]}]},
+    "inference.autoscaling.queueDepth.metricName": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+    "inference.autoscaling.queueDepth.averageValue": QUANTITY,
     "auth.users.existingSecretKey": {"type": "string", "minLength": 1},
     "auth.signingKey.existingSecretKey": {"type": "string", "minLength": 1},
     "auth.tokenTTLSeconds": {"type": "integer", "minimum": 30, "maximum": 86400},

@@ -3,7 +3,9 @@
 {{- define "labelgrid.env.datastore" -}}
 - name: LABELGRID_BACKEND
   value: {{ ternary "dicomweb" "s3" .Values.dicomweb.enabled }}
-{{- if eq .Values.storage.type "minio" }}
+{{- /* The blob store: the bundled MinIO, an external S3, or none (a DICOMweb datastore without MinIO). */}}
+{{- if or (include "labelgrid.minioEnabled" .) (eq .Values.storage.type "s3") }}
+{{- if include "labelgrid.minioEnabled" . }}
 - name: LABELGRID_S3_ENDPOINT
   value: {{ printf "%s:9000" (include "labelgrid.componentName" (dict "root" . "component" "minio")) | quote }}
 - name: LABELGRID_S3_SECURE
@@ -42,6 +44,7 @@
   value: {{ .Values.storage.prefix | quote }}
 - name: LABELGRID_S3_CREATE_BUCKET
   value: {{ .Values.storage.createBucket | toString | quote }}
+{{- end }}
 - name: LABELGRID_STATE_DIR
   value: /var/lib/labelgrid/datastore
 {{- with (include "labelgrid.dicomwebDatastoreEnv" .) }}
@@ -72,6 +75,41 @@
   value: {{ .Values.inference.device | quote }}
 - name: LABELGRID_WORK_DIR
   value: /var/lib/labelgrid/work
+{{- $inference := .Values.inference }}
+{{- if $inference.batch.fanOut }}
+{{- /* Every ready pod, through the headless Service (round robin over its DNS answers). */}}
+- name: LABELGRID_BATCH_ADDRESS
+  value: {{ printf "dns:///%s" (include "labelgrid.address" (dict "root" . "component" "inference")) | quote }}
+{{- $pods := ternary $inference.autoscaling.maxReplicas $inference.replicaCount (and $inference.autoscaling.enabled true) }}
+{{- $gpus := ternary $inference.gpu.count 1 (and $inference.gpu.enabled true) }}
+{{- $slots := $inference.config.concurrency_per_device | default 1 }}
+- name: LABELGRID_BATCH_WIDTH
+  value: {{ $inference.batch.width | default (mul 2 (int $pods) (int $gpus) (int $slots)) | toString | quote }}
+{{- else if $inference.batch.width }}
+- name: LABELGRID_BATCH_WIDTH
+  value: {{ $inference.batch.width | toString | quote }}
+{{- end }}
+{{- with $inference.batching }}
+{{- if ne (toString .maxBatchSize) "" }}
+- name: LABELGRID_MAX_BATCH_SIZE
+  value: {{ .maxBatchSize | toString | quote }}
+{{- end }}
+{{- if ne (toString .maxQueueDelayMs) "" }}
+- name: LABELGRID_MAX_QUEUE_DELAY_MS
+  value: {{ .maxQueueDelayMs | toString | quote }}
+{{- end }}
+{{- if .models }}
+{{- $policies := dict }}
+{{- range $model, $policy := .models }}
+{{- $one := dict }}
+{{- if hasKey $policy "maxBatchSize" }}{{ $_ := set $one "max_batch_size" $policy.maxBatchSize }}{{ end }}
+{{- if hasKey $policy "maxQueueDelayMs" }}{{ $_ := set $one "max_queue_delay_ms" $policy.maxQueueDelayMs }}{{ end }}
+{{- $_ := set $policies $model $one }}
+{{- end }}
+- name: LABELGRID_MODEL_BATCHING
+  value: {{ toJson $policies | quote }}
+{{- end }}
+{{- end }}
 {{ include "labelgrid.appEnv" . }}
 {{- end -}}
 

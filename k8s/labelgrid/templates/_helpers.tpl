@@ -301,6 +301,12 @@ readinessProbe:
 {{- printf "%s:%d" (include "labelgrid.componentName" (dict "root" .root "component" (printf "%s-headless" .component))) (int $values.port) -}}
 {{- end -}}
 
+{{/* "true" when the bundled MinIO is deployed: storage.type minio, and not beside a DICOMweb
+datastore (which keeps no blobs in it) unless minio.withDicomweb asks for it; else "". */}}
+{{- define "labelgrid.minioEnabled" -}}
+{{- if and (eq .Values.storage.type "minio") (or (not .Values.dicomweb.enabled) .Values.minio.withDicomweb) }}true{{ end -}}
+{{- end -}}
+
 {{- define "labelgrid.minioSecretName" -}}
 {{- .Values.minio.auth.existingSecret | default (include "labelgrid.componentName" (dict "root" . "component" "minio")) -}}
 {{- end -}}
