@@ -6,7 +6,8 @@ datastore replicas share it), through SQLAlchemy 2 Core. The package is small re
 over one ``Database`` (engine, transactions, retries, read cache; its docstring states how
 writes stay correct under concurrency on each backend):
 
-- ``schema``: the tables; ``migrate``: creates or upgrades them at startup;
+- ``schema``: the tables; ``migrate``: creates, adopts or upgrades them at startup with
+  Alembic (the migrations are in ``services/datastore/migrations``);
 - ``images_labels``: images, labels, scores; ``listing``: pages and counts of images;
 - ``leases``: next-sample leases; ``models``: model versions; ``records``: JSON records;
 - ``export``: MONAI Label's datastore_v2.json model; ``bulk_import``: reindex.
@@ -24,7 +25,7 @@ from services.datastore.adapters.index.export import Export
 from services.datastore.adapters.index.images_labels import ImagesLabels
 from services.datastore.adapters.index.leases import Leases
 from services.datastore.adapters.index.listing import Listing
-from services.datastore.adapters.index.migrate import init_schema
+from services.datastore.adapters.index.migrate import upgrade
 from services.datastore.adapters.index.models import Models
 from services.datastore.adapters.index.records import Records
 from services.datastore.domain.model import ImageImport, LabelImport
@@ -57,7 +58,7 @@ class SqlIndex:
             echo=echo,
         )
         try:
-            init_schema(db)
+            upgrade(db)
         except BaseException:
             db.close()
             raise
