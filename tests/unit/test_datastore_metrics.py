@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from services.common.errors import NotFound, StorageError
 from services.datastore.adapters.blobs import LocalBlobStore
 from services.datastore.adapters.index import SqlIndex
-from services.datastore.adapters.metrics import DatastoreMetrics, MeteredBlobStore, MeteredIndex
+from services.datastore.adapters.metered import MeteredBlobStore, MeteredIndex
+from services.datastore.adapters.metrics import DatastoreMetrics
 from services.datastore.domain.ports import BlobStore, Index
 
 
@@ -52,9 +53,14 @@ def call_with_dummies(method: Callable[..., Any]) -> None:
     for p in inspect.signature(method).parameters.values():
         if p.default is not inspect.Parameter.empty:
             continue
-        value: Any = {"path": Path("/nonexistent"), "info": {}, "data": {}, "images": [], "image_ids": [], "keys": []}.get(
-            p.name, 1.0 if p.name in ("ttl_seconds", "value") else "x"
-        )
+        value: Any = {
+            "path": Path("/nonexistent"),
+            "info": {},
+            "data": {},
+            "images": [],
+            "image_ids": [],
+            "keys": [],
+        }.get(p.name, 1.0 if p.name in ("ttl_seconds", "value") else "x")
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
             kwargs[p.name] = value
         else:

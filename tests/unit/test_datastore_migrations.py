@@ -56,10 +56,20 @@ def make_pre_alembic(url: str, version: int) -> None:
         with eng.begin() as conn:
             t.metadata.create_all(conn)
             conn.execute(sa.insert(t.meta).values(key="schema_version", value=str(version)))
-            row = {"ext": ".nii.gz", "sha256": SHA, "size": 1, "info": {}, "revision": 1, "create_time": 1.0, "update_time": 1.0}
+            row = {
+                "ext": ".nii.gz",
+                "sha256": SHA,
+                "size": 1,
+                "info": {},
+                "revision": 1,
+                "create_time": 1.0,
+                "update_time": 1.0,
+            }
             images = [{**row, "id": "a", "rand": 0.1, "final": True}, {**row, "id": "b", "rand": 0.2, "final": False}]
             conn.execute(sa.insert(t.images), images)
-            conn.execute(sa.insert(t.labels).values(image_id="a", tag="final", **{k: v for k, v in row.items() if k != "rand"}))
+            conn.execute(
+                sa.insert(t.labels).values(image_id="a", tag="final", **{k: v for k, v in row.items() if k != "rand"})
+            )
             if version == 1:
                 for ix in ("ix_images_final_id", "ix_images_final_rand"):
                     conn.execute(sa.text(f"DROP INDEX {ix}"))

@@ -115,7 +115,7 @@ class Index(Protocol):
 
     @property
     def backend(self) -> str:
-        """"sqlite" (this process is the only writer) or "postgresql" (replicas share it)."""
+        """ "sqlite" (this process is the only writer) or "postgresql" (replicas share it)."""
         ...
 
     # -- images and labels
@@ -284,7 +284,9 @@ class Index(Protocol):
 
     # -- MONAI Label's datastore model, reindex
 
-    def export_monailabel_model(self, name: str = "new-dataset", description: str = "New Dataset") -> dict[str, Any]: ...
+    def export_monailabel_model(
+        self, name: str = "new-dataset", description: str = "New Dataset"
+    ) -> dict[str, Any]: ...
 
     def export_monailabel_json(
         self,

@@ -1,5 +1,4 @@
-"""The S3 blob store (minio SDK): objects in a bucket, for clusters.
-"""
+"""The S3 blob store (minio SDK): objects in a bucket, for clusters."""
 
 from __future__ import annotations
 
@@ -316,9 +315,7 @@ class S3BlobStore:
         name = self._name(key)
         _check_expiry(expires_seconds)
         try:
-            return self._client.presigned_get_object(
-                self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds)
-            )
+            return self._client.presigned_get_object(self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds))
         except Exception as exc:
             raise self._error(f"cannot sign a URL for {key!r}", exc) from exc
 

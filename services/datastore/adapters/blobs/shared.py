@@ -29,7 +29,6 @@ _RESERVED_ROOT_NAMES = frozenset({"datastore_v2.json", ".lock", "labels", ".labe
 _MAX_NAME_BYTES = 255
 
 
-
 def _split_key(key: str) -> list[str]:
     """Validates a logical key's shape and returns its parts; InvalidArgument otherwise.
 
@@ -185,4 +184,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -116,7 +116,7 @@ class SqlIndex:
 
     @property
     def backend(self) -> str:
-        """"postgresql" or "sqlite"."""
+        """ "postgresql" or "sqlite"."""
         return self.db.backend
 
     def close(self) -> None:

@@ -90,7 +90,6 @@ def _check_revision(expected: int | None, actual: int, what: str) -> None:
         raise Aborted(f"{what} is at revision {actual}, not {expected}; re-read and retry")
 
 
-
 @dataclass(frozen=True)
 class _Segment:
     """One ordered run of a listing: its own filter and sort columns (desc flag each).
@@ -130,8 +129,6 @@ def _keys_fit(cols: Sequence[tuple[sa.ColumnElement[Any], bool]], last: Sequence
         elif not isinstance(v, str):
             return False
     return True
-
-
 
 
 class Repository:
@@ -214,7 +211,6 @@ class Repository:
     def _load_image(self, conn: Connection, image_id: str) -> ImageRecord:
         return self._images_from_rows(conn, [self._require_image_row(conn, image_id)])[0]
 
-
     def _label_row(self, conn: Connection, image_id: str, tag: str, *, lock: bool = False) -> Row[Any]:
         labels = self._t.labels
         q = sa.select(labels).where((labels.c.image_id == image_id) & (labels.c.tag == tag))
@@ -224,7 +220,6 @@ class Repository:
         if row is None:
             raise _label_not_found(image_id, tag)
         return row
-
 
     # ------------------------------------------------------------------ filters
 
@@ -290,7 +285,6 @@ class Repository:
             q = q.where(_after(seg.cols, last))
         return q.order_by(*(c.desc() if d else c.asc() for c, d in seg.cols)).limit(limit)
 
-
     def _hidden(self, id_prefix: str, info_key: str) -> sa.ColumnElement[bool] | None:
         """Images left out of listings and counts: id starts with ``id_prefix`` and info has
         ``info_key`` set to JSON true (the gateway's session images). None: nothing hidden."""
@@ -307,7 +301,6 @@ class Repository:
             flag = sa.func.json_type(im.c.info, "$." + json.dumps(info_key)) == "true"
         return sa.and_(starts, sa.func.coalesce(flag, sa.false()))  # a missing key is NULL
 
-
     # ------------------------------------------------------------------ records
 
     @staticmethod
@@ -319,7 +312,6 @@ class Repository:
             acquire_time=_dt(r.acquire_time),
             expire_time=_dt(r.expire_time),
         )
-
 
     @staticmethod
     def _version_record(r: Row[Any]) -> ModelVersionRecord:
@@ -356,14 +348,12 @@ class Repository:
         latest = conn.execute(sa.select(self._latest_version_expr()).select_from(m).where(m.c.name == name)).scalar()
         return ModelRecord(model=name, latest_version=latest, pinned_version=row.pinned_version)
 
-
     def _version_row(self, conn: Connection, name: str, version: str) -> Row[Any]:
         mv = self._t.model_versions
         row = conn.execute(sa.select(mv).where((mv.c.name == name) & (mv.c.version == version))).first()
         if row is None:
             raise _version_not_found(name, version)
         return row
-
 
     @staticmethod
     def _record(r: Row[Any]) -> Record:
@@ -375,4 +365,3 @@ class Repository:
             create_time=_dt(r.create_time),
             update_time=_dt(r.update_time),
         )
-

@@ -1,5 +1,4 @@
-"""Reindex: thousands of images and labels upserted or deleted in one transaction; clear().
-"""
+"""Reindex: thousands of images and labels upserted or deleted in one transaction; clear()."""
 
 from __future__ import annotations
 
@@ -56,11 +55,31 @@ class BulkImport(Repository):
                 o = old_imgs.get(k)
                 if o is None:
                     ct = t if v.create_time is None else float(v.create_time)
-                    inserts.append({"id": k, "ext": v.ext, "sha256": v.sha256, "size": v.size, "info": img_info[k],
-                                        "revision": 1, "rand": random.random(), "create_time": ct, "update_time": t})
+                    inserts.append(
+                        {
+                            "id": k,
+                            "ext": v.ext,
+                            "sha256": v.sha256,
+                            "size": v.size,
+                            "info": img_info[k],
+                            "revision": 1,
+                            "rand": random.random(),
+                            "create_time": ct,
+                            "update_time": t,
+                        }
+                    )
                 elif (o.ext, o.sha256, o.size, o.info) != (v.ext, v.sha256, v.size, img_info[k]):
-                    updates.append({"b_id": k, "b_ext": v.ext, "b_sha": v.sha256, "b_size": v.size, "b_info": img_info[k],
-                                        "b_rev": o.revision + 1, "b_t": t})
+                    updates.append(
+                        {
+                            "b_id": k,
+                            "b_ext": v.ext,
+                            "b_sha": v.sha256,
+                            "b_size": v.size,
+                            "b_info": img_info[k],
+                            "b_rev": o.revision + 1,
+                            "b_t": t,
+                        }
+                    )
                 else:
                     unchanged += 1
             if inserts:
@@ -69,9 +88,14 @@ class BulkImport(Repository):
                 conn.execute(
                     sa.update(im)
                     .where(im.c.id == sa.bindparam("b_id"))
-                    .values(ext=sa.bindparam("b_ext"), sha256=sa.bindparam("b_sha"), size=sa.bindparam("b_size"),
-                            info=sa.bindparam("b_info", type_=_json_type()), revision=sa.bindparam("b_rev"),
-                            update_time=sa.bindparam("b_t")),
+                    .values(
+                        ext=sa.bindparam("b_ext"),
+                        sha256=sa.bindparam("b_sha"),
+                        size=sa.bindparam("b_size"),
+                        info=sa.bindparam("b_info", type_=_json_type()),
+                        revision=sa.bindparam("b_rev"),
+                        update_time=sa.bindparam("b_t"),
+                    ),
                     updates,
                 )
             # Labels: their images must be indexed (now, or already).
@@ -94,11 +118,32 @@ class BulkImport(Repository):
                     continue
                 lo = old_labs.get(lk)
                 if lo is None:
-                    l_ins.append({"image_id": lk[0], "tag": lk[1], "ext": lv.ext, "sha256": lv.sha256, "size": lv.size,
-                                      "info": lab_info[lk], "revision": 1, "create_time": t, "update_time": t})
+                    l_ins.append(
+                        {
+                            "image_id": lk[0],
+                            "tag": lk[1],
+                            "ext": lv.ext,
+                            "sha256": lv.sha256,
+                            "size": lv.size,
+                            "info": lab_info[lk],
+                            "revision": 1,
+                            "create_time": t,
+                            "update_time": t,
+                        }
+                    )
                 elif (lo.ext, lo.sha256, lo.size, lo.info) != (lv.ext, lv.sha256, lv.size, lab_info[lk]):
-                    l_upd.append({"b_id": lk[0], "b_tag": lk[1], "b_ext": lv.ext, "b_sha": lv.sha256, "b_size": lv.size,
-                                      "b_info": lab_info[lk], "b_rev": lo.revision + 1, "b_t": t})
+                    l_upd.append(
+                        {
+                            "b_id": lk[0],
+                            "b_tag": lk[1],
+                            "b_ext": lv.ext,
+                            "b_sha": lv.sha256,
+                            "b_size": lv.size,
+                            "b_info": lab_info[lk],
+                            "b_rev": lo.revision + 1,
+                            "b_t": t,
+                        }
+                    )
                 else:
                     l_same += 1
             if l_ins:
@@ -107,9 +152,14 @@ class BulkImport(Repository):
                 conn.execute(
                     sa.update(lb)
                     .where((lb.c.image_id == sa.bindparam("b_id")) & (lb.c.tag == sa.bindparam("b_tag")))
-                    .values(ext=sa.bindparam("b_ext"), sha256=sa.bindparam("b_sha"), size=sa.bindparam("b_size"),
-                            info=sa.bindparam("b_info", type_=_json_type()), revision=sa.bindparam("b_rev"),
-                            update_time=sa.bindparam("b_t")),
+                    .values(
+                        ext=sa.bindparam("b_ext"),
+                        sha256=sa.bindparam("b_sha"),
+                        size=sa.bindparam("b_size"),
+                        info=sa.bindparam("b_info", type_=_json_type()),
+                        revision=sa.bindparam("b_rev"),
+                        update_time=sa.bindparam("b_t"),
+                    ),
                     l_upd,
                 )
             finals = [r["image_id"] for r in l_ins if r["tag"] == DEFAULT_TAG_FINAL]
@@ -118,15 +168,19 @@ class BulkImport(Repository):
                 conn.execute(sa.delete(self._t.leases).where(self._t.leases.c.image_id.in_(finals[i : i + chunk])))
             self._sync_final(conn, finals)
             return BulkImportResult(
-                images_added=len(inserts), images_updated=len(updates), images_unchanged=unchanged,
-                labels_added=len(l_ins), labels_updated=len(l_upd), labels_unchanged=l_same, labels_skipped=skipped,
+                images_added=len(inserts),
+                images_updated=len(updates),
+                images_unchanged=unchanged,
+                labels_added=len(l_ins),
+                labels_updated=len(l_upd),
+                labels_unchanged=l_same,
+                labels_skipped=skipped,
             )
 
         result = self._write(tx, "bulk_import")
         if result.images_added + result.labels_added >= 1000:
             self.db.analyze()
         return result
-
 
     def delete_images(self, image_ids: Iterable[str]) -> int:
         """Bulk delete for a reindex (entries whose files are gone); unknown ids are ignored."""
@@ -166,6 +220,5 @@ class BulkImport(Repository):
             if models:
                 conn.execute(sa.delete(t.model_versions))
                 conn.execute(sa.delete(t.models))
-
 
         self._write(tx, "clear")

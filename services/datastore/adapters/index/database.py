@@ -67,13 +67,10 @@ def _dt(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=UTC)
 
 
-
 def _describe(e: BaseException) -> str:
     orig = getattr(e, "orig", None) or e
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
-
-
 
 
 class Database:
@@ -135,7 +132,7 @@ class Database:
 
     @property
     def backend(self) -> str:
-        """"postgresql" or "sqlite"."""
+        """ "postgresql" or "sqlite"."""
         return "postgresql" if self.pg else "sqlite"
 
     def close(self) -> None:
@@ -256,4 +253,3 @@ class Database:
                 conn.exec_driver_sql("ANALYZE" if not self.pg else "ANALYZE images, labels, scores")
         except sa_exc.SQLAlchemyError as e:  # statistics are an optimisation only
             _log.warning("index ANALYZE failed: %s", _describe(e))
-

@@ -99,7 +99,11 @@ class Export(Repository):
         params: dict[str, Any] = {}
         if hidden is not None:
             where = "WHERE NOT (substr(i.id, 1, :plen) = :prefix AND coalesce(json_type(i.info, :path), '') = 'true')"
-            params = {"plen": len(hidden_id_prefix), "prefix": hidden_id_prefix, "path": "$." + json.dumps(hidden_info_key)}
+            params = {
+                "plen": len(hidden_id_prefix),
+                "prefix": hidden_id_prefix,
+                "path": "$." + json.dumps(hidden_info_key),
+            }
         q = sa.text(sql.replace("WHERE_HIDDEN", where)).bindparams(**params)
 
         def tx(conn: Connection) -> bytes:
@@ -110,8 +114,12 @@ class Export(Repository):
         return self._cached(key, lambda: self._read(tx, "export_monailabel_json"))
 
     def export_monailabel_json_if_cached(
-        self, name: str = "new-dataset", description: str = "New Dataset", *, hidden_id_prefix: str = "", hidden_info_key: str = ""
+        self,
+        name: str = "new-dataset",
+        description: str = "New Dataset",
+        *,
+        hidden_id_prefix: str = "",
+        hidden_info_key: str = "",
     ) -> bytes | None:
         """``export_monailabel_json()`` if it is answered from the cache, else None."""
         return self._peek(("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key))
-

@@ -1,5 +1,4 @@
-"""Images, their labels and their scores: create, read, update, delete.
-"""
+"""Images, their labels and their scores: create, read, update, delete."""
 
 from __future__ import annotations
 
@@ -57,8 +56,15 @@ class ImagesLabels(Repository):
 
         def tx(conn: Connection) -> ImageRecord:
             values = {
-                "id": image_id, "ext": ext, "sha256": sha256, "size": size, "info": info_, "revision": 1,
-                "rand": random.random(), "create_time": t, "update_time": t,
+                "id": image_id,
+                "ext": ext,
+                "sha256": sha256,
+                "size": size,
+                "info": info_,
+                "revision": 1,
+                "rand": random.random(),
+                "create_time": t,
+                "update_time": t,
             }
             if not self._insert_ignore(conn, images, values):
                 old = self._require_image_row(conn, image_id, lock=True)
@@ -149,8 +155,15 @@ class ImagesLabels(Repository):
             if old is None:
                 conn.execute(
                     sa.insert(labels).values(
-                        image_id=image_id, tag=tag, ext=ext, sha256=sha256, size=size, info=info_,
-                        revision=1, create_time=t, update_time=t,
+                        image_id=image_id,
+                        tag=tag,
+                        ext=ext,
+                        sha256=sha256,
+                        size=size,
+                        info=info_,
+                        revision=1,
+                        create_time=t,
+                        update_time=t,
                     )
                 )
             else:
@@ -209,7 +222,6 @@ class ImagesLabels(Repository):
 
         return self._write(tx, "update_label_info")
 
-
     # ------------------------------------------------------------------ scores
 
     def set_score(
@@ -259,4 +271,3 @@ class ImagesLabels(Repository):
             return {r.key: r.value for r in conn.execute(q)}
 
         return self._read(tx, "get_scores")
-

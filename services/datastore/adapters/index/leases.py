@@ -1,5 +1,4 @@
-"""Next-sample leases: one live lease per image, handed out race-free on both backends.
-"""
+"""Next-sample leases: one live lease per image, handed out race-free on both backends."""
 
 from __future__ import annotations
 
@@ -227,4 +226,3 @@ class Leases(Repository):
         return self._write(
             lambda conn: conn.execute(sa.delete(ls).where(ls.c.expire_time <= t)).rowcount, "expire_leases"
         )
-

@@ -1,5 +1,4 @@
-"""Listings and counts of images: keyset pages in id, score or random order; status().
-"""
+"""Listings and counts of images: keyset pages in id, score or random order; status()."""
 
 from __future__ import annotations
 
@@ -100,7 +99,6 @@ class Listing(Repository):
 
         return self._read(tx, "list_images")
 
-
     def status(self, *, hidden_id_prefix: str = "", hidden_info_key: str = "") -> DatastoreStatus:
         """MONAI Label's status(): image count, images with a final label, labels per tag.
 
@@ -133,4 +131,3 @@ class Listing(Repository):
         """``status()`` if it is answered from the cache (no database access), else None."""
         status = self._peek(("status", hidden_id_prefix, hidden_info_key))
         return None if status is None else DatastoreStatus(status.total, status.completed, dict(status.label_tags))
-

@@ -1,5 +1,4 @@
-"""Model versions: numbered publishing, pinning (rollback), deletion.
-"""
+"""Model versions: numbered publishing, pinning (rollback), deletion."""
 
 from __future__ import annotations
 
@@ -70,8 +69,15 @@ class Models(Repository):
                 raise AlreadyExists(f"model version {name!r}/{version!r} already exists")
             conn.execute(
                 sa.insert(mv).values(
-                    name=name, version=v, seq=seq, file_name=file_name, sha256=sha256, size=size,
-                    metrics=metrics_, info=info_, create_time=t,
+                    name=name,
+                    version=v,
+                    seq=seq,
+                    file_name=file_name,
+                    sha256=sha256,
+                    size=size,
+                    metrics=metrics_,
+                    info=info_,
+                    create_time=t,
                 )
             )
             conn.execute(sa.update(m).where(m.c.name == name).values(last_seq=seq))
@@ -134,7 +140,6 @@ class Models(Repository):
 
         return self._read(tx, "list_model_versions")
 
-
     def get_model_version(self, name: str, version: str) -> ModelVersionRecord:
         return self._read(
             lambda conn: self._version_record(self._version_row(conn, name, version)), "get_model_version"
@@ -166,4 +171,3 @@ class Models(Repository):
             return self._model_record(conn, name)
 
         return self._write(tx, "pin_model_version")
-

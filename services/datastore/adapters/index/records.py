@@ -1,5 +1,4 @@
-"""Small JSON records (job history, sessions) with optimistic revisions.
-"""
+"""Small JSON records (job history, sessions) with optimistic revisions."""
 
 from __future__ import annotations
 
@@ -53,7 +52,9 @@ class Records(Repository):
             created = False
             if expected_revision is None or expected_revision <= 0:
                 created = self._insert_ignore(
-                    conn, rc, {"kind": kind, "id": record_id, "data": data_, "revision": 1, "create_time": t, "update_time": t}
+                    conn,
+                    rc,
+                    {"kind": kind, "id": record_id, "data": data_, "revision": 1, "create_time": t, "update_time": t},
                 )
             if not created:
                 old = conn.execute(sa.select(rc.c.revision).where(key).with_for_update()).first()
@@ -61,8 +62,11 @@ class Records(Repository):
                     raise _record_not_found(kind, record_id)
                 if expected_revision == -1:
                     raise Aborted(f"record {kind!r}/{record_id!r} already exists")
-                _check_revision(expected_revision if (expected_revision or 0) > 0 else None, old.revision,
-                                f"record {kind!r}/{record_id!r}")
+                _check_revision(
+                    expected_revision if (expected_revision or 0) > 0 else None,
+                    old.revision,
+                    f"record {kind!r}/{record_id!r}",
+                )
                 conn.execute(sa.update(rc).where(key).values(data=data_, revision=old.revision + 1, update_time=t))
             return self._record(conn.execute(sa.select(rc).where(key)).one())
 
@@ -114,4 +118,3 @@ class Records(Repository):
             return self._record(row)
 
         return self._write(tx, "delete_record")
-

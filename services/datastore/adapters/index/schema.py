@@ -14,7 +14,6 @@ SCHEMA_VERSION = 2  # 2: images.final (labelgrid_meta; kept for datastores older
 KEY_LEN = 200  # ids.MAX_ID_LENGTH
 
 
-
 def key_type() -> sa.types.TypeEngine[str]:
     """Ids sort in plain byte order (Python's order, MONAI Label's ``first``) on both backends."""
     return sa.String(KEY_LEN).with_variant(sa.String(KEY_LEN, collation="C"), "postgresql")
@@ -129,4 +128,3 @@ class Schema:
             C("create_time", sa.Double, nullable=False),
             C("update_time", sa.Double, nullable=False),
         )
-
