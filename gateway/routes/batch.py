@@ -8,8 +8,9 @@ each image and saves the result as a label (`label_tag`, default "original"). Th
 (default: all of the service's). The job runs in the inference service, so a client that
 hangs up, even with `run_sync`, does not stop it; `DELETE /batch/infer` does. Answers are
 MONAI Label's task objects (SUBMITTED / RUNNING / DONE / ERROR / STOPPED, `details` with
-the last log lines). `run_sync` answers the finished task (MONAI Label answers its
-per-image result dict).
+the last log lines). `run_sync=true` waits for the end and answers, as MONAI Label does,
+the per-image dict `{image_id: {"label", "tag", "params"}}` (`{}` for an image whose
+inference failed; a stopped job answers the images done before it stopped).
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def task_json(job: res.BatchInferenceJob) -> dict[str, Any]:
         "progress": {"total": job.total_images, "done": job.processed_images, "failed": job.failed_images},
     }
     return with_task_outcome(task, job)
+
+
+def sync_answer(job: res.BatchInferenceJob) -> dict[str, Any]:
+    """MONAI Label's run_sync answer: each image's saved label, its tag and the inference's params."""
+    answer: dict[str, Any] = {}
+    for item in job.results:
+        image = item.image.removeprefix("images/")
+        answer[image] = {} if item.failed else {"label": item.label, "tag": item.label_tag, "params": struct_to_dict(item.params)}
+    return answer
 
 
 def _devices(body: dict[str, Any]) -> list[str]:
@@ -155,6 +165,7 @@ async def api_run(
     ctx: Ctx = CtxDep,
 ) -> Any:
     job = _job(model, images, dict(params or {}))
+    job.keep_results = run_sync
     created = await ctx.clients.inference.CreateBatchInferenceJob(
         pb.CreateBatchInferenceJobRequest(batch_inference_job=job), timeout=ctx.timeout, metadata=ctx.metadata
     )
@@ -168,7 +179,11 @@ async def api_run(
             pb.GetBatchInferenceJobRequest(name=job.name), timeout=ctx.timeout, metadata=ctx.metadata
         )
         job = answer.batch_inference_job
-    return task_json(job)
+    if not run_sync or job.state not in _FINAL:  # the client hung up: nobody reads the answer
+        return task_json(job)
+    if job.state == common_pb2.JOB_STATE_FAILED:
+        raise GatewayError(500, f"batch inference failed: {job.error.message}")
+    return sync_answer(job)
 
 
 @router.delete("/infer", summary="Stop Batch Inference Task")

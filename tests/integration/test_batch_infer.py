@@ -100,12 +100,20 @@ def test_batch_survives_a_client_that_hangs_up(stack: str) -> None:
 
 def test_unlabeled_list_max_and_tag(stack: str) -> None:
     url = stack
-    task = httpx.post(
+    # run_sync answers MONAI Label's per-image dict {image_id: {"label", "tag", "params"}}, not a task
+    answer = httpx.post(
         f"{url}/batch/infer/segmentation",
         params={"images": "unlabeled", "run_sync": "true"},
         json={"label_tag": "pre", "max_batch_size": 4, "multi_gpu": False, "device": "cpu", **SMALL},
         timeout=120,
     ).json()
+    assert list(answer) == ["batch_00", "batch_01", "batch_02", "batch_04"]
+    for image, outcome in answer.items():
+        assert set(outcome) == {"label", "tag", "params"}
+        assert outcome["label"] == image and outcome["tag"] == "pre"
+        assert outcome["params"]["label_names"] and outcome["params"]["device"] == "cpu"
+        assert "total" in outcome["params"]["latencies"]
+    task = last_task(url)
     assert task["status"] == "DONE" and task["progress"]["total"] == 4
     assert task["request"]["device"] == ["cpu"] and task["request"]["label_tag"] == "pre"
     # sorted ids, labeled ones (03, 11) left out
@@ -115,10 +123,11 @@ def test_unlabeled_list_max_and_tag(stack: str) -> None:
     listed = httpx.post(
         f"{url}/batch/infer/segmentation",
         params={"run_sync": "true"},
-        json={"images": ["batch_03", "batch_11"], "label_tag": "listed", **SMALL},
+        json={"images": ["batch_11", "batch_03"], "label_tag": "listed", **SMALL},
         timeout=120,
     ).json()
-    assert listed["status"] == "DONE" and listed["request"]["images"] == ["batch_03", "batch_11"]
+    assert list(listed) == ["batch_11", "batch_03"] and listed["batch_03"]["tag"] == "listed"
+    assert last_task(url)["request"]["images"] == ["batch_11", "batch_03"]
     assert "listed" in tags_of(url, "batch_03") and "listed" in tags_of(url, "batch_11")
     assert "listed" not in tags_of(url, "batch_04")
 
@@ -137,7 +146,10 @@ def test_stop_keeps_what_was_saved(stack: str) -> None:
     assert httpx.delete(f"{url}/batch/infer").json() is None  # nothing runs: null, as MONAI Label
     # a new batch may start at once
     after = httpx.post(f"{url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": ["batch_05"]}, timeout=60)
-    assert after.status_code == 200 and after.json()["status"] == "DONE"
+    assert after.status_code == 200 and after.json()["batch_05"]["label"] == "batch_05"
+    assert last_task(url)["status"] == "DONE"
+    # a task (not run_sync) keeps no per-image results: the answers stay small
+    assert "results" not in last_task(url)
 
 
 def test_bad_batch_requests(stack: str) -> None:
@@ -151,5 +163,8 @@ def test_bad_batch_requests(stack: str) -> None:
     missing = httpx.post(
         f"{url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": ["batch_01", "nope"]}, timeout=60
     ).json()
-    assert missing["status"] == "DONE" and missing["progress"] == {"total": 2, "done": 1, "failed": 1}
-    assert any("nope: failed" in line for line in missing["details"])
+    # the image that failed answers {} in MONAI Label's run_sync dict; the job goes on
+    assert missing["nope"] == {} and missing["batch_01"]["tag"] == "original"
+    task = last_task(url)
+    assert task["status"] == "DONE" and task["progress"] == {"total": 2, "done": 1, "failed": 1}
+    assert any("nope: failed" in line for line in task["details"])

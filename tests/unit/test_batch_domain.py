@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -39,6 +39,7 @@ class Queue:
 
 class Outcome:
     device, saved_label = "cpu", "images/x/labels/original"
+    result_params: ClassVar[dict[str, Any]] = {"label_names": {"spleen": 1}}
 
     def cleanup(self) -> None:
         pass

@@ -12,11 +12,12 @@ from labelgrid.inference.v1 import resources_pb2 as res
 from services.common.errors import ErrorKind, LabelgridError
 from services.common.grpc_errors import error_details
 from services.common.protos import dict_to_struct, struct_to_dict
+from services.infer.domain.batch import ImageOutcome
 from services.infer.domain.model import InferParams
 
 
 class RemoteInfer:
-    """`BatchInference`'s infer_one over gRPC: (device, saved label) of one image."""
+    """`BatchInference`'s infer_one over gRPC: where one image ran, its saved label and result params."""
 
     def __init__(self, address: str, token: str = "", timeout: float = 600.0) -> None:
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.lb_policy_name", "round_robin")])
@@ -24,7 +25,7 @@ class RemoteInfer:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
-    async def __call__(self, model: str, image_id: str, params: InferParams) -> tuple[str, str]:
+    async def __call__(self, model: str, image_id: str, params: InferParams) -> ImageOutcome:
         result = params.result
         request = pb.InferRequest(
             model=f"models/{model}",
@@ -46,7 +47,8 @@ class RemoteInfer:
             async for message in self.stub.Infer(request, timeout=self.timeout, metadata=self.metadata):
                 if message.WhichOneof("payload") == "header":
                     header = message.header
-                    return str(struct_to_dict(header.result_params).get("device", "")), header.saved_label
+                    result_params = struct_to_dict(header.result_params)
+                    return ImageOutcome(str(result_params.get("device", "")), header.saved_label, result_params)
         except grpc.aio.AioRpcError as rpc_error:
             details = error_details(rpc_error)
             error = LabelgridError(details.message or details.code.name, reason=details.reason or "INFERENCE_ERROR")

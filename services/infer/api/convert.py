@@ -253,6 +253,17 @@ def batch_job(doc: dict[str, Any]) -> res.BatchInferenceJob:
         failed_images=int(doc.get("failed_images") or 0),
         queue_position=int(doc.get("queue_position") or 0),
         log_tail=list(doc.get("log_tail") or []),
+        keep_results=bool(doc.get("keep_results")),
+        results=[
+            res.BatchImageResult(
+                image=f"images/{item['image']}",
+                label=str(item.get("label") or ""),
+                label_tag=str(item.get("label_tag") or ""),
+                params=dict_to_struct(item.get("params") or {}),
+                failed=bool(item.get("failed")),
+            )
+            for item in doc.get("results") or []
+        ],
     )
     error = job_error(doc)
     if error is not None:

@@ -196,6 +196,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             devices=list(job.devices),
             enqueue=request.enqueue,
             request_id=request.request_id,
+            keep_results=job.keep_results,
         )
         return pb.CreateBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 

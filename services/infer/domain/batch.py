@@ -14,6 +14,7 @@ so they outlive the process; a restarted service marks the ones it lost as FAILE
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import logging
 import os
@@ -35,9 +36,18 @@ DEFAULT_TAG = "original"
 MAX_IMAGES = 100_000
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageOutcome:
+    """One image's inference in a batch: where it ran, the saved label, the result params."""
+
+    device: str
+    saved_label: str
+    params: dict[str, Any]
+
+
 class InferOne(Protocol):
-    async def __call__(self, model: str, image_id: str, params: InferParams) -> tuple[str, str]:
-        """Runs the model on one datastore image, saving the label; (device, saved label name)."""
+    async def __call__(self, model: str, image_id: str, params: InferParams) -> ImageOutcome:
+        """Runs the model on one datastore image, saving the label."""
         ...
 
 
@@ -79,10 +89,10 @@ class BatchInference:
         self._lock = asyncio.Lock()
         self._recovered = False
 
-    async def _infer_here(self, model: str, image_id: str, params: InferParams) -> tuple[str, str]:
+    async def _infer_here(self, model: str, image_id: str, params: InferParams) -> ImageOutcome:
         outcome = await self.inference.infer(model, ImageInput(image_id=image_id), params)
         outcome.cleanup()
-        return outcome.device, outcome.saved_label
+        return ImageOutcome(outcome.device, outcome.saved_label, dict(outcome.result_params))
 
     async def _recover(self) -> None:
         """Once: jobs a previous process on this host left active are FAILED (they died with it)."""
@@ -111,7 +121,10 @@ class BatchInference:
         devices: list[str] | None = None,
         enqueue: bool = False,
         request_id: str = "",
+        keep_results: bool = False,
     ) -> dict[str, Any]:
+        """Queues a job. keep_results: the job keeps each image's outcome (label, tag, result params)
+        in its `results`, MONAI Label's run_sync answer; off, a job over many images stays small."""
         self.inference.task(model)  # NOT_FOUND for an unknown model, now
         self.inference.check_params(params)
         if image_filter not in FILTERS:
@@ -144,6 +157,8 @@ class BatchInference:
                 processed_images=0,
                 failed_images=0,
                 owner=self.owner,
+                keep_results=keep_results,
+                results=[],
             )
             doc, created = await self.store.create(doc, request_id)
             if not created:
@@ -222,7 +237,7 @@ class BatchInference:
                 message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
                 await self.store.update(job_id, {"state": jobs.FAILED, "error": {"reason": reason, "message": message}})
 
-    async def _select(self, doc: dict[str, Any]) -> list[str]:
+    async def _select(self, doc: dict[str, Any]) -> builtins.list[str]:  # `list` is a method here
         if doc["images"]:
             chosen = list(dict.fromkeys(doc["images"]))
         else:
@@ -237,17 +252,27 @@ class BatchInference:
         await self.store.log(job_id, f"batch inference of {model} over {len(image_ids)} images, {self.width} at a time")
         counts = {"processed_images": 0, "failed_images": 0}
         pending = deque(enumerate(image_ids))
+        keep = bool(doc.get("keep_results"))
+        outcomes: dict[str, dict[str, Any]] = {}
+        tag = params.result.label_tag or DEFAULT_TAG
+
+        def results() -> dict[str, Any]:
+            # In image order, the images that have run so far.
+            return {"results": [outcomes[i] for i in image_ids if i in outcomes]} if keep else {}
 
         async def one(index: int, image_id: str) -> None:
             device = devices[index % len(devices)] if devices else params.device
             try:
-                ran_on, saved = await self.infer_one(model, image_id, dataclasses.replace(params, device=device))
+                outcome = await self.infer_one(model, image_id, dataclasses.replace(params, device=device))
             except LabelgridError as error:
                 counts["failed_images"] += 1
                 line = f"{image_id}: failed: {error.message}"
+                outcomes[image_id] = {"image": image_id, "failed": True}
             else:
                 counts["processed_images"] += 1
-                line = f"{image_id} => {ran_on} => {saved}"
+                line = f"{image_id} => {outcome.device} => {outcome.saved_label}"
+                # A label is named by its image ("images/{image}/labels/{tag}"): MONAI Label's label id is the image id.
+                outcomes[image_id] = {"image": image_id, "label": image_id, "label_tag": tag, "params": outcome.params}
             done = counts["processed_images"] + counts["failed_images"]
             await self.store.update(job_id, dict(counts), persist=False)
             await self.store.log(job_id, f"{line} ({done} / {len(image_ids)})")
@@ -262,8 +287,8 @@ class BatchInference:
                 for _ in range(min(self.width, len(image_ids))):
                     group.create_task(worker())
         except asyncio.CancelledError:
-            await asyncio.shield(self.store.update(job_id, {"state": jobs.CANCELLED, **counts}))
+            await asyncio.shield(self.store.update(job_id, {"state": jobs.CANCELLED, **counts, **results()}))
             await asyncio.shield(self.store.log(job_id, "stopped; labels saved so far stay"))
             raise
-        await self.store.update(job_id, {"state": jobs.SUCCEEDED, **counts})
+        await self.store.update(job_id, {"state": jobs.SUCCEEDED, **counts, **results()})
         log.info("batch inference done", extra={"job_id": job_id, "model": model, **counts})

@@ -537,6 +537,21 @@ export declare type BatchInferenceJob = Message<"labelgrid.inference.v1.BatchInf
    * @generated from field: repeated string log_tail = 16;
    */
   logTail: string[];
+
+  /**
+   * Keep each image's outcome in results (MONAI Label's run_sync answer); off by default, so
+   * a job over many images does not carry one entry per image.
+   *
+   * @generated from field: bool keep_results = 17;
+   */
+  keepResults: boolean;
+
+  /**
+   * Output only. With keep_results: each image's outcome, in image order, once it has run.
+   *
+   * @generated from field: repeated labelgrid.inference.v1.BatchImageResult results = 18;
+   */
+  results: BatchImageResult[];
 };
 
 /**
@@ -544,6 +559,54 @@ export declare type BatchInferenceJob = Message<"labelgrid.inference.v1.BatchInf
  * Use `create(BatchInferenceJobSchema)` to create a new message.
  */
 export declare const BatchInferenceJobSchema: GenMessage<BatchInferenceJob>;
+
+/**
+ * The outcome of one image of a batch inference (an entry of MONAI Label's run_sync answer).
+ *
+ * @generated from message labelgrid.inference.v1.BatchImageResult
+ */
+export declare type BatchImageResult = Message<"labelgrid.inference.v1.BatchImageResult"> & {
+  /**
+   * The image: "images/{image}".
+   *
+   * @generated from field: string image = 1;
+   */
+  image: string;
+
+  /**
+   * The saved label's id (MONAI Label's "label"); empty if the inference failed.
+   *
+   * @generated from field: string label = 2;
+   */
+  label: string;
+
+  /**
+   * The saved label's tag (MONAI Label's "tag").
+   *
+   * @generated from field: string label_tag = 3;
+   */
+  labelTag: string;
+
+  /**
+   * The inference's result params (MONAI Label's "params": label_names, latencies, ...).
+   *
+   * @generated from field: google.protobuf.Struct params = 4;
+   */
+  params?: JsonObject | undefined;
+
+  /**
+   * Whether the inference of this image failed (MONAI Label answers {} for it).
+   *
+   * @generated from field: bool failed = 5;
+   */
+  failed: boolean;
+};
+
+/**
+ * Describes the message labelgrid.inference.v1.BatchImageResult.
+ * Use `create(BatchImageResultSchema)` to create a new message.
+ */
+export declare const BatchImageResultSchema: GenMessage<BatchImageResult>;
 
 /**
  * MONAI Label's InferType: what a model does.

@@ -499,6 +499,8 @@ class BatchInferenceJob(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     LOG_TAIL_FIELD_NUMBER: _builtins.int
+    KEEP_RESULTS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. Resource name: "batchInferenceJobs/{job}"."""
     job_id: _builtins.str
@@ -521,6 +523,10 @@ class BatchInferenceJob(_message.Message):
     """Output only. Number of images whose inference failed (the job goes on with the next)."""
     queue_position: _builtins.int
     """Output only. Position in the queue while queued: 1 runs next; 0 otherwise."""
+    keep_results: _builtins.bool
+    """Keep each image's outcome in results (MONAI Label's run_sync answer); off by default, so
+    a job over many images does not carry one entry per image.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The images to run on ("images/{image}"), in order; empty means by image_filter."""
@@ -545,6 +551,10 @@ class BatchInferenceJob(_message.Message):
     def log_tail(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. The last lines of the job's log, oldest first (MONAI Label's task "details")."""
 
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchImageResult]:
+        """Output only. With keep_results: each image's outcome, in image order, once it has run."""
+
     def __init__(
         self,
         *,
@@ -564,11 +574,53 @@ class BatchInferenceJob(_message.Message):
         queue_position: _builtins.int = ...,
         error: _common_pb2.JobError | None = ...,
         log_tail: _abc.Iterable[_builtins.str] | None = ...,
+        keep_results: _builtins.bool = ...,
+        results: _abc.Iterable[Global___BatchImageResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "params", b"params", "times", b"times"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "error", b"error", "failed_images", b"failed_images", "image_filter", b"image_filter", "images", b"images", "job_id", b"job_id", "log_tail", b"log_tail", "max_images", b"max_images", "model", b"model", "name", b"name", "params", b"params", "processed_images", b"processed_images", "queue_position", b"queue_position", "state", b"state", "times", b"times", "total_images", b"total_images"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "error", b"error", "failed_images", b"failed_images", "image_filter", b"image_filter", "images", b"images", "job_id", b"job_id", "keep_results", b"keep_results", "log_tail", b"log_tail", "max_images", b"max_images", "model", b"model", "name", b"name", "params", b"params", "processed_images", b"processed_images", "queue_position", b"queue_position", "results", b"results", "state", b"state", "times", b"times", "total_images", b"total_images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchInferenceJob: _TypeAlias = BatchInferenceJob  # noqa: Y015
+
+@_typing.final
+class BatchImageResult(_message.Message):
+    """The outcome of one image of a batch inference (an entry of MONAI Label's run_sync answer)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LABEL_TAG_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    image: _builtins.str
+    """The image: "images/{image}"."""
+    label: _builtins.str
+    """The saved label's id (MONAI Label's "label"); empty if the inference failed."""
+    label_tag: _builtins.str
+    """The saved label's tag (MONAI Label's "tag")."""
+    failed: _builtins.bool
+    """Whether the inference of this image failed (MONAI Label answers {} for it)."""
+    @_builtins.property
+    def params(self) -> _struct_pb2.Struct:
+        """The inference's result params (MONAI Label's "params": label_names, latencies, ...)."""
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.str = ...,
+        label: _builtins.str = ...,
+        label_tag: _builtins.str = ...,
+        params: _struct_pb2.Struct | None = ...,
+        failed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "image", b"image", "label", b"label", "label_tag", b"label_tag", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchImageResult: _TypeAlias = BatchImageResult  # noqa: Y015
