@@ -20,6 +20,7 @@ from pydicom.dataset import FileDataset
 from pydicom.sr.codedict import codes
 
 from services.common.errors import InvalidArgument
+from services.common.models.volumes import load_spatial_image
 
 SEG_MEDIA_TYPE = "application/dicom"
 
@@ -42,7 +43,7 @@ def as_file(dataset: pydicom.Dataset) -> FileDataset:
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     if "TransferSyntaxUID" not in meta:
         meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    return FileDataset(None, dataset, file_meta=meta, preamble=b"\0" * 128)
+    return FileDataset(None, dataset, file_meta=meta, preamble=b"\0" * 128)  # type: ignore[arg-type]  # in memory: no file name
 
 
 def to_bytes(dataset: pydicom.Dataset) -> bytes:
@@ -116,7 +117,7 @@ def label_to_seg(
 def seg_to_label(seg: pydicom.Dataset, image_path: Path, path: Path) -> None:
     """A SEG read back onto the voxels of the stored image (`image_path`, NIfTI): segment n -> n."""
     segmentation = hd.seg.Segmentation.from_dataset(seg)
-    image = nib.load(str(image_path))
+    image = load_spatial_image(image_path)
     grid = hd.Volume.from_nibabel(image, frame_of_reference_uid=seg.FrameOfReferenceUID)
     volume = segmentation.get_volume(combine_segments=True, relabel=False, dtype=np.uint8)
     matched = volume.match_geometry(grid)

@@ -17,7 +17,7 @@ import nrrd
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.common.models.volumes import nrrd_affine
+from services.common.models.volumes import load_spatial_image, nrrd_affine
 
 RAW_LABEL_EXT = ".bin"
 
@@ -38,8 +38,8 @@ def image_geometry(path: Path, file_name: str) -> tuple[tuple[int, ...], np.ndar
     lower = file_name.lower()
     try:
         if lower.endswith((".nii.gz", ".nii")):
-            image = nib.load(str(path))
-            shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=float)
+            image = load_spatial_image(path)
+            shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
         elif lower.endswith(".nrrd"):
             header = nrrd.read_header(str(path))
             shape, affine = tuple(int(n) for n in header["sizes"]), nrrd_affine(header)

@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import nrrd
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from services.common.errors import InvalidArgument
 from services.common.formats import DEFAULT_LIMITS, VolumeLimits, check_volume, refuse_detached_nrrd
@@ -39,6 +40,15 @@ def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
     if space in ("left-posterior-superior", "lps"):
         affine = _LPS_TO_RAS @ affine
     return affine
+
+
+def load_spatial_image(path: Path | str) -> SpatialImage:
+    """`nib.load` of a NIfTI file, typed as what it returns for one (nibabel annotates the base
+    FileBasedImage, which has no affine, shape or dataobj)."""
+    image = nib.load(str(path))
+    if not isinstance(image, SpatialImage):
+        raise InvalidArgument(f"{Path(path).name!r} is not a volume image")
+    return image
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -68,9 +78,9 @@ class VolumeFiles:
         check_volume(path, ext, self.limits)
         try:
             if ext in (".nii.gz", ".nii"):
-                image = nib.load(str(path))
+                image = load_spatial_image(path)
                 data = np.asanyarray(image.dataobj, dtype=np.float32)
-                affine = np.asarray(image.affine, dtype=float)
+                affine = np.asarray(image.affine, dtype=np.float64)
             else:
                 raw, header = _read_nrrd(path)
                 data = np.asarray(raw, dtype=np.float32)

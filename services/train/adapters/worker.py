@@ -73,12 +73,13 @@ def _finite(value: Any) -> Any:
 
 def _own_labels(trainer: Any, items: list[dict[str, str]]) -> list[dict[str, str]]:
     """The items whose label values the trainer knows (the rest belong to other models)."""
-    import nibabel as nib
     import numpy as np
+
+    from services.common.models.volumes import load_spatial_image
 
     kept = []
     for item in items:
-        values = {int(v) for v in np.unique(np.asarray(nib.load(item["label"]).dataobj))}
+        values = {int(v) for v in np.unique(np.asarray(load_spatial_image(item["label"]).dataobj))}
         if trainer.accepts(values):
             kept.append(item)
         else:
