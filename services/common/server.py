@@ -94,6 +94,7 @@ class GrpcService:
                 # silently and share its traffic. A taken port must fail the start instead.
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._health = health.aio.HealthServicer()
         # The reference servicer starts with "" SERVING; nothing is ready until start() ends.

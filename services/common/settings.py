@@ -51,6 +51,9 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = 10.0
     # Largest gRPC message either way; chunks are at most 1 MiB, so this is headroom.
     max_message_bytes: int = 8 * 1024 * 1024
+    # RPCs one server runs at once (open streams included); more are refused RESOURCE_EXHAUSTED
+    # at once instead of queueing without bound (grpc's maximum_concurrent_rpcs).
+    max_concurrent_rpcs: int = 1000
     # Auth (services.common.auth). Static bearer tokens, each an admin (older deployments).
     auth_tokens: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
     # HS256 key of the access tokens the gateway issues to built-in users (at least 32 bytes).
@@ -133,6 +136,13 @@ class ServiceSettings(BaseSettings):
     def _check_grace(cls, value: float) -> float:
         if value < 0:
             raise ValueError("must not be negative")
+        return value
+
+    @field_validator("max_concurrent_rpcs", mode="after")
+    @classmethod
+    def _check_concurrent_rpcs(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
         return value
 
     @field_validator("max_message_bytes", mode="after")
