@@ -36,6 +36,11 @@ class Session:
         return SESSION_PREFIX + self.session_id
 
     @property
+    def owner(self) -> str:
+        """Whose quota the session counts against (owner_of at creation)."""
+        return str(self.data.get("owner") or f"client:{self.data.get('client_id') or ''}")
+
+    @property
     def expired(self) -> bool:
         return float(self.data.get("expiry_ts", 0)) <= time.time()
 
@@ -50,6 +55,14 @@ class Session:
             "last_access_ts": int(self.data.get("last_access_ts", 0)),
             "expiry": int(self.data.get("expiry", 0)),
         }
+
+
+def owner_of(ctx: Ctx, client_id: str | None) -> str:
+    """Who a new session belongs to, for the per-client quota: the authenticated user when auth
+    is on (a client cannot pick another name), else the client_id MONAI Label clients send."""
+    if ctx.settings.auth_enabled:
+        return f"user:{ctx.identity.username}"
+    return f"client:{client_id or ''}"
 
 
 def new_session_id() -> str:

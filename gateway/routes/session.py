@@ -76,6 +76,24 @@ async def _upload_session_image(
     )
 
 
+async def _check_quota(ctx: Ctx, owner: str) -> None:
+    """A 429 when the caller already holds sessions_per_client live sessions, or all callers
+    together sessions_max (live_sessions also removes expired ones, which frees their places)."""
+    live = await sessions.live_sessions(ctx)
+    settings = ctx.settings
+    if len(live) >= settings.sessions_max:
+        raise GatewayError(
+            429, f"too many sessions: {len(live)} are live, the limit is {settings.sessions_max}; retry once some end or expire"
+        )
+    held = sum(1 for session in live if session.owner == owner)
+    if held >= settings.sessions_per_client:
+        raise GatewayError(
+            429,
+            f"too many sessions for this client: it holds {held}, the limit is {settings.sessions_per_client}; "
+            "delete one (DELETE /session/{id}) or wait until one expires",
+        )
+
+
 @router.put("/", summary="Create new session with Image")
 async def create_session(
     files: Annotated[list[UploadFile], File()],
@@ -97,6 +115,8 @@ async def create_session(
             422,
             "the session upload needs a file name (its extension selects the format)",
         )
+    owner = sessions.owner_of(ctx, client_id)
+    await _check_quota(ctx, owner)
     session = sessions.Session(
         session_id,
         {
@@ -106,6 +126,7 @@ async def create_session(
             "expiry": expiry,
             "expiry_ts": now + expiry,
             "client_id": client_id or "",
+            "owner": owner,
             "uncompress": uncompress,
             "meta": {},
         },

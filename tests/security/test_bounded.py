@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pydantic
 import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
+from tests.integration.conftest import GatewayStack
+from tests.security.conftest import nifti
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,3 +62,44 @@ async def test_a_server_runs_at_most_max_concurrent_rpcs() -> None:
 def test_max_concurrent_rpcs_must_be_positive(value: Any) -> None:
     with pytest.raises(pydantic.ValidationError, match="max_concurrent_rpcs"):
         ServiceSettings(max_concurrent_rpcs=value)
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quota_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
+    stack = GatewayStack(
+        tmp_path_factory.mktemp("quota"), gateway_overrides={"sessions_per_client": 2, "sessions_max": 3}
+    ).start()
+    yield stack
+    stack.stop()
+
+
+def _stored_images(stack: GatewayStack) -> int:
+    with grpc.insecure_channel(stack.datastore_address) as channel:
+        page = ds_grpc.DatastoreServiceStub(channel).ListImages(ds_pb.ListImagesRequest(page_size=1000), timeout=10)
+    return len(page.images)
+
+
+def test_sessions_are_bounded_per_client_and_in_total(quota_stack: GatewayStack) -> None:
+    with httpx.Client(base_url=quota_stack.url, timeout=30) as http:
+
+        def create(client: str) -> httpx.Response:
+            return http.put("/session/", files={"files": ("a.nii.gz", nifti())}, data={"client_id": client})
+
+        first = [create("alice") for _ in range(2)]
+        assert [answer.status_code for answer in first] == [200, 200], [a.text for a in first]
+        before = _stored_images(quota_stack)
+        refused = create("alice")
+        assert refused.status_code == 429, refused.text
+        assert "this client" in refused.json()["detail"] and "2" in refused.json()["detail"]
+        assert _stored_images(quota_stack) == before  # nothing stored for the refused one
+        assert create("bob").status_code == 200  # another client has its own places
+        full = create("carol")
+        assert full.status_code == 429 and "the limit is 3" in full.json()["detail"], full.text
+        # Ending one of alice's sessions frees a place, for alice and in total.
+        assert http.delete(f"/session/{first[0].json()['session_id']}").status_code == 200
+        again = create("alice")
+        assert again.status_code == 200, again.text
+        assert http.get(f"/session/{again.json()['session_id']}").status_code == 200
