@@ -39,6 +39,7 @@ from services.common.errors import InvalidArgument
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
 MAX_BACKOFF_S = 30.0
+FIRST_REPLICA_PORT = 50060  # --infer-replicas N: replicas on 50060, 50061, ... unless --infer-replica-ports
 STABLE_AFTER_S = 60.0  # a child up this long has its backoff reset
 
 
@@ -292,6 +293,17 @@ class StackAuth:
         return {}
 
 
+def port_list(value: str) -> list[int]:
+    """--infer-replica-ports: a comma list of TCP ports."""
+    try:
+        ports = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ports separated by commas, got {value!r}") from None
+    if not ports or not all(0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"expected ports (1-65535) separated by commas, got {value!r}")
+    return ports
+
+
 def studies_arg(value: str) -> Path | str:
     """--studies: a folder, or (as MONAI Label takes it) a DICOMweb URL kept as written."""
     return value if value.startswith(("http://", "https://")) else Path(value)
@@ -303,7 +315,8 @@ def dicomweb_studies(args: argparse.Namespace) -> str:
 
 
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
-    """The six children, wired to each other's loopback ports."""
+    """The children (datastore, inference or its replicas, training, active learning, gateway,
+    Envoy), wired to each other's loopback ports."""
     ports = Ports(
         args.port, args.admin_port, args.gateway_port, args.datastore_port, args.inference_port,
         args.training_port, args.activelearning_port,
@@ -325,10 +338,21 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         datastore_argv += ["--state-dir", str(work / "datastore")]
         datastore_argv += ["--s3-endpoint", args.s3_endpoint] if args.s3_endpoint else []
         datastore_argv += ["--s3-bucket", args.s3_bucket] if args.s3_bucket else []
-    inference_argv = [
-        *python, "services.infer", *common, "--port", str(ports.inference), "--datastore", datastore_address,
-        "--device", args.device, "--app", args.app, "--work-dir", str(work / "infer"),
-    ]  # fmt: skip
+    # Inference: one process on --inference-port, or with --infer-replicas N, N processes on the
+    # replica ports behind Envoy, which listens on --inference-port itself (least requests).
+    replica_addresses = [f"{host}:{port}" for port in replica_ports(args)]
+    inference_argvs = {
+        name: [
+            *python, "services.infer", *common, "--port", str(port), "--datastore", datastore_address,
+            "--device", args.device, "--app", args.app, "--work-dir", str(work / name.replace("inference", "infer")),
+        ]
+        for name, port in (
+            [(f"inference-{n}", port) for n, port in enumerate(replica_ports(args), 1)] or [("inference", ports.inference)]
+        )
+    }  # fmt: skip
+    if replica_addresses:  # batch inference fans its images out over every replica (round robin)
+        fan_out = ["--batch-address", "ipv4:" + ",".join(replica_addresses), "--batch-width", str(2 * len(replica_addresses))]
+        inference_argvs = {name: [*argv, *fan_out] for name, argv in inference_argvs.items()}
     training_argv = [
         *python, "services.train", *common, "--port", str(ports.training), "--datastore", datastore_address,
         "--device", args.train_device, "--app", args.app, "--work-dir", str(work / "train"),
@@ -340,9 +364,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     ]  # fmt: skip
     if args.bundle:  # MONAI Bundles: each model service stores them in the datastore (idempotent) and serves them
         bundles = ["--bundle", ",".join(str(Path(path).resolve()) for path in args.bundle)]
-        inference_argv, training_argv, activelearning_argv = (
-            [*argv, *bundles] for argv in (inference_argv, training_argv, activelearning_argv)
-        )
+        training_argv, activelearning_argv = ([*argv, *bundles] for argv in (training_argv, activelearning_argv))
+        inference_argvs = {name: [*argv, *bundles] for name, argv in inference_argvs.items()}
     gateway_argv = [
         *python, "gateway", *common, "--port", str(ports.gateway),
         "--datastore-address", datastore_address, "--inference-address", inference_address,
@@ -361,7 +384,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
             admin_port=ports.admin,
             gateway_address=f"{host}:{ports.gateway}",
             datastore_address=datastore_address,
-            inference_address=inference_address,
+            inference_address=",".join(replica_addresses) or inference_address,
+            inference_listen_port=ports.inference if replica_addresses else 0,
             training_address=training_address,
             activelearning_address=activelearning_address,
             access_log=args.access_log,
@@ -372,13 +396,16 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     groups = [
         [Child("datastore", datastore_argv, grpc_serving(datastore_address), say, env("datastore"))],
         [
-            Child("inference", inference_argv, grpc_serving(inference_address), say, env("inference")),
+            *(
+                Child(name, argv, grpc_serving(f"{host}:{argv[argv.index('--port') + 1]}"), say, env("inference"))
+                for name, argv in inference_argvs.items()
+            ),
             Child("training", training_argv, grpc_serving(training_address), say, env("training")),
             Child("activelearning", activelearning_argv, grpc_serving(activelearning_address), say, env("activelearning")),
             Child(
                 "gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/", stack_auth.check_headers),
                 say, env("gateway"),
-            ),  # fmt: skip
+            ),
             Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
         ],
     ]
@@ -421,8 +448,22 @@ def make_say(log_file: Path | None = None) -> Say:
     return say
 
 
+def replica_ports(args: argparse.Namespace) -> list[int]:
+    """The ports of the inference replicas: none for one replica (it listens on --inference-port),
+    else --infer-replica-ports, or consecutive ports from FIRST_REPLICA_PORT."""
+    if args.infer_replicas < 1:
+        raise InvalidArgument(f"--infer-replicas must be at least 1, got {args.infer_replicas}")
+    given = list(args.infer_replica_ports or [])
+    if given and len(given) != args.infer_replicas:
+        raise InvalidArgument(f"--infer-replica-ports names {len(given)} ports for --infer-replicas {args.infer_replicas}")
+    if args.infer_replicas == 1:
+        return []
+    return given or [FIRST_REPLICA_PORT + n for n in range(args.infer_replicas)]
+
+
 def up(args: argparse.Namespace) -> int:
     say = make_say(stack_log_file(args.work_dir))
+    args.infer_replica_ports = replica_ports(args)
     if problems := port_problems(stack_ports(vars(args), args.host)):
         for problem in [*problems, "labelgrid did not start"]:
             say(problem)
@@ -487,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inference-port", type=int, default=Ports.inference)
     run.add_argument("--training-port", type=int, default=Ports.training)
     run.add_argument("--activelearning-port", type=int, default=Ports.activelearning)
+    run.add_argument(
+        "--infer-replicas", type=int, default=1, metavar="N",
+        help="inference processes; above 1 Envoy balances them (least requests) on --inference-port",
+    )  # fmt: skip
+    run.add_argument(
+        "--infer-replica-ports", type=port_list, default=[], metavar="P1,P2,...",
+        help=f"the replicas' own ports (default: {FIRST_REPLICA_PORT}, {FIRST_REPLICA_PORT + 1}, ...)",
+    )  # fmt: skip
     run.add_argument("--device", default="auto", help="inference devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--train-device", default="auto", help="training devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--scoring-device", default="auto", help="active learning scoring devices: auto, cpu, cuda, cuda:N")

@@ -57,7 +57,12 @@ class EnvoySettings:
     admin_port: int = 9901
     gateway_address: str = "127.0.0.1:8001"
     datastore_address: str = "127.0.0.1:50051"
+    # One HOST:PORT, or a comma list of replicas (`labelgrid up --infer-replicas N`): Envoy
+    # balances them by least requests, checks their gRPC health and retries a refused call on another.
     inference_address: str = "127.0.0.1:50052"
+    # A loopback listener (0: none) through which the stack's own clients (the gateway) reach the
+    # inference replicas, balanced like the edge's inference route.
+    inference_listen_port: int = 0
     training_address: str = ""
     activelearning_address: str = ""
     # Origins allowed to call the gRPC routes from a browser (REST CORS is the gateway's own).
@@ -132,13 +137,15 @@ def _is_ip(host: str) -> bool:
 
 
 def _cluster(name: str, address: str, *, http2: bool, connect_timeout: float) -> dict[str, Any]:
-    """One upstream; gRPC ones speak HTTP/2 (h2c), the gateway HTTP/1.1. DNS names (Kubernetes
-    Services) are re-resolved, IPs are static."""
-    host, port = _split_address(address)
+    """One upstream (`address`: HOST:PORT, or a comma list of them); gRPC ones speak HTTP/2 (h2c),
+    the gateway HTTP/1.1. DNS names (Kubernetes Services) are re-resolved, IPs are static."""
+    endpoints = [_split_address(one.strip()) for one in address.split(",") if one.strip()]
+    if not endpoints:
+        raise ValueError(f"no address for the {name} upstream")
     protocol: dict[str, Any] = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
     return {
         "name": name,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
         "connect_timeout": f"{connect_timeout}s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -150,9 +157,47 @@ def _cluster(name: str, address: str, *, http2: bool, connect_timeout: float) ->
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}} for host, port in endpoints]}
+            ],
         },
     }
+
+
+def _replicated(cluster: dict[str, Any]) -> dict[str, Any]:
+    """A gRPC cluster of replicas (inference): least requests first (an inference holds a device
+    for seconds, so round robin would queue behind a busy replica while another idles); each
+    replica's grpc.health.v1 is checked every second, a failing one gets no new calls until it
+    passes again, and with none healthy Envoy answers 503 at once instead of trying them all."""
+    return {
+        **cluster,
+        "lb_policy": "LEAST_REQUEST",
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "1s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+    }
+
+
+# A call the replica never received (refused connection, stream reset before any response) goes
+# to another replica; one that reached a replica is never sent twice (an inference is not idempotent).
+_REPLICA_RETRY = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": _TYPE + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
 
 
 def _cors_policy(origins: tuple[str, ...]) -> dict[str, Any]:
@@ -195,13 +240,16 @@ def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[d
     match: dict[str, Any] = {"prefix": prefix}
     if headers:
         match["headers"] = headers
+    route: dict[str, Any] = {
+        "cluster": cluster,
+        "timeout": "0s",
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+    }
+    if cluster == "inference":
+        route["retry_policy"] = _REPLICA_RETRY
     return {
         "match": match,
-        "route": {
-            "cluster": cluster,
-            "timeout": "0s",
-            "max_stream_duration": {"grpc_timeout_header_max": "0s"},
-        },
+        "route": route,
         "typed_per_filter_config": {"envoy.filters.http.cors": cors, _BUFFER_FILTER: _NO_BUFFER},
     }
 
@@ -233,6 +281,51 @@ def routes(settings: EnvoySettings) -> list[dict[str, Any]]:
         }
     )
     return result
+
+
+def _inference_listener(settings: EnvoySettings) -> dict[str, Any]:
+    """A loopback h2c listener passing every gRPC call (inference, health, reflection) to the
+    inference replicas: the stack's gateway dials it as its one inference address."""
+    manager = {
+        "@type": _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "inference",
+        "codec_type": "HTTP2",
+        "stream_idle_timeout": f"{settings.stream_idle_timeout_seconds}s",
+        "request_timeout": "0s",
+        "http2_protocol_options": {
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "initial_stream_window_size": settings.initial_stream_window_size,
+            "initial_connection_window_size": settings.initial_connection_window_size,
+        },
+        "route_config": {
+            "name": "inference",
+            "virtual_hosts": [
+                {
+                    "name": "inference",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {
+                                "cluster": "inference",
+                                "timeout": "0s",
+                                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                                "retry_policy": _REPLICA_RETRY,
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"}}
+        ],
+    }
+    return {
+        "name": "inference",
+        "address": _socket_address(settings.admin_host, settings.inference_listen_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+    }
 
 
 def _stats_listener(settings: EnvoySettings) -> dict[str, Any]:
@@ -330,10 +423,9 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
     clusters = [
         _cluster("gateway", settings.gateway_address, http2=False, connect_timeout=settings.connect_timeout_seconds)
     ]
-    clusters += [
-        _cluster(name, address, http2=True, connect_timeout=settings.connect_timeout_seconds)
-        for name, address in settings.upstreams.items()
-    ]
+    for name, address in settings.upstreams.items():
+        cluster = _cluster(name, address, http2=True, connect_timeout=settings.connect_timeout_seconds)
+        clusters.append(_replicated(cluster) if name == "inference" else cluster)
     listeners = [
         {
             "name": "edge",
@@ -343,6 +435,10 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
             ],
         }
     ]
+    if settings.inference_listen_port:
+        if "inference" not in settings.upstreams:
+            raise ValueError("inference_listen_port needs an inference_address")
+        listeners.append(_inference_listener(settings))
     if settings.stats_port:
         listeners.append(_stats_listener(settings))
         clusters.append(

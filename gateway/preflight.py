@@ -65,16 +65,21 @@ WHAT = {
     "inference_port": "inference",
     "training_port": "training",
     "activelearning_port": "active learning",
+    "infer_replica_ports": "an inference replica",
 }
 
 
 def stack_ports(options: dict[str, object], host: str) -> list[PortUse]:
-    """The ports of `labelgrid up`'s options (every `--*-port`, and `--port` on `host`; the
-    services and Envoy's admin listen on loopback)."""
+    """The ports of `labelgrid up`'s options (every `--*-port`, each port of a `--*-ports` list
+    such as the inference replicas', and `--port` on `host`; the services and Envoy's admin
+    listen on loopback)."""
     uses = []
     for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
         if (name == "port" or name.endswith("_port")) and isinstance(value, int):
-            flag = "--" + name.replace("_", "-")
             what = WHAT.get(name, name.removesuffix("_port").replace("_", " "))
             uses.append(PortUse(flag, what, host if name == "port" else "127.0.0.1", value))
+        elif name.endswith("_ports") and isinstance(value, (list, tuple)):
+            what = WHAT.get(name, name.removesuffix("_ports").replace("_", " "))
+            uses += [PortUse(flag, f"{what} ({n} of {len(value)})", "127.0.0.1", port) for n, port in enumerate(value, 1)]
     return uses
