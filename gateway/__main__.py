@@ -29,6 +29,9 @@ async def serve(settings: GatewaySettings) -> None:
         host=settings.host,
         port=settings.port,
         log_config=None,  # our structlog handler renders uvicorn's records too
+        # No per-request access log here: rendering and piping a line per call cost more than
+        # the hot routes themselves (Envoy writes access logs: `labelgrid up --access-log`).
+        access_log=False,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import __version__
 from gateway.auth import AuthMiddleware, check_auth_settings
+from gateway.changes import HotReadMiddleware, stop_change_watch
 from gateway.clients import GrpcClients
 from gateway.errors import UnhandledErrorMiddleware, install_error_handlers
 from gateway.metrics import install_metrics, route_templates
@@ -30,6 +31,13 @@ from gateway.routes import (
 )
 from gateway.settings import GatewaySettings
 
+# GET (path, query string) -> the gateway.changes key its route keeps its answer under.
+HOT_READS = {
+    ("/datastore/", b""): datastore.STATS_KEY,
+    ("/datastore/", b"output=stats"): datastore.STATS_KEY,
+    ("/info/", b""): info.INFO_KEY,
+}
+
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     """One app per settings; the gRPC channels open in the lifespan and live on app.state."""
@@ -42,6 +50,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             with logs.recent_log() as app.state.recent_log:
                 yield
         finally:
+            await stop_change_watch(app)
             await app.state.dicom_proxy.aclose()
             await app.state.clients.close()
 
@@ -73,6 +82,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     ):
         app.include_router(router)
     install_error_handlers(app)
+    # Innermost: kept answers of the hot reads, after auth has checked the caller (gateway.changes).
+    app.add_middleware(HotReadMiddleware, hot=HOT_READS)
     app.add_middleware(UnhandledErrorMiddleware)
     # Before any route reads a body: the caller's token and MONAI Label's role for the route.
     app.add_middleware(AuthMiddleware, settings=settings, templates=lambda: [t for _, t in route_templates(app.router.routes)])

@@ -24,6 +24,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from gateway import sessions
+from gateway.changes import ChangeWatch, Token, change_watch
 from gateway.clients import found_or_none, open_download
 from gateway.errors import from_rpc_error
 from gateway.multipart import upload_form
@@ -48,7 +49,7 @@ PAGE_SIZE = 1000
 log = logging.getLogger("labelgrid.gateway")
 
 
-class ResultType(str, enum.Enum):
+class ResultType(enum.StrEnum):
     train = "train"
     stats = "stats"
     all = "all"
@@ -82,18 +83,31 @@ def _sweep_sessions(ctx: Ctx) -> None:
     _sweeps[key] = (now, asyncio.create_task(sweep()))
 
 
-async def datastore_stats(ctx: Ctx) -> dict[str, Any]:
+def next_sweep(ctx: Ctx) -> float:
+    """When (time.monotonic()) expired sessions are next swept: a kept stats answer expires
+    then, so that the call that sweeps still comes."""
+    return _sweeps.get(id(ctx.clients), (float("-inf"), None))[0] + SESSION_SWEEP_SECONDS
+
+
+STATS_KEY = "datastore stats"
+"""gateway.changes key of the kept GET /datastore/ answer."""
+
+
+async def datastore_stats(ctx: Ctx, watch: ChangeWatch) -> tuple[dict[str, Any], Token | None]:
     """MONAI Label's status(): {total, completed, label_tags}, session images not counted;
-    one query in the datastore."""
+    one query in the datastore. Also the token it was read under (see gateway.changes)."""
+    watch.start(ctx.clients.datastore, ctx.service_metadata)
+    token = watch.token()  # before the call: a write announced meanwhile makes it stale
     status = await ctx.clients.datastore.GetStatus(
         ds_pb.GetStatusRequest(**HIDE_SESSIONS), timeout=ctx.timeout, metadata=ctx.metadata
     )
     _sweep_sessions(ctx)
-    return {
+    stats = {
         "total": int(status.total),
         "completed": int(status.completed),
         "label_tags": {tag: int(n) for tag, n in sorted(status.label_tags.items())},
     }
+    return stats, token
 
 
 async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
@@ -150,7 +164,11 @@ async def datastore(
         return await _datastore_all(ctx)
     if output is ResultType.train:
         return await _datalist(ctx, request)
-    return JSONResponse(await datastore_stats(ctx))
+    watch = change_watch(request.app)
+    stats, token = await datastore_stats(ctx, watch)
+    response = JSONResponse(stats)
+    watch.put(STATS_KEY, token, bytes(response.body), expires=next_sweep(ctx))
+    return response
 
 
 # -- images --------------------------------------------------------------------------------

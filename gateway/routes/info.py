@@ -32,9 +32,10 @@ from labelgrid.inference.v1 import resources_pb2 as inf_res
 from labelgrid.training.v1 import training_service_pb2 as train_pb
 
 from gateway import __version__
+from gateway.changes import change_watch
 from gateway.errors import GatewayError
 from gateway.routes.common import Ctx, CtxDep
-from gateway.routes.datastore import datastore_stats
+from gateway.routes.datastore import datastore_stats, next_sweep
 from services.common.protos import struct_to_dict
 
 router = APIRouter(tags=["AppService"])
@@ -275,7 +276,7 @@ async def _train_stats(ctx: Ctx, cache: InfoCache, names: Mapping[str, str]) -> 
             extra={"code": err.code().name},
         )
         return {t: cache.train_stats.get(t, {}) for t in names}
-    stats = {t: struct_to_dict(a.train_stats) for t, a in zip(names, answers)}
+    stats = {t: struct_to_dict(a.train_stats) for t, a in zip(names, answers, strict=True)}
     cache.train_stats, cache.train_stats_at = stats, time.monotonic()
     return stats
 
@@ -287,17 +288,31 @@ async def _parts_and_train_stats(
     return parts, await _train_stats(ctx, cache, parts["training"]["_trainer_names"])
 
 
+INFO_KEY = "info"
+"""gateway.changes key of the kept GET /info/ answer."""
+
+
+def _expires(ctx: Ctx, cache: InfoCache) -> float:
+    """When a kept /info/ answer is too old: its oldest part, or the next session sweep."""
+    parts = min((part.fetched_at for part in cache.parts.values()), default=float("-inf"))
+    trainers = (cache.parts["training"].value or {}).get("_trainer_names")
+    train = cache.train_stats_at if trainers else float("inf")
+    return min(parts + STATIC_TTL_SECONDS, train + TRAIN_STATS_TTL_SECONDS, next_sweep(ctx))
+
+
 @router.get("/info/", summary="Get App Info")
 async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
     cache = info_cache(request)
-    (parts, train_stats), stats = await asyncio.gather(
-        _parts_and_train_stats(ctx, cache), datastore_stats(ctx)
+    watch = change_watch(request.app)
+    generation = cache.generation
+    (parts, train_stats), (stats, token) = await asyncio.gather(
+        _parts_and_train_stats(ctx, cache), datastore_stats(ctx, watch)
     )
     inference, training, activelearning = (
         parts["inference"], parts["training"], parts["activelearning"]
     )
     # No top-level "config" key: Slicer refuses servers that send one.
-    return JSONResponse({
+    response = JSONResponse({
         "name": inference["name"],
         "description": inference["description"],
         "version": inference["version"],
@@ -309,3 +324,6 @@ async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
         "train_stats": train_stats,
         "datastore": stats,
     })
+    if generation == cache.generation:  # no model changed meanwhile
+        watch.put(INFO_KEY, token, bytes(response.body), expires=_expires(ctx, cache))
+    return response

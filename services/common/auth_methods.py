@@ -66,6 +66,7 @@ METHOD_RULES: dict[str, Rule] = {
         "GetDownloadUrl": Rule(USER, WORKERS),
         "ExportDataset": Rule(ANNOTATOR),
         "ExportDatastoreJson": Rule(USER, ALL),
+        "WatchChanges": Rule(USER, ALL),  # the gateway's cache of counts and listings
         "Reindex": Rule(ADMIN),
         "AcquireImageLease": Rule(USER, frozenset({"activelearning"})),
         "RenewImageLease": Rule(USER, frozenset({"activelearning"})),

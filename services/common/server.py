@@ -52,6 +52,7 @@ class GrpcService:
         registry: CollectorRegistry | None = None,
         on_stop: Callable[[], Awaitable[Any]] | None = None,
         token_check: TokenCheck | None = None,
+        on_stopping: Callable[[], None] | None = None,
     ):
         self.settings = settings
         self.service_names = list(service_names)
@@ -59,6 +60,9 @@ class GrpcService:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = ServerMetrics(self.registry)
         self.on_stop = on_stop
+        # Called as stopping begins, before the grace period: ends streams that never end by
+        # themselves (the datastore's WatchChanges), so they do not hold shutdown for `grace`.
+        self.on_stopping = on_stopping
         self.token_check = token_check
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -165,6 +169,8 @@ class GrpcService:
         grace = self.settings.grace_seconds if grace is None else grace
         try:
             log.info("stopping", extra={"grace_seconds": grace, "port": self.port})
+            if self.on_stopping is not None:
+                self.on_stopping()
             if self._health is not None:
                 # Sets everything NOT_SERVING and keeps it there.
                 await self._health.enter_graceful_shutdown()

@@ -32,6 +32,8 @@ run = asyncio.to_thread
 class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
     def __init__(self, datastore: Datastore) -> None:
         self.ds = datastore
+        self._watches: set[asyncio.Event] = set()  # one per open WatchChanges stream
+        self._closing = False
 
     # -- info --------------------------------------------------------------------------
 
@@ -53,6 +55,36 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             body = await run(self.ds.export_json, *hide)
         for start in range(0, len(body), CHUNK_SIZE):
             yield pb.ExportDatastoreJsonResponse(chunk=body[start : start + CHUNK_SIZE])
+
+    async def WatchChanges(
+        self, request: pb.WatchChangesRequest, context: Any
+    ) -> AsyncIterator[pb.WatchChangesResponse]:
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def notify() -> None:  # called by the writing worker thread
+            try:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+
+        stop = self.ds.watch(notify)
+        self._watches.add(changed)
+        try:
+            exclusive = self.ds.exclusive
+            while not self._closing:
+                changed.clear()  # before reading: a change after this sets it again
+                yield pb.WatchChangesResponse(generation=self.ds.generation, exclusive=exclusive)
+                await changed.wait()
+        finally:
+            self._watches.discard(changed)
+            stop()
+
+    def end_watches(self) -> None:
+        """Ends every WatchChanges stream (the server is stopping; watchers reconnect elsewhere)."""
+        self._closing = True
+        for changed in list(self._watches):
+            changed.set()
 
     # -- images ------------------------------------------------------------------------
 
@@ -339,8 +371,10 @@ def service_names() -> list[str]:
     return [pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name]
 
 
-def register(server: grpc.aio.Server, datastore: Datastore) -> None:
-    pb_grpc.add_DatastoreServiceServicer_to_server(DatastoreServicer(datastore), server)
+def register(server: grpc.aio.Server, datastore: Datastore) -> DatastoreServicer:
+    servicer = DatastoreServicer(datastore)
+    pb_grpc.add_DatastoreServiceServicer_to_server(servicer, server)
+    return servicer
 
 
 def create_service(settings: ServiceSettings, datastore: Datastore) -> GrpcService:
@@ -350,10 +384,17 @@ def create_service(settings: ServiceSettings, datastore: Datastore) -> GrpcServi
     """
     registry = CollectorRegistry()
     metered = instrument(datastore, registry)
+    servicers: list[DatastoreServicer] = []
+
+    def end_watches() -> None:
+        for servicer in servicers:
+            servicer.end_watches()
+
     return GrpcService(
         settings,
         service_names(),
-        lambda server: register(server, metered),  # type: ignore[arg-type]  # a Datastore, metered
+        lambda server: servicers.append(register(server, metered)),  # a Datastore, metered
         registry=registry,
         on_stop=lambda: asyncio.to_thread(datastore.close),
+        on_stopping=end_watches,
     )

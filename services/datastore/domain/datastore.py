@@ -156,6 +156,10 @@ class Datastore:
         self.description = description
         self._clock = clock
         self._locks = _KeyedLocks()
+        # Bumped after every write to images, labels or their info (see watch()).
+        self._generation = 0
+        self._watch_lock = threading.Lock()
+        self._watchers: list[Callable[[], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -171,8 +175,38 @@ class Datastore:
             self.mirror.close()
 
     def _changed(self) -> None:
+        """After a write has committed: a new generation, and every watcher is told."""
+        with self._watch_lock:
+            self._generation += 1
+            watchers = list(self._watchers)
+        for notify in watchers:
+            notify()
         if self.mirror is not None:
             self.mirror.mark_dirty()
+
+    @property
+    def generation(self) -> int:
+        """Changes after every write to images, labels or their info (counts, listings)."""
+        return self._generation
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether every change to the index passes through this object (so ``generation``
+        sees them all): not on PostgreSQL, which replicas share."""
+        return getattr(self.index, "backend", "sqlite") != "postgresql"
+
+    def watch(self, notify: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``notify()`` (from the writing thread; it must not block) after each change;
+        returns the function that stops it."""
+        with self._watch_lock:
+            self._watchers.append(notify)
+
+        def stop() -> None:
+            with self._watch_lock:
+                if notify in self._watchers:
+                    self._watchers.remove(notify)
+
+        return stop
 
     # -- info --------------------------------------------------------------------------
 

@@ -1102,6 +1102,48 @@ export declare type ExportDatastoreJsonResponse = Message<"labelgrid.datastore.v
 export declare const ExportDatastoreJsonResponseSchema: GenMessage<ExportDatastoreJsonResponse>;
 
 /**
+ * Request of WatchChanges.
+ *
+ * @generated from message labelgrid.datastore.v1.WatchChangesRequest
+ */
+export declare type WatchChangesRequest = Message<"labelgrid.datastore.v1.WatchChangesRequest"> & {
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.WatchChangesRequest.
+ * Use `create(WatchChangesRequestSchema)` to create a new message.
+ */
+export declare const WatchChangesRequestSchema: GenMessage<WatchChangesRequest>;
+
+/**
+ * One message of a WatchChanges stream.
+ *
+ * @generated from message labelgrid.datastore.v1.WatchChangesResponse
+ */
+export declare type WatchChangesResponse = Message<"labelgrid.datastore.v1.WatchChangesResponse"> & {
+  /**
+   * Changes with every write to images, labels or their info; compare only for equality.
+   *
+   * @generated from field: int64 generation = 1;
+   */
+  generation: bigint;
+
+  /**
+   * True when this datastore sees every change to its index (a SQLite index, or a DICOMweb
+   * store's mirror); false when other writers may change it unseen (PostgreSQL).
+   *
+   * @generated from field: bool exclusive = 2;
+   */
+  exclusive: boolean;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.WatchChangesResponse.
+ * Use `create(WatchChangesResponseSchema)` to create a new message.
+ */
+export declare const WatchChangesResponseSchema: GenMessage<WatchChangesResponse>;
+
+/**
  * Request of Reindex.
  *
  * @generated from message labelgrid.datastore.v1.ReindexRequest
@@ -2362,6 +2404,22 @@ export declare const DatastoreService: GenService<{
     methodKind: "server_streaming";
     input: typeof ExportDatastoreJsonRequestSchema;
     output: typeof ExportDatastoreJsonResponseSchema;
+  },
+  /**
+   * Streams the datastore's change generation: one message at once with the current one,
+   * then one after images, labels or their info changed (a burst of writes may come as one
+   * message; only the latest generation matters). A reader may keep what it derived from
+   * this datastore (counts, listings) while the generation it read under is still the
+   * latest it was sent and the stream is open; a broken stream means "reread". When
+   * `exclusive` is false, other writers (replicas sharing a PostgreSQL index) can change
+   * the data unseen by this stream, so nothing may be kept.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.WatchChanges
+   */
+  watchChanges: {
+    methodKind: "server_streaming";
+    input: typeof WatchChangesRequestSchema;
+    output: typeof WatchChangesResponseSchema;
   },
   /**
    * Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the

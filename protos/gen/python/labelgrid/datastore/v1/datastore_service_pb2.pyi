@@ -1150,6 +1150,51 @@ class ExportDatastoreJsonResponse(_message.Message):
 Global___ExportDatastoreJsonResponse: _TypeAlias = ExportDatastoreJsonResponse  # noqa: Y015
 
 @_typing.final
+class WatchChangesRequest(_message.Message):
+    """Request of WatchChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchChangesRequest: _TypeAlias = WatchChangesRequest  # noqa: Y015
+
+@_typing.final
+class WatchChangesResponse(_message.Message):
+    """One message of a WatchChanges stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """Changes with every write to images, labels or their info; compare only for equality."""
+    exclusive: _builtins.bool
+    """True when this datastore sees every change to its index (a SQLite index, or a DICOMweb
+    store's mirror); false when other writers may change it unseen (PostgreSQL).
+    """
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        exclusive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclusive", b"exclusive", "generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchChangesResponse: _TypeAlias = WatchChangesResponse  # noqa: Y015
+
+@_typing.final
 class ReindexRequest(_message.Message):
     """Request of Reindex."""
 

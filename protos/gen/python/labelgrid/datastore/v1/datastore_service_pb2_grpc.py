@@ -128,6 +128,11 @@ class DatastoreServiceStub:
                 request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.SerializeToString,
                 response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.FromString,
                 _registered_method=True)
+        self.WatchChanges = channel.unary_stream(
+                '/labelgrid.datastore.v1.DatastoreService/WatchChanges',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesResponse.FromString,
+                _registered_method=True)
         self.Reindex = channel.unary_unary(
                 '/labelgrid.datastore.v1.DatastoreService/Reindex',
                 request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ReindexRequest.SerializeToString,
@@ -361,6 +366,19 @@ class DatastoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchChanges(self, request, context):
+        """Streams the datastore's change generation: one message at once with the current one,
+        then one after images, labels or their info changed (a burst of writes may come as one
+        message; only the latest generation matters). A reader may keep what it derived from
+        this datastore (counts, listings) while the generation it read under is still the
+        latest it was sent and the stream is open; a broken stream means "reread". When
+        `exclusive` is false, other writers (replicas sharing a PostgreSQL index) can change
+        the data unseen by this stream, so nothing may be kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reindex(self, request, context):
         """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
         folder or bucket behind the service's back and drops entries whose files are gone.
@@ -570,6 +588,11 @@ def add_DatastoreServiceServicer_to_server(servicer, server):
                     servicer.ExportDatastoreJson,
                     request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.FromString,
                     response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.SerializeToString,
+            ),
+            'WatchChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchChanges,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesResponse.SerializeToString,
             ),
             'Reindex': grpc.unary_unary_rpc_method_handler(
                     servicer.Reindex,
@@ -1125,6 +1148,33 @@ class DatastoreService:
             '/labelgrid.datastore.v1.DatastoreService/ExportDatastoreJson',
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonRequest.SerializeToString,
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.ExportDatastoreJsonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/WatchChanges',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.WatchChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

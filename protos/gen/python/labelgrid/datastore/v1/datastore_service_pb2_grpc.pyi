@@ -101,6 +101,15 @@ class DatastoreServiceStub:
     in one snapshot: the listing clients fetch on every next sample, without a page of
     Image messages per 1,000 images.
     """
+    WatchChanges: _grpc.UnaryStreamMultiCallable[_datastore_service_pb2.WatchChangesRequest, _datastore_service_pb2.WatchChangesResponse]
+    """Streams the datastore's change generation: one message at once with the current one,
+    then one after images, labels or their info changed (a burst of writes may come as one
+    message; only the latest generation matters). A reader may keep what it derived from
+    this datastore (counts, listings) while the generation it read under is still the
+    latest it was sent and the stream is open; a broken stream means "reread". When
+    `exclusive` is false, other writers (replicas sharing a PostgreSQL index) can change
+    the data unseen by this stream, so nothing may be kept.
+    """
     Reindex: _grpc.UnaryUnaryMultiCallable[_datastore_service_pb2.ReindexRequest, _datastore_service_pb2.ReindexResponse]
     """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
     folder or bucket behind the service's back and drops entries whose files are gone.
@@ -213,6 +222,15 @@ class DatastoreServiceAsyncStub(DatastoreServiceStub):
     GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
     in one snapshot: the listing clients fetch on every next sample, without a page of
     Image messages per 1,000 images.
+    """
+    WatchChanges: _aio.UnaryStreamMultiCallable[_datastore_service_pb2.WatchChangesRequest, _datastore_service_pb2.WatchChangesResponse]  # type: ignore[assignment]
+    """Streams the datastore's change generation: one message at once with the current one,
+    then one after images, labels or their info changed (a burst of writes may come as one
+    message; only the latest generation matters). A reader may keep what it derived from
+    this datastore (counts, listings) while the generation it read under is still the
+    latest it was sent and the stream is open; a broken stream means "reread". When
+    `exclusive` is false, other writers (replicas sharing a PostgreSQL index) can change
+    the data unseen by this stream, so nothing may be kept.
     """
     Reindex: _aio.UnaryUnaryMultiCallable[_datastore_service_pb2.ReindexRequest, _datastore_service_pb2.ReindexResponse]  # type: ignore[assignment]
     """Rebuilds the index from the blobs (MONAI Label's refresh()): adopts files added to the
@@ -425,6 +443,21 @@ class DatastoreServiceServicer(metaclass=_abc_1.ABCMeta):
         GET /datastore/?output=all answers), already serialised as compact UTF-8 JSON and read
         in one snapshot: the listing clients fetch on every next sample, without a page of
         Image messages per 1,000 images.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchChanges(
+        self,
+        request: _datastore_service_pb2.WatchChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datastore_service_pb2.WatchChangesResponse], _abc.AsyncIterator[_datastore_service_pb2.WatchChangesResponse]]:
+        """Streams the datastore's change generation: one message at once with the current one,
+        then one after images, labels or their info changed (a burst of writes may come as one
+        message; only the latest generation matters). A reader may keep what it derived from
+        this datastore (counts, listings) while the generation it read under is still the
+        latest it was sent and the stream is open; a broken stream means "reread". When
+        `exclusive` is false, other writers (replicas sharing a PostgreSQL index) can change
+        the data unseen by this stream, so nothing may be kept.
         """
 
     @_abc_1.abstractmethod
