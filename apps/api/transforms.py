@@ -24,7 +24,7 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
 def _scale_points(points: Iterable[Point], factors: Sequence[float], shape: Sequence[int]) -> tuple[Point, ...]:
     out = []
     for point in points:
-        scaled = [min(max(round((p + 0.5) * f - 0.5), 0), s - 1) for p, f, s in zip(point, factors, shape)]
+        scaled = [min(max(round((p + 0.5) * f - 0.5), 0), s - 1) for p, f, s in zip(point, factors, shape, strict=True)]
         out.append((scaled[0], scaled[1], scaled[2]))
     return tuple(out)
 
@@ -43,10 +43,10 @@ class ResampleToSpacing:
         image: torch.Tensor = item.data["image"]
         shape = image.shape[1:]
         current = voxel_spacing(item.data["affine"])
-        new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.spacing)]
+        new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.spacing, strict=True)]
         if list(new_shape) != list(shape):
             image = F.interpolate(image[None], size=new_shape, mode="trilinear", align_corners=False)[0]
-        factors = [n / o for n, o in zip(new_shape, shape)]
+        factors = [n / o for n, o in zip(new_shape, shape, strict=True)]
         prompt = item.prompt
         moved = Prompt(
             label=prompt.label,
@@ -73,7 +73,7 @@ def click_map(shape: Sequence[int], points: Iterable[Point], sigma: float) -> to
     signal = torch.zeros(tuple(shape), dtype=torch.float32)
     grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
     for point in points:
-        squared = sum((grid - float(p)) ** 2 for grid, p in zip(grids, point))
+        squared = sum(((grid - float(p)) ** 2 for grid, p in zip(grids, point, strict=True)), torch.zeros(()))
         signal = torch.maximum(signal, torch.exp(-squared / (2.0 * sigma * sigma)))
     return signal
 

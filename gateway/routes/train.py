@@ -123,7 +123,7 @@ async def api_run(params: dict[str, Any] | None = Body(None), run_sync: bool = F
     common = {k: v for k, v in body.items() if not (k in names and isinstance(v, dict))}
     result: dict[str, Any] = {}
     for name in names:
-        own = body.get(name) if isinstance(body.get(name), dict) else {}
+        own = body[name] if isinstance(body.get(name), dict) else {}
         try:
             job = await _create(ctx, name, {**own, **common}, enqueue=True)
             result[name] = {"result": await _wait_stats(ctx, job) if run_sync else task_json(job), "detail": None}

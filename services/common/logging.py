@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import MutableMapping
+from typing import Any, Literal
 
 import structlog
 
 _HANDLER_NAME = "labelgrid"
 
 
-def _drop_formatter_leftovers(logger: object, method: str, event_dict: dict) -> dict:
+def _drop_formatter_leftovers(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Another handler that formatted the record first leaves `message` on it; it is not an extra."""
     event_dict.pop("message", None)
     event_dict.pop("color_message", None)
@@ -40,7 +41,7 @@ def configure_logging(level: str | int = "INFO", fmt: Literal["console", "json"]
         renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
         # No locals in tracebacks: they may hold tokens or request payloads.
         tracebacks = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
-        final = [tracebacks, renderer]
+        final: list[structlog.types.Processor] = [tracebacks, renderer]
     else:
         final = [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(

@@ -106,8 +106,8 @@ def _split(output: Any, sizes: list[int]) -> list[Any]:
         parts = [_split(item, sizes) for item in output]
         return [type(output)(part[i] for part in parts) for i in range(len(sizes))]
     if isinstance(output, Mapping):
-        parts = {key: _split(value, sizes) for key, value in output.items()}
-        return [{key: part[i] for key, part in parts.items()} for i in range(len(sizes))]
+        by_key = {key: _split(value, sizes) for key, value in output.items()}
+        return [{key: part[i] for key, part in by_key.items()} for i in range(len(sizes))]
     raise TypeError(f"cannot split a network output of type {type(output).__name__} into batches")
 
 

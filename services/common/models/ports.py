@@ -45,6 +45,7 @@ class ModelRunner(Protocol):
         params: dict[str, Any],
         cancelled: threading.Event,
         input_label: Any = None,
+        model: str = "",
     ) -> RunResult: ...
 
     def devices(self) -> list[DeviceInfo]: ...

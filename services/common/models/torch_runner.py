@@ -100,7 +100,7 @@ class TorchRunner:
                 if volume.path is None:
                     raise InferenceError(f"{type(task).__name__} reads image files, and this image has none")
                 label = torch.from_numpy(
-                    np.asarray(task.infer_file(loaded.network, volume.path, loaded.device, lambda: _check(cancelled), latencies))
+                    np.asarray(task.infer_file(loaded.network, volume.path, loaded.device, lambda: _check(cancelled), latencies, prompt))
                 )
                 return self._restore(task, label, volume, prompt, latencies)
             started = time.perf_counter()
@@ -129,8 +129,8 @@ class TorchRunner:
 
             started = time.perf_counter()
             label = logits.detach()
-            for step in task.post_transforms(params):
-                label = step(label)
+            for post_step in task.post_transforms(params):
+                label = post_step(label)
             latencies["post"] = time.perf_counter() - started
 
             return self._restore(task, label, volume, prompt, latencies)

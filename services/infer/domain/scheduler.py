@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.infer.domain.model import DeadlineExceeded, QueueStat
@@ -159,7 +159,7 @@ class Slot:
         self.model = model
         self.deadline = deadline
         self.queue_seconds = 0.0
-        self._pending: asyncio.Future[object] | None = None
+        self._pending: asyncio.Future[Any] | None = None
 
     async def __aenter__(self) -> Self:
         queued_at = time.monotonic()

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,12 @@ class DataCache:
             if label is None:
                 continue
             try:
-                image_path = await self._fetch(image.name, image.sha256, image.ext or ".nii.gz", lambda d, i=image.image_id: self.datastore.download_image(i, d))
+                image_path = await self._fetch(
+                    image.name, image.sha256, image.ext or ".nii.gz", partial(self.datastore.download_image, image.image_id)
+                )
                 label_path = await self._fetch(
                     label.name or f"images/{image.image_id}/labels/{tag}", label.sha256, label.ext or ".nii.gz",
-                    lambda d, i=image.image_id: self.datastore.download_label(i, tag, d),
+                    partial(self.datastore.download_label, image.image_id, tag),
                 )  # fmt: skip
             except InvalidArgument as error:  # a file the shared volume check refuses is never read
                 log(f"image {image.image_id} skipped: {error.message}")
