@@ -94,9 +94,10 @@ def scale_intensity(image: np.ndarray, window: Sequence[float] | None) -> np.nda
     """MONAI's ScaleIntensityRange (a_min, a_max, b_min, b_max, clip); None: percentiles 1..99 to [0, 1]."""
     if window is None:
         low, high = (float(v) for v in np.percentile(image, [1.0, 99.0]))
-        a_min, a_max, b_min, b_max, clip = low, high, 0.0, 1.0, True
+        a_min, a_max, b_min, b_max, clip = low, high, 0.0, 1.0, 1.0
     else:
         a_min, a_max, b_min, b_max, clip = window
+    scaled: np.ndarray
     if a_max == a_min:
         scaled = np.full_like(image, b_min, dtype=np.float32)
     else:
