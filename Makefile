@@ -18,7 +18,7 @@ NODE_CLIENT := clients/node
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java go-client java-client protos node-protos check-protos protos-baseline bench clean
+.PHONY: run test install install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java go-client java-client protos node-protos check-protos lint protos-baseline bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ run: install
 
 test: install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java check-protos
 	$(PY) -m pytest
+
+# ruff (lint) and mypy, with the config in pyproject.toml.
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 protos: install-dev
 	$(PY) scripts/gen_protos.py
