@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from services.datastore.adapters.blobs import LocalBlobStore, S3BlobStore
 from services.datastore.adapters.dicomweb import DicomwebPacs, parse_search_filter
 from services.datastore.adapters.dicomweb_store import PacsDatastore
 from services.datastore.adapters.index import SqlIndex
 from services.datastore.adapters.monailabel_json import JsonMirror, read_monailabel_json
 from services.datastore.domain.datastore import Datastore
+from services.datastore.domain.ports import BlobStore
 from services.datastore.settings import DatastoreSettings
 
 
@@ -17,7 +21,7 @@ def build_datastore(settings: DatastoreSettings) -> Datastore:
         return build_pacs_datastore(settings)
     if settings.backend == "local":
         root = settings.root.resolve()
-        blobs = LocalBlobStore(root)
+        blobs: BlobStore = LocalBlobStore(root)
         index_url = settings.index or f"sqlite:///{root / '.labelgrid' / 'index.db'}"
         location = str(root)
     else:
@@ -37,7 +41,7 @@ def build_datastore(settings: DatastoreSettings) -> Datastore:
         location = f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
     index = SqlIndex(index_url)
     mirror = None
-    legacy = lambda: None  # noqa: E731
+    legacy: Callable[[], dict[str, Any] | None] = lambda: None  # noqa: E731
     if settings.backend == "local":
         # Keep MONAI Label's own datastore_v2.json current, so MONAI Label still opens the folder.
         mirror = JsonMirror(root, lambda: index.export_monailabel_model(settings.dataset_name, settings.dataset_description))
