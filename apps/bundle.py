@@ -9,6 +9,15 @@ loaded into it (or the TorchScript `model.ts`), and the bundle's own `preprocess
 its SaveImaged. Labels are metadata.json's `network_data_format.outputs.pred.channel_def`
 without background.
 
+The infer type comes from the bundle as MONAI Label decides it (metadata.json `labelgrid_type`,
+else the bundle's name: "deepedit", "deepgrow", ...). Segmentation, deepedit and deepgrow bundles
+are served. An interactive bundle gets the request's clicks as MONAI Label's BundleInferTask
+gives them, in the data dict its transforms read: each label's clicks under the label's name
+(DeepEdit's AddGuidanceFromPointsDeepEditd with `label_names`), `foreground` / `background` /
+`label` (Deepgrow's AddGuidanceFromPointsd), plus `label_names`; `use_click` is set in its config
+for a deepedit bundle, as MONAI Label sets it. A deepedit bundle's labels keep background, as
+MONAI Label lists them.
+
 A bundle is code: its configs evaluate Python expressions and name any class. Only an admin
 adds one. Zips are extracted defensively all the same (no absolute or `..` entries, no links,
 bounded entry count and size), so a mistaken upload cannot write outside its folder or fill
@@ -36,16 +45,28 @@ import numpy as np
 import torch
 
 from apps.api.base import InferInput, InferTask, InferType
+from apps.api.prompt import Prompt
 
 __all__ = ["Bundle", "BundleError", "BundleInferTask", "bundle_name", "load_bundle", "open_bundle"]
 
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 TRAIN_CONFIGS = ("train.json", "train.yaml", "train.yml")
+# Laid over the train config when training runs on more than one device (MONAI Label's BundleTrainTask).
+MULTI_GPU_CONFIGS = ("multi_gpu_train.json", "multi_gpu_train.yaml", "multi_gpu_train.yml")
 # Zip limits: a bundle is configs + weights (+ docs, scripts); these are far above any Model Zoo bundle.
 MAX_ZIP_ENTRIES = 10_000
 MAX_UNPACKED_BYTES = 8 * 1024**3
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
-_SUPPORTED_TYPES = (InferType.SEGMENTATION, InferType.ANNOTATION, InferType.OTHERS)
+_SUPPORTED_TYPES = (InferType.SEGMENTATION, InferType.ANNOTATION, InferType.OTHERS, InferType.DEEPEDIT, InferType.DEEPGROW)
+_INTERACTIVE = (InferType.DEEPEDIT, InferType.DEEPGROW)
+# Why the other types are refused: the key or input a bundle of that type needs that labelgrid lacks.
+_UNSUPPORTED_WHY = {
+    InferType.VISTA3D: "its prompts (points, point_labels, label_prompt) and VISTA3D's own inferer are not supported",
+    InferType.DETECTION: "its 'detector' / 'detector_ops' keys (box outputs) are not supported",
+    InferType.CLASSIFICATION: "class outputs (no label map) are not supported",
+}
+# A train config key labelgrid's trainer does not run: DeepEdit / Deepgrow click simulation.
+_UNTRAINABLE_KEYS = ("train#trainer#iteration_update", "validate#evaluator#iteration_update")
 # ConfigParser resolves a bundle's `scripts.*` by import from its root: one bundle on sys.path at a time.
 _IMPORT_LOCK = threading.RLock()
 
@@ -193,25 +214,37 @@ class Bundle:
     description: str
     version: str
     extra: dict[str, Any] = field(default_factory=dict)
+    multi_gpu_config: Path | None = None
 
-    def parser(self, config: Path | None = None, device: str = "cpu") -> Any:
-        """A ConfigParser of the config (default: inference) with MONAI Label's overrides."""
+    def parser(self, config: Path | None = None, device: str = "cpu", over: Sequence[Path] = ()) -> Any:
+        """A ConfigParser of the config (default: inference) with MONAI Label's overrides; the
+        configs in `over` are laid over it, later keys winning (MONAI's list of config files)."""
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
         path = config or self.inference_config
         try:
-            parser.read_config(str(path))
+            parser.read_config([str(path), *(str(extra) for extra in over)] if over else str(path))
             parser.read_meta(str(self.root / "configs" / "metadata.json"))
         except Exception as error:  # noqa: BLE001 - a broken file is the bundle's fault
-            raise BundleError(f"configs/{path.name} cannot be read: {error}") from None
-        parser.config.update({"bundle_root": str(self.root), "device": f"$torch.device({device!r})"})
+            names = ", ".join(f"configs/{p.name}" for p in (path, *over))
+            raise BundleError(f"{names} cannot be read: {error}") from None
+        overrides: dict[str, Any] = parser.config  # type: ignore[assignment]  # the root of a ConfigParser is a dict
+        overrides.update({"bundle_root": str(self.root), "device": f"$torch.device({device!r})"})
+        if path == self.inference_config:
+            # MONAI Label's BundleInferTask: a deepedit bundle's inferer uses the clicks.
+            overrides["use_click"] = self.type == InferType.DEEPEDIT
         return parser
 
     @property
     def trainable(self) -> bool:
         """A train config and a state dict to train (a TorchScript network is not trained here)."""
-        return self.train_config is not None and not self.torchscript
+        return self.train_config is not None and not self.torchscript and not self.untrainable
+
+    @property
+    def untrainable(self) -> str:
+        """Why its train config is not run here (a key labelgrid's trainer lacks); "" if it is."""
+        return str(self.extra.get("untrainable", ""))
 
     def describe(self) -> dict[str, Any]:
         """What /info shows of the bundle."""
@@ -223,6 +256,7 @@ class Bundle:
             "description": self.description,
             "torchscript": self.torchscript,
             "trainable": self.trainable,
+            **({"untrainable": self.untrainable} if self.untrainable else {}),
         }
 
 
@@ -244,6 +278,7 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
     if inference is None:
         raise BundleError(f"missing configs/inference.json (or {', '.join(INFERENCE_CONFIGS[1:])})")
     train = _first_existing(configs, TRAIN_CONFIGS)
+    multi_gpu = _first_existing(configs, MULTI_GPU_CONFIGS) if train is not None else None
     weights = root / "models" / "model.pt"
     torchscript = False
     if not weights.is_file():
@@ -269,7 +304,16 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
         channels = {int(index): str(label) for index, label in channel_def.items()}
     except (TypeError, ValueError):
         raise BundleError(f"network_data_format.outputs.{pred_key}.channel_def keys must be channel numbers") from None
-    labels = {label.lower(): index for index, label in sorted(channels.items()) if label.lower() != "background"}
+    infer_type = _infer_type(name, metadata)
+    if infer_type not in _SUPPORTED_TYPES:
+        why = _UNSUPPORTED_WHY.get(infer_type, "labelgrid serves segmentation, deepedit and deepgrow bundles")
+        raise BundleError(
+            f"bundle {name!r} is a {infer_type.value} bundle (metadata.json labelgrid_type, else its name): {why}; "
+            "set metadata.json labelgrid_type to 'segmentation' if it is one"
+        )
+    # MONAI Label lists a deepedit bundle's labels with background (its clicks have a "background" group).
+    keep_background = infer_type == InferType.DEEPEDIT
+    labels = {label.lower(): index for index, label in sorted(channels.items()) if keep_background or label.lower() != "background"}
     num_channels = pred.get("num_channels", len(channels))
     if not isinstance(num_channels, int) or num_channels != len(channels):
         raise BundleError(
@@ -277,12 +321,6 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
         )
     spatial = image.get("spatial_shape")
     dimension = len(spatial) if isinstance(spatial, (list, tuple)) and spatial else 3
-    infer_type = _infer_type(name, metadata)
-    if infer_type not in _SUPPORTED_TYPES:
-        raise BundleError(
-            f"bundle {name!r} is a {infer_type.value} bundle; labelgrid serves segmentation bundles "
-            "(set metadata.json labelgrid_type to 'segmentation' if it is one)"
-        )
     input_channels = image.get("num_channels", 1)
     return Bundle(
         name=name,
@@ -301,7 +339,24 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
         dimension=dimension,
         description=str(metadata.get("description") or metadata.get("name") or name),
         version=str(metadata.get("version", "")),
+        extra={"untrainable": _untrainable(train)} if train is not None else {},
+        multi_gpu_config=multi_gpu,
     )
+
+
+def _untrainable(train: Path) -> str:
+    """The train config's key labelgrid's trainer does not run (DeepEdit's click simulation), as a reason."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(train))
+    except Exception as error:  # noqa: BLE001 - a broken file is the bundle's fault
+        raise BundleError(f"configs/{train.name} cannot be read: {error}") from None
+    for key in _UNTRAINABLE_KEYS:
+        if key in parser:
+            return f"configs/{train.name} {key!r} (click simulation while training) is not run by labelgrid's trainer"
+    return ""
 
 
 class _OnBundlePath:
@@ -484,6 +539,21 @@ class BundleInferTask(InferTask):
 
     # -- running --------------------------------------------------------------------------------
 
+    def click_data(self, prompt: Prompt | None) -> dict[str, Any]:
+        """The request's clicks as MONAI Label puts them in the data dict of an interactive bundle's
+        transforms: `{label name: [[i, j, k], ...]}` for every label (DeepEdit; "background" too),
+        `foreground` / `background` / `label` (Deepgrow), and `label_names`. {} for other types."""
+        if self.type not in _INTERACTIVE or prompt is None:
+            return {}
+        data: dict[str, Any] = {name: [list(p) for p in points] for name, points in prompt.label_points.items()}
+        background = [*prompt.background, *prompt.label_points.get("background", ())]
+        data["background"] = [list(p) for p in background]
+        data["foreground"] = [list(p) for p in prompt.foreground]
+        if prompt.label:
+            data["label"] = prompt.label
+        data["label_names"] = dict(self.labels)
+        return data
+
     def infer_file(
         self,
         network: torch.nn.Module,
@@ -491,13 +561,15 @@ class BundleInferTask(InferTask):
         device: str,
         check: Callable[[], None],
         latencies: dict[str, float],
+        prompt: Prompt | None = None,
     ) -> np.ndarray:
-        """The label of the image file at `path` on its own grid (spatial dims, ints)."""
+        """The label of the image file at `path` on its own grid (spatial dims, ints); an
+        interactive bundle's transforms also get the prompt's clicks (`click_data`)."""
         import time
 
         pipeline = self.pipeline(device)
         started = time.perf_counter()
-        data = pipeline.pre({self.bundle.image_key: str(path)})
+        data = pipeline.pre({**self.click_data(prompt), self.bundle.image_key: str(path)})
         latencies["pre"] = time.perf_counter() - started
         check()
         started = time.perf_counter()

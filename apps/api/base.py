@@ -123,11 +123,18 @@ class InferTask:
         return []
 
     def infer_file(
-        self, network: torch.nn.Module, path: Any, device: str, check: Callable[[], None], latencies: dict[str, float]
+        self,
+        network: torch.nn.Module,
+        path: Any,
+        device: str,
+        check: Callable[[], None],
+        latencies: dict[str, float],
+        prompt: Prompt | None = None,
     ) -> Any:
         """Only for `reads_files` tasks: the label map (spatial dims, ints, on the image's grid) of the
-        image file at `path`; calls `check()` between stages (it raises when the caller hung up) and
-        puts the seconds of "pre", "infer" and "post" into `latencies`."""
+        image file at `path` (and the user's `prompt`, for interactive models); calls `check()`
+        between stages (it raises when the caller hung up) and puts the seconds of "pre", "infer"
+        and "post" into `latencies`."""
         raise NotImplementedError
 
     def finalize(self, label: Any, prompt: Prompt) -> Any:
