@@ -10,6 +10,15 @@ token) or `{"detail": "Could not validate credentials"}` with `WWW-Authenticate:
 The caller's identity goes into `request.state.identity`; the gateway forwards the caller's
 own token to the gRPC services, which check the same roles per method. Mutating requests are
 written to the structured audit log (logger `labelgrid.audit`) with the authenticated user.
+
+Browsers (OHIF at /ohif/, which sends no Authorization header) use a same-origin session
+instead: `POST /auth/login` sets an HttpOnly, SameSite=Strict cookie (Secure on TLS) holding
+the user's short-lived access token. The cookie is accepted only on the routes OHIF calls
+(`COOKIE_ROUTES`), with the same role table, and only from the gateway's own origin: a request
+with a cookie and no bearer token is refused (403) when its `Origin` (or, for a change without
+`Origin`, its `Referer`) is another origin, and a change with neither is refused too (CSRF).
+The accepted cookie's token is then passed on as the request's bearer token, so the services
+see the user, never the gateway.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import json
 import logging
 import re
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,6 +46,7 @@ from services.common.auth import (
 from services.common.errors import InvalidArgument
 
 audit_log = logging.getLogger("labelgrid.audit")
+log = logging.getLogger("labelgrid.gateway.auth")
 
 PUBLIC = "public"
 """Open without a token: the docs, /auth/ and the login (MONAI Label's `-`)."""
@@ -51,6 +61,9 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/auth/"): PUBLIC,
     ("POST", "/auth/token"): PUBLIC,
+    ("GET", "/auth/login"): PUBLIC,  # the browser session's login page (labelgrid's, for OHIF)
+    ("POST", "/auth/login"): PUBLIC,
+    ("POST", "/auth/logout"): PUBLIC,
     ("GET", "/auth/token/valid"): PUBLIC,
     # monailabel-user
     ("GET", "/info/"): USER,
@@ -111,6 +124,35 @@ A route of the app missing here needs the admin role (tests/integration/test_aut
 DOWNLOAD_ROUTE = "/datastore/image"
 """Takes a signed `?token=` instead of a bearer token (Slicer's download sends no header)."""
 
+SESSION_COOKIE = "labelgrid_session"
+"""The browser session's cookie (POST /auth/login sets it): the user's access token."""
+
+COOKIE_ROUTES: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/ohif"),
+    ("GET", "/ohif/{path:path}"),
+    ("GET", "/proxy/dicom/{op}/{path:path}"),
+    ("POST", "/proxy/dicom/{op}/{path:path}"),  # STOW and reject, which OHIF's config turns on
+    ("GET", "/proxy/dicom/{path}"),
+    ("POST", "/proxy/dicom/{path}"),
+    ("GET", "/info/"),
+    ("POST", "/infer/{model}"),
+    ("POST", "/activelearning/{strategy}"),
+    ("GET", "/train/"),
+    ("POST", "/train/"),
+    ("DELETE", "/train/"),
+    ("GET", "/logs/"),
+    ("GET", "/datastore/"),
+    ("GET", "/datastore/image"),
+    ("GET", "/datastore/image/info"),
+    ("GET", "/datastore/label"),
+    ("GET", "/datastore/label/info"),
+    ("PUT", "/datastore/label"),
+})  # fmt: skip
+"""What OHIF's MONAI Label panel and viewer call (monailabel-compat review §2): the only routes a
+session cookie opens. HEAD goes with GET. Everything else needs a bearer token."""
+
+LOGIN_PAGE = "/auth/login"
+
 _AUDITED_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 
 
@@ -148,6 +190,44 @@ def required_role(method: str, template: str) -> str:
     if role is None and method == "HEAD":
         role = ROUTE_ROLES.get(("GET", template))
     return role if role is not None else ADMIN
+
+
+def cookie(scope: Scope, name: str = SESSION_COOKIE) -> str | None:
+    """The value of cookie `name` (every `cookie` header: HTTP/2 may send several), if set."""
+    for key, value in scope.get("headers") or ():
+        if key != b"cookie":
+            continue
+        for pair in value.decode("latin-1").split(";"):
+            key_name, sep, found = pair.strip().partition("=")
+            if sep and key_name == name and found.strip():
+                return found.strip().strip('"')
+    return None
+
+
+def _origin_of(url: str) -> str | None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not rest:
+        return None
+    return rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].lower() or None
+
+
+def cross_origin(headers: dict[bytes, bytes], method: str) -> str | None:
+    """Why a cookie-authenticated request is not from the gateway's own origin, or None.
+
+    The request's own origin is its Host (as the browser addressed us, proxies included);
+    Origin (sent by browsers on every cross-origin request and every change) must name it. A
+    change without Origin needs a Referer of the same origin; a read without either is a
+    top-level navigation or a same-origin fetch, which SameSite=Strict already limits to us."""
+    host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+    origin = headers.get(b"origin", b"").decode("latin-1").strip()
+    if origin:
+        return None if origin != "null" and _origin_of(origin) == host else f"cross-origin request from {origin[:200]}"
+    if method in ("GET", "HEAD"):
+        return None
+    referer = headers.get(b"referer", b"").decode("latin-1").strip()
+    if not referer:
+        return "a change with a session cookie needs an Origin or Referer header"
+    return None if _origin_of(referer) == host else "cross-origin request (Referer)"
 
 
 def bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -206,7 +286,22 @@ class AuthMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         identity = self._identify(headers, scope, template)
+        if identity is None and bearer(headers) is None and _cookie_route(method, template):
+            identity = self._session(scope)
+            if identity is not None:
+                why = cross_origin(headers, method)
+                if why is not None:
+                    log.warning("session cookie refused: %s", why, extra={"user": identity.username, "route": template})
+                    await _answer(send, 403, f"{why}: refused (CSRF protection)")
+                    return
         if identity is None:
+            wants_page = b"text/html" in headers.get(b"accept", b"") and bearer(headers) is None
+            if method == "GET" and template in ("/ohif", "/ohif/{path:path}") and wants_page and self._login_page:
+                # A browser opening OHIF without a session: to the login page, and back after.
+                query = scope.get("query_string", b"").decode("latin-1")
+                back = quote(path + (f"?{query}" if query else ""), safe="")
+                await _redirect(send, f"{LOGIN_PAGE}?next={back}")
+                return
             detail = "Not authenticated" if bearer(headers) is None else "Could not validate credentials"
             await _answer(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return
@@ -232,6 +327,26 @@ class AuthMiddleware:
         finally:
             audit(identity, method, template or path, scope.get("query_string", b"").decode("latin-1"), status)
 
+    @property
+    def _login_page(self) -> bool:
+        """Whether POST /auth/login can log anyone in (built-in users or an issuer's password grant)."""
+        return self.settings.auth_users_file is not None or bool(self.settings.auth_oidc_login_url)
+
+    def _session(self, scope: Scope) -> Identity | None:
+        """The session cookie's user; its token then stands in for the bearer header, so the
+        services see this user (gateway.routes.common forwards the Authorization header)."""
+        assert self.authenticator is not None
+        token = cookie(scope)
+        if token is None:
+            return None
+        identity = self.authenticator.authenticate(token)
+        if identity is None or identity.service is not None or identity.username == "token-user":
+            return None  # a cookie holds a user's token, never a service's or a static one
+        scope["headers"] = [
+            (key, value) for key, value in scope.get("headers") or () if key != b"authorization"
+        ] + [(b"authorization", f"Bearer {token}".encode("latin-1"))]
+        return identity
+
     def _identify(self, headers: dict[bytes, bytes], scope: Scope, template: str | None) -> Identity | None:
         assert self.authenticator is not None
         token = bearer(headers)
@@ -247,6 +362,19 @@ class AuthMiddleware:
                     return None
                 return Identity(username, frozenset({USER}))
         return None
+
+
+def _cookie_route(method: str, template: str | None) -> bool:
+    return template is not None and (("GET" if method == "HEAD" else method), template) in COOKIE_ROUTES
+
+
+async def _redirect(send: Send, location: str) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": 303,
+        "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0"), (b"cache-control", b"no-store")],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": b""})
 
 
 def audit(identity: Identity, method: str, route: str, query: str, status: int) -> None:

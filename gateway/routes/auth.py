@@ -10,15 +10,20 @@ token's user as MONAI Label's `User.model_dump()`.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
-from fastapi import APIRouter, Form, Request
+import jwt
+from fastapi import APIRouter, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
 
-from gateway.auth import audit, bearer
+from gateway.auth import LOGIN_PAGE, SESSION_COOKIE, audit, bearer, cross_origin
 from gateway.errors import GatewayError
 from services.common.auth import ANONYMOUS_ADMIN, Authenticator, UsersFile, issue_access_token
 
@@ -82,6 +87,13 @@ async def access_token(
     settings = request.app.state.settings
     if not settings.auth_enabled:
         return {"access_token": None, "token_type": None}
+    # MONAI Label's response_model Token: exactly these two fields.
+    return await _login(request, username, password, "/auth/token")
+
+
+async def _login(request: Request, username: str, password: str, route: str) -> dict[str, Any]:
+    """A user's access token: built-in users (argon2), or the issuer's password grant (OIDC)."""
+    settings = request.app.state.settings
     users = _users(request)
     if users is None and settings.auth_oidc_login_url:
         return await _issuer_token(settings, username, password)
@@ -94,10 +106,113 @@ async def access_token(
     if identity is None:
         log.warning("login failed", extra={"user": username[:200]})
         raise GatewayError(401, "Incorrect username or password", _UNAUTHORIZED)
-    audit(identity, "POST", "/auth/token", "", 200)
+    audit(identity, "POST", route, "", 200)
     token = issue_access_token(identity, settings.auth_signing_key, settings.auth_access_ttl_seconds)
-    # MONAI Label's response_model Token: exactly these two fields.
     return {"access_token": token, "token_type": "Bearer"}
+
+
+# -- the browser session (OHIF) ------------------------------------------------------
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>labelgrid - sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;background:#111;color:#eee;display:flex;justify-content:center;padding-top:10vh}}
+form{{display:flex;flex-direction:column;gap:.6em;min-width:18em}}input,button{{padding:.5em;font-size:1em}}
+.error{{color:#f77}}</style></head>
+<body><form method="post" action="/auth/login">
+<h1>labelgrid</h1>{error}
+<label>Username <input name="username" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<input type="hidden" name="next" value="{next}">
+<button type="submit">Sign in</button></form></body></html>
+"""
+_DEFAULT_NEXT = "/ohif/"
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path of this server (no scheme, no `//host`, no backslash tricks): no open redirect."""
+    if not value or not value.startswith("/") or value.startswith(("//", "/\\")) or "\\" in value:
+        return _DEFAULT_NEXT
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value) or len(value) > 2000:
+        return _DEFAULT_NEXT
+    return value
+
+
+def _page(next_path: str, error: str | None = None, status: int = 200) -> HTMLResponse:
+    note = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    return HTMLResponse(
+        _PAGE.format(error=note, next=html.escape(_safe_next(next_path), quote=True)),
+        status_code=status,
+        headers={"cache-control": "no-store", "x-frame-options": "DENY", "content-security-policy": "frame-ancestors 'none'"},
+    )
+
+
+def _https(request: Request) -> bool:
+    """Whether the browser reached us over TLS (directly, through a proxy, or as its Origin says)."""
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https" or request.headers.get("origin", "").startswith("https://")
+
+
+@router.get("/login", summary="Sign-in page of the browser session (OHIF)", include_in_schema=False)
+async def login_page(request: Request, next: str | None = None) -> Response:
+    if not request.app.state.settings.auth_enabled:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _page(next or _DEFAULT_NEXT)
+
+
+@router.post("/login", summary="Sign in: sets the same-origin session cookie", include_in_schema=False)
+async def login(
+    request: Request,
+    username: Annotated[str, Form(max_length=_MAX_FIELD)],
+    password: Annotated[str, Form(max_length=_MAX_FIELD)],
+    next: Annotated[str | None, Form(max_length=2000)] = None,
+) -> Response:
+    settings = request.app.state.settings
+    target = _safe_next(next)
+    if not settings.auth_enabled:
+        return RedirectResponse(target, status_code=303)
+    origin = request.headers.get("origin")
+    if origin and cross_origin(dict(request.scope.get("headers") or []), "POST") is not None:
+        raise GatewayError(403, f"cross-origin sign-in from {origin[:200]}: refused (CSRF protection)")
+    try:
+        token = (await _login(request, username, password, "/auth/login"))["access_token"]
+    except GatewayError as err:
+        if err.status == 401:
+            return _page(target, "Incorrect username or password", 401)
+        raise
+    response = RedirectResponse(target, status_code=303)
+    response.headers["cache-control"] = "no-store"
+    secure = _https(request)
+    response.set_cookie(
+        SESSION_COOKIE, token, max_age=_lifetime(token, settings.auth_access_ttl_seconds), path="/",
+        secure=secure, httponly=True, samesite="strict",
+    )  # fmt: skip
+    if "MONAILABEL_SERVER_URL" not in request.cookies:
+        # OHIF's MONAI Label panel takes its server from this cookie (else http://<host>:8000/):
+        # the gateway itself, so its calls stay same-origin and carry the session. No secret.
+        own = origin if origin and origin != "null" else f"{'https' if secure else 'http'}://{request.headers.get('host', '')}"
+        # Written as the panel's CookieUtils reads it (unescape()), not in http.cookies' quotes.
+        value = quote(own.rstrip("/") + "/", safe="")
+        response.headers.append(
+            "set-cookie", f"MONAILABEL_SERVER_URL={value}; Path=/; SameSite=Strict" + ("; Secure" if secure else "")
+        )
+    return response
+
+
+@router.post("/logout", summary="Sign out: clears the session cookie", include_in_schema=False)
+async def logout(request: Request) -> Response:
+    response = RedirectResponse(LOGIN_PAGE, status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=_https(request), httponly=True, samesite="strict")
+    return response
+
+
+def _lifetime(token: str, default: int) -> int:
+    """Seconds until the token expires (its `exp`, as issued; checked again on every request)."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        return max(0, int(exp - time.time())) if isinstance(exp, (int, float)) else default
+    except jwt.PyJWTError:
+        return default
 
 
 @router.get("/token/valid", summary="Check If current token is Valid")
