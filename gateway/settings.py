@@ -94,6 +94,10 @@ class GatewaySettings(ServiceSettings):
     # Lifetime of the access tokens POST /auth/token issues, and of signed download links.
     auth_access_ttl_seconds: Annotated[int, pydantic.Field(ge=30, le=86400)] = 900
     auth_download_ttl_seconds: Annotated[int, pydantic.Field(ge=10, le=3600)] = 300
+    # Stock Slicer downloads the next sample with no header and no token (gateway.auth
+    # DownloadGrants): one tokenless GET of that image, from the address that asked for it,
+    # within auth_download_ttl_seconds. False: Slicer's download needs a changed plugin.
+    auth_slicer_download_grants: bool = True
     # GET /auth/'s client_id and realm (MONAI_LABEL_AUTH_CLIENT_ID / _REALM_URI).
     auth_client_id: str = "monailabel-app"
     auth_realm: str = ""
