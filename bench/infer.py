@@ -305,7 +305,7 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
             base_url=rest_url, timeout=600
         ) as http:
             stub = pb_grpc.InferenceServiceStub(channel)
-            for size, count in zip(sizes, runs):
+            for size, count in zip(sizes, runs, strict=True):
                 bare.model_seconds.clear()
                 samples[size] = interleaved(
                     {
@@ -326,7 +326,7 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
             stop()
 
     latency = []
-    for size, count in zip(sizes, runs):
+    for size, count in zip(sizes, runs, strict=True):
         s = samples[size]
         a50 = statistics.median(s["a"])
         latency.append(
@@ -343,8 +343,8 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
                 "b/a_p50": statistics.median(s["b"]) / a50,
                 "c/a_p50": statistics.median(s["c"]) / a50,
                 # Per round (a, b, c ran back to back): steadier than the ratio of p50s under drifting load.
-                "b/a_paired_median": statistics.median(b / a for a, b in zip(s["a"], s["b"])),
-                "c/a_paired_median": statistics.median(c / a for a, c in zip(s["a"], s["c"])),
+                "b/a_paired_median": statistics.median(b / a for a, b in zip(s["a"], s["b"], strict=True)),
+                "c/a_paired_median": statistics.median(c / a for a, c in zip(s["a"], s["c"], strict=True)),
             }
         )
     for row in rates:

@@ -63,7 +63,7 @@ class ResampleToSpacingd(MapTransform):
             tensor = volume.as_tensor() if hasattr(volume, "as_tensor") else torch.as_tensor(np.asarray(volume))
             shape = tensor.shape[1:]
             current = voxel_spacing(affine)
-            new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.spacing)]
+            new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.spacing, strict=True)]
             if list(new_shape) != list(shape):
                 if key in self.label_keys:
                     tensor = F.interpolate(tensor[None].float(), size=new_shape, mode="nearest")[0]

@@ -173,7 +173,7 @@ class PrepareScribbles:
         if self.task.target_spacing is not None:
             current = voxel_spacing(item.data["affine"])
             shape = image.shape[1:]
-            new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.task.target_spacing)]
+            new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.task.target_spacing, strict=True)]
             if list(new_shape) != list(shape):
                 image = F.interpolate(image[None], size=new_shape, mode="trilinear", align_corners=False)[0]
                 scribbles = F.interpolate(scribbles[None], size=new_shape, mode="nearest")[0]

@@ -105,7 +105,7 @@ def _prompt(values: dict[str, Any]) -> inf_res.Prompt:
         point_labels = values.get("point_labels") or []
         if not isinstance(point_labels, list) or len(point_labels) != len(points):
             raise _bad("point_labels must have one entry per point")
-        for point, point_label in zip(_points(points, "points"), point_labels):
+        for point, point_label in zip(_points(points, "points"), point_labels, strict=True):
             prompt.points.append(
                 inf_res.PromptPoint(
                     point=point, point_label=_int(point_label, "point_labels")
@@ -319,9 +319,10 @@ async def run_inference(
         request = inf_pb.InferRequest(
             model=model_res, image=image_res, params=request_params
         )
-        start = lambda: ctx.clients.inference.Infer(
-            request, timeout=ctx.settings.infer_timeout_seconds, metadata=ctx.metadata
-        )
+
+        def start() -> Any:
+            return ctx.clients.inference.Infer(request, timeout=ctx.settings.infer_timeout_seconds, metadata=ctx.metadata)
+
     else:
         header = inf_pb.InferUploadHeader(
             model=model_res,
@@ -332,11 +333,12 @@ async def run_inference(
             label_size_bytes=upload_size(label) if label else 0,
             params=request_params,
         )
-        start = lambda: ctx.clients.inference.InferUpload(
-            _upload_requests(header, file, label),
-            timeout=ctx.settings.infer_timeout_seconds,
-            metadata=ctx.metadata,
-        )
+
+        def start() -> Any:
+            return ctx.clients.inference.InferUpload(
+                _upload_requests(header, file, label), timeout=ctx.settings.infer_timeout_seconds, metadata=ctx.metadata
+            )
+
     try:
         download = await open_download(start)
     except grpc.aio.AioRpcError as err:

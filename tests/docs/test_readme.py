@@ -17,6 +17,7 @@ The fenced blocks of README.md are read in order:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -216,7 +217,7 @@ def commands(code: str) -> list[list[str]]:
 def helm_values(words: list[str]) -> dict[str, Any]:
     """The values a `helm install|upgrade` command line gives: -f files, then --set in order."""
     values: dict[str, Any] = {}
-    for flag, value in zip(words, words[1:], strict=False):
+    for flag, value in itertools.pairwise(words):
         if flag in ("-f", "--values"):
             path = ROOT / value
             assert path.is_file(), f"helm -f {value}: no such file"
@@ -245,7 +246,7 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
 def set_keys(words: list[str]) -> list[str]:
     return [
         assignment.partition("=")[0]
-        for flag, value in zip(words, words[1:], strict=False)
+        for flag, value in itertools.pairwise(words)
         if flag == "--set"
         for assignment in value.split(",")
     ]
@@ -294,7 +295,7 @@ def test_not_run_blocks_are_checked_elsewhere(block: Block) -> None:
                 assert (ROOT / word).exists(), f"{block}: {word} does not exist"
         if words[:2] == ["docker", "build"]:
             args, stages = dockerfile_args()
-            for flag, value in zip(words, words[1:], strict=False):
+            for flag, value in itertools.pairwise(words):
                 if flag == "--build-arg":
                     name, _, chosen = value.partition("=")
                     assert name in args, f"{block}: the Dockerfile has no ARG {name}"

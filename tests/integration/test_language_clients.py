@@ -254,4 +254,4 @@ def test_labelgrid_cli_bad_input(
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.startswith("labelgrid: error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert not [p for p in tmp_path.iterdir()], "nothing may be written on failure"
+    assert not list(tmp_path.iterdir()), "nothing may be written on failure"

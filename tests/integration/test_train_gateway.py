@@ -89,7 +89,7 @@ def test_train_routes_with_the_monailabel_client(stack: GatewayStack) -> None:
     assert set(result) == {"segmentation", "segmentation_brain", "deepgrow", "deepedit"}
     assert all(entry["detail"] is None and entry["result"]["status"] in ("SUBMITTED", "RUNNING") for entry in result.values())
     listed = http.get("/train/", params={"all": "true"}).json()
-    assert [t["id"] for t in listed][0] == task["id"] and len(listed) == 5
+    assert next(t["id"] for t in listed) == task["id"] and len(listed) == 5
     while client.train_status(check_if_running=True):
         client.train_stop()
         time.sleep(0.2)

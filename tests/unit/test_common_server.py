@@ -157,7 +157,7 @@ def code_of(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
 
 async def test_unary_ok_is_counted(running: Running):
     assert await running.method("Unary")(b"hi", timeout=5) == b"hi"
-    labels = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="Unary")
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Unary"}
     await running.eventually_handled("Unary", "OK")
     assert running.sample("grpc_server_started_total", **labels) == 1
     assert running.sample("grpc_server_msg_received_total", **labels) == 1
@@ -207,7 +207,7 @@ async def test_server_stream_ok_and_mid_stream_error(running: Running):
     call = running.method("ServerStream", "unary_stream")
     assert [m async for m in call(b"3", timeout=5)] == [b"0", b"1", b"2"]
     await running.eventually_handled("ServerStream", "OK", "server_stream")
-    labels = dict(grpc_type="server_stream", grpc_service=SERVICE, grpc_method="ServerStream")
+    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "ServerStream"}
     assert running.sample("grpc_server_msg_sent_total", **labels) == 3
     assert running.sample("grpc_server_msg_received_total", **labels) == 1
 
@@ -237,7 +237,7 @@ async def test_client_stream_ok_and_error(running: Running):
 
     assert await call(parts(b"a", b"b", b"c"), timeout=5) == b"abc"
     await running.eventually_handled("ClientStream", "OK", "client_stream")
-    labels = dict(grpc_type="client_stream", grpc_service=SERVICE, grpc_method="ClientStream")
+    labels = {"grpc_type": "client_stream", "grpc_service": SERVICE, "grpc_method": "ClientStream"}
     assert running.sample("grpc_server_msg_received_total", **labels) == 3
     assert running.sample("grpc_server_msg_sent_total", **labels) == 1
 
@@ -257,7 +257,7 @@ async def test_bidi_ok_and_mid_stream_error(running: Running):
 
     assert [m async for m in call(parts(b"a", b"b"), timeout=5)] == [b"A", b"B"]
     await running.eventually_handled("Bidi", "OK", "bidi_stream")
-    labels = dict(grpc_type="bidi_stream", grpc_service=SERVICE, grpc_method="Bidi")
+    labels = {"grpc_type": "bidi_stream", "grpc_service": SERVICE, "grpc_method": "Bidi"}
     assert running.sample("grpc_server_msg_received_total", **labels) == 2
     assert running.sample("grpc_server_msg_sent_total", **labels) == 2
 
@@ -294,7 +294,7 @@ async def test_deadline_exceeded_is_recorded(running: Running):
 async def test_health_series_are_pre_created(running: Running):
     value = running.service.registry.get_sample_value(
         "grpc_server_handled_total",
-        dict(grpc_type="server_stream", grpc_service="grpc.health.v1.Health", grpc_method="Watch", grpc_code="Unavailable"),
+        {"grpc_type": "server_stream", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch", "grpc_code": "Unavailable"},
     )
     assert value == 0
 

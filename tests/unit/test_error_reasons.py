@@ -19,7 +19,7 @@ from services.common import errors
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("services", "gateway", "apps", "sdk")
-ENUM_REASONS = {name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+ENUM_REASONS = {name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}  # noqa: SIM118 - an EnumTypeWrapper is not iterable
 
 
 def _strings(node: ast.AST) -> list[ast.Constant]:
@@ -48,7 +48,7 @@ def raised_reasons(tree: ast.AST) -> list[ast.Constant]:
                 if isinstance(target, ast.Name) and target.id == "reason" and value is not None:
                     found += _strings(value)
         elif isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "reason":
                     found += _strings(value)
         elif isinstance(node, ast.Call):

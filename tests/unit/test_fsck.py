@@ -206,7 +206,7 @@ def test_the_cli_exit_code_says_clean_or_not(tmp_path: Path):
     write_sample_studies(root, count=2, labeled=1, size=12)
     run = [sys.executable, "-m", "services.datastore", "fsck", "--root", str(root)]
     first = subprocess.run(
-        run + ["--checksums"], check=False, capture_output=True, text=True, timeout=120
+        [*run, "--checksums"], check=False, capture_output=True, text=True, timeout=120
     )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "fsck: clean" in first.stdout
@@ -219,7 +219,7 @@ def test_the_cli_exit_code_says_clean_or_not(tmp_path: Path):
     assert "unindexed-blob: images/sample_07.nii.gz" in found.stdout
     assert "missing-blob: images/sample_01.nii.gz" in found.stdout
     fixed = subprocess.run(
-        run + ["--repair"], check=False, capture_output=True, text=True, timeout=120
+        [*run, "--repair"], check=False, capture_output=True, text=True, timeout=120
     )
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired: re-indexed" in fixed.stdout and "fsck: clean" in fixed.stdout

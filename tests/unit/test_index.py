@@ -276,7 +276,7 @@ def test_score_order_puts_unscored_last(index: SqlIndex) -> None:
     for i, v in scores.items():
         index.set_score(i, "epistemic_entropy", v)
     index.set_score(ids[2], "dice", 5.0)  # another key does not count
-    expected = [ids[3], ids[1], ids[5], ids[8], ids[0]] + [ids[2], ids[4], ids[6], ids[7]]
+    expected = [ids[3], ids[1], ids[5], ids[8], ids[0], ids[2], ids[4], ids[6], ids[7]]
     for size in (1, 2, 3, 4, 5, 100):  # page boundaries everywhere, also across the two runs
 
         def fetch(token: str, size: int = size) -> Page[ImageRecord]:

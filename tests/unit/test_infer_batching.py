@@ -80,7 +80,7 @@ def test_batched_results_equal_unbatched() -> None:
     group = batcher.group(network)
     assert group.batched > 0, "no forward pass held patches of two requests"
     assert group.forwards <= calls[0] // 2  # sw_batch_size 2, up to 8: 4 requests per forward
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         assert isinstance(b, torch.Tensor)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         assert torch.equal(b.argmax(1), a.argmax(1))
@@ -197,7 +197,7 @@ def test_runner_with_batching_gives_the_labels_of_the_runner_without() -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert batched.batcher.group(loaded.network).batched > 0
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         assert len(np.unique(a)) > 1  # a label worth comparing
         assert isinstance(b, np.ndarray) and np.array_equal(a, b)
 

@@ -118,7 +118,7 @@ class DataCache:
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
                         raise StorageError(f"the object store answered {response.status_code} for {name!r}")
-                    with open(path, "wb") as file:  # noqa: ASYNC230 - writes go through to_thread
+                    with open(path, "wb") as file:
                         async for chunk in response.aiter_bytes(1024 * 1024):
                             digest.update(chunk)
                             await asyncio.to_thread(file.write, chunk)

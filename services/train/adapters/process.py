@@ -45,7 +45,7 @@ class ChildRun:
 
     async def _read_output(self) -> None:
         assert self.proc.stdout is not None
-        with open(self.job_dir / "train.log", "ab") as log_file:  # noqa: ASYNC230 - opened once per job
+        with open(self.job_dir / "train.log", "ab") as log_file:
             while True:
                 line = await self.proc.stdout.readline()
                 if not line:
