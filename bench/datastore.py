@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -158,9 +159,25 @@ def p50_ms(call, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
+def listing_times(stub: pb_grpc.DatastoreServiceStub, deep_token: str) -> dict[str, float]:
+    """Median times of the listing calls at the store's current size."""
+    return {
+        "list_first_page_ms": p50_ms(partial(stub.ListImages, pb.ListImagesRequest(page_size=100))),
+        "list_deep_page_ms": p50_ms(partial(stub.ListImages, pb.ListImagesRequest(page_size=100, page_token=deep_token))),
+        "status_ms": p50_ms(partial(stub.GetStatus, pb.GetStatusRequest())),
+        "unlabeled_first_page_ms": p50_ms(
+            partial(stub.ListImages, pb.ListImagesRequest(page_size=100, filter=pb.IMAGE_FILTER_UNLABELED))
+        ),
+    }
+
+
 def listing(s3: SeaweedS3, counts: list[int], work: Path) -> list[dict]:
     data = tiny_nifti()
     sha = hashlib.sha256(data).hexdigest()
+
+    def upload_one(stub: pb_grpc.DatastoreServiceStub, n: int) -> None:
+        grpc_upload(stub, f"img_{n:06d}", lambda: iter([data]), sha)
+
     rows = []
     for backend in ("local", "s3"):
         args = ["--backend", backend, "--root", str(work / f"studies-{backend}"), "--state-dir", str(work / f"state-{backend}")]
@@ -175,27 +192,13 @@ def listing(s3: SeaweedS3, counts: list[int], work: Path) -> list[dict]:
             for count in counts:
                 started = time.perf_counter()
                 with ThreadPoolExecutor(8) as pool:
-                    list(pool.map(lambda n: grpc_upload(stub, f"img_{n:06d}", lambda: iter([data]), sha), range(have, count)))
+                    list(pool.map(partial(upload_one, stub), range(have, count)))
                 fill_s = time.perf_counter() - started
                 uploads = count - have
                 have = count
                 # A page token from deep in the listing: keyset paging must not scan up to it.
                 deep_token = stub.ListImages(pb.ListImagesRequest(page_size=min(count - 100, 1000) or 1)).next_page_token
-                rows.append(
-                    {
-                        "backend": backend,
-                        "images": count,
-                        "uploads_per_s": uploads / fill_s,
-                        "list_first_page_ms": p50_ms(lambda: stub.ListImages(pb.ListImagesRequest(page_size=100))),
-                        "list_deep_page_ms": p50_ms(
-                            lambda: stub.ListImages(pb.ListImagesRequest(page_size=100, page_token=deep_token))
-                        ),
-                        "status_ms": p50_ms(lambda: stub.GetStatus(pb.GetStatusRequest())),
-                        "unlabeled_first_page_ms": p50_ms(
-                            lambda: stub.ListImages(pb.ListImagesRequest(page_size=100, filter=pb.IMAGE_FILTER_UNLABELED))
-                        ),
-                    }
-                )
+                rows.append({"backend": backend, "images": count, "uploads_per_s": uploads / fill_s, **listing_times(stub, deep_token)})
             channel.close()
         finally:
             service.stop()

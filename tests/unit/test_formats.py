@@ -183,7 +183,7 @@ def test_truncated_nii_gz(nii_gz: Path, tmp_path: Path) -> None:
     data = nii_gz.read_bytes()
     with pytest.raises(InvalidArgument, match=r"truncated NIfTI file \(\.nii\.gz\): the gzip stream breaks off"):
         check_volume(_write(tmp_path, "t", data[: len(data) - 20]), ".nii.gz")
-    with pytest.raises(InvalidArgument, match="corrupt gzip stream|truncated"):
+    with pytest.raises(InvalidArgument, match=r"corrupt gzip stream|truncated"):
         check_volume(_write(tmp_path, "t", data[:30]), ".nii.gz")
 
 
@@ -219,7 +219,7 @@ def test_broken_nrrd_headers(nrrd_raw: Path, tmp_path: Path) -> None:
     text = nrrd_raw.read_bytes()
     header, _, body = text.partition(b"\n\n")
     no_type = b"\n".join(line for line in header.split(b"\n") if not line.startswith(b"type:"))
-    with pytest.raises(InvalidArgument, match="invalid NRRD header.*'type'"):
+    with pytest.raises(InvalidArgument, match=r"invalid NRRD header.*'type'"):
         check_volume(_write(tmp_path, "t", no_type + b"\n\n" + body), ".nrrd")
     bad_sizes = header.replace(b"sizes: 8 9 10", b"sizes: 8 nine 10")
     with pytest.raises(InvalidArgument, match="invalid NRRD header"):

@@ -56,7 +56,7 @@ def test_label_lands_on_the_image_grid(tmp_path: Path, kind: str) -> None:
 
 
 def test_wrong_sizes_and_images(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="has 104 bytes, but the image is 7x5x3 voxels.*exactly 105"):
+    with pytest.raises(InvalidArgument, match=r"has 104 bytes, but the image is 7x5x3 voxels.*exactly 105"):
         read_raw_label(raw(tmp_path, b"\0" * 104), SHAPE)
     with pytest.raises(InvalidArgument, match="exactly 105"):
         read_raw_label(raw(tmp_path, b"\0" * 106), SHAPE)
