@@ -1,7 +1,8 @@
 """`labelgrid up`: the whole stack on localhost, as child processes watched by one supervisor.
 
-Datastore (on the local studies folder or S3), inference, the REST gateway and Envoy each
-run as their own process, exactly as they run in a cluster. The supervisor waits until each
+Datastore (on the local studies folder, S3 or a DICOMweb PACS), inference (one or more
+replicas), training, active learning, the REST gateway and Envoy each run as their own
+process, exactly as they run in a cluster. The supervisor waits until each
 is ready (gRPC health SERVING, the gateway's /info/ 200, Envoy's /ready), restarts a child
 that dies (with backoff), and on Ctrl-C / SIGTERM stops them all (SIGTERM, wait, SIGKILL).
 """
