@@ -2,8 +2,8 @@
 
 Bundles are made here with MONAI's own API and seeded weights (tests/fixtures/bundles.py):
 a 3D CT segmentation bundle (Orientationd, Spacingd, ScaleIntensityRanged window,
-SlidingWindowInferer, Invertd) with a train config, and the same network as a TorchScript
-bundle given as a zip. The label labelgrid answers must equal, voxel for voxel, what MONAI's
+SlidingWindowInferer, Invertd) with a train config, the same network as a TorchScript
+bundle given as a zip, and a DeepEdit-style interactive bundle (clicks per label name). The label labelgrid answers must equal, voxel for voxel, what MONAI's
 own `monai.bundle.run` of the same bundle writes for the same image. Auth is on: only an admin
 may add a bundle (it is code), and the services store and load bundles as themselves.
 """
@@ -28,7 +28,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from services.common.auth import ADMIN, ANNOTATOR, UsersFile
-from tests.fixtures.bundles import ct_image, make_bundle, zip_folder
+from tests.fixtures.bundles import ct_image, make_bundle, make_deepedit_bundle, zip_folder
 from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
 
 IMAGE = "ct001"
@@ -53,6 +53,24 @@ def bundle_run(bundle: Path, image: Path, out: Path) -> np.ndarray:
     return np.asarray(nib.load(str(written[0])).dataobj)
 
 
+def deepedit_run(bundle: Path, image: Path, out: Path, clicks: dict[str, Any]) -> np.ndarray:
+    """What `monai.bundle.run` of a DeepEdit bundle writes for `image` given `clicks` in its data
+    dict, with `use_click` set as MONAI Label sets it for a deepedit bundle."""
+    from monai.bundle import run
+
+    run(
+        config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle),
+        output_dir=str(out / "eval"),
+        use_click=True,
+        **{"dataset#data": [{"image": str(image), **clicks}]},
+    )
+    written = sorted((out / "eval").rglob("*.nii.gz"))
+    assert len(written) == 1, written
+    return np.asarray(nib.load(str(written[0])).dataobj)
+
+
 def unpack(bundle_zip: Path, dest: Path) -> Path:
     with zipfile.ZipFile(bundle_zip) as archive:
         archive.extractall(dest)
@@ -64,7 +82,13 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundles")
     seg = make_bundle(root / "ct_seg", seed=3)
     ts_folder = make_bundle(root / "build" / "ct_seg_ts", seed=4, torchscript=True, train=False)
-    return {"ct_seg": seg, "ct_seg_ts": zip_folder(ts_folder, root / "ct_seg_ts.zip"), "ct_seg_ts_folder": ts_folder}
+    deepedit = make_deepedit_bundle(root / "ct_deepedit", seed=5)
+    return {
+        "ct_seg": seg,
+        "ct_seg_ts": zip_folder(ts_folder, root / "ct_seg_ts.zip"),
+        "ct_seg_ts_folder": ts_folder,
+        "ct_deepedit": deepedit,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +107,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) ->
     users.save(root / "users.json")
     running = start_stack(
         root, sample_studies=False,
-        extra=["--auth-users", str(root / "users.json"), "--bundle", str(bundles["ct_seg"]), "--bundle", str(bundles["ct_seg_ts"])],
+        extra=["--auth-users", str(root / "users.json"), "--bundle", str(bundles["ct_seg"]), "--bundle", str(bundles["ct_seg_ts"]),
+               "--bundle", str(bundles["ct_deepedit"])],
     )  # fmt: skip
     yield running
     stop_stack(running)
@@ -102,8 +127,8 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
         yield client
 
 
-def infer(http: httpx.Client, model: str) -> nib.Nifti1Image:
-    response = http.post(f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": "{}"})
+def infer(http: httpx.Client, model: str, params: dict[str, Any] | None = None) -> nib.Nifti1Image:
+    response = http.post(f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps(params or {})})
     assert response.status_code == 200, response.text
     return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
 
@@ -170,6 +195,7 @@ def _wrong_label_count(folder: Path) -> None:
         ("unknown_network", _unknown_network, "network_def"),
         ("wrong_label_count", _wrong_label_count, "channel_def"),
         ("traversal", lambda folder: {"../../escaped.txt": b"owned"}, "outside the bundle"),
+        ("vista3d", lambda folder: None, "point_labels"),  # the name says VISTA3D: its prompts are not supported
     ],
 )
 def test_bad_bundles_are_refused_and_nothing_is_stored(
@@ -260,3 +286,34 @@ def test_train_bundle_then_delete_goes_back_to_the_bundle_weights(
     assert http.get("/model/info/ct_seg").status_code == 404
     expected = bundle_run(bundles["ct_seg"], stack.studies / f"{IMAGE}.nii.gz", tmp_path)
     wait_until(lambda: np.array_equal(np.asarray(infer(http, "ct_seg").dataobj), expected), what="the bundle's weights again")
+
+
+# DeepEdit multi-label clicks as Slicer / the official client send them: params[label] = [[i, j, k], ...].
+CLICKS = {"organ": [[20, 18, 12], [10, 10, 5]], "background": [[2, 2, 2]], "label": "organ"}
+
+
+def test_deepedit_bundle_takes_clicks_as_monai_label_gives_them(
+    http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    model = http.get("/info/").json()["models"]["ct_deepedit"]
+    assert model["type"] == "deepedit"  # from the bundle's name, as MONAI Label decides it
+    assert model["labels"] == {"background": 0, "organ": 1}  # a deepedit bundle keeps background
+    image = stack.studies / f"{IMAGE}.nii.gz"
+    expected = deepedit_run(bundles["ct_deepedit"], image, tmp_path / "clicks", CLICKS)
+    without = deepedit_run(bundles["ct_deepedit"], image, tmp_path / "none", {})
+    assert int((expected != without).sum()) > 0  # the clicks change MONAI's own answer
+
+    got = np.asarray(infer(http, "ct_deepedit", CLICKS).dataobj)
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected), f"{int((got != expected).sum())} voxels differ from monai.bundle's run with the clicks"
+    assert np.array_equal(np.asarray(infer(http, "ct_deepedit").dataobj), without)
+
+    # clicks the model cannot take: a precise 4xx, as for the sample app's interactive models
+    outside = http.post(
+        "/infer/ct_deepedit", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps({"organ": [[99, 0, 0]]})}
+    )
+    assert outside.status_code == 422 and "outside the image" in outside.json()["detail"], outside.text
+    unknown = http.post(
+        "/infer/ct_deepedit", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps({"liver": [[1, 1, 1]]})}
+    )
+    assert unknown.status_code == 422 and "liver" in unknown.json()["detail"], unknown.text
