@@ -19,7 +19,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.datastore.adapters.index.database import Database, _dt
+from services.datastore.adapters.index.database import Database, to_datetime
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     ImageOrder,
@@ -32,7 +32,7 @@ from services.datastore.domain.model import (
 )
 
 
-def _check_json(value: Any, what: str) -> dict[str, Any]:
+def check_json(value: Any, what: str) -> dict[str, Any]:
     """Refuse what would not round-trip through both backends (NaN, non-JSON types)."""
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"{what} must be a JSON object")
@@ -42,12 +42,12 @@ def _check_json(value: Any, what: str) -> dict[str, Any]:
         raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
 
 
-def _encode_token(kind: str, payload: dict[str, Any]) -> str:
+def encode_token(kind: str, payload: dict[str, Any]) -> str:
     raw = json.dumps({"k": kind, **payload}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_token(token: str, kind: str) -> dict[str, Any] | None:
+def decode_token(token: str, kind: str) -> dict[str, Any] | None:
     """Opaque keyset token -> payload; anything not made by us for this listing is INVALID."""
     if not token:
         return None
@@ -61,31 +61,31 @@ def _decode_token(token: str, kind: str) -> dict[str, Any] | None:
     return data
 
 
-def _image_not_found(image_id: str) -> NotFound:
+def image_not_found(image_id: str) -> NotFound:
     return NotFound(f"image {image_id!r} not found", reason="IMAGE_NOT_FOUND")
 
 
-def _label_not_found(image_id: str, tag: str) -> NotFound:
+def label_not_found(image_id: str, tag: str) -> NotFound:
     return NotFound(f"label {tag!r} of image {image_id!r} not found", reason="LABEL_NOT_FOUND")
 
 
-def _model_not_found(name: str) -> NotFound:
+def model_not_found(name: str) -> NotFound:
     return NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
 
 
-def _version_not_found(name: str, version: str) -> NotFound:
+def version_not_found(name: str, version: str) -> NotFound:
     return NotFound(f"model version {name!r}/{version!r} not found", reason="MODEL_NOT_FOUND")
 
 
-def _record_not_found(kind: str, record_id: str) -> NotFound:
+def record_not_found(kind: str, record_id: str) -> NotFound:
     return NotFound(f"record {kind!r}/{record_id!r} not found", reason="RECORD_NOT_FOUND")
 
 
-def _lease_not_found(image_id: str, client_id: str) -> NotFound:
+def lease_not_found(image_id: str, client_id: str) -> NotFound:
     return NotFound(f"client {client_id!r} holds no lease on image {image_id!r}", reason="LEASE_NOT_FOUND")
 
 
-def _check_revision(expected: int | None, actual: int, what: str) -> None:
+def check_revision(expected: int | None, actual: int, what: str) -> None:
     if expected and expected != actual:
         raise Aborted(f"{what} is at revision {actual}, not {expected}; re-read and retry")
 
@@ -118,7 +118,7 @@ def _after(cols: Sequence[tuple[sa.ColumnElement[Any], bool]], last: Sequence[An
     return sa.and_(bound, sa.or_(*ors))
 
 
-def _keys_fit(cols: Sequence[tuple[sa.ColumnElement[Any], bool]], last: Sequence[Any]) -> bool:
+def keys_fit(cols: Sequence[tuple[sa.ColumnElement[Any], bool]], last: Sequence[Any]) -> bool:
     """A token's sort key has the right arity and types (a forged one must not reach SQL)."""
     if len(last) != len(cols):
         return False
@@ -158,8 +158,8 @@ class Repository:
             size=r.size,
             info=dict(r.info or {}),
             revision=r.revision,
-            create_time=_dt(r.create_time),
-            update_time=_dt(r.update_time),
+            create_time=to_datetime(r.create_time),
+            update_time=to_datetime(r.update_time),
         )
 
     def _images_from_rows(self, conn: Connection, rows: Sequence[Row[Any]]) -> list[ImageRecord]:
@@ -188,8 +188,8 @@ class Repository:
                 size=r.size,
                 info=dict(r.info or {}),
                 revision=r.revision,
-                create_time=_dt(r.create_time),
-                update_time=_dt(r.update_time),
+                create_time=to_datetime(r.create_time),
+                update_time=to_datetime(r.update_time),
                 labels=labels[r.id],
                 scores=scores[r.id],
             )
@@ -205,7 +205,7 @@ class Repository:
     def _require_image_row(self, conn: Connection, image_id: str, *, lock: bool = False) -> Row[Any]:
         row = self._image_row(conn, image_id, lock=lock)
         if row is None:
-            raise _image_not_found(image_id)
+            raise image_not_found(image_id)
         return row
 
     def _load_image(self, conn: Connection, image_id: str) -> ImageRecord:
@@ -218,7 +218,7 @@ class Repository:
             q = q.with_for_update()
         row = conn.execute(q).first()
         if row is None:
-            raise _label_not_found(image_id, tag)
+            raise label_not_found(image_id, tag)
         return row
 
     # ------------------------------------------------------------------ filters
@@ -309,8 +309,8 @@ class Repository:
             image_id=r.image_id,
             client_id=r.client_id,
             strategy=r.strategy,
-            acquire_time=_dt(r.acquire_time),
-            expire_time=_dt(r.expire_time),
+            acquire_time=to_datetime(r.acquire_time),
+            expire_time=to_datetime(r.expire_time),
         )
 
     @staticmethod
@@ -323,7 +323,7 @@ class Repository:
             size=r.size,
             metrics=dict(r.metrics or {}),
             info=dict(r.info or {}),
-            create_time=_dt(r.create_time),
+            create_time=to_datetime(r.create_time),
         )
 
     def _latest_version_expr(self) -> sa.ScalarSelect[Any]:
@@ -344,7 +344,7 @@ class Repository:
             q = q.with_for_update()
         row = conn.execute(q).first()
         if row is None:
-            raise _model_not_found(name)
+            raise model_not_found(name)
         latest = conn.execute(sa.select(self._latest_version_expr()).select_from(m).where(m.c.name == name)).scalar()
         return ModelRecord(model=name, latest_version=latest, pinned_version=row.pinned_version)
 
@@ -352,7 +352,7 @@ class Repository:
         mv = self._t.model_versions
         row = conn.execute(sa.select(mv).where((mv.c.name == name) & (mv.c.version == version))).first()
         if row is None:
-            raise _version_not_found(name, version)
+            raise version_not_found(name, version)
         return row
 
     @staticmethod
@@ -362,6 +362,6 @@ class Repository:
             record_id=r.id,
             data=dict(r.data or {}),
             revision=r.revision,
-            create_time=_dt(r.create_time),
-            update_time=_dt(r.update_time),
+            create_time=to_datetime(r.create_time),
+            update_time=to_datetime(r.update_time),
         )

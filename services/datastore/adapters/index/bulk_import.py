@@ -11,10 +11,10 @@ from sqlalchemy.engine import Connection
 
 from services.datastore.adapters.index.base import (
     Repository,
-    _check_json,
+    check_json,
 )
-from services.datastore.adapters.index.database import _epoch
-from services.datastore.adapters.index.schema import json_type as _json_type
+from services.datastore.adapters.index.database import epoch
+from services.datastore.adapters.index.schema import json_type
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     ImageImport,
@@ -33,11 +33,11 @@ class BulkImport(Repository):
         revision then goes up); unchanged rows, leases and scores are left alone, so a
         reindex of an unchanged store is a no-op. Later duplicates win.
         """
-        t = _epoch(now)
+        t = epoch(now)
         img_in = {i.image_id: i for i in images}
         lab_in = {(lab.image_id, lab.tag): lab for lab in labels}
-        img_info = {k: _check_json(v.info, f"info of image {k!r}") for k, v in img_in.items()}
-        lab_info = {k: _check_json(v.info, f"info of label {k[1]!r} of image {k[0]!r}") for k, v in lab_in.items()}
+        img_info = {k: check_json(v.info, f"info of image {k!r}") for k, v in img_in.items()}
+        lab_info = {k: check_json(v.info, f"info of label {k[1]!r} of image {k[0]!r}") for k, v in lab_in.items()}
         im, lb = self._t.images, self._t.labels
         chunk = 500
 
@@ -92,7 +92,7 @@ class BulkImport(Repository):
                         ext=sa.bindparam("b_ext"),
                         sha256=sa.bindparam("b_sha"),
                         size=sa.bindparam("b_size"),
-                        info=sa.bindparam("b_info", type_=_json_type()),
+                        info=sa.bindparam("b_info", type_=json_type()),
                         revision=sa.bindparam("b_rev"),
                         update_time=sa.bindparam("b_t"),
                     ),
@@ -156,7 +156,7 @@ class BulkImport(Repository):
                         ext=sa.bindparam("b_ext"),
                         sha256=sa.bindparam("b_sha"),
                         size=sa.bindparam("b_size"),
-                        info=sa.bindparam("b_info", type_=_json_type()),
+                        info=sa.bindparam("b_info", type_=json_type()),
                         revision=sa.bindparam("b_rev"),
                         update_time=sa.bindparam("b_t"),
                     ),

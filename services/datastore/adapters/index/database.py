@@ -53,7 +53,7 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _epoch(now: Now) -> float:
+def epoch(now: Now) -> float:
     if now is None:
         return time.time()
     if isinstance(now, datetime):
@@ -63,11 +63,11 @@ def _epoch(now: Now) -> float:
     return float(now)
 
 
-def _dt(t: float) -> datetime:
+def to_datetime(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=UTC)
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     orig = getattr(e, "orig", None) or e
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
@@ -188,12 +188,12 @@ class Database:
                 raise
             except sa_exc.DBAPIError as e:
                 if attempt + 1 < self._max_attempts and self._retryable(e):
-                    _log.debug("index %s: retrying after %s", what, _describe(e))
+                    _log.debug("index %s: retrying after %s", what, describe(e))
                     time.sleep(random.uniform(0.001, 0.01) * (2**attempt))
                     continue
-                raise StorageError(f"index {what} failed: {_describe(e)}") from e
+                raise StorageError(f"index {what} failed: {describe(e)}") from e
             except sa_exc.SQLAlchemyError as e:
-                raise StorageError(f"index {what} failed: {_describe(e)}") from e
+                raise StorageError(f"index {what} failed: {describe(e)}") from e
         raise AssertionError("unreachable")
 
     def _bump_generation(self) -> None:
@@ -235,7 +235,7 @@ class Database:
         except LabelgridError:
             raise
         except sa_exc.SQLAlchemyError as e:
-            raise StorageError(f"index {what} failed: {_describe(e)}") from e
+            raise StorageError(f"index {what} failed: {describe(e)}") from e
 
     def insert_ignore(self, conn: Connection, table: sa.Table, values: dict[str, Any]) -> bool:
         """INSERT unless the key exists (race-free on both backends); True if inserted.
@@ -252,4 +252,4 @@ class Database:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 conn.exec_driver_sql("ANALYZE" if not self.pg else "ANALYZE images, labels, scores")
         except sa_exc.SQLAlchemyError as e:  # statistics are an optimisation only
-            _log.warning("index ANALYZE failed: %s", _describe(e))
+            _log.warning("index ANALYZE failed: %s", describe(e))

@@ -16,10 +16,10 @@ from services.common.errors import (
 )
 from services.datastore.adapters.index.base import (
     Repository,
-    _check_json,
-    _check_revision,
+    check_json,
+    check_revision,
 )
-from services.datastore.adapters.index.database import _epoch
+from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     ImageRecord,
@@ -50,8 +50,8 @@ class ImagesLabels(Repository):
         info is replaced as MONAI Label does, and the scores are dropped when the
         content changed, because they were computed on the old bytes.
         """
-        info_ = _check_json(info or {}, "image info")
-        t = _epoch(now)
+        info_ = check_json(info or {}, "image info")
+        t = epoch(now)
         images = self._t.images
 
         def tx(conn: Connection) -> ImageRecord:
@@ -111,13 +111,13 @@ class ImagesLabels(Repository):
         concurrent writers merging different keys never lose each other. A falsy
         ``expected_revision`` (None or 0, as the proto's "unset") means unconditional.
         """
-        info_ = _check_json(info, "image info")
-        t = _epoch(now)
+        info_ = check_json(info, "image info")
+        t = epoch(now)
         images = self._t.images
 
         def tx(conn: Connection) -> ImageRecord:
             old = self._require_image_row(conn, image_id, lock=True)
-            _check_revision(expected_revision, old.revision, f"image {image_id!r}")
+            check_revision(expected_revision, old.revision, f"image {image_id!r}")
             merged = info_ if replace else {**(old.info or {}), **info_}
             conn.execute(
                 sa.update(images)
@@ -142,8 +142,8 @@ class ImagesLabels(Repository):
         now: Now = None,
     ) -> LabelRecord:
         """Saves a label (info replaced, as MONAI Label's save_label); a "final" label releases the image's lease."""
-        info_ = _check_json(info or {}, "label info")
-        t = _epoch(now)
+        info_ = check_json(info or {}, "label info")
+        t = epoch(now)
         labels = self._t.labels
 
         def tx(conn: Connection) -> LabelRecord:
@@ -208,13 +208,13 @@ class ImagesLabels(Repository):
         now: Now = None,
     ) -> LabelRecord:
         """Shallow-merges into a label's info; same guarantees as ``update_image_info``."""
-        info_ = _check_json(info, "label info")
-        t = _epoch(now)
+        info_ = check_json(info, "label info")
+        t = epoch(now)
         labels = self._t.labels
 
         def tx(conn: Connection) -> LabelRecord:
             old = self._label_row(conn, image_id, tag, lock=True)
-            _check_revision(expected_revision, old.revision, f"label {tag!r} of image {image_id!r}")
+            check_revision(expected_revision, old.revision, f"label {tag!r} of image {image_id!r}")
             merged = info_ if replace else {**(old.info or {}), **info_}
             key = (labels.c.image_id == image_id) & (labels.c.tag == tag)
             conn.execute(sa.update(labels).where(key).values(info=merged, revision=old.revision + 1, update_time=t))
@@ -240,8 +240,8 @@ class ImagesLabels(Repository):
         value = float(value)
         if math.isnan(value):
             raise InvalidArgument(f"score {key!r} of image {image_id!r} is NaN")
-        info_ = _check_json(info, "image info") if info else None
-        t = _epoch(now)
+        info_ = check_json(info, "image info") if info else None
+        t = epoch(now)
         sc, im = self._t.scores, self._t.images
 
         def tx(conn: Connection) -> None:

@@ -16,11 +16,11 @@ from services.common.paging import DEFAULT_PAGE_SIZE
 from services.common.paging import page_size as _check_page_size
 from services.datastore.adapters.index.base import (
     Repository,
-    _decode_token,
-    _encode_token,
-    _lease_not_found,
+    decode_token,
+    encode_token,
+    lease_not_found,
 )
-from services.datastore.adapters.index.database import _epoch
+from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     ImageOrder,
@@ -81,7 +81,7 @@ class Leases(Repository):
         if not ttl_seconds or ttl_seconds <= 0 or not math.isfinite(ttl_seconds):
             raise InvalidArgument(f"ttl_seconds must be a positive number (got {ttl_seconds})")
         tag = tag or DEFAULT_TAG_FINAL
-        t = _epoch(now)
+        t = epoch(now)
         expire = t + ttl_seconds
         segs = self._segments(order, score_key, random.random() if order is ImageOrder.RANDOM else None)
         im, ls = self._t.images, self._t.leases
@@ -159,14 +159,14 @@ class Leases(Repository):
         offered to others, so the client must acquire again rather than assume exclusivity."""
         if not ttl_seconds or ttl_seconds <= 0 or not math.isfinite(ttl_seconds):
             raise InvalidArgument(f"ttl_seconds must be a positive number (got {ttl_seconds})")
-        t = _epoch(now)
+        t = epoch(now)
         ls = self._t.leases
         key = (ls.c.image_id == image_id) & (ls.c.client_id == client_id)
 
         def tx(conn: Connection) -> LeaseRecord:
             live = key & (ls.c.expire_time > t)
             if conn.execute(sa.update(ls).where(live).values(expire_time=t + ttl_seconds)).rowcount != 1:
-                raise _lease_not_found(image_id, client_id)
+                raise lease_not_found(image_id, client_id)
             return self._lease_record(conn.execute(sa.select(ls).where(key)).one())
 
         return self._write(tx, "renew_lease")
@@ -174,13 +174,13 @@ class Leases(Repository):
     def release_lease(self, image_id: str, client_id: str, *, now: Now = None) -> None:
         """NOT_FOUND (LEASE_NOT_FOUND) if that client holds no live lease on the image
         (an expired one is left for ``acquire_next_lease`` / ``expire_leases`` to reuse)."""
-        t = _epoch(now)
+        t = epoch(now)
         ls = self._t.leases
 
         def tx(conn: Connection) -> None:
             key = (ls.c.image_id == image_id) & (ls.c.client_id == client_id) & (ls.c.expire_time > t)
             if conn.execute(sa.delete(ls).where(key)).rowcount != 1:
-                raise _lease_not_found(image_id, client_id)
+                raise lease_not_found(image_id, client_id)
 
         self._write(tx, "release_lease")
 
@@ -194,11 +194,11 @@ class Leases(Repository):
     ) -> Page[LeaseRecord]:
         """Live leases (of one client, or all), by image id."""
         size = _check_page_size(page_size)
-        tok = _decode_token(page_token, "leases")
+        tok = decode_token(page_token, "leases")
         after = tok.get("i") if tok else None
         if tok is not None and (not isinstance(after, str) or tok.get("c") != (client_id or "")):
             raise InvalidArgument("invalid page_token")
-        t = _epoch(now)
+        t = epoch(now)
         ls = self._t.leases
         where = [ls.c.expire_time > t]
         if client_id:
@@ -213,7 +213,7 @@ class Leases(Repository):
             token = ""
             if len(rows) > size:
                 rows = rows[:size]
-                token = _encode_token("leases", {"c": client_id or "", "i": rows[-1].image_id})
+                token = encode_token("leases", {"c": client_id or "", "i": rows[-1].image_id})
             return Page(items=[self._lease_record(r) for r in rows], next_page_token=token, total_size=total)
 
         return self._read(tx, "list_leases")
@@ -221,7 +221,7 @@ class Leases(Repository):
     def expire_leases(self, now: Now = None) -> int:
         """Deletes leases that expired by ``now``; returns how many. Optional housekeeping:
         expired leases are already ignored (and taken over) by ``acquire_next_lease``."""
-        t = _epoch(now)
+        t = epoch(now)
         ls = self._t.leases
         return self._write(
             lambda conn: conn.execute(sa.delete(ls).where(ls.c.expire_time <= t)).rowcount, "expire_leases"

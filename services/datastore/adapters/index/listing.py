@@ -15,11 +15,11 @@ from services.common.paging import DEFAULT_PAGE_SIZE
 from services.common.paging import page_size as _check_page_size
 from services.datastore.adapters.index.base import (
     Repository,
-    _decode_token,
-    _encode_token,
-    _keys_fit,
+    decode_token,
+    encode_token,
+    keys_fit,
 )
-from services.datastore.adapters.index.database import _epoch
+from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     DatastoreStatus,
@@ -55,7 +55,7 @@ class Listing(Repository):
         size = _check_page_size(page_size)
         tag = tag or DEFAULT_TAG_FINAL
         sig = {"f": filter.value, "t": tag, "o": order.value, "s": score_key or "", "x": bool(exclude_leased)}
-        tok = _decode_token(page_token, "images")
+        tok = decode_token(page_token, "images")
         if tok is not None:
             if any(tok.get(k) != v for k, v in sig.items()):
                 raise InvalidArgument("invalid page_token: it belongs to a listing with other parameters")
@@ -66,9 +66,9 @@ class Listing(Repository):
             seg_i, last = 0, None
             r0 = random.random() if order is ImageOrder.RANDOM else None
         segs = self._segments(order, score_key, r0)
-        if not 0 <= seg_i < len(segs) or (last is not None and not _keys_fit(segs[seg_i].cols, last)):
+        if not 0 <= seg_i < len(segs) or (last is not None and not keys_fit(segs[seg_i].cols, last)):
             raise InvalidArgument("invalid page_token")
-        t = _epoch(now)
+        t = epoch(now)
         im = self._t.images
         base: list[sa.ColumnElement[bool]] = []
         if filter is ImageFilter.LABELED:
@@ -93,7 +93,7 @@ class Listing(Repository):
                 got = got[:size]
                 end_i, end_row = got[-1]
                 keys = [getattr(end_row, f"k{j}") for j in range(len(segs[end_i].cols))]
-                token = _encode_token("images", {**sig, "i": end_i, "l": keys, "r": r0})
+                token = encode_token("images", {**sig, "i": end_i, "l": keys, "r": r0})
             items = self._images_from_rows(conn, [r for _, r in got])
             return Page(items=items, next_page_token=token, total_size=total)
 

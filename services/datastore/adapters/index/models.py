@@ -17,11 +17,11 @@ from services.common.paging import DEFAULT_PAGE_SIZE
 from services.common.paging import page_size as _check_page_size
 from services.datastore.adapters.index.base import (
     Repository,
-    _check_json,
-    _decode_token,
-    _encode_token,
+    check_json,
+    decode_token,
+    encode_token,
 )
-from services.datastore.adapters.index.database import _epoch
+from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
     ModelRecord,
     ModelVersionRecord,
@@ -49,9 +49,9 @@ class Models(Repository):
         concurrent publishers get distinct, increasing versions; a number is never reused
         after a delete. An explicit version that exists is ALREADY_EXISTS.
         """
-        metrics_ = _check_json(metrics or {}, "model metrics")
-        info_ = _check_json(info or {}, "model info")
-        t = _epoch(now)
+        metrics_ = check_json(metrics or {}, "model metrics")
+        info_ = check_json(info or {}, "model info")
+        t = epoch(now)
         m, mv = self._t.models, self._t.model_versions
 
         def tx(conn: Connection) -> ModelVersionRecord:
@@ -93,7 +93,7 @@ class Models(Repository):
 
     def list_models(self, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[ModelRecord]:
         size = _check_page_size(page_size)
-        tok = _decode_token(page_token, "models")
+        tok = decode_token(page_token, "models")
         after = tok.get("n") if tok else None
         if tok is not None and not isinstance(after, str):
             raise InvalidArgument("invalid page_token")
@@ -108,7 +108,7 @@ class Models(Repository):
             token = ""
             if len(rows) > size:
                 rows = rows[:size]
-                token = _encode_token("models", {"n": rows[-1].name})
+                token = encode_token("models", {"n": rows[-1].name})
             items = [ModelRecord(model=r.name, latest_version=r.latest, pinned_version=r.pinned_version) for r in rows]
             return Page(items=items, next_page_token=token, total_size=total)
 
@@ -119,7 +119,7 @@ class Models(Repository):
     ) -> Page[ModelVersionRecord]:
         """Versions newest first; NOT_FOUND if the model is unknown."""
         size = _check_page_size(page_size)
-        tok = _decode_token(page_token, "versions")
+        tok = decode_token(page_token, "versions")
         after = tok.get("s") if tok else None
         if tok is not None and (not isinstance(after, int) or tok.get("m") != name):
             raise InvalidArgument("invalid page_token")
@@ -135,7 +135,7 @@ class Models(Repository):
             token = ""
             if len(rows) > size:
                 rows = rows[:size]
-                token = _encode_token("versions", {"m": name, "s": rows[-1].seq})
+                token = encode_token("versions", {"m": name, "s": rows[-1].seq})
             return Page(items=[self._version_record(r) for r in rows], next_page_token=token, total_size=total)
 
         return self._read(tx, "list_model_versions")

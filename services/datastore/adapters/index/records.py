@@ -16,13 +16,13 @@ from services.common.paging import DEFAULT_PAGE_SIZE
 from services.common.paging import page_size as _check_page_size
 from services.datastore.adapters.index.base import (
     Repository,
-    _check_json,
-    _check_revision,
-    _decode_token,
-    _encode_token,
-    _record_not_found,
+    check_json,
+    check_revision,
+    decode_token,
+    encode_token,
+    record_not_found,
 )
-from services.datastore.adapters.index.database import _epoch
+from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
     Page,
     Record,
@@ -43,8 +43,8 @@ class Records(Repository):
         """Creates or replaces a record. ``expected_revision``: None/0 = unconditional,
         -1 = only if it does not exist yet (ABORTED if it does), N > 0 = only if still at N
         (ABORTED if not, NOT_FOUND if the record is gone)."""
-        data_ = _check_json(data, "record data")
-        t = _epoch(now)
+        data_ = check_json(data, "record data")
+        t = epoch(now)
         rc = self._t.records
         key = (rc.c.kind == kind) & (rc.c.id == record_id)
 
@@ -59,10 +59,10 @@ class Records(Repository):
             if not created:
                 old = conn.execute(sa.select(rc.c.revision).where(key).with_for_update()).first()
                 if old is None:
-                    raise _record_not_found(kind, record_id)
+                    raise record_not_found(kind, record_id)
                 if expected_revision == -1:
                     raise Aborted(f"record {kind!r}/{record_id!r} already exists")
-                _check_revision(
+                check_revision(
                     expected_revision if (expected_revision or 0) > 0 else None,
                     old.revision,
                     f"record {kind!r}/{record_id!r}",
@@ -78,7 +78,7 @@ class Records(Repository):
         def tx(conn: Connection) -> Record:
             row = conn.execute(sa.select(rc).where((rc.c.kind == kind) & (rc.c.id == record_id))).first()
             if row is None:
-                raise _record_not_found(kind, record_id)
+                raise record_not_found(kind, record_id)
             return self._record(row)
 
         return self._read(tx, "get_record")
@@ -86,7 +86,7 @@ class Records(Repository):
     def list_records(self, kind: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[Record]:
         """Records of a kind by id (plain string order)."""
         size = _check_page_size(page_size)
-        tok = _decode_token(page_token, "records")
+        tok = decode_token(page_token, "records")
         after = tok.get("i") if tok else None
         if tok is not None and (not isinstance(after, str) or tok.get("n") != kind):
             raise InvalidArgument("invalid page_token")
@@ -101,7 +101,7 @@ class Records(Repository):
             token = ""
             if len(rows) > size:
                 rows = rows[:size]
-                token = _encode_token("records", {"n": kind, "i": rows[-1].id})
+                token = encode_token("records", {"n": kind, "i": rows[-1].id})
             return Page(items=[self._record(r) for r in rows], next_page_token=token, total_size=total)
 
         return self._read(tx, "list_records")
@@ -113,7 +113,7 @@ class Records(Repository):
         def tx(conn: Connection) -> Record:
             row = conn.execute(sa.select(rc).where(key).with_for_update()).first()
             if row is None:
-                raise _record_not_found(kind, record_id)
+                raise record_not_found(kind, record_id)
             conn.execute(sa.delete(rc).where(key))
             return self._record(row)
 
