@@ -7,6 +7,7 @@ domain exceptions that the shared error interceptor turns into statuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from services.datastore.api import convert
 from services.datastore.domain.datastore import BlobRead, Datastore
 
 run = asyncio.to_thread
+WATCH_HEARTBEAT_SECONDS = 10.0
+"""A WatchChanges stream repeats its generation at least this often: data on the connection
+between the clients' keepalive pings (30 s in the gateway), which a server without data to
+send counts as strikes and answers with GOAWAY too_many_pings, dropping every call on it."""
 
 
 class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
@@ -75,7 +80,8 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             while not self._closing:
                 changed.clear()  # before reading: a change after this sets it again
                 yield pb.WatchChangesResponse(generation=self.ds.generation, exclusive=exclusive)
-                await changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_HEARTBEAT_SECONDS)
         finally:
             self._watches.discard(changed)
             stop()
