@@ -22,12 +22,14 @@ async def test_every_write_pushes_a_new_generation(stub: pb_grpc.DatastoreServic
     call = stub.WatchChanges(pb.WatchChangesRequest())
     first = await asyncio.wait_for(call.read(), WAIT)
     assert first.exclusive  # SQLite: this datastore sees every write
-    seen = {first.generation}
+    seen = [first.generation]
 
     async def next_generation() -> int:
         message = await asyncio.wait_for(call.read(), WAIT)
+        while message.generation == seen[-1]:  # a heartbeat (the generation repeated)
+            message = await asyncio.wait_for(call.read(), WAIT)
         assert message.generation not in seen, "a write must change the generation"
-        seen.add(message.generation)
+        seen.append(message.generation)
         return message.generation
 
     await upload_image(stub, nifti_bytes(), image_id="a")
