@@ -3,8 +3,9 @@
 One stack for the module: the datastore on S3 (a SeaweedFS of its own) with its index on
 PostgreSQL (a server of its own), so both can be stopped and started again under it. In file
 order: kill -9 of the training service mid-train and of the active learning service
-mid-scoring, the object store stopped and restarted, PostgreSQL stopped and restarted, Envoy
-killed. After each: what clients asked meanwhile got a prompt 503 (never a 500, never a hang),
+mid-scoring, the object store stopped and restarted, PostgreSQL stopped and restarted, kill -9
+of the gateway mid-upload and of the datastore, Envoy killed (test_faults.py has the datastore
+mid-upload and inference mid-infer on their own). After each: what clients asked meanwhile got a prompt 503 (never a 500, never a hang),
 the stack recovered with no manual restart (the supervisor restarts its children, the next
 request reconnects), and `python -m services.datastore fsck` finds zero problems.
 """
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,8 +27,11 @@ from typing import Any
 
 import grpc
 import httpx
+import nibabel as nib
+import numpy as np
 import psutil
 import pytest
+from google.protobuf import struct_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
@@ -375,6 +380,109 @@ def test_postgres_stopped_and_restarted(faults: FaultStack) -> None:
     after = datastore_objects(url)
     assert "while_pg_down" not in after and "after_pg_back" in after
     assert "during" not in after["sample_01"]["image"]["info"]
+    faults.assert_fsck_clean()
+
+
+def _endless_multipart(boundary: str, stop: threading.Event) -> Iterator[bytes]:
+    """A 1 GiB NIfTI upload (multipart, chunked) that keeps arriving until `stop` is set."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 4096))
+    header.set_data_dtype(np.uint8)
+    header.set_data_offset(352)
+    yield (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="big.nii"\r\n'
+        "content-type: application/octet-stream\r\n\r\n"
+    ).encode()
+    yield header.binaryblock + b"\0" * (352 - len(header.binaryblock))
+    block = bytes(range(256)) * 4096
+    for _ in range(1024):
+        if stop.is_set():
+            return
+        yield block
+        time.sleep(0.005)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_kill_9_of_the_gateway_mid_upload_stores_nothing(faults: FaultStack) -> None:
+    url = faults.url
+    spool = faults.stack.studies.parent / "var" / "datastore" / "spool"
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def upload() -> None:
+        boundary = "faultsboundary"
+        try:
+            answer = httpx.put(
+                f"{url}/datastore/", params={"image": "killed_upload"}, content=_endless_multipart(boundary, stop),
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"}, timeout=120,
+            )  # fmt: skip
+            outcome["status"] = answer.status_code
+        except httpx.HTTPError as error:
+            outcome["error"] = repr(error)
+        finally:
+            outcome["at"] = time.monotonic()
+            stop.set()
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    try:
+        # Mid-upload: the datastore's spool already holds several MiB of it.
+        wait_until(lambda: sum(p.stat().st_size for p in spool.glob("upload-*")) > 8 * 2**20, "the upload to spool")
+        gateway = faults.child("gateway")
+        mark = len(faults.stack.output)
+        gateway.kill()
+        killed_at = time.monotonic()
+        gateway.wait(10)
+        uploader.join(60)
+    finally:
+        stop.set()
+        uploader.join(120)
+    # Envoy answers for the dead gateway at once (or the connection ends), never a 500 or the timeout.
+    assert outcome.get("status", 503) == 503, outcome
+    assert outcome["at"] - killed_at < PROMPT_S, outcome
+    # The datastore drops the broken upload's spool; nothing of it is stored.
+    wait_until(lambda: not list(spool.glob("upload-*")), "the spool to be removed", 30)
+    faults.restarted("gateway", gateway, mark)
+    wait_until(lambda: _ok(f"{url}/info/"), "the gateway to serve again", 30)
+    assert "killed_upload" not in datastore_objects(url)
+    faults.assert_fsck_clean()
+
+
+def test_kill_9_of_the_datastore_every_service_reconnects(faults: FaultStack) -> None:
+    url = faults.url
+    datastore = faults.child("datastore")
+    mark = len(faults.stack.output)
+    datastore.kill()
+    datastore.wait(10)
+    for call in (
+        lambda: httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=120),
+        lambda: httpx.post(f"{url}/activelearning/random", json={"client_id": "d"}, timeout=120),
+    ):
+        answer, took = timed(call)
+        assert answer.status_code == 503 and took < PROMPT_S, (answer.status_code, answer.text[:500], took)
+    faults.restarted("datastore", datastore, mark)
+    # The gateway, active learning and inference reach the new process on their own.
+    wait_until(lambda: _ok(f"{url}/datastore/?output=stats"), "the gateway to reach the datastore", 30)
+    wait_until(
+        lambda: httpx.post(f"{url}/activelearning/random", json={"client_id": "d"}, timeout=60).status_code == 200,
+        "active learning to reach the datastore", 30,
+    )  # fmt: skip
+    inferred = wait_until(
+        lambda: (a := httpx.post(f"{url}/infer/segmentation", params={"image": "sample_03", "output": "json"},
+                                 data={"params": "{}"}, timeout=120)).status_code == 200 and a,
+        "inference to reach the datastore", 60,
+    )  # fmt: skip
+    assert inferred.json()["label_names"]
+    # A change made behind the gateway's back (native gRPC through Envoy) shows in its listing.
+    with grpc.insecure_channel(f"127.0.0.1:{faults.stack.port}") as channel:
+        info = struct_pb2.Struct()
+        info.update({"after_restart": 1})
+        pb_grpc.DatastoreServiceStub(channel).UpdateImageInfo(
+            pb.UpdateImageInfoRequest(name="images/sample_03", info=info), timeout=30
+        )
+    wait_until(
+        lambda: "after_restart" in datastore_objects(url)["sample_03"]["image"]["info"], "the listing to change", 30
+    )
     faults.assert_fsck_clean()
 
 
