@@ -1,6 +1,6 @@
 """Bundle benchmark: a MONAI Bundle served through labelgrid's REST API vs the same bundle run bare.
 
-    python -m bench.bundle [--sizes 64,128] [--runs 10,5] [--out bench/results/bundle.json]
+    python -m bench.bundle [--sizes 64,128] [--runs 30,15] [--batch-images 100] [--out bench/results/bundle.json]
 
 The bundle is tests/fixtures/bundles.py's 3D CT segmentation bundle (seeded weights, the
 standard CT pipeline: LoadImaged, Orientationd, Spacingd 1.5x1.5x2 mm, ScaleIntensityRanged,
@@ -12,9 +12,16 @@ SlidingWindowInferer 32³, Invertd, SaveImaged). Latency (p50 / p95, seconds) pe
       (preprocessing, network under the inferer, postprocessing with SaveImaged): the floor;
   (b) REST: MONAI Label's POST /infer/{bundle}?output=image of a `labelgrid up --bundle` stack
       (Envoy, gateway, inference, datastore, each its own process), the label streamed back.
-Interleaved round by round on the same image, with the same torch thread count on both sides
-(--torch-threads, default 1). Prints a table and writes JSON; numbers, not
-assertions. On a shared 2-core machine the spread is wide; the load average is recorded.
+Interleaved round by round on the same image (the order rotating per round), with the same
+torch thread count on both sides (--torch-threads, default 1). Besides each side's median, the
+ratio is also the median of the per-round ratios (REST and bare timed in the same round, so load
+that comes and goes on a shared machine cancels out of it).
+
+Then batch inference of the same bundle model over --batch-images small volumes (48³): one
+POST /batch/infer/{bundle}?run_sync=true vs one client calling POST /infer/{bundle} with
+save_label image after image, alternated loop, batch, batch, loop (medians), each result saved
+as a label in both. Prints tables and writes JSON; numbers, not assertions. On a shared 2-core
+machine the spread is wide; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,8 @@ from bench.datastore import table
 from bench.infer import interleaved, p
 from tests.fixtures.bundles import make_bundle
 from tests.integration.test_labelgrid_up import start_stack, stop_stack
+
+BATCH_SIZE = 48  # edge of the batch volumes
 
 MODEL = "ct_bench"
 
@@ -94,7 +104,47 @@ class BarePipeline:
         self.post(data)
 
 
-def run(sizes: list[int], runs: list[int], work: Path) -> dict[str, Any]:
+def paired(times: dict[str, list[float]], over: str, under: str) -> float:
+    """Median of the per-round ratios over / under (both timed in the same round)."""
+    return float(np.median(np.asarray(times[over]) / np.asarray(times[under])))
+
+
+def batch_throughput(http: httpx.Client, work: Path, count: int) -> list[dict[str, Any]]:
+    """The bundle over `count` volumes: one run_sync batch vs a client calling infer per image."""
+    ids = []
+    for number in range(count):
+        path = ct_volume(BATCH_SIZE, work / f"batch_{number:03d}.nii.gz")
+        image_id = f"batch_{number:03d}"
+        response = http.put("/datastore/", params={"image": image_id}, files={"file": (path.name, path.read_bytes())})
+        response.raise_for_status()
+        ids.append(image_id)
+    http.post(f"/infer/{MODEL}", params={"image": ids[0], "output": "json"}, data={"params": "{}"}).raise_for_status()
+
+    def loop() -> None:
+        params = json.dumps({"save_label": True, "label_tag": "loop"})
+        for image_id in ids:
+            http.post(f"/infer/{MODEL}", params={"image": image_id, "output": "json"}, data={"params": params}).raise_for_status()
+
+    def batch() -> None:
+        answer = http.post(f"/batch/infer/{MODEL}", params={"run_sync": "true"}, json={"images": ids, "label_tag": "batch"})
+        answer.raise_for_status()
+        done = [image for image, outcome in answer.json().items() if outcome]
+        if len(done) != len(ids):
+            raise RuntimeError(f"the batch saved {len(done)} of {len(ids)} labels")
+
+    times: dict[str, list[float]] = {"loop": [], "batch": []}
+    for name, call in (("loop", loop), ("batch", batch), ("batch", batch), ("loop", loop)):
+        started = time.perf_counter()
+        call()
+        times[name].append(time.perf_counter() - started)
+    rows = []
+    for name, label in (("loop", "loop: infer per image"), ("batch", "batch: /batch/infer run_sync")):
+        seconds = float(np.median(times[name]))
+        rows.append({"mode": label, "images": count, "seconds": seconds, "images/s": count / seconds, "runs": times[name]})
+    return rows
+
+
+def run(sizes: list[int], runs: list[int], work: Path, batch_images: int) -> dict[str, Any]:
     bundle = make_bundle(work / MODEL, seed=3, train=False)
     (work / "images").mkdir()
     images = {size: ct_volume(size, work / "images" / f"ct_{size}.nii.gz") for size in sizes}
@@ -102,7 +152,7 @@ def run(sizes: list[int], runs: list[int], work: Path) -> dict[str, Any]:
     rows = []
     try:
         with httpx.Client(base_url=stack.url, timeout=600) as http:
-            for size, path in images.items():
+            for path in images.values():
                 image_id = path.name[: -len(".nii.gz")]
                 response = http.put("/datastore/", params={"image": image_id}, files={"file": (path.name, path.read_bytes())})
                 if response.status_code not in (200, 409):
@@ -128,16 +178,20 @@ def run(sizes: list[int], runs: list[int], work: Path) -> dict[str, Any]:
                     "workflow_p50": p(times["workflow"], 50), "pipeline_p50": p(times["pipeline"], 50),
                     "pipeline_p95": p(times["pipeline"], 95), "rest_p50": rest50, "rest_p95": p(times["rest"], 95),
                     "rest/pipeline": rest50 / p(times["pipeline"], 50), "rest/workflow": rest50 / p(times["workflow"], 50),
+                    "paired rest/pipeline": paired(times, "rest", "pipeline"),
+                    "paired rest/workflow": paired(times, "rest", "workflow"),
                 })  # fmt: skip
+            batch_rows = batch_throughput(http, work / "images", batch_images) if batch_images else []
     finally:
         stop_stack(stack)
-    return {"model": MODEL, "latency": rows}
+    return {"model": MODEL, "latency": rows, "batch": batch_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,128", help="cube sides of the synthetic CT volumes")
-    parser.add_argument("--runs", default="10,5", help="timed runs per size (after one warm-up)")
+    parser.add_argument("--runs", default="30,15", help="timed rounds per size (after one warm-up)")
+    parser.add_argument("--batch-images", type=int, default=100, help="volumes of the batch vs loop run (0: skip it)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/bundle.json"))
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads here and in the stack's services (LABELGRID_TORCH_THREADS): the same on both sides; "
@@ -153,11 +207,19 @@ def main() -> None:
         parser.error("--runs needs one count per size")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="labelgrid-bench-bundle-") as tmp:
-        result = run(sizes, runs, Path(tmp))
+        result = run(sizes, runs, Path(tmp), args.batch_images)
     result["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     result["torch_threads"] = args.torch_threads
     print()
     print(table(result["latency"], f"bundle {MODEL} latency (s): in-process monai.bundle workflow run / bare parsed pipeline vs REST via Envoy"))
+    if result["batch"]:
+        rows = [{k: v for k, v in row.items() if k != "runs"} for row in result["batch"]]
+        print()
+        print(table(rows, f"bundle {MODEL}: batch inference over {args.batch_images} images of {BATCH_SIZE}^3 (medians of 2)"))
+        loop_s, batch_s = (row["seconds"] for row in result["batch"])
+        result["batch_speedup"] = loop_s / batch_s
+        print(f"batch / loop throughput: {loop_s / batch_s:.2f}x")
+    print(f"load average before {result['loadavg']['before'][0]:.1f}, after {result['loadavg']['after'][0]:.1f} (a shared machine)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")
