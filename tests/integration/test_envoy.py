@@ -7,6 +7,7 @@ a running Envoy in test_labelgrid_up.py.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
