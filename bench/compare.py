@@ -1,7 +1,8 @@
 """labelgrid next to MONAI Label 0.8.5: the read paths annotators hit, one server at a time.
 
     python -m bench.compare [--counts 1000,10000] [--rounds 3] [--requests 50]
-                            [--annotators 10] [--next-samples 10] [--out bench/results]
+                            [--annotators 10] [--next-samples 10] [--infer-sizes 96,160]
+                            [--infer-runs 5,3] [--out bench/results]
 
 1. Installs MONAI Label 0.8.5 into its own venv, bench/.venv-monailabel (once; not part of
    `make test`): torch 2.13.0 (the local CPU wheel), pydicom 2.4.4, pynetdicom < 3,
@@ -14,6 +15,12 @@
 3. Drives both with the same client: GET /datastore/?output=all, GET /datastore/ and
    GET /info/ (median and p95 of --requests calls after a warm-up), then next sample
    (POST /activelearning/random) from --annotators concurrent annotators.
+   At the first count also the infer rows: POST /infer/segmentation on generated volumes of
+   each --infer-sizes (uploaded through PUT /datastore/image first), and, interleaved with
+   labelgrid's calls, the same network run bare in this process (bench.infer.BareModel on
+   bench/labelgrid_app, which labelgrid serves here: MONAI Label's app's network, read ->
+   transforms -> sliding window 96³ -> label file, no service around it),
+   so the table shows REST latency ÷ bare for both servers.
 4. Prints the table with labelgrid ÷ MONAI Label and writes the numbers as JSON under --out.
 
 Numbers, not assertions: the tests check behaviour; this says how fast.
@@ -22,12 +29,12 @@ Numbers, not assertions: the tests check behaviour; this says how fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,9 +50,12 @@ import httpx
 import nibabel as nib
 import numpy as np
 
+from tests.ports import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 ML_VENV = ROOT / "bench" / ".venv-monailabel"
 ML_APP = ROOT / "bench" / "monailabel_app"
+LABELGRID_APP = "bench.labelgrid_app"  # bench/monailabel_app's network, served by labelgrid
 ML_CONSTRAINTS = ["torch==2.13.0", "pydicom==2.4.4", "pynetdicom<3", "dicomweb-client<0.60"]
 READ_PATHS = {
     "GET /datastore/?output=all": "/datastore/?output=all",
@@ -98,17 +108,6 @@ def write_studies(folder: Path, count: int) -> None:
 
 
 # -- servers -------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -165,17 +164,21 @@ def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
     return serve(argv, f"http://127.0.0.1:{port}", work / "monailabel.log", env, timeout=600)
 
 
-def labelgrid_server(studies: Path, work: Path, src: Path | None = None) -> Any:
+def labelgrid_server(
+    studies: Path, work: Path, src: Path | None = None, extra: list[str] | None = None, extra_env: dict[str, str] | None = None
+) -> Any:
+    """`labelgrid up` on `studies` (`extra`: more flags, e.g. `--backend s3 ...`, with `extra_env`)."""
     flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port",
              "--training-port", "--activelearning-port"]  # fmt: skip
     ports = free_ports(len(flags))
     argv = [
         sys.executable, "-m", "gateway.cli", "up", "--studies", str(studies), "--work-dir", str(work / "var"),
-        "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
+        "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu", "--app", LABELGRID_APP,
     ]  # fmt: skip
     for flag, port in zip(flags, ports, strict=True):
         argv += [flag, str(port)]
-    env = dict(os.environ)
+    argv += extra or []
+    env = {**os.environ, **(extra_env or {})}
     if src is not None:  # another checkout (e.g. an older commit, for a before/after table)
         env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "protos" / "gen" / "python")])
     # `python -m` puts the working directory first on sys.path: run in the tree to measure.
@@ -187,7 +190,7 @@ def labelgrid_server(studies: Path, work: Path, src: Path | None = None) -> Any:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def timed(call: Callable[[], httpx.Response], n: int) -> dict[str, float]:
@@ -245,13 +248,57 @@ def listing_after_change(http: httpx.Client, n: int) -> dict[str, float]:
     return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "bytes": len(response.content)}
 
 
-def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+def bare_model(work: Path) -> Any:
+    """bench.infer's bare path on LABELGRID_APP's segmentation: the inference service's own
+    adapters in this process (read, pre-transforms, sliding window, post, label file, sha256)."""
+    from bench.infer import BareModel
+    from services.common.apps import load_app
+    from services.common.models.torch_runner import TorchRunner
+    from services.common.models.volumes import VolumeFiles
+
+    bare = BareModel.__new__(BareModel)
+    bare.task = load_app(LABELGRID_APP).infer_tasks["segmentation"]
+    bare.runner = TorchRunner(["cpu"], warm_up=True)
+    bare.loaded = bare.runner.load(bare.task, "cpu", None, "")
+    bare.volumes, bare.work, bare.model_seconds = VolumeFiles(), work, []
+    return bare
+
+
+def infer_rows(url: str, args: argparse.Namespace, volumes: dict[int, Path], bare: Any) -> dict[str, Any]:
+    """POST /infer/segmentation per volume size (the image uploaded once through REST);
+    with `bare` (labelgrid's rounds), the bare in-process run interleaved call by call."""
+    from bench.infer import interleaved  # torch and the sample app: only when infer rows run
+
+    out: dict[str, Any] = {}
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for size, path in volumes.items():
+            with path.open("rb") as handle:
+                http.put("/datastore/image", params={"image": f"bench_{size}"}, files={"file": (path.name, handle)}).raise_for_status()
+        for (size, path), runs in zip(volumes.items(), args.infer_run_counts, strict=True):
+
+            def rest(size: int = size) -> None:
+                response = http.post("/infer/segmentation", params={"image": f"bench_{size}"}, data={"params": "{}"})
+                response.raise_for_status()
+
+            calls: dict[str, Callable[[], Any]] = {"rest": rest}
+            if bare is not None:
+                calls["bare"] = functools.partial(bare, path)
+            times = interleaved(calls, runs)
+            for name, values in times.items():
+                row = f"infer {size}³ " + ("REST" if name == "rest" else "bare in-process (same network, sliding window)")
+                out[row] = {"p50_ms": 1000 * statistics.median(values), "p95_ms": 1000 * percentile(values, 0.95), "calls": len(values)}
+    return out
+
+
+def measure(url: str, args: argparse.Namespace, infer: tuple[dict[int, Path], Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with httpx.Client(base_url=url, timeout=120) as http:
         for name, path in READ_PATHS.items():
-            out[name] = timed(lambda: http.get(path), args.requests)
+            out[name] = timed(functools.partial(http.get, path), args.requests)
         out["GET /datastore/?output=all after an info change"] = listing_after_change(http, max(5, args.requests // 5))
     out[f"next sample, {args.annotators} annotators"] = next_samples(url, args.annotators, args.next_samples)
+    if infer is not None:
+        out.update(infer_rows(url, args, *infer))
     return out
 
 
@@ -265,17 +312,26 @@ def median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _ms(row: dict[str, Any] | None) -> str:
+    return "–" if row is None else f"{row['p50_ms']:.2f} / {row['p95_ms']:.2f} ms"
+
+
 def table(count: int, ml: dict[str, Any], lg: dict[str, Any]) -> str:
     lines = [
         f"| what ({count:,} images) | MONAI Label p50 / p95 | labelgrid p50 / p95 | labelgrid ÷ MONAI Label (p50) |",
         "|---|---|---|---|",
     ]
-    for row in ml:
-        a, b = ml[row], lg[row]
-        lines.append(
-            f"| {row} | {a['p50_ms']:.2f} / {a['p95_ms']:.2f} ms | {b['p50_ms']:.2f} / {b['p95_ms']:.2f} ms "
-            f"| {b['p50_ms'] / a['p50_ms']:.2f} |"
-        )
+    for row in dict.fromkeys([*ml, *lg]):
+        a, b = ml.get(row), lg.get(row)
+        ratio = f"{b['p50_ms'] / a['p50_ms']:.2f}" if a and b else "–"
+        lines.append(f"| {row} | {_ms(a)} | {_ms(b)} | {ratio} |")
+    # REST ÷ bare: what each server adds around the same forward pass (labelgrid's limit: 1.05).
+    for row, bare in lg.items():
+        if "bare in-process" not in row:
+            continue
+        rest_row = row.split(" bare ")[0] + " REST"
+        parts = [f"{name} {rows[rest_row]['p50_ms'] / bare['p50_ms']:.2f}" for name, rows in (("MONAI Label", ml), ("labelgrid", lg)) if rest_row in rows]
+        lines.append(f"| {rest_row} ÷ bare (p50) | | | {', '.join(parts)} |")
     return "\n".join(lines)
 
 
@@ -286,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50, help="timed calls per read path and round")
     parser.add_argument("--annotators", type=int, default=10, help="concurrent next-sample clients")
     parser.add_argument("--next-samples", type=int, default=10, help="next-sample calls per annotator")
+    parser.add_argument("--infer-sizes", default="96,160", help="volume sizes of the infer rows (first count only); empty: none")
+    parser.add_argument("--infer-runs", default="5,3", help="timed infers per size, system and round")
     parser.add_argument("--systems", default="monailabel,labelgrid")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--labelgrid-src", type=Path, default=None,
@@ -293,12 +351,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before)")
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
+    infer_sizes = [int(s) for s in args.infer_sizes.split(",") if s]
+    args.infer_run_counts = [int(r) for r in args.infer_runs.split(",")][: len(infer_sizes)]
+    args.infer_run_counts += [args.infer_run_counts[-1]] * (len(infer_sizes) - len(args.infer_run_counts))
+    bare = None
     exe = ensure_monailabel() if "monailabel" in systems else Path()
     args.out.mkdir(parents=True, exist_ok=True)
-    for count in (int(c) for c in args.counts.split(",")):
+    for index, count in enumerate(int(c) for c in args.counts.split(",")):
         with tempfile.TemporaryDirectory(prefix="lg-compare-") as tmp:
             base = Path(tmp)
             write_studies(base / "studies", count)
+            volumes: dict[int, Path] = {}
+            if index == 0 and infer_sizes:
+                from bench.infer import volume_file
+
+                (base / "volumes").mkdir()
+                volumes = {size: volume_file(size, base / "volumes") for size in infer_sizes}
+                bare = bare_model(base / "volumes")
             results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
             for round_ in range(args.rounds):
                 for system in systems:
@@ -314,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                         try:
                             with server as url:
                                 ready = time.perf_counter() - start
-                                result = measure(url, args)
+                                infer = (volumes, bare if system == "labelgrid" else None) if volumes else None
+                                result = measure(url, args, infer)
                             break
                         except RuntimeError as err:
                             if attempt == 2 or "server" not in str(err):

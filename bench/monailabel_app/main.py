@@ -1,5 +1,5 @@
-"""The MONAI Label 0.8.5 app bench/compare.py serves: labelgrid's sample segmentation network
-(a randomly initialised 3D UNet 8-16-32-64, sliding window 96³) as one BasicInferTask, plus
+"""The MONAI Label 0.8.5 app bench/compare.py serves: the network bench/labelgrid_app serves in
+labelgrid (a randomly initialised 3D UNet 8-16-32-64, sliding window 96³) as one BasicInferTask, plus
 MONAI Label's own `random` and `first` strategies. Runs only in bench/.venv-monailabel."""
 
 from __future__ import annotations
