@@ -33,7 +33,7 @@ from services.common.errors import (
 )
 from services.common.paging import MAX_PAGE_SIZE
 from services.common.paging import page_size as _page_size
-from services.datastore.domain import formats, ids
+from services.datastore.domain import formats, ids, limits
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     DatastoreStatus,
@@ -156,6 +156,9 @@ class Datastore:
         self.description = description
         self._clock = clock
         self._locks = _KeyedLocks()
+        # Single-flight dataset export: the archive being built or not yet streamed and removed.
+        self._export_guard = threading.Lock()
+        self._export_path: Path | None = None
         # Bumped after every write to images, labels or their info (see watch()).
         self._generation = 0
         self._watch_lock = threading.Lock()
@@ -269,15 +272,22 @@ class Datastore:
         tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
         if order is ImageOrder.SCORE_DESC:
             ids.check_record_key(score_key, "score key")
-        return self.index.list_images(
-            filter=filter,
-            tag=tag,
-            order=order,
-            score_key=score_key or None,
-            page_size=_page_size(page_size),
-            page_token=page_token,
-            exclude_leased=exclude_leased,
-        )
+        size = _page_size(page_size)
+        while True:
+            page = self.index.list_images(
+                filter=filter,
+                tag=tag,
+                order=order,
+                score_key=score_key or None,
+                page_size=size,
+                page_token=page_token,
+                exclude_leased=exclude_leased,
+            )
+            # A page whose infos outgrow a message is asked again, smaller: the keyset token of
+            # the smaller page continues where it ends, so paging still yields every image once.
+            if size == 1 or sum(map(limits.record_info_bytes, page.items)) <= limits.PAGE_INFO_BUDGET_BYTES:
+                return page
+            size = max(1, size // 2)
 
     def get_image(self, image_id: str) -> ImageRecord:
         return self.index.get_image(ids.check_image_id(image_id))
@@ -297,6 +307,7 @@ class Datastore:
                 raise InvalidArgument("file_name is required: its extension tells the image format")
             ext = formats.image_ext_from_name(file_name)
             image_id = ids.check_image_id(image_id or image_id_from_file_name(file_name))
+            limits.check_info(info, "image info")
             formats.check_volume(Path(spooled.path), ext)
         except BaseException:
             self._discard(spooled)
@@ -340,8 +351,10 @@ class Datastore:
     def update_image_info(
         self, image_id: str, info: dict[str, Any], *, replace: bool = False, expected_revision: int | None = None
     ) -> ImageRecord:
+        image_id = ids.check_image_id(image_id)
+        limits.check_info(info if replace else {**self.index.get_image(image_id).info, **info}, "image info")
         record = self.index.update_image_info(
-            ids.check_image_id(image_id), info, replace=replace, expected_revision=expected_revision
+            image_id, info, replace=replace, expected_revision=expected_revision
         )
         self._changed()
         return record
@@ -373,6 +386,7 @@ class Datastore:
             if raw_labels.is_raw_label(file_name):  # OHIF v2's label.bin: voxels on the image's grid
                 spooled, file_name = self._label_from_raw(spooled, image_id), f"{image_id}.nii.gz"
             ext = formats.label_ext_from_name(file_name)
+            limits.check_info(info, "label info")
             formats.check_volume(Path(spooled.path), ext)
             self.index.get_image(image_id)  # NotFound before anything is stored
         except BaseException:
@@ -431,9 +445,11 @@ class Datastore:
         replace: bool = False,
         expected_revision: int | None = None,
     ) -> LabelRecord:
+        image_id, tag = ids.check_image_id(image_id), ids.check_tag(tag or DEFAULT_TAG_FINAL)
+        limits.check_info(info if replace else {**self.index.get_label(image_id, tag).info, **info}, "label info")
         record = self.index.update_label_info(
-            ids.check_image_id(image_id),
-            ids.check_tag(tag or DEFAULT_TAG_FINAL),
+            image_id,
+            tag,
             info,
             replace=replace,
             expected_revision=expected_revision,
@@ -484,9 +500,7 @@ class Datastore:
             raise FailedPrecondition(f"no image has a {tag!r} label yet: nothing to export")
         if limit_cases:
             images = images[:limit_cases]
-        fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".zip", dir=self.blobs.spool_dir())
-        os.close(fd)
-        path = Path(name)
+        path = self._reserve_export()
         try:
             with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
                 for image in images:
@@ -498,6 +512,20 @@ class Datastore:
             path.unlink(missing_ok=True)
             raise
         return path
+
+    def _reserve_export(self) -> Path:
+        """The new archive's path, or RESOURCE_EXHAUSTED (ALREADY_RUNNING, a 429) while the
+        previous one still exists: each export is a full copy of the labeled data on scratch, so
+        one runs at a time, until its caller has streamed and removed it."""
+        with self._export_guard:
+            if self._export_path is not None and self._export_path.exists():
+                raise ResourceExhausted(
+                    "a dataset export is already running: retry once it has been downloaded", reason="ALREADY_RUNNING"
+                )
+            fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".zip", dir=self.blobs.spool_dir())
+            os.close(fd)
+            self._export_path = Path(name)
+            return self._export_path
 
     def _zip_blob(self, archive: zipfile.ZipFile, arcname: str, key: str) -> None:
         with archive.open(arcname, "w", force_zip64=True) as member:
