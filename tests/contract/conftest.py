@@ -6,33 +6,16 @@ runs in-process on an ephemeral loopback port and is reached over a real channel
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
-from services.common.server import GrpcService
-from services.datastore.api.servicer import create_service
-from services.datastore.app import build_datastore
-from services.datastore.domain.datastore import Datastore
 from services.datastore.settings import DatastoreSettings
+from tests.fixtures.datastore import MAX_UPLOAD, RunningDatastore, start_datastore
 
 BACKENDS = ["local-sqlite", "s3-sqlite", "local-postgres", "s3-postgres"]
-MAX_UPLOAD = 32 * 1024 * 1024
-
-
-@dataclass
-class RunningDatastore:
-    service: GrpcService
-    datastore: Datastore
-    settings: DatastoreSettings
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.service.port}"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -58,13 +41,6 @@ def datastore_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Datast
     if index_backend == "postgres":
         values["index"] = request.getfixturevalue("postgres_url")
     return DatastoreSettings(**values)
-
-
-async def start_datastore(settings: DatastoreSettings) -> RunningDatastore:
-    datastore = await asyncio.to_thread(build_datastore, settings)
-    service = create_service(settings, datastore)
-    await service.start()
-    return RunningDatastore(service, datastore, settings)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import grpc
 import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 
-from tests.contract.conftest import MAX_UPLOAD, start_datastore
 from tests.contract.helpers import (
     CHUNK,
     download,
@@ -24,6 +23,8 @@ from tests.contract.helpers import (
     upload_label,
     upload_model,
 )
+from tests.fixtures.datastore import MAX_UPLOAD, start_datastore
+from tests.fixtures.polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -243,20 +244,17 @@ async def test_client_hanging_up_mid_upload_leaves_nothing(stub, datastore_serve
                 sent_two.set()
                 await asyncio.sleep(30)
 
+    spool = Path(datastore_server.datastore.blobs.spool_dir())
     call = stub.UploadImage(stream())
     await asyncio.wait_for(sent_two.wait(), 10)
-    await asyncio.sleep(0.3)
+    # The server is receiving the upload: its spool file exists.
+    await eventually(lambda: any(spool.iterdir()), "the upload to reach the server's spool", timeout=10)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await asyncio.sleep(0.5)
+    # The server noticed the hang-up: the spool file is gone, and no image was stored.
+    await eventually(lambda: not any(spool.iterdir()), "the spool file to be removed", timeout=10)
     assert await total_images(stub) == 0
-    spool = Path(datastore_server.datastore.blobs.spool_dir())
-    for _ in range(20):
-        if not any(spool.iterdir()):
-            break
-        await asyncio.sleep(0.1)
-    assert not any(spool.iterdir())
 
 
 async def test_labels_status_and_filters(stub):

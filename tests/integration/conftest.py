@@ -24,7 +24,7 @@ from services.datastore.settings import DatastoreSettings
 from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
-from tests.contract.conftest import start_datastore
+from tests.fixtures.datastore import start_datastore
 from tests.ports import free_port
 
 

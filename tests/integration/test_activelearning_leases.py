@@ -27,8 +27,9 @@ from services.activelearning.service import start_service
 from services.activelearning.settings import ActiveLearningSettings
 from services.common.server import GrpcService
 from services.datastore.settings import DatastoreSettings
-from tests.contract.conftest import RunningDatastore, start_datastore
 from tests.contract.helpers import error_reason, nifti_bytes, upload_image, upload_label
+from tests.fixtures.datastore import RunningDatastore, start_datastore
+from tests.fixtures.polling import eventually
 
 CLIENTS = 10
 
@@ -200,7 +201,12 @@ async def test_expired_leases_come_back_and_asking_again_releases_the_previous_o
     assert first.image.image_id == ids[0]
     other = await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id="fast"))
     assert other.image.image_id == ids[1]
-    await asyncio.sleep(1.3)
+
+    async def lapsed() -> bool:
+        held = await stack.stub.ListLeases(pb.ListLeasesRequest(client_id="slow"))  # lists live leases only
+        return not held.leases
+
+    await eventually(lapsed, "slow's one-second lease to lapse", timeout=30, interval=0.1)
     # slow's lease lapsed: the image is free again, and the lowest id goes first.
     again = await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id="third"))
     assert again.image.image_id == ids[0]

@@ -26,6 +26,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from services.common.models.volumes import nrrd_affine
 from services.datastore.sample_studies import synthetic_volume
+from tests.fixtures.polling import wait_until
 from tests.integration.conftest import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
@@ -368,7 +369,7 @@ def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> No
     import hashlib
 
     from services.common.apps import load_app
-    from tests.integration.test_infer_service import constant_class_weights
+    from tests.fixtures.inference import constant_class_weights
 
     model = "segmentation_brain"  # no other test here uses it
     missing = http.get(f"/model/{model}")
@@ -388,11 +389,15 @@ def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> No
     assert f'filename="{model}.pt"' in download.headers["content-disposition"]
     assert http.get(f"/model/info/{model}").json()["checksum"] == published.json()["checksum"]
 
-    time.sleep(0.5)  # the stack's inference service re-checks the serving version every 0.2 s
-    response = http.post(f"/infer/{model}", params={"image": IMAGE_ID, "output": "image"}, data={"params": "{}"})
-    assert response.status_code == 200, response.text
-    label = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
-    assert set(np.unique(np.asarray(label.dataobj)).tolist()) == {1}  # the published weights answered
+    def answered_by_published() -> bool:
+        response = http.post(f"/infer/{model}", params={"image": IMAGE_ID, "output": "image"}, data={"params": "{}"})
+        assert response.status_code == 200, response.text
+        label = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+        return set(np.unique(np.asarray(label.dataobj)).tolist()) == {1}
+
+    # The stack's inference service re-checks the serving version every 0.2 s: the published
+    # weights answer from its next check on (only they label every voxel 1).
+    wait_until(answered_by_published, "the published weights to answer", timeout=60, interval=0.2)
 
     assert http.delete(f"/model/{model}").json() == {}
     assert http.get(f"/model/{model}").status_code == 404

@@ -12,8 +12,8 @@ import pytest
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.inference import infer_request
 from tests.fixtures.processes import ServiceProcess, ServiceStartError
-from tests.integration.test_infer_service import infer_request
 
 pytestmark = pytest.mark.timeout(180)
 

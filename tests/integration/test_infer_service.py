@@ -21,7 +21,6 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-import torch
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
@@ -39,8 +38,10 @@ from services.infer.app import build_inference
 from services.infer.domain.inference import Inference
 from services.infer.domain.scheduler import DeviceQueue
 from services.infer.settings import InferSettings
-from tests.contract.conftest import RunningDatastore, start_datastore
 from tests.contract.helpers import error_reason, struct, upload_image, upload_label, upload_model
+from tests.fixtures.datastore import RunningDatastore, start_datastore
+from tests.fixtures.inference import constant_class_weights, infer_request
+from tests.fixtures.polling import eventually
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 SHAPE = (40, 36, 32)
@@ -117,10 +118,6 @@ async def read_result(call: Any) -> tuple[pb.InferResultHeader, bytes]:
         assert hashlib.sha256(data).hexdigest() == header.label.sha256
         assert len(data) == header.label.size_bytes
     return header, data
-
-
-def infer_request(model: str, image: str, **params: Any) -> pb.InferRequest:
-    return pb.InferRequest(model=f"models/{model}", image=f"images/{image}", params=res.InferParams(**params))
 
 
 def load_nifti(data: bytes) -> nib.Nifti1Image:
@@ -225,24 +222,18 @@ async def test_infer_upload(stack: Stack) -> None:
     assert not list((stack.inference.work_dir / "uploads").glob("*")), "the upload's temp file must be gone"
 
 
-def constant_class_weights(task: Any, winner: int) -> bytes:
-    """A state_dict whose network answers `winner` everywhere: all weights 0, output biases one-hot."""
-    state = {key: torch.zeros_like(value) for key, value in task.initial_network().state_dict().items()}
-    out_channels = max(task.labels.values()) + 1
-    for key, value in state.items():
-        if key.endswith("bias") and value.shape == (out_channels,):
-            value[winner] = 1.0
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
 async def test_hot_reload_serves_a_published_version(stack: Stack) -> None:
     first, _ = await read_result(stack.stub.Infer(infer_request("segmentation", "spheres_2")))
     assert first.model_version == ""
     task = load_app("apps.radiology").infer_tasks["segmentation"]
     published = await upload_model(stack.ds_stub, "segmentation", constant_class_weights(task, 2))
-    await asyncio.sleep(0.3)  # the served-version lookup is cached for 0.2 s in these tests
+
+    async def served() -> bool:
+        model = (await stack.stub.GetModel(pb.GetModelRequest(name="models/segmentation"))).model
+        return model.model_version == published.name
+
+    # The served-version lookup (the one Infer uses) is cached for 0.2 s in these tests.
+    await eventually(served, "the published version to be served", timeout=30)
     header, data = await read_result(stack.stub.Infer(infer_request("segmentation", "spheres_2")))
     assert header.model_version == published.name == f"models/segmentation/versions/{published.version}"
     assert np.all(np.asarray(load_nifti(data).dataobj) == 2), "the new weights must be the ones that ran"
@@ -334,8 +325,8 @@ async def test_scheduler_frees_slots_of_cancelled_and_late_requests() -> None:
     running = asyncio.create_task(queue.run("m", blocking))
     await gate.wait()
     waiting = asyncio.create_task(queue.run("m", lambda c: "second"))
-    await asyncio.sleep(0.05)
-    assert queue.total_waiting == 1 and queue.waiting["m"] == 1
+    await eventually(lambda: queue.total_waiting == 1, "the second request to wait", timeout=10)
+    assert queue.waiting["m"] == 1
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -46,8 +46,8 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 from services.datastore.settings import DatastoreSettings
-from tests.contract.conftest import start_datastore
 from tests.contract.helpers import upload_image
+from tests.fixtures.datastore import start_datastore
 from tests.integration.conftest import real_inference
 from tests.ports import free_port
 

@@ -20,6 +20,7 @@ from services.datastore.adapters.monailabel_json import (
     read_monailabel_json,
     write_monailabel_json,
 )
+from tests.fixtures.polling import wait_until
 
 # As MONAI Label 0.8.5 writes it (pydantic LocalDatastoreModel.json(indent=2)), with a
 # base_path left over from an older version and a few broken entries a hand edit could leave.
@@ -161,9 +162,15 @@ def test_mirror_coalesces_changes(tmp_path: Path) -> None:
         mirror.mark_dirty()
         time.sleep(0.0005)
     assert state["n"] > 200
-    time.sleep(0.35)  # the last coalesced write lands within one interval
-    assert 1 <= mirror.writes <= 5, mirror.writes
-    assert json.loads((tmp_path / DATASTORE_FILE).read_text())["name"] == f"n{state['n']}"
+    latest = f"n{state['n']}"
+
+    def written() -> str:
+        path = tmp_path / DATASTORE_FILE
+        return json.loads(path.read_text())["name"] if path.exists() else ""
+
+    # The last coalesced write lands within one interval, and it has the latest state.
+    wait_until(lambda: written() == latest, "the latest state in the file", timeout=10, interval=0.01)
+    assert 1 <= mirror.writes <= 5, mirror.writes  # a burst of 0.5 s at one write per 0.2 s, not one per change
 
     state["n"] += 1
     mirror.flush()  # synchronous
@@ -192,8 +199,6 @@ def test_mirror_survives_a_failing_build(tmp_path: Path, caplog: pytest.LogCaptu
 
     with caplog.at_level(logging.ERROR), JsonMirror(tmp_path, build, interval=0.05) as mirror:
         mirror.mark_dirty()
-        deadline = time.monotonic() + 3
-        while mirror.writes == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: mirror.writes, "a write after the failed build", timeout=10, interval=0.01)
     assert mirror.writes >= 1 and "index unavailable" in caplog.text
     assert json.loads((tmp_path / DATASTORE_FILE).read_text())["name"] == "ok"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from labelgrid.client import (
 )
 
 from services.datastore.settings import DatastoreSettings
-from tests.contract.conftest import RunningDatastore, start_datastore
+from tests.fixtures.datastore import RunningDatastore, start_datastore
+from tests.fixtures.polling import eventually
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,13 +92,19 @@ async def test_a_wrong_or_missing_token_is_unauthenticated(datastore: RunningDat
 async def test_unavailable_is_retried_with_backoff(tmp_path: Path) -> None:
     """A call made while the datastore is still down succeeds once it is up."""
     port = free_port()
+    failed_once = threading.Event()
+
+    class WatchedClient(Client):
+        def _sleep_before_retry(self, attempt: int) -> None:
+            failed_once.set()
+            super()._sleep_before_retry(attempt)
 
     def list_while_starting() -> list[str]:
-        with Client(f"127.0.0.1:{port}", retries=8, backoff=0.1, max_backoff=1.0) as client:
+        with WatchedClient(f"127.0.0.1:{port}", retries=8, backoff=0.1, max_backoff=1.0) as client:
             return [image.image_id for image in client.list_images()]
 
     call = asyncio.create_task(asyncio.to_thread(list_while_starting))
-    await asyncio.sleep(0.3)  # the first attempts fail: nothing listens yet
+    await eventually(failed_once.is_set, "a first attempt to fail (nothing listens yet)", timeout=30)
     running = await start_datastore(settings(tmp_path, port=port))
     try:
         assert await call == []
