@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -123,6 +124,51 @@ A route of the app missing here needs the admin role (tests/integration/test_aut
 
 DOWNLOAD_ROUTE = "/datastore/image"
 """Takes a signed `?token=` instead of a bearer token (Slicer's download sends no header)."""
+
+class DownloadGrants:
+    """One tokenless download of one image, for the address that was just handed it as the next
+    sample (stock Slicer: its SampleData download is a bare `urllib` GET of
+    `{server}/datastore/image?image=ID`, no header, no token, whatever the answer's `path` says).
+
+    A grant is for that image, that client address (the caller as uvicorn sees it: Envoy's
+    X-Forwarded-For from a trusted loopback proxy), used once, within the download TTL, and
+    recorded under the user who asked. Grants live in this gateway process: with several
+    gateway replicas, the edge must keep a client on one (session affinity by client IP)."""
+
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self._grants: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def grant(self, image_id: str, address: str, username: str, ttl_seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._grants) >= self.MAX:
+            self._grants = {key: value for key, value in self._grants.items() if value[1] > now}
+            while len(self._grants) >= self.MAX:  # all live: the oldest goes
+                self._grants.pop(next(iter(self._grants)))
+        self._grants.pop((image_id, address), None)  # re-inserted last: oldest-first order
+        self._grants[(image_id, address)] = (username, now + ttl_seconds)
+
+    def take(self, image_id: str, address: str) -> str | None:
+        """The user the grant was for, once; None if there is none (or it expired)."""
+        found = self._grants.pop((image_id, address), None)
+        if found is None or found[1] <= time.monotonic():
+            return None
+        return found[0]
+
+
+def download_grants(app: Any) -> DownloadGrants:
+    """The app's grants (one store per app, made on first use)."""
+    grants = getattr(app.state, "download_grants", None)
+    if grants is None:
+        grants = app.state.download_grants = DownloadGrants()
+    return grants
+
+
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
 
 SESSION_COOKIE = "labelgrid_session"
 """The browser session's cookie (POST /auth/login sets it): the user's access token."""
@@ -361,6 +407,16 @@ class AuthMiddleware:
                 except TokenError:
                     return None
                 return Identity(username, frozenset({USER}))
+            if image and not signed and scope.get("method") == "GET" and self.settings.auth_slicer_download_grants:
+                app = scope.get("app")
+                granted = download_grants(app).take(image, client_address(scope)) if app is not None else None
+                if granted is not None:
+                    audit_log.info(
+                        "audit",
+                        extra={"user": granted, "service": None, "method": "GET", "route": DOWNLOAD_ROUTE,
+                               "query": f"image={image[:200]}", "status": 0, "grant": "slicer-download"},
+                    )  # fmt: skip
+                    return Identity(granted, frozenset({USER}))
         return None
 
 

@@ -24,6 +24,7 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2 as al_pb
 from labelgrid.activelearning.v1 import resources_pb2 as al_res
 from labelgrid.common.v1 import common_pb2
 
+from gateway.auth import client_address, download_grants
 from gateway.errors import GatewayError, naming_service
 from gateway.routes.common import (
     Ctx,
@@ -102,6 +103,13 @@ async def sample(
             image.image_id, ctx.identity.username, ctx.settings.auth_signing_key, ctx.settings.auth_download_ttl_seconds
         )
         path += f"&token={token}"
+        if ctx.settings.auth_slicer_download_grants:
+            # Stock Slicer ignores this link and GETs /datastore/image?image=ID bare: one such
+            # download, from this address, for a short while (gateway.auth.DownloadGrants).
+            download_grants(request.app).grant(
+                image.image_id, client_address(request.scope), ctx.identity.username,
+                ctx.settings.auth_download_ttl_seconds,
+            )  # fmt: skip
     return {
         **struct_to_dict(image.info),
         "id": image.image_id,

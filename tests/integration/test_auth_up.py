@@ -27,6 +27,8 @@ from tests.integration.test_labelgrid_up import UP, Stack, port_flags, stop_stac
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(300)
+PORTS: dict[str, int] = {}
+"""The stack's ports by `labelgrid up` flag."""
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     users.save(root / "users.json")
     flags = port_flags()
     ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    PORTS.update(ports)
     argv = [
         sys.executable, "-m", "gateway.cli", "up", "--studies", str(root / "studies"), "--work-dir", str(root / "var"),
         "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu", "--sample-studies",
@@ -85,7 +88,8 @@ def test_a_user_works_through_services_that_act_as_themselves(stack: Stack, tmp_
     # Its link downloads without a header (signed for this image and user), and nothing else does.
     download = httpx.get(sample["path"], timeout=30)
     assert download.status_code == 200 and download.content == (stack.studies / sample["name"]).read_bytes()
-    assert httpx.get(sample["path"].split("&token=")[0], timeout=30).status_code == 401
+    other = "sample_00" if sample["id"] != "sample_00" else "sample_01"
+    assert httpx.get(f"{stack.url}/datastore/image", params={"image": other}, timeout=30).status_code == 401
     label, result = uma.infer("segmentation", sample["id"], {})  # inference downloads as itself
     assert Path(label).stat().st_size > 0 and result["label_names"]
     image = tmp_path / "mine.nii.gz"
@@ -108,3 +112,57 @@ def test_gateway_token_of_a_user_reaches_grpc_through_envoy(stack: Stack, tmp_pa
         with pytest.raises(grpc.RpcError) as caught:
             stub.Reindex(ds_pb.ReindexRequest(), metadata=metadata, timeout=10)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_stock_slicers_request_sequence(stack: Stack, tmp_path: Path) -> None:
+    """What MONAI Label 0.8.5's Slicer plugin does on "Next Sample" (plugins/slicer/MONAILabel/
+    MONAILabel.py onNextSampleButton and MONAILabelLogic._client), request by request: a fresh
+    client per action (GET /auth/, the token checked at /auth/token/valid, a login when it has
+    none), next_sample, then, since `path` is no file on this machine, SampleData's download:
+    `urllib.request.urlretrieve` of `{server}/datastore/image?image=<quote_plus(id)>`, which sends
+    no header and no token. Then the datastore listing (for an `original` label) and the label."""
+    import hashlib
+    import os
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote_plus
+
+    token: str | None = None
+
+    def slicer_client() -> MONAILabelClient:  # MONAILabelLogic._client
+        nonlocal token
+        mc = MONAILabelClient(stack.url, str(tmp_path), "user-xyz")
+        assert mc.auth_enabled()
+        if token:
+            mc.update_auth(token)
+        if not token or not mc.auth_valid_token():
+            token = mc.auth_token("uma", "uma-pw")
+            mc.update_auth(token)
+        return mc
+
+    assert "segmentation" in slicer_client().info()["models"]
+    sample = slicer_client().next_sample("random", {})
+    image_id = sample["id"]
+    assert image_id and not os.path.exists(sample["path"])  # so Slicer downloads it
+    download_uri = f"{stack.url}/datastore/image?image={quote_plus(image_id)}"
+    target = tmp_path / sample["name"]
+    urllib.request.urlretrieve(download_uri, target)  # SampleDataLogic.downloadFile
+    algo, digest = sample["checksum"].split(":")
+    assert algo == "SHA256" and hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    assert target.read_bytes() == (stack.studies / sample["name"]).read_bytes()
+    # The grant was for one download, of this image, from this address.
+    other = "sample_00" if image_id != "sample_00" else "sample_01"
+    for uri in [download_uri, f"{stack.url}/datastore/image?image={quote_plus(other)}"]:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlretrieve(uri, tmp_path / "again")
+        assert caught.value.code == 401
+    second = slicer_client().next_sample("random", {})
+    # From another address (as a trusted loopback proxy names the client to the gateway): no grant.
+    elsewhere = httpx.get(
+        f"http://127.0.0.1:{PORTS['--gateway-port']}/datastore/image", params={"image": second["id"]},
+        headers={"x-forwarded-for": "10.9.9.9"},
+    )  # fmt: skip
+    assert elsewhere.status_code == 401
+    urllib.request.urlretrieve(f"{stack.url}/datastore/image?image={quote_plus(second['id'])}", tmp_path / "second")
+    # After loading, Slicer looks for an `original` label in the datastore listing.
+    assert image_id in slicer_client().datastore()["objects"]
