@@ -4,14 +4,21 @@ The blobs are the truth for what exists; the index is the truth for what we know
 it. So entries whose files are gone are dropped, files the index does not know are
 added, and files whose size changed are re-hashed. Info comes, in this order, from the
 index, from MONAI Label's datastore_v2.json (local backend), or MONAI Label's defaults.
+
+A file is adopted only after the same format check an upload gets (services.common.formats:
+header, indirection, sizes); one that fails is left where it is, not indexed, and reported
+(`ReindexCounts.skipped`, and a warning in the log).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument
@@ -28,6 +35,8 @@ class ReindexCounts:
     labels: int
     model_versions: int
     removed: int
+    # Files left out because they failed the format check: "key: why", in key order.
+    skipped: tuple[str, ...] = ()
 
 
 def _blob_sha256(blobs: BlobStore, blob: BlobInfo) -> str:
@@ -39,6 +48,23 @@ def _blob_sha256(blobs: BlobStore, blob: BlobInfo) -> str:
     for chunk in blobs.open_read(blob.key, 0, None):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def _checked_sha256(blobs: BlobStore, blob: BlobInfo, ext: str) -> str:
+    """The sha256 of a file to adopt, after the format check of an upload (InvalidArgument when
+    it fails): the bytes are copied to a spool file, checked there and hashed on the way."""
+    handle, name = tempfile.mkstemp(prefix="reindex-", suffix=ext, dir=blobs.spool_dir())
+    path = Path(name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            for chunk in blobs.open_read(blob.key, 0, None):
+                digest.update(chunk)
+                out.write(chunk)
+        formats.check_volume(path, ext)
+        return blob.sha256 or digest.hexdigest()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _split_file(file_name: str, ext_of: Callable[[str], str]) -> tuple[str, str] | None:
@@ -83,6 +109,7 @@ def rebuild(blobs: BlobStore, index: Index, legacy_model: dict[str, Any] | None)
     legacy = (legacy_model or {}).get("objects", {}) or {}
 
     images: dict[str, Any] = {}
+    skipped: list[str] = []
     for blob in blobs.list("images/"):
         file_name = blob.key[len("images/") :]
         parsed = _split_file(file_name, formats.image_ext_from_name)
@@ -94,7 +121,11 @@ def rebuild(blobs: BlobStore, index: Index, legacy_model: dict[str, Any] | None)
         unchanged = old is not None and old.ext == ext and old.size == blob.size
         legacy_info = (legacy.get(image_id) or {}).get("image", {}).get("info")
         info = old.info if old is not None else legacy_info or {"ts": int(blob.mtime), "name": file_name}
-        sha = old.sha256 if unchanged else _blob_sha256(blobs, blob)
+        try:
+            sha = old.sha256 if unchanged and old is not None else _checked_sha256(blobs, blob, ext)
+        except InvalidArgument as err:
+            skipped.append(f"{blob.key}: {err}")
+            continue
         images[image_id] = ImageImport(image_id, ext, sha, blob.size, info, create_time=blob.mtime)
 
     labels: dict[tuple[str, str], Any] = {}
@@ -106,11 +137,15 @@ def rebuild(blobs: BlobStore, index: Index, legacy_model: dict[str, Any] | None)
             continue
         image_id, ext = parsed
         old_image = known.get(image_id)
-        old = old_image.labels.get(tag) if old_image is not None else None
-        unchanged = old is not None and old.ext == ext and old.size == blob.size
+        old_label = old_image.labels.get(tag) if old_image is not None else None
+        unchanged = old_label is not None and old_label.ext == ext and old_label.size == blob.size
         legacy_info = ((legacy.get(image_id) or {}).get("labels", {}).get(tag) or {}).get("info")
-        info = old.info if old is not None else legacy_info or {"ts": int(blob.mtime), "name": file_name}
-        sha = old.sha256 if unchanged else _blob_sha256(blobs, blob)
+        info = old_label.info if old_label is not None else legacy_info or {"ts": int(blob.mtime), "name": file_name}
+        try:
+            sha = old_label.sha256 if unchanged and old_label is not None else _checked_sha256(blobs, blob, ext)
+        except InvalidArgument as err:
+            skipped.append(f"{blob.key}: {err}")
+            continue
         labels[(image_id, tag)] = LabelImport(image_id, tag, ext, sha, blob.size, info)
 
     # Unchanged rows are left alone by bulk_import, so reindexing an unchanged store is a no-op.
@@ -134,12 +169,15 @@ def rebuild(blobs: BlobStore, index: Index, legacy_model: dict[str, Any] | None)
         index.add_model_version(model, version, file_name, _blob_sha256(blobs, blob), blob.size, {}, {})
         versions.add((model, version))
 
+    for problem in skipped:
+        log.warning("reindex: skipping %s (failed the format check, left where it is, not indexed)", problem)
     status = index.status()
     return ReindexCounts(
         images=status.total,
         labels=sum(status.label_tags.values()),
         model_versions=len(versions),
         removed=removed,
+        skipped=tuple(skipped),
     )
 
 
