@@ -116,9 +116,10 @@ def _int(body: dict[str, Any], key: str) -> int:
 
 def _job(model: str, images: BatchImages, body: dict[str, Any]) -> res.BatchInferenceJob:
     ids = body.get("images")
-    if ids is not None and ids not in [item.value for item in BatchImages]:
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise GatewayError(422, "images in the body must be a non-empty list of image ids")
+    if (ids is not None and ids not in [item.value for item in BatchImages]) and (
+        not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids)
+    ):
+        raise GatewayError(422, "images in the body must be a non-empty list of image ids")
     label_tag = body.get("label_tag") or "original"
     if not isinstance(label_tag, str):
         raise GatewayError(422, "label_tag must be a string")

@@ -188,13 +188,13 @@ class BundleModels:
         if self.check_seconds > 0:
             self._task = asyncio.create_task(self._watch(), name="bundle-watch")
 
-    async def _wait_for(self, name: str, denied: LabelgridError, timeout: float = 300.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def _wait_for(self, name: str, denied: LabelgridError, wait_seconds: float = 300.0) -> None:
+        deadline = asyncio.get_running_loop().time() + wait_seconds
         log.info("waiting for the training service to store the bundle", extra={"model": name})
         while name not in await self._stored():
             if asyncio.get_running_loop().time() > deadline:
                 raise InvalidArgument(
-                    f"bundle {name!r}: this service may not store it ({denied.message}) and no other service did within {timeout:.0f} s"
+                    f"bundle {name!r}: this service may not store it ({denied.message}) and no other service did within {wait_seconds:.0f} s"
                 )
             await asyncio.sleep(0.5)
 
@@ -220,9 +220,10 @@ class BundleModels:
         found: dict[str, str] = {}
         token = ""
         while True:
+            request = ds.ListModelsRequest(page_size=1000, page_token=token)
             response = await self.client.call(
                 "listing bundles",
-                lambda: self.client.stub.ListModels(ds.ListModelsRequest(page_size=1000, page_token=token), timeout=self.client.timeout),
+                lambda request=request: self.client.stub.ListModels(request, timeout=self.client.timeout),  # type: ignore[misc]
             )
             for model in response.models:
                 if model.model_id.endswith(BUNDLE_MODEL_SUFFIX) and model.serving_version:
