@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgument
 from services.common.jobs import CANCELLED, QUEUED, JobStore
 from services.train.api import convert
 from services.train.domain.devices import DevicePool
+from services.train.domain.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from services.train.domain.training import JobRequest, Training
 
 
@@ -122,13 +123,18 @@ async def test_a_cancelled_queued_job_leaves_nothing_behind(tmp_path: Path) -> N
     await t.close()
 
 
-@pytest.mark.parametrize("key", ["max_epochs", "train_batch_size", "val_batch_size", "early_stop_patience"])
-async def test_int32_params_out_of_range_are_invalid(tmp_path: Path, key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "highest"),
+    [("max_epochs", MAX_EPOCHS), ("train_batch_size", MAX_BATCH_SIZE), ("val_batch_size", MAX_BATCH_SIZE),
+     ("early_stop_patience", MAX_EPOCHS)],
+)  # fmt: skip
+async def test_int_params_out_of_range_are_invalid(tmp_path: Path, key: str, highest: int) -> None:
     t = training(tmp_path, SlowLauncher())
-    with pytest.raises(InvalidArgument, match=key):
-        await t.create(JobRequest("seg", {key: 2**31}))
+    for value in (highest + 1, 2**31):
+        with pytest.raises(InvalidArgument, match=key):
+            await t.create(JobRequest("seg", {key: value}))
     # In range: accepted, and the job converts to its proto.
-    job = await t.create(JobRequest("seg", {key: 2**31 - 1}))
+    job = await t.create(JobRequest("seg", {key: highest}))
     convert.job({**job, "progress": {"total_epochs": job["resolved_params"]["max_epochs"]}})
     await t.cancel(job["job_id"])
     await t.close()

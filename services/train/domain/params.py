@@ -18,6 +18,11 @@ TYPED_PARAMS = (
 )  # fmt: skip
 # The contract holds these params (and progress epochs) as int32.
 INT32_MAX = 2**31 - 1
+# Real ranges of the params that size a run (a client's 2**31 epochs or batch of a billion is
+# refused, not queued): MONAI Label's defaults are 50 epochs, batches of 1-8.
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 4096
+MAX_LEARNING_RATE = 10.0
 
 
 def _is_number(value: Any) -> bool:
@@ -65,12 +70,12 @@ def resolve_params(config: dict[str, Any], given: dict[str, Any]) -> dict[str, A
         if isinstance(default, list) and default and isinstance(value, str) and value not in default:
             raise InvalidArgument(f"{key} must be one of {', '.join(map(str, default))}, got {value!r}")
         params[key] = value
-    check_number(params, "max_epochs", int, 1, INT32_MAX)
+    check_number(params, "max_epochs", int, 1, MAX_EPOCHS)
     check_number(params, "val_split", float, 0.0, 1.0, high_open=True)
-    check_number(params, "learning_rate", float, 0.0, None, low_open=True)
-    check_number(params, "train_batch_size", int, 1, INT32_MAX)
-    check_number(params, "val_batch_size", int, 1, INT32_MAX)
-    check_number(params, "early_stop_patience", int, -1, INT32_MAX)
+    check_number(params, "learning_rate", float, 0.0, MAX_LEARNING_RATE, low_open=True)
+    check_number(params, "train_batch_size", int, 1, MAX_BATCH_SIZE)
+    check_number(params, "val_batch_size", int, 1, MAX_BATCH_SIZE)
+    check_number(params, "early_stop_patience", int, -1, MAX_EPOCHS)
     if "num_samples" in config:
         check_number(params, "num_samples", int, 1, 64)
     for key in ("amp", "pretrained"):
