@@ -94,7 +94,18 @@ def test_metadata_problems_name_the_key(tmp_path: Path) -> None:
         load_bundle(folder)
 
 
-def test_interactive_bundles_are_refused_by_name(tmp_path: Path) -> None:
-    folder = make_bundle(tmp_path / "spleen_deepedit", train=False)
-    with pytest.raises(BundleError, match="deepedit"):
-        load_bundle(folder)
+def test_infer_type_by_name_as_monai_label_decides_it(tmp_path: Path) -> None:
+    deepedit = load_bundle(make_bundle(tmp_path / "spleen_deepedit", train=False))
+    assert deepedit.type.value == "deepedit"
+    assert deepedit.labels == {"background": 0, "organ_a": 1, "organ_b": 2}  # MONAI Label keeps background for deepedit
+    assert load_bundle(make_bundle(tmp_path / "lung_deepgrow", train=False)).type.value == "deepgrow"
+    with pytest.raises(BundleError, match="vista3d.*point_labels"):
+        load_bundle(make_bundle(tmp_path / "brats_vista", train=False))
+    with pytest.raises(BundleError, match="'detector'"):
+        load_bundle(make_bundle(tmp_path / "lung_nodule_detection", train=False))
+    # metadata.json's labelgrid_type wins over the name
+    folder = make_bundle(tmp_path / "not_vista", train=False)
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta["labelgrid_type"] = "segmentation"
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    assert load_bundle(folder).type.value == "segmentation"
