@@ -90,7 +90,7 @@ def test_metadata_problems_name_the_key(tmp_path: Path) -> None:
         load_bundle(folder)
 
     (folder / "models" / "model.pt").unlink()
-    with pytest.raises(BundleError, match="models/model.pt"):
+    with pytest.raises(BundleError, match=r"models/model\.pt"):
         load_bundle(folder)
 
 
@@ -99,9 +99,9 @@ def test_infer_type_by_name_as_monai_label_decides_it(tmp_path: Path) -> None:
     assert deepedit.type.value == "deepedit"
     assert deepedit.labels == {"background": 0, "organ_a": 1, "organ_b": 2}  # MONAI Label keeps background for deepedit
     assert load_bundle(make_bundle(tmp_path / "lung_deepgrow", train=False)).type.value == "deepgrow"
-    with pytest.raises(BundleError, match="vista3d.*point_labels"):
+    with pytest.raises(BundleError, match=r"vista3d.*point_labels"):
         load_bundle(make_bundle(tmp_path / "brats_vista", train=False))
-    with pytest.raises(BundleError, match="'detector'"):
+    with pytest.raises(BundleError, match=r"'detector'"):
         load_bundle(make_bundle(tmp_path / "lung_nodule_detection", train=False))
     # metadata.json's labelgrid_type wins over the name
     folder = make_bundle(tmp_path / "not_vista", train=False)
