@@ -331,9 +331,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        identity = self._identify(headers, scope, template)
+        identity = await self._identify(headers, scope, template)
         if identity is None and bearer(headers) is None and _cookie_route(method, template):
-            identity = self._session(scope)
+            identity = await self._session(scope)
             if identity is not None:
                 why = cross_origin(headers, method)
                 if why is not None:
@@ -378,14 +378,14 @@ class AuthMiddleware:
         """Whether POST /auth/login can log anyone in (built-in users or an issuer's password grant)."""
         return self.settings.auth_users_file is not None or bool(self.settings.auth_oidc_login_url)
 
-    def _session(self, scope: Scope) -> Identity | None:
+    async def _session(self, scope: Scope) -> Identity | None:
         """The session cookie's user; its token then stands in for the bearer header, so the
         services see this user (gateway.routes.common forwards the Authorization header)."""
         assert self.authenticator is not None
         token = cookie(scope)
         if token is None:
             return None
-        identity = self.authenticator.authenticate(token)
+        identity = await self.authenticator.aauthenticate(token)
         if identity is None or identity.service is not None or identity.username == "token-user":
             return None  # a cookie holds a user's token, never a service's or a static one
         scope["headers"] = [
@@ -393,11 +393,11 @@ class AuthMiddleware:
         ] + [(b"authorization", f"Bearer {token}".encode("latin-1"))]
         return identity
 
-    def _identify(self, headers: dict[bytes, bytes], scope: Scope, template: str | None) -> Identity | None:
+    async def _identify(self, headers: dict[bytes, bytes], scope: Scope, template: str | None) -> Identity | None:
         assert self.authenticator is not None
         token = bearer(headers)
         if token is not None:
-            return self.authenticator.authenticate(token)
+            return await self.authenticator.aauthenticate(token)
         if template == DOWNLOAD_ROUTE and self.settings.auth_signing_key:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             signed, image = query.get("token", [""])[-1], query.get("image", [""])[-1]

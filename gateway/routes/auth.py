@@ -226,7 +226,7 @@ async def valid_token(request: Request) -> dict[str, Any]:
     authenticator = getattr(request.app.state, "authenticator", None)
     if authenticator is None:
         authenticator = request.app.state.authenticator = Authenticator.from_settings(settings)
-    identity = authenticator.authenticate(token)
+    identity = await authenticator.aauthenticate(token)
     if identity is None:
         raise GatewayError(401, "Could not validate credentials", _UNAUTHORIZED)
     return identity.as_user()

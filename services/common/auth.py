@@ -17,6 +17,7 @@ Passwords are argon2id hashes (argon2-cffi).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ import json
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -280,15 +282,20 @@ def parse_service_credentials(entries: Iterable[str]) -> dict[str, str]:
 class JwksKeys:
     """An issuer's signing keys (JWKS) from a URL or a file, cached and re-read for rotation.
 
-    Re-read every `refresh_seconds`, and at once for a token whose `kid` is unknown (a rotated
-    key), but at most every `min_refetch_seconds`, so tokens with made-up kids cannot make us
-    fetch in a loop. A fetch that fails keeps the keys it had."""
+    Never fetched on the event loop: `akey` (what the gateway and the services call) fetches in
+    a worker thread, and only for a `kid` it does not know (a rotated key), at most every
+    `min_refetch_seconds`, so tokens with made-up kids cannot make us fetch in a loop. Known
+    keys older than `refresh_seconds` are still used while a background thread re-reads the
+    set. One fetch at a time (a lock in the fetching thread); a fetch that fails keeps the keys
+    it had. `key` is the same for synchronous callers (it fetches inline)."""
 
     def __init__(self, source: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0, timeout: float = 5.0):
         self.source = source
         self.refresh_seconds, self.min_refetch_seconds, self.timeout = refresh_seconds, min_refetch_seconds, timeout
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched = float("-inf")
+        self._lock = threading.Lock()
+        self._refreshing = False
 
     def _load(self) -> None:
         self._fetched = time.monotonic()
@@ -309,11 +316,54 @@ class JwksKeys:
             return
         self._keys = {key.key_id: key for key in keys if key.key_id}
 
+    def _age(self) -> float:
+        return time.monotonic() - self._fetched
+
+    def _load_for(self, kid: str) -> None:
+        """Fetches for an unknown kid unless another caller just did (checked under the lock)."""
+        with self._lock:
+            if kid not in self._keys and self._age() >= self.min_refetch_seconds:
+                self._load()
+
+    def _refresh_in_background(self) -> None:
+        if self._refreshing:
+            return
+        self._refreshing = True
+
+        def refresh() -> None:
+            try:
+                with self._lock:
+                    if self._age() >= self.refresh_seconds:
+                        self._load()
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=refresh, name="jwks-refresh", daemon=True).start()
+
+    def _cached(self, kid: str) -> jwt.PyJWK | None:
+        found = self._keys.get(kid)
+        if found is not None and self._age() >= self.refresh_seconds:
+            self._refresh_in_background()
+        return found
+
+    def _should_wait(self, kid: str) -> bool:
+        """An unknown kid: worth a fetch (if due), or waiting for the one in flight."""
+        return self._age() >= self.min_refetch_seconds or self._lock.locked()
+
     def key(self, kid: str) -> jwt.PyJWK | None:
-        age = time.monotonic() - self._fetched
-        if age >= self.refresh_seconds or (kid not in self._keys and age >= self.min_refetch_seconds):
-            self._load()
-        return self._keys.get(kid)
+        found = self._cached(kid)
+        if found is None and self._should_wait(kid):
+            self._load_for(kid)
+            found = self._keys.get(kid)
+        return found
+
+    async def akey(self, kid: str) -> jwt.PyJWK | None:
+        """`key`, with the fetch (if one is due) in a worker thread: the event loop never waits on it."""
+        found = self._cached(kid)
+        if found is None and self._should_wait(kid):
+            await asyncio.to_thread(self._load_for, kid)
+            found = self._keys.get(kid)
+        return found
 
 
 @dataclass
@@ -339,14 +389,15 @@ class OidcVerifier:
         self.settings = settings
         self.keys = keys or JwksKeys(settings.jwks)
 
-    def verify(self, token: str) -> Identity:
+    def verify(self, token: str, key: jwt.PyJWK | None = None) -> Identity:
+        """Checks `token` (with `key` when the caller looked it up already, see `averify`)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as err:
             raise TokenError(str(err)) from None
         if header.get("alg") not in ASYMMETRIC_ALGORITHMS:
             raise TokenError("not an issuer's token")
-        key = self.keys.key(str(header.get("kid", "")))
+        key = key or self.keys.key(str(header.get("kid", "")))
         if key is None:
             raise TokenError("no key of the issuer has this kid")
         options: dict[str, Any] = {"require": ["exp", "iss"], "verify_aud": self.settings.audience is not None}
@@ -365,6 +416,19 @@ class OidcVerifier:
         if not username:
             raise TokenError("the token names no user")
         return Identity(str(username), frozenset(str(role) for role in roles), claims.get("email"), claims.get("name"))
+
+    async def averify(self, token: str) -> Identity:
+        """`verify`, with the key set fetched (when due) off the event loop."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as err:
+            raise TokenError(str(err)) from None
+        if header.get("alg") not in ASYMMETRIC_ALGORITHMS:
+            raise TokenError("not an issuer's token")
+        key = await self.keys.akey(str(header.get("kid", "")))
+        if key is None:
+            raise TokenError("no key of the issuer has this kid")
+        return self.verify(token, key)
 
 
 class Authenticator:
@@ -393,6 +457,20 @@ class Authenticator:
                 )
             )  # fmt: skip
         return cls(settings.auth_tokens, settings.auth_signing_key, parse_service_credentials(settings.auth_services), oidc)
+
+    async def aauthenticate(self, token: str) -> Identity | None:
+        """`authenticate` for async callers: an issuer's keys are fetched off the event loop."""
+        if token.count(".") == 2 and self.oidc is not None:
+            try:
+                algorithm = jwt.get_unverified_header(token).get("alg")
+            except jwt.PyJWTError:
+                return None
+            if algorithm != ALGORITHM:
+                try:
+                    return await self.oidc.averify(token)
+                except TokenError:
+                    return None
+        return self.authenticate(token)
 
     def authenticate(self, token: str) -> Identity | None:
         if token.count(".") == 2 and (self.signing_key or self.oidc):

@@ -353,7 +353,7 @@ class AuthInterceptor(WrappingInterceptor):
 
     async def _identify(self, token: str) -> Identity | None:
         if isinstance(self.check, Authenticator):
-            return self.check.authenticate(token)
+            return await self.check.aauthenticate(token)  # an issuer's keys: fetched off the loop
         verdict = self.check(token)
         if inspect.isawaitable(verdict):
             verdict = await verdict

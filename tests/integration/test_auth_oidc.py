@@ -4,6 +4,7 @@ MONAI Label's claims (`preferred_username`, `realm_access.roles`) and pass the l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.common.auth import ADMIN, ANNOTATOR, USER, Authenticator, JwksKeys, OidcSettings, OidcVerifier
+from services.common.auth import ADMIN, ANNOTATOR, USER, Authenticator, JwksKeys, OidcSettings, OidcVerifier, TokenError
 from tests.contract.helpers import nifti_bytes
 from tests.integration.conftest import GatewayStack
 
@@ -35,6 +36,9 @@ class Issuer:
         self.keys = {kid: rsa.generate_private_key(public_exponent=65537, key_size=2048) for kid in ("k1", "k2")}
         self.published = ["k1"]
         self.fetches = 0
+        self.gate: threading.Event | None = None
+        self.fetching = threading.Event()
+        self.gate_was_opened = False
         self.users = {"olga": ("olga-pw", [USER, ANNOTATOR])}
         issuer = self
 
@@ -52,6 +56,9 @@ class Issuer:
 
             def do_GET(self) -> None:
                 issuer.fetches += 1
+                if issuer.gate is not None:  # held until the test lets it answer
+                    issuer.fetching.set()
+                    issuer.gate_was_opened = issuer.gate.wait(30)
                 self._send(200, issuer.jwks())
 
             def do_POST(self) -> None:
@@ -146,7 +153,7 @@ def test_rotated_keys_are_fetched_and_unknown_kids_do_not_loop(issuer: Issuer) -
     assert check.verify(issuer.token("olga", [USER], kid="k1")).username == "olga"
     before = issuer.fetches
     for _ in range(5):  # made-up kids: one fetch at most per min_refetch_seconds
-        with pytest.raises(Exception):
+        with pytest.raises(TokenError):
             check.verify(issuer.token("olga", [USER], kid="k2"))
     assert issuer.fetches == before
     issuer.published = ["k2"]  # the issuer rotates
@@ -154,6 +161,58 @@ def test_rotated_keys_are_fetched_and_unknown_kids_do_not_loop(issuer: Issuer) -
         keys.min_refetch_seconds = 0
         assert check.verify(issuer.token("olga", [USER], kid="k2")).username == "olga"
         assert issuer.fetches == before + 1
+    finally:
+        issuer.published = ["k1"]
+
+
+def test_the_key_set_is_fetched_off_the_event_loop(issuer: Issuer) -> None:
+    """While the JWKS answer is held back, the event loop keeps running: the coroutine that
+    lets the answer go runs during the fetch (a fetch on the loop would wait for it in vain)."""
+    check = Authenticator(oidc=OidcVerifier(OidcSettings(ISSUER, f"{issuer.url}/jwks"), JwksKeys(f"{issuer.url}/jwks")))
+    token = issuer.token("olga", [USER])
+
+    async def run() -> list[Any]:
+        pending = [asyncio.create_task(check.aauthenticate(token)) for _ in range(5)]
+        while not issuer.fetching.is_set():
+            await asyncio.sleep(0.01)
+        assert issuer.gate is not None
+        issuer.gate.set()
+        return await asyncio.gather(*pending)
+
+    issuer.gate, issuer.fetching = threading.Event(), threading.Event()
+    before = issuer.fetches
+    try:
+        identities = asyncio.run(run())
+    finally:
+        issuer.gate = None
+    assert issuer.gate_was_opened
+    assert [identity.username for identity in identities] == ["olga"] * 5
+    assert issuer.fetches == before + 1  # five callers, one fetch
+
+
+def test_rotation_off_the_event_loop(issuer: Issuer) -> None:
+    keys = JwksKeys(f"{issuer.url}/jwks", refresh_seconds=3600, min_refetch_seconds=3600)
+    check = Authenticator(oidc=OidcVerifier(OidcSettings(ISSUER, f"{issuer.url}/jwks"), keys))
+    assert asyncio.run(check.aauthenticate(issuer.token("olga", [USER], kid="k1"))) is not None
+    before = issuer.fetches
+    issuer.published = ["k1", "k2"]  # the issuer rotates
+    try:
+        # A made-up or new kid within min_refetch_seconds: refused, no fetch.
+        assert asyncio.run(check.aauthenticate(issuer.token("olga", [USER], kid="k2"))) is None
+        assert issuer.fetches == before
+        keys.min_refetch_seconds = 0
+        assert asyncio.run(check.aauthenticate(issuer.token("olga", [USER], kid="k2"))) is not None
+        assert issuer.fetches == before + 1
+        # Keys past refresh_seconds still serve at once; a background thread re-reads the set.
+        keys.refresh_seconds = 0
+        assert asyncio.run(check.aauthenticate(issuer.token("olga", [USER], kid="k1"))) is not None
+        deadline = time.monotonic() + 30
+        while issuer.fetches < before + 2:
+            assert time.monotonic() < deadline, "no background refresh"
+            time.sleep(0.01)
+        # Clock skew still tolerated on the async path.
+        late = issuer.token("olga", [USER], kid="k2", exp=int(time.time()) - 20)
+        assert asyncio.run(check.aauthenticate(late)) is not None
     finally:
         issuer.published = ["k1"]
 
