@@ -10,6 +10,7 @@ import torch
 
 from services.activelearning.adapters.datastore import DatastoreLeases
 from services.activelearning.adapters.scorer import TorchScorer
+from services.activelearning.domain.model import ScoringJob
 from services.activelearning.domain.next_sample import NextSampler
 from services.activelearning.domain.scoring import RECORD_KIND, ScoringJobs
 from services.activelearning.settings import ActiveLearningSettings
@@ -41,7 +42,7 @@ class ActiveLearning:
         self.scoring = ScoringJobs(
             self.app,
             self.store,
-            JobStore(self.datastore, RECORD_KIND),
+            JobStore(self.datastore, RECORD_KIND, ScoringJob),
             self.scorer,
             work_dir,
             label_tag=settings.label_tag,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from labelgrid.common.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.jobs import Job, JobState
 
 
 def split_resource_name(name: str, pattern: str) -> list[str]:
@@ -67,16 +67,16 @@ def config_entries(config: dict[str, Any]) -> list[common_pb2.ConfigEntry]:
 
 
 JOB_STATE_NAMES = frozenset(v.name.removeprefix("JOB_STATE_") for v in common_pb2.JobState.DESCRIPTOR.values if v.number)
-"""The states a job document can be in: "QUEUED", "RUNNING", ... (services.common.jobs)."""
+"""The states a job can be in: "QUEUED", "RUNNING", ... (services.common.jobs.JobState)."""
 
 
 def job_state(name: str | None) -> common_pb2.JobState.ValueType:
-    """A job document's state ("RUNNING") as the JobState enum; UNSPECIFIED when unknown."""
+    """A job's state ("RUNNING") as the JobState enum; UNSPECIFIED when unknown."""
     return common_pb2.JobState.Value(f"JOB_STATE_{name}") if name in JOB_STATE_NAMES else common_pb2.JOB_STATE_UNSPECIFIED
 
 
 def job_state_name(value: int) -> str | None:
-    """A JobState filter as the documents spell it; None for UNSPECIFIED; INVALID_INPUT if unknown."""
+    """A JobState filter as services.common.jobs.JobState spells it; None for UNSPECIFIED; INVALID_INPUT if unknown."""
     if value == common_pb2.JOB_STATE_UNSPECIFIED:
         return None
     try:
@@ -85,18 +85,18 @@ def job_state_name(value: int) -> str | None:
         raise InvalidArgument(f"unknown job state {value}") from None
 
 
-def job_times(doc: dict[str, Any]) -> common_pb2.JobTimes:
-    """create/start/end_time of a job document (ISO-8601 strings or None) as JobTimes."""
+def job_times(job: Job) -> common_pb2.JobTimes:
+    """create/start/end_time of a job as JobTimes."""
     times = common_pb2.JobTimes()
     for key in ("create_time", "start_time", "end_time"):
-        if doc.get(key):
-            getattr(times, key).FromDatetime(datetime.fromisoformat(doc[key]))
+        value = getattr(job, key)
+        if value is not None:
+            getattr(times, key).FromDatetime(value)
     return times
 
 
-def job_error(doc: dict[str, Any]) -> common_pb2.JobError | None:
-    """The error of a FAILED job document; None otherwise."""
-    error = doc.get("error")
-    if doc.get("state") != "FAILED" or not error:
+def job_error(job: Job) -> common_pb2.JobError | None:
+    """The error of a FAILED job; None otherwise."""
+    if job.state != JobState.FAILED or job.error is None:
         return None
-    return common_pb2.JobError(reason=str(error.get("reason", "")), message=str(error.get("message", "")))
+    return common_pb2.JobError(reason=job.error.reason, message=job.error.message)

@@ -12,6 +12,7 @@ from services.train.adapters.data import DataCache
 from services.train.adapters.datastore import TrainingDatastore
 from services.train.adapters.process import ProcessLauncher
 from services.train.domain.devices import DevicePool
+from services.train.domain.job import TrainingJob
 from services.train.domain.training import JOB_KIND, Training
 from services.train.settings import TrainSettings
 
@@ -36,7 +37,7 @@ def build_training(settings: TrainSettings) -> BuiltTraining:
     cache = DataCache(client, work_dir / "cache", settings.cache_bytes)
     training = Training(
         trainers=app.trainers,
-        store=JobStore(client, JOB_KIND, settings.progress_interval_seconds),
+        store=JobStore(client, JOB_KIND, TrainingJob, progress_interval=settings.progress_interval_seconds),
         datastore=TrainingDatastore(client),
         data=cache,
         launcher=ProcessLauncher(),

@@ -13,7 +13,8 @@ from services.common import jobs
 from services.common.datastore_client import DatastoreClient
 from services.common.errors import ErrorKind, LabelgridError
 from services.datastore.settings import DatastoreSettings
-from tests.contract.conftest import start_datastore
+from tests.fixtures.datastore import start_datastore
+from tests.fixtures.polling import eventually
 
 
 @pytest.fixture
@@ -52,74 +53,83 @@ async def test_model_version_upload_and_download(client: DatastoreClient, tmp_pa
     assert fetched.read_bytes() == weights.read_bytes()
 
 
-async def test_job_lifecycle_is_stored_and_watched(client: DatastoreClient) -> None:
-    store = jobs.JobStore(client, "testJobs", progress_interval=3600)
-    job, created = await store.create(jobs.new_job(trainer="seg"), request_id="r1")
-    again, created_again = await store.create(jobs.new_job(trainer="seg"), request_id="r1")
-    assert created and not created_again and again["job_id"] == job["job_id"]
+class DemoJob(jobs.Job):
+    trainer: str = ""
+    progress: dict[str, int] | None = None
 
-    seen: list[dict] = []
+
+async def test_job_lifecycle_is_stored_and_watched(client: DatastoreClient) -> None:
+    store = jobs.JobStore(client, "testJobs", DemoJob, progress_interval=3600)
+    job, created = await store.create(DemoJob(trainer="seg"), request_id="r1")
+    again, created_again = await store.create(DemoJob(trainer="seg"), request_id="r1")
+    assert created and not created_again and again.job_id == job.job_id
+
+    seen: list[DemoJob] = []
 
     async def watch() -> None:
-        async for doc in store.watch(job["job_id"]):
+        async for doc in store.watch(job.job_id):
             seen.append(doc)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.05)
-    await store.update(job["job_id"], {"state": jobs.RUNNING})
-    await store.update(job["job_id"], {"progress": {"epoch": 1}}, persist=False)
+    await eventually(lambda: seen, "the watcher's first answer")
+    await store.update(job.job_id, {"state": jobs.RUNNING})
+    await store.update(job.job_id, {"progress": {"epoch": 1}}, persist=False)
     # A throttled tick is visible here at once but not yet stored.
-    assert (await store.get(job["job_id"]))["progress"] == {"epoch": 1}
-    assert "progress" not in (await client.get_record("testJobs", job["job_id"]) or {})
-    await store.log(job["job_id"], *[f"line {i}" for i in range(80)])
-    await store.update(job["job_id"], {"state": jobs.SUCCEEDED})
+    assert (await store.get(job.job_id)).progress == {"epoch": 1}
+    assert (await client.get_record("testJobs", job.job_id) or {}).get("progress") is None
+    await store.log(job.job_id, *[f"line {i}" for i in range(80)])
+    await store.update(job.job_id, {"state": jobs.SUCCEEDED})
     await asyncio.wait_for(watcher, 5)
 
-    assert [doc["state"] for doc in seen][0] == jobs.QUEUED and seen[-1]["state"] == jobs.SUCCEEDED
-    stored = await client.get_record("testJobs", job["job_id"])
+    assert seen[0].state == jobs.QUEUED and seen[-1].state == jobs.SUCCEEDED
+    stored = await client.get_record("testJobs", job.job_id)
     assert stored is not None and stored["progress"] == {"epoch": 1}
     assert stored["start_time"] and stored["end_time"]
     assert stored["log_tail"][-1] == "line 79" and len(stored["log_tail"]) == jobs.LOG_TAIL_LINES
+    # The record is the model's JSON: a new process reads back the same job.
+    assert DemoJob.from_record(stored) == await store.get(job.job_id)
 
 
 async def test_a_restarted_store_fails_the_jobs_it_lost(client: DatastoreClient) -> None:
-    first = jobs.JobStore(client, "testJobs")
-    running, _ = await first.create(jobs.new_job())
-    await first.update(running["job_id"], {"state": jobs.RUNNING})
-    queued, _ = await first.create(jobs.new_job())
-    done, _ = await first.create(jobs.new_job())
-    await first.update(done["job_id"], {"state": jobs.CANCELLED})
+    first = jobs.JobStore(client, "testJobs", DemoJob)
+    running, _ = await first.create(DemoJob())
+    await first.update(running.job_id, {"state": jobs.RUNNING})
+    queued, _ = await first.create(DemoJob())
+    done, _ = await first.create(DemoJob())
+    await first.update(done.job_id, {"state": jobs.CANCELLED})
 
-    second = jobs.JobStore(client, "testJobs")  # a new process: nothing in memory
+    second = jobs.JobStore(client, "testJobs", DemoJob)  # a new process: nothing in memory
     lost = await second.recover()
-    assert {doc["job_id"] for doc in lost} == {running["job_id"], queued["job_id"]}
-    listed = {doc["job_id"]: doc for doc in await second.list()}
-    assert listed[running["job_id"]]["state"] == jobs.FAILED
-    assert "restarted" in listed[running["job_id"]]["error"]["message"]
-    assert listed[done["job_id"]]["state"] == jobs.CANCELLED
-    assert [doc["job_id"] for doc in await second.list()][0] == done["job_id"]  # newest first
+    assert {job.job_id for job in lost} == {running.job_id, queued.job_id}
+    listed = {job.job_id: job for job in await second.list()}
+    lost_running = listed[running.job_id]
+    assert lost_running.state == jobs.FAILED and lost_running.error is not None
+    assert lost_running.error.reason == "SERVER_ERROR" and "restarted" in lost_running.error.message
+    assert listed[done.job_id].state == jobs.CANCELLED
+    assert (await second.list())[0].job_id == done.job_id  # newest first
     with pytest.raises(LabelgridError) as missing:
         await second.get("no-such-job")
     assert missing.value.kind is ErrorKind.NOT_FOUND and missing.value.reason == "RECORD_NOT_FOUND"
 
 
 async def test_watchers_get_progress_at_most_once_per_interval_but_every_state(client: DatastoreClient) -> None:
-    store = jobs.JobStore(client, "testJobs")
-    job, _ = await store.create(jobs.new_job())
-    await store.update(job["job_id"], {"state": jobs.RUNNING})
-    seen: list[dict] = []
+    store = jobs.JobStore(client, "testJobs", DemoJob)
+    job, _ = await store.create(DemoJob())
+    await store.update(job.job_id, {"state": jobs.RUNNING})
+    seen: list[DemoJob] = []
 
     async def watch() -> None:
-        async for doc in store.watch(job["job_id"], min_interval=0.5):
+        async for doc in store.watch(job.job_id, min_interval=0.5):
             seen.append(doc)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: seen, "the watcher's first answer")
+    # Twenty ticks back to back (no I/O: well within one interval), each one giving the watcher a turn.
     for step in range(20):
-        await store.update(job["job_id"], {"progress": {"iteration": step}}, persist=False)
-        await asyncio.sleep(0.01)
-    await store.update(job["job_id"], {"state": jobs.SUCCEEDED})
+        await store.update(job.job_id, {"progress": {"iteration": step}}, persist=False)
+        await asyncio.sleep(0)
+    await store.update(job.job_id, {"state": jobs.SUCCEEDED})
     await asyncio.wait_for(watcher, 5)
-    running = [doc for doc in seen if doc["state"] == jobs.RUNNING]
-    assert 1 <= len(running) <= 2, [doc.get("progress") for doc in running]
-    assert seen[-1]["state"] == jobs.SUCCEEDED and seen[-1]["progress"] == {"iteration": 19}
+    running = [doc for doc in seen if doc.state == jobs.RUNNING]
+    assert 1 <= len(running) <= 2, [doc.progress for doc in running]
+    assert seen[-1].state == jobs.SUCCEEDED and seen[-1].progress == {"iteration": 19}

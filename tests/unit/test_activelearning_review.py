@@ -24,14 +24,14 @@ def test_gateway_passes_ordinary_lease_ttls() -> None:
 
 import asyncio  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, ClassVar  # noqa: E402
 
 from apps.api.activelearning import ScoringMethod  # noqa: E402
-from services.activelearning.domain.model import ImageEntry  # noqa: E402
+from services.activelearning.domain.model import ImageEntry, ScoringJob, ScoringProgress  # noqa: E402
 from services.activelearning.domain.scoring import ScoringJobs  # noqa: E402
-from services.common import jobs as job_states  # noqa: E402
 from services.common.errors import NotFound, Unavailable  # noqa: E402
-from services.common.jobs import JobStore  # noqa: E402
+from services.common.jobs import JobState, JobStore  # noqa: E402
+from tests.fixtures.polling import eventually  # noqa: E402
 
 
 class Records:
@@ -101,7 +101,7 @@ class Store:
 
 
 class Scorer:
-    devices = ["cpu"]
+    devices: ClassVar[list[str]] = ["cpu"]
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
@@ -115,18 +115,23 @@ class Scorer:
         pass
 
 
-async def run_job(jobs: ScoringJobs) -> dict[str, Any]:
-    doc = await jobs.create("m")
-    for _ in range(200):
-        doc = await jobs.get(doc["job_id"])
-        if doc["state"] in job_states.FINAL_STATES:
-            return doc
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the job never ended: {doc}")
+def idle(jobs: ScoringJobs) -> bool:
+    """The runner has nothing queued and runs nothing."""
+    return not jobs._queue and jobs._running is None
+
+
+async def run_job(jobs: ScoringJobs) -> ScoringJob:
+    created = await jobs.create("m")
+
+    async def ended() -> ScoringJob | None:
+        job = await jobs.get(created.job_id)
+        return job if job.state.final else None
+
+    return await eventually(ended, "the job to end", timeout=10)
 
 
 def scoring(tmp_path: Path, store: Store, records: Records | None = None, scorer: Scorer | None = None) -> ScoringJobs:
-    jobs = JobStore(records or Records(), "scoringJobs")
+    jobs = JobStore(records or Records(), "scoringJobs", ScoringJob)
     return ScoringJobs(App(), store, jobs, scorer or Scorer(), tmp_path)  # type: ignore[arg-type]
 
 
@@ -139,8 +144,8 @@ async def test_images_deleted_mid_scoring_are_skipped_not_failed(tmp_path: Path,
         doc = await run_job(jobs)
     finally:
         await jobs.stop()
-    assert doc["state"] == job_states.SUCCEEDED, doc
-    assert doc["progress"]["failed"] == 0 and doc["progress"]["skipped"] == 1 and doc["progress"]["scored"] == 2
+    assert doc.state == JobState.SUCCEEDED, doc
+    assert doc.progress == ScoringProgress(total=3, scored=2, skipped=1, failed=0)
     assert not list(tmp_path.iterdir()), "scratch directories were left behind"
 
 
@@ -151,7 +156,7 @@ async def test_a_job_whose_images_were_all_deleted_succeeds_with_nothing_scored(
         doc = await run_job(jobs)
     finally:
         await jobs.stop()
-    assert doc["state"] == job_states.SUCCEEDED and doc["progress"]["skipped"] == 3, doc
+    assert doc.state == JobState.SUCCEEDED and doc.progress == ScoringProgress(total=3, skipped=3), doc
 
 
 class SlowStore(Store):
@@ -175,14 +180,13 @@ async def test_a_cancelled_job_stays_cancelled_when_its_run_then_fails(tmp_path:
     try:
         doc = await jobs.create("m")
         await asyncio.wait_for(store.listing.wait(), 5)
-        assert (await jobs.cancel(doc["job_id"]))["state"] == job_states.CANCELLED
+        assert (await jobs.cancel(doc.job_id)).state == JobState.CANCELLED
         store.gate.set()
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        after = await jobs.get(doc["job_id"])
+        await eventually(lambda: idle(jobs), "the runner to finish the job's run", timeout=10)
+        after = await jobs.get(doc.job_id)
     finally:
         await jobs.stop()
-    assert after["state"] == job_states.CANCELLED and not after.get("error"), after
+    assert after.state == JobState.CANCELLED and after.error is None, after
 
 
 async def test_a_job_is_not_left_running_when_the_datastore_refuses_its_state_change(tmp_path: Path) -> None:
@@ -193,13 +197,12 @@ async def test_a_job_is_not_left_running_when_the_datastore_refuses_its_state_ch
         await jobs.taken_over
         doc = await jobs.create("m")
         records.fail = True  # the runner's first write (QUEUED -> RUNNING) fails
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        after = await jobs.get(doc["job_id"])
+        await eventually(lambda: idle(jobs), "the runner to give the job up", timeout=10)
+        after = await jobs.get(doc.job_id)
     finally:
         records.fail = False
         await jobs.stop()
-    assert after["state"] == job_states.FAILED and after["error"]["reason"], after
+    assert after.state == JobState.FAILED and after.error is not None and after.error.reason, after
 
 
 # -- next sample -----------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 
 from services.common.errors import AlreadyExists, NotFound
 from services.common.jobs import JobStore
-from services.infer.domain.batch import BatchInference
+from services.infer.domain.batch import BatchInference, BatchJob
 from services.infer.domain.model import InferParams
+from tests.fixtures.polling import eventually
 
 
 class Records:
@@ -82,43 +83,36 @@ class Images:
         return [f"img_{n:02d}" for n in range(20)]
 
 
-async def until(check: Any) -> None:
-    for _ in range(2000):
-        if check():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
-
-
 @pytest.mark.asyncio
 async def test_images_run_side_by_side_up_to_the_width_and_save_labels() -> None:
     inference = GatedInference(slots=2)
-    batch = BatchInference(inference, Images(), JobStore(Records(), "batchInferenceJobs"))  # type: ignore[arg-type]
+    batch = BatchInference(inference, Images(), JobStore(Records(), "batchInferenceJobs", BatchJob))  # type: ignore[arg-type]
     assert batch.width == 4  # every slot busy, one waiting behind each
     doc = await batch.create("seg", InferParams())
-    await until(lambda: inference.in_flight == 4)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: inference.in_flight == 4, "four images in flight", timeout=10)
+    for _ in range(10):  # every ready task gets several turns: a fifth image would start now
+        await asyncio.sleep(0)
     assert inference.most == 4  # not one by one, and never more than the width
     with pytest.raises(AlreadyExists):
         await batch.create("seg", InferParams())
     inference.gate.set()
-    await until(lambda: False if not batch._runner else batch._runner.done())
-    done = await batch.get(doc["job_id"])
-    assert done["state"] == "SUCCEEDED" and done["processed_images"] == 20 and done["total_images"] == 20
+    await eventually(lambda: batch._runner is not None and batch._runner.done(), "the job to end", timeout=10)
+    done = await batch.get(doc.job_id)
+    assert done.state == "SUCCEEDED" and done.processed_images == 20 and done.total_images == 20
     assert all(p.result.save_label and p.result.label_tag == "original" and p.result.params_only for p in inference.params)
 
 
 @pytest.mark.asyncio
 async def test_cancel_stops_the_images_in_flight_and_the_next_job_runs() -> None:
     inference = GatedInference(slots=1)
-    batch = BatchInference(inference, Images(), JobStore(Records(), "batchInferenceJobs"))  # type: ignore[arg-type]
+    batch = BatchInference(inference, Images(), JobStore(Records(), "batchInferenceJobs", BatchJob))  # type: ignore[arg-type]
     first = await batch.create("seg", InferParams())
-    await until(lambda: inference.in_flight == 2)
+    await eventually(lambda: inference.in_flight == 2, "two images in flight", timeout=10)
     second = await batch.create("seg", InferParams(), images=["img_01"], enqueue=True)
-    assert (await batch.get(second["job_id"]))["queue_position"] == 1
-    cancelled = await batch.cancel(first["job_id"])
-    assert cancelled["state"] == "CANCELLED" and inference.cancelled == 2
+    assert (await batch.get(second.job_id)).queue_position == 1
+    cancelled = await batch.cancel(first.job_id)
+    assert cancelled.state == "CANCELLED" and inference.cancelled == 2
     inference.gate.set()
-    await until(lambda: batch._runner is not None and batch._runner.done())
-    assert (await batch.get(second["job_id"]))["state"] == "SUCCEEDED"
+    await eventually(lambda: batch._runner is not None and batch._runner.done(), "the jobs to end", timeout=10)
+    assert (await batch.get(second.job_id)).state == "SUCCEEDED"
     await batch.close()

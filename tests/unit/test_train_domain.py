@@ -16,6 +16,8 @@ from services.common.jobs import CANCELLED, QUEUED, JobStore
 from services.train.api import convert
 from services.train.domain.devices import DevicePool
 from services.train.domain.params import MAX_BATCH_SIZE, MAX_EPOCHS
+from services.train.domain.job import TrainingJob
+from services.train.domain.running import Progress
 from services.train.domain.training import JobRequest, Training
 
 
@@ -89,7 +91,7 @@ class Trainer:
 def training(tmp_path: Path, launcher: Any) -> Training:
     return Training(
         trainers={"seg": Trainer()},
-        store=JobStore(Records(), "trainingJobs"),
+        store=JobStore(Records(), "trainingJobs", TrainingJob),
         datastore=Datastore(),  # type: ignore[arg-type]
         data=Data(),
         launcher=launcher,
@@ -105,8 +107,8 @@ async def test_a_stop_while_the_child_is_being_started_stops_it(tmp_path: Path) 
     t = training(tmp_path, launcher)
     job = await t.create(JobRequest("seg", {}))
     await asyncio.wait_for(launcher.starting.wait(), 5)
-    done = await asyncio.wait_for(t.cancel(job["job_id"]), 5)
-    assert done["state"] == CANCELLED
+    done = await asyncio.wait_for(t.cancel(job.job_id), 5)
+    assert done.state == CANCELLED
     assert launcher.procs and launcher.procs[0].stopped
     await t.close()
 
@@ -116,10 +118,10 @@ async def test_a_cancelled_queued_job_leaves_nothing_behind(tmp_path: Path) -> N
     t = training(tmp_path, launcher)
     first = await t.create(JobRequest("seg", {}))
     second = await t.create(JobRequest("seg", {}, enqueue=True))
-    assert second["state"] == QUEUED and second["queue_position"] == 1
-    assert (await t.cancel(second["job_id"]))["state"] == CANCELLED
-    assert second["job_id"] not in t._jobs
-    await t.cancel(first["job_id"])
+    assert second.state == QUEUED and second.queue_position == 1
+    assert (await t.cancel(second.job_id)).state == CANCELLED
+    assert second.job_id not in t._jobs
+    await t.cancel(first.job_id)
     await t.close()
 
 
@@ -135,8 +137,8 @@ async def test_int_params_out_of_range_are_invalid(tmp_path: Path, key: str, hig
             await t.create(JobRequest("seg", {key: value}))
     # In range: accepted, and the job converts to its proto.
     job = await t.create(JobRequest("seg", {key: highest}))
-    convert.job({**job, "progress": {"total_epochs": job["resolved_params"]["max_epochs"]}})
-    await t.cancel(job["job_id"])
+    convert.job(job.model_copy(update={"progress": Progress(total_epochs=job.resolved_params["max_epochs"])}))
+    await t.cancel(job.job_id)
     await t.close()
 
 
@@ -184,7 +186,7 @@ async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path
     put = records.put_record
 
     async def slow_put(kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
-        if data.get("state") == "FAILED" and record_id != running["job_id"]:
+        if data.get("state") == "FAILED" and record_id != running.job_id:
             launcher.procs[0].done.set()  # the running job ends just now
             await asyncio.sleep(0.1)
         return await put(kind, record_id, data, expected_revision)
@@ -192,7 +194,7 @@ async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path
     records.put_record = slow_put  # type: ignore[method-assign]
     await asyncio.wait_for(t.close(), 10)
     assert not t._jobs and not t._queue
-    states = {doc["state"] for doc in await t.store.list()}
+    states = {doc.state for doc in await t.store.list()}
     assert states <= {"SUCCEEDED", "FAILED"}, states
 
 
@@ -211,6 +213,6 @@ async def test_two_starts_at_once_without_enqueue_start_one_job(tmp_path: Path) 
     results = await asyncio.gather(*[t.create(JobRequest("seg", {})) for _ in range(2)], return_exceptions=True)
     assert sum(isinstance(r, AlreadyExists) for r in results) == 1, results
     for job in await t.list():
-        if job["state"] in ("QUEUED", "RUNNING"):
-            await t.cancel(job["job_id"])
+        if job.state in ("QUEUED", "RUNNING"):
+            await t.cancel(job.job_id)
     await t.close()

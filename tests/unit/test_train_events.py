@@ -14,6 +14,7 @@ from services.common.jobs import SUCCEEDED, JobStore
 from services.train.adapters.worker import _file_emitter
 from services.train.domain import events
 from services.train.domain.devices import DevicePool
+from services.train.domain.job import TrainingJob
 from services.train.domain.training import JobRequest, Training
 
 
@@ -133,7 +134,7 @@ class Datastore:
 def training(tmp_path: Path, launcher: Any, datastore: Datastore) -> Training:
     return Training(
         trainers={"seg": Trainer()},
-        store=JobStore(Records(), "trainingJobs"),
+        store=JobStore(Records(), "trainingJobs", TrainingJob),
         datastore=datastore,  # type: ignore[arg-type]
         data=Data(),
         launcher=launcher,
@@ -143,10 +144,10 @@ def training(tmp_path: Path, launcher: Any, datastore: Datastore) -> Training:
     )
 
 
-async def wait_ended(t: Training, job_id: str) -> dict[str, Any]:
-    async for doc in t.watch(job_id):
-        if doc["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            return doc
+async def wait_ended(t: Training, job_id: str) -> TrainingJob:
+    async for job in t.watch(job_id):
+        if job.state.final:
+            return job
     raise AssertionError("the watch ended without a final state")
 
 
@@ -164,16 +165,17 @@ async def test_events_become_progress_stats_and_a_published_version(tmp_path: Pa
     datastore = Datastore()
     t = training(tmp_path, launcher, datastore)
     job = await t.create(JobRequest("seg", {}))
-    done = await asyncio.wait_for(wait_ended(t, job["job_id"]), 10)
-    assert done["state"] == SUCCEEDED
+    done = await asyncio.wait_for(wait_ended(t, job.job_id), 10)
+    assert done.state == SUCCEEDED
     assert datastore.uploads == [("seg", checkpoint, {"best_metric": 0.75, "best_metric_epoch": 2, "key_metric_name": "dice"})]
-    assert done["model_version"] == "models/seg/versions/1"
-    assert done["train_stats"] == stats
-    progress = done["progress"]
-    assert (progress["epoch"], progress["iteration"], progress["total_iterations"]) == (2, 8, 8)
-    assert (progress["metric_name"], progress["metric"], progress["best_metric_epoch"]) == ("dice", 0.75, 2)
-    assert progress["loss"] == 0.9 and progress["estimated_remaining_seconds"] == 0.0
-    assert "training on 2 image(s), validating on 1" in done["log_tail"]
+    assert done.model_version == "models/seg/versions/1"
+    assert done.train_stats == stats
+    progress = done.progress
+    assert progress is not None
+    assert (progress.epoch, progress.iteration, progress.total_iterations) == (2, 8, 8)
+    assert (progress.metric_name, progress.metric, progress.best_metric_epoch) == ("dice", 0.75, 2)
+    assert progress.loss == 0.9 and progress.estimated_remaining_seconds == 0.0
+    assert "training on 2 image(s), validating on 1" in done.log_tail
     assert t.published == {"seg": 1} and not t.last_progress
     await t.close()
 
@@ -183,11 +185,11 @@ async def test_a_failing_background_task_is_logged_not_lost(tmp_path: Path, capl
     checkpoint.write_bytes(b"weights")
     launcher = ScriptedLauncher([events.Checkpoint(path=str(checkpoint), metric_name="dice", metric=0.5, epoch=1)])
     t = training(tmp_path, launcher, Datastore(fail=True))
-    with caplog.at_level(logging.ERROR, logger="labelgrid.train"):
+    with caplog.at_level(logging.ERROR, logger="labelgrid.tasks"):
         job = await t.create(JobRequest("seg", {}))
-        done = await asyncio.wait_for(wait_ended(t, job["job_id"]), 10)
+        done = await asyncio.wait_for(wait_ended(t, job.job_id), 10)
     # The upload's error fails the job (as before) and is logged with its traceback.
-    assert done["state"] == "FAILED" and "the datastore broke" in done["error"]["message"]
+    assert done.state == "FAILED" and done.error is not None and "the datastore broke" in done.error.message
     failures = [r for r in caplog.records if "background task" in r.getMessage()]
     assert failures and failures[0].exc_info is not None
     await t.close()

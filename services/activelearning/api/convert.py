@@ -8,7 +8,7 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
 from labelgrid.activelearning.v1 import resources_pb2 as res
 
 from apps.api.activelearning import ScoringMethod, Strategy
-from services.activelearning.domain.model import UNTRAINED, ImageEntry, Lease, NextSample
+from services.activelearning.domain.model import UNTRAINED, ImageEntry, Lease, NextSample, ScoringJob
 from services.common.protos import (
     config_entries,
     dict_to_struct,
@@ -109,28 +109,22 @@ def lease(value: Lease) -> res.Lease:
 
 
 
-def scoring_job(doc: dict[str, Any]) -> res.ScoringJob:
-    model = doc.get("model", "")
-    version = doc.get("model_version", "")
-    progress = doc.get("progress") or {}
-    job = res.ScoringJob(
-        name=f"scoringJobs/{doc['job_id']}",
-        job_id=doc["job_id"],
-        method=f"scoringMethods/{doc.get('method', '')}",
+def scoring_job(job: ScoringJob) -> res.ScoringJob:
+    model, version, progress = job.model, job.model_version, job.progress
+    return res.ScoringJob(
+        name=f"scoringJobs/{job.job_id}",
+        job_id=job.job_id,
+        method=f"scoringMethods/{job.method}",
         model=f"models/{model}" if model else "",
-        params=dict_to_struct(doc.get("params") or {}),
-        force=bool(doc.get("force")),
+        params=dict_to_struct(job.params),
+        force=job.force,
         model_version=f"models/{model}/versions/{version}" if version and version != UNTRAINED and model else "",
-        state=job_state(doc.get("state")),
-        times=job_times(doc),
-        error=job_error(doc),
+        state=job_state(job.state),
+        times=job_times(job),
+        error=job_error(job),
         progress=res.ScoringProgress(
-            total=int(progress.get("total", 0)),
-            scored=int(progress.get("scored", 0)),
-            skipped=int(progress.get("skipped", 0)),
-            failed=int(progress.get("failed", 0)),
+            total=progress.total, scored=progress.scored, skipped=progress.skipped, failed=progress.failed
         ),
-        queue_position=int(doc.get("queue_position", 0)),
-        log_tail=[str(line) for line in doc.get("log_tail") or []],
+        queue_position=job.queue_position,
+        log_tail=list(job.log_tail),
     )
-    return job

@@ -1,10 +1,14 @@
-"""Values of the active learning domain: plain dataclasses, no protos."""
+"""Values of the active learning domain: plain dataclasses and the scoring job's model, no protos."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.jobs import Job
 
 # No reason: an image was handed out. Else why none was (the proto's NoSampleReason names).
 EMPTY, ALL_LABELED, ALL_LEASED = "EMPTY", "ALL_LABELED", "ALL_LEASED"
@@ -59,7 +63,29 @@ class LeasePage:
     next_page_token: str = ""
 
 
+class ScoringProgress(BaseModel):
+    """How far a scoring job got: images to score, and what became of each so far."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int = 0
+    scored: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+class ScoringJob(Job):
+    """A scoring job: the method, the model whose served version scores, and its progress."""
+
+    method: str = ""
+    model: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    force: bool = False
+    model_version: str = ""
+    progress: ScoringProgress = Field(default_factory=ScoringProgress)
+
+
 @dataclass(frozen=True)
 class JobPage:
-    jobs: list[dict[str, Any]]
+    jobs: list[ScoringJob]
     next_page_token: str = ""

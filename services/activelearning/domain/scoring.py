@@ -18,14 +18,13 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apps.api.activelearning import ImageSet, ScoringMethod
-from services.activelearning.domain.model import UNTRAINED, ImageEntry, JobPage
+from services.activelearning.domain.model import UNTRAINED, ImageEntry, JobPage, ScoringJob, ScoringProgress
 from services.activelearning.domain.ports import LeaseStore, Scorer
-from services.common import jobs as job_states
 from services.common.apps import LoadedApp
 from services.common.errors import (
     AlreadyExists,
@@ -33,9 +32,10 @@ from services.common.errors import (
     LabelgridError,
     NotFound,
 )
-from services.common.jobs import JobStore, new_job, parse_time
+from services.common.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobStore
 from services.common.paging import offset_page
 from services.common.paging import page_size as checked_page_size
+from services.common.tasks import cancel_all, spawn
 
 log = logging.getLogger("labelgrid.activelearning.scoring")
 
@@ -53,6 +53,19 @@ def already_scored(image: ImageEntry, score_key: str, version: str) -> bool:
     return score_key in image.scores and image.info.get(version_key(score_key)) == version
 
 
+@dataclass
+class _Tally:
+    """A running job's counts while it runs; the job stores snapshots of it."""
+
+    total: int = 0
+    scored: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def snapshot(self) -> ScoringProgress:
+        return ScoringProgress(total=self.total, scored=self.scored, skipped=self.skipped, failed=self.failed)
+
+
 class ScoringJobs:
     """Create, get, list, cancel and watch scoring jobs; runs them one after another."""
 
@@ -60,7 +73,7 @@ class ScoringJobs:
         self,
         app: LoadedApp,
         store: LeaseStore,
-        jobs: JobStore,
+        jobs: JobStore[ScoringJob],
         scorer: Scorer,
         work_dir: Path,
         label_tag: str = "final",
@@ -77,7 +90,7 @@ class ScoringJobs:
         self._wake = asyncio.Event()
         self._running: str | None = None
         self._cancelled: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         # (method, outcome) -> images; outcome: scored, skipped, failed.
         self.images: Counter[tuple[str, str]] = Counter()
         # Last known count of jobs per state (refreshed on every change this process makes).
@@ -91,7 +104,7 @@ class ScoringJobs:
         they are queued again, oldest first, and skip what they already stored; otherwise
         they are marked FAILED."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.taken_over: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self.taken_over: asyncio.Future[list[ScoringJob]] = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
             while True:
@@ -103,26 +116,22 @@ class ScoringJobs:
                     await asyncio.sleep(retry_seconds)
             self.taken_over.set_result(left)
             if left:
-                log.info("scoring jobs of a previous process taken over", extra={"jobs": [d["job_id"] for d in left], "resumed": resume})
+                log.info("scoring jobs of a previous process taken over", extra={"jobs": [j.job_id for j in left], "resumed": resume})
             await self._run_forever()
 
-        self._tasks.append(asyncio.create_task(run(), name="scoring-runner"))
+        spawn(self._tasks, run(), "scoring-runner")
         if self.auto_scoring_seconds > 0:
-            self._tasks.append(asyncio.create_task(self._auto_score(), name="auto-scoring"))
+            spawn(self._tasks, self._auto_score(), "auto-scoring")
 
-    async def _take_over(self, resume: bool) -> list[dict[str, Any]]:
+    async def _take_over(self, resume: bool) -> list[ScoringJob]:
         if resume:
-            left = [
-                d for d in await self.jobs.list()
-                if d.get("state") in job_states.ACTIVE_STATES and d["job_id"] not in self._queue
-            ]  # fmt: skip
-            left.sort(key=lambda d: d.get("create_time") or "")
-            for doc in left:
+            left = [job for job in await self.jobs.list() if job.state.active and job.job_id not in self._queue]
+            left.sort(key=lambda job: job.create_time)
+            for job in left:
                 await self.jobs.update(
-                    doc["job_id"],
-                    {"state": job_states.QUEUED, "log_tail": [*(doc.get("log_tail") or []), "queued again: the service restarted"]},
+                    job.job_id, {"state": QUEUED, "log_tail": (*job.log_tail, "queued again: the service restarted")}
                 )
-            self._queue[:0] = [doc["job_id"] for doc in left]
+            self._queue[:0] = [job.job_id for job in left]
         else:
             left = await self.jobs.recover()
         await self._count_states()
@@ -130,16 +139,7 @@ class ScoringJobs:
         return left
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("scoring task failed while stopping")
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         await self.jobs.flush()
 
     # -- use cases ----------------------------------------------------------------------------
@@ -161,79 +161,66 @@ class ScoringJobs:
         force: bool = False,
         enqueue: bool = False,
         request_id: str = "",
-    ) -> dict[str, Any]:
+    ) -> ScoringJob:
         method = self.method(method_name)
         model = self._model(method_name, method, model)
-        params = dict(params or {})
         if request_id:
-            since = datetime.now(UTC) - timedelta(hours=24)
-            for existing in await self.jobs.list(where=lambda d: d.get("request_id") == request_id):
-                created = parse_time(existing.get("create_time"))
-                if created and created >= since:
-                    return self._with_position(existing)
+            existing = await self.jobs.find_request(request_id)
+            if existing is not None:
+                return self._with_position(existing)
         if not enqueue:
             for job_id in [*([self._running] if self._running else []), *self._queue]:
-                doc = await self.jobs.get(job_id)
-                if doc.get("method") == method_name and doc.get("state") in job_states.ACTIVE_STATES:
+                active = await self.jobs.get(job_id)
+                if active.method == method_name and active.state.active:
                     raise AlreadyExists(
-                        f"a {method_name!r} scoring job is already {doc['state'].lower()} ({job_id}); "
+                        f"a {method_name!r} scoring job is already {active.state.lower()} ({job_id}); "
                         "wait for it, cancel it, or ask to enqueue",
                         reason="ALREADY_RUNNING",
                     )
-        doc = new_job(
-            method=method_name,
-            model=model,
-            params=params,
-            force=bool(force),
-            model_version="",
-            progress={"total": 0, "scored": 0, "skipped": 0, "failed": 0},
-        )
-        doc, _created = await self.jobs.create(doc, request_id=request_id)
-        self._queue.append(doc["job_id"])
-        self.states[job_states.QUEUED] += 1
+        job = ScoringJob(method=method_name, model=model, params=dict(params or {}), force=bool(force))
+        job, _created = await self.jobs.create(job, request_id=request_id)
+        self._queue.append(job.job_id)
+        self.states[QUEUED] += 1
         self._wake.set()
-        log.info("scoring job queued", extra={"job": doc["job_id"], "method": method_name, "model": model})
-        return self._with_position(doc)
+        log.info("scoring job queued", extra={"job": job.job_id, "method": method_name, "model": model})
+        return self._with_position(job)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str) -> ScoringJob:
         return self._with_position(await self.jobs.get(job_id))
 
     async def list(self, state: str = "", method: str = "", page_size: int = 0, page_token: str = "") -> JobPage:
         checked_page_size(page_size)
         if method:
             self.method(method)
-        docs = await self.jobs.list(
-            state=state or None, where=(lambda d: d.get("method") == method) if method else None
-        )
-        page, token = offset_page(docs, page_size, page_token, "ListScoringJobs")
-        return JobPage([self._with_position(d) for d in page], token)
+        jobs = await self.jobs.list(state=state or None, where=(lambda job: job.method == method) if method else None)
+        page, token = offset_page(jobs, page_size, page_token, "ListScoringJobs")
+        return JobPage([self._with_position(job) for job in page], token)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        doc = await self.jobs.get(job_id)
-        if doc.get("state") in job_states.FINAL_STATES:
-            raise FailedPrecondition(f"scoring job {job_id} has already ended ({doc['state']})")
+    async def cancel(self, job_id: str) -> ScoringJob:
+        job = await self.jobs.get(job_id)
+        if job.state.final:
+            raise FailedPrecondition(f"scoring job {job_id} has already ended ({job.state})")
         self._cancelled.add(job_id)
         if job_id in self._queue:
             self._queue.remove(job_id)
-        doc = await self.jobs.update(job_id, {"state": job_states.CANCELLED, "log_tail": [*(doc.get("log_tail") or []), "cancelled"]})
+        job = await self.jobs.update(job_id, {"state": CANCELLED, "log_tail": (*job.log_tail, "cancelled")})
         await self._count_states()
-        return self._with_position(doc)
+        return self._with_position(job)
 
-    async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        async for doc in self.jobs.watch(job_id):
-            yield self._with_position(doc)
+    async def watch(self, job_id: str) -> AsyncIterator[ScoringJob]:
+        async for job in self.jobs.watch(job_id):
+            yield self._with_position(job)
 
-    def _with_position(self, doc: dict[str, Any]) -> dict[str, Any]:
-        job_id = doc.get("job_id")
-        position = self._queue.index(job_id) + 1 if job_id in self._queue and doc.get("state") == job_states.QUEUED else 0
-        return {**doc, "queue_position": position}
+    def _with_position(self, job: ScoringJob) -> ScoringJob:
+        queued = job.job_id in self._queue and job.state == QUEUED
+        return job.at_position(self._queue.index(job.job_id) + 1 if queued else 0)
 
     async def _count_states(self) -> None:
         try:
-            docs = await self.jobs.list()
+            jobs = await self.jobs.list()
         except LabelgridError:
             return
-        self.states = Counter(d.get("state", "") for d in docs)
+        self.states = Counter(job.state for job in jobs)
 
     # -- the runner ----------------------------------------------------------------------------
 
@@ -261,87 +248,81 @@ class ScoringJobs:
         memory even when the datastore still refuses the write; a restart resumes the job."""
         try:
             current = await self.jobs.get(job_id)
-            if current.get("state") in job_states.ACTIVE_STATES:
-                progress = dict(current.get("progress") or {})
+            if current.state.active:
                 message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
-                await self._fail(job_id, progress, "SERVER_ERROR", message)
+                await self._fail(job_id, current.progress, "SERVER_ERROR", message)
         except Exception:  # noqa: BLE001 - the runner must go on with the next job
             log.warning("could not store that the scoring job failed", extra={"job": job_id})
 
     async def _run(self, job_id: str) -> None:
-        doc = await self.jobs.get(job_id)
-        if doc.get("state") != job_states.QUEUED or job_id in self._cancelled:
+        job = await self.jobs.get(job_id)
+        if job.state != QUEUED or job_id in self._cancelled:
             return
-        method_name = doc["method"]
-        progress = {"total": 0, "scored": 0, "skipped": 0, "failed": 0}
-        await self.jobs.update(job_id, {"state": job_states.RUNNING, "progress": progress})
+        method_name = job.method
+        tally = _Tally()
+        await self.jobs.update(job_id, {"state": RUNNING, "progress": tally.snapshot()})
         await self._count_states()
         try:
             method = self.method(method_name)
-            model = self._model(method_name, method, doc.get("model", ""))
+            model = self._model(method_name, method, job.model)
             task = self.app.infer_tasks[model]
             version = await self.store.serving_version(model) or UNTRAINED
             labeled = method.images is ImageSet.LABELED
             images = await self.store.images(labeled, self.label_tag)
-            progress["total"] = len(images)
+            tally.total = len(images)
+            started = f"scoring {len(images)} {'labeled' if labeled else 'unlabeled'} images with {model} version {version}"
             await self.jobs.update(
-                job_id,
-                {
-                    "model_version": version,
-                    "progress": dict(progress),
-                    "log_tail": [*(doc.get("log_tail") or []), f"scoring {len(images)} {'labeled' if labeled else 'unlabeled'} images with {model} version {version}"],
-                },
+                job_id, {"model_version": version, "progress": tally.snapshot(), "log_tail": (*job.log_tail, started)}
             )
             for image in images:
                 if job_id in self._cancelled:
                     break
-                if not doc.get("force") and already_scored(image, method.score_key, version):
-                    progress["skipped"] += 1
+                if not job.force and already_scored(image, method.score_key, version):
+                    tally.skipped += 1
                     self.images[(method_name, "skipped")] += 1
                 else:
-                    await self._score_one(job_id, method_name, method, model, task, version, image, doc, progress)
-                await self.jobs.update(job_id, {"progress": dict(progress)}, persist=False)
+                    await self._score_one(job, method, model, task, version, image, tally)
+                await self.jobs.update(job_id, {"progress": tally.snapshot()}, persist=False)
         except LabelgridError as error:
-            await self._fail(job_id, progress, error.reason, error.message)
+            await self._fail(job_id, tally.snapshot(), error.reason, error.message)
             return
         except Exception as error:
             log.exception("scoring job failed", extra={"job": job_id})
-            await self._fail(job_id, progress, "SERVER_ERROR", f"{type(error).__name__}: {error}")
+            await self._fail(job_id, tally.snapshot(), "SERVER_ERROR", f"{type(error).__name__}: {error}")
             return
         if job_id in self._cancelled:
-            await self.jobs.update(job_id, {"progress": dict(progress)})
+            await self.jobs.update(job_id, {"progress": tally.snapshot()})
             return
-        line = f"done: {progress['scored']} scored, {progress['skipped']} skipped, {progress['failed']} failed"
+        line = f"done: {tally.scored} scored, {tally.skipped} skipped, {tally.failed} failed"
         current = await self.jobs.get(job_id)
-        if progress["failed"] and not progress["scored"] and not progress["skipped"]:
-            await self._fail(job_id, progress, "INFERENCE_ERROR", f"every image failed to score ({progress['failed']})")
+        if tally.failed and not tally.scored and not tally.skipped:
+            await self._fail(job_id, tally.snapshot(), "INFERENCE_ERROR", f"every image failed to score ({tally.failed})")
             return
         await self.jobs.update(
-            job_id,
-            {"state": job_states.SUCCEEDED, "progress": dict(progress), "log_tail": [*(current.get("log_tail") or []), line]},
+            job_id, {"state": SUCCEEDED, "progress": tally.snapshot(), "log_tail": (*current.log_tail, line)}
         )
-        log.info("scoring job done", extra={"job": job_id, **progress})
+        log.info("scoring job done", extra={"job": job_id, **tally.snapshot().model_dump()})
 
-    async def _fail(self, job_id: str, progress: dict[str, int], reason: str, message: str) -> None:
+    async def _fail(self, job_id: str, progress: ScoringProgress, reason: str, message: str) -> None:
         current = await self.jobs.get(job_id)
-        if current.get("state") in job_states.FINAL_STATES or job_id in self._cancelled:
+        if current.state.final or job_id in self._cancelled:
             # Cancelled while it ran: it stays CANCELLED (what the canceller was told).
-            await self.jobs.update(job_id, {"progress": dict(progress)})
+            await self.jobs.update(job_id, {"progress": progress})
             return
         await self.jobs.update(
             job_id,
             {
-                "state": job_states.FAILED,
-                "progress": dict(progress),
-                "error": {"reason": reason, "message": message},
-                "log_tail": [*(current.get("log_tail") or []), f"failed: {message}"],
+                "state": FAILED,
+                "progress": progress,
+                "error": JobError(reason=reason, message=message),
+                "log_tail": (*current.log_tail, f"failed: {message}"),
             },
         )
 
     async def _score_one(
-        self, job_id: str, method_name: str, method: ScoringMethod, model: str, task: Any, version: str,
-        image: ImageEntry, doc: dict[str, Any], progress: dict[str, int],
-    ) -> None:  # fmt: skip
+        self, job: ScoringJob, method: ScoringMethod, model: str, task: Any, version: str, image: ImageEntry, tally: _Tally
+    ) -> None:
+        job_id, method_name = job.job_id, job.method
         scratch = Path(tempfile.mkdtemp(prefix="score-", dir=self.work_dir))
         try:
             path = await self.store.download_image(image.image_id, scratch)
@@ -350,33 +331,31 @@ class ScoringJobs:
                 label_dir = scratch / "label"
                 label_dir.mkdir()
                 label = await self.store.download_label(image.image_id, self.label_tag, label_dir)
-            value = await self.scorer.score(method, task, model, version, path, label, dict(doc.get("params") or {}))
+            value = await self.scorer.score(method, task, model, version, path, label, dict(job.params))
             if job_id in self._cancelled:
                 return
             await self.store.set_score(image.image_id, method.score_key, value, version)
             await self.store.update_info(image.image_id, {version_key(method.score_key): version})
-            progress["scored"] += 1
+            tally.scored += 1
             self.images[(method_name, "scored")] += 1
         except asyncio.CancelledError:
             raise
         except NotFound as error:
             if error.reason not in GONE_REASONS:
-                await self._image_failed(job_id, method_name, image, error.message, progress)
+                await self._image_failed(job_id, method_name, image, error.message, tally)
                 return
             # Deleted (or, for Dice, unlabeled) since the job listed it: nothing left to score.
-            progress["skipped"] += 1
+            tally.skipped += 1
             self.images[(method_name, "skipped")] += 1
             await self.jobs.log(job_id, f"image {image.image_id}: skipped, {error.message}")
         except Exception as error:  # noqa: BLE001 - one bad image must not end the run
             message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
-            await self._image_failed(job_id, method_name, image, message, progress)
+            await self._image_failed(job_id, method_name, image, message, tally)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    async def _image_failed(
-        self, job_id: str, method_name: str, image: ImageEntry, message: str, progress: dict[str, int]
-    ) -> None:
-        progress["failed"] += 1
+    async def _image_failed(self, job_id: str, method_name: str, image: ImageEntry, message: str, tally: _Tally) -> None:
+        tally.failed += 1
         self.images[(method_name, "failed")] += 1
         await self.jobs.log(job_id, f"image {image.image_id}: {message}")
 

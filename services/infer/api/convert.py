@@ -27,6 +27,7 @@ from services.common.protos import (
     split_resource_name,
     struct_to_dict,
 )
+from services.infer.domain.batch import BatchJob
 from services.infer.domain.model import (
     InferOutcome,
     InferParams,
@@ -231,47 +232,47 @@ def batch_filter_name(value: int) -> str:
     return _BATCH_FILTERS[value]
 
 
-def batch_job(doc: dict[str, Any]) -> res.BatchInferenceJob:
-    """A batch job document (services.infer.domain.batch) as the resource."""
+def batch_job(value: BatchJob) -> res.BatchInferenceJob:
+    """A batch job (services.infer.domain.batch) as the resource."""
     filters = {name: value for value, name in _BATCH_FILTERS.items()}
     job = res.BatchInferenceJob(
-        name=f"batchInferenceJobs/{doc['job_id']}",
-        job_id=doc["job_id"],
-        model=f"models/{doc['model']}",
-        image_filter=filters.get(doc.get("image_filter", "ALL"), res.BATCH_IMAGE_FILTER_UNSPECIFIED),
-        images=[f"images/{image}" for image in doc.get("images") or []],
-        max_images=int(doc.get("max_images") or 0),
+        name=f"batchInferenceJobs/{value.job_id}",
+        job_id=value.job_id,
+        model=f"models/{value.model}",
+        image_filter=filters.get(value.image_filter, res.BATCH_IMAGE_FILTER_UNSPECIFIED),
+        images=[f"images/{image}" for image in value.images],
+        max_images=value.max_images,
         params=res.InferParams(
-            params=dict_to_struct(doc.get("params") or {}),
-            result=res.ResultOptions(save_label=True, label_tag=str(doc.get("label_tag") or "")),
+            params=dict_to_struct(value.params),
+            result=res.ResultOptions(save_label=True, label_tag=value.label_tag),
         ),
-        devices=list(doc.get("devices") or []),
-        state=job_state(doc.get("state")),
-        times=job_times(doc),
-        total_images=int(doc.get("total_images") or 0),
-        processed_images=int(doc.get("processed_images") or 0),
-        failed_images=int(doc.get("failed_images") or 0),
-        queue_position=int(doc.get("queue_position") or 0),
-        log_tail=list(doc.get("log_tail") or []),
-        keep_results=bool(doc.get("keep_results")),
+        devices=list(value.devices),
+        state=job_state(value.state),
+        times=job_times(value),
+        total_images=value.total_images,
+        processed_images=value.processed_images,
+        failed_images=value.failed_images,
+        queue_position=value.queue_position,
+        log_tail=list(value.log_tail),
+        keep_results=value.keep_results,
         results=[
             res.BatchImageResult(
-                image=f"images/{item['image']}",
-                label=str(item.get("label") or ""),
-                label_tag=str(item.get("label_tag") or ""),
-                params=dict_to_struct(item.get("params") or {}),
-                failed=bool(item.get("failed")),
+                image=f"images/{item.image}",
+                label=item.label,
+                label_tag=item.label_tag,
+                params=dict_to_struct(item.params),
+                failed=item.failed,
             )
-            for item in doc.get("results") or []
+            for item in value.results
         ],
     )
-    error = job_error(doc)
+    error = job_error(value)
     if error is not None:
         job.error.CopyFrom(error)
     return job
 
 
-def page(docs: list[dict[str, Any]], page_size: int, page_token: str) -> tuple[list[dict[str, Any]], str]:
+def page(docs: list[BatchJob], page_size: int, page_token: str) -> tuple[list[BatchJob], str]:
     """One page of a listing: page_size 0 means 100, at most 1000; the token is the next offset."""
     if page_size < 0:
         raise InvalidArgument("page_size may not be negative")

@@ -29,7 +29,7 @@ from services.infer.adapters.metrics import InferenceCollector
 from services.infer.adapters.remote_infer import RemoteInfer
 from services.infer.api import convert
 from services.infer.domain.batch import RECORD_KIND as BATCH_RECORD_KIND
-from services.infer.domain.batch import BatchInference
+from services.infer.domain.batch import BatchInference, BatchJob
 from services.infer.domain.inference import Inference, input_label_file_name, upload_file_name
 from services.infer.domain.model import ImageInput, InferOutcome
 from services.infer.settings import InferSettings
@@ -238,7 +238,7 @@ def create_service(settings: InferSettings, inference: Inference, datastore: Any
     batch = BatchInference(
         inference,
         DatastoreImages(datastore),
-        JobStore(datastore, BATCH_RECORD_KIND),
+        JobStore(datastore, BATCH_RECORD_KIND, BatchJob),
         width=settings.batch_width or None,
         infer_one=remote,
     )

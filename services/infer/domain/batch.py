@@ -7,8 +7,9 @@ between images), not one after another (MONAI Label's issue 1192). A job belongs
 service, not to the request that started it: a client that hangs up changes nothing, and
 only CancelBatchInferenceJob stops it. One job runs at a time per service (a second is
 ALREADY_RUNNING, MONAI Label's 429, unless enqueued). An image that fails is counted and
-logged, and the job goes on. Job documents are datastore records (services.common.jobs),
-so they outlive the process; a restarted service marks the ones it lost as FAILED.
+logged, and the job goes on. Jobs are `BatchJob`s stored as datastore records
+(services.common.jobs), so they outlive the process; a restarted service marks the ones it
+lost as FAILED.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import socket
 from collections import deque
 from typing import Any, Protocol
 
-from services.common import jobs
+from pydantic import BaseModel, ConfigDict, Field
+
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LabelgridError
-from services.common.jobs import JobStore
+from services.common.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobError, JobStore
+from services.common.tasks import spawn
 from services.infer.domain.inference import Inference
 from services.infer.domain.model import ImageInput, InferParams
 
@@ -43,6 +46,39 @@ class ImageOutcome:
     device: str
     saved_label: str
     params: dict[str, Any]
+
+
+class ImageResult(BaseModel):
+    """One image's outcome, kept when the job keeps results (MONAI Label's run_sync answer)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image: str
+    # A label is named by its image ("images/{image}/labels/{tag}"): MONAI Label's label id is the image id.
+    label: str = ""
+    label_tag: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    failed: bool = False
+
+
+class BatchJob(Job):
+    """A batch inference job: which model over which images, where, and how far it got."""
+
+    model: str = ""
+    image_filter: str = "ALL"
+    images: tuple[str, ...] = ()
+    max_images: int = 0
+    devices: tuple[str, ...] = ()
+    params: dict[str, Any] = Field(default_factory=dict)
+    label_tag: str = ""
+    # Progress: images to run, run, and failed.
+    total_images: int = 0
+    processed_images: int = 0
+    failed_images: int = 0
+    # The replica running it (host:pid): a restarted service recovers only its own lost jobs.
+    owner: str = ""
+    keep_results: bool = False
+    results: tuple[ImageResult, ...] = ()
 
 
 class InferOne(Protocol):
@@ -69,7 +105,7 @@ class BatchInference:
         self,
         inference: Inference,
         images: ImageLister,
-        store: JobStore,
+        store: JobStore[BatchJob],
         width: int | None = None,
         infer_one: InferOne | None = None,
     ) -> None:
@@ -86,6 +122,7 @@ class BatchInference:
         self._running: str | None = None
         self._current: asyncio.Task[None] | None = None  # the running job
         self._runner: asyncio.Task[None] | None = None  # runs the queue, one job after another
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self._recovered = False
 
@@ -100,12 +137,10 @@ class BatchInference:
             return
         self._recovered = True
         host = self.owner.rsplit(":", 1)[0]
-        for doc in await self.store.list():
-            owner = str(doc.get("owner", ""))
-            if doc.get("state") in jobs.ACTIVE_STATES and owner.rsplit(":", 1)[0] == host and owner != self.owner:
+        for job in await self.store.list():
+            if job.state.active and job.owner.rsplit(":", 1)[0] == host and job.owner != self.owner:
                 await self.store.update(
-                    doc["job_id"],
-                    {"state": jobs.FAILED, "error": {"reason": "SERVER_ERROR", "message": "lost: the service restarted"}},
+                    job.job_id, {"state": FAILED, "error": JobError(reason="SERVER_ERROR", message="lost: the service restarted")}
                 )
 
     # -- use cases ---------------------------------------------------------------------------
@@ -122,7 +157,7 @@ class BatchInference:
         enqueue: bool = False,
         request_id: str = "",
         keep_results: bool = False,
-    ) -> dict[str, Any]:
+    ) -> BatchJob:
         """Queues a job. keep_results: the job keeps each image's outcome (label, tag, result params)
         in its `results`, MONAI Label's run_sync answer; off, a job over many images stays small."""
         self.inference.task(model)  # NOT_FOUND for an unknown model, now
@@ -145,48 +180,44 @@ class BatchInference:
             busy = running or bool(self._queue)
             if busy and not enqueue:
                 raise AlreadyExists("++++++++++ Batch_infer Task is Already Running", reason="ALREADY_RUNNING")
-            doc = jobs.new_job(
+            job = BatchJob(
                 model=model,
                 image_filter=image_filter,
-                images=list(images or []),
+                images=tuple(images or ()),
                 max_images=max_images,
-                devices=list(devices or []),
+                devices=tuple(devices or ()),
                 params=dict(params.extra),
                 label_tag=tag,
-                total_images=0,
-                processed_images=0,
-                failed_images=0,
                 owner=self.owner,
                 keep_results=keep_results,
-                results=[],
             )
-            doc, created = await self.store.create(doc, request_id)
+            job, created = await self.store.create(job, request_id)
             if not created:
-                return doc
-            self._params[doc["job_id"]] = params
-            self._queue.append(doc["job_id"])
+                return job
+            self._params[job.job_id] = params
+            self._queue.append(job.job_id)
             if self._runner is None or self._runner.done():
-                self._runner = asyncio.create_task(self._run_queue(), name="batch-inference")
-        return doc
+                self._runner = spawn(self._tasks, self._run_queue(), "batch-inference")
+        return job
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str) -> BatchJob:
         await self._recover()
         return self._with_position(await self.store.get(job_id))
 
-    async def list(self, state: str | None = None, model: str = "") -> list[dict[str, Any]]:
+    async def list(self, state: str | None = None, model: str = "") -> builtins.list[BatchJob]:
         await self._recover()
-        found = await self.store.list(state, where=(lambda doc: doc.get("model") == model) if model else None)
-        return [self._with_position(doc) for doc in found]
+        found = await self.store.list(state, where=(lambda job: job.model == model) if model else None)
+        return [self._with_position(job) for job in found]
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        doc = await self.store.get(job_id)
-        if doc.get("state") in jobs.FINAL_STATES:
-            raise FailedPrecondition(f"batch inference {job_id} has already ended ({doc.get('state')})")
+    async def cancel(self, job_id: str) -> BatchJob:
+        stored = await self.store.get(job_id)
+        if stored.state.final:
+            raise FailedPrecondition(f"batch inference {job_id} has already ended ({stored.state})")
         async with self._lock:
             if job_id in self._queue:
                 self._queue.remove(job_id)
                 self._params.pop(job_id, None)
-                return await self.store.update(job_id, {"state": jobs.CANCELLED})
+                return await self.store.update(job_id, {"state": CANCELLED})
             current = self._current if self._running == job_id else None
         if current is None:
             raise FailedPrecondition(f"batch inference {job_id} runs in another replica of the inference service")
@@ -200,7 +231,7 @@ class BatchInference:
             queued, self._queue = list(self._queue), deque()
             runner = self._runner
         for job_id in queued:
-            await self.store.update(job_id, {"state": jobs.CANCELLED})
+            await self.store.update(job_id, {"state": CANCELLED})
         if runner is not None and not runner.done():
             runner.cancel()
             await asyncio.wait([runner])
@@ -208,11 +239,9 @@ class BatchInference:
 
     # -- running -----------------------------------------------------------------------------
 
-    def _with_position(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def _with_position(self, job: BatchJob) -> BatchJob:
         queue = list(self._queue)
-        doc = dict(doc)
-        doc["queue_position"] = queue.index(doc["job_id"]) + 1 if doc["job_id"] in queue else 0
-        return doc
+        return job.at_position(queue.index(job.job_id) + 1 if job.job_id in queue else 0)
 
     async def _run_queue(self) -> None:
         while True:
@@ -235,30 +264,29 @@ class BatchInference:
                 log.exception("batch inference failed", extra={"job_id": job_id})
                 reason = error.reason if isinstance(error, LabelgridError) else "SERVER_ERROR"
                 message = error.message if isinstance(error, LabelgridError) else f"{type(error).__name__}: {error}"
-                await self.store.update(job_id, {"state": jobs.FAILED, "error": {"reason": reason, "message": message}})
+                await self.store.update(job_id, {"state": FAILED, "error": JobError(reason=reason, message=message)})
 
-    async def _select(self, doc: dict[str, Any]) -> builtins.list[str]:  # `list` is a method here
-        if doc["images"]:
-            chosen = list(dict.fromkeys(doc["images"]))
+    async def _select(self, job: BatchJob) -> builtins.list[str]:  # `list` is a method here
+        if job.images:
+            chosen = list(dict.fromkeys(job.images))
         else:
-            chosen = sorted(await self.images.image_ids(doc["image_filter"]))
-        return chosen[: doc["max_images"]] if doc["max_images"] else chosen
+            chosen = sorted(await self.images.image_ids(job.image_filter))
+        return chosen[: job.max_images] if job.max_images else chosen
 
     async def _run(self, job_id: str, params: InferParams) -> None:
-        doc = await self.store.update(job_id, {"state": jobs.RUNNING})
-        image_ids = await self._select(doc)
-        model, devices = doc["model"], doc["devices"]
+        job = await self.store.update(job_id, {"state": RUNNING})
+        image_ids = await self._select(job)
+        model, devices = job.model, job.devices
         await self.store.update(job_id, {"total_images": len(image_ids)})
         await self.store.log(job_id, f"batch inference of {model} over {len(image_ids)} images, {self.width} at a time")
         counts = {"processed_images": 0, "failed_images": 0}
         pending = deque(enumerate(image_ids))
-        keep = bool(doc.get("keep_results"))
-        outcomes: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, ImageResult] = {}
         tag = params.result.label_tag or DEFAULT_TAG
 
         def results() -> dict[str, Any]:
             # In image order, the images that have run so far.
-            return {"results": [outcomes[i] for i in image_ids if i in outcomes]} if keep else {}
+            return {"results": tuple(outcomes[i] for i in image_ids if i in outcomes)} if job.keep_results else {}
 
         async def one(index: int, image_id: str) -> None:
             device = devices[index % len(devices)] if devices else params.device
@@ -267,12 +295,11 @@ class BatchInference:
             except LabelgridError as error:
                 counts["failed_images"] += 1
                 line = f"{image_id}: failed: {error.message}"
-                outcomes[image_id] = {"image": image_id, "failed": True}
+                outcomes[image_id] = ImageResult(image=image_id, failed=True)
             else:
                 counts["processed_images"] += 1
                 line = f"{image_id} => {outcome.device} => {outcome.saved_label}"
-                # A label is named by its image ("images/{image}/labels/{tag}"): MONAI Label's label id is the image id.
-                outcomes[image_id] = {"image": image_id, "label": image_id, "label_tag": tag, "params": outcome.params}
+                outcomes[image_id] = ImageResult(image=image_id, label=image_id, label_tag=tag, params=outcome.params)
             done = counts["processed_images"] + counts["failed_images"]
             await self.store.update(job_id, dict(counts), persist=False)
             await self.store.log(job_id, f"{line} ({done} / {len(image_ids)})")
@@ -287,8 +314,8 @@ class BatchInference:
                 for _ in range(min(self.width, len(image_ids))):
                     group.create_task(worker())
         except asyncio.CancelledError:
-            await asyncio.shield(self.store.update(job_id, {"state": jobs.CANCELLED, **counts, **results()}))
+            await asyncio.shield(self.store.update(job_id, {"state": CANCELLED, **counts, **results()}))
             await asyncio.shield(self.store.log(job_id, "stopped; labels saved so far stay"))
             raise
-        await self.store.update(job_id, {"state": jobs.SUCCEEDED, **counts, **results()})
+        await self.store.update(job_id, {"state": SUCCEEDED, **counts, **results()})
         log.info("batch inference done", extra={"job_id": job_id, "model": model, **counts})

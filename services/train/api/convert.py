@@ -16,6 +16,7 @@ from services.common.protos import (
     split_resource_name,
     struct_to_dict,
 )
+from services.train.domain.job import TrainingJob
 from services.train.domain.training import JobRequest, TrainerInfo
 
 _OPTIONAL = ("val_split", "learning_rate", "amp", "pretrained", "early_stop_patience")
@@ -95,40 +96,40 @@ def _params(given: dict[str, Any]) -> res.TrainingParams:
     return out
 
 
-def job(doc: dict[str, Any]) -> res.TrainingJob:
+def job(value: TrainingJob) -> res.TrainingJob:
     out = res.TrainingJob(
-        name=f"trainingJobs/{doc['job_id']}",
-        job_id=doc["job_id"],
-        trainer=f"trainers/{doc.get('trainer', '')}",
-        params=_params(doc.get("params") or {}),
-        state=job_state(doc.get("state")),
-        times=job_times(doc),
-        error=job_error(doc),
-        queue_position=int(doc.get("queue_position") or 0),
-        devices=[str(d) for d in doc.get("devices") or []],
-        model_version=str(doc.get("model_version") or ""),
-        log_tail=[str(line) for line in doc.get("log_tail") or []],
+        name=f"trainingJobs/{value.job_id}",
+        job_id=value.job_id,
+        trainer=f"trainers/{value.trainer}",
+        params=_params(value.params),
+        state=job_state(value.state),
+        times=job_times(value),
+        error=job_error(value),
+        queue_position=value.queue_position,
+        devices=list(value.devices),
+        model_version=value.model_version,
+        log_tail=list(value.log_tail),
     )
-    out.params.device_count = int(doc.get("device_count") or 0)
-    if doc.get("initial_model_version"):
-        out.params.initial_model_version = f"models/{doc.get('trainer')}/versions/{doc['initial_model_version']}"
-    progress = doc.get("progress")
+    out.params.device_count = value.device_count
+    if value.initial_model_version:
+        out.params.initial_model_version = f"models/{value.trainer}/versions/{value.initial_model_version}"
+    progress = value.progress
     if progress:
         out.progress.CopyFrom(
             res.TrainingProgress(
-                epoch=int(progress.get("epoch", 0)),
-                total_epochs=int(progress.get("total_epochs", 0)),
-                iteration=int(progress.get("iteration", 0)),
-                total_iterations=int(progress.get("total_iterations", 0)),
-                loss=float(progress.get("loss", 0.0)),
-                metric_name=str(progress.get("metric_name", "")),
-                metric=float(progress.get("metric", 0.0)),
-                best_metric=float(progress.get("best_metric", 0.0)),
-                best_metric_epoch=int(progress.get("best_metric_epoch", 0)),
-                elapsed_seconds=float(progress.get("elapsed_seconds", 0.0)),
-                estimated_remaining_seconds=float(progress.get("estimated_remaining_seconds", 0.0)),
+                epoch=progress.epoch,
+                total_epochs=progress.total_epochs,
+                iteration=progress.iteration,
+                total_iterations=progress.total_iterations,
+                loss=progress.loss,
+                metric_name=progress.metric_name,
+                metric=progress.metric,
+                best_metric=progress.best_metric,
+                best_metric_epoch=progress.best_metric_epoch,
+                elapsed_seconds=progress.elapsed_seconds,
+                estimated_remaining_seconds=progress.estimated_remaining_seconds,
             )
         )
-    if doc.get("train_stats"):
-        out.train_stats.CopyFrom(dict_to_struct(doc["train_stats"]))
+    if value.train_stats:
+        out.train_stats.CopyFrom(dict_to_struct(value.train_stats))
     return out

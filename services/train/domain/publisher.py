@@ -13,12 +13,13 @@ from pathlib import Path
 from services.common.errors import LabelgridError
 from services.common.jobs import JobStore
 from services.train.domain.events import Checkpoint
+from services.train.domain.job import TrainingJob
 from services.train.domain.ports import DatastorePort
 from services.train.domain.running import RunningJob
 
 
 class CheckpointPublisher:
-    def __init__(self, store: JobStore, datastore: DatastorePort) -> None:
+    def __init__(self, store: JobStore[TrainingJob], datastore: DatastorePort) -> None:
         self.store = store
         self.datastore = datastore
         # Model versions published by this process, per trainer (for metrics).
@@ -49,7 +50,7 @@ class CheckpointPublisher:
         trainer = job.trainer
         path = Path(checkpoint.path)
         try:
-            doc = await self.store.get(job.job_id)
+            stored = await self.store.get(job.job_id)
             metrics = {
                 "best_metric": checkpoint.metric,
                 "best_metric_epoch": checkpoint.epoch,
@@ -59,7 +60,7 @@ class CheckpointPublisher:
                 trainer,
                 path,
                 metrics=metrics,
-                info={"training_job": f"trainingJobs/{job.job_id}", "trainer": trainer, "params": doc.get("resolved_params", {})},
+                info={"training_job": f"trainingJobs/{job.job_id}", "trainer": trainer, "params": stored.resolved_params},
             )
             name = getattr(version, "name", "") or f"models/{trainer}/versions/{getattr(version, 'version', '')}"
             self.published[trainer] = self.published.get(trainer, 0) + 1

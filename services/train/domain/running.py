@@ -11,33 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.tasks import spawn
 from services.train.domain.devices import DeviceRequest
 from services.train.domain.events import Checkpoint, Completed, Epoch, Iteration
 from services.train.domain.ports import ChildProcess
-
-log = logging.getLogger("labelgrid.train")
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.error("background task %s failed", task.get_name(), exc_info=error)
-
-
-def spawn(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-    """Starts `coro` as a task held in `tasks` until it ends; its exception, if any, is logged."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    task.add_done_callback(_log_failure)
-    return task
 
 
 @dataclass

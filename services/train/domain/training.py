@@ -1,6 +1,6 @@
 """The training use cases: validate a request, queue it, run it in a child process, publish.
 
-Plain Python, no gRPC. Jobs are documents in a `JobStore` (datastore records), so a
+Plain Python, no gRPC. Jobs are `TrainingJob`s in a `JobStore` (datastore records), so a
 restarted service still lists them and marks the ones it lost as failed. The queue is
 strict FIFO: the head waits until its devices are free, so a big job is never starved by
 small ones. Each running job is one child process (torchrun above one device); its events
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins  # `list` below is a method of Training: annotations after it name builtins.list
-import dataclasses
 import logging
 import shutil
 import signal
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import AlreadyExists, FailedPrecondition, LabelgridError, NotFound, ResourceExhausted
-from services.common.jobs import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobStore, new_job
+from services.common.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobState, JobStore
 from services.train.domain import events
 from services.train.domain.devices import DevicePool, DeviceRequest
+from services.train.domain.job import TrainingJob
 from services.train.domain.params import check_requested_epochs, resolve_params, split_datalist
 from services.train.domain.ports import DataPort, DatastorePort, LauncherPort
 from services.train.domain.publisher import CheckpointPublisher
@@ -81,7 +81,7 @@ class Training:
         self,
         *,
         trainers: dict[str, Any],
-        store: JobStore,
+        store: JobStore[TrainingJob],
         datastore: DatastorePort,
         data: DataPort,
         launcher: LauncherPort,
@@ -111,7 +111,7 @@ class Training:
         self._jobs: dict[str, RunningJob] = {}
         self._create_lock = asyncio.Lock()
         # job_id -> (state, trainer) of every job known, for metrics; and per-trainer counters.
-        self.states: dict[str, tuple[str, str]] = {}
+        self.states: dict[str, tuple[JobState, str]] = {}
         self.finished: dict[tuple[str, str], int] = {}
 
     @property
@@ -126,13 +126,13 @@ class Training:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> list[dict[str, Any]]:
+    async def start(self) -> builtins.list[TrainingJob]:
         """Marks jobs lost by a previous process FAILED; loads the job states for metrics."""
         lost = await self.store.recover("lost: the training service restarted while the job was queued or running")
-        for doc in await self.store.list():
-            self.states[doc["job_id"]] = (doc.get("state", ""), str(doc.get("trainer", "")))
-        for doc in lost:
-            log.warning("job lost by a previous process marked failed", extra={"job": doc["job_id"]})
+        for job in await self.store.list():
+            self.states[job.job_id] = (job.state, job.trainer)
+        for job in lost:
+            log.warning("job lost by a previous process marked failed", extra={"job": job.job_id})
         return lost
 
     async def close(self) -> None:
@@ -141,7 +141,7 @@ class Training:
         queued, self._queue[:] = list(self._queue), []
         for job_id in queued:
             self._jobs.pop(job_id, None)
-            await self._finish(job_id, FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped before the job ran"})
+            await self._finish(job_id, FAILED, JobError(reason="SERVER_ERROR", message="the training service stopped before the job ran"))
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
@@ -175,7 +175,7 @@ class Training:
 
     # -- use cases ---------------------------------------------------------------------------
 
-    async def create(self, request: JobRequest) -> dict[str, Any]:
+    async def create(self, request: JobRequest) -> TrainingJob:
         trainer = self.trainer(request.trainer)
         given = dict(request.params)
         check_requested_epochs(given)
@@ -192,50 +192,47 @@ class Training:
         # One create at a time from the check to the queue: two at once must not both start.
         async with self._create_lock:
             if request.request_id:
-                for existing in await self.store.list(where=lambda d: d.get("request_id") == request.request_id):
+                for existing in await self.store.list(where=lambda job: job.request_id == request.request_id):
                     return self._view(existing)
             active = [job_id for job_id, (state, _t) in self.states.items() if state in (QUEUED, RUNNING)]
             if active and not request.enqueue:
                 raise AlreadyExists(ALREADY_RUNNING_MESSAGE, reason="ALREADY_RUNNING")
             if len(self._queue) >= self.queue_limit:
                 raise ResourceExhausted(f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL")
-            doc = new_job(
+            new = TrainingJob(
                 trainer=request.trainer,
                 model=request.trainer,
                 params=given,
                 resolved_params=params,
-                devices=list(request.devices),
+                devices=tuple(request.devices),
                 device_count=int(request.device_count),
                 initial_model_version=request.initial_model_version,
-                progress=None,
-                train_stats={},
-                model_version="",
                 description=str(getattr(trainer, "description", "")),
             )
-            doc, created = await self.store.create(doc, request.request_id)
+            new, created = await self.store.create(new, request.request_id)
             if created:
-                self.states[doc["job_id"]] = (QUEUED, request.trainer)
-                self._queue.append(doc["job_id"])
-                self._jobs[doc["job_id"]] = RunningJob(doc["job_id"], request.trainer, device_request)
+                self.states[new.job_id] = (QUEUED, request.trainer)
+                self._queue.append(new.job_id)
+                self._jobs[new.job_id] = RunningJob(new.job_id, request.trainer, device_request)
                 self._dispatch()
-        return self._view(await self.store.get(doc["job_id"]))
+        return self._view(await self.store.get(new.job_id))
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str) -> TrainingJob:
         return self._view(await self.store.get(job_id))
 
-    async def list(self, state: str | None = None, trainer: str | None = None) -> list[dict[str, Any]]:
-        where = (lambda d: d.get("trainer") == trainer) if trainer else None
-        return [self._view(doc) for doc in await self.store.list(state, where)]
+    async def list(self, state: str | None = None, trainer: str | None = None) -> builtins.list[TrainingJob]:
+        where = (lambda job: job.trainer == trainer) if trainer else None
+        return [self._view(job) for job in await self.store.list(state, where)]
 
-    async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        async for doc in self.store.watch(job_id):
-            yield self._view(doc)
+    async def watch(self, job_id: str) -> AsyncIterator[TrainingJob]:
+        async for job in self.store.watch(job_id):
+            yield self._view(job)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str) -> TrainingJob:
         """Stops a queued or running job and returns it CANCELLED; FAILED_PRECONDITION once it has ended."""
-        doc = await self.store.get(job_id)
-        if doc.get("state") in FINAL_STATES:
-            raise FailedPrecondition(f"job {job_id} has already ended ({doc.get('state')})")
+        stored = await self.store.get(job_id)
+        if stored.state.final:
+            raise FailedPrecondition(f"job {job_id} has already ended ({stored.state})")
         if job_id in self._queue:
             self._queue.remove(job_id)
             self._jobs.pop(job_id, None)
@@ -256,10 +253,10 @@ class Training:
     async def train_stats(self, trainer: str) -> tuple[dict[str, Any], str]:
         """(stats, job id) of the running job of `trainer`, else of the last one that has stats."""
         self.trainer(trainer)
-        jobs = await self.store.list(where=lambda d: d.get("trainer") == trainer)
-        for doc in [d for d in jobs if d.get("state") == RUNNING] + jobs:
-            if doc.get("train_stats"):
-                return dict(doc["train_stats"]), doc["job_id"]
+        jobs = await self.store.list(where=lambda job: job.trainer == trainer)
+        for job in [j for j in jobs if j.state == RUNNING] + jobs:
+            if job.train_stats:
+                return dict(job.train_stats), job.job_id
         return {}, ""
 
     def queue_length(self) -> int:
@@ -267,10 +264,8 @@ class Training:
 
     # -- views -------------------------------------------------------------------------------
 
-    def _view(self, doc: dict[str, Any]) -> dict[str, Any]:
-        out = dict(doc)
-        out["queue_position"] = self._queue.index(doc["job_id"]) + 1 if doc["job_id"] in self._queue else 0
-        return out
+    def _view(self, job: TrainingJob) -> TrainingJob:
+        return job.at_position(self._queue.index(job.job_id) + 1 if job.job_id in self._queue else 0)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -283,29 +278,30 @@ class Training:
             self._queue.pop(0)
             job.task = asyncio.create_task(self._run(job, devices), name=f"training-job-{job.job_id}")
 
-    async def _set_state(self, job_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        doc = await self.store.update(job_id, changes)
-        self.states[job_id] = (doc.get("state", ""), str(doc.get("trainer", "")))
-        return doc
+    async def _set_state(self, job_id: str, changes: dict[str, Any]) -> TrainingJob:
+        job = await self.store.update(job_id, changes)
+        self.states[job_id] = (job.state, job.trainer)
+        return job
 
-    async def _finish(self, job_id: str, state: str, error: dict[str, str] | None, extra: dict[str, Any] | None = None) -> None:
-        doc = await self._set_state(job_id, {"state": state, "error": error, **(extra or {})})
-        key = (str(doc.get("trainer", "")), state)
+    async def _finish(self, job_id: str, state: JobState, error: JobError | None) -> None:
+        job = await self._set_state(job_id, {"state": state, "error": error})
+        key = (job.trainer, state)
         self.finished[key] = self.finished.get(key, 0) + 1
-        log.info("job ended", extra={"job": job_id, "state": state, "error": (error or {}).get("message")})
+        log.info("job ended", extra={"job": job_id, "state": state, "error": error.message if error else None})
 
     async def _run(self, job: RunningJob, devices: builtins.list[str]) -> None:
         job_id = job.job_id
         job_dir = self.work_dir / "jobs" / job_id
-        state, error = FAILED, None
+        state: JobState = FAILED
+        error: JobError | None = None
         try:
             current = await self.store.get(job_id)
             started = f"running on {', '.join(devices)}; fetching the labeled images"
-            doc = await self._set_state(
-                job_id, {"state": RUNNING, "devices": devices, "log_tail": [*(current.get("log_tail") or []), started]}
+            stored = await self._set_state(
+                job_id, {"state": RUNNING, "devices": tuple(devices), "log_tail": (*current.log_tail, started)}
             )
-            trainer = str(doc["trainer"])
-            params = dict(doc["resolved_params"])
+            trainer = stored.trainer
+            params = dict(stored.resolved_params)
             await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
 
             def job_log(line: str) -> None:
@@ -315,7 +311,7 @@ class Training:
             if not datalist:
                 raise TrainFailed("no labeled images: save a final label for at least one image before training")
             train_list, val_list = split_datalist(datalist, float(params.get("val_split") or 0.0))
-            initial = await self._initial_weights(trainer, doc, params, job_dir)
+            initial = await self._initial_weights(stored, params, job_dir)
             if job.stop_requested:
                 state = CANCELLED
                 return
@@ -353,17 +349,17 @@ class Training:
             elif code == 0:
                 state = SUCCEEDED
             else:
-                error = {"reason": "APP_TRAIN_FAILED", "message": f"the training process {_exit_reason(code, lines)}"}
+                error = JobError(reason="APP_TRAIN_FAILED", message=f"the training process {_exit_reason(code, lines)}")
         except asyncio.CancelledError:
             if job.proc is not None:
                 await job.proc.stop(0)
-            state, error = FAILED, {"reason": "SERVER_ERROR", "message": "the training service stopped while the job ran"}
+            state, error = FAILED, JobError(reason="SERVER_ERROR", message="the training service stopped while the job ran")
             raise
         except LabelgridError as err:
-            state, error = (CANCELLED, None) if job.stop_requested else (FAILED, {"reason": err.reason, "message": err.message})
+            state, error = (CANCELLED, None) if job.stop_requested else (FAILED, JobError(reason=err.reason, message=err.message))
         except Exception as err:
             log.exception("training job failed", extra={"job": job_id})
-            state, error = FAILED, {"reason": "APP_TRAIN_FAILED", "message": f"{type(err).__name__}: {err}"}
+            state, error = FAILED, JobError(reason="APP_TRAIN_FAILED", message=f"{type(err).__name__}: {err}")
         finally:
             job.proc = None
             job.progress = None
@@ -375,13 +371,13 @@ class Training:
                 self._dispatch()
                 self._prune_job_dirs()
 
-    async def _end(self, job: RunningJob, state: str, error: dict[str, str] | None) -> None:
+    async def _end(self, job: RunningJob, state: JobState, error: JobError | None) -> None:
         # The job's last log lines and progress land before its final state.
         await job.settle()
         await self._finish(job.job_id, state, error)
 
-    async def _initial_weights(self, trainer: str, doc: dict[str, Any], params: dict[str, Any], job_dir: Path) -> Path | None:
-        version = str(doc.get("initial_model_version") or "")
+    async def _initial_weights(self, stored: TrainingJob, params: dict[str, Any], job_dir: Path) -> Path | None:
+        trainer, version = stored.trainer, stored.initial_model_version
         if not version and params.get("pretrained", True):
             version = await self.datastore.serving_version(trainer) or ""
         if not version:
@@ -389,7 +385,7 @@ class Training:
         target = job_dir / "initial"
         await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
         path = await self.datastore.download_model_version(trainer, version, target)
-        await self.store.log(doc["job_id"], f"starting from version {version} of {trainer}")
+        await self.store.log(stored.job_id, f"starting from version {version} of {trainer}")
         return path
 
     def _prune_job_dirs(self) -> None:
@@ -410,10 +406,10 @@ class Training:
             if job.first_step is None:
                 job.first_step = (now, event.iteration)
             job.progress = iteration_progress(job.progress, event, job.first_step, now)
-            job.spawn(self.store.update(job_id, {"progress": dataclasses.asdict(job.progress)}, persist=False), "progress")
+            job.spawn(self.store.update(job_id, {"progress": job.progress}, persist=False), "progress")
         elif isinstance(event, (events.Epoch, events.Completed)):
             job.progress = stats_progress(job.progress, event)
-            update = {"progress": dataclasses.asdict(job.progress), "train_stats": dict(event.stats)}
+            update = {"progress": job.progress, "train_stats": dict(event.stats)}
             job.spawn(self.store.update(job_id, update), "stats")
         elif isinstance(event, events.Checkpoint):
             self.publisher.offer(job, event)
