@@ -64,9 +64,11 @@ _CONTROL_OK = frozenset(b"\t\n")
 class VolumeLimits:
     """Caps taken from the header before anything is allocated or decompressed.
 
-    Defaults fit a 512 x 512 x 2048 CT. Every service reads the same env vars at start
-    (LABELGRID_MAX_VOLUME_VOXELS, LABELGRID_MAX_VOLUME_BYTES), so the datastore never stores a
-    volume that inference or scoring would then refuse to read.
+    Defaults fit a 512 x 512 x 2048 CT. Every service takes the same settings
+    (max_volume_voxels, max_volume_bytes: env LABELGRID_MAX_VOLUME_VOXELS / _BYTES or flags
+    --max-volume-voxels / --max-volume-bytes; GrpcService.start applies them with
+    `configure_limits`), so the datastore never stores a volume that inference or scoring would
+    then refuse to read.
     """
 
     max_voxels: int = 2**29
@@ -94,6 +96,19 @@ class VolumeLimits:
 
 
 DEFAULT_LIMITS = VolumeLimits.from_env()
+_limits = DEFAULT_LIMITS
+
+
+def configure_limits(limits: VolumeLimits) -> None:
+    """Makes `limits` the caps of every check that is not given its own (a service's settings,
+    applied once at start)."""
+    global _limits
+    _limits = limits
+
+
+def current_limits() -> VolumeLimits:
+    """The caps in force: the service's settings once started, else the env vars' (or defaults)."""
+    return _limits
 
 
 @dataclass(frozen=True)
@@ -139,13 +154,14 @@ def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(message, reason="INVALID_INPUT")
 
 
-def check_volume(path: Path, ext: str, limits: VolumeLimits = DEFAULT_LIMITS) -> VolumeHeader:
+def check_volume(path: Path, ext: str, limits: VolumeLimits | None = None) -> VolumeHeader:
     """Reads the header of `path` as format `ext`, refuses what the module doc lists, and
     checks the data is all there (and no more).
 
     Raises InvalidArgument (reason INVALID_INPUT) with a message saying what is wrong; the
     message never names a server path.
     """
+    limits = limits or current_limits()
     path = Path(path)
     try:
         size = path.stat().st_size

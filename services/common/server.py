@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from services.common import formats
 from services.common.auth import Authenticator
 from services.common.interceptors import RpcInfo, ServerMetrics, TokenCheck, server_interceptors
 from services.common.settings import ServiceSettings
@@ -86,6 +87,7 @@ class GrpcService:
         settings = self.settings
         if self._server is not None:
             raise RuntimeError("the service is already started")
+        formats.configure_limits(settings.volume_limits)
         server = grpc.aio.server(
             interceptors=server_interceptors(
                 self.metrics, token_check=self.token_check,

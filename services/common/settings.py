@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.common.auth import check_signing_key, parse_service_credentials
 from services.common.chunks import CHUNK_SIZE
+from services.common.formats import DEFAULT_LIMITS, VolumeLimits
 
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -51,6 +52,10 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = 10.0
     # Largest gRPC message either way; chunks are at most 1 MiB, so this is headroom.
     max_message_bytes: int = 8 * 1024 * 1024
+    # Caps of every volume a service stores or reads, from its header before anything is
+    # allocated (the same in every service, so nothing stored is refused when read).
+    max_volume_voxels: int = DEFAULT_LIMITS.max_voxels
+    max_volume_bytes: int = DEFAULT_LIMITS.max_bytes
     # RPCs one server runs at once (open streams included); more are refused RESOURCE_EXHAUSTED
     # at once instead of queueing without bound (grpc's maximum_concurrent_rpcs).
     max_concurrent_rpcs: int = 1000
@@ -138,12 +143,17 @@ class ServiceSettings(BaseSettings):
             raise ValueError("must not be negative")
         return value
 
-    @field_validator("max_concurrent_rpcs", mode="after")
+    @field_validator("max_concurrent_rpcs", "max_volume_voxels", "max_volume_bytes", mode="after")
     @classmethod
-    def _check_concurrent_rpcs(cls, value: int) -> int:
+    def _check_positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @property
+    def volume_limits(self) -> VolumeLimits:
+        """The volume caps these settings ask for (formats.VolumeLimits)."""
+        return VolumeLimits(max_voxels=self.max_volume_voxels, max_bytes=self.max_volume_bytes)
 
     @field_validator("max_message_bytes", mode="after")
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 
 from services.common.errors import InvalidArgument
-from services.common.formats import DEFAULT_LIMITS, VolumeLimits, check_volume, refuse_detached_nrrd
+from services.common.formats import VolumeLimits, check_volume, current_limits, refuse_detached_nrrd
 from services.common.models.types import Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -67,10 +67,18 @@ class VolumeFiles:
     header makes a reader open another file, and no header sizes an allocation over `limits`.
     """
 
-    def __init__(self, limits: VolumeLimits = DEFAULT_LIMITS) -> None:
-        self.limits = limits
+    def __init__(self, limits: VolumeLimits | None = None) -> None:
+        self._limits = limits
 
-    def read(self, path: Path, file_name: str) -> Volume:
+    @property
+    def limits(self) -> VolumeLimits:
+        """Its own caps, else the service's (formats.current_limits)."""
+        return self._limits or current_limits()
+
+    def read(self, path: Path, file_name: str, header_only: bool = False) -> Volume:
+        """The volume at `path`; `header_only` (a NIfTI whose voxels the task reads itself, such as
+        a bundle's LoadImaged) checks it and takes shape and affine from its header, without
+        decompressing the voxels: its `data` is then a zero-size stand-in of the right shape."""
         lower = file_name.lower()
         ext = next((e for e in (".nii.gz", ".nii", ".seg.nrrd", ".nrrd") if lower.endswith(e)), "")
         if not ext:
@@ -79,7 +87,11 @@ class VolumeFiles:
         try:
             if ext in (".nii.gz", ".nii"):
                 image = load_spatial_image(path)
-                data = np.asanyarray(image.dataobj, dtype=np.float32)
+                if header_only:
+                    shape = tuple(int(n) for n in image.shape)
+                    data = np.broadcast_to(np.zeros((), dtype=np.float32), shape)  # no voxels read or held
+                else:
+                    data = np.asanyarray(image.dataobj, dtype=np.float32)
                 affine = np.asarray(image.affine, dtype=np.float64)
             else:
                 raw, header = _read_nrrd(path)
@@ -98,7 +110,7 @@ class VolumeFiles:
             raise InvalidArgument(f"image {file_name!r} has shape {list(data.shape)}; a 3D volume is needed")
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise InvalidArgument(f"image {file_name!r} has a degenerate affine")
-        return Volume(np.ascontiguousarray(data), affine, file_name, Path(path))
+        return Volume(data if header_only else np.ascontiguousarray(data), affine, file_name, Path(path))
 
     def write_label(
         self, label: Any, affine: Any, dest_dir: Path, stem: str, extension: str, dtype: str, compress: bool
