@@ -163,11 +163,14 @@ class PacsDatastore(Datastore):
         key = self.pacs.content_key(series)
         old = self._find_image(series.series_uid)
         kept = {k: v for k, v in (old.info if old else {}).items() if k not in ("ts", "name")}
-        if old is not None and old.info.get(CACHED_KEY) == key:
-            # Cached and current, here (or, with a shared index, by another replica: then this
-            # one converts its own copy, byte for byte the same: same pixels, deterministic gzip).
-            if not (refetch and fetch and not self.blobs.exists(image_key(old.file_name))):
-                return False
+        # Cached and current, here (or, with a shared index, by another replica: then this
+        # one converts its own copy, byte for byte the same: same pixels, deterministic gzip).
+        if (
+            old is not None
+            and old.info.get(CACHED_KEY) == key
+            and not (refetch and fetch and not self.blobs.exists(image_key(old.file_name)))
+        ):
+            return False
         if not fetch:
             if old is not None and old.info.get(CONTENT_KEY) == key:
                 return False

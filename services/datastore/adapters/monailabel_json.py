@@ -238,7 +238,7 @@ class JsonMirror:
                 self._dirty = False
             try:
                 self._write()
-            except Exception:  # keep mirroring; the next change or close() tries again
+            except Exception:  # noqa: BLE001 - keep mirroring; the next change or close() tries again
                 _log.exception("could not write %s", self._root / DATASTORE_FILE)
                 with self._cond:
                     self._dirty = True

@@ -7,7 +7,7 @@ anything is queued.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from services.common.errors import InvalidArgument
 
@@ -25,7 +25,7 @@ MAX_BATCH_SIZE = 4096
 MAX_LEARNING_RATE = 10.0
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
