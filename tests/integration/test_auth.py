@@ -157,7 +157,7 @@ def test_users_added_later_log_in_without_a_restart(url: str, users_file: Path) 
 # -- the route table -----------------------------------------------------------------
 
 
-def app_routes(stack: GatewayStack) -> list[tuple[str, str]]:
+def app_routes(stack: GatewayStack | None = None) -> list[tuple[str, str]]:
     """(method, template) of every route the running app serves, hidden ones included."""
     from gateway.app import create_app
     from gateway.settings import GatewaySettings

@@ -7,6 +7,7 @@ nothing answers without a token.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,13 +23,15 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from monailabel.client import MONAILabelClient
 
-from services.common.auth import ADMIN, USER, UsersFile
+from gateway.auth import AUTHENTICATED, PUBLIC, required_role
+from services.common.auth import ADMIN, ROLES, USER, Identity, UsersFile, issue_access_token, new_signing_key
 from tests.integration.test_labelgrid_up import UP, Stack, port_flags, stop_stack
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(300)
 PORTS: dict[str, int] = {}
 """The stack's ports by `labelgrid up` flag."""
+KEY = new_signing_key()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ]  # fmt: skip
     for flag, port in ports.items():
         argv += [flag, str(port)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A known signing key, so the tests can make tokens of exactly one role (route enumeration).
+    env = {**os.environ, "LABELGRID_AUTH_SIGNING_KEY": KEY}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     running = Stack(proc, f"http://127.0.0.1:{ports['--port']}", ports["--port"], root / "studies")
 
     def drain() -> None:
@@ -166,3 +171,38 @@ def test_stock_slicers_request_sequence(stack: Stack, tmp_path: Path) -> None:
     urllib.request.urlretrieve(f"{stack.url}/datastore/image?image={quote_plus(second['id'])}", tmp_path / "second")
     # After loading, Slicer looks for an `original` label in the datastore listing.
     assert image_id in slicer_client().datastore()["objects"]
+
+
+def test_every_route_per_role_on_the_whole_stack(stack: Stack) -> None:
+    """The REST enumeration of test_auth.py, here with every service up behind Envoy: each route
+    of the app with no token, a wrongly signed one and a token of each single role is refused
+    (401 / 403) or not exactly per gateway.auth's table. Bodies are an invalid JSON `[]`, so an
+    allowed call stops at validation instead of starting a training or scoring run."""
+    from tests.integration.test_auth import _request_for, app_routes
+
+    routes = [route for route in app_routes() if required_role(*route) not in (PUBLIC, AUTHENTICATED)]
+    assert len(routes) > 40
+    identities: dict[str, dict[str, str]] = {
+        "none": {},
+        "wrongly signed": {"authorization": f"Bearer {issue_access_token(Identity('p', frozenset(ROLES)), new_signing_key(), 300)}"},
+        **{role: {"authorization": f"Bearer {issue_access_token(Identity('p', frozenset({role})), KEY, 300)}"} for role in ROLES},
+    }
+    wrong, answered = {}, set()
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        for who, headers in identities.items():
+            for method, template in routes:
+                path, params = _request_for(method, template)
+                body = {"content": b"[]", "headers": {**headers, "content-type": "application/json"}}
+                status = http.request(method, path, params=params, **(body if method in ("POST", "PUT") else {"headers": headers})).status_code
+                if who in ("none", "wrongly signed"):
+                    expected_ok = status == 401
+                else:
+                    allowed = required_role(method, template) == who
+                    expected_ok = status not in (401, 403) if allowed else status == 403
+                if not expected_ok:
+                    wrong[(who, method, template)] = status
+                if status == 200:
+                    answered.add((who, method, template))
+    assert wrong == {}
+    # Allowed calls really reached the services behind the gateway.
+    assert {(USER, "GET", "/info/"), (USER, "GET", "/datastore/"), (ADMIN, "GET", "/logs/")} <= answered
