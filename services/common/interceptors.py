@@ -17,7 +17,7 @@ import hmac
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +128,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def around_stream(
         self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         async with aclosing(behavior(request, context)) as responses:
             async for response in responses:
                 yield response
@@ -282,7 +282,7 @@ class MetricsInterceptor(WrappingInterceptor):
 
     async def around_stream(
         self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         labels = self._begin(rpc)
         started = time.perf_counter()
         sent = self.metrics.msg_sent.labels(*labels)
@@ -462,7 +462,7 @@ class ErrorInterceptor(WrappingInterceptor):
 
     async def around_stream(
         self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         try:
             async with aclosing(behavior(request, context)) as responses:
                 async for response in responses:
