@@ -23,7 +23,7 @@ class BuiltTraining:
     datastore: DatastoreClient
     cache: DataCache
     # The app whose trainers `training` runs (bundle trainers are added to it in place).
-    app: LoadedApp | None = None
+    app: LoadedApp
 
 
 def build_training(settings: TrainSettings) -> BuiltTraining:
