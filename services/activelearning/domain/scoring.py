@@ -31,6 +31,7 @@ from services.common.errors import (
     FailedPrecondition,
     LabelgridError,
     NotFound,
+    ResourceExhausted,
 )
 from services.common.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobStore
 from services.common.paging import offset_page
@@ -38,6 +39,9 @@ from services.common.paging import page_size as checked_page_size
 from services.common.tasks import cancel_all, spawn
 
 log = logging.getLogger("labelgrid.activelearning.scoring")
+
+MAX_QUEUED = 32
+"""Scoring jobs waiting at once; one more is RESOURCE_EXHAUSTED (QUEUE_FULL, MONAI Label's 429)."""
 
 RECORD_KIND = "scoringJobs"
 # The datastore's reasons when an image (or its label) went away while a job scored it.
@@ -78,8 +82,10 @@ class ScoringJobs:
         work_dir: Path,
         label_tag: str = "final",
         auto_scoring_seconds: float = 0.0,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.app = app
+        self.max_queued = max_queued
         self.store = store
         self.jobs = jobs
         self.scorer = scorer
@@ -177,6 +183,11 @@ class ScoringJobs:
                         "wait for it, cancel it, or ask to enqueue",
                         reason="ALREADY_RUNNING",
                     )
+        if len(self._queue) >= self.max_queued:
+            raise ResourceExhausted(
+                f"{len(self._queue)} scoring jobs are queued, the limit is {self.max_queued}: retry once some have run",
+                reason="QUEUE_FULL",
+            )
         job = ScoringJob(method=method_name, model=model, params=dict(params or {}), force=bool(force))
         job, _created = await self.jobs.create(job, request_id=request_id)
         self._queue.append(job.job_id)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LabelgridError
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LabelgridError, ResourceExhausted
 from services.common.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobError, JobStore
 from services.common.tasks import spawn
 from services.infer.domain.inference import Inference
@@ -37,6 +37,8 @@ RECORD_KIND = "batchInferenceJobs"
 FILTERS = ("ALL", "LABELED", "UNLABELED")
 DEFAULT_TAG = "original"
 MAX_IMAGES = 100_000
+MAX_QUEUED = 32
+"""Batch jobs waiting at once; one more is RESOURCE_EXHAUSTED (QUEUE_FULL, MONAI Label's 429)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +110,10 @@ class BatchInference:
         store: JobStore[BatchJob],
         width: int | None = None,
         infer_one: InferOne | None = None,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.inference = inference
+        self.max_queued = max_queued
         self.images = images
         self.store = store
         # Where each image runs: this replica's devices, or (RemoteInfer) every replica's.
@@ -180,6 +184,12 @@ class BatchInference:
             busy = running or bool(self._queue)
             if busy and not enqueue:
                 raise AlreadyExists("++++++++++ Batch_infer Task is Already Running", reason="ALREADY_RUNNING")
+            if len(self._queue) >= self.max_queued:
+                raise ResourceExhausted(
+                    f"{len(self._queue)} batch inference jobs are queued, the limit is {self.max_queued}: "
+                    "retry once some have run",
+                    reason="QUEUE_FULL",
+                )
             job = BatchJob(
                 model=model,
                 image_filter=image_filter,

@@ -1,0 +1,72 @@
+"""Job queues are bounded: one scoring or batch job over max_queued is RESOURCE_EXHAUSTED
+(QUEUE_FULL, the gateway's 429), and nothing is recorded for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
+from labelgrid.activelearning.v1 import resources_pb2 as res
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+
+from services.common.errors import ResourceExhausted
+from services.common.jobs import JobStore
+from services.infer.domain.batch import MAX_QUEUED as BATCH_MAX_QUEUED
+from services.infer.domain.batch import BatchInference, BatchJob
+from services.infer.domain.model import InferParams
+from tests.fixtures.activelearning import start_stack, stop_stack
+from tests.fixtures.polling import eventually
+from tests.security.conftest import nifti, upload_messages
+from tests.unit.test_batch_domain import GatedInference, Images, Records
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_batch_queue_is_bounded() -> None:
+    assert BATCH_MAX_QUEUED >= 8
+    inference = GatedInference(slots=1)
+    batch = BatchInference(inference, Images(), JobStore(Records(), "batchInferenceJobs", BatchJob), max_queued=3)  # type: ignore[arg-type]
+    running = await batch.create("seg", InferParams())
+    await eventually(lambda: inference.in_flight > 0, "the first job to run", timeout=10)
+    queued = [await batch.create("seg", InferParams(), enqueue=True) for _ in range(3)]
+    with pytest.raises(ResourceExhausted, match="limit is 3") as caught:
+        await batch.create("seg", InferParams(), enqueue=True)
+    assert caught.value.reason == "QUEUE_FULL"
+    assert len(await batch.store.list()) == 4  # nothing recorded for the refused one
+    await batch.cancel(queued[0].job_id)  # a place frees up
+    await batch.create("seg", InferParams(), enqueue=True)
+    for job in [running, *queued[1:]]:
+        await batch.cancel(job.job_id)
+    inference.gate.set()
+    await batch.close()
+
+
+async def test_scoring_queue_is_bounded(tmp_path: Path) -> None:
+    stack = await start_stack(tmp_path)
+    try:
+        stack.service.scoring.max_queued = 2
+        # Six images at 64 passes each keep the first job running (seconds) while the test queues.
+        data = nifti((32, 32, 32))
+        for index in range(6):
+            header = ds_pb.UploadImageHeader(image_id=f"q{index}", file_name=f"q{index}.nii.gz", size_bytes=len(data))
+            await stack.ds_stub.UploadImage(upload_messages("datastore", header, data), timeout=30)
+
+        async def create(enqueue: bool) -> res.ScoringJob:
+            job = res.ScoringJob(method="scoringMethods/epistemic", params=None)
+            job.params.update({"passes": 64})
+            answer = await stack.stub.CreateScoringJob(pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=30)
+            return answer.scoring_job
+
+        jobs = [await create(False), await create(True), await create(True)]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(True)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+        assert "the limit is 2" in (caught.value.details() or "")
+        listed = await stack.stub.ListScoringJobs(pb.ListScoringJobsRequest(), timeout=30)
+        assert len(listed.scoring_jobs) == 3
+        for job in jobs:
+            await stack.stub.CancelScoringJob(pb.CancelScoringJobRequest(name=job.name), timeout=30)
+    finally:
+        await stop_stack(stack)
