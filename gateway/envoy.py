@@ -185,6 +185,36 @@ def _replicated(cluster: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Batch inference jobs run in the replica that created them (it fans the images out): with
+# several replicas of one host (`labelgrid up --infer-replicas`) their RPCs go to the first
+# healthy one in a fixed order (priority failover), so Get and Cancel reach the job's replica.
+BATCH_JOB_METHODS = r"/labelgrid\.inference\.v1\.InferenceService/[A-Za-z]+BatchInferenceJobs?"
+JOBS_CLUSTER = "inference_jobs"
+
+
+def _failover(cluster: dict[str, Any]) -> dict[str, Any]:
+    """JOBS_CLUSTER: the replicas of `cluster`, each at its own priority (0 first)."""
+    [locality] = cluster["load_assignment"]["endpoints"]
+    return {
+        **cluster,
+        "name": JOBS_CLUSTER,
+        "load_assignment": {
+            "cluster_name": JOBS_CLUSTER,
+            "endpoints": [
+                {"priority": priority, "lb_endpoints": [endpoint]}
+                for priority, endpoint in enumerate(locality["lb_endpoints"])
+            ],
+        },
+    }
+
+
+def _has_static_replicas(settings: EnvoySettings) -> bool:
+    """Several inference addresses, all IPs (a DNS name, e.g. a headless Service, may hide many
+    pods of no fixed order: those get no failover cluster)."""
+    addresses = [one.strip() for one in settings.inference_address.split(",") if one.strip()]
+    return len(addresses) > 1 and all(_is_ip(_split_address(one)[0]) for one in addresses)
+
+
 # A call the replica never received (refused connection, stream reset before any response) goes
 # to another replica; one that reached a replica is never sent twice (an inference is not idempotent).
 _REPLICA_RETRY = {
@@ -245,7 +275,7 @@ def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[d
         "timeout": "0s",
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
     }
-    if cluster == "inference":
+    if cluster in ("inference", JOBS_CLUSTER):
         route["retry_policy"] = _REPLICA_RETRY
     return {
         "match": match,
@@ -257,7 +287,12 @@ def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[d
 def routes(settings: EnvoySettings) -> list[dict[str, Any]]:
     """gRPC / gRPC-web by service path, the shared health and reflection services, then REST."""
     cors = _cors_policy(settings.cors_origins)
-    result = [_grpc_route(SERVICE_PREFIXES[name], name, cors) for name in settings.upstreams]
+    result = []
+    if _has_static_replicas(settings):
+        jobs = _grpc_route(SERVICE_PREFIXES["inference"], JOBS_CLUSTER, cors)
+        jobs["match"] = {"safe_regex": {"regex": BATCH_JOB_METHODS}}
+        result.append(jobs)
+    result += [_grpc_route(SERVICE_PREFIXES[name], name, cors) for name in settings.upstreams]
     for prefix in SHARED_PREFIXES:
         for name in settings.upstreams:
             if name != "datastore":
@@ -305,14 +340,18 @@ def _inference_listener(settings: EnvoySettings) -> dict[str, Any]:
                     "domains": ["*"],
                     "routes": [
                         {
-                            "match": {"prefix": "/"},
+                            "match": match,
                             "route": {
-                                "cluster": "inference",
+                                "cluster": cluster,
                                 "timeout": "0s",
                                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
                                 "retry_policy": _REPLICA_RETRY,
                             },
                         }
+                        for match, cluster in (
+                            *([({"safe_regex": {"regex": BATCH_JOB_METHODS}}, JOBS_CLUSTER)] if _has_static_replicas(settings) else []),
+                            ({"prefix": "/"}, "inference"),
+                        )
                     ],
                 }
             ],
@@ -426,6 +465,8 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
     for name, address in settings.upstreams.items():
         cluster = _cluster(name, address, http2=True, connect_timeout=settings.connect_timeout_seconds)
         clusters.append(_replicated(cluster) if name == "inference" else cluster)
+        if name == "inference" and _has_static_replicas(settings):
+            clusters.append(_failover(_replicated(cluster)))
     listeners = [
         {
             "name": "edge",

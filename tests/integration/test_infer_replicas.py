@@ -4,7 +4,8 @@ A real stack (tests/integration/test_labelgrid_up.py's helpers): REST infers thr
 are spread over both replicas (each replica's own grpc_server_handled_total counts its Infers);
 a new model version published through REST is served by every replica (each asked directly on
 its own port); a replica killed -9 leaves inference answering through Envoy, and the supervisor
-brings it back serving the same version. The tests share one stack and run in file order.
+brings it back serving the same version; batch inference sends its images to both replicas.
+The tests share one stack and run in file order.
 The wiring itself (ports checked before start, the Envoy cluster) is checked without a stack.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import re
 import socket
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import build_parser, build_stack, replica_ports
-from gateway.envoy import EnvoySettings, bootstrap, validate, write_bootstrap
+from gateway.envoy import EnvoySettings, bootstrap, routes, validate, write_bootstrap
 from gateway.preflight import port_problems, stack_ports
 from services.common.apps import load_app
 from services.common.errors import InvalidArgument
@@ -158,6 +160,12 @@ def test_envoy_balances_the_replicas_by_least_requests(tmp_path: Path) -> None:
     assert inference["lb_policy"] == "LEAST_REQUEST" and inference["health_checks"][0]["grpc_health_check"] == {}
     endpoints = inference["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [a, b]
+    # Batch job RPCs go to the first healthy replica in a fixed order, where the job runs.
+    jobs = clusters["inference_jobs"]["load_assignment"]["endpoints"]
+    assert [(e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]) for e in jobs] == [(0, a), (1, b)]
+    first = next(r for r in routes(settings) if r.get("route", {}).get("cluster", "").startswith("inference"))
+    assert first["route"]["cluster"] == "inference_jobs" and "BatchInferenceJob" in first["match"]["safe_regex"]["regex"]
+    assert "inference_jobs" not in json.dumps(bootstrap(EnvoySettings(inference_address="lg-inference-headless:50052")))
     listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
     assert listeners["inference"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": listen}
     validate(write_bootstrap(settings, tmp_path / "envoy.json"))  # Envoy itself accepts it
@@ -212,6 +220,20 @@ def test_a_published_version_is_served_by_every_replica(replicas: Replicas) -> N
         versions[n] = header.model_version
         assert np.all(label == 2), f"replica {n} did not run the new weights"
     assert versions[1] == versions[2] and versions[1].startswith("models/segmentation/versions/"), versions
+
+
+def test_batch_inference_fans_out_over_both_replicas(replicas: Replicas) -> None:
+    """POST /batch/infer runs as a job in one replica, which sends its images to both: every
+    image is one Infer answered by one of the replicas, and each answered some."""
+    total = httpx.get(f"{replicas.stack.url}/datastore/", params={"output": "stats"}, timeout=30).json()["total"]
+    before = {n: replicas.infers_served(n) for n in (1, 2)}
+    answer = httpx.post(
+        f"{replicas.stack.url}/batch/infer/segmentation", params={"images": "all", "run_sync": "true"}, json={}, timeout=240
+    )
+    assert answer.status_code == 200, answer.text
+    served = {n: replicas.infers_served(n) - before[n] for n in (1, 2)}
+    assert served[1] > 0 and served[2] > 0, served
+    assert served[1] + served[2] == total >= 6, (served, total)
 
 
 def test_a_killed_replica_leaves_inference_answering(replicas: Replicas) -> None:
