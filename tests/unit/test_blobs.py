@@ -462,3 +462,27 @@ def test_s3_objects_from_elsewhere(seaweedfs: Any) -> None:
     # delete_prefix removes everything under the prefix, listed or not.
     assert store.delete_prefix("images/") == 3
     assert [o.object_name for o in client.list_objects(bucket, recursive=True)] == ["p/labels/final/.DS_Store"]
+
+
+def test_s3_reads_ahead_and_a_dropped_stream_stops_reading(seaweedfs: Any) -> None:
+    """A big read is fetched by a read-ahead thread; a stream dropped unclosed, or closed early,
+    stops it and gives its connection back (more streams than the pool holds, then a full read)."""
+    import gc
+
+    store = S3BlobStore(seaweedfs.endpoint, seaweedfs.access_key, seaweedfs.secret_key, seaweedfs.new_bucket())
+    data = os.urandom(12 * MIB + 5)
+    _put(store, "images/big.nii", data)
+    for n in range(30):
+        stream = iter(store.open_read("images/big.nii"))
+        assert len(next(stream)) == CHUNK_SIZE
+        if n % 2:
+            stream.close()  # type: ignore[attr-defined]
+        del stream
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(t.name == "s3-read-ahead" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "read-ahead threads still running"
+        time.sleep(0.05)
+    assert _read(store, "images/big.nii") == data
+    assert _read(store, "images/big.nii", 3 * MIB, 2 * MIB + 1) == data[3 * MIB : 5 * MIB + 1]
+    store.close()

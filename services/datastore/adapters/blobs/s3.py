@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
+import queue
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from urllib.parse import urlsplit
 
 from services.common.errors import InvalidArgument, NotFound, StorageError
 from services.datastore.adapters.blobs.shared import (
+    CHUNK_SIZE,
     STALE_SPOOL_SECONDS,
     _check_expiry,
     _check_range,
@@ -26,6 +29,71 @@ from services.datastore.domain.ports import BlobInfo
 _S3_PART_SIZE = 16 * 1024 * 1024
 _S3_MAX_PARTS = 10_000
 _S3_PARALLEL_UPLOADS = 2
+_READ_AHEAD_CHUNKS = 8
+"""Chunks (1 MiB) a download reads ahead of its consumer (see _ReadAhead)."""
+_END = object()
+
+
+class _ReadAhead(Iterator[bytes]):
+    """An object's chunks read by a thread of their own, up to _READ_AHEAD_CHUNKS ahead of the
+    consumer: the S3 read of the next chunks overlaps the sending of this one. Reading one
+    chunk per thread hop, as the consumer asks, made each S3 read and each send wait for the
+    other (REST downloads at ~1/3 of the raw SDK's rate). Closing it (or dropping it) stops the
+    thread, which releases the connection."""
+
+    def __init__(self, source: _ChunkStream) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_READ_AHEAD_CHUNKS)
+        self._stop = threading.Event()
+        self._done = False
+        # The thread holds the source, the queue and the flag, never this object: dropping it
+        # runs __del__, which stops the thread.
+        threading.Thread(
+            target=_read_ahead, args=(source, self._queue, self._stop), name="s3-read-ahead", daemon=True
+        ).start()
+
+    def __iter__(self) -> _ReadAhead:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, bytes):
+            return item
+        self._done = True
+        if isinstance(item, BaseException):
+            raise item
+        raise StopIteration  # _END
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _read_ahead(source: _ChunkStream, chunks: queue.Queue[Any], stop: threading.Event) -> None:
+    """_ReadAhead's thread: the chunks, then _END or the error, until told to stop."""
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for chunk in source:
+            if not offer(chunk):
+                return
+        offer(_END)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        offer(exc)
+    finally:
+        source.close()
 
 
 def _s3_sha256(metadata: Any) -> str | None:
@@ -277,7 +345,8 @@ class S3BlobStore:
             finally:
                 response.release_conn()
 
-        return _ChunkStream(read, release, length)
+        stream = _ChunkStream(read, release, length)
+        return stream if length is not None and length <= CHUNK_SIZE else _ReadAhead(stream)
 
     def list(self, prefix: str) -> Iterator[BlobInfo]:
         """Valid keys under `prefix`, sorted (SeaweedFS lists folder by folder, not in S3's byte order).
