@@ -1,6 +1,7 @@
 """Uploads and downloads through REST: labelgrid next to MONAI Label 0.8.5 and a plain copy.
 
-    python -m bench.transfers [--mib 64] [--repeats 5] [--systems copy,monailabel,labelgrid]
+    python -m bench.transfers [--mib 64] [--repeats 5]
+                              [--systems copy,monailabel,labelgrid,minio,labelgrid-s3]
                               [--labelgrid-src DIR] [--tag before] [--out bench/results]
 
 One valid uncompressed NIfTI of --mib MiB is uploaded (PUT /datastore/image, multipart
@@ -8,19 +9,25 @@ with `params` before `file`, as MONAI Label's client sends) and downloaded
 (GET /datastore/image) --repeats times per system, one server at a time (bench.compare
 starts them: `labelgrid up` on the local folder, `monailabel start_server` from
 bench/.venv-monailabel when it exists). "copy" is the floor: the same bytes written to a
-file in the same folder and fsynced. Prints MiB/s (medians) with the ratio to MONAI
-Label and writes JSON under --out. Numbers, not assertions.
+file in the same folder and fsynced. On S3 (one SeaweedFS, started as the tests start it,
+tests/fixtures/seaweedfs.py): "labelgrid-s3" is `labelgrid up --backend s3` through REST, and
+"minio" the floor there: the raw minio SDK putting (fput_object, 16 MiB parts, as
+bench/datastore.py) and getting (get_object read to the end) the same file on the same server.
+Prints MiB/s (medians) with the ratios to MONAI Label and, for labelgrid-s3, to the raw SDK,
+and writes JSON under --out. Numbers, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -28,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from bench.compare import ML_VENV, ROOT, labelgrid_server, monailabel_server, write_studies
+from tests.fixtures.seaweedfs import SeaweedS3, run_seaweedfs
 
 MiB = 1024 * 1024
 
@@ -41,12 +49,16 @@ def make_volume(path: Path, mib: int) -> int:
     return path.stat().st_size
 
 
-def measure_http(url: str, volume: Path, repeats: int) -> dict[str, list[float]]:
+def measure_http(
+    url: str, volume: Path, repeats: int, between: Callable[[int], None] = lambda n: None
+) -> dict[str, list[float]]:
+    """`between(n)` runs before each round (the raw SDK's round, interleaved on S3)."""
     size = volume.stat().st_size
     up: list[float] = []
     down: list[float] = []
     with httpx.Client(base_url=url, timeout=300) as http:
         for n in range(repeats + 1):  # the first round warms up
+            between(n)
             with volume.open("rb") as handle:
                 start = time.perf_counter()
                 answer = http.put(
@@ -71,6 +83,36 @@ def measure_http(url: str, volume: Path, repeats: int) -> dict[str, list[float]]
             if n:
                 down.append(size / MiB / elapsed)
     return {"upload_mib_s": up, "download_mib_s": down}
+
+
+class RawMinio:
+    """The raw SDK on the same server, the floor of any S3 path: one round per call."""
+
+    def __init__(self, s3: SeaweedS3, volume: Path) -> None:
+        self.client, self.bucket, self.volume = s3.client(), s3.new_bucket(), volume
+        self.client.make_bucket(self.bucket)
+        self.result: dict[str, list[float]] = {"upload_mib_s": [], "download_mib_s": []}
+
+    def __call__(self, n: int) -> None:
+        client, bucket, volume = self.client, self.bucket, self.volume
+        size = volume.stat().st_size
+        start = time.perf_counter()
+        client.fput_object(bucket, f"bench_{n}", str(volume), part_size=16 * MiB)
+        elapsed = time.perf_counter() - start
+        if n:
+            self.result["upload_mib_s"].append(size / MiB / elapsed)
+        start = time.perf_counter()
+        response = client.get_object(bucket, f"bench_{n}")
+        try:
+            got = sum(len(block) for block in response.stream(MiB))
+        finally:
+            response.close()
+            response.release_conn()
+        elapsed = time.perf_counter() - start
+        if got != size:
+            raise RuntimeError(f"downloaded {got} bytes of {size}")
+        if n:
+            self.result["download_mib_s"].append(size / MiB / elapsed)
 
 
 def measure_copy(volume: Path, folder: Path, repeats: int) -> dict[str, list[float]]:
@@ -107,11 +149,17 @@ def table(mib: int, medians: dict[str, dict[str, float]]) -> str:
     for system, row in medians.items():
         ratios = (
             (f"{row['upload_mib_s'] / ref['upload_mib_s']:.2f}", f"{row['download_mib_s'] / ref['download_mib_s']:.2f}")
-            if ref
+            if ref and system not in ("minio", "labelgrid-s3")
             else ("–", "–")
         )
         lines.append(
             f"| {system} | {row['upload_mib_s']:.0f} | {row['download_mib_s']:.0f} | {ratios[0]} | {ratios[1]} |"
+        )
+    raw, s3 = medians.get("minio"), medians.get("labelgrid-s3")
+    if raw and s3:
+        lines.append(
+            f"| labelgrid-s3 ÷ raw minio SDK (same SeaweedFS) | | | {s3['upload_mib_s'] / raw['upload_mib_s']:.2f} "
+            f"| {s3['download_mib_s'] / raw['download_mib_s']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -131,25 +179,50 @@ def main(argv: list[str] | None = None) -> None:
         print(f"no {exe}: MONAI Label left out (python -m bench.compare installs it)", flush=True)
         systems.remove("monailabel")
     raw: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="lg-transfers-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lg-transfers-") as tmp, contextlib.ExitStack() as stack:
         base = Path(tmp)
         volume = base / "volume.nii"
         make_volume(volume, args.mib)
+        s3 = stack.enter_context(run_seaweedfs(base / "seaweedfs")) if {"minio", "labelgrid-s3"} & set(systems) else None
         for system in systems:
             work = base / system
             write_studies(work / "studies", 2)
             if system == "copy":
                 raw[system] = measure_copy(volume, work / "studies", args.repeats)
                 continue
-            server = (
-                monailabel_server(exe, work / "studies", work)
-                if system == "monailabel"
-                else labelgrid_server(work / "studies", work, args.labelgrid_src)
-            )
+            if system == "minio":
+                if "labelgrid-s3" not in systems:  # else interleaved with it, round by round
+                    assert s3 is not None
+                    minio = RawMinio(s3, volume)
+                    for n in range(args.repeats + 1):
+                        minio(n)
+                    raw[system] = minio.result
+                continue
+            if system == "labelgrid-s3":
+                assert s3 is not None
+                bucket = s3.new_bucket()
+                s3.client().make_bucket(bucket)
+                server = labelgrid_server(
+                    work / "studies", work, args.labelgrid_src,
+                    extra=["--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", bucket],
+                    extra_env={"LABELGRID_S3_ACCESS_KEY": s3.access_key, "LABELGRID_S3_SECRET_KEY": s3.secret_key},
+                )  # fmt: skip
+            else:
+                server = (
+                    monailabel_server(exe, work / "studies", work)
+                    if system == "monailabel"
+                    else labelgrid_server(work / "studies", work, args.labelgrid_src)
+                )
             with server as url:
-                raw[system] = measure_http(url, volume, args.repeats)
+                if system == "labelgrid-s3" and "minio" in systems:
+                    assert s3 is not None
+                    minio = RawMinio(s3, volume)
+                    raw[system] = measure_http(url, volume, args.repeats, between=minio)
+                    raw["minio"] = minio.result
+                else:
+                    raw[system] = measure_http(url, volume, args.repeats)
             shutil.rmtree(work, ignore_errors=True)
-    medians = {s: {k: statistics.median(v) for k, v in r.items()} for s, r in raw.items()}
+    medians = {s: {k: statistics.median(v) for k, v in raw[s].items()} for s in systems if s in raw}
     print(table(args.mib, medians), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"transfers-{args.mib}{'-' + args.tag if args.tag else ''}.json"
