@@ -24,7 +24,7 @@ class ModelSource(Protocol):
 class VolumeIO(Protocol):
     """Reads images and writes labels (blocking: call off the event loop)."""
 
-    def read(self, path: Path, file_name: str) -> Volume: ...
+    def read(self, path: Path, file_name: str, header_only: bool = False) -> Volume: ...
 
     def write_label(
         self, label: Any, affine: Any, dest_dir: Path, stem: str, extension: str, dtype: str, compress: bool

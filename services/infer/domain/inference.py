@@ -402,7 +402,9 @@ class Inference:
         self, task: Any, model: str, image: ImageInput, params: InferParams, path: Path, file_name: str, work_dir: Path
     ) -> tuple[Volume, Any]:
         """Reads the image and input label and checks the params against them (blocking; in the slot)."""
-        volume: Volume = self.volumes.read(path, file_name)
+        # A task that reads the file itself (a bundle's LoadImaged) needs only the header here.
+        header_only = bool(getattr(task, "reads_files", False)) and image.label_path is None
+        volume: Volume = self.volumes.read(path, file_name, header_only=header_only)
         input_label = self._read_input_label(image, volume, work_dir) if image.label_path is not None else None
         validate = getattr(task, "validate_params", None)
         if validate is not None:
