@@ -9,6 +9,7 @@ folder MONAI Label itself can open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from services.common import raw_labels
 from services.common.chunks import SpooledFile, SpoolWriter, sha256_file
@@ -49,6 +50,8 @@ from services.datastore.domain.model import (
 )
 from services.datastore.domain.ports import BlobStore, Index
 from services.datastore.domain.reindex import ReindexCounts, rebuild
+
+_Record = TypeVar("_Record")
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +315,41 @@ class Datastore:
         except BaseException:
             self._discard(spooled)
             raise
-        with self._locks(f"image:{image_id}"):
-            old = self._find_image(image_id)
-            if old is not None and fail_if_exists:
-                self._discard(spooled)
-                raise AlreadyExists(f"image {image_id!r} already exists", reason="ALREADY_EXISTS")
-            stored_info = dict(info)
-            stored_info["ts"] = int(self._clock())
-            stored_info["name"] = f"{image_id}{ext}"
-            self.blobs.put_file(image_key(f"{image_id}{ext}"), Path(spooled.path), sha256=spooled.sha256)
-            record = self.index.upsert_image(image_id, ext, spooled.sha256, spooled.size, stored_info)
-            if old is not None and old.ext != ext:
-                self.blobs.delete(image_key(old.file_name))
+        # Whatever fails from here on (the index or the object store down) removes the spool:
+        # put_file consumes it when it stores the blob.
+        try:
+            with self._locks(f"image:{image_id}"):
+                old = self._find_image(image_id)
+                if old is not None and fail_if_exists:
+                    raise AlreadyExists(f"image {image_id!r} already exists", reason="ALREADY_EXISTS")
+                stored_info = dict(info)
+                stored_info["ts"] = int(self._clock())
+                stored_info["name"] = f"{image_id}{ext}"
+                key = image_key(f"{image_id}{ext}")
+                self.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
+                record = self._index_new_blob(
+                    key, old is None or old.ext != ext,
+                    lambda: self.index.upsert_image(image_id, ext, spooled.sha256, spooled.size, stored_info),
+                )  # fmt: skip
+                if old is not None and old.ext != ext:
+                    self.blobs.delete(image_key(old.file_name))
+        except BaseException:
+            self._discard(spooled)
+            raise
         self._changed()
         return record
+
+    def _index_new_blob(self, key: str, new_key: bool, index: Callable[[], _Record]) -> _Record:
+        """Runs `index()` (the row for a blob just stored under `key`); if it fails, a blob under
+        a key no row named before is deleted again (best effort), so a refused write does not
+        come back as an unindexed blob that a reindex would adopt."""
+        try:
+            return index()
+        except BaseException:
+            if new_key:
+                with contextlib.suppress(Exception):
+                    self.blobs.delete(key)
+            raise
 
     def _find_image(self, image_id: str) -> ImageRecord | None:
         try:
@@ -392,18 +416,26 @@ class Datastore:
         except BaseException:
             self._discard(spooled)
             raise
-        with self._locks(f"image:{image_id}"):
-            try:
-                old: LabelRecord | None = self.index.get_label(image_id, tag)
-            except NotFound:
-                old = None
-            stored_info = dict(info)
-            stored_info["ts"] = int(self._clock())
-            stored_info["name"] = f"{image_id}{ext}"
-            self.blobs.put_file(label_key(tag, f"{image_id}{ext}"), Path(spooled.path), sha256=spooled.sha256)
-            record = self.index.upsert_label(image_id, tag, ext, spooled.sha256, spooled.size, stored_info)
-            if old is not None and old.ext != ext:
-                self.blobs.delete(label_key(tag, old.file_name))
+        try:  # as in add_image: any failure removes the spool
+            with self._locks(f"image:{image_id}"):
+                try:
+                    old: LabelRecord | None = self.index.get_label(image_id, tag)
+                except NotFound:
+                    old = None
+                stored_info = dict(info)
+                stored_info["ts"] = int(self._clock())
+                stored_info["name"] = f"{image_id}{ext}"
+                key = label_key(tag, f"{image_id}{ext}")
+                self.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
+                record = self._index_new_blob(
+                    key, old is None or old.ext != ext,
+                    lambda: self.index.upsert_label(image_id, tag, ext, spooled.sha256, spooled.size, stored_info),
+                )  # fmt: skip
+                if old is not None and old.ext != ext:
+                    self.blobs.delete(label_key(tag, old.file_name))
+        except BaseException:
+            self._discard(spooled)
+            raise
         self._changed()
         return record
 
@@ -622,9 +654,13 @@ class Datastore:
         with self._locks(f"model:{model}"):
             # The index numbers the version; the blob is keyed by it, so record first under
             # a lock and remove the record again if the blob cannot be stored.
-            record = self.index.add_model_version(
-                model, version or None, file_name, spooled.sha256, spooled.size, metrics, info
-            )
+            try:
+                record = self.index.add_model_version(
+                    model, version or None, file_name, spooled.sha256, spooled.size, metrics, info
+                )
+            except BaseException:
+                self._discard(spooled)
+                raise
             try:
                 self.blobs.put_file(model_key(model, record.version, file_name), Path(spooled.path), sha256=spooled.sha256)
             except BaseException:

@@ -1,0 +1,123 @@
+"""A write the index or the object store fails midway leaves nothing behind: no spool, no blob
+the index does not name (which a reindex would adopt, bringing back a write its client was told
+had failed), nothing fsck reports.
+
+Real stores (a local studies folder, a SeaweedFS bucket; SQLite); the failure is the
+StorageError an index outage raises, injected into the index's upsert right after the blob was
+stored, the one moment a stopped PostgreSQL cannot be timed to hit from outside
+(tests/integration/test_faults_stack.py stops the real one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.errors import StorageError
+from services.datastore import fsck
+from services.datastore.app import build_datastore
+from services.datastore.domain.datastore import Datastore
+from services.datastore.sample_studies import write_sample_studies
+from services.datastore.settings import DatastoreSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["local", "s3"])
+def datastore(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Datastore]:
+    values: dict[str, Any] = {"backend": request.param, "root": tmp_path / "studies", "state_dir": tmp_path / "state"}
+    if request.param == "s3":
+        s3 = request.getfixturevalue("seaweedfs")
+        values.update(
+            s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
+            s3_bucket=s3.new_bucket(),
+        )  # fmt: skip
+    store = build_datastore(DatastoreSettings(**values))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _spooled(store: Datastore, data: bytes) -> Any:
+    writer = store.new_spool(len(data))
+    writer.write(data)
+    return writer.finish()
+
+
+def _spools(store: Datastore) -> list[str]:
+    return [p.name for p in Path(store.blobs.spool_dir()).iterdir() if p.name.startswith("upload-")]
+
+
+def _index_down(monkeypatch: pytest.MonkeyPatch, store: Datastore, method: str) -> None:
+    def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise StorageError("index upsert failed: connection refused (injected)")
+
+    monkeypatch.setattr(store.index, method, fail)
+
+
+@pytest.fixture
+def volumes(tmp_path: Path) -> dict[str, bytes]:
+    folder = tmp_path / "samples"
+    write_sample_studies(folder, count=1, labeled=1, size=12)
+    return {
+        "image": (folder / "sample_00.nii.gz").read_bytes(),
+        "label": (folder / "labels" / "final" / "sample_00.nii.gz").read_bytes(),
+    }
+
+
+def _assert_nothing_left(store: Datastore) -> None:
+    assert not _spools(store), "the failed upload's spool is left behind"
+    report = fsck.check(store, checksums=True, min_age_seconds=0)
+    assert report.clean, report.lines()
+
+
+def test_index_failure_after_a_new_image_blob_removes_blob_and_spool(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        _index_down(patch, datastore, "upsert_image")
+        with pytest.raises(StorageError):
+            datastore.add_image(_spooled(datastore, volumes["image"]), image_id="fresh", file_name="fresh.nii.gz", info={})
+    assert not datastore.blobs.exists("images/fresh.nii.gz"), "a blob no index row names: a reindex would adopt it"
+    _assert_nothing_left(datastore)
+    # The index was never told: after a reindex the refused image is still not there.
+    datastore.reindex()
+    assert [image.image_id for image in datastore.list_images().items] == []
+
+
+def test_index_failure_of_a_label_save_removes_blob_and_spool(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    with monkeypatch.context() as patch:
+        _index_down(patch, datastore, "upsert_label")
+        with pytest.raises(StorageError):
+            datastore.add_label(
+                _spooled(datastore, volumes["label"]), image_id="img", tag="final", file_name="img.nii.gz", info={}
+            )
+    assert not datastore.blobs.exists("labels/final/img.nii.gz")
+    _assert_nothing_left(datastore)
+
+
+@pytest.mark.parametrize("failing", ["get_image", "add_model_version"])
+def test_index_failure_before_the_blob_removes_the_spool(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """The index down at the first look (a stopped PostgreSQL): the spool goes, nothing is stored."""
+    calls: dict[str, Callable[[], Any]] = {
+        "get_image": lambda: datastore.add_image(
+            _spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={}
+        ),
+        "add_model_version": lambda: datastore.add_model_version(
+            _spooled(datastore, b"weights"), model="seg", version="", file_name="model.pt", metrics={}, info={}
+        ),
+    }
+    with monkeypatch.context() as patch:
+        _index_down(patch, datastore, failing)
+        with pytest.raises(StorageError):
+            calls[failing]()
+    _assert_nothing_left(datastore)
