@@ -1,7 +1,7 @@
 """schemathesis against the gateway's own OpenAPI: generated requests to every route this stack
 serves (datastore, sessions, inference, models) never get a 5xx, and never a byte of the planted
 secret. Routes of services this stack does not run (training, active learning, scoring, batch)
-would rightly answer 503, so they are left out here; tests/integration covers them.
+would rightly answer 503 here; test_openapi_fuzz_jobs.py fuzzes them on a stack that runs them.
 
 (schemathesis' pytest plugin does not run under pytest 9, so each operation's hypothesis
 strategy is driven directly.)"""
@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.security.conftest import Hostile
+from tests.fixtures.hostile import Hostile
 
 pytestmark = pytest.mark.timeout(400)
 
