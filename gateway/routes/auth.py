@@ -91,8 +91,65 @@ async def access_token(
     return await _login(request, username, password, "/auth/token")
 
 
+class _Throttle:
+    """Failed logins per (client address, username) and per address in a sliding window: past
+    the limit, logins are refused with 429 until the window has passed (password guessing)."""
+
+    WINDOW_SECONDS = 300.0
+    PER_USER = 5
+    PER_ADDRESS = 30
+
+    def __init__(self) -> None:
+        self._failures: dict[tuple[str, str], list[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, ()) if now - t < self.WINDOW_SECONDS]
+        if times:
+            self._failures[key] = times
+        else:
+            self._failures.pop(key, None)
+        return times
+
+    def retry_after(self, address: str, username: str) -> int | None:
+        now = time.monotonic()
+        for key, limit in (((address, username), self.PER_USER), ((address, ""), self.PER_ADDRESS)):
+            times = self._recent(key, now)
+            if len(times) >= limit:
+                return max(1, int(self.WINDOW_SECONDS - (now - times[-limit])) + 1)
+        return None
+
+    def failed(self, address: str, username: str) -> None:
+        now = time.monotonic()
+        if len(self._failures) > 100_000:  # bounded: forget the oldest half
+            self._failures = dict(list(self._failures.items())[50_000:])
+        for key in ((address, username), (address, "")):
+            self._failures.setdefault(key, []).append(now)
+
+
+def _throttle(request: Request) -> _Throttle:
+    throttle = getattr(request.app.state, "login_throttle", None)
+    if throttle is None:
+        throttle = request.app.state.login_throttle = _Throttle()
+    return throttle
+
+
 async def _login(request: Request, username: str, password: str, route: str) -> dict[str, Any]:
     """A user's access token: built-in users (argon2), or the issuer's password grant (OIDC)."""
+    address = request.client.host if request.client else ""
+    throttle = _throttle(request)
+    wait = throttle.retry_after(address, username)
+    if wait is not None:
+        log.warning("login throttled", extra={"user": username[:200], "client": address})
+        raise GatewayError(429, "Too many failed logins; try again later", {"Retry-After": str(wait)})
+    try:
+        return await _verified_login(request, username, password, route)
+    except GatewayError as err:
+        if err.status == 401:
+            throttle.failed(address, username)
+        raise
+
+
+async def _verified_login(request: Request, username: str, password: str, route: str) -> dict[str, Any]:
     settings = request.app.state.settings
     users = _users(request)
     if users is None and settings.auth_oidc_login_url:
@@ -179,6 +236,8 @@ async def login(
     except GatewayError as err:
         if err.status == 401:
             return _page(target, "Incorrect username or password", 401)
+        if err.status == 429:
+            return _page(target, "Too many failed sign-ins; try again later", 429)
         raise
     response = RedirectResponse(target, status_code=303)
     response.headers["cache-control"] = "no-store"

@@ -42,7 +42,7 @@ from services.common.auth import (
     new_signing_key,
 )
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -50,8 +50,8 @@ KEY = new_signing_key()
 GATEWAY_TOKEN = "gateway-service-token-" + "g" * 20
 INFERENCE_TOKEN = "inference-service-token-" + "i" * 20
 SERVICES = [f"gateway={GATEWAY_TOKEN}", f"inference={INFERENCE_TOKEN}"]
-PASSWORDS = {"alice": "alice-pw", "annie": "annie-pw", "uma": "uma-pw", "rita": "rita-pw"}
-USER_ROLES = {"alice": [ADMIN], "annie": [ANNOTATOR], "uma": [USER], "rita": [REVIEWER]}
+PASSWORDS = {"alice": "alice-pw", "annie": "annie-pw", "uma": "uma-pw", "rita": "rita-pw", "tess": "tess-pw"}
+USER_ROLES = {"alice": [ADMIN], "annie": [ANNOTATOR], "uma": [USER], "rita": [REVIEWER], "tess": [USER]}
 
 # MONAI Label 0.8.5's table (monailabel-api-routes.md §2): U, A, D, public.
 MONAILABEL_TABLE = """
@@ -140,6 +140,18 @@ def test_a_wrong_login_is_401_and_gives_no_token(url: str, username: str, passwo
     answer = httpx.post(f"{url}/auth/token", data={"username": username, "password": password, "grant_type": "password"})
     assert answer.status_code in (401, 422)
     assert "access_token" not in answer.text
+
+
+def test_password_guessing_is_throttled(url: str) -> None:
+    """Five wrong passwords for one user from one address: then even the right one waits (429)."""
+    wrong = {"username": "tess", "password": "guess", "grant_type": "password"}
+    assert [httpx.post(f"{url}/auth/token", data=wrong).status_code for _ in range(5)] == [401] * 5
+    right = httpx.post(f"{url}/auth/token", data={**wrong, "password": PASSWORDS["tess"]})
+    assert right.status_code == 429 and "access_token" not in right.text
+    assert 0 < int(right.headers["retry-after"]) <= 301
+    page = httpx.post(f"{url}/auth/login", data={"username": "tess", "password": PASSWORDS["tess"]})
+    assert page.status_code == 429 and "labelgrid_session" not in page.headers.get("set-cookie", "")
+    assert login(url, "uma")  # other users are not locked out
 
 
 def test_only_the_password_grant(url: str) -> None:
