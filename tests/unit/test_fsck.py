@@ -5,6 +5,7 @@ Real stores: a local studies folder and a SeaweedFS bucket, each over SQLite and
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -109,12 +110,9 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
         (samples / "sample_03.nii.gz").read_bytes(),
         tmp_path,
     )
-    _put(
-        datastore,
-        "labels/final/sample_01.nii.gz",
-        b"not the label the index knows",
-        tmp_path,
-    )
+    # Still a valid label (reindex adopts only files that pass the upload check), other bytes.
+    changed_label = gzip.compress(gzip.decompress((samples / "labels/final/sample_01.nii.gz").read_bytes()), 0)
+    _put(datastore, "labels/final/sample_01.nii.gz", changed_label, tmp_path)
     index.add_model_version("seg", "2", "model.pt", "0" * 64, 10, {}, {})
     # A killed upload's spool (old) next to a live one (fresh), and a lease that ran out.
     spool = Path(blobs.spool_dir())
@@ -179,7 +177,7 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
         "sample_03",
     }
     label = datastore.get_label("sample_01", "final")
-    assert label.sha256 == hashlib.sha256(b"not the label the index knows").hexdigest()
+    assert label.sha256 == hashlib.sha256(changed_label).hexdigest()
     assert ("seg", "2") not in fsck._all_model_versions(index)
     if datastore.backend == "s3":
         assert not list(fsck._multipart_uploads(blobs))
