@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.seaweedfs",
     "tests.fixtures.postgres",
     "tests.fixtures.orthanc",
+    "tests.fixtures.node",
+    "tests.fixtures.chart",
 ]

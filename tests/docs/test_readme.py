@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.test_labelgrid_up import UP, Stack, start_stack, stop_stack
+from tests.fixtures.labelgrid_up import UP, Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -309,7 +309,7 @@ def check_helm_command(block: Block, words: list[str]) -> None:
     import helm_python as helm  # dev dependencies: a missing one fails, never skips
     import kubernetes_validate
 
-    from tests.helm.test_chart import CHART, CRD_KINDS, KUBE_VERSIONS, NAMESPACE, RELEASE
+    from tests.fixtures.chart import CHART, CRD_KINDS, KUBE_VERSIONS, NAMESPACE, RELEASE
 
     chart_arg = words[3] if words[1] in ("install", "upgrade") else words[2]
     assert (ROOT / chart_arg).resolve() == CHART, f"{block}: {chart_arg} is not the chart"
@@ -353,7 +353,7 @@ def test_tried_with_names_what_the_tests_use() -> None:
     pins), every test it names exists, and the Kubernetes versions are the ones tests/helm validates."""
     import importlib.metadata
 
-    from tests.helm.test_chart import KUBE_VERSIONS
+    from tests.fixtures.chart import KUBE_VERSIONS
 
     rows = [line for line in readme_section("Tried with").splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) >= 5, rows

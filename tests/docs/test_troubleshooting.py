@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs.test_readme import BLOCKS
-from tests.integration.test_labelgrid_up import port_flags
+from tests.fixtures.labelgrid_up import port_flags
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(120)

@@ -25,14 +25,23 @@ import kubernetes_validate
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "k8s" / "labelgrid"
+from tests.fixtures.chart import (
+    CHART,
+    CRD_KINDS,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    component_of,
+    containers_of,
+    deployment_of,
+    of_kind,
+    pod_spec,
+    render,
+    workloads_of,
+)
+
 CI_VALUES = sorted(path.name for path in (CHART / "ci").glob("*.yaml"))
 CASES = ["default", *CI_VALUES]
-KUBE_VERSIONS = ("1.27", "1.33")
-RELEASE, NAMESPACE = "lg", "labelgrid"
-# Custom resources of the Prometheus Operator: kubernetes-validate has no schema for them.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
-WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 GRPC_COMPONENTS = ("datastore", "inference", "training", "activelearning")
 SECRETISH = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|DSN|^LABELGRID_INDEX$")
 
@@ -44,26 +53,8 @@ def _values(case: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def chart() -> Any:
-    loaded = helm.Chart.load(CHART)
-    yield loaded
-    loaded.close()
-
-
-def _render(chart: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    return [
-        doc
-        for path, text in sorted(manifests.items())
-        if path.endswith((".yaml", ".yml"))
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
-
-
-@pytest.fixture(scope="module")
 def rendered(chart: Any) -> dict[str, list[dict[str, Any]]]:
-    return {case: _render(chart, _values(case)) for case in CASES}
+    return {case: render(chart, _values(case)) for case in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -72,32 +63,6 @@ def merged(chart: Any) -> dict[str, dict[str, Any]]:
 
 
 # -- helpers over rendered objects --------------------------------------------------------
-
-
-def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in docs if doc["kind"] == kind]
-
-
-def _component(doc: dict[str, Any]) -> str:
-    return doc["metadata"]["labels"].get("app.kubernetes.io/component", "")
-
-
-def _workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [doc for doc in docs if doc["kind"] in WORKLOAD_KINDS]
-
-
-def _pod(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
-
-
-def _containers(workload: dict[str, Any], init: bool = True) -> list[dict[str, Any]]:
-    pod = _pod(workload)
-    return [*pod["containers"], *(pod.get("initContainers", []) if init else [])]
-
-
-def _deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    [found] = [doc for doc in _of_kind(docs, "Deployment") if _component(doc) == component]
-    return found
 
 
 def _gpu_limit(container: dict[str, Any]) -> Any:
@@ -222,16 +187,16 @@ def test_invalid_combinations_fail_to_render(chart: Any) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_limits_only_where_asked(rendered: dict, merged: dict, case: str) -> None:
     values = merged[case]
-    for workload in _workloads(rendered[case]):
-        component = _component(workload)
+    for workload in workloads_of(rendered[case]):
+        component = component_of(workload)
         wanted = values.get(component, {}).get("gpu", {})
-        for container in _containers(workload):
+        for container in containers_of(workload):
             limit = _gpu_limit(container)
             main = container["name"] == component
             if main and wanted.get("enabled"):
                 assert limit == wanted["count"], f"{component} should ask for {wanted['count']} GPU(s)"
                 assert container["image"].endswith("-cuda"), container["image"]
-                pod = _pod(workload)
+                pod = pod_spec(workload)
                 assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), component
                 assert pod.get("nodeSelector"), f"{component}: a GPU pod without a GPU pool selector"
             else:
@@ -241,13 +206,13 @@ def test_gpu_limits_only_where_asked(rendered: dict, merged: dict, case: str) ->
 
 def test_gpu_placement_defaults(rendered: dict) -> None:
     docs = rendered["default"]
-    assert _gpu_limit(_deployment(docs, "inference")["spec"]["template"]["spec"]["containers"][0]) == 1
+    assert _gpu_limit(deployment_of(docs, "inference")["spec"]["template"]["spec"]["containers"][0]) == 1
     for component in ("datastore", "gateway"):
-        pod = _pod(_deployment(docs, component))
+        pod = pod_spec(deployment_of(docs, component))
         assert not pod.get("tolerations") and not pod.get("nodeSelector"), component
     gpu = rendered["gpu.yaml"]
-    assert _gpu_limit(_pod(_deployment(gpu, "training"))["containers"][0]) == 2
-    assert _pod(_deployment(gpu, "activelearning")).get("tolerations") is None
+    assert _gpu_limit(pod_spec(deployment_of(gpu, "training"))["containers"][0]) == 2
+    assert pod_spec(deployment_of(gpu, "activelearning")).get("tolerations") is None
 
 
 def test_cpu_only_has_no_gpu_anywhere(rendered: dict) -> None:
@@ -258,41 +223,41 @@ def test_cpu_only_has_no_gpu_anywhere(rendered: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_probes_on_every_container(rendered: dict, case: str) -> None:
-    for workload in _workloads(rendered[case]):
-        for container in _containers(workload, init=False):
+    for workload in workloads_of(rendered[case]):
+        for container in containers_of(workload, init=False):
             where = f"{workload['metadata']['name']}/{container['name']}"
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 assert probe in container, f"{where} has no {probe}"
-        if _component(workload) in GRPC_COMPONENTS:
-            [container] = _pod(workload)["containers"]
+        if component_of(workload) in GRPC_COMPONENTS:
+            [container] = pod_spec(workload)["containers"]
             port = container["ports"][0]["containerPort"]
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 assert container[probe]["grpc"] == {"port": port}, f"{workload['metadata']['name']} {probe}"
-    gateway = {c["name"]: c for c in _pod(_deployment(rendered[case], "gateway"))["containers"]}
+    gateway = {c["name"]: c for c in pod_spec(deployment_of(rendered[case], "gateway"))["containers"]}
     assert gateway["gateway"]["readinessProbe"]["httpGet"]["path"] == "/auth/"
     assert gateway["edge"]["readinessProbe"]["httpGet"]["path"] == "/auth/"
 
 
 def test_startup_probe_waits_for_model_loading(rendered: dict) -> None:
-    probe = _pod(_deployment(rendered["default"], "inference"))["containers"][0]["startupProbe"]
+    probe = pod_spec(deployment_of(rendered["default"], "inference"))["containers"][0]["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_nothing_root_or_privileged(rendered: dict, case: str) -> None:
     docs = rendered[case]
-    for account in _of_kind(docs, "ServiceAccount"):
+    for account in of_kind(docs, "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
     assert not [d for d in docs if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
-    for workload in _workloads(docs):
-        pod = _pod(workload)
+    for workload in workloads_of(docs):
+        pod = pod_spec(workload)
         name = workload["metadata"]["name"]
         assert pod["automountServiceAccountToken"] is False, name
         assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
         assert not [v for v in pod.get("volumes", []) if "hostPath" in v], name
         pod_context = pod.get("securityContext", {})
         assert pod_context.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
-        for container in _containers(workload):
+        for container in containers_of(workload):
             context = {**pod_context, **container.get("securityContext", {})}
             where = f"{name}/{container['name']}"
             assert context.get("runAsNonRoot") is True, where
@@ -313,14 +278,14 @@ def test_secrets_never_inline(chart: Any) -> None:
         "minio": {"auth": {"rootPassword": marks["minio"]}},
         "postgresql": {"auth": {"password": marks["pg"]}},
     }
-    docs = _render(chart, values)
+    docs = render(chart, values)
     for doc in docs:
         if doc["kind"] == "Secret":
             continue
         text = json.dumps(doc)
         for mark in marks.values():
             assert mark not in text and base64.b64encode(mark.encode()).decode() not in text, doc["metadata"]["name"]
-    secrets = {d["metadata"]["name"]: d for d in _of_kind(docs, "Secret")}
+    secrets = {d["metadata"]["name"]: d for d in of_kind(docs, "Secret")}
     auth = secrets[f"{RELEASE}-labelgrid-auth"]
     assert base64.b64decode(auth["data"]["tokens"]).decode() == marks["token"]
     assert not any("stringData" in s for s in secrets.values())
@@ -328,8 +293,8 @@ def test_secrets_never_inline(chart: Any) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_secret_env_only_from_secret_refs(rendered: dict, case: str) -> None:
-    for workload in _workloads(rendered[case]):
-        for container in _containers(workload):
+    for workload in workloads_of(rendered[case]):
+        for container in containers_of(workload):
             env = container.get("env", [])
             from_secrets = {e["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
             for entry in env:
@@ -348,27 +313,27 @@ def test_secret_env_only_from_secret_refs(rendered: dict, case: str) -> None:
 def test_only_the_edge_is_exposed(rendered: dict, case: str) -> None:
     docs = rendered[case]
     edge = f"{RELEASE}-labelgrid-gateway"
-    for service in _of_kind(docs, "Service"):
+    for service in of_kind(docs, "Service"):
         if service["metadata"]["name"] != edge:
             assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
             assert not service["spec"].get("externalIPs")
-    for ingress in _of_kind(docs, "Ingress"):
+    for ingress in of_kind(docs, "Ingress"):
         backends = {p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
         assert backends == {edge}
-    exposed = [s for s in _of_kind(docs, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    exposed = [s for s in of_kind(docs, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
     if case == "gpu.yaml":
         assert [s["metadata"]["name"] for s in exposed] == [edge]
         assert [p["targetPort"] for p in exposed[0]["spec"]["ports"]] == ["edge"]
     if case == "auth.yaml":
-        assert len(_of_kind(docs, "Ingress")) == 1
+        assert len(of_kind(docs, "Ingress")) == 1
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_network_policies(rendered: dict, merged: dict, case: str) -> None:
     docs, values = rendered[case], merged[case]
-    policies = {_component(p): p for p in _of_kind(docs, "NetworkPolicy")}
-    for workload in _workloads(docs):
-        assert _component(workload) in policies, f"no NetworkPolicy for {workload['metadata']['name']}"
+    policies = {component_of(p): p for p in of_kind(docs, "NetworkPolicy")}
+    for workload in workloads_of(docs):
+        assert component_of(workload) in policies, f"no NetworkPolicy for {workload['metadata']['name']}"
     for policy in policies.values():
         assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
@@ -414,8 +379,8 @@ def test_network_policies(rendered: dict, merged: dict, case: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_autoscalers_and_disruption_budgets(rendered: dict, merged: dict, case: str) -> None:
     docs, values = rendered[case], merged[case]
-    deployments = {d["metadata"]["name"]: d for d in _of_kind(docs, "Deployment")}
-    hpas = {_component(h): h for h in _of_kind(docs, "HorizontalPodAutoscaler")}
+    deployments = {d["metadata"]["name"]: d for d in of_kind(docs, "Deployment")}
+    hpas = {component_of(h): h for h in of_kind(docs, "HorizontalPodAutoscaler")}
     for hpa in hpas.values():
         target = hpa["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments
@@ -425,9 +390,9 @@ def test_autoscalers_and_disruption_budgets(rendered: dict, merged: dict, case: 
         assert (component in hpas) == values[component]["autoscaling"]["enabled"], component
     if case == "default":
         assert {"inference", "gateway"} <= hpas.keys()
-    pdbs = {_component(p): p for p in _of_kind(docs, "PodDisruptionBudget")}
+    pdbs = {component_of(p): p for p in of_kind(docs, "PodDisruptionBudget")}
     for deployment in deployments.values():
-        component = _component(deployment)
+        component = component_of(deployment)
         assert component in pdbs, f"no PodDisruptionBudget for {component}"
         assert pdbs[component]["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
@@ -435,9 +400,9 @@ def test_autoscalers_and_disruption_budgets(rendered: dict, merged: dict, case: 
 @pytest.mark.parametrize("case", CASES)
 def test_datastore_replicas_need_postgresql(rendered: dict, merged: dict, case: str) -> None:
     docs, values = rendered[case], merged[case]
-    datastore = _deployment(docs, "datastore")
+    datastore = deployment_of(docs, "datastore")
     env = {e["name"]: e for e in datastore["spec"]["template"]["spec"]["containers"][0]["env"]}
-    hpa = [h for h in _of_kind(docs, "HorizontalPodAutoscaler") if _component(h) == "datastore"]
+    hpa = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if component_of(h) == "datastore"]
     replicas = hpa[0]["spec"]["minReplicas"] if hpa else datastore["spec"]["replicas"]
     index = env.get("LABELGRID_INDEX", {})
     on_postgres = index.get("value", "").startswith("postgresql") or "secretKeyRef" in index.get("valueFrom", {})
@@ -445,28 +410,28 @@ def test_datastore_replicas_need_postgresql(rendered: dict, merged: dict, case: 
         assert on_postgres, "several datastores on SQLite"
     if values["index"]["type"] == "sqlite":
         assert replicas == 1 and not on_postgres and datastore["spec"]["strategy"]["type"] == "Recreate"
-        volumes = {v["name"]: v for v in _pod(datastore)["volumes"]}
+        volumes = {v["name"]: v for v in pod_spec(datastore)["volumes"]}
         assert "persistentVolumeClaim" in volumes["data"]
     if case == "postgres-replicas.yaml":
         assert replicas == 3
-        assert len([s for s in _of_kind(docs, "StatefulSet") if _component(s) == "postgresql"]) == 1
+        assert len([s for s in of_kind(docs, "StatefulSet") if component_of(s) == "postgresql"]) == 1
 
 
 def test_sqlite_pins_one_datastore(chart: Any) -> None:
-    docs = _render(chart, {"index": {"type": "sqlite"}, "datastore": {"replicaCount": 4}})
-    assert _deployment(docs, "datastore")["spec"]["replicas"] == 1
-    assert not [s for s in _of_kind(docs, "StatefulSet") if _component(s) == "postgresql"]
+    docs = render(chart, {"index": {"type": "sqlite"}, "datastore": {"replicaCount": 4}})
+    assert deployment_of(docs, "datastore")["spec"]["replicas"] == 1
+    assert not [s for s in of_kind(docs, "StatefulSet") if component_of(s) == "postgresql"]
 
 
 def test_storage_choices(rendered: dict) -> None:
     default = rendered["default"]
-    kinds = {(d["kind"], _component(d)) for d in default}
+    kinds = {(d["kind"], component_of(d)) for d in default}
     assert {("StatefulSet", "minio"), ("StatefulSet", "postgresql")} <= kinds
-    for statefulset in _of_kind(default, "StatefulSet"):
+    for statefulset in of_kind(default, "StatefulSet"):
         assert statefulset["spec"]["volumeClaimTemplates"], statefulset["metadata"]["name"]
     external = rendered["external-s3.yaml"]
-    assert not _of_kind(external, "StatefulSet")
-    env = {e["name"]: e for e in _pod(_deployment(external, "datastore"))["containers"][0]["env"]}
+    assert not of_kind(external, "StatefulSet")
+    env = {e["name"]: e for e in pod_spec(deployment_of(external, "datastore"))["containers"][0]["env"]}
     assert env["LABELGRID_S3_ENDPOINT"]["value"] == "minio.storage.svc.cluster.local:9000"
     assert env["LABELGRID_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "labelgrid-s3", "key": "access-key"}
     assert env["LABELGRID_INDEX"]["valueFrom"]["secretKeyRef"] == {"name": "labelgrid-index", "key": "dsn"}
@@ -477,37 +442,37 @@ def test_monitoring_objects(rendered: dict) -> None:
         if case != "monitoring.yaml":
             kinds = {d["kind"] for d in rendered[case]}
             assert not kinds & {"ServiceMonitor", "PrometheusRule"}, case
-            assert not [d for d in _of_kind(rendered[case], "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
+            assert not [d for d in of_kind(rendered[case], "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
     docs = rendered["monitoring.yaml"]
-    [monitor] = _of_kind(docs, "ServiceMonitor")
+    [monitor] = of_kind(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     selected = monitor["spec"]["selector"]["matchLabels"]
-    scraped = [s for s in _of_kind(docs, "Service") if selected.items() <= s["metadata"]["labels"].items()]
+    scraped = [s for s in of_kind(docs, "Service") if selected.items() <= s["metadata"]["labels"].items()]
     jobs = {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in scraped}
     # The job names the dashboard and the alerts expect.
     assert jobs == {f"labelgrid-{c}" for c in (*GRPC_COMPONENTS, "gateway", "envoy")}
-    [rule] = _of_kind(docs, "PrometheusRule")
+    [rule] = of_kind(docs, "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files" / "alerts.rules.yaml").read_text())["groups"]
-    [dashboard] = [d for d in _of_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    [dashboard] = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert json.loads(dashboard["data"]["labelgrid.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
-    for workload in _workloads(rendered["default"]):
-        if _component(workload) in GRPC_COMPONENTS:
+    for workload in workloads_of(rendered["default"]):
+        if component_of(workload) in GRPC_COMPONENTS:
             annotations = workload["spec"]["template"]["metadata"]["annotations"]
             assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_app_by_volume_or_configmap(chart: Any) -> None:
-    docs = _render(chart, {
+    docs = render(chart, {
         "app": {"module": "myapp", "package": "myapp", "files": {"__init__.py": "def infer_tasks():\n    return {}\n"}},
     })
-    [config_map] = [d for d in _of_kind(docs, "ConfigMap") if _component(d) == "app"]
+    [config_map] = [d for d in of_kind(docs, "ConfigMap") if component_of(d) == "app"]
     assert "__init__.py" in config_map["data"]
-    container = _pod(_deployment(docs, "inference"))["containers"][0]
+    container = pod_spec(deployment_of(docs, "inference"))["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LABELGRID_APP"] == "myapp" and env["PYTHONPATH"] == "/opt/labelgrid/app"
     assert {"name": "app-files", "mountPath": "/opt/labelgrid/app/myapp", "readOnly": True} in container["volumeMounts"]
-    docs = _render(chart, {"app": {"volume": {"persistentVolumeClaim": {"claimName": "apps"}}}})
-    volumes = {v["name"]: v for v in _pod(_deployment(docs, "inference"))["volumes"]}
+    docs = render(chart, {"app": {"volume": {"persistentVolumeClaim": {"claimName": "apps"}}}})
+    volumes = {v["name"]: v for v in pod_spec(deployment_of(docs, "inference"))["volumes"]}
     assert volumes["app"]["persistentVolumeClaim"] == {"claimName": "apps"}
 
 
@@ -529,7 +494,7 @@ def test_env_vars_are_settings_fields(rendered: dict, monkeypatch: pytest.Monkey
     classes = {"datastore": DatastoreSettings, "inference": InferSettings, "gateway": GatewaySettings}
     for case in CASES:
         for component, cls in classes.items():
-            [container] = [c for c in _pod(_deployment(rendered[case], component))["containers"] if c["name"] == component]
+            [container] = [c for c in pod_spec(deployment_of(rendered[case], component))["containers"] if c["name"] == component]
             plain = {}
             for entry in container["env"]:
                 name = entry["name"]
@@ -548,7 +513,7 @@ def test_container_commands_exist(rendered: dict) -> None:
     text = (CHART.parents[1] / "pyproject.toml").read_text()
     for case in CASES:
         for component in ("datastore", "inference", "gateway"):
-            for container in _pod(_deployment(rendered[case], component))["containers"]:
+            for container in pod_spec(deployment_of(rendered[case], component))["containers"]:
                 command = container["args"][0]
                 if command.startswith("labelgrid"):
                     assert re.search(rf"^{command} = ", text, re.M), command
@@ -560,7 +525,7 @@ def test_envoy_flags_are_accepted(rendered: dict, tmp_path: Path) -> None:
     from gateway import envoy
 
     for case in ("default", "gpu.yaml", "monitoring.yaml"):
-        [init] = _pod(_deployment(rendered[case], "gateway"))["initContainers"]
+        [init] = pod_spec(deployment_of(rendered[case], "gateway"))["initContainers"]
         assert init["args"][:3] == ["python", "-m", "gateway.envoy"]
         flags = [a for a in init["args"][3:] if not a.startswith("--out=")]
         out = tmp_path / case / "envoy.json"
@@ -586,7 +551,7 @@ def test_envoy_flags_are_accepted(rendered: dict, tmp_path: Path) -> None:
             forwarded = [r for r in host["routes"] if "route" in r]
             assert [r["match"]["path"] for r in forwarded] == ["/stats/prometheus"]
             assert all(r.get("direct_response") == {"status": 404} for r in host["routes"] if "route" not in r)
-            edge_container = next(c for c in _containers(_deployment(rendered[case], "gateway"), init=False) if c["name"] == "edge")
+            edge_container = next(c for c in containers_of(deployment_of(rendered[case], "gateway"), init=False) if c["name"] == "edge")
             [stats_port] = [p["containerPort"] for p in edge_container["ports"] if p["name"] == "edge-metrics"]
             assert listeners["stats"]["address"]["socket_address"]["port_value"] == stats_port
 
@@ -596,15 +561,15 @@ def test_gateway_metrics_on_their_own_port(rendered: dict, merged: dict, case: s
     """The gateway serves /metrics on metrics.port, never its REST port; the metrics Services
     and annotations point there, and port names are unique in the pod."""
     docs, values = rendered[case], merged[case]
-    gateway = _deployment(docs, "gateway")
-    containers = _containers(gateway, init=False)
+    gateway = deployment_of(docs, "gateway")
+    containers = containers_of(gateway, init=False)
     names = [p["name"] for c in containers for p in c.get("ports", [])]
     assert len(names) == len(set(names)), names
     [container] = [c for c in containers if c["name"] == "gateway"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     enabled = values["metrics"]["enabled"]
     assert env["LABELGRID_METRICS_PORT"] == str(values["metrics"]["port"] if enabled else -1)
-    services = {s["metadata"]["name"]: s for s in _of_kind(docs, "Service")}
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
     metrics_service = services.get(f"{RELEASE}-labelgrid-gateway-metrics")
     assert (metrics_service is not None) == enabled
     if enabled:

@@ -7,7 +7,6 @@ NetworkPolicies. Rendered offline with helm-python-sdk and validated with kubern
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import helm_python as helm
@@ -16,14 +15,7 @@ import pytest
 import yaml
 
 from services.datastore.adapters.dicomweb import parse_search_filter
-from tests.helm.test_chart import CHART, NAMESPACE, RELEASE, _component, _deployment, _of_kind, _pod, _render
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[Any]:
-    loaded = helm.Chart.load(CHART)
-    yield loaded
-    loaded.close()
+from tests.fixtures.chart import CHART, NAMESPACE, RELEASE, component_of, deployment_of, of_kind, pod_spec, render
 
 
 def _ci() -> dict[str, Any]:
@@ -31,7 +23,7 @@ def _ci() -> dict[str, Any]:
 
 
 def _env(docs: list[dict[str, Any]], component: str) -> dict[str, dict[str, Any]]:
-    [container] = [c for c in _pod(_deployment(docs, component))["containers"] if c["name"] == component]
+    [container] = [c for c in pod_spec(deployment_of(docs, component))["containers"] if c["name"] == component]
     return {entry["name"]: entry for entry in container["env"]}
 
 
@@ -42,7 +34,7 @@ def _secret_ref(entry: dict[str, Any]) -> tuple[str, str]:
 
 def test_dicomweb_values_reach_the_datastore_and_the_gateway(chart: Any) -> None:
     values = _ci()
-    docs = _render(chart, values)
+    docs = render(chart, values)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com"):
             continue
@@ -60,24 +52,24 @@ def test_dicomweb_values_reach_the_datastore_and_the_gateway(chart: Any) -> None
     assert "LABELGRID_DICOMWEB_SEARCH_FILTER" not in gateway  # the proxy passes any query on
     # Both may reach the PACS (and only where the values say).
     for component in ("datastore", "gateway"):
-        [policy] = [p for p in _of_kind(docs, "NetworkPolicy") if _component(p) == component]
+        [policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == component]
         rules = [rule for rule in policy["spec"]["egress"] if {"port": 8042, "protocol": "TCP"} in rule.get("ports", [])]
         assert rules and rules[0]["to"] == values["dicomweb"]["egressTo"], component
-    [inference] = [p for p in _of_kind(docs, "NetworkPolicy") if _component(p) == "inference"]
+    [inference] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "inference"]
     assert all({"port": 8042, "protocol": "TCP"} not in rule.get("ports", []) for rule in inference["spec"]["egress"])
 
 
 def test_bearer_credentials_and_the_default_without_a_pacs(chart: Any) -> None:
     values = _ci()
     values["dicomweb"].update(auth="bearer", tokenKey="access-token")
-    for env in (_env(_render(chart, values), "datastore"), _env(_render(chart, values), "gateway")):
+    for env in (_env(render(chart, values), "datastore"), _env(render(chart, values), "gateway")):
         assert _secret_ref(env["LABELGRID_DICOMWEB_TOKEN"]) == ("labelgrid-pacs", "access-token")
         assert "LABELGRID_DICOMWEB_USERNAME" not in env and "LABELGRID_DICOMWEB_PASSWORD" not in env
-    default = _render(chart, {})
+    default = render(chart, {})
     for component in ("datastore", "gateway"):
         assert not [name for name in _env(default, component) if name.startswith("LABELGRID_DICOMWEB_")]
     assert _env(default, "datastore")["LABELGRID_BACKEND"]["value"] == "s3"
-    assert json.loads(_env(_render(chart, {"dicomweb": {"enabled": True, "url": "https://pacs.example.org/dicom-web"}}), "datastore")[
+    assert json.loads(_env(render(chart, {"dicomweb": {"enabled": True, "url": "https://pacs.example.org/dicom-web"}}), "datastore")[
         "LABELGRID_DICOMWEB_SEARCH_FILTER"
     ]["value"]) == {"Modality": "CT"}  # fmt: skip
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import helm_python as helm
@@ -18,26 +17,19 @@ import yaml
 
 from services.common.models.batching import BatchPolicy
 from services.infer.settings import InferSettings
-from tests.helm.test_chart import (
+from tests.fixtures.chart import (
     CHART,
     KUBE_VERSIONS,
     NAMESPACE,
     RELEASE,
-    _component,
-    _deployment,
-    _of_kind,
-    _pod,
-    _render,
+    component_of,
+    deployment_of,
+    of_kind,
+    pod_spec,
+    render,
 )
 
 HEADLESS = f"{RELEASE}-labelgrid-inference-headless"
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[Any]:
-    loaded = helm.Chart.load(CHART)
-    yield loaded
-    loaded.close()
 
 
 def _ci(name: str) -> dict[str, Any]:
@@ -45,12 +37,12 @@ def _ci(name: str) -> dict[str, Any]:
 
 
 def _env(docs: list[dict[str, Any]], component: str) -> dict[str, str]:
-    [container] = [c for c in _pod(_deployment(docs, component))["containers"] if c["name"] == component]
+    [container] = [c for c in pod_spec(deployment_of(docs, component))["containers"] if c["name"] == component]
     return {entry["name"]: entry.get("value", "<from a reference>") for entry in container["env"]}
 
 
 def _hpa(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    [found] = [doc for doc in _of_kind(docs, "HorizontalPodAutoscaler") if _component(doc) == component]
+    [found] = [doc for doc in of_kind(docs, "HorizontalPodAutoscaler") if component_of(doc) == component]
     return found
 
 
@@ -62,9 +54,9 @@ def _validate(docs: list[dict[str, Any]]) -> None:
 
 
 def test_batch_inference_fans_out_over_the_headless_service(chart: Any) -> None:
-    docs = _render(chart, {})
-    [headless] = [s for s in _of_kind(docs, "Service") if s["metadata"]["name"] == HEADLESS]
-    inference = _deployment(docs, "inference")
+    docs = render(chart, {})
+    [headless] = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == HEADLESS]
+    inference = deployment_of(docs, "inference")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"] == inference["spec"]["selector"]["matchLabels"]  # every inference pod
     port = headless["spec"]["ports"][0]["port"]
@@ -75,24 +67,24 @@ def test_batch_inference_fans_out_over_the_headless_service(chart: Any) -> None:
     settings = InferSettings.model_validate({"batch_address": env["LABELGRID_BATCH_ADDRESS"], "batch_width": env["LABELGRID_BATCH_WIDTH"]})
     assert settings.batch_width == 8
     # The inference pods may call each other on their gRPC port (and nothing else changed for others).
-    [policy] = [p for p in _of_kind(docs, "NetworkPolicy") if _component(p) == "inference"]
+    [policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "inference"]
     peers = [rule for rule in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in rule["ports"]]
     assert "inference" in peers[0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
     egress = [rule for rule in policy["spec"]["egress"] if {"port": port, "protocol": "TCP"} in rule.get("ports", [])]
     assert egress and "inference" in egress[0]["to"][0]["podSelector"]["matchExpressions"][0]["values"]
-    [datastore_policy] = [p for p in _of_kind(docs, "NetworkPolicy") if _component(p) == "datastore"]
+    [datastore_policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "datastore"]
     allowed = datastore_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
     assert "datastore" not in allowed
     # Off: this pod's devices only; a fixed width still reaches the service.
-    off = _env(_render(chart, {"inference": {"batch": {"fanOut": False, "width": 3}}}), "inference")
+    off = _env(render(chart, {"inference": {"batch": {"fanOut": False, "width": 3}}}), "inference")
     assert "LABELGRID_BATCH_ADDRESS" not in off and off["LABELGRID_BATCH_WIDTH"] == "3"
-    fixed = _env(_render(chart, {"inference": {"autoscaling": {"enabled": False}, "replicaCount": 3, "gpu": {"count": 2}}}), "inference")
+    fixed = _env(render(chart, {"inference": {"autoscaling": {"enabled": False}, "replicaCount": 3, "gpu": {"count": 2}}}), "inference")
     assert fixed["LABELGRID_BATCH_WIDTH"] == str(2 * 3 * 2)
 
 
 def test_per_model_batching_reaches_the_inference_settings(chart: Any) -> None:
     values = _ci("inference-scaling.yaml")
-    env = _env(_render(chart, values), "inference")
+    env = _env(render(chart, values), "inference")
     settings = InferSettings.model_validate(
         {
             "max_batch_size": env["LABELGRID_MAX_BATCH_SIZE"],
@@ -105,7 +97,7 @@ def test_per_model_batching_reaches_the_inference_settings(chart: Any) -> None:
         "segmentation": BatchPolicy(max_batch_size=16, max_queue_delay_ms=10.0),
         "deepedit": BatchPolicy(max_batch_size=1),
     }
-    default = _env(_render(chart, {}), "inference")  # unset: the service decides by device
+    default = _env(render(chart, {}), "inference")  # unset: the service decides by device
     assert not {"LABELGRID_MAX_BATCH_SIZE", "LABELGRID_MAX_QUEUE_DELAY_MS", "LABELGRID_MODEL_BATCHING"} & set(default)
 
 
@@ -135,9 +127,9 @@ def _adapter_rule() -> dict[str, Any]:
 def test_queue_depth_autoscaling_and_its_adapter_rule(chart: Any) -> None:
     """Off by default; on, the HPA asks for the Pods metric the README's adapter rule serves,
     and that rule reads a metric the inference service really exports, per pod."""
-    default = _hpa(_render(chart, {}), "inference")
+    default = _hpa(render(chart, {}), "inference")
     assert [m["type"] for m in default["spec"]["metrics"]] == ["Resource"]
-    docs = _render(chart, _ci("inference-scaling.yaml"))
+    docs = render(chart, _ci("inference-scaling.yaml"))
     _validate([_hpa(docs, "inference")])
     hpa = _hpa(docs, "inference")
     [pods] = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
@@ -152,7 +144,7 @@ def test_queue_depth_autoscaling_and_its_adapter_rule(chart: Any) -> None:
     assert series.group(1) in rule["metricsQuery"] and "by (<<.GroupBy>>)" in rule["metricsQuery"]
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     # The HPA's metric name is the value's.
-    renamed = _render(chart, {"inference": {"autoscaling": {"queueDepth": {"enabled": True, "metricName": "queue_x"}}}})
+    renamed = render(chart, {"inference": {"autoscaling": {"queueDepth": {"enabled": True, "metricName": "queue_x"}}}})
     assert "queue_x" in json.dumps(_hpa(renamed, "inference")["spec"]["metrics"])
     with pytest.raises(helm.HelmValuesError):
         chart.render({"inference": {"autoscaling": {"queueDepth": {"averageValue": "two"}}}}, name=RELEASE, namespace=NAMESPACE)
@@ -163,17 +155,17 @@ def _minio_objects(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def test_no_minio_beside_a_dicomweb_datastore_unless_asked(chart: Any) -> None:
-    assert _minio_objects(_render(chart, {}))  # the default: MinIO bundled
+    assert _minio_objects(render(chart, {}))  # the default: MinIO bundled
     values = _ci("dicomweb.yaml")
-    docs = _render(chart, values)
+    docs = render(chart, values)
     assert _minio_objects(docs) == []
     env = _env(docs, "datastore")
     assert env["LABELGRID_BACKEND"] == "dicomweb" and not [name for name in env if name.startswith("LABELGRID_S3_")]
-    [policy] = [p for p in _of_kind(docs, "NetworkPolicy") if _component(p) == "datastore"]
+    [policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "datastore"]
     assert "minio" not in json.dumps(policy["spec"]["egress"])
     _validate(docs)
-    asked = _render(chart, {**values, "minio": {"withDicomweb": True}})
+    asked = render(chart, {**values, "minio": {"withDicomweb": True}})
     assert {"StatefulSet", "Service", "Secret", "NetworkPolicy"} <= {name.split("/")[0] for name in _minio_objects(asked)}
     assert "LABELGRID_S3_ENDPOINT" in _env(asked, "datastore")
     external = {**values, "storage": {"type": "s3", "s3": {"endpoint": "s3.example.org:443", "existingSecret": "s3-keys"}}}
-    assert _env(_render(chart, external), "datastore")["LABELGRID_S3_ENDPOINT"] == "s3.example.org:443"
+    assert _env(render(chart, external), "datastore")["LABELGRID_S3_ENDPOINT"] == "s3.example.org:443"

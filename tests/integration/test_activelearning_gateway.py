@@ -16,7 +16,7 @@ from monailabel.client.client import MONAILabelClientException
 from services.activelearning.service import start_service
 from services.activelearning.settings import ActiveLearningSettings
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)

@@ -10,7 +10,6 @@ import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,60 +19,13 @@ import pytest
 from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
 from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
-from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
-from services.activelearning.app import ActiveLearning
 from services.activelearning.service import start_service
-from services.activelearning.settings import ActiveLearningSettings
-from services.common.server import GrpcService
-from services.datastore.settings import DatastoreSettings
 from tests.contract.helpers import error_reason, nifti_bytes, upload_image, upload_label
-from tests.fixtures.datastore import RunningDatastore, start_datastore
+from tests.fixtures.activelearning import Stack, start_stack, stop_stack
 from tests.fixtures.polling import eventually
 
 CLIENTS = 10
-
-
-@dataclass
-class Stack:
-    datastore: RunningDatastore
-    ds_stub: ds_grpc.DatastoreServiceStub
-    server: GrpcService
-    service: ActiveLearning
-    stub: pb_grpc.ActiveLearningServiceStub
-    channels: list[grpc.aio.Channel]
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-
-async def start_stack(root: Path, **overrides: Any) -> Stack:
-    datastore = await start_datastore(
-        DatastoreSettings(
-            port=0, metrics_port=-1, backend="local", root=root / "studies", state_dir=root / "state",
-            max_upload_bytes=8 * 1024 * 1024, lease_ttl_seconds=600.0,
-        )
-    )
-    values: dict[str, Any] = {
-        "port": 0, "metrics_port": -1, "datastore": datastore.address, "device": "cpu",
-        "work_dir": root / "al", "lease_ttl_seconds": 600, "torch_threads": 1,
-    }  # fmt: skip
-    values.update(overrides)
-    server, service = await start_service(ActiveLearningSettings(**values))
-    ds_channel = grpc.aio.insecure_channel(datastore.address)
-    channel = grpc.aio.insecure_channel(server.address)
-    return Stack(
-        datastore, ds_grpc.DatastoreServiceStub(ds_channel), server, service,
-        pb_grpc.ActiveLearningServiceStub(channel), [ds_channel, channel],
-    )  # fmt: skip
-
-
-async def stop_stack(stack: Stack) -> None:
-    for channel in stack.channels:
-        await channel.close()
-    await stack.server.stop(0)
-    await stack.datastore.service.stop(0)
 
 
 @pytest.fixture

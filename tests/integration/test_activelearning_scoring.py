@@ -30,7 +30,7 @@ from tests.contract.helpers import (
     upload_label,
     upload_model,
 )
-from tests.integration.test_activelearning_leases import Stack, start_stack, stop_stack
+from tests.fixtures.activelearning import Stack, start_stack, stop_stack
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SIZE = 32

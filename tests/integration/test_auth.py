@@ -42,7 +42,7 @@ from services.common.auth import (
     new_signing_key,
 )
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(180)
 

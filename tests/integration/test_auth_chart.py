@@ -7,7 +7,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from tests.helm.test_chart import RELEASE, _render, chart  # noqa: F401 - the fixture
+from tests.fixtures.chart import RELEASE, render
 
 
 def _env(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
@@ -16,8 +16,8 @@ def _env(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
     return {e["name"]: e for e in container.get("env", [])}, deployment  # type: ignore[return-value]
 
 
-def test_users_signing_key_and_service_tokens(chart: Any) -> None:  # noqa: F811
-    docs = _render(chart, {"auth": {"enabled": True, "users": {"existingSecret": "lg-users"}}})
+def test_users_signing_key_and_service_tokens(chart: Any) -> None:
+    docs = render(chart, {"auth": {"enabled": True, "users": {"existingSecret": "lg-users"}}})
     env, gateway = _env(docs, "gateway")
     assert env["LABELGRID_AUTH_USERS_FILE"]["value"] == "/etc/labelgrid/auth/users.json"
     assert env["LABELGRID_AUTH_SIGNING_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-labelgrid-auth-keys"
@@ -40,19 +40,19 @@ def test_users_signing_key_and_service_tokens(chart: Any) -> None:  # noqa: F811
     "auth",
     [{"enabled": True}, {"enabled": True, "tokens": [""]}, {"enabled": True, "tokens": ["", ""]}],
 )
-def test_auth_that_would_be_off_does_not_render(chart: Any, auth: dict[str, Any]) -> None:  # noqa: F811
+def test_auth_that_would_be_off_does_not_render(chart: Any, auth: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmError):
-        _render(chart, {"auth": auth})
+        render(chart, {"auth": auth})
 
 
-def test_oidc_env_and_egress(chart: Any) -> None:  # noqa: F811
+def test_oidc_env_and_egress(chart: Any) -> None:
     oidc = {
         "issuer": "https://kc.example.org/realms/monailabel",
         "jwks": "https://kc.example.org/realms/monailabel/protocol/openid-connect/certs",
         "loginUrl": "https://kc.example.org/realms/monailabel/protocol/openid-connect/token",
         "egressTo": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
     }
-    docs = _render(chart, {"auth": {"enabled": True, "oidc": oidc}})
+    docs = render(chart, {"auth": {"enabled": True, "oidc": oidc}})
     gateway, _ = _env(docs, "gateway")
     datastore, _ = _env(docs, "datastore")
     assert gateway["LABELGRID_AUTH_OIDC_LOGIN_URL"]["value"] == oidc["loginUrl"]
@@ -63,4 +63,4 @@ def test_oidc_env_and_egress(chart: Any) -> None:  # noqa: F811
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-datastore")
     assert {"to": oidc["egressTo"], "ports": [{"port": 443, "protocol": "TCP"}]} in policy["spec"]["egress"]
     with pytest.raises(helm.HelmError):
-        _render(chart, {"auth": {"enabled": True, "oidc": {"issuer": oidc["issuer"]}}})
+        render(chart, {"auth": {"enabled": True, "oidc": {"issuer": oidc["issuer"]}}})

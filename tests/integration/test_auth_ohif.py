@@ -20,8 +20,8 @@ import pytest
 
 from services.common.auth import ANNOTATOR, USER, Identity, UsersFile, issue_access_token, new_signing_key
 from tests.contract.helpers import nifti_bytes
+from tests.fixtures.gateway import GatewayStack, real_inference
 from tests.fixtures.orthanc import Orthanc, ct_series
-from tests.integration.conftest import GatewayStack, real_inference
 
 pytestmark = pytest.mark.timeout(240)
 

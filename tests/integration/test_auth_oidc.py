@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.common.auth import ADMIN, ANNOTATOR, USER, Authenticator, JwksKeys, OidcSettings, OidcVerifier, TokenError
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
 

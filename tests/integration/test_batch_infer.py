@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from services.common.auth import ADMIN, ANNOTATOR, UsersFile
 from tests.fixtures.bundles import ct_image, make_bundle, make_deepedit_bundle, zip_folder
-from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.polling import wait_until
 
 IMAGE = "ct001"
 
@@ -131,16 +131,6 @@ def infer(http: httpx.Client, model: str, params: dict[str, Any] | None = None) 
     response = http.post(f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps(params or {})})
     assert response.status_code == 200, response.text
     return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
-
-
-def wait_until(condition: Any, timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_info_lists_bundles_with_labels_and_config(http: httpx.Client) -> None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +28,9 @@ from services.datastore.adapters.dicomweb_store import (
 from services.datastore.app import build_datastore
 from services.datastore.domain.model import ImageFilter
 from services.datastore.settings import DatastoreSettings
-from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series, run_orthanc
+from tests.fixtures.orthanc import Orthanc, ct_series, run_orthanc
+from tests.fixtures.polling import wait_until
 from tests.ports import free_port
-
-
-def expected_grid(series: CtSeries) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """Shape, RAS affine and voxels the series must have as a volume, computed from the geometry
-    it was made with (not from any reader): DICOM's voxel order, as cornerstone (OHIF) holds it:
-    column, row, then slice by increasing position along row x column cosines."""
-    row, col = np.array(series.row_direction), np.array(series.column_direction)
-    lps = np.eye(4)
-    lps[:3, 0] = row * series.pixel_spacing[1]  # index 0: columns
-    lps[:3, 1] = col * series.pixel_spacing[0]  # index 1: rows
-    lps[:3, 2] = np.cross(row, col) * series.slice_step  # index 2: slices, in position order
-    lps[:3, 3] = series.origin
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    data = series.volume.transpose(2, 1, 0)
-    return data.shape, ras, data
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
 
 
 def pacs_settings(orthanc_url: str, state_dir: Path, patient_id: str, **extra: Any) -> DatastoreSettings:
@@ -84,7 +57,7 @@ def test_a_change_in_the_pacs_refetches_and_segs_count_as_labels(orthanc: Orthan
     store = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "a", patient))
     try:
         assert isinstance(store, PacsDatastore)
-        wait_for(lambda: store.status().total == 2)
+        wait_until(lambda: store.status().total == 2)
         listed = {image.image_id: image for image in store.list_images().items}
         assert {i.size for i in listed.values()} == {0}  # listed, nothing fetched yet
         first = store.get_image(series.series_uid)  # asked for: fetched and converted now
@@ -117,7 +90,7 @@ def test_a_change_in_the_pacs_refetches_and_segs_count_as_labels(orthanc: Orthan
     # ... and a fresh datastore on the same PACS counts that series as labeled, on the same voxels.
     fresh = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "b", patient))
     try:
-        labeled = wait_for(lambda: list(fresh.list_images(filter=ImageFilter.LABELED).items))
+        labeled = wait_until(lambda: list(fresh.list_images(filter=ImageFilter.LABELED).items))
         assert [i.image_id for i in labeled] == [other.series_uid]
         back = tmp_path / "back.nii.gz"
         back.write_bytes(b"".join(fresh.read_label(other.series_uid, "final").chunks))
@@ -157,7 +130,7 @@ def test_a_final_label_the_pacs_cannot_take_is_not_stored(tmp_path: Path) -> Non
     with run_orthanc(tmp_path / "orthanc") as own:
         own.upload(series.datasets)
         store = build_datastore(pacs_settings(own.dicomweb_url, tmp_path / "state", "GONE", dicomweb_timeout_seconds=2))
-        wait_for(lambda: store.status().total == 1)
+        wait_until(lambda: store.status().total == 1)
         store.get_image(series.series_uid)  # used once while the PACS was there: cached
     try:  # Orthanc is stopped now
         image_path = tmp_path / "image.nii.gz"
@@ -190,7 +163,7 @@ def test_replicas_sharing_the_index_each_cache_the_same_bytes(orthanc: Orthanc, 
     index = f"sqlite:///{tmp_path / 'shared-index.db'}"
     one = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "one", patient, index=index))
     try:
-        wait_for(lambda: one.status().total == 1)
+        wait_until(lambda: one.status().total == 1)
         # Started after the first one listed the PACS: two first passes at once on one SQLite file
         # once left the image unlisted for a minute (not seen since; PostgreSQL is the shared index).
         two = build_datastore(pacs_settings(orthanc.dicomweb_url, tmp_path / "two", patient, index=index))
@@ -219,7 +192,7 @@ def test_a_deleted_final_label_keeps_its_seg_superseded_and_removed_series_leave
     settings = pacs_settings(orthanc.dicomweb_url, tmp_path / "state", patient)
     store = build_datastore(settings)
     try:
-        wait_for(lambda: store.status().total == 2)
+        wait_until(lambda: store.status().total == 2)
         image_path = tmp_path / "image.nii.gz"
         image_path.write_bytes(b"".join(store.read_image(kept.series_uid).chunks))
         image = nib.load(image_path)
@@ -249,7 +222,7 @@ def test_a_deleted_final_label_keeps_its_seg_superseded_and_removed_series_leave
     try:
         # Its first pass runs at open; this one waits for it (one pass at a time), so after it
         # every SEG in the PACS has been considered for import.
-        wait_for(lambda: restarted.status().total == 1)
+        wait_until(lambda: restarted.status().total == 1)
         assert restarted.sync()["segs"] == 0
         assert [i.image_id for i in restarted.list_images().items] == [kept.series_uid]
         with pytest.raises(NotFound):

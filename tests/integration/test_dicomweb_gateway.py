@@ -22,9 +22,9 @@ from dicomweb_client.api import DICOMwebClient
 
 from services.common.models.volumes import nrrd_affine
 from services.datastore.adapters.dicomweb_store import SEG_KEY
-from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
-from tests.integration.conftest import GatewayStack, real_inference
-from tests.integration.test_dicomweb_datastore import expected_grid, wait_for
+from tests.fixtures.gateway import GatewayStack, real_inference
+from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series, expected_grid
+from tests.fixtures.polling import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_series_are_listed_as_images(pacs_stack: GatewayStack, pacs_series: tupl
         objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
         return objects if {first.series_uid, second.series_uid} <= set(objects) else {}
 
-    objects = wait_for(listed)
+    objects = wait_until(listed, "the series listed")
     info = objects[first.series_uid]["image"]["info"]
     assert info["StudyInstanceUID"] == first.study_uid and info["SeriesInstanceUID"] == first.series_uid
     assert info["PatientID"] == pacs_series[0]

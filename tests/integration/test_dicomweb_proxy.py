@@ -13,9 +13,8 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 
+from tests.fixtures.gateway import GatewayStack, offline_app
 from tests.fixtures.orthanc import Orthanc, ct_series, run_orthanc
-from tests.integration.conftest import GatewayStack
-from tests.integration.test_ohif import offline_app
 from tests.ports import free_port
 
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from gateway.cli import build_parser, build_stack
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
-from tests.integration.test_dicomweb_datastore import wait_for
-from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.polling import wait_until
 
 
 def test_a_url_studies_is_the_dicomweb_backend_not_a_folder(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_ohif_proxy_and_api_share_the_edge(pacs_up: tuple[Stack, CtSeries]) -> N
         objects = httpx.get(f"{stack.url}/datastore/?output=all", timeout=30).json()["objects"]
         return set(objects) == {series.series_uid}
 
-    wait_for(listed, timeout=90)
+    wait_until(listed, "the series listed", timeout=90)
     answer = httpx.post(
         f"{stack.url}/infer/segmentation", params={"image": series.series_uid, "output": "image"}, timeout=300
     )

@@ -29,7 +29,7 @@ from gateway.envoy import (
     validate,
     write_bootstrap,
 )
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(180)

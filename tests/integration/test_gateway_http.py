@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,8 +26,8 @@ from monailabel.client.client import MONAILabelClientException
 
 from services.common.models.volumes import nrrd_affine
 from services.datastore.sample_studies import synthetic_volume
+from tests.fixtures.gateway import GatewayStack
 from tests.fixtures.polling import wait_until
-from tests.integration.conftest import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.cli import make_say
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,7 +15,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract.helpers import nifti_bytes, upload_image
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 from tests.ports import free_port
 
 NIFTI = nifti_bytes(seed=21)

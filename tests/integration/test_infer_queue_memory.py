@@ -24,8 +24,8 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from labelgrid.inference.v1 import resources_pb2 as res
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.hostile import read_all, upload_messages
 from tests.fixtures.processes import ServiceProcess, ServiceStartError, peak_rss
-from tests.security.conftest import read_all, upload_messages
 
 pytestmark = pytest.mark.timeout(300)
 

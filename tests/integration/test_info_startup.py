@@ -17,7 +17,7 @@ import pytest
 from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)

@@ -8,19 +8,12 @@ The tests share one stack and run in file order.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -31,110 +24,14 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from monailabel.client import MONAILabelClient
 
-from tests.ports import free_ports
+# UP and port_flags: test_auth_up.py (being edited) still imports them from here; new code imports tests.fixtures.labelgrid_up.
+from tests.fixtures.labelgrid_up import UP, Stack, port_flags, start_stack, stop_stack  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
 
-UP = "labelgrid is up: MONAI Label API at "
 DATASTORE = "/labelgrid.datastore.v1.DatastoreService/"
 # How long the gateway may take to reach a restarted service (its gRPC channel's reconnect backoff).
 RECONNECT_S = 15.0
-
-
-
-@dataclass
-class Stack:
-    proc: subprocess.Popen[str]
-    url: str
-    port: int
-    studies: Path
-    output: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def children(self) -> dict[str, psutil.Process]:
-        """The supervisor's children by role, from their command lines."""
-        roles = {
-            "services.datastore": "datastore", "services.infer": "inference", "services.train": "training",
-            "services.activelearning": "activelearning", "gateway": "gateway", "envoy": "envoy",
-        }  # fmt: skip
-        found: dict[str, psutil.Process] = {}
-        for child in psutil.Process(self.proc.pid).children():
-            with_args = child.cmdline()
-            for marker, role in roles.items():
-                if (marker in with_args) or (role == "envoy" and with_args and with_args[0].endswith("envoy")):
-                    found.setdefault(role, child)
-        return found
-
-    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str]:
-        """The first match of `pattern` in the output (from line `after` on), waiting for it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, "".join(self.output[after:]))
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"no {pattern!r} in labelgrid's output:\n{self.text()[-6000:]}")
-
-
-def port_flags() -> list[str]:
-    """Every --*-port option of `labelgrid up` (more appear as services join the stack)."""
-    from gateway.cli import build_parser
-
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    up = commands.choices["up"]
-    return [flag for action in up._actions for flag in action.option_strings if flag.endswith("-port")]
-
-
-def start_stack(root: Path, *, sample_studies: bool = True, ready_timeout: float = 150, extra: Sequence[str] = ()) -> Stack:
-    """`python -m gateway.cli up` with every port of the stack on a free port, on the CPU;
-    returns once it prints that it is up."""
-    flags = port_flags()
-    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
-    studies = root / "studies"
-    argv = [
-        sys.executable, "-m", "gateway.cli", "up", "--studies", str(studies), "--work-dir", str(root / "var"),
-        "--device", "cpu", "--train-device", "cpu", "--scoring-device", "cpu",
-        *(["--sample-studies"] if sample_studies else []), *extra,
-    ]  # fmt: skip
-    for flag, port in ports.items():
-        argv += [flag, str(port)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    running = Stack(proc, f"http://127.0.0.1:{ports['--port']}", ports["--port"], studies)
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            running.output.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        running.wait_for(re.escape(UP), timeout=ready_timeout)
-    except BaseException:
-        stop_stack(running)
-        raise
-    return running
-
-
-def stop_stack(running: Stack) -> None:
-    """SIGTERM, then SIGKILL; and any child still there is killed by pid: no stray servers."""
-    pids = [child.pid for child in running.children().values()] if running.proc.poll() is None else []
-    if running.proc.poll() is None:
-        running.proc.send_signal(signal.SIGTERM)
-        try:
-            running.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            running.proc.kill()
-            running.proc.wait()
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ import numpy as np
 import pytest
 from labelgrid.client import Client
 
-from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
-from tests.integration.test_node_client import node  # noqa: F401 - the checked `node` fixture
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(420)
 

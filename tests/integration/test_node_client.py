@@ -48,46 +48,14 @@ from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
 from services.datastore.settings import DatastoreSettings
 from tests.contract.helpers import upload_image
 from tests.fixtures.datastore import start_datastore
-from tests.integration.conftest import real_inference
+from tests.fixtures.gateway import real_inference
+from tests.fixtures.node import CLIENT, REPO
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
-REPO = Path(__file__).resolve().parents[2]
-CLIENT = REPO / "clients" / "node"
 SCRIPT = CLIENT / "list_models.mjs"
-INSTALL_HINT = "run `make test`, or `npm ci --prefix clients/node --no-audit --no-fund`"
 ORIGIN = "http://viewer.example.test"
-
-
-def node_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"`{name}` is not on PATH: the Node client tests need Node >= 20 and npm", pytrace=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    """`node`, checked to be >= 20, with npm beside it and node_modules installed from the lock."""
-    node = node_tool("node")
-    node_tool("npm")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    if int(version.lstrip("v").split(".")[0]) < 20:
-        pytest.fail(f"Node {version} is too old: the client needs Node >= 20", pytrace=False)
-    lock = json.loads((CLIENT / "package-lock.json").read_text())
-    for key, entry in lock["packages"].items():
-        if not key:
-            continue
-        manifest = CLIENT / key / "package.json"
-        if not manifest.is_file():
-            pytest.fail(f"clients/node/{key} is not installed: {INSTALL_HINT}", pytrace=False)
-        installed = json.loads(manifest.read_text())["version"]
-        if installed != entry["version"]:
-            pytest.fail(
-                f"clients/node/{key} is {installed}, the lock says {entry['version']}: {INSTALL_HINT}", pytrace=False
-            )
-    return node
 
 
 def buf_binary() -> str:

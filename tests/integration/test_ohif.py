@@ -8,14 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.routes.ohif import wheel_ohif_dir
-from gateway.settings import GatewaySettings
+from tests.fixtures.gateway import GatewayStack, offline_app
 from tests.fixtures.orthanc import Orthanc
-from tests.integration.conftest import GatewayStack
-from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +21,6 @@ def ohif_stack(tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc) -> It
     ).start()
     yield stack
     stack.stop()
-
-
-def offline_app(**overrides: object) -> TestClient:
-    """The gateway app alone (its gRPC services are closed ports): enough for static files."""
-    values: dict[str, object] = {
-        "port": 0,
-        "metrics_port": -1,
-        "datastore_address": f"127.0.0.1:{free_port()}",
-        "inference_address": f"127.0.0.1:{free_port()}",
-        "training_address": f"127.0.0.1:{free_port()}",
-        "activelearning_address": f"127.0.0.1:{free_port()}",
-    }
-    values.update(overrides)
-    return TestClient(create_app(GatewaySettings(**values)))
 
 
 def test_the_wheel_ships_the_build() -> None:

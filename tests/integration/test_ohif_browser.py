@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, Response, sync_playwright
 
+from tests.fixtures.gateway import GatewayStack, real_inference
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
-from tests.integration.conftest import GatewayStack, real_inference
 
 CHROMIUM = "/usr/bin/chromium"  # `make install-chromium`
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(240)

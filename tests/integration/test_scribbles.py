@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(300)
 

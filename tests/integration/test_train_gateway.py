@@ -13,8 +13,8 @@ import pytest
 from monailabel.client import MONAILabelClient
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.gateway import GatewayStack
 from tests.fixtures.processes import ServiceProcess
-from tests.integration.conftest import GatewayStack
 
 
 @pytest.fixture(scope="module")

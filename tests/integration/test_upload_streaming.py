@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.contract.helpers import nifti_bytes
-from tests.integration.conftest import GatewayStack
+from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,14 +55,6 @@ def put(http: httpx.Client, path: str, query: dict[str, str], body: bytes) -> ht
 
 def spools(stack: GatewayStack) -> list[Path]:
     return sorted(stack.root.rglob("upload-*.part"))
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_params_before_file_stream(http: httpx.Client) -> None:
@@ -127,7 +119,7 @@ def test_over_the_cap_is_413_and_stores_nothing(http: httpx.Client, stack: Gatew
     assert answer.status_code == 413, answer.text
     assert str(CAP) in answer.json()["detail"]
     assert http.get("/datastore/image/info", params={"image": "big"}).json() == {}
-    wait_for(lambda: spools(stack) == [], "the spool to be removed")
+    wait_until(lambda: spools(stack) == [], "the spool to be removed")
 
 
 def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: GatewayStack) -> None:
@@ -143,8 +135,8 @@ def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: 
             ).encode()
             + sent
         )
-        wait_for(lambda: spools(stack) != [], "the datastore to start spooling the upload")
-    wait_for(lambda: spools(stack) == [], "the spool of the abandoned upload to be removed")
+        wait_until(lambda: spools(stack) != [], "the datastore to start spooling the upload")
+    wait_until(lambda: spools(stack) == [], "the spool of the abandoned upload to be removed")
     assert http.get("/datastore/image/info", params={"image": "gone"}).json() == {}
     # The service is fine afterwards.
     body = form(("params", None, b"{}"), ("file", "gone.nii.gz", NIFTI))

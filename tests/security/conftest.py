@@ -3,71 +3,18 @@ the gateway, in-process on loopback ports, plus a planted secret file no answer 
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
-import nibabel as nib
-import numpy as np
 import pytest
-from labelgrid.common.v1 import common_pb2
-from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
-from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
-from tests.integration.conftest import GatewayStack, real_inference
-
-BASE_IMAGE = "base"
-
-
-def nifti(shape: tuple[int, int, int] = (12, 10, 8)) -> bytes:
-    volume = np.zeros(shape, np.uint8)
-    volume[2:6, 2:6, 2:6] = 1
-    return gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes())
-
-
-@dataclass
-class Hostile:
-    """The stack, clients to every hop, and the secret planted on the server's disk."""
-
-    stack: GatewayStack
-    http: httpx.Client
-    datastore: Any  # DatastoreServiceStub
-    inference: Any  # InferenceServiceStub
-    secret_path: Path
-    secret: bytes
-
-    def stored(self) -> set[str]:
-        """Every image and label the datastore holds (sessions included)."""
-        found: set[str] = set()
-        token = ""
-        while True:
-            page = self.datastore.ListImages(ds_pb.ListImagesRequest(page_size=1000, page_token=token), timeout=10)
-            for image in page.images:
-                found.add(image.image_id)
-                found.update(f"{image.image_id}/{tag}" for tag in image.labels)
-            token = page.next_page_token
-            if not token:
-                return found
-
-    def assert_alive(self) -> None:
-        """Every service still answers."""
-        assert self.datastore.GetStatus(ds_pb.GetStatusRequest(), timeout=10) is not None
-        assert self.inference.GetAppInfo(inf_pb.GetAppInfoRequest(), timeout=10).display_name
-        assert self.http.get("/datastore/", params={"output": "stats"}).status_code == 200
-
-    def assert_no_secret(self, *answers: bytes | str) -> None:
-        for answer in answers:
-            data = answer.encode() if isinstance(answer, str) else answer
-            assert self.secret not in data and self.secret[:16] not in data, "server-file bytes came back"
+from tests.fixtures.gateway import GatewayStack, real_inference
+from tests.fixtures.hostile import BASE_IMAGE, Hostile, nifti
 
 
 @pytest.fixture(scope="package")
@@ -102,26 +49,3 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         ds_channel.close()
         inf_channel.close()
         stack.stop()
-
-
-def upload_messages(kind: str, header: Any, data: bytes, chunk: int = 256 * 1024) -> Iterator[Any]:
-    """A client stream: header, chunks, finish with the sha256 (UploadImage or InferUpload)."""
-    digest = hashlib.sha256(data).hexdigest()
-    if kind == "datastore":
-        yield ds_pb.UploadImageRequest(header=header)
-        for at in range(0, len(data), chunk):
-            yield ds_pb.UploadImageRequest(chunk=data[at : at + chunk])
-        yield ds_pb.UploadImageRequest(finish=common_pb2.UploadFinish(sha256=digest))
-    else:
-        yield inf_pb.InferUploadRequest(header=header)
-        for at in range(0, len(data), chunk):
-            yield inf_pb.InferUploadRequest(image_chunk=data[at : at + chunk])
-        yield inf_pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=digest))
-
-
-def read_all(call: Any) -> bytes:
-    """Everything a server stream sent, as bytes (to look for leaked file contents)."""
-    out = io.BytesIO()
-    for message in call:
-        out.write(message.SerializeToString())
-    return out.getvalue()

@@ -17,9 +17,9 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.hostile import read_all, upload_messages
 from tests.fixtures.processes import ServiceProcess, ServiceStartError, peak_rss
 from tests.security import hostile as files
-from tests.security.conftest import read_all, upload_messages
 
 pytestmark = pytest.mark.timeout(240)
 

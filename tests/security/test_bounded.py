@@ -21,8 +21,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
 from services.datastore.domain import limits
-from tests.integration.conftest import GatewayStack
-from tests.security.conftest import BASE_IMAGE, Hostile, nifti, read_all
+from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.hostile import BASE_IMAGE, Hostile, nifti, read_all
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -27,8 +27,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from gateway.clients import GrpcClients, with_deadlines
 from gateway.settings import GatewaySettings
+from tests.fixtures.hostile import BASE_IMAGE, Hostile
 from tests.ports import free_port
-from tests.security.conftest import BASE_IMAGE, Hostile
 
 pytestmark = pytest.mark.timeout(180)
 

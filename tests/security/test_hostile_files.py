@@ -11,7 +11,7 @@ import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 
-from tests.security.conftest import BASE_IMAGE, Hostile, read_all, upload_messages
+from tests.fixtures.hostile import BASE_IMAGE, Hostile, read_all, upload_messages
 from tests.security.hostile import build, catalogue
 
 pytestmark = pytest.mark.timeout(120)

@@ -17,7 +17,7 @@ from labelgrid.inference.v1 import resources_pb2 as inf_res
 from services.common.errors import InvalidArgument
 from services.common.protos import dict_to_struct
 from services.datastore.domain import ids
-from tests.security.conftest import BASE_IMAGE, Hostile, nifti, read_all, upload_messages
+from tests.fixtures.hostile import BASE_IMAGE, Hostile, nifti, read_all, upload_messages
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,7 +22,8 @@ SERVED = r"^/(datastore/(image|label)|session/|infer/\{model\}|model/)"
 
 def test_generated_requests_never_get_a_server_error(hostile: Hostile) -> None:
     schema = schemathesis.openapi.from_url(f"{hostile.stack.url}/openapi.json").include(path_regex=SERVED)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # An operation schemathesis cannot load is an Err: .ok() raises with its reason.
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 15, [op.label for op in operations]
     failures: list[str] = []
     calls: list[int] = []

@@ -17,8 +17,8 @@ from services.infer.domain.batch import MAX_QUEUED as BATCH_MAX_QUEUED
 from services.infer.domain.batch import BatchInference, BatchJob
 from services.infer.domain.model import InferParams
 from tests.fixtures.activelearning import start_stack, stop_stack
+from tests.fixtures.hostile import nifti, upload_messages
 from tests.fixtures.polling import eventually
-from tests.security.conftest import nifti, upload_messages
 from tests.unit.test_batch_domain import GatedInference, Images, Records
 
 pytestmark = pytest.mark.timeout(120)

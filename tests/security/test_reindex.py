@@ -15,8 +15,8 @@ from services.datastore.app import build_datastore
 from services.datastore.domain import formats
 from services.datastore.domain.datastore import Datastore, image_key, label_key
 from services.datastore.settings import DatastoreSettings
+from tests.fixtures.hostile import nifti
 from tests.security import hostile
-from tests.security.conftest import nifti
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,7 +15,7 @@ from services.common import formats
 from services.common.settings import ServiceSettings, parse_settings
 from services.datastore.settings import DatastoreSettings
 from tests.contract.conftest import start_datastore
-from tests.security.conftest import nifti, upload_messages
+from tests.fixtures.hostile import nifti, upload_messages
 
 pytestmark = pytest.mark.timeout(120)
 
