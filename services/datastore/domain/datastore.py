@@ -600,8 +600,7 @@ class Datastore:
         tag = ids.check_tag(tag or DEFAULT_TAG_FINAL)
         if order is ImageOrder.SCORE_DESC:
             ids.check_record_key(score_key, "score key")
-        if ttl_seconds < 0:
-            raise InvalidArgument("ttl_seconds may not be negative")
+        limits.check_ttl(ttl_seconds)
         got = self.index.acquire_next_lease(
             client_id,
             strategy or "default",
@@ -615,8 +614,7 @@ class Datastore:
         return self.index.no_lease_reason(tag)
 
     def renew_lease(self, image_id: str, client_id: str, ttl_seconds: float = 0) -> LeaseRecord:
-        if ttl_seconds < 0:
-            raise InvalidArgument("ttl_seconds may not be negative")
+        limits.check_ttl(ttl_seconds)
         return self.index.renew_lease(
             ids.check_image_id(image_id), ids.check_record_key(client_id, "client_id"), ttl_seconds or self.lease_ttl_seconds
         )

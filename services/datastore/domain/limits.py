@@ -8,9 +8,10 @@ infos take at most ``PAGE_INFO_BUDGET_BYTES`` (stores written before the cap inc
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted
 
 MAX_INFO_BYTES = 64 * 1024
 """Largest info document, as compact JSON (MONAI Label's infos are a few hundred bytes)."""
@@ -18,6 +19,19 @@ MAX_INFO_BYTES = 64 * 1024
 PAGE_INFO_BUDGET_BYTES = 4 * 1024 * 1024
 """Most info bytes in one list page: half the default 8 MiB gRPC message, the rest for the
 records' other fields."""
+
+
+MAX_LEASE_TTL_SECONDS = 7 * 24 * 3600.0
+"""Longest lease a client may ask for (0 is the service's default): a lease hides an image from
+every other annotator, so none may outlive a week."""
+
+
+def check_ttl(ttl_seconds: float) -> None:
+    """INVALID_ARGUMENT for a lease TTL that is negative, not finite or over a week."""
+    if not math.isfinite(ttl_seconds) or not 0 <= ttl_seconds <= MAX_LEASE_TTL_SECONDS:
+        raise InvalidArgument(
+            f"ttl_seconds must be between 0 (the default) and {MAX_LEASE_TTL_SECONDS:g}, got {ttl_seconds!r}"
+        )
 
 
 def info_bytes(info: Any) -> int:
