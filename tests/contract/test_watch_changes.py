@@ -11,8 +11,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from gateway.changes import ChangeWatch
-from tests.contract.conftest import RunningDatastore
 from tests.contract.helpers import nifti_bytes, struct, upload_image, upload_label
+from tests.fixtures.datastore import RunningDatastore
 
 WAIT = 30.0  # poll-until bound of one push; a push comes in milliseconds
 

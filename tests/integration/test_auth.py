@@ -10,7 +10,6 @@ checked against MONAI Label's table here.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from services.common.auth import (
 )
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.routes import app_routes, request_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -169,30 +169,6 @@ def test_users_added_later_log_in_without_a_restart(url: str, users_file: Path) 
 # -- the route table -----------------------------------------------------------------
 
 
-def app_routes(stack: GatewayStack | None = None) -> list[tuple[str, str]]:
-    """(method, template) of every route the running app serves, hidden ones included."""
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
-
-    app = create_app(GatewaySettings())
-    out = []
-    for route in _routes(app.router.routes):
-        for method in sorted(route.methods or ()):
-            if method == "HEAD" and "GET" in route.methods:
-                continue
-            out.append((method, route.path))
-    return sorted(set(out))
-
-
-def _routes(routes: Any) -> Iterator[Any]:
-    for route in routes:
-        if getattr(route, "methods", None) and isinstance(getattr(route, "path", None), str):
-            yield route
-        else:
-            candidates = getattr(route, "effective_candidates", None)
-            yield from _routes(candidates() if callable(candidates) else getattr(route, "routes", ()))
-
-
 def test_every_route_has_monailabels_role() -> None:
     expected = {}
     for entry in MONAILABEL_TABLE.replace("\n", "|").split("|"):
@@ -208,13 +184,8 @@ def test_every_route_of_the_app_is_in_the_table(stack: GatewayStack) -> None:
     assert missing == []
 
 
-def _request_for(method: str, template: str) -> tuple[str, dict[str, str]]:
-    path = re.sub(r"\{[^}]+\}", "x", template)
-    return path, {"image": "missing-img", "label": "missing-img", "tag": "final", "id": "missing-img"}
-
-
 def _call(url: str, method: str, template: str, headers: dict[str, str]) -> int:
-    path, params = _request_for(method, template)
+    path, params = request_for(method, template)
     return httpx.request(method, f"{url}{path}", params=params, headers=headers, timeout=30).status_code
 
 

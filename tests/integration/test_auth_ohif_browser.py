@@ -14,9 +14,9 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from services.common.auth import USER, UsersFile, new_signing_key
+from tests.fixtures.browser import CHROMIUM
 from tests.fixtures.gateway import GatewayStack, real_inference
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
-from tests.integration.test_ohif_browser import CHROMIUM
 
 pytestmark = pytest.mark.timeout(600)
 

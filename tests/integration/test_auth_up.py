@@ -25,7 +25,7 @@ from monailabel.client import MONAILabelClient
 
 from gateway.auth import AUTHENTICATED, PUBLIC, required_role
 from services.common.auth import ADMIN, ROLES, USER, Identity, UsersFile, issue_access_token, new_signing_key
-from tests.integration.test_labelgrid_up import UP, Stack, port_flags, stop_stack
+from tests.fixtures.labelgrid_up import UP, Stack, port_flags, stop_stack
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(300)
@@ -178,7 +178,7 @@ def test_every_route_per_role_on_the_whole_stack(stack: Stack) -> None:
     of the app with no token, a wrongly signed one and a token of each single role is refused
     (401 / 403) or not exactly per gateway.auth's table. Bodies are an invalid JSON `[]`, so an
     allowed call stops at validation instead of starting a training or scoring run."""
-    from tests.integration.test_auth import _request_for, app_routes
+    from tests.fixtures.routes import app_routes, request_for
 
     routes = [route for route in app_routes() if required_role(*route) not in (PUBLIC, AUTHENTICATED)]
     assert len(routes) > 40
@@ -191,7 +191,7 @@ def test_every_route_per_role_on_the_whole_stack(stack: Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=60) as http:
         for who, headers in identities.items():
             for method, template in routes:
-                path, params = _request_for(method, template)
+                path, params = request_for(method, template)
                 body = {"content": b"[]", "headers": {**headers, "content-type": "application/json"}}
                 status = http.request(method, path, params=params, **(body if method in ("POST", "PUT") else {"headers": headers})).status_code
                 if who in ("none", "wrongly signed"):

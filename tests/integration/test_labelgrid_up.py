@@ -24,8 +24,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from monailabel.client import MONAILabelClient
 
-# UP and port_flags: test_auth_up.py (being edited) still imports them from here; new code imports tests.fixtures.labelgrid_up.
-from tests.fixtures.labelgrid_up import UP, Stack, port_flags, start_stack, stop_stack  # noqa: F401
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.timeout(240)
 

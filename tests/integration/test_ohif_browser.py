@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, Response, sync_playwright
 
+from tests.fixtures.browser import CHROMIUM
 from tests.fixtures.gateway import GatewayStack, real_inference
 from tests.fixtures.orthanc import CtSeries, Orthanc, ct_series
 
-CHROMIUM = "/usr/bin/chromium"  # `make install-chromium`
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 
 

@@ -14,7 +14,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from services.common import formats
 from services.common.settings import ServiceSettings, parse_settings
 from services.datastore.settings import DatastoreSettings
-from tests.contract.conftest import start_datastore
+from tests.fixtures.datastore import start_datastore
 from tests.fixtures.hostile import nifti, upload_messages
 
 pytestmark = pytest.mark.timeout(120)
