@@ -167,7 +167,20 @@ class FaultStack:
             capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
 
+    @property
+    def spool(self) -> Path:
+        return self.stack.studies.parent / "var" / "datastore" / "spool"
+
+    def spools(self) -> list[str]:
+        return [p.name for p in self.spool.glob("upload-*")]
+
     def assert_fsck_clean(self) -> None:
+        """fsck finds nothing, and no upload's spool is left behind (fsck skips young ones: they
+        may be live uploads, and no upload is live between these tests)."""
+        deadline = time.monotonic() + 30
+        while self.spools() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not self.spools(), f"spools left behind: {self.spools()}"
         found = self.fsck()
         assert found.returncode == 0 and "fsck: clean" in found.stdout, found.stdout + found.stderr[-3000:]
 
