@@ -298,13 +298,13 @@ def test_local_adopts_existing_folder(tmp_path: Path) -> None:
     stale.write_bytes(b"stale")
     old = time.time() - 2 * 3600
     os.utime(stale, (old, old))
-    # A fresh spool file may be a live upload of another process on the same folder (a
-    # reindex CLI next to the server): it stays.
-    live = root / ".labelgrid" / "tmp" / "upload-live.part"
-    live.write_bytes(b"live")
+    # No other process holds the folder's lock, so a fresh spool file is a leftover too (a live
+    # process's spools stay: tests/security/test_spool_lock.py).
+    fresh = root / ".labelgrid" / "tmp" / "upload-fresh.part"
+    fresh.write_bytes(b"fresh")
 
     store = LocalBlobStore(root)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and not fresh.exists()
     assert [b.key for b in store.list("images/")] == [
         "images/img_01.nii.gz",
         "images/img_02.nrrd",

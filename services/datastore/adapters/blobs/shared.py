@@ -4,6 +4,8 @@ read stream and the spool-folder housekeeping.
 
 from __future__ import annotations
 
+import fcntl
+import math
 import os
 import shutil
 import time
@@ -136,23 +138,44 @@ class _ChunkStream(Iterator[bytes]):
             pass
 
 
+_SPOOL_LOCKS: dict[Path, int] = {}
+"""The lock file of each spool folder this process uses, held (shared) while it lives."""
+
+
 def _remove_stale(directory: Path, older_than: float = STALE_SPOOL_SECONDS) -> None:
     """Removes spool leftovers of a crash, never a live upload of another process on the same folder.
 
-    An upload being written keeps its mtime fresh, so age tells leftovers apart (a reindex
-    CLI run next to a live server must not delete the server's uploads).
+    Every process using the folder holds a shared flock on `<folder>.lock` (beside it, so the
+    folder holds spools only) for as long as it lives. A process that starts while no other
+    holds it is alone: everything in the folder is a leftover and goes. While another process
+    (a replica, a reindex CLI next to a live server) holds it, nothing is removed: its uploads
+    may be slow, so age cannot tell them apart (`fsck --repair` clears old leftovers then). A
+    second store of the same process on the folder removes only what is older than `older_than`.
     """
-    cutoff = time.time() - older_than
-    for entry in directory.iterdir():
-        try:
-            if entry.lstat().st_mtime >= cutoff:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-        except OSError:
-            pass
+    directory = directory.resolve()
+    known = directory in _SPOOL_LOCKS
+    if not known:
+        _SPOOL_LOCKS[directory] = os.open(directory.parent / f"{directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _SPOOL_LOCKS[directory]
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # live here too from now on
+        return  # another process lives on this folder: its spools are not ours to judge
+    try:
+        cutoff = time.time() - older_than if known else math.inf
+        for entry in directory.iterdir():
+            try:
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            except OSError:
+                pass
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def _file_mode() -> int:
