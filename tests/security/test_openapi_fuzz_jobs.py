@@ -81,7 +81,8 @@ def job_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
 def test_generated_job_requests_never_get_a_server_error(job_stack: tuple[GatewayStack, bytes]) -> None:
     stack, secret = job_stack
     schema = schemathesis.openapi.from_url(f"{stack.url}/openapi.json").include(path_regex=JOB_ROUTES)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # An operation schemathesis cannot load is an Err: .ok() raises with its reason.
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 10, [op.label for op in operations]
     failures: list[str] = []
     calls: list[int] = []
