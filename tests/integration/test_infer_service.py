@@ -276,6 +276,34 @@ async def test_bad_requests(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_batch_jobs_page_as_every_listing_does(stack: Stack) -> None:
+    """ListBatchInferenceJobs pages by services.common.paging (AIP-158): a size above the
+    maximum is coerced, a negative one or a token no listing returned is INVALID_ARGUMENT."""
+    stub = stack.stub
+    names = []
+    for _ in range(3):  # each over one missing image: it fails that image and ends at once
+        job = res.BatchInferenceJob(model="models/segmentation", images=["images/no-such-image"])
+        created = await stub.CreateBatchInferenceJob(pb.CreateBatchInferenceJobRequest(batch_inference_job=job, enqueue=True))
+        names.append(created.batch_inference_job.name)
+
+    async def all_ended() -> bool:
+        jobs = [(await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=n))).batch_inference_job for n in names]
+        return all(j.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED) for j in jobs)
+
+    await eventually(all_ended, "the three batch jobs to end", timeout=60, interval=0.1)
+    everything = await stub.ListBatchInferenceJobs(pb.ListBatchInferenceJobsRequest(page_size=5000))
+    listed = [j.name for j in everything.batch_inference_jobs]
+    assert set(names) <= set(listed) and not everything.next_page_token
+    first = await stub.ListBatchInferenceJobs(pb.ListBatchInferenceJobsRequest(page_size=2))
+    assert len(first.batch_inference_jobs) == 2 and first.next_page_token
+    rest = await stub.ListBatchInferenceJobs(pb.ListBatchInferenceJobsRequest(page_size=1000, page_token=first.next_page_token))
+    assert [j.name for j in [*first.batch_inference_jobs, *rest.batch_inference_jobs]] == listed  # newest first, no gaps
+    for bad in (pb.ListBatchInferenceJobsRequest(page_size=-1), pb.ListBatchInferenceJobsRequest(page_token="x")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListBatchInferenceJobs(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_corrupt_uploads(stack: Stack) -> None:
     garbage = b"this is not a NIfTI file" * 100
 

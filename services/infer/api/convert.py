@@ -219,7 +219,6 @@ _BATCH_FILTERS = {
     res.BATCH_IMAGE_FILTER_LABELED: "LABELED",
     res.BATCH_IMAGE_FILTER_UNLABELED: "UNLABELED",
 }
-_MAX_PAGE = 1000
 
 
 def batch_job_of(name: str) -> str:
@@ -271,16 +270,3 @@ def batch_job(value: BatchJob) -> res.BatchInferenceJob:
         job.error.CopyFrom(error)
     return job
 
-
-def page(docs: list[BatchJob], page_size: int, page_token: str) -> tuple[list[BatchJob], str]:
-    """One page of a listing: page_size 0 means 100, at most 1000; the token is the next offset."""
-    if page_size < 0:
-        raise InvalidArgument("page_size may not be negative")
-    size = min(page_size or 100, _MAX_PAGE)
-    start = 0
-    if page_token:
-        if not page_token.isdigit() or int(page_token) > len(docs):
-            raise InvalidArgument("page_token was not returned by a previous listing")
-        start = int(page_token)
-    end = start + size
-    return docs[start:end], (str(end) if end < len(docs) else "")

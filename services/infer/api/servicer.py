@@ -21,6 +21,7 @@ from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.chunks import SpooledFile, SpoolWriter, iter_file_chunks
 from services.common.errors import InvalidArgument
 from services.common.jobs import JobStore
+from services.common.paging import offset_page
 from services.common.protos import job_state_name
 from services.common.server import GrpcService
 from services.common.streams import send_chunks
@@ -209,7 +210,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ListBatchInferenceJobsResponse:
         model = convert.model_of(request.model) if request.model else ""
         docs = await self.batch.list(job_state_name(request.state), model)
-        page, token = convert.page(docs, request.page_size, request.page_token)
+        page, token = offset_page(docs, request.page_size, request.page_token, "ListBatchInferenceJobs")
         return pb.ListBatchInferenceJobsResponse(
             batch_inference_jobs=[convert.batch_job(doc) for doc in page], next_page_token=token
         )
