@@ -35,6 +35,7 @@ SECRET_DETAIL = "s3cr3t-internal-detail"
 @dataclass
 class EchoState:
     hang_started: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_started: asyncio.Event = field(default_factory=asyncio.Event)
     hang_outcome: asyncio.Future[str] | None = None
 
 
@@ -47,6 +48,7 @@ def echo_handlers(state: EchoState) -> grpc.GenericRpcHandler:
         if request == b"abort":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
         if request.startswith(b"slow:"):
+            state.slow_started.set()
             await asyncio.sleep(float(request[5:]))
         return request
 
@@ -446,7 +448,7 @@ async def test_stop_drains_in_flight_calls():
     running = await start(on_stop=on_stop)
     try:
         slow = asyncio.ensure_future(running.method("Unary")(b"slow:0.5", timeout=10))
-        await asyncio.sleep(0.2)  # the call is in flight
+        await asyncio.wait_for(running.state.slow_started.wait(), 5)  # the call is in flight
         began = time.monotonic()
         await running.service.stop(5)
         assert time.monotonic() - began < 4  # returns once drained, not after the whole grace
