@@ -416,6 +416,10 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
         )
         os.kill(inference.proc.pid, signal.SIGKILL)
         inference.proc.wait(30)
+        # The request it was running leaves its scratch folder (the downloaded volume) behind.
+        scratch = tmp_path / "infer"
+        leftovers = list(scratch.glob(f"infer-{inference.proc.pid}-*"))
+        assert leftovers, sorted(p.name for p in scratch.iterdir())
         for caller in callers:
             caller.join(120)
         assert len(statuses) == 4 and 503 in statuses, statuses
@@ -438,6 +442,9 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
             ),
             "inference back",
         )
+        # The restarted service removed the dead process's scratch, and its own requests' too.
+        assert not [p for p in leftovers if p.exists()]
+        assert not list(scratch.glob("infer-*"))
     finally:
         gateway.terminate()
         gateway.wait(20)

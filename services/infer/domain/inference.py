@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +54,33 @@ MAX_ROI_VOXELS = 256**3
 MAX_SW_BATCH_SIZE = 32
 MAX_SW_OVERLAP = 0.9
 UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+# A request's scratch folder: infer-<pid>-<model>-<random>, removed when the request ends.
+SCRATCH_PREFIX = "infer-"
+
+
+def remove_dead_scratch(work_dir: Path) -> list[Path]:
+    """Removes the scratch folders of processes that are gone (killed mid-request: kill -9, an
+    OOM kill), never one of a live process sharing `work_dir`; returns what it removed. Called
+    before this process makes any: a folder with our own pid is a previous process's (a
+    restarted container often gets the same pid)."""
+    removed = []
+    for folder in work_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or folder.is_symlink() or not folder.is_dir():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (or another user's process): not ours to remove
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed scratch folders of processes that are gone", extra={"folders": [f.name for f in removed]})
+    return removed
 
 
 def _whole(value: Any) -> bool:
@@ -150,6 +178,7 @@ class Inference:
         self.versions = versions
         self.work_dir = work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
+        remove_dead_scratch(work_dir)
 
     # -- info ------------------------------------------------------------------------------
 
@@ -270,7 +299,7 @@ class Inference:
             self.check_params(params)
             if params.result.save_label and not image.image_id:
                 raise InvalidArgument("save_label needs a datastore image; an image streamed in cannot be saved to")
-            work_dir = Path(tempfile.mkdtemp(prefix=f"infer-{model}-", dir=self.work_dir))
+            work_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{model}-", dir=self.work_dir))
             try:
                 return await self._infer(task, model, image, params, deadline, work_dir, started)
             except BaseException:
