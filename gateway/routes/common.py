@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import mimetypes
 import re
@@ -192,8 +194,46 @@ def file_response(
     if info.sha256:
         headers["etag"] = f'"{info.sha256}"'
     return StreamingResponse(
-        download.chunks(), media_type=media_type(name), headers=headers
+        read_ahead(download.chunks()), media_type=media_type(name), headers=headers
     )
+
+
+READ_AHEAD_CHUNKS = 4
+"""Download chunks the gateway reads from the service while it sends earlier ones."""
+
+
+async def read_ahead(chunks: AsyncIterator[bytes], depth: int = READ_AHEAD_CHUNKS) -> AsyncIterator[bytes]:
+    """`chunks`, read by a task of their own up to `depth` ahead: the next gRPC messages arrive
+    while this one is written to the client (uvicorn waits for each 1 MiB to drain, so reading
+    only after each write left both sides idle half the time). The reader is cancelled, and
+    with it the call, when the client goes away."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+    done = object()
+
+    async def fill() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put(chunk)
+            await queue.put(done)
+        except Exception as exc:  # noqa: BLE001 - raised in the sender
+            await queue.put(exc)
+
+    reader = asyncio.create_task(fill())
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 # -- MONAI Label's task objects (training and scoring runs) -----------------------------------
