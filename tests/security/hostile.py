@@ -146,8 +146,15 @@ def nifti_wide_voxels() -> tuple[str, bytes]:
     return "wide.nii", raw
 
 
+def ct_small() -> str:
+    """pydicom's CT_small.dcm test file (installed with pydicom, no download)."""
+    path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
+    return path
+
+
 def _dicom_with_private_element(size: int) -> bytes:
-    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset = dcmread(ct_small())
     dataset.add_new(0x00091010, "OB", bytes(size))
     buffer = io.BytesIO()
     dataset.save_as(buffer)
@@ -156,7 +163,7 @@ def _dicom_with_private_element(size: int) -> bytes:
 
 def dicom_zip_huge_element(size: int = 256 * MIB) -> tuple[str, bytes]:
     """One DICOM holding a 256 MiB private element of zeros: a few hundred KiB zipped."""
-    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset = dcmread(ct_small())
     head = io.BytesIO()
     dataset.add_new(0x00091010, "OB", b"")
     dataset.save_as(head)
@@ -186,7 +193,7 @@ def dicom_zip_many_members(count: int = 20_001) -> tuple[str, bytes]:
 
 def dicom_zip_huge_rows() -> tuple[str, bytes]:
     """A real DICOM slice that says it is 65535 x 65535 with 10000 frames."""
-    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    dataset = dcmread(ct_small())
     dataset.Rows = 65535
     dataset.Columns = 65535
     dataset.NumberOfFrames = 10000

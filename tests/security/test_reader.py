@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 
 from services.common.errors import InvalidArgument
 from services.common.formats import check_volume
 from services.common.models.volumes import VolumeFiles
-from tests.security.hostile import VOLUME_CASES, build
+from tests.security.hostile import VOLUME_CASES, build, ct_small
 
 _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
@@ -118,7 +117,7 @@ def _valid_files(tmp_path: Path) -> dict[str, bytes]:
     nrrd.write(str(path), volume, {"encoding": "gzip"})
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as out:
-        out.write(get_testdata_file("CT_small.dcm"), "IM1.dcm")
+        out.write(ct_small(), "IM1.dcm")
     return {".nii": raw, ".nii.gz": gzip.compress(raw), ".nrrd": path.read_bytes(), ".zip": archive.getvalue()}
 
 
