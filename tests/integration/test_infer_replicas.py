@@ -1,6 +1,6 @@
 """`labelgrid up --infer-replicas 2`: two inference processes behind Envoy (least requests).
 
-A real stack (tests/integration/test_labelgrid_up.py's helpers): REST infers through the edge
+A real stack (tests/fixtures/labelgrid_up.py): REST infers through the edge
 are spread over both replicas (each replica's own grpc_server_handled_total counts its Infers);
 a new model version published through REST is served by every replica (each asked directly on
 its own port); a replica killed -9 leaves inference answering through Envoy, and the supervisor
@@ -28,7 +28,6 @@ import nibabel as nib
 import numpy as np
 import psutil
 import pytest
-import torch
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +37,8 @@ from gateway.envoy import EnvoySettings, bootstrap, routes, validate, write_boot
 from gateway.preflight import port_problems, stack_ports
 from services.common.apps import load_app
 from services.common.errors import InvalidArgument
-from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.inference import constant_class_weights
+from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
 from tests.ports import HOST, free_ports
 
 pytestmark = pytest.mark.timeout(300)
@@ -105,19 +105,6 @@ def direct_infer(port: int, image: str = "sample_00") -> tuple[pb.InferResultHea
     assert header is not None
     label = nib.Nifti1Image.from_bytes(gzip.decompress(body.getvalue()))
     return header, np.asarray(label.dataobj)
-
-
-def constant_class_weights(winner: int) -> bytes:
-    """Weights of the sample segmentation network that answer `winner` everywhere."""
-    task = load_app("apps.radiology").infer_tasks["segmentation"]
-    state = {key: torch.zeros_like(value) for key, value in task.initial_network().state_dict().items()}
-    out_channels = max(task.labels.values()) + 1
-    for key, value in state.items():
-        if key.endswith("bias") and value.shape == (out_channels,):
-            value[winner] = 1.0
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
 
 
 # -- without a stack -------------------------------------------------------------------------
@@ -208,7 +195,7 @@ def test_a_published_version_is_served_by_every_replica(replicas: Replicas) -> N
     first = {n: direct_infer(port)[0].model_version for n, port in enumerate(replicas.ports, 1)}
     assert first == {1: "", 2: ""}, first  # the untrained sample network
     answer = httpx.put(
-        f"{replicas.stack.url}/model/segmentation", files={"file": ("model.pt", constant_class_weights(2))}, timeout=60
+        f"{replicas.stack.url}/model/segmentation", files={"file": ("model.pt", constant_class_weights(load_app("apps.radiology").infer_tasks["segmentation"], 2))}, timeout=60
     )
     assert answer.status_code == 200, answer.text
     versions: dict[int, str] = {}
