@@ -148,6 +148,9 @@ def test_queue_depth_autoscaling_and_its_adapter_rule(chart: Any) -> None:
     assert "queue_x" in json.dumps(_hpa(renamed, "inference")["spec"]["metrics"])
     with pytest.raises(helm.HelmValuesError):
         chart.render({"inference": {"autoscaling": {"queueDepth": {"averageValue": "two"}}}}, name=RELEASE, namespace=NAMESPACE)
+    # An autoscaler with nothing to scale on is refused, not rendered without metrics.
+    with pytest.raises(helm.HelmError, match=r"inference\.autoscaling is on without a metric"):
+        chart.render({"inference": {"autoscaling": {"targetCPUUtilizationPercentage": ""}}}, name=RELEASE, namespace=NAMESPACE)
 
 
 def _minio_objects(docs: list[dict[str, Any]]) -> list[str]:
