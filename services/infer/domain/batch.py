@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import socket
+import uuid
 from collections import deque
 from typing import Any, Protocol
 
@@ -96,8 +97,35 @@ class ImageLister(Protocol):
 
 
 def owner_id() -> str:
-    """Who runs a job: a restarted service recovers only its own lost jobs, not a replica's."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who runs a job: host, pid and a token of this process's life (a restarted container has
+    the same host and often the same pid, 1, but never the same token)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def owner_lost(owner: str, me: str) -> bool:
+    """Whether the process that owned a job is gone, as far as `me` (another owner id) can tell:
+    only owners on this host are judged; there, an earlier life with my pid, or a pid that no
+    longer runs, is gone, while a live pid is a replica sharing the host and keeps its jobs."""
+    if owner == me:
+        return False
+    host, _, rest = owner.partition(":")
+    my_host, _, my_rest = me.partition(":")
+    if host != my_host:
+        return False  # another machine or pod: its own restart recovers it
+    pid, my_pid = rest.split(":", 1)[0], my_rest.split(":", 1)[0]
+    if not pid.isdigit() or pid == my_pid:
+        return True
+    return not _pid_alive(int(pid))
 
 
 class BatchInference:
@@ -136,13 +164,13 @@ class BatchInference:
         return ImageOutcome(outcome.device, outcome.saved_label, dict(outcome.result_params))
 
     async def _recover(self) -> None:
-        """Once: jobs a previous process on this host left active are FAILED (they died with it)."""
+        """Once: jobs a dead process on this host left active are FAILED (they died with it);
+        a live replica's jobs on the same host are left alone."""
         if self._recovered:
             return
         self._recovered = True
-        host = self.owner.rsplit(":", 1)[0]
         for job in await self.store.list():
-            if job.state.active and job.owner.rsplit(":", 1)[0] == host and job.owner != self.owner:
+            if job.state.active and owner_lost(job.owner, self.owner):
                 await self.store.update(
                     job.job_id, {"state": FAILED, "error": JobError(reason="SERVER_ERROR", message="lost: the service restarted")}
                 )
