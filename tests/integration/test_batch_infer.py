@@ -3,8 +3,6 @@ service: 20 small images, a client that hangs up mid-run, stop, 429, image selec
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -12,21 +10,12 @@ import pytest
 
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 COUNT = 20
 SMALL = {"roi_size": [32, 32, 32]}  # a params key every inference of the batch gets (and a smaller window)
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def last_task(url: str) -> dict[str, Any]:
@@ -84,7 +73,7 @@ def test_batch_survives_a_client_that_hangs_up(stack: str) -> None:
     # a second start while it runs: 429, as MONAI Label
     again = httpx.post(f"{url}/batch/infer/segmentation", json={})
     assert again.status_code == 429 and "Already Running" in again.json()["detail"]
-    done = wait_for(lambda: finished(url), "the batch to end")
+    done = wait_until(lambda: finished(url), "the batch to end", timeout=120)
     assert done["status"] == "DONE", done
     assert done["progress"] == {"total": COUNT, "done": COUNT, "failed": 0}
     assert "end_ts" in done and any("batch_19" in line for line in done["details"])
@@ -136,7 +125,7 @@ def test_stop_keeps_what_was_saved(stack: str) -> None:
     url = stack
     started = httpx.post(f"{url}/batch/infer/segmentation", json={"label_tag": "stopped"}, timeout=30)
     assert started.status_code == 200 and started.json()["status"] in ("SUBMITTED", "RUNNING")
-    wait_for(lambda: last_task(url)["progress"]["done"] >= 1, "one image done")
+    wait_until(lambda: last_task(url)["progress"]["done"] >= 1, "one image done", timeout=120)
     stopped = httpx.delete(f"{url}/batch/infer", timeout=60)
     assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED"
     task = last_task(url)

@@ -130,6 +130,7 @@ def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
         wait_until(
             lambda: sum(p.stat().st_size for p in spool.glob("upload-*")) > 8 * CHUNK,
             "the upload to spool",
+            interval=0.01,  # the upload is short: catch it mid-way
         )
         os.kill(datastore.proc.pid, signal.SIGKILL)
         assert datastore.proc.wait(30) == -signal.SIGKILL
@@ -401,6 +402,7 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
                 >= 1
             ),
             "an inference running with others queued",
+            interval=0.02,
         )
         os.kill(inference.proc.pid, signal.SIGKILL)
         inference.proc.wait(30)

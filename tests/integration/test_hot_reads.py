@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract.helpers import nifti_bytes, upload_image
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 from tests.ports import free_port
 
 NIFTI = nifti_bytes(seed=21)
@@ -65,15 +65,6 @@ def upload(http: httpx.Client, image_id: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def until(check, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT:g} s: {what}")
-        time.sleep(0.01)
 
 
 def kept(stack: GatewayStack, http: httpx.Client) -> bool:
@@ -87,7 +78,7 @@ def kept(stack: GatewayStack, http: httpx.Client) -> bool:
 
 
 def test_kept_answers_ask_the_datastore_nothing(stack: GatewayStack, http: httpx.Client) -> None:
-    until(lambda: kept(stack, http), "stats and /info/ kept")
+    wait_until(lambda: kept(stack, http), "stats and /info/ kept", timeout=WAIT, interval=0.01)
     before = status_calls(stack)
     answers = {json.dumps(stats(http)) for _ in range(20)}
     assert len(answers) == 1
@@ -96,7 +87,7 @@ def test_kept_answers_ask_the_datastore_nothing(stack: GatewayStack, http: httpx
 
 
 def test_writes_through_the_gateway_show_in_the_next_answer(stack: GatewayStack, http: httpx.Client) -> None:
-    until(lambda: kept(stack, http), "stats and /info/ kept")
+    wait_until(lambda: kept(stack, http), "stats and /info/ kept", timeout=WAIT, interval=0.01)
     start = stats(http)
     for n in range(5):
         upload(http, f"rw{n}")
@@ -124,11 +115,11 @@ async def _upload_direct(address: str, image_id: str) -> None:
 
 def test_writes_elsewhere_show_once_pushed(stack: GatewayStack, http: httpx.Client) -> None:
     """A write the gateway did not make (a service, another gateway) reaches it by the push."""
-    until(lambda: kept(stack, http), "stats and /info/ kept")
+    wait_until(lambda: kept(stack, http), "stats and /info/ kept", timeout=WAIT, interval=0.01)
     total = stats(http)["total"]
     asyncio.run(_upload_direct(stack.datastore_address, "elsewhere"))
-    until(lambda: stats(http)["total"] == total + 1, "stats after a write made elsewhere")
-    until(lambda: info_stats(http)["total"] == total + 1, "/info/ after a write made elsewhere")
+    wait_until(lambda: stats(http)["total"] == total + 1, "stats after a write made elsewhere", timeout=WAIT, interval=0.01)
+    wait_until(lambda: info_stats(http)["total"] == total + 1, "/info/ after a write made elsewhere", timeout=WAIT, interval=0.01)
     # Kept again under the new generation.
-    until(lambda: kept(stack, http), "stats and /info/ kept again")
+    wait_until(lambda: kept(stack, http), "stats and /info/ kept again", timeout=WAIT, interval=0.01)
     assert stats(http)["total"] == total + 1
