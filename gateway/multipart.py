@@ -264,6 +264,8 @@ async def upload_form(
                 if buffer is None:
                     await form.rest()
                 await hashing
+            except GeneratorExit:
+                raise  # gRPC stopped reading: the call has ended, its status is the answer
             except BaseException as err:
                 failure.append(err)
                 raise  # gRPC cancels the call: no finish, nothing stored
