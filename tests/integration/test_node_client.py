@@ -50,6 +50,7 @@ from tests.contract.helpers import upload_image
 from tests.fixtures.datastore import start_datastore
 from tests.fixtures.gateway import real_inference
 from tests.fixtures.node import CLIENT, REPO
+from tests.fixtures.polling import eventually
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -136,6 +137,13 @@ def running_envoy(settings: EnvoySettings, config: Path) -> Iterator[None]:
             process.wait(10)
 
 
+def inference_healthy(admin_url: str) -> bool:
+    """Whether every host of Envoy's inference cluster passes its health check."""
+    with urllib.request.urlopen(f"{admin_url}/clusters", timeout=5) as answer:
+        flags = [line for line in answer.read().decode().splitlines() if line.startswith("inference::") and "::health_flags::" in line]
+    return bool(flags) and all(line.endswith("::health_flags::healthy") for line in flags)
+
+
 @pytest.fixture(scope="module")
 async def edge() -> AsyncIterator[Edge]:
     with tempfile.TemporaryDirectory(prefix="labelgrid-node-") as tmp:
@@ -160,15 +168,25 @@ async def edge() -> AsyncIterator[Edge]:
                 datastore_address=datastore.service.address,
                 inference_address=inference_address,
             )
-            with running_envoy(settings, root / "envoy.yaml"):
+            envoy = running_envoy(settings, root / "envoy.yaml")
+            # Started in a thread: the servers share this event loop, and Envoy health-checks
+            # inference while it starts (a blocked loop would fail those checks).
+            await asyncio.to_thread(envoy.__enter__)
+            try:
+                admin_url = f"http://{settings.admin_host}:{settings.admin_port}"
+                await eventually(
+                    lambda: asyncio.to_thread(inference_healthy, admin_url), "Envoy to see inference healthy", timeout=30
+                )
                 yield Edge(
                     url=f"http://127.0.0.1:{settings.port}",
-                    admin_url=f"http://{settings.admin_host}:{settings.admin_port}",
+                    admin_url=admin_url,
                     inference_url=f"http://{inference_address}",
                     datastore_url=f"http://{datastore.service.address}",
                     models=models,
                     status=status,
                 )
+            finally:
+                await asyncio.to_thread(envoy.__exit__, None, None, None)
         finally:
             await inference.stop(0)
             await datastore.service.stop(0)
