@@ -103,12 +103,13 @@ java-client: install-dev install-java
 run: install
 	$(VENV)/bin/labelgrid up --studies $(STUDIES) --sample-studies --port $(PORT)
 
-test: install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java check-protos
+test: install-dev install-node install-prometheus install-orthanc install-chromium install-go install-java check-protos lint
 	$(PY) -m pytest
 
-# ruff (lint) and mypy, with the config in pyproject.toml.
+# ruff (lint, then the formatter's check) and mypy, with the config in pyproject.toml.
 lint: install-dev
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 protos: install-dev

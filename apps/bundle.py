@@ -57,7 +57,13 @@ MULTI_GPU_CONFIGS = ("multi_gpu_train.json", "multi_gpu_train.yaml", "multi_gpu_
 MAX_ZIP_ENTRIES = 10_000
 MAX_UNPACKED_BYTES = 8 * 1024**3
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
-_SUPPORTED_TYPES = (InferType.SEGMENTATION, InferType.ANNOTATION, InferType.OTHERS, InferType.DEEPEDIT, InferType.DEEPGROW)
+_SUPPORTED_TYPES = (
+    InferType.SEGMENTATION,
+    InferType.ANNOTATION,
+    InferType.OTHERS,
+    InferType.DEEPEDIT,
+    InferType.DEEPGROW,
+)
 _INTERACTIVE = (InferType.DEEPEDIT, InferType.DEEPGROW)
 # Why the other types are refused: the key or input a bundle of that type needs that labelgrid lacks.
 _UNSUPPORTED_WHY = {
@@ -102,7 +108,9 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
     return path
 
 
-def extract_zip(zip_path: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES, max_entries: int = MAX_ZIP_ENTRIES) -> None:
+def extract_zip(
+    zip_path: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES, max_entries: int = MAX_ZIP_ENTRIES
+) -> None:
     """Extracts a bundle zip into `dest` (which must be empty), refusing unsafe or oversized zips.
 
     Sizes are counted while copying, not trusted from the zip's headers.
@@ -184,10 +192,17 @@ def _infer_type(name: str, metadata: Mapping[str, Any]) -> InferType:
             try:
                 return InferType(str(declared).lower())
             except ValueError:
-                raise BundleError(f"metadata.json {key} {declared!r} is not an infer type ({', '.join(t.value for t in InferType)})") from None
+                raise BundleError(
+                    f"metadata.json {key} {declared!r} is not an infer type ({', '.join(t.value for t in InferType)})"
+                ) from None
     lower = name.lower()
-    for word, kind in (("deepedit", InferType.DEEPEDIT), ("deepgrow", InferType.DEEPGROW), ("detection", InferType.DETECTION),
-                       ("vista", InferType.VISTA3D), ("classification", InferType.CLASSIFICATION)):
+    for word, kind in (
+        ("deepedit", InferType.DEEPEDIT),
+        ("deepgrow", InferType.DEEPGROW),
+        ("detection", InferType.DETECTION),
+        ("vista", InferType.VISTA3D),
+        ("classification", InferType.CLASSIFICATION),
+    ):
         if word in lower:
             return kind
     return InferType.SEGMENTATION
@@ -299,7 +314,9 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
         raise BundleError("configs/metadata.json network_data_format inputs / outputs entries must be objects")
     channel_def = pred.get("channel_def")
     if not isinstance(channel_def, dict) or not channel_def:
-        raise BundleError(f"configs/metadata.json network_data_format.outputs.{pred_key}.channel_def is missing or empty")
+        raise BundleError(
+            f"configs/metadata.json network_data_format.outputs.{pred_key}.channel_def is missing or empty"
+        )
     try:
         channels = {int(index): str(label) for index, label in channel_def.items()}
     except (TypeError, ValueError):
@@ -313,7 +330,11 @@ def load_bundle(root: Path, name: str | None = None) -> Bundle:
         )
     # MONAI Label lists a deepedit bundle's labels with background (its clicks have a "background" group).
     keep_background = infer_type == InferType.DEEPEDIT
-    labels = {label.lower(): index for index, label in sorted(channels.items()) if keep_background or label.lower() != "background"}
+    labels = {
+        label.lower(): index
+        for index, label in sorted(channels.items())
+        if keep_background or label.lower() != "background"
+    }
     num_channels = pred.get("num_channels", len(channels))
     if not isinstance(num_channels, int) or num_channels != len(channels):
         raise BundleError(
@@ -464,7 +485,9 @@ class BundleInferTask(InferTask):
                 found = _Pipeline(
                     pre=Compose(_transforms(parsed(parser, pre, self.bundle.root, what))),
                     inferer=parsed(parser, "inferer", self.bundle.root, what),
-                    post=Compose(_without_savers(_transforms(parsed(parser, post, self.bundle.root, what, required=False)))),
+                    post=Compose(
+                        _without_savers(_transforms(parsed(parser, post, self.bundle.root, what, required=False)))
+                    ),
                 )
                 self._pipelines[device] = found
             return found

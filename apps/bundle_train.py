@@ -50,7 +50,9 @@ class BundleTrainer(Trainer):
         if bundle.train_config is None:
             raise BundleError(f"bundle {bundle.name!r} has no configs/train.json")
         if bundle.torchscript:
-            raise BundleError("a TorchScript bundle (models/model.ts) cannot be trained: it needs network_def and models/model.pt")
+            raise BundleError(
+                "a TorchScript bundle (models/model.ts) cannot be trained: it needs network_def and models/model.pt"
+            )
         super().__init__(task, **config)
         self.bundle = bundle
         self.bundle_task = task
@@ -84,7 +86,9 @@ class BundleTrainer(Trainer):
             config["network"] = network
         return parser
 
-    def _part(self, key: str, context: TrainContext, required: bool = True, network: torch.nn.Module | None = None) -> Any:
+    def _part(
+        self, key: str, context: TrainContext, required: bool = True, network: torch.nn.Module | None = None
+    ) -> Any:
         what = " + ".join(self.configs(context))
         return parsed(self._parser(context, network), key, self.bundle.root, what, required=required)
 
@@ -127,7 +131,9 @@ class BundleTrainer(Trainer):
         return self._part("train#inferer", context, required=False) or super().train_inferer(context)
 
     def val_inferer(self, context: TrainContext) -> Any:
-        return self._part("validate#inferer", context, required=False) or self.bundle_task.pipeline(context.device).inferer
+        return (
+            self._part("validate#inferer", context, required=False) or self.bundle_task.pipeline(context.device).inferer
+        )
 
     def train_post_transforms(self, context: TrainContext) -> Sequence[Any]:
         return _transforms(self._part("train#postprocessing", context))

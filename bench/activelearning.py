@@ -50,7 +50,11 @@ def fill(stub: pb_grpc.DatastoreServiceStub, start: int, count: int) -> float:
     def one(n: int) -> None:
         image_id = f"img_{n:06d}"
         grpc_upload(stub, image_id, lambda: iter([data]), sha)
-        stub.SetImageScore(pb.SetImageScoreRequest(name=f"images/{image_id}", score_key="epistemic_entropy", value=(n * 7919 % 1000) / 1000))
+        stub.SetImageScore(
+            pb.SetImageScoreRequest(
+                name=f"images/{image_id}", score_key="epistemic_entropy", value=(n * 7919 % 1000) / 1000
+            )
+        )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
@@ -70,7 +74,14 @@ def next_sample_latency(stub: al_grpc.ActiveLearningServiceStub, strategy: str, 
 
 
 def run_backend(backend: str, s3: SeaweedS3, counts: list[int], calls: int, work: Path) -> list[dict]:
-    args = ["--backend", backend, "--root", str(work / f"studies-{backend}"), "--state-dir", str(work / f"state-{backend}")]
+    args = [
+        "--backend",
+        backend,
+        "--root",
+        str(work / f"studies-{backend}"),
+        "--state-dir",
+        str(work / f"state-{backend}"),
+    ]
     if backend == "s3":
         args += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key,
                  "--s3-bucket", s3.new_bucket()]  # fmt: skip

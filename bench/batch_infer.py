@@ -46,7 +46,14 @@ PORT_FLAGS = (
 
 def start_stack(work: Path, device: str) -> tuple[subprocess.Popen[str], str]:
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
-    argv = [str(Path(sys.executable).with_name("labelgrid")), "up", "--studies", str(work / "studies"), "--work-dir", str(work / "var")]
+    argv = [
+        str(Path(sys.executable).with_name("labelgrid")),
+        "up",
+        "--studies",
+        str(work / "studies"),
+        "--work-dir",
+        str(work / "var"),
+    ]
     argv += ["--device", device]
     for flag, port in ports.items():
         argv += [flag, str(port)]
@@ -80,9 +87,13 @@ def upload_images(url: str, count: int, size: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=120) as client:
         for number in range(count):
             image, _ = synthetic_volume(np.random.default_rng(number), size)
-            data = gzip.compress(nib.Nifti1Image(image, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes(), compresslevel=1, mtime=0)
+            data = gzip.compress(
+                nib.Nifti1Image(image, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes(), compresslevel=1, mtime=0
+            )
             image_id = f"bench_{number:04d}"
-            answer = client.put("/datastore/image", params={"image": image_id}, files={"file": (f"{image_id}.nii.gz", data)})
+            answer = client.put(
+                "/datastore/image", params={"image": image_id}, files={"file": (f"{image_id}.nii.gz", data)}
+            )
             answer.raise_for_status()
             ids.append(image_id)
     return ids
@@ -93,7 +104,9 @@ def loop(url: str, ids: list[str]) -> float:
     started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=600) as client:
         for image_id in ids:
-            answer = client.post(f"/infer/{MODEL}", params={"image": image_id, "output": "json"}, data={"params": params})
+            answer = client.post(
+                f"/infer/{MODEL}", params={"image": image_id, "output": "json"}, data={"params": params}
+            )
             answer.raise_for_status()
     return time.perf_counter() - started
 
@@ -101,7 +114,10 @@ def loop(url: str, ids: list[str]) -> float:
 def batch(url: str, ids: list[str]) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
     answer = httpx.post(
-        f"{url}/batch/infer/{MODEL}", params={"run_sync": "true"}, json={"images": ids, "label_tag": "batch"}, timeout=3600
+        f"{url}/batch/infer/{MODEL}",
+        params={"run_sync": "true"},
+        json={"images": ids, "label_tag": "batch"},
+        timeout=3600,
     )
     answer.raise_for_status()
     return time.perf_counter() - started, answer.json()
@@ -120,7 +136,9 @@ def main() -> None:
             ids = upload_images(url, args.images, args.size)
             devices = httpx.get(f"{url}/logs/gpu", timeout=30).text.strip()
             # One warm-up inference, so neither side pays the model load.
-            httpx.post(f"{url}/infer/{MODEL}", params={"image": ids[0], "output": "json"}, timeout=600).raise_for_status()
+            httpx.post(
+                f"{url}/infer/{MODEL}", params={"image": ids[0], "output": "json"}, timeout=600
+            ).raise_for_status()
             loop_s = loop(url, ids)
             batch_s, task = batch(url, ids)
         finally:

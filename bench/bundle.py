@@ -91,7 +91,9 @@ class BarePipeline:
         self.post = parser.get_parsed_content("postprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.network = parser.get_parsed_content("network")
-        self.network.load_state_dict(torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True))
+        self.network.load_state_dict(
+            torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
+        )
         self.network.eval()
         self.image = str(image)
 
@@ -123,10 +125,14 @@ def batch_throughput(http: httpx.Client, work: Path, count: int) -> list[dict[st
     def loop() -> None:
         params = json.dumps({"save_label": True, "label_tag": "loop"})
         for image_id in ids:
-            http.post(f"/infer/{MODEL}", params={"image": image_id, "output": "json"}, data={"params": params}).raise_for_status()
+            http.post(
+                f"/infer/{MODEL}", params={"image": image_id, "output": "json"}, data={"params": params}
+            ).raise_for_status()
 
     def batch() -> None:
-        answer = http.post(f"/batch/infer/{MODEL}", params={"run_sync": "true"}, json={"images": ids, "label_tag": "batch"})
+        answer = http.post(
+            f"/batch/infer/{MODEL}", params={"run_sync": "true"}, json={"images": ids, "label_tag": "batch"}
+        )
         answer.raise_for_status()
         done = [image for image, outcome in answer.json().items() if outcome]
         if len(done) != len(ids):
@@ -140,7 +146,9 @@ def batch_throughput(http: httpx.Client, work: Path, count: int) -> list[dict[st
     rows = []
     for name, label in (("loop", "loop: infer per image"), ("batch", "batch: /batch/infer run_sync")):
         seconds = float(np.median(times[name]))
-        rows.append({"mode": label, "images": count, "seconds": seconds, "images/s": count / seconds, "runs": times[name]})
+        rows.append(
+            {"mode": label, "images": count, "seconds": seconds, "images/s": count / seconds, "runs": times[name]}
+        )
     return rows
 
 
@@ -154,7 +162,9 @@ def run(sizes: list[int], runs: list[int], work: Path, batch_images: int) -> dic
         with httpx.Client(base_url=stack.url, timeout=600) as http:
             for path in images.values():
                 image_id = path.name[: -len(".nii.gz")]
-                response = http.put("/datastore/", params={"image": image_id}, files={"file": (path.name, path.read_bytes())})
+                response = http.put(
+                    "/datastore/", params={"image": image_id}, files={"file": (path.name, path.read_bytes())}
+                )
                 if response.status_code not in (200, 409):
                     raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
             for size, count in zip(sizes, runs, strict=True):
@@ -166,7 +176,9 @@ def run(sizes: list[int], runs: list[int], work: Path, batch_images: int) -> dic
                 pipeline = BarePipeline(bundle, images[size], work / f"pipe_{size}")
 
                 def rest(image_id: str = image_id) -> None:
-                    response = http.post(f"/infer/{MODEL}", params={"image": image_id, "output": "image"}, data={"params": "{}"})
+                    response = http.post(
+                        f"/infer/{MODEL}", params={"image": image_id, "output": "image"}, data={"params": "{}"}
+                    )
                     if response.status_code != 200:
                         raise RuntimeError(f"infer failed: {response.status_code} {response.text}")
 
@@ -211,15 +223,27 @@ def main() -> None:
     result["loadavg"] = {"before": load_before, "after": os.getloadavg()}
     result["torch_threads"] = args.torch_threads
     print()
-    print(table(result["latency"], f"bundle {MODEL} latency (s): in-process monai.bundle workflow run / bare parsed pipeline vs REST via Envoy"))
+    print(
+        table(
+            result["latency"],
+            f"bundle {MODEL} latency (s): in-process monai.bundle workflow run / bare parsed pipeline vs REST via Envoy",
+        )
+    )
     if result["batch"]:
         rows = [{k: v for k, v in row.items() if k != "runs"} for row in result["batch"]]
         print()
-        print(table(rows, f"bundle {MODEL}: batch inference over {args.batch_images} images of {BATCH_SIZE}^3 (medians of 2)"))
+        print(
+            table(
+                rows,
+                f"bundle {MODEL}: batch inference over {args.batch_images} images of {BATCH_SIZE}^3 (medians of 2)",
+            )
+        )
         loop_s, batch_s = (row["seconds"] for row in result["batch"])
         result["batch_speedup"] = loop_s / batch_s
         print(f"batch / loop throughput: {loop_s / batch_s:.2f}x")
-    print(f"load average before {result['loadavg']['before'][0]:.1f}, after {result['loadavg']['after'][0]:.1f} (a shared machine)")
+    print(
+        f"load average before {result['loadavg']['before'][0]:.1f}, after {result['loadavg']['after'][0]:.1f} (a shared machine)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {args.out}")

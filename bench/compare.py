@@ -148,7 +148,9 @@ def serve(
 def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
     (port,) = free_ports(1)
     app = work / "app"  # MONAI Label writes logs/ and model/ into its app folder: serve a copy
-    shutil.copytree(ML_APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin", "lib"), dirs_exist_ok=True)
+    shutil.copytree(
+        ML_APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin", "lib"), dirs_exist_ok=True
+    )
     env = {
         **os.environ,
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
@@ -165,7 +167,11 @@ def monailabel_server(exe: Path, studies: Path, work: Path) -> Any:
 
 
 def labelgrid_server(
-    studies: Path, work: Path, src: Path | None = None, extra: list[str] | None = None, extra_env: dict[str, str] | None = None
+    studies: Path,
+    work: Path,
+    src: Path | None = None,
+    extra: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Any:
     """`labelgrid up` on `studies` (`extra`: more flags, e.g. `--backend s3 ...`, with `extra_env`)."""
     flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port",
@@ -202,7 +208,11 @@ def timed(call: Callable[[], httpx.Response], n: int) -> dict[str, float]:
         response = call()
         response.raise_for_status()
         times.append(time.perf_counter() - start)
-    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "bytes": len(response.content)}
+    return {
+        "p50_ms": 1000 * statistics.median(times),
+        "p95_ms": 1000 * percentile(times, 0.95),
+        "bytes": len(response.content),
+    }
 
 
 def next_samples(url: str, annotators: int, per_annotator: int) -> dict[str, float]:
@@ -238,14 +248,20 @@ def listing_after_change(http: httpx.Client, n: int) -> dict[str, float]:
     each next sample, which marks the image): no server may answer from an old listing."""
     times = []
     for i in range(n + 3):
-        http.put("/datastore/image/info", params={"image": "img_000001"}, data={"info": json.dumps({"bench": i})}).raise_for_status()
+        http.put(
+            "/datastore/image/info", params={"image": "img_000001"}, data={"info": json.dumps({"bench": i})}
+        ).raise_for_status()
         start = time.perf_counter()
         response = http.get("/datastore/?output=all")
         response.raise_for_status()
         if i >= 3:
             times.append(time.perf_counter() - start)
         assert response.json()["objects"]["img_000001"]["image"]["info"]["bench"] == i
-    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "bytes": len(response.content)}
+    return {
+        "p50_ms": 1000 * statistics.median(times),
+        "p95_ms": 1000 * percentile(times, 0.95),
+        "bytes": len(response.content),
+    }
 
 
 def bare_model(work: Path) -> Any:
@@ -273,7 +289,9 @@ def infer_rows(url: str, args: argparse.Namespace, volumes: dict[int, Path], bar
     with httpx.Client(base_url=url, timeout=600) as http:
         for size, path in volumes.items():
             with path.open("rb") as handle:
-                http.put("/datastore/image", params={"image": f"bench_{size}"}, files={"file": (path.name, handle)}).raise_for_status()
+                http.put(
+                    "/datastore/image", params={"image": f"bench_{size}"}, files={"file": (path.name, handle)}
+                ).raise_for_status()
         for (size, path), runs in zip(volumes.items(), args.infer_run_counts, strict=True):
 
             def rest(size: int = size) -> None:
@@ -285,8 +303,14 @@ def infer_rows(url: str, args: argparse.Namespace, volumes: dict[int, Path], bar
                 calls["bare"] = functools.partial(bare, path)
             times = interleaved(calls, runs)
             for name, values in times.items():
-                row = f"infer {size}³ " + ("REST" if name == "rest" else "bare in-process (same network, sliding window)")
-                out[row] = {"p50_ms": 1000 * statistics.median(values), "p95_ms": 1000 * percentile(values, 0.95), "calls": len(values)}
+                row = f"infer {size}³ " + (
+                    "REST" if name == "rest" else "bare in-process (same network, sliding window)"
+                )
+                out[row] = {
+                    "p50_ms": 1000 * statistics.median(values),
+                    "p95_ms": 1000 * percentile(values, 0.95),
+                    "calls": len(values),
+                }
     return out
 
 
@@ -330,7 +354,11 @@ def table(count: int, ml: dict[str, Any], lg: dict[str, Any]) -> str:
         if "bare in-process" not in row:
             continue
         rest_row = row.split(" bare ")[0] + " REST"
-        parts = [f"{name} {rows[rest_row]['p50_ms'] / bare['p50_ms']:.2f}" for name, rows in (("MONAI Label", ml), ("labelgrid", lg)) if rest_row in rows]
+        parts = [
+            f"{name} {rows[rest_row]['p50_ms'] / bare['p50_ms']:.2f}"
+            for name, rows in (("MONAI Label", ml), ("labelgrid", lg))
+            if rest_row in rows
+        ]
         lines.append(f"| {rest_row} ÷ bare (p50) | | | {', '.join(parts)} |")
     return "\n".join(lines)
 
@@ -342,12 +370,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50, help="timed calls per read path and round")
     parser.add_argument("--annotators", type=int, default=10, help="concurrent next-sample clients")
     parser.add_argument("--next-samples", type=int, default=10, help="next-sample calls per annotator")
-    parser.add_argument("--infer-sizes", default="96,160", help="volume sizes of the infer rows (first count only); empty: none")
+    parser.add_argument(
+        "--infer-sizes", default="96,160", help="volume sizes of the infer rows (first count only); empty: none"
+    )
     parser.add_argument("--infer-runs", default="5,3", help="timed infers per size, system and round")
     parser.add_argument("--systems", default="monailabel,labelgrid")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--labelgrid-src", type=Path, default=None,
-                        help="run labelgrid from this source tree (e.g. `git archive` of an older commit)")
+    parser.add_argument(
+        "--labelgrid-src",
+        type=Path,
+        default=None,
+        help="run labelgrid from this source tree (e.g. `git archive` of an older commit)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before)")
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
@@ -394,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                     results[system].append(result)
                     print(f"{count} images, round {round_ + 1}, {system}: ready in {ready:.1f} s", flush=True)
                     shutil.rmtree(work, ignore_errors=True)
-            medians = {s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in systems}
+            medians = {
+                s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in systems
+            }
             if len(systems) == 2:
                 print(table(count, medians[systems[0]], medians[systems[1]]), flush=True)
             path = args.out / f"compare-{count}{'-' + args.tag if args.tag else ''}.json"

@@ -93,8 +93,18 @@ def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path) -> list[dict]:
     raw_bucket = s3.new_bucket()
     client.make_bucket(raw_bucket)
     service = DatastoreProcess(
-        "--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key,
-        "--s3-secret-key", s3.secret_key, "--s3-bucket", s3.new_bucket(), "--state-dir", str(work / "state-tp"),
+        "--backend",
+        "s3",
+        "--s3-endpoint",
+        s3.endpoint,
+        "--s3-access-key",
+        s3.access_key,
+        "--s3-secret-key",
+        s3.secret_key,
+        "--s3-bucket",
+        s3.new_bucket(),
+        "--state-dir",
+        str(work / "state-tp"),
     )
     rows = []
     try:
@@ -163,7 +173,9 @@ def listing_times(stub: pb_grpc.DatastoreServiceStub, deep_token: str) -> dict[s
     """Median times of the listing calls at the store's current size."""
     return {
         "list_first_page_ms": p50_ms(partial(stub.ListImages, pb.ListImagesRequest(page_size=100))),
-        "list_deep_page_ms": p50_ms(partial(stub.ListImages, pb.ListImagesRequest(page_size=100, page_token=deep_token))),
+        "list_deep_page_ms": p50_ms(
+            partial(stub.ListImages, pb.ListImagesRequest(page_size=100, page_token=deep_token))
+        ),
         "status_ms": p50_ms(partial(stub.GetStatus, pb.GetStatusRequest())),
         "unlabeled_first_page_ms": p50_ms(
             partial(stub.ListImages, pb.ListImagesRequest(page_size=100, filter=pb.IMAGE_FILTER_UNLABELED))
@@ -180,10 +192,25 @@ def listing(s3: SeaweedS3, counts: list[int], work: Path) -> list[dict]:
 
     rows = []
     for backend in ("local", "s3"):
-        args = ["--backend", backend, "--root", str(work / f"studies-{backend}"), "--state-dir", str(work / f"state-{backend}")]
+        args = [
+            "--backend",
+            backend,
+            "--root",
+            str(work / f"studies-{backend}"),
+            "--state-dir",
+            str(work / f"state-{backend}"),
+        ]
         if backend == "s3":
-            args += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key,
-                     "--s3-bucket", s3.new_bucket()]
+            args += [
+                "--s3-endpoint",
+                s3.endpoint,
+                "--s3-access-key",
+                s3.access_key,
+                "--s3-secret-key",
+                s3.secret_key,
+                "--s3-bucket",
+                s3.new_bucket(),
+            ]
         service = DatastoreProcess(*args)
         try:
             channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
@@ -197,8 +224,17 @@ def listing(s3: SeaweedS3, counts: list[int], work: Path) -> list[dict]:
                 uploads = count - have
                 have = count
                 # A page token from deep in the listing: keyset paging must not scan up to it.
-                deep_token = stub.ListImages(pb.ListImagesRequest(page_size=min(count - 100, 1000) or 1)).next_page_token
-                rows.append({"backend": backend, "images": count, "uploads_per_s": uploads / fill_s, **listing_times(stub, deep_token)})
+                deep_token = stub.ListImages(
+                    pb.ListImagesRequest(page_size=min(count - 100, 1000) or 1)
+                ).next_page_token
+                rows.append(
+                    {
+                        "backend": backend,
+                        "images": count,
+                        "uploads_per_s": uploads / fill_s,
+                        **listing_times(stub, deep_token),
+                    }
+                )
             channel.close()
         finally:
             service.stop()
@@ -209,7 +245,9 @@ def table(rows: list[dict], title: str) -> str:
     if not rows:
         return ""
     keys = list(rows[0])
-    width = {k: max(len(k), *(len(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])) for r in rows)) for k in keys}
+    width = {
+        k: max(len(k), *(len(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])) for r in rows)) for k in keys
+    }
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [title, "  ".join(k.rjust(width[k]) for k in keys)]
     lines += ["  ".join(fmt(r[k]).rjust(width[k]) for k in keys) for r in rows]
@@ -226,7 +264,12 @@ def main() -> None:
         work = Path(tmp)
         with run_seaweedfs(work / "seaweedfs") as s3:
             transfer = throughput(s3, [int(v) for v in args.sizes.split(",")], work)
-            print(table(transfer, "throughput: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS; ratio = service time / raw time"))
+            print(
+                table(
+                    transfer,
+                    "throughput: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS; ratio = service time / raw time",
+                )
+            )
             counts = [int(v) for v in args.counts.split(",") if v]
             lists = listing(s3, counts, work) if counts else []
             print()

@@ -108,7 +108,9 @@ class BareModel:
         started = time.perf_counter()
         result = self.runner.run(self.task, self.loaded, volume, Prompt(), {}, threading.Event())
         self.model_seconds.append(time.perf_counter() - started)
-        label = self.volumes.write_label(result.label, volume.affine, self.work, "bench_label", ".nii.gz", "float32", True)
+        label = self.volumes.write_label(
+            result.label, volume.affine, self.work, "bench_label", ".nii.gz", "float32", True
+        )
         hashlib.sha256(label.read_bytes()).hexdigest()  # the service hashes every label it sends
         label.unlink()
 
@@ -273,19 +275,43 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
     bare = BareModel(work)
     samples: dict[int, dict[str, list[float]]] = {}
     datastore = ServiceProcess(
-        "services.datastore", "--metrics-port", "-1", "--log-level", "WARNING",
-        "--backend", "local", "--root", str(work / "studies"), "--state-dir", str(work / "state"),
+        "services.datastore",
+        "--metrics-port",
+        "-1",
+        "--log-level",
+        "WARNING",
+        "--backend",
+        "local",
+        "--root",
+        str(work / "studies"),
+        "--state-dir",
+        str(work / "state"),
     )
     stops: list[Callable[[], object]] = [datastore.stop]  # run in reverse order at the end
     try:
         inference = ServiceProcess(
-            "services.infer", "--metrics-port", "-1", "--log-level", "WARNING", "--datastore", datastore.address,
-            "--device", "cpu", "--work-dir", str(work / "infer"),
+            "services.infer",
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+            "--datastore",
+            datastore.address,
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(work / "infer"),
         )
         stops.append(inference.stop)
         gateway = GatewayProcess(
-            "--metrics-port", "-1", "--log-level", "WARNING", "--datastore-address", datastore.address,
-            "--inference-address", inference.address,
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+            "--datastore-address",
+            datastore.address,
+            "--inference-address",
+            inference.address,
         )
         stops.append(gateway.stop)
         rest_url, rest_path = f"http://127.0.0.1:{gateway.port}", "the gateway directly"
@@ -301,9 +327,7 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
             ds_stub = ds_grpc.DatastoreServiceStub(channel)
             for size, path in paths.items():
                 upload(ds_stub, path, f"bench_{size}")
-        with grpc.insecure_channel(inference.address) as channel, httpx.Client(
-            base_url=rest_url, timeout=600
-        ) as http:
+        with grpc.insecure_channel(inference.address) as channel, httpx.Client(base_url=rest_url, timeout=600) as http:
             stub = pb_grpc.InferenceServiceStub(channel)
             for size, count in zip(sizes, runs, strict=True):
                 bare.model_seconds.clear()
@@ -318,9 +342,7 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
                 samples[size]["a_model"] = bare.model_seconds[1:]
                 print(f"  {size}³ done", flush=True)
         # The same number of requests at every level, split over its clients.
-        rates = [
-            throughput(inference.address, f"bench_{min(sizes)}", n, max(1, requests // n)) for n in clients
-        ]
+        rates = [throughput(inference.address, f"bench_{min(sizes)}", n, max(1, requests // n)) for n in clients]
     finally:
         for stop in reversed(stops):
             stop()
@@ -362,7 +384,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="96,160", help="cube sides of the synthetic volumes")
     parser.add_argument("--runs", default="10,5", help="timed runs per size (after one warm-up)")
     parser.add_argument("--clients", default="1,2,4", help="concurrent gRPC clients for the throughput run")
-    parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level, split over its clients")
+    parser.add_argument(
+        "--requests", type=int, default=8, help="requests per concurrency level, split over its clients"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer.json"))
     args = parser.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
@@ -376,9 +400,18 @@ def main() -> None:
     load_after = os.getloadavg()
     rest = result["rest_path"]
     print()
-    print(table(result["latency"], f"{MODEL} latency (s): (a) bare model in-process, (b) native gRPC, (c) REST via {rest}"))
+    print(
+        table(
+            result["latency"], f"{MODEL} latency (s): (a) bare model in-process, (b) native gRPC, (c) REST via {rest}"
+        )
+    )
     print()
-    print(table(result["throughput"], f"throughput through (b) native gRPC, {result['throughput'][0]['image']} (service: 1 inference at a time per device)"))
+    print(
+        table(
+            result["throughput"],
+            f"throughput through (b) native gRPC, {result['throughput'][0]['image']} (service: 1 inference at a time per device)",
+        )
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": {

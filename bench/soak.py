@@ -150,25 +150,47 @@ def hostile_requests(label: bytes) -> list[tuple[str, Callable[[httpx.Client], h
     broken_gzip = gzip.compress(label)[:-8] + b"\xff\xff\xff\x7f\x00\x00\x00\x10"
     deep = "[" * 100_000 + "]" * 100_000
     return [
-        ("nrrd-data-file", lambda h: h.put(
-            "/datastore/", params={"image": "hostile_nrrd"}, files={"file": ("x.nrrd", nrrd)})),
-        ("nrrd-infer-upload", lambda h: h.post(
-            "/infer/segmentation", params={"output": "json"}, files={"file": ("x.nrrd", nrrd)},
-            data={"params": "{}"})),
-        ("id-newline", lambda h: h.put(
-            "/datastore/image/info", params={"image": "sample_00\n"}, data={"info": "{}"})),
+        (
+            "nrrd-data-file",
+            lambda h: h.put("/datastore/", params={"image": "hostile_nrrd"}, files={"file": ("x.nrrd", nrrd)}),
+        ),
+        (
+            "nrrd-infer-upload",
+            lambda h: h.post(
+                "/infer/segmentation",
+                params={"output": "json"},
+                files={"file": ("x.nrrd", nrrd)},
+                data={"params": "{}"},
+            ),
+        ),
+        ("id-newline", lambda h: h.put("/datastore/image/info", params={"image": "sample_00\n"}, data={"info": "{}"})),
         ("id-dotdot", lambda h: h.get("/datastore/image", params={"image": "../../etc/passwd"})),
-        ("deep-json", lambda h: h.post("/activelearning/random", content=deep,
-                                       headers={"content-type": "application/json"})),
-        ("bad-json-params", lambda h: h.put(
-            "/datastore/label", params={"image": "sample_00", "tag": "final"},
-            files={"label": ("l.nii.gz", label)}, data={"params": "{not json"})),
-        ("broken-gzip", lambda h: h.put(
-            "/datastore/", params={"image": "hostile_gzip"}, files={"file": ("x.nii.gz", broken_gzip)})),
+        (
+            "deep-json",
+            lambda h: h.post("/activelearning/random", content=deep, headers={"content-type": "application/json"}),
+        ),
+        (
+            "bad-json-params",
+            lambda h: h.put(
+                "/datastore/label",
+                params={"image": "sample_00", "tag": "final"},
+                files={"label": ("l.nii.gz", label)},
+                data={"params": "{not json"},
+            ),
+        ),
+        (
+            "broken-gzip",
+            lambda h: h.put("/datastore/", params={"image": "hostile_gzip"}, files={"file": ("x.nii.gz", broken_gzip)}),
+        ),
         ("unknown-image", lambda h: h.post("/infer/segmentation", params={"image": "no_such_image", "output": "json"})),
-        ("huge-roi", lambda h: h.post(
-            "/infer/segmentation", params={"image": "sample_00", "output": "json"},
-            data={"params": json.dumps({"roi_size": [100000, 100000, 100000]})})),
+        (
+            "huge-roi",
+            lambda h: h.post(
+                "/infer/segmentation",
+                params={"image": "sample_00", "output": "json"},
+                data={"params": json.dumps({"roi_size": [100000, 100000, 100000]})},
+            ),
+        ),
     ]
 
 
@@ -196,18 +218,27 @@ def worker(n: int, url: str, until: float, tally: Tally, image: bytes, label: by
     hostile = hostile_requests(label)
 
     def upload(h: httpx.Client) -> httpx.Response:
-        return h.put("/datastore/", params={"image": f"soak_{rng.randrange(UPLOAD_POOL):02d}"},
-                     data={"params": json.dumps({"client_id": client_id})},
-                     files={"file": ("soak.nii.gz", image)})
+        return h.put(
+            "/datastore/",
+            params={"image": f"soak_{rng.randrange(UPLOAD_POOL):02d}"},
+            data={"params": json.dumps({"client_id": client_id})},
+            files={"file": ("soak.nii.gz", image)},
+        )
 
     def save_label(h: httpx.Client) -> httpx.Response:
-        return h.put("/datastore/label", params={"image": rng.choice(SAMPLES), "tag": "final"},
-                     data={"params": json.dumps({"label_info": [{"name": "sphere_a", "idx": 1}]})},
-                     files={"label": ("label.nii.gz", label)})
+        return h.put(
+            "/datastore/label",
+            params={"image": rng.choice(SAMPLES), "tag": "final"},
+            data={"params": json.dumps({"label_info": [{"name": "sphere_a", "idx": 1}]})},
+            files={"label": ("label.nii.gz", label)},
+        )
 
     def update_info(h: httpx.Client) -> httpx.Response:
-        return h.put("/datastore/image/info", params={"image": rng.choice(SAMPLES)},
-                     data={"info": json.dumps({"soak_worker": n, "at": time.time()})})
+        return h.put(
+            "/datastore/image/info",
+            params={"image": rng.choice(SAMPLES)},
+            data={"info": json.dumps({"soak_worker": n, "at": time.time()})},
+        )
 
     ops: list[tuple[str, float, Callable[[httpx.Client], httpx.Response]]] = [
         ("upload", 10, upload),
@@ -215,8 +246,13 @@ def worker(n: int, url: str, until: float, tally: Tally, image: bytes, label: by
         ("stats", 5, lambda h: h.get("/datastore/", params={"output": "stats"})),
         ("info", 5, lambda h: h.get("/info/")),
         ("next-sample", 15, lambda h: h.post("/activelearning/random", json={"client_id": client_id})),
-        ("infer", 4, lambda h: h.post("/infer/segmentation", params={"image": rng.choice(SAMPLES), "output": "json"},
-                                      data={"params": "{}"})),
+        (
+            "infer",
+            4,
+            lambda h: h.post(
+                "/infer/segmentation", params={"image": rng.choice(SAMPLES), "output": "json"}, data={"params": "{}"}
+            ),
+        ),
         ("download", 8, lambda h: h.get("/datastore/image", params={"image": rng.choice(SAMPLES)})),
         ("save-label", 12, save_label),
         ("update-info", 12, update_info),

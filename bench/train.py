@@ -77,7 +77,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         write_sample_studies(root / "studies", count=4, labeled=4, size=64, brain=False)
-        datastore = ServiceProcess("services.datastore", "--metrics-port", "-1", "--root", str(root / "studies"), "--state-dir", str(root / "state"))
+        datastore = ServiceProcess(
+            "services.datastore",
+            "--metrics-port",
+            "-1",
+            "--root",
+            str(root / "studies"),
+            "--state-dir",
+            str(root / "state"),
+        )
         training = ServiceProcess(
             "services.train", "--metrics-port", "-1", "--datastore", datastore.address, "--work-dir", str(root / "train"),
             "--device", args.device, start_timeout=120,

@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         base = Path(tmp)
         volume = base / "volume.nii"
         make_volume(volume, args.mib)
-        s3 = stack.enter_context(run_seaweedfs(base / "seaweedfs")) if {"minio", "labelgrid-s3"} & set(systems) else None
+        s3 = (
+            stack.enter_context(run_seaweedfs(base / "seaweedfs")) if {"minio", "labelgrid-s3"} & set(systems) else None
+        )
         for system in systems:
             work = base / system
             write_studies(work / "studies", 2)

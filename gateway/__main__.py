@@ -42,11 +42,7 @@ async def serve(settings: GatewaySettings) -> None:
             await task
             return
         await asyncio.sleep(0.05)
-    port = (
-        server.servers[0].sockets[0].getsockname()[1]
-        if server.servers
-        else settings.port
-    )
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
     print(f"gateway listening on http://{settings.host}:{port}, {metrics_note}", flush=True)
     try:
         await task
@@ -56,9 +52,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(
-        GatewaySettings, argv, description=__doc__.splitlines()[0]
-    )
+    settings = parse_settings(GatewaySettings, argv, description=__doc__.splitlines()[0])
     configure_logging(settings.log_level, settings.log_format)
     try:
         check_auth_settings(settings)

@@ -86,7 +86,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(HotReadMiddleware, hot=HOT_READS)
     app.add_middleware(UnhandledErrorMiddleware)
     # Before any route reads a body: the caller's token and MONAI Label's role for the route.
-    app.add_middleware(AuthMiddleware, settings=settings, templates=lambda: [t for _, t in route_templates(app.router.routes)])
+    app.add_middleware(
+        AuthMiddleware, settings=settings, templates=lambda: [t for _, t in route_templates(app.router.routes)]
+    )
     # Outermost, so errors carry CORS headers too. With credentials allowed, Starlette echoes
     # the request's Origin instead of "*", as MONAI Label's server does.
     app.add_middleware(

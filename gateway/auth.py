@@ -125,6 +125,7 @@ A route of the app missing here needs the admin role (tests/integration/test_aut
 DOWNLOAD_ROUTE = "/datastore/image"
 """Takes a signed `?token=` instead of a bearer token (Slicer's download sends no header)."""
 
+
 class DownloadGrants:
     """One tokenless download of one image, for the address that was just handed it as the next
     sample (stock Slicer: its SampleData download is a bare `urllib` GET of
@@ -388,9 +389,9 @@ class AuthMiddleware:
         identity = await self.authenticator.aauthenticate(token)
         if identity is None or identity.service is not None or identity.username == "token-user":
             return None  # a cookie holds a user's token, never a service's or a static one
-        scope["headers"] = [
-            (key, value) for key, value in scope.get("headers") or () if key != b"authorization"
-        ] + [(b"authorization", f"Bearer {token}".encode("latin-1"))]
+        scope["headers"] = [(key, value) for key, value in scope.get("headers") or () if key != b"authorization"] + [
+            (b"authorization", f"Bearer {token}".encode("latin-1"))
+        ]
         return identity
 
     async def _identify(self, headers: dict[bytes, bytes], scope: Scope, template: str | None) -> Identity | None:

@@ -131,7 +131,9 @@ class ChangeWatch:
                 self.connected.clear()
                 self._set_generation(None)
             if failures == 0:
-                log.info("datastore change stream closed: answers are fetched until it reconnects", extra={"code": code})
+                log.info(
+                    "datastore change stream closed: answers are fetched until it reconnects", extra={"code": code}
+                )
             await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
             failures += 1
 

@@ -352,7 +352,12 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         )
     }  # fmt: skip
     if replica_addresses:  # batch inference fans its images out over every replica (round robin)
-        fan_out = ["--batch-address", "ipv4:" + ",".join(replica_addresses), "--batch-width", str(2 * len(replica_addresses))]
+        fan_out = [
+            "--batch-address",
+            "ipv4:" + ",".join(replica_addresses),
+            "--batch-width",
+            str(2 * len(replica_addresses)),
+        ]
         inference_argvs = {name: [*argv, *fan_out] for name, argv in inference_argvs.items()}
     training_argv = [
         *python, "services.train", *common, "--port", str(ports.training), "--datastore", datastore_address,
@@ -402,10 +407,15 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
                 for name, argv in inference_argvs.items()
             ),
             Child("training", training_argv, grpc_serving(training_address), say, env("training")),
-            Child("activelearning", activelearning_argv, grpc_serving(activelearning_address), say, env("activelearning")),
             Child(
-                "gateway", gateway_argv, http_ok(f"http://{host}:{ports.gateway}/info/", stack_auth.check_headers),
-                say, env("gateway"),
+                "activelearning", activelearning_argv, grpc_serving(activelearning_address), say, env("activelearning")
+            ),
+            Child(
+                "gateway",
+                gateway_argv,
+                http_ok(f"http://{host}:{ports.gateway}/info/", stack_auth.check_headers),
+                say,
+                env("gateway"),
             ),
             Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
         ],
@@ -456,7 +466,9 @@ def replica_ports(args: argparse.Namespace) -> list[int]:
         raise InvalidArgument(f"--infer-replicas must be at least 1, got {args.infer_replicas}")
     given = list(args.infer_replica_ports or [])
     if given and len(given) != args.infer_replicas:
-        raise InvalidArgument(f"--infer-replica-ports names {len(given)} ports for --infer-replicas {args.infer_replicas}")
+        raise InvalidArgument(
+            f"--infer-replica-ports names {len(given)} ports for --infer-replicas {args.infer_replicas}"
+        )
     if args.infer_replicas == 1:
         return []
     return given or [FIRST_REPLICA_PORT + n for n in range(args.infer_replicas)]
@@ -518,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--sample-studies", action="store_true", help="fill an empty studies folder with sample volumes")
     run.add_argument("--backend", choices=("local", "s3"), default="local")
-    run.add_argument("--s3-endpoint", default="", help="s3 backend: HOST:PORT (keys: env LABELGRID_S3_ACCESS_KEY/_SECRET_KEY)")
+    run.add_argument(
+        "--s3-endpoint", default="", help="s3 backend: HOST:PORT (keys: env LABELGRID_S3_ACCESS_KEY/_SECRET_KEY)"
+    )
     run.add_argument("--s3-bucket", default="")
     run.add_argument("--work-dir", type=Path, default=Path("var"), help="scratch space and the generated envoy.json")
     run.add_argument("--host", default="127.0.0.1", help="address Envoy listens on (the services stay on loopback)")
@@ -539,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument("--device", default="auto", help="inference devices: auto, cpu, cuda, cuda:N")
     run.add_argument("--train-device", default="auto", help="training devices: auto, cpu, cuda, cuda:N")
-    run.add_argument("--scoring-device", default="auto", help="active learning scoring devices: auto, cpu, cuda, cuda:N")
+    run.add_argument(
+        "--scoring-device", default="auto", help="active learning scoring devices: auto, cpu, cuda, cuda:N"
+    )
     run.add_argument("--app", default="apps.radiology", help="the app package inference serves")
     run.add_argument(
         "--bundle", action="append", type=Path, default=[], metavar="PATH",

@@ -31,6 +31,7 @@ CHUNK_SIZE = 1024 * 1024
 
 T = TypeVar("T")
 
+
 class Readable(Protocol):
     """What an upload source offers: Starlette's UploadFile (reads off the event loop)."""
 
@@ -227,9 +228,7 @@ async def upload_stream(
     digest = hashlib.sha256()
     async for data in file_chunks(source, digest):
         yield request_type(**{chunk_field: data})
-    yield request_type(
-        **{finish_field: common_pb2.UploadFinish(sha256=digest.hexdigest())}
-    )
+    yield request_type(**{finish_field: common_pb2.UploadFinish(sha256=digest.hexdigest())})
 
 
 @dataclass

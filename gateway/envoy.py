@@ -104,7 +104,9 @@ class EnvoySettings:
         if not is_loopback(self.admin_host):
             # /quitquitquit, /runtime_modify, /config_dump: never off the host (stats_port
             # publishes /stats/prometheus alone).
-            raise ValueError(f"admin_host must be a loopback address, got {self.admin_host!r}; use stats_port for metrics")
+            raise ValueError(
+                f"admin_host must be a loopback address, got {self.admin_host!r}; use stats_port for metrics"
+            )
 
 
 def is_loopback(host: str) -> bool:
@@ -265,7 +267,9 @@ def _spelled_any_way(word: str) -> str:
 METRICS_PATH_REGEX = "(?i)/+" + _spelled_any_way("metrics") + "(?:[/;%].*)?"
 
 
-def _grpc_route(prefix: str, cluster: str, cors: dict[str, Any], headers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _grpc_route(
+    prefix: str, cluster: str, cors: dict[str, Any], headers: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """No route timeout (streams run as long as they need); a client's grpc-timeout is honoured."""
     match: dict[str, Any] = {"prefix": prefix}
     if headers:
@@ -349,7 +353,11 @@ def _inference_listener(settings: EnvoySettings) -> dict[str, Any]:
                             },
                         }
                         for match, cluster in (
-                            *([({"safe_regex": {"regex": BATCH_JOB_METHODS}}, JOBS_CLUSTER)] if _has_static_replicas(settings) else []),
+                            *(
+                                [({"safe_regex": {"regex": BATCH_JOB_METHODS}}, JOBS_CLUSTER)]
+                                if _has_static_replicas(settings)
+                                else []
+                            ),
                             ({"prefix": "/"}, "inference"),
                         )
                     ],
@@ -357,13 +365,18 @@ def _inference_listener(settings: EnvoySettings) -> dict[str, Any]:
             ],
         },
         "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"}}
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"},
+            }
         ],
     }
     return {
         "name": "inference",
         "address": _socket_address(settings.admin_host, settings.inference_listen_port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
     }
 
 
@@ -386,7 +399,10 @@ def _stats_listener(settings: EnvoySettings) -> dict[str, Any]:
                     "domains": ["*"],
                     "routes": [
                         {
-                            "match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                            "match": {
+                                "path": "/stats/prometheus",
+                                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+                            },
                             "route": {"cluster": "envoy_admin", "timeout": "30s"},
                         },
                         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
@@ -395,13 +411,18 @@ def _stats_listener(settings: EnvoySettings) -> dict[str, Any]:
             ],
         },
         "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"}}
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"},
+            }
         ],
     }
     return {
         "name": "stats",
         "address": _socket_address(settings.host, settings.stats_port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
     }
 
 
@@ -483,7 +504,12 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
     if settings.stats_port:
         listeners.append(_stats_listener(settings))
         clusters.append(
-            _cluster("envoy_admin", f"{settings.admin_host}:{settings.admin_port}", http2=False, connect_timeout=settings.connect_timeout_seconds)
+            _cluster(
+                "envoy_admin",
+                f"{settings.admin_host}:{settings.admin_port}",
+                http2=False,
+                connect_timeout=settings.connect_timeout_seconds,
+            )
         )
     return {
         "admin": {"address": _socket_address(settings.admin_host, settings.admin_port)},
@@ -578,7 +604,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=lambda v: tuple(s.strip() for s in v.split(",") if s.strip()), default=default, metavar="A,B")
+            parser.add_argument(
+                flag, type=lambda v: tuple(s.strip() for s in v.split(",") if s.strip()), default=default, metavar="A,B"
+            )
         else:
             parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
     args = vars(parser.parse_args(argv))

@@ -32,9 +32,7 @@ _STATUS_FOR_REASON = {
 class GatewayError(Exception):
     """An answer the gateway decides itself: an HTTP status and MONAI Label's `detail`."""
 
-    def __init__(
-        self, status: int, detail: Any, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
         super().__init__(str(detail))
         self.status = status
         self.detail = detail
@@ -54,11 +52,7 @@ def from_rpc_error(
     message = details.message or details.code.name
     if details.code is grpc.StatusCode.INVALID_ARGUMENT and invalid_status is not None:
         status = invalid_status
-    if (
-        details.code is grpc.StatusCode.UNAVAILABLE
-        and details.reason == "UNAVAILABLE"
-        and service
-    ):
+    if details.code is grpc.StatusCode.UNAVAILABLE and details.reason == "UNAVAILABLE" and service:
         # A transport failure, not a service's own STORAGE_ERROR: say which service is down.
         message = f"the {service} service is not reachable at {address}: {message}"
     if status >= 500 and details.code not in (
@@ -96,9 +90,7 @@ def naming_service(service: str, address_setting: str) -> type[APIRoute]:
     return ServiceRoute
 
 
-def error_response(
-    status: int, detail: Any, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
@@ -141,9 +133,7 @@ class UnhandledErrorMiddleware:
             )
             if started:
                 raise  # the status line is out; the server can only close the connection
-            response = error_response(
-                500, "internal error in the labelgrid gateway (see its log)"
-            )
+            response = error_response(500, "internal error in the labelgrid gateway (see its log)")
             await response(scope, receive, send)
 
 

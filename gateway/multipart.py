@@ -64,9 +64,7 @@ class FormStream:
     def __init__(self, request: Request, file_field: str) -> None:
         content_type, options = parse_options_header(request.headers.get("content-type", ""))
         if content_type != b"multipart/form-data" or not options.get(b"boundary"):
-            raise GatewayError(
-                422, f"the upload must be a multipart/form-data body with a {file_field!r} file part"
-            )
+            raise GatewayError(422, f"the upload must be a multipart/form-data body with a {file_field!r} file part")
         self.request = request
         self.file_field = file_field
         self.fields: dict[str, str] = {}
@@ -154,9 +152,7 @@ class FormStream:
             if keep:
                 part.value += event[1]
                 if len(part.value) > MAX_JSON_BYTES:
-                    raise GatewayError(
-                        413, f"the {part.name} field is over the limit of {MAX_JSON_BYTES} bytes"
-                    )
+                    raise GatewayError(413, f"the {part.name} field is over the limit of {MAX_JSON_BYTES} bytes")
         if keep:
             self.fields.setdefault(part.name, part.value.decode("utf-8", "replace"))
 

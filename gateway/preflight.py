@@ -81,5 +81,7 @@ def stack_ports(options: dict[str, object], host: str) -> list[PortUse]:
             uses.append(PortUse(flag, what, host if name == "port" else "127.0.0.1", value))
         elif name.endswith("_ports") and isinstance(value, (list, tuple)):
             what = WHAT.get(name, name.removesuffix("_ports").replace("_", " "))
-            uses += [PortUse(flag, f"{what} ({n} of {len(value)})", "127.0.0.1", port) for n, port in enumerate(value, 1)]
+            uses += [
+                PortUse(flag, f"{what} ({n} of {len(value)})", "127.0.0.1", port) for n, port in enumerate(value, 1)
+            ]
     return uses

@@ -82,9 +82,7 @@ def _record_name(session_id: str) -> str:
 
 async def put_record(ctx: Ctx, session: Session) -> None:
     await ctx.clients.datastore.PutRecord(
-        ds_pb.PutRecordRequest(
-            name=_record_name(session.session_id), data=to_struct(session.data)
-        ),
+        ds_pb.PutRecordRequest(name=_record_name(session.session_id), data=to_struct(session.data)),
         timeout=ctx.timeout,
         metadata=ctx.service_metadata,
     )
@@ -135,9 +133,7 @@ async def live_sessions(ctx: Ctx) -> list[Session]:
     token = ""
     while True:
         response = await ctx.clients.datastore.ListRecords(
-            ds_pb.ListRecordsRequest(
-                parent=f"records/{RECORD_KIND}", page_size=1000, page_token=token
-            ),
+            ds_pb.ListRecordsRequest(parent=f"records/{RECORD_KIND}", page_size=1000, page_token=token),
             timeout=ctx.timeout,
             metadata=ctx.service_metadata,
         )

@@ -59,9 +59,7 @@ class GatewaySettings(ServiceSettings):
     sessions_per_client: Annotated[int, pydantic.Field(gt=0)] = 20
     sessions_max: Annotated[int, pydantic.Field(gt=0)] = 500
     # MONAI Label's MONAI_LABEL_CORS_ORIGINS; the request Origin is echoed with credentials.
-    cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(
-        default_factory=lambda: ["*"]
-    )
+    cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=lambda: ["*"])
     # The log GET /logs/ tails (`labelgrid up` writes the whole stack's output there); unset:
     # the gateway's own recent records, kept in memory.
     log_file: Path | None = None

@@ -23,17 +23,39 @@ CHART = Path(__file__).resolve().parent.parent / "k8s" / "labelgrid"
 SRC = CHART / "values.yaml"
 OUT = CHART / "values.schema.json"
 
-FREEFORM = {"nodeSelector", "affinity", "resources", "podAnnotations", "podLabels", "annotations", "commonLabels",
-            "commonAnnotations", "podSecurityContext", "containerSecurityContext", "customStartupProbe",
-            "customLivenessProbe", "customReadinessProbe", "volume", "labels", "behavior"}
-STRING_MAPS = {"nodeSelector", "podAnnotations", "podLabels", "annotations", "commonLabels", "commonAnnotations", "labels"}
+FREEFORM = {
+    "nodeSelector",
+    "affinity",
+    "resources",
+    "podAnnotations",
+    "podLabels",
+    "annotations",
+    "commonLabels",
+    "commonAnnotations",
+    "podSecurityContext",
+    "containerSecurityContext",
+    "customStartupProbe",
+    "customLivenessProbe",
+    "customReadinessProbe",
+    "volume",
+    "labels",
+    "behavior",
+}
+STRING_MAPS = {
+    "nodeSelector",
+    "podAnnotations",
+    "podLabels",
+    "annotations",
+    "commonLabels",
+    "commonAnnotations",
+    "labels",
+}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 QUANTITY = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"}
 
 
 def INT_OR_EMPTY(lo: int, hi: int) -> dict[str, Any]:
     return {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi}, {"type": "string", "enum": [""]}]}
-
 
 
 INT_OR_PERCENT = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^([0-9]+%)?$"}]}
@@ -43,13 +65,18 @@ OBJ_ITEMS = {"type": "array", "items": {"type": "object"}}
 STR_ITEMS = {"type": "array", "items": {"type": "string"}}
 
 BY_NAME: dict[str, dict[str, Any]] = {
-    "port": PORT, "metricsPort": PORT, "adminPort": PORT,
+    "port": PORT,
+    "metricsPort": PORT,
+    "adminPort": PORT,
     "pullPolicy": PULL,
     "podAntiAffinityPreset": {"type": "string", "enum": ["soft", "hard", "none"]},
-    "scratchSizeLimit": QUANTITY, "shmSizeLimit": QUANTITY, "size": QUANTITY,
+    "scratchSizeLimit": QUANTITY,
+    "shmSizeLimit": QUANTITY,
+    "size": QUANTITY,
     "targetCPUUtilizationPercentage": INT_OR_EMPTY(1, 100),
     "targetMemoryUtilizationPercentage": INT_OR_EMPTY(1, 100),
-    "minAvailable": INT_OR_PERCENT, "maxUnavailable": INT_OR_PERCENT,
+    "minAvailable": INT_OR_PERCENT,
+    "maxUnavailable": INT_OR_PERCENT,
     "replicaCount": {"type": "integer", "minimum": 0},
     "minReplicas": {"type": "integer", "minimum": 1},
     "maxReplicas": {"type": "integer", "minimum": 1},
@@ -60,14 +87,34 @@ BY_NAME: dict[str, dict[str, Any]] = {
     "timeoutSeconds": {"type": "integer", "minimum": 1},
     "failureThreshold": {"type": "integer", "minimum": 1},
     "successThreshold": {"type": "integer", "minimum": 1},
-    "accessModes": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
-    "tolerations": OBJ_ITEMS, "topologySpreadConstraints": OBJ_ITEMS, "extraEnv": OBJ_ITEMS, "extraEnvFrom": OBJ_ITEMS,
-    "extraVolumes": OBJ_ITEMS, "extraVolumeMounts": OBJ_ITEMS, "imagePullSecrets": OBJ_ITEMS,
-    "relabelings": OBJ_ITEMS, "metricRelabelings": OBJ_ITEMS, "edgeFrom": OBJ_ITEMS, "metricsFrom": OBJ_ITEMS,
-    "tokens": STR_ITEMS, "corsOrigins": STR_ITEMS, "command": STR_ITEMS, "extraHosts": STR_ITEMS, "externalCIDRs": STR_ITEMS,
-    "dnsPorts": {"type": "array", "items": PORT}, "externalPorts": {"type": "array", "items": PORT},
-    "config": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]},
-               "propertyNames": {"pattern": "^[a-z][a-z0-9_]*$"}},
+    "accessModes": {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "string", "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+    },
+    "tolerations": OBJ_ITEMS,
+    "topologySpreadConstraints": OBJ_ITEMS,
+    "extraEnv": OBJ_ITEMS,
+    "extraEnvFrom": OBJ_ITEMS,
+    "extraVolumes": OBJ_ITEMS,
+    "extraVolumeMounts": OBJ_ITEMS,
+    "imagePullSecrets": OBJ_ITEMS,
+    "relabelings": OBJ_ITEMS,
+    "metricRelabelings": OBJ_ITEMS,
+    "edgeFrom": OBJ_ITEMS,
+    "metricsFrom": OBJ_ITEMS,
+    "tokens": STR_ITEMS,
+    "corsOrigins": STR_ITEMS,
+    "command": STR_ITEMS,
+    "extraHosts": STR_ITEMS,
+    "externalCIDRs": STR_ITEMS,
+    "dnsPorts": {"type": "array", "items": PORT},
+    "externalPorts": {"type": "array", "items": PORT},
+    "config": {
+        "type": "object",
+        "additionalProperties": {"type": ["string", "number", "boolean"]},
+        "propertyNames": {"pattern": "^[a-z][a-z0-9_]*$"},
+    },
 }
 BY_PATH: dict[str, dict[str, Any]] = {
     "storage.type": {"type": "string", "enum": ["minio", "s3"]},
@@ -78,7 +125,10 @@ BY_PATH: dict[str, dict[str, Any]] = {
     "gateway.service.port": PORT,
     "logLevel": {"type": "string", "enum": ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]},
     "logFormat": {"type": "string", "enum": ["json", "console"]},
-    "gateway.edge.logLevel": {"type": "string", "enum": ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]},
+    "gateway.edge.logLevel": {
+        "type": "string",
+        "enum": ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"],
+    },
     "ingress.pathType": {"type": "string", "enum": ["Prefix", "Exact", "ImplementationSpecific"]},
     "app.files": {"type": "object", "additionalProperties": {"type": "string"}},
     "app.module": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
@@ -154,8 +204,11 @@ def schema_for(path: str, name: str, value: Any, descs: dict[str, str]) -> dict[
         if name in STRING_MAPS:
             s["additionalProperties"] = {"type": "string"}
     elif isinstance(value, dict):
-        s = {"type": "object", "additionalProperties": False,
-             "properties": {k: schema_for(f"{path}.{k}" if path else k, k, v, descs) for k, v in value.items()}}
+        s = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {k: schema_for(f"{path}.{k}" if path else k, k, v, descs) for k, v in value.items()},
+        }
     elif isinstance(value, list):
         s = {"type": "array"}
     else:

@@ -135,7 +135,9 @@ def prepare(task: InferTask, item: ScoringInput, device: str) -> tuple[torch.Ten
     return image[None].to(torch.device(device)), params
 
 
-def probabilities(task: InferTask, network: torch.nn.Module, inputs: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+def probabilities(
+    task: InferTask, network: torch.nn.Module, inputs: torch.Tensor, params: dict[str, Any]
+) -> torch.Tensor:
     """Softmax (or sigmoid for one channel) of the network's logits over the task's inferer."""
     logits = task.inferer(params)(inputs, network)
     if logits.shape[1] == 1:

@@ -68,7 +68,9 @@ class ResampleToSpacingd(MapTransform):
                 if key in self.label_keys:
                     tensor = F.interpolate(tensor[None].float(), size=new_shape, mode="nearest")[0]
                 else:
-                    tensor = F.interpolate(tensor[None].float(), size=new_shape, mode="trilinear", align_corners=False)[0]
+                    tensor = F.interpolate(tensor[None].float(), size=new_shape, mode="trilinear", align_corners=False)[
+                        0
+                    ]
             out[key] = tensor.float()
         return out
 

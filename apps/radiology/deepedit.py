@@ -38,7 +38,11 @@ class DeepEdit(InferTask):
         return small_unet(self.input_channels, max(self.labels.values()) + 1)
 
     def pre_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[InferInput], InferInput]]:
-        return [ResampleToSpacing(self.target_spacing), NormalizeIntensity(), AddClickGuidance([*self.labels, "background"])]
+        return [
+            ResampleToSpacing(self.target_spacing),
+            NormalizeIntensity(),
+            AddClickGuidance([*self.labels, "background"]),
+        ]
 
     def post_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
         return [argmax_labels]

@@ -39,7 +39,11 @@ class Deepgrow(InferTask):
         return small_unet(self.input_channels, 1)
 
     def pre_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[InferInput], InferInput]]:
-        return [ResampleToSpacing(self.target_spacing), NormalizeIntensity(), AddClickGuidance(["foreground", "background"])]
+        return [
+            ResampleToSpacing(self.target_spacing),
+            NormalizeIntensity(),
+            AddClickGuidance(["foreground", "background"]),
+        ]
 
     def post_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
         return [sigmoid_threshold]

@@ -59,7 +59,12 @@ def scribble_ids(params: Mapping[str, Any], default_bg: int, default_fg: int) ->
             raise ValueError("label_info must be a list of {name, id}")
         value = entry.get("id", entry.get("idx"))
         if entry.get("name") in (BACKGROUND, FOREGROUND):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or not 0 < value < 2**16:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or int(value) != value
+                or not 0 < value < 2**16
+            ):
                 raise ValueError(f"label_info id of {entry.get('name')} must be a positive integer, not {value!r}")
             if entry["name"] == BACKGROUND:
                 background = int(value)
@@ -107,7 +112,9 @@ def scale_intensity(image: np.ndarray, window: Sequence[float] | None) -> np.nda
     return scaled.astype(np.float32)
 
 
-def histogram_likelihood(image: np.ndarray, scribbles: np.ndarray, background: int, foreground: int, bins: int) -> np.ndarray:
+def histogram_likelihood(
+    image: np.ndarray, scribbles: np.ndarray, background: int, foreground: int, bins: int
+) -> np.ndarray:
     """(2, ...) background / foreground probabilities from the scribbled voxels' histograms."""
     low, high = float(image.min()), float(image.max())
     if low < 0.0 or high > 1.0:  # as MONAI Label: only an image outside [0, 1] is rescaled
@@ -173,7 +180,9 @@ class PrepareScribbles:
         if self.task.target_spacing is not None:
             current = voxel_spacing(item.data["affine"])
             shape = image.shape[1:]
-            new_shape = [max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.task.target_spacing, strict=True)]
+            new_shape = [
+                max(1, round(n * c / t)) for n, c, t in zip(shape, current, self.task.target_spacing, strict=True)
+            ]
             if list(new_shape) != list(shape):
                 image = F.interpolate(image[None], size=new_shape, mode="trilinear", align_corners=False)[0]
                 scribbles = F.interpolate(scribbles[None], size=new_shape, mode="nearest")[0]

@@ -90,7 +90,9 @@ class SimulateClicksd(Randomizable, MapTransform):
     keeps every label.
     """
 
-    def __init__(self, mode: str, labels: Mapping[str, int], sigma: float = 2.0, max_clicks: int = 3, no_click_prob: float = 0.5):
+    def __init__(
+        self, mode: str, labels: Mapping[str, int], sigma: float = 2.0, max_clicks: int = 3, no_click_prob: float = 0.5
+    ):
         MapTransform.__init__(self, KEYS)
         self.mode = mode
         self.labels = dict(labels)
@@ -148,7 +150,12 @@ class InteractiveTrainer(SegmentationTrainer):
         ]
 
     def val_pre_transforms(self, context: TrainContext) -> Sequence[Any]:
-        return [*self._load(), *_crop_steps(self.crop_size, 1), SimulateClicksd(self.mode, self.labels), EnsureTyped(KEYS, track_meta=False)]
+        return [
+            *self._load(),
+            *_crop_steps(self.crop_size, 1),
+            SimulateClicksd(self.mode, self.labels),
+            EnsureTyped(KEYS, track_meta=False),
+        ]
 
     def val_inferer(self, context: TrainContext) -> Inferer:
         return SimpleInferer()
@@ -184,7 +191,11 @@ def radiology_trainers(infer_tasks: Mapping[str, InferTask]) -> dict[str, Traine
     if "segmentation_brain" in infer_tasks:
         trainers["segmentation_brain"] = BrainTrainer(infer_tasks["segmentation_brain"])
     if "deepgrow" in infer_tasks:
-        trainers["deepgrow"] = DeepgrowTrainer(infer_tasks["deepgrow"], description="Train deepgrow: grow a region from simulated clicks")
+        trainers["deepgrow"] = DeepgrowTrainer(
+            infer_tasks["deepgrow"], description="Train deepgrow: grow a region from simulated clicks"
+        )
     if "deepedit" in infer_tasks:
-        trainers["deepedit"] = InteractiveTrainer(infer_tasks["deepedit"], description="Train deepedit: labels from simulated clicks per label")
+        trainers["deepedit"] = InteractiveTrainer(
+            infer_tasks["deepedit"], description="Train deepedit: labels from simulated clicks per label"
+        )
     return trainers

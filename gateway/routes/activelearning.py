@@ -74,7 +74,9 @@ def _ttl(params: dict[str, Any]) -> int:
     return int(value)
 
 
-@router.post("/activelearning/{strategy}", tags=["ActiveLearning"], summary="Run Active Learning strategy to get next sample")
+@router.post(
+    "/activelearning/{strategy}", tags=["ActiveLearning"], summary="Run Active Learning strategy to get next sample"
+)
 async def sample(
     strategy: str, request: Request, params: Annotated[dict[str, Any] | None, Body()] = None, ctx: Ctx = CtxDep
 ) -> Any:
@@ -164,7 +166,9 @@ async def _jobs(ctx: Ctx) -> list[al_res.ScoringJob]:
         job
         async for page in all_pages(
             lambda token: ctx.clients.activelearning.ListScoringJobs(
-                al_pb.ListScoringJobsRequest(page_size=1000, page_token=token), timeout=ctx.timeout, metadata=ctx.metadata
+                al_pb.ListScoringJobsRequest(page_size=1000, page_token=token),
+                timeout=ctx.timeout,
+                metadata=ctx.metadata,
             )
         )
         for job in page.scoring_jobs
@@ -196,7 +200,10 @@ async def _start(ctx: Ctx, method: str, params: dict[str, Any], enqueue: bool) -
     if model:
         check_id(model, "model name")
     job = al_res.ScoringJob(
-        method=f"scoringMethods/{method}", model=f"models/{model}" if model else "", params=to_struct(params), force=force
+        method=f"scoringMethods/{method}",
+        model=f"models/{model}" if model else "",
+        params=to_struct(params),
+        force=force,
     )
     response = await ctx.clients.activelearning.CreateScoringJob(
         al_pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=ctx.timeout, metadata=ctx.metadata
@@ -232,7 +239,9 @@ async def run(
 
 
 @router.post("/scoring/", tags=["Scoring"], summary="Run All Scoring Methods", include_in_schema=False)
-async def run_all(params: Annotated[dict[str, Any] | None, Body()] = None, run_sync: bool = False, ctx: Ctx = CtxDep) -> Any:
+async def run_all(
+    params: Annotated[dict[str, Any] | None, Body()] = None, run_sync: bool = False, ctx: Ctx = CtxDep
+) -> Any:
     """MONAI Label's deprecated "run all": `{method: params}`, every method queued."""
     params = dict(params or {})
     params.pop("client_id", None)

@@ -200,14 +200,22 @@ def _page(next_path: str, error: str | None = None, status: int = 200) -> HTMLRe
     return HTMLResponse(
         _PAGE.format(error=note, next=html.escape(_safe_next(next_path), quote=True)),
         status_code=status,
-        headers={"cache-control": "no-store", "x-frame-options": "DENY", "content-security-policy": "frame-ancestors 'none'"},
+        headers={
+            "cache-control": "no-store",
+            "x-frame-options": "DENY",
+            "content-security-policy": "frame-ancestors 'none'",
+        },
     )
 
 
 def _https(request: Request) -> bool:
     """Whether the browser reached us over TLS (directly, through a proxy, or as its Origin says)."""
     forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-    return request.url.scheme == "https" or forwarded == "https" or request.headers.get("origin", "").startswith("https://")
+    return (
+        request.url.scheme == "https"
+        or forwarded == "https"
+        or request.headers.get("origin", "").startswith("https://")
+    )
 
 
 @router.get("/login", summary="Sign-in page of the browser session (OHIF)", include_in_schema=False)
@@ -249,7 +257,11 @@ async def login(
     if "MONAILABEL_SERVER_URL" not in request.cookies:
         # OHIF's MONAI Label panel takes its server from this cookie (else http://<host>:8000/):
         # the gateway itself, so its calls stay same-origin and carry the session. No secret.
-        own = origin if origin and origin != "null" else f"{'https' if secure else 'http'}://{request.headers.get('host', '')}"
+        own = (
+            origin
+            if origin and origin != "null"
+            else f"{'https' if secure else 'http'}://{request.headers.get('host', '')}"
+        )
         # Written as the panel's CookieUtils reads it (unescape()), not in http.cookies' quotes.
         value = quote(own.rstrip("/") + "/", safe="")
         response.headers.append(

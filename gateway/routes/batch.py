@@ -42,7 +42,17 @@ router = APIRouter(prefix="/batch", tags=["Infer"], route_class=naming_service("
 
 _SYNC_POLL_SECONDS = 0.5
 # MONAI Label's batch request keys that are not params of each inference.
-_DROPPED = {"device", "multi_gpu", "gpus", "logging", "save_label", "label_tag", "max_workers", "max_batch_size", "images"}
+_DROPPED = {
+    "device",
+    "multi_gpu",
+    "gpus",
+    "logging",
+    "save_label",
+    "label_tag",
+    "max_workers",
+    "max_batch_size",
+    "images",
+}
 _FINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 
@@ -86,7 +96,9 @@ def sync_answer(job: res.BatchInferenceJob) -> dict[str, Any]:
     answer: dict[str, Any] = {}
     for item in job.results:
         image = item.image.removeprefix("images/")
-        answer[image] = {} if item.failed else {"label": item.label, "tag": item.label_tag, "params": struct_to_dict(item.params)}
+        answer[image] = (
+            {} if item.failed else {"label": item.label, "tag": item.label_tag, "params": struct_to_dict(item.params)}
+        )
     return answer
 
 
@@ -131,7 +143,9 @@ def _job(model: str, images: BatchImages, body: dict[str, Any]) -> res.BatchInfe
         image_filter=image_filter,
         images=[f"images/{check_id(i)}" for i in ids] if isinstance(ids, list) else [],
         max_images=_int(body, "max_batch_size"),
-        params=res.InferParams(params=to_struct(params), result=res.ResultOptions(save_label=True, label_tag=label_tag)),
+        params=res.InferParams(
+            params=to_struct(params), result=res.ResultOptions(save_label=True, label_tag=label_tag)
+        ),
         devices=_devices(body),
     )
 
@@ -189,7 +203,9 @@ async def api_run(
 
 @router.delete("/infer", summary="Stop Batch Inference Task")
 async def api_stop(ctx: Ctx = CtxDep) -> Any:
-    active = [job for job in await _jobs(ctx) if job.state in (common_pb2.JOB_STATE_RUNNING, common_pb2.JOB_STATE_QUEUED)]
+    active = [
+        job for job in await _jobs(ctx) if job.state in (common_pb2.JOB_STATE_RUNNING, common_pb2.JOB_STATE_QUEUED)
+    ]
     if not active:
         return None
     stopped = None

@@ -84,9 +84,7 @@ def check_id(value: str | None, what: str = "image id") -> str:
 def check_user_image_id(value: str) -> str:
     check_id(value)
     if value.startswith(SESSION_PREFIX):
-        raise GatewayError(
-            400, f"image ids starting with {SESSION_PREFIX!r} are reserved for sessions"
-        )
+        raise GatewayError(400, f"image ids starting with {SESSION_PREFIX!r} are reserved for sessions")
     return value
 
 
@@ -104,19 +102,13 @@ def parse_json_field(value: str | None, field: str) -> dict[str, Any]:
     if value is None or value.strip() == "":
         return {}
     if len(value) > MAX_JSON_BYTES:
-        raise GatewayError(
-            413, f"the {field} field is {len(value)} bytes of JSON, over the limit of {MAX_JSON_BYTES}"
-        )
+        raise GatewayError(413, f"the {field} field is {len(value)} bytes of JSON, over the limit of {MAX_JSON_BYTES}")
     try:
         parsed = json.loads(value)
     except (json.JSONDecodeError, RecursionError) as err:
-        raise GatewayError(
-            422, [_invalid(field, f"Invalid JSON: {err}", value, "json_invalid")]
-        ) from None
+        raise GatewayError(422, [_invalid(field, f"Invalid JSON: {err}", value, "json_invalid")]) from None
     if not isinstance(parsed, dict):
-        raise GatewayError(
-            422, [_invalid(field, "Input should be a JSON object", value, "dict_type")]
-        )
+        raise GatewayError(422, [_invalid(field, "Input should be a JSON object", value, "dict_type")])
     return parsed
 
 
@@ -181,9 +173,7 @@ def media_type(file_name: str) -> str:
     return mimetypes.guess_type(file_name)[0] or "application/octet-stream"
 
 
-def file_response(
-    download: Download, file_name: str | None = None
-) -> StreamingResponse:
+def file_response(download: Download, file_name: str | None = None) -> StreamingResponse:
     """A download stream as a file response with length and Content-Disposition."""
     info = download.first.info
     name = file_name or info.file_name
@@ -193,9 +183,7 @@ def file_response(
     }
     if info.sha256:
         headers["etag"] = f'"{info.sha256}"'
-    return StreamingResponse(
-        read_ahead(download.chunks()), media_type=media_type(name), headers=headers
-    )
+    return StreamingResponse(read_ahead(download.chunks()), media_type=media_type(name), headers=headers)
 
 
 READ_AHEAD_CHUNKS = 4

@@ -157,9 +157,7 @@ async def _datalist(ctx: Ctx, request: Request) -> list[dict[str, str]]:
 
 
 @router.get("/", summary="Get All Images/Labels from datastore")
-async def datastore(
-    request: Request, output: ResultType | None = None, ctx: Ctx = CtxDep
-) -> Any:
+async def datastore(request: Request, output: ResultType | None = None, ctx: Ctx = CtxDep) -> Any:
     if output is ResultType.all:
         return await _datastore_all(ctx)
     if output is ResultType.train:
@@ -216,16 +214,12 @@ async def _add_image(ctx: Ctx, image: str | None, request: Request) -> dict[str,
 
 
 @router.put("/image", summary="Upload new Image", openapi_extra=_upload_form("file"))
-async def add_image(
-    request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep
-) -> dict[str, str]:
+async def add_image(request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep) -> dict[str, str]:
     return await _add_image(ctx, image, request)
 
 
 @router.put("/", include_in_schema=False)
-async def add_image_alias(
-    request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep
-) -> dict[str, str]:
+async def add_image_alias(request: Request, image: str | None = Query(None), ctx: Ctx = CtxDep) -> dict[str, str]:
     """The deprecated alias the official client's upload_image uses."""
     return await _add_image(ctx, image, request)
 
@@ -251,9 +245,7 @@ async def remove_image_alias(id: str = Query(...), ctx: Ctx = CtxDep) -> dict[st
 
 def _head(found: bool, detail: str) -> Response:
     """HEAD answers: the JSON headers of `{}` or `{"detail"}`, no body (as MONAI Label)."""
-    return JSONResponse(
-        {} if found else {"detail": detail}, status_code=200 if found else 404
-    )
+    return JSONResponse({} if found else {"detail": detail}, status_code=200 if found else 404)
 
 
 async def _get_image(ctx: Ctx, image_id: str) -> ds_res.Image | None:
@@ -273,9 +265,7 @@ def _normal_sha(value: str) -> str:
 
 
 @router.head("/image", summary="Check If Image Exists")
-async def image_exists(
-    image: str = Query(...), check_sum: str | None = None, ctx: Ctx = CtxDep
-) -> Response:
+async def image_exists(image: str = Query(...), check_sum: str | None = None, ctx: Ctx = CtxDep) -> Response:
     found = await _get_image(ctx, image)
     if found is None:
         return _head(False, "Image NOT Found")
@@ -285,14 +275,10 @@ async def image_exists(
 
 
 @router.get("/image", summary="Download Image")
-async def download_image(
-    image: str = Query(...), ctx: Ctx = CtxDep
-) -> StreamingResponse:
+async def download_image(image: str = Query(...), ctx: Ctx = CtxDep) -> StreamingResponse:
     name = image_name(image)
     download = await open_download(
-        lambda: ctx.clients.datastore.DownloadImage(
-            ds_pb.DownloadImageRequest(name=name), metadata=ctx.metadata
-        )
+        lambda: ctx.clients.datastore.DownloadImage(ds_pb.DownloadImageRequest(name=name), metadata=ctx.metadata)
     )
     return file_response(download)
 
@@ -305,9 +291,7 @@ async def image_info(image: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, An
 
 
 @router.put("/image/info", summary="Update Image Info")
-async def update_image_info(
-    image: str = Query(...), info: str = Form(...), ctx: Ctx = CtxDep
-) -> None:
+async def update_image_info(image: str = Query(...), info: str = Form(...), ctx: Ctx = CtxDep) -> None:
     values = parse_json_field(info, "info")
     values["user"] = ctx.identity.username  # "admin" (DEFAULT_USER) with auth off
     await ctx.clients.datastore.UpdateImageInfo(
@@ -353,9 +337,7 @@ async def save_label(
 
 
 @router.delete("/label", summary="Remove Label")
-async def remove_label(
-    id: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
-) -> dict[str, Any]:
+async def remove_label(id: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
     """`{}` also for an unknown label, as MONAI Label answers (clients rely on it)."""
     try:
         await ctx.clients.datastore.DeleteLabel(
@@ -381,43 +363,31 @@ async def _get_label(ctx: Ctx, image_id: str, tag: str) -> ds_res.Label | None:
 
 
 @router.head("/label", summary="Check If Label Exists")
-async def label_exists(
-    image: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
-) -> Response:
+async def label_exists(image: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep) -> Response:
     found = await _get_label(ctx, image, tag)
     return _head(found is not None, "Label NOT Found")
 
 
 @router.get("/label", summary="Download Label")
-async def download_label(
-    label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
-) -> StreamingResponse:
+async def download_label(label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep) -> StreamingResponse:
     name = label_name(label, tag)
     download = await open_download(
-        lambda: ctx.clients.datastore.DownloadLabel(
-            ds_pb.DownloadLabelRequest(name=name), metadata=ctx.metadata
-        )
+        lambda: ctx.clients.datastore.DownloadLabel(ds_pb.DownloadLabelRequest(name=name), metadata=ctx.metadata)
     )
     return file_response(download)
 
 
 @router.get("/label/info", summary="Get Label Info")
-async def label_info(
-    label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep
-) -> dict[str, Any]:
+async def label_info(label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep) -> dict[str, Any]:
     found = await _get_label(ctx, label, tag)
     return struct_to_dict(found.info) if found is not None else {}
 
 
-async def _update_label_info(
-    ctx: Ctx, label: str, tag: str, info: str, field: str
-) -> None:
+async def _update_label_info(ctx: Ctx, label: str, tag: str, info: str, field: str) -> None:
     values = parse_json_field(info, field)
     values["user"] = ctx.identity.username  # "admin" (DEFAULT_USER) with auth off
     await ctx.clients.datastore.UpdateLabelInfo(
-        ds_pb.UpdateLabelInfoRequest(
-            name=label_name(label, tag), info=to_struct(values)
-        ),
+        ds_pb.UpdateLabelInfoRequest(name=label_name(label, tag), info=to_struct(values)),
         timeout=ctx.timeout,
         metadata=ctx.metadata,
     )
@@ -448,9 +418,7 @@ async def update_label_info_reviewer(
 
 
 @router.get("/dataset", summary="Download full dataset as ZIP archive")
-async def download_dataset(
-    limit_cases: int | None = Query(None, ge=0), ctx: Ctx = CtxDep
-) -> StreamingResponse:
+async def download_dataset(limit_cases: int | None = Query(None, ge=0), ctx: Ctx = CtxDep) -> StreamingResponse:
     download = await open_download(
         lambda: ctx.clients.datastore.ExportDataset(
             ds_pb.ExportDatasetRequest(limit_cases=limit_cases or 0),

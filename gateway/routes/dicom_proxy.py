@@ -113,7 +113,9 @@ class DicomProxy:
         try:
             upstream = await self.client.send(upstream_request, stream=True)
         except httpx.TimeoutException as err:
-            raise GatewayError(503, f"the DICOMweb server {self.base} did not answer in time ({type(err).__name__})") from None
+            raise GatewayError(
+                503, f"the DICOMweb server {self.base} did not answer in time ({type(err).__name__})"
+            ) from None
         except httpx.HTTPError as err:
             raise GatewayError(503, f"the DICOMweb server {self.base} is unavailable: {_reason(err)}") from None
         if upstream.status_code in (401, 403):

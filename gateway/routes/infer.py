@@ -59,11 +59,7 @@ def _bad(detail: str) -> GatewayError:
 
 
 def _int(value: Any, what: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or int(value) != value
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise _bad(f"{what} must be an integer, not {value!r}")
     return int(value)
 
@@ -106,11 +102,7 @@ def _prompt(values: dict[str, Any]) -> inf_res.Prompt:
         if not isinstance(point_labels, list) or len(point_labels) != len(points):
             raise _bad("point_labels must have one entry per point")
         for point, point_label in zip(_points(points, "points"), point_labels, strict=True):
-            prompt.points.append(
-                inf_res.PromptPoint(
-                    point=point, point_label=_int(point_label, "point_labels")
-                )
-            )
+            prompt.points.append(inf_res.PromptPoint(point=point, point_label=_int(point_label, "point_labels")))
     label_prompt = values.get("label_prompt")
     if label_prompt:
         if not isinstance(label_prompt, list):
@@ -119,9 +111,7 @@ def _prompt(values: dict[str, Any]) -> inf_res.Prompt:
     return prompt
 
 
-def infer_params(
-    values: dict[str, Any], output: OutputType | None
-) -> inf_res.InferParams:
+def infer_params(values: dict[str, Any], output: OutputType | None) -> inf_res.InferParams:
     """MONAI Label's params JSON as InferParams: typed fields where they have a meaning, all keys
     also in `params` for the task."""
     for key in ("result_extension", "result_dtype", "label_tag", "device"):
@@ -150,9 +140,7 @@ def infer_params(
 def _result_params(header: inf_pb.InferResultHeader) -> dict[str, Any]:
     params = struct_to_dict(header.result_params)
     if "label_names" not in params and header.label_names:
-        params["label_names"] = dict(
-            sorted(header.label_names.items(), key=lambda item: item[1])
-        )
+        params["label_names"] = dict(sorted(header.label_names.items(), key=lambda item: item[1]))
     return params
 
 
@@ -161,9 +149,7 @@ def _multipart(download: Download, params: dict[str, Any], file_name: str) -> Re
     boundary = uuid.uuid4().hex
     head = (
         (
-            f"--{boundary}\r\n"
-            'Content-Disposition: form-data; name="params"\r\n'
-            "Content-Type: application/json\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
         ).encode()
         + json.dumps(params).encode()
         + (
@@ -202,9 +188,7 @@ def _answer(download: Download, output: OutputType | None) -> Response:
             "content-disposition": content_disposition(file_name),
             "content-length": str(header.label.size_bytes),
         }
-        return StreamingResponse(
-            download.chunks(), media_type=media_type(file_name), headers=headers
-        )
+        return StreamingResponse(download.chunks(), media_type=media_type(file_name), headers=headers)
     return _multipart(download, params, file_name)
 
 
@@ -316,12 +300,12 @@ async def run_inference(
     )
 
     if file is None and label is None:
-        request = inf_pb.InferRequest(
-            model=model_res, image=image_res, params=request_params
-        )
+        request = inf_pb.InferRequest(model=model_res, image=image_res, params=request_params)
 
         def start() -> Any:
-            return ctx.clients.inference.Infer(request, timeout=ctx.settings.infer_timeout_seconds, metadata=ctx.metadata)
+            return ctx.clients.inference.Infer(
+                request, timeout=ctx.settings.infer_timeout_seconds, metadata=ctx.metadata
+            )
 
     else:
         header = inf_pb.InferUploadHeader(

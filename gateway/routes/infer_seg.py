@@ -48,7 +48,8 @@ def check_available(ctx: Ctx, has_file: bool, session_id: str) -> None:
         raise GatewayError(501, NEEDS_DICOMWEB)
     if has_file and not session_id:
         raise GatewayError(
-            422, "output=dicom_seg references a series of the DICOMweb datastore: give image=<SeriesInstanceUID>, not a file"
+            422,
+            "output=dicom_seg references a series of the DICOMweb datastore: give image=<SeriesInstanceUID>, not a file",
         )
 
 
@@ -56,7 +57,9 @@ async def source_series(ctx: Ctx, image_res: str) -> SourceSeries:
     """The datastore's record of the image: a DICOMweb series has its study and series UIDs."""
     try:
         response = await found_or_none(
-            ctx.clients.datastore.GetImage(ds_pb.GetImageRequest(name=image_res), timeout=ctx.timeout, metadata=ctx.metadata)
+            ctx.clients.datastore.GetImage(
+                ds_pb.GetImageRequest(name=image_res), timeout=ctx.timeout, metadata=ctx.metadata
+            )
         )
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err, service="datastore", address=ctx.settings.datastore_address) from None
@@ -118,7 +121,9 @@ def _build(path: Path, file_name: str, items: list[dict[str, Any]], names: dict[
     return dicom_seg.to_bytes(seg)
 
 
-async def answer(ctx: Ctx, proxy: Any, source: SourceSeries, download: Download, params: dict[str, Any], model: str) -> Response:
+async def answer(
+    ctx: Ctx, proxy: Any, source: SourceSeries, download: Download, params: dict[str, Any], model: str
+) -> Response:
     """Reads the label the inference answered, builds the SEG on the series' headers, answers it."""
     header = download.first.header
     if not header.HasField("label"):
@@ -127,14 +132,16 @@ async def answer(ctx: Ctx, proxy: Any, source: SourceSeries, download: Download,
     file_name = base_name(header.label.file_name) or "result.nii.gz"
     with tempfile.TemporaryDirectory(prefix="labelgrid-seg-") as tmp:
         path = Path(tmp) / file_name  # the readers go by the extension
-        with open(path, "wb") as out:  # noqa: ASYNC230 - local temp file, chunk by chunk
+        with open(path, "wb") as out:
             async for chunk in download.chunks():
                 out.write(chunk)
         items = await _metadata(proxy, source)
         try:
             content = await asyncio.to_thread(_build, path, file_name, items, _names(params), model)
         except InvalidArgument as err:
-            raise GatewayError(422, f"the inference result cannot be a DICOM SEG of series {source.series_uid}: {err}") from None
+            raise GatewayError(
+                422, f"the inference result cannot be a DICOM SEG of series {source.series_uid}: {err}"
+            ) from None
     seg_name = f"{source.series_uid}.seg.dcm"
     return Response(
         content,

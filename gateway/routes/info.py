@@ -107,9 +107,7 @@ async def _inference_part(ctx: Ctx) -> dict[str, Any]:
 
 async def _training_part(ctx: Ctx) -> dict[str, Any]:
     """The trainers (their stats are asked on every call, see _train_stats)."""
-    listing = await ctx.clients.training.ListTrainers(
-        train_pb.ListTrainersRequest(), **_call_options(ctx, "training")
-    )
+    listing = await ctx.clients.training.ListTrainers(train_pb.ListTrainersRequest(), **_call_options(ctx, "training"))
     trainers: dict[str, Any] = {}
     names: dict[str, str] = {}
     for trainer in listing.trainers:
@@ -234,7 +232,9 @@ async def _static_parts(ctx: Ctx, cache: InfoCache) -> dict[str, dict[str, Any]]
     if stale:
         async with cache.lock:  # one refresh at a time; the others reuse its result
             now = time.monotonic()
-            stale = [s for s in stale if cache.parts[s].value is None or now - cache.parts[s].fetched_at > STATIC_TTL_SECONDS]
+            stale = [
+                s for s in stale if cache.parts[s].value is None or now - cache.parts[s].fetched_at > STATIC_TTL_SECONDS
+            ]
             results = await asyncio.gather(
                 *(_refresh(ctx, cache, s, s in required) for s in stale), return_exceptions=True
             )
@@ -281,9 +281,7 @@ async def _train_stats(ctx: Ctx, cache: InfoCache, names: Mapping[str, str]) -> 
     return stats
 
 
-async def _parts_and_train_stats(
-    ctx: Ctx, cache: InfoCache
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+async def _parts_and_train_stats(ctx: Ctx, cache: InfoCache) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     parts = await _static_parts(ctx, cache)
     return parts, await _train_stats(ctx, cache, parts["training"]["_trainer_names"])
 
@@ -308,22 +306,22 @@ async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
     (parts, train_stats), (stats, token) = await asyncio.gather(
         _parts_and_train_stats(ctx, cache), datastore_stats(ctx, watch)
     )
-    inference, training, activelearning = (
-        parts["inference"], parts["training"], parts["activelearning"]
-    )
+    inference, training, activelearning = (parts["inference"], parts["training"], parts["activelearning"])
     # No top-level "config" key: Slicer refuses servers that send one.
-    response = JSONResponse({
-        "name": inference["name"],
-        "description": inference["description"],
-        "version": inference["version"],
-        "labels": inference["labels"],
-        "models": inference["models"],
-        "trainers": training["trainers"],
-        "strategies": activelearning["strategies"],
-        "scoring": activelearning["scoring"],
-        "train_stats": train_stats,
-        "datastore": stats,
-    })
+    response = JSONResponse(
+        {
+            "name": inference["name"],
+            "description": inference["description"],
+            "version": inference["version"],
+            "labels": inference["labels"],
+            "models": inference["models"],
+            "trainers": training["trainers"],
+            "strategies": activelearning["strategies"],
+            "scoring": activelearning["scoring"],
+            "train_stats": train_stats,
+            "datastore": stats,
+        }
+    )
     if generation == cache.generation:  # no model changed meanwhile
         watch.put(INFO_KEY, token, bytes(response.body), expires=_expires(ctx, cache))
     return response

@@ -72,7 +72,9 @@ async def _bundle_version(ctx: Ctx, model: str) -> Any | None:
     """The stored zip of bundle model `model`, or None for an app model."""
     response = await found_or_none(
         ctx.clients.datastore.GetModelVersion(
-            ds_pb.GetModelVersionRequest(name=f"models/{archive_model(check_id(model, 'model name'))}/versions/serving"),
+            ds_pb.GetModelVersionRequest(
+                name=f"models/{archive_model(check_id(model, 'model name'))}/versions/serving"
+            ),
             metadata=ctx.metadata,
             timeout=ctx.timeout,
         )
@@ -185,7 +187,9 @@ async def _check_bundle(path: Path) -> dict[str, Any]:
 async def _put_bundle(model: str, file: UploadFile, ctx: Ctx) -> dict[str, Any]:
     _require_admin(ctx, "adding a MONAI Bundle")
     existing = await found_or_none(
-        ctx.clients.inference.GetModel(inf_pb.GetModelRequest(name=f"models/{model}"), metadata=ctx.metadata, timeout=ctx.timeout)
+        ctx.clients.inference.GetModel(
+            inf_pb.GetModelRequest(name=f"models/{model}"), metadata=ctx.metadata, timeout=ctx.timeout
+        )
     )
     previous = await _bundle_version(ctx, model)
     if existing is not None and previous is None:
@@ -200,8 +204,14 @@ async def _put_bundle(model: str, file: UploadFile, ctx: Ctx) -> dict[str, Any]:
         description = await _check_bundle(path)
         if previous is not None and previous.sha256 == sha:
             return {**_version_info(previous), "version": previous.version, "bundle": description, "changed": False}
-        info = {key: description[key] for key in ("version", "type", "labels", "description", "torchscript", "trainable") if key in description}
-        header = ds_pb.UploadModelVersionHeader(model=f"models/{archive_model(model)}", file_name="bundle.zip", size_bytes=path.stat().st_size)
+        info = {
+            key: description[key]
+            for key in ("version", "type", "labels", "description", "torchscript", "trainable")
+            if key in description
+        }
+        header = ds_pb.UploadModelVersionHeader(
+            model=f"models/{archive_model(model)}", file_name="bundle.zip", size_bytes=path.stat().st_size
+        )
         header.info.update({"bundle": info})
         with open(path, "rb") as source:
 
@@ -258,11 +268,15 @@ async def upload_model(model: str, file: Annotated[UploadFile, File()], ctx: Ctx
 @router.delete("/{model}", summary="Serve the model's initial weights again (trained versions kept for rollback)")
 async def delete_model(model: str, ctx: Ctx = CtxDep) -> dict[str, Any]:
     await _serving_version(ctx, model)  # 404 when already on the initial weights
-    state = await ctx.clients.datastore.GetModel(ds_pb.GetModelRequest(name=f"models/{model}"), metadata=ctx.metadata, timeout=ctx.timeout)
+    state = await ctx.clients.datastore.GetModel(
+        ds_pb.GetModelRequest(name=f"models/{model}"), metadata=ctx.metadata, timeout=ctx.timeout
+    )
     try:
         if state.model.pinned_version:  # a pin would keep serving it: the reset is the new serving version
             await ctx.clients.datastore.PinModelVersion(
-                ds_pb.PinModelVersionRequest(model=f"models/{model}", version=""), metadata=ctx.metadata, timeout=ctx.timeout
+                ds_pb.PinModelVersionRequest(model=f"models/{model}", version=""),
+                metadata=ctx.metadata,
+                timeout=ctx.timeout,
             )
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err) from None

@@ -44,9 +44,7 @@ class _ThreadFile:
 
 def _zip_uploads(uploads: list[UploadFile], target: BinaryIO) -> None:
     """Several files (a DICOM series) become one ZIP, copied chunk by chunk."""
-    with zipfile.ZipFile(
-        target, "w", compression=zipfile.ZIP_STORED, allowZip64=True
-    ) as archive:
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for index, upload in enumerate(uploads):
             name = base_name(upload.filename) or f"file_{index:05d}.dcm"
             upload.file.seek(0)
@@ -83,7 +81,8 @@ async def _check_quota(ctx: Ctx, owner: str) -> None:
     settings = ctx.settings
     if len(live) >= settings.sessions_max:
         raise GatewayError(
-            429, f"too many sessions: {len(live)} are live, the limit is {settings.sessions_max}; retry once some end or expire"
+            429,
+            f"too many sessions: {len(live)} are live, the limit is {settings.sessions_max}; retry once some end or expire",
         )
     held = sum(1 for session in live if session.owner == owner)
     if held >= settings.sessions_per_client:
@@ -135,17 +134,13 @@ async def create_session(
     await sessions.put_record(ctx, session)
     try:
         if single:
-            await _upload_session_image(
-                ctx, session, files[0], file_name, upload_size(files[0])
-            )
+            await _upload_session_image(ctx, session, files[0], file_name, upload_size(files[0]))
         else:
             with tempfile.TemporaryFile() as archive:
                 await asyncio.to_thread(_zip_uploads, files, archive)
                 size = archive.seek(0, 2)
                 archive.seek(0)
-                await _upload_session_image(
-                    ctx, session, _ThreadFile(archive), file_name, size
-                )
+                await _upload_session_image(ctx, session, _ThreadFile(archive), file_name, size)
     except grpc.aio.AioRpcError as err:
         await sessions.delete_session(ctx, session)
         raise from_rpc_error(err, invalid_status=422) from None

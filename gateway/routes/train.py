@@ -47,7 +47,16 @@ def task_json(job: res.TrainingJob) -> dict[str, Any]:
     if params.HasField("extra"):
         request.update(struct_to_dict(params.extra))
     typed = json_format.MessageToDict(params, preserving_proto_field_name=True)
-    for key in ("max_epochs", "val_split", "learning_rate", "train_batch_size", "val_batch_size", "amp", "pretrained", "early_stop_patience"):
+    for key in (
+        "max_epochs",
+        "val_split",
+        "learning_rate",
+        "train_batch_size",
+        "val_batch_size",
+        "amp",
+        "pretrained",
+        "early_stop_patience",
+    ):
         if key in typed:
             request[key] = typed[key]
     if job.devices:
@@ -90,7 +99,9 @@ async def _create(ctx: Ctx, model: str, body: dict[str, Any] | None, enqueue: bo
 async def _wait_stats(ctx: Ctx, job: res.TrainingJob) -> dict[str, Any]:
     """run_sync: waits for the job's end and returns its train stats (MONAI Label's answer)."""
     last = job
-    async for message in ctx.clients.training.WatchTrainingJob(pb.WatchTrainingJobRequest(name=job.name), metadata=ctx.metadata):
+    async for message in ctx.clients.training.WatchTrainingJob(
+        pb.WatchTrainingJobRequest(name=job.name), metadata=ctx.metadata
+    ):
         last = message.training_job
     if last.state == common_pb2.JOB_STATE_FAILED:
         raise GatewayError(500, f"training failed: {last.error.message}")
@@ -102,7 +113,9 @@ async def _jobs(ctx: Ctx, state: int = common_pb2.JOB_STATE_UNSPECIFIED) -> list
         job
         async for page in all_pages(
             lambda token: ctx.clients.training.ListTrainingJobs(
-                pb.ListTrainingJobsRequest(page_size=1000, page_token=token, state=state), timeout=ctx.timeout, metadata=ctx.metadata
+                pb.ListTrainingJobsRequest(page_size=1000, page_token=token, state=state),
+                timeout=ctx.timeout,
+                metadata=ctx.metadata,
             )
         )
         for job in page.training_jobs
@@ -117,7 +130,9 @@ async def api_status(all: bool = False, check_if_running: bool = False, ctx: Ctx
 
 @router.post("/", summary="Run All Training Tasks", include_in_schema=False, deprecated=True)
 async def api_run(params: dict[str, Any] | None = Body(None), run_sync: bool = False, ctx: Ctx = CtxDep) -> Any:
-    listing = await ctx.clients.training.ListTrainers(pb.ListTrainersRequest(), timeout=ctx.timeout, metadata=ctx.metadata)
+    listing = await ctx.clients.training.ListTrainers(
+        pb.ListTrainersRequest(), timeout=ctx.timeout, metadata=ctx.metadata
+    )
     names = [trainer.trainer_id for trainer in listing.trainers]
     body = dict(params or {})
     common = {k: v for k, v in body.items() if not (k in names and isinstance(v, dict))}
@@ -134,7 +149,11 @@ async def api_run(params: dict[str, Any] | None = Body(None), run_sync: bool = F
 
 @router.post("/{model}", summary="Run Training Task for specific model")
 async def api_run_model(
-    model: str, params: dict[str, Any] | None = Body(None), run_sync: bool = False, enqueue: bool = False, ctx: Ctx = CtxDep
+    model: str,
+    params: dict[str, Any] | None = Body(None),
+    run_sync: bool = False,
+    enqueue: bool = False,
+    ctx: Ctx = CtxDep,
 ) -> Any:
     job = await _create(ctx, model, params, enqueue)
     if run_sync:

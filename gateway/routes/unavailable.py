@@ -17,9 +17,7 @@ _ROUTES: list[tuple[str, list[str], str]] = [
 
 
 async def not_available(request: Request) -> None:
-    raise GatewayError(
-        501, f"{request.method} {request.url.path} is not available yet in labelgrid"
-    )
+    raise GatewayError(501, f"{request.method} {request.url.path} is not available yet in labelgrid")
 
 
 for _path, _methods, _tag in _ROUTES:

@@ -33,7 +33,9 @@ class ActiveLearning:
         self.settings = settings
         self.app = load_app(settings.app)
         self.devices = resolve_devices(settings.device)
-        self.datastore = DatastoreClient(settings.datastore, settings.datastore_timeout_seconds, token=settings.service_token)
+        self.datastore = DatastoreClient(
+            settings.datastore, settings.datastore_timeout_seconds, token=settings.service_token
+        )
         self.store = DatastoreLeases(self.datastore)
         work_dir = settings.work_dir.resolve()
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,11 @@ class LoadedApp:
         if found is None:
             what, reason = _PARTS[part]
             known = ", ".join(getattr(self, part)) or "none"
-            raise NotFound(f"{what} {name!r} does not exist; this app has: {known}", reason=reason, metadata={what.replace(" ", "_"): name})
+            raise NotFound(
+                f"{what} {name!r} does not exist; this app has: {known}",
+                reason=reason,
+                metadata={what.replace(" ", "_"): name},
+            )
         return found
 
 
@@ -90,7 +94,9 @@ def load_app(module_name: str = DEFAULT_APP) -> LoadedApp:
     return LoadedApp(
         module_name=module_name,
         name=str(getattr(module, "NAME", module_name.rsplit(".", 1)[-1])),
-        description=str(getattr(module, "DESCRIPTION", (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "")),
+        description=str(
+            getattr(module, "DESCRIPTION", (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "")
+        ),
         version=str(getattr(module, "VERSION", "0.0.0")),
         labels=labels,
         labels_as_list=as_list,

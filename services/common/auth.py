@@ -136,15 +136,19 @@ class UsersFile:
             raise InvalidArgument(f"users file {str(path)!r} is not readable JSON: {err}") from None
         users = raw.get("users") if isinstance(raw, dict) else None
         if not isinstance(users, dict):
-            raise InvalidArgument(f"users file {str(path)!r} has no \"users\" object")
+            raise InvalidArgument(f'users file {str(path)!r} has no "users" object')
         out = cls()
         for username, entry in users.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("password_hash"), str):
                 raise InvalidArgument(f"users file {str(path)!r}: user {username!r} has no password_hash")
             roles = entry.get("roles", [])
             if not isinstance(roles, list) or not all(role in ROLES for role in roles):
-                raise InvalidArgument(f"users file {str(path)!r}: user {username!r} has roles outside {', '.join(ROLES)}")
-            out.users[username] = UserRecord(username, entry["password_hash"], roles, entry.get("email"), entry.get("name"))
+                raise InvalidArgument(
+                    f"users file {str(path)!r}: user {username!r} has roles outside {', '.join(ROLES)}"
+                )
+            out.users[username] = UserRecord(
+                username, entry["password_hash"], roles, entry.get("email"), entry.get("name")
+            )
         return out
 
     def save(self, path: Path) -> None:
@@ -168,7 +172,9 @@ class UsersFile:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def add(self, username: str, password: str, roles: Iterable[str], email: str | None = None, name: str | None = None) -> None:
+    def add(
+        self, username: str, password: str, roles: Iterable[str], email: str | None = None, name: str | None = None
+    ) -> None:
         """Adds or replaces a user (its password hashed with argon2id)."""
         roles = list(dict.fromkeys(roles))
         if not username or len(username) > 200 or any(ch.isspace() or ord(ch) < 32 for ch in username):
@@ -249,7 +255,14 @@ def verify_access_token(token: str, key: str, leeway_seconds: float = 30.0) -> I
 def issue_download_token(image_id: str, username: str, key: str, ttl_seconds: int, now: float | None = None) -> str:
     """A short-lived token for one image's download by one user (a `?token=` on its URL)."""
     issued = int(now if now is not None else time.time())
-    claims = {"iss": ISSUER, "aud": DOWNLOAD_AUDIENCE, "sub": username, "img": image_id, "iat": issued, "exp": issued + ttl_seconds}
+    claims = {
+        "iss": ISSUER,
+        "aud": DOWNLOAD_AUDIENCE,
+        "sub": username,
+        "img": image_id,
+        "iat": issued,
+        "exp": issued + ttl_seconds,
+    }
     return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
@@ -289,7 +302,9 @@ class JwksKeys:
     set. One fetch at a time (a lock in the fetching thread); a fetch that fails keeps the keys
     it had. `key` is the same for synchronous callers (it fetches inline)."""
 
-    def __init__(self, source: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0, timeout: float = 5.0):
+    def __init__(
+        self, source: str, refresh_seconds: float = 300.0, min_refetch_seconds: float = 30.0, timeout: float = 5.0
+    ):
         self.source = source
         self.refresh_seconds, self.min_refetch_seconds, self.timeout = refresh_seconds, min_refetch_seconds, timeout
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -442,7 +457,9 @@ class Authenticator:
         oidc: OidcVerifier | None = None,
     ) -> None:
         self._static = [hashlib.sha256(token.encode()).digest() for token in static_tokens if token]
-        self._services = [(name, hashlib.sha256(token.encode()).digest()) for name, token in (service_credentials or {}).items()]
+        self._services = [
+            (name, hashlib.sha256(token.encode()).digest()) for name, token in (service_credentials or {}).items()
+        ]
         self.signing_key = signing_key
         self.oidc = oidc
 
@@ -456,7 +473,9 @@ class Authenticator:
                     settings.auth_oidc_username_claim, settings.auth_oidc_roles_claim,
                 )
             )  # fmt: skip
-        return cls(settings.auth_tokens, settings.auth_signing_key, parse_service_credentials(settings.auth_services), oidc)
+        return cls(
+            settings.auth_tokens, settings.auth_signing_key, parse_service_credentials(settings.auth_services), oidc
+        )
 
     async def aauthenticate(self, token: str) -> Identity | None:
         """`authenticate` for async callers: an issuer's keys are fetched off the event loop."""

@@ -51,6 +51,7 @@ class BundleSettings(ServiceSettings):
     def _split_bundles(cls, value: Any) -> Any:
         return _split_list(value)
 
+
 BUNDLE_MODEL_SUFFIX = ".bundle"
 MODEL_SERVICES = frozenset({"inference", "training", "activelearning"})
 RESET_FILE_NAME = "initial.txt"
@@ -70,7 +71,6 @@ def check_bundle_upload(model: str) -> None:
 def archive_model(name: str) -> str:
     """The datastore model whose versions are the bundle's zips."""
     return f"{name}{BUNDLE_MODEL_SUFFIX}"
-
 
 
 def check_bundle_file(source: Path, scratch: Path) -> tuple[str, Path, dict[str, Any]]:
@@ -96,7 +96,9 @@ async def reset_weights(client: DatastoreClient, model: str, reason: str) -> str
         marker = Path(scratch) / RESET_FILE_NAME
         marker.write_text(f"labelgrid: serve the initial weights of {model} ({reason})\n")
         version = f"{RESET_VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
-        await client.upload_model_version(model, marker, metrics={}, info={"reset": True, "reason": reason}, version=version)
+        await client.upload_model_version(
+            model, marker, metrics={}, info={"reset": True, "reason": reason}, version=version
+        )
     return version
 
 
@@ -105,7 +107,8 @@ async def latest_archive(client: DatastoreClient, name: str) -> Any | None:
     request = ds.GetModelVersionRequest(name=f"models/{archive_model(name)}/versions/serving")
     try:
         response = await client.call(
-            f"looking up bundle {name!r}", lambda: client.stub.GetModelVersion(request, timeout=min(client.timeout, 10.0))
+            f"looking up bundle {name!r}",
+            lambda: client.stub.GetModelVersion(request, timeout=min(client.timeout, 10.0)),
         )
     except LabelgridError as error:
         if error.kind == ErrorKind.NOT_FOUND:
@@ -120,7 +123,11 @@ async def store_bundle(client: DatastoreClient, name: str, archive: Path, descri
     latest = await latest_archive(client, name)
     if latest is not None and latest.sha256 == sha:
         return False
-    info = {key: description[key] for key in ("version", "type", "labels", "description", "torchscript", "trainable") if key in description}
+    info = {
+        key: description[key]
+        for key in ("version", "type", "labels", "description", "torchscript", "trainable")
+        if key in description
+    }
     staged = archive
     if archive.name != "bundle.zip":
         staged_dir = Path(tempfile.mkdtemp(prefix="bundle-upload-"))
@@ -151,8 +158,15 @@ async def publish_bundle(client: DatastoreClient, source: Path, work_dir: Path) 
 class BundleModels:
     """Keeps an app's bundle models in step with the bundles the datastore holds."""
 
-    def __init__(self, app: LoadedApp, client: DatastoreClient, work_dir: Path, sources: list[Path] | None = None,
-                 check_seconds: float = 3.0, with_trainers: bool = True):
+    def __init__(
+        self,
+        app: LoadedApp,
+        client: DatastoreClient,
+        work_dir: Path,
+        sources: list[Path] | None = None,
+        check_seconds: float = 3.0,
+        with_trainers: bool = True,
+    ):
         self.app = app
         self.client = client
         self.work_dir = Path(work_dir) / "bundles"
@@ -175,7 +189,9 @@ class BundleModels:
             except BundleError as error:
                 raise InvalidArgument(f"bundle {str(source)!r}: {error}") from None
             if name in self._app_models:
-                raise InvalidArgument(f"bundle {name!r} has the name of one of the app's models; rename its folder or zip")
+                raise InvalidArgument(
+                    f"bundle {name!r} has the name of one of the app's models; rename its folder or zip"
+                )
             try:
                 await publish_bundle(self.client, source, self.work_dir)
             except LabelgridError as error:

@@ -36,7 +36,9 @@ def domain_error(rpc_error: grpc.aio.AioRpcError, what: str) -> LabelgridError:
     details = error_details(rpc_error)
     if details.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN):
         return StorageError(f"the datastore failed while {what}: {details.message or details.code.name}")
-    error = LabelgridError(details.message or f"the datastore failed while {what}", reason=details.reason, metadata=details.metadata)
+    error = LabelgridError(
+        details.message or f"the datastore failed while {what}", reason=details.reason, metadata=details.metadata
+    )
     try:
         error.kind = ErrorKind[details.code.name]
     except KeyError:
@@ -158,8 +160,12 @@ class DatastoreClient:
         return await self._download(call, dest_dir, f"{image_id}.nii.gz", f"reading image {image_id!r}")
 
     async def download_label(self, image_id: str, tag: str, dest_dir: Path) -> Path:
-        call = self.stub.DownloadLabel(ds.DownloadLabelRequest(name=f"images/{image_id}/labels/{tag}"), timeout=self.timeout)
-        return await self._download(call, dest_dir, f"{image_id}.nii.gz", f"reading the {tag!r} label of image {image_id!r}")
+        call = self.stub.DownloadLabel(
+            ds.DownloadLabelRequest(name=f"images/{image_id}/labels/{tag}"), timeout=self.timeout
+        )
+        return await self._download(
+            call, dest_dir, f"{image_id}.nii.gz", f"reading the {tag!r} label of image {image_id!r}"
+        )
 
     async def download_model_version(self, model: str, version: str, dest_dir: Path) -> Path:
         call = self.stub.DownloadModelVersion(
@@ -171,7 +177,10 @@ class DatastoreClient:
         info_struct = struct_pb2.Struct()
         info_struct.update(info)
         header = ds.UploadLabelHeader(
-            image=f"images/{image_id}", tag=tag, file_name=file_name, info=info_struct,
+            image=f"images/{image_id}",
+            tag=tag,
+            file_name=file_name,
+            info=info_struct,
             size_bytes=path.stat().st_size,
         )
         messages = _upload_messages(ds.UploadLabelRequest, ds.UploadLabelRequest(header=header), path)
@@ -190,7 +199,8 @@ class DatastoreClient:
         )  # fmt: skip
         messages = _upload_messages(ds.UploadModelVersionRequest, ds.UploadModelVersionRequest(header=header), path)
         response = await self.call(
-            f"publishing a version of model {model!r}", lambda: self.stub.UploadModelVersion(messages, timeout=self.timeout)
+            f"publishing a version of model {model!r}",
+            lambda: self.stub.UploadModelVersion(messages, timeout=self.timeout),
         )
         return response.model_version
 
@@ -220,14 +230,20 @@ class DatastoreClient:
     async def get_download_url(self, name: str, expire_seconds: int = 3600) -> ds.GetDownloadUrlResponse:
         """A URL for a blob (presigned http(s) on s3, file:// on the local backend) with its size and sha256."""
         request = ds.GetDownloadUrlRequest(name=name, expire_seconds=expire_seconds)
-        return await self.call(f"asking for a URL of {name!r}", lambda: self.stub.GetDownloadUrl(request, timeout=self.timeout))
+        return await self.call(
+            f"asking for a URL of {name!r}", lambda: self.stub.GetDownloadUrl(request, timeout=self.timeout)
+        )
 
     # -- records: small JSON documents (job records, stats) ---------------------------------
 
     async def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
         """Stores a document; returns its new revision (ABORTED if expected_revision no longer matches)."""
-        request = ds.PutRecordRequest(name=f"records/{kind}/{record_id}", data=dict_to_struct(data), expected_revision=expected_revision)
-        response = await self.call(f"storing record {kind}/{record_id}", lambda: self.stub.PutRecord(request, timeout=self.timeout))
+        request = ds.PutRecordRequest(
+            name=f"records/{kind}/{record_id}", data=dict_to_struct(data), expected_revision=expected_revision
+        )
+        response = await self.call(
+            f"storing record {kind}/{record_id}", lambda: self.stub.PutRecord(request, timeout=self.timeout)
+        )
         return response.record.revision
 
     async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
@@ -247,7 +263,9 @@ class DatastoreClient:
         token = ""
         while True:
             request = ds.ListRecordsRequest(parent=f"records/{kind}", page_size=1000, page_token=token)
-            response = await self.call(f"listing records {kind}", partial(self.stub.ListRecords, request, timeout=self.timeout))
+            response = await self.call(
+                f"listing records {kind}", partial(self.stub.ListRecords, request, timeout=self.timeout)
+            )
             documents.extend(struct_to_dict(record.data) for record in response.records)
             token = response.next_page_token
             if not token:
@@ -255,11 +273,15 @@ class DatastoreClient:
 
     async def delete_record(self, kind: str, record_id: str) -> None:
         request = ds.DeleteRecordRequest(name=f"records/{kind}/{record_id}")
-        await self.call(f"deleting record {kind}/{record_id}", lambda: self.stub.DeleteRecord(request, timeout=self.timeout))
+        await self.call(
+            f"deleting record {kind}/{record_id}", lambda: self.stub.DeleteRecord(request, timeout=self.timeout)
+        )
 
     async def serving_version(self, model: str) -> str | None:
         try:
-            response = await self.stub.GetModel(ds.GetModelRequest(name=f"models/{model}"), timeout=min(self.timeout, 10.0))
+            response = await self.stub.GetModel(
+                ds.GetModelRequest(name=f"models/{model}"), timeout=min(self.timeout, 10.0)
+            )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None  # nothing published yet: the app's initial weights

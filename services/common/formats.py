@@ -78,7 +78,6 @@ class VolumeLimits:
     max_zip_member_bytes: int = 1024**3
     max_zip_ratio: int = 200  # uncompressed / compressed, for members over 1 MiB
 
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> VolumeLimits:
         def number(name: str, default: int) -> int:
@@ -131,9 +130,7 @@ def _ext_from_name(file_name: str, exts: tuple[str, ...], what: str) -> str:
     lowered = file_name.lower()
     if any(lowered.endswith(ext) for ext in exts):
         hint = " (extensions are case-sensitive, as in MONAI Label: use lower case)"
-    raise InvalidArgument(
-        f"unsupported {what} file name {file_name!r}: accepted formats are {', '.join(exts)}{hint}"
-    )
+    raise InvalidArgument(f"unsupported {what} file name {file_name!r}: accepted formats are {', '.join(exts)}{hint}")
 
 
 def image_ext_from_name(file_name: str) -> str:
@@ -187,9 +184,7 @@ def _check_limits(shape: tuple[int, ...], itemsize: int, skip: int, what: str, l
     if voxels > limits.max_voxels:
         raise _invalid(f"{what}: the header declares {voxels} voxels {shape}, over the limit of {limits.max_voxels}")
     if itemsize > limits.max_bytes_per_voxel:
-        raise _invalid(
-            f"{what}: {itemsize} bytes per voxel is over the limit of {limits.max_bytes_per_voxel}"
-        )
+        raise _invalid(f"{what}: {itemsize} bytes per voxel is over the limit of {limits.max_bytes_per_voxel}")
     nbytes = voxels * itemsize
     if nbytes > limits.max_bytes:
         raise _invalid(f"{what}: the header declares {nbytes} bytes of data, over the limit of {limits.max_bytes}")
@@ -275,7 +270,9 @@ def _check_compressed_size(
     than `most` (default: `expected` plus a little padding); a bomb stops at that cap."""
     most = expected + _GZIP_SLACK if most < 0 else most
     if kind == "gzip" and size - start < 18:
-        raise _invalid(f"truncated {what}: {size - start} bytes of gzip data cannot even hold a gzip header and trailer")
+        raise _invalid(
+            f"truncated {what}: {size - start} bytes of gzip data cannot even hold a gzip header and trailer"
+        )
     produced, problem = _inflate_count(path, start, most, kind)
     if problem == "truncated":
         raise _invalid(
@@ -323,7 +320,9 @@ def _read_nifti_header(stream: BinaryIO, ext: str, limits: VolumeLimits) -> tupl
     klass = _nifti_class(block, ext)
     header_size = klass.template_dtype.itemsize
     if len(block) < header_size:
-        raise _invalid(f"truncated NIfTI file ({ext}): the {header_size}-byte header is incomplete ({len(block)} bytes)")
+        raise _invalid(
+            f"truncated NIfTI file ({ext}): the {header_size}-byte header is incomplete ({len(block)} bytes)"
+        )
     try:
         header = klass.from_fileobj(io.BytesIO(block[:header_size]), check=True)
     except Exception as exc:  # nibabel raises HeaderDataError, ValueError, KeyError ... on nonsense
@@ -381,7 +380,9 @@ def _check_nifti_gz(path: Path, size: int, limits: VolumeLimits) -> VolumeHeader
             raise
         except (OSError, EOFError, ValueError, zlib.error) as exc:  # BadGzipFile, corrupt or truncated stream
             raise _invalid(f"corrupt gzip stream (.nii.gz): {exc}") from exc
-    _check_compressed_size(path, size, 0, vox_offset + nbytes, "NIfTI file (.nii.gz)", _declared(header, vox_offset, nbytes))
+    _check_compressed_size(
+        path, size, 0, vox_offset + nbytes, "NIfTI file (.nii.gz)", _declared(header, vox_offset, nbytes)
+    )
     return header
 
 
@@ -515,7 +516,9 @@ def _check_nrrd_data(
                 f"invalid NRRD file ({ext}): {data_size} bytes of raw data, but the header declares {needed} ({declared})"
             )
         if data_size > needed + _MAX_HEADER_SKIP:
-            raise _invalid(f"invalid NRRD file ({ext}): {data_size} bytes of raw data, far more than the {needed} declared")
+            raise _invalid(
+                f"invalid NRRD file ({ext}): {data_size} bytes of raw data, far more than the {needed} declared"
+            )
     elif compressed:
         kind = "gzip" if encoding in ("gzip", "gz") else "bzip2"
         magic = _GZIP_MAGIC if kind == "gzip" else b"BZh"
@@ -586,7 +589,9 @@ def _candidate_members(archive: zipfile.ZipFile, limits: VolumeLimits) -> list[z
     total = 0
     for member in infos:
         if _unsafe_member(member.filename):
-            raise _invalid(f"unsafe member name {member.filename!r} in the ZIP file: absolute paths and '..' are refused")
+            raise _invalid(
+                f"unsafe member name {member.filename!r} in the ZIP file: absolute paths and '..' are refused"
+            )
         if member.file_size > limits.max_zip_member_bytes:
             raise _invalid(
                 f"ZIP member {member.filename[:100]!r} expands to {member.file_size} bytes, "

@@ -83,7 +83,9 @@ def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.R
         make = grpc.unary_stream_rpc_method_handler
     else:
         make = grpc.unary_unary_rpc_method_handler
-    return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return make(
+        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
@@ -123,7 +125,9 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
             return _with_behavior(handler, wrapped_call)
         return handler
 
-    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+    async def around_call(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> Any:
         return await behavior(request, context)
 
     async def around_stream(
@@ -159,10 +163,16 @@ class ServerMetrics:
             registry=registry,
         )
         self.msg_received = Counter(
-            "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", names, registry=registry
+            "grpc_server_msg_received_total",
+            "Total number of RPC stream messages received on the server.",
+            names,
+            registry=registry,
         )
         self.msg_sent = Counter(
-            "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.", names, registry=registry
+            "grpc_server_msg_sent_total",
+            "Total number of gRPC stream messages sent by the server.",
+            names,
+            registry=registry,
         )
         self.in_flight = Gauge(
             "grpc_server_in_flight",
@@ -253,7 +263,9 @@ class MetricsInterceptor(WrappingInterceptor):
 
         return counted()
 
-    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+    async def around_call(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> Any:
         labels = self._begin(rpc)
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
@@ -370,7 +382,9 @@ class AuthInterceptor(WrappingInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
-            return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token", "UNAUTHENTICATED"))
+            return _rejecting(
+                handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token", "UNAUTHENTICATED")
+            )
         try:
             identity = await self._identify(token)
         except LabelgridError as error:
@@ -381,7 +395,9 @@ class AuthInterceptor(WrappingInterceptor):
             log.exception("token check failed", extra={"method": method})
             return _rejecting(handler, rich_status(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE, "SERVER_ERROR"))
         if identity is None:
-            return _rejecting(handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token", "UNAUTHENTICATED"))
+            return _rejecting(
+                handler, rich_status(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token", "UNAUTHENTICATED")
+            )
         why = denial(identity, method) if self.enforce_roles else None
         if why is not None:
             log.warning("rpc denied", extra={"method": method, "user": identity.username, "why": why})
@@ -443,7 +459,12 @@ class ErrorInterceptor(WrappingInterceptor):
             log.log(
                 level,
                 "rpc failed",
-                extra={"method": rpc.full_method, "kind": error.kind.value, "reason": error.reason, "error": error.message},
+                extra={
+                    "method": rpc.full_method,
+                    "kind": error.kind.value,
+                    "reason": error.reason,
+                    "error": error.message,
+                },
             )
             await context.abort_with_status(to_status(error, self.domain))
             return
@@ -452,7 +473,9 @@ class ErrorInterceptor(WrappingInterceptor):
             rich_status(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE, "SERVER_ERROR", domain=self.domain)
         )
 
-    async def around_call(self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo) -> Any:
+    async def around_call(
+        self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
+    ) -> Any:
         try:
             return await behavior(request, context)
         except AbortError:

@@ -138,7 +138,11 @@ class JobStore(Generic[J]):
         try:
             return self.job_type.from_record(data)
         except ValidationError as error:
-            log.warning("a %s record is not a job; skipped", self.kind, extra={"record": data.get("job_id"), "error": str(error)})
+            log.warning(
+                "a %s record is not a job; skipped",
+                self.kind,
+                extra={"record": data.get("job_id"), "error": str(error)},
+            )
             return None
 
     async def _stored(self) -> list[J]:
@@ -187,7 +191,9 @@ class JobStore(Generic[J]):
         """Jobs newest first, this process's fresher copies winning over stored ones."""
         found = {job.job_id: job for job in await self._stored()}
         found.update(self._jobs)
-        jobs = [job for job in found.values() if (state is None or job.state == state) and (where is None or where(job))]
+        jobs = [
+            job for job in found.values() if (state is None or job.state == state) and (where is None or where(job))
+        ]
         return sorted(jobs, key=lambda job: job.create_time, reverse=True)
 
     async def update(self, job_id: str, changes: dict[str, Any], persist: bool = True) -> J:

@@ -17,7 +17,9 @@ import structlog
 _HANDLER_NAME = "labelgrid"
 
 
-def _drop_formatter_leftovers(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _drop_formatter_leftovers(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Another handler that formatted the record first leaves `message` on it; it is not an extra."""
     event_dict.pop("message", None)
     event_dict.pop("color_message", None)
@@ -40,7 +42,9 @@ def configure_logging(level: str | int = "INFO", fmt: Literal["console", "json"]
     if fmt == "json":
         renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
         # No locals in tracebacks: they may hold tokens or request payloads.
-        tracebacks = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
         final: list[structlog.types.Processor] = [tracebacks, renderer]
     else:
         final = [structlog.dev.ConsoleRenderer(colors=False)]

@@ -66,13 +66,17 @@ def config_entries(config: dict[str, Any]) -> list[common_pb2.ConfigEntry]:
     return [common_pb2.ConfigEntry(key=key, value=config_value(value)) for key, value in config.items()]
 
 
-JOB_STATE_NAMES = frozenset(v.name.removeprefix("JOB_STATE_") for v in common_pb2.JobState.DESCRIPTOR.values if v.number)
+JOB_STATE_NAMES = frozenset(
+    v.name.removeprefix("JOB_STATE_") for v in common_pb2.JobState.DESCRIPTOR.values if v.number
+)
 """The states a job can be in: "QUEUED", "RUNNING", ... (services.common.jobs.JobState)."""
 
 
 def job_state(name: str | None) -> common_pb2.JobState.ValueType:
     """A job's state ("RUNNING") as the JobState enum; UNSPECIFIED when unknown."""
-    return common_pb2.JobState.Value(f"JOB_STATE_{name}") if name in JOB_STATE_NAMES else common_pb2.JOB_STATE_UNSPECIFIED
+    return (
+        common_pb2.JobState.Value(f"JOB_STATE_{name}") if name in JOB_STATE_NAMES else common_pb2.JOB_STATE_UNSPECIFIED
+    )
 
 
 def job_state_name(value: int) -> str | None:

@@ -90,9 +90,10 @@ class GrpcService:
         formats.configure_limits(settings.volume_limits)
         server = grpc.aio.server(
             interceptors=server_interceptors(
-                self.metrics, token_check=self.token_check,
+                self.metrics,
+                token_check=self.token_check,
                 authenticator=Authenticator.from_settings(settings) if settings.auth_enabled else None,
-            ),  # fmt: skip
+            ),
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -116,7 +117,9 @@ class GrpcService:
         self._server, self.port = server, port
         try:
             if settings.metrics_port >= 0:
-                httpd, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=self.registry)
+                httpd, _thread = start_http_server(
+                    settings.metrics_port, addr=settings.metrics_host, registry=self.registry
+                )
                 self._metrics_httpd = httpd
                 self.metrics_port = httpd.server_port
         except BaseException:
@@ -147,7 +150,9 @@ class GrpcService:
                 continue
             for method in service.methods:
                 self.metrics.initialize(
-                    RpcInfo(f"/{name}/{method.name}", name, method.name, method.client_streaming, method.server_streaming)
+                    RpcInfo(
+                        f"/{name}/{method.name}", name, method.name, method.client_streaming, method.server_streaming
+                    )
                 )
 
     async def set_serving(self, name: str, serving: bool) -> None:

@@ -193,7 +193,9 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif origin is Literal:
         choices = typing.get_args(annotation)
-        parser.add_argument(flag, choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}", **kwargs)
+        parser.add_argument(
+            flag, choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}", **kwargs
+        )
     elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         parser.add_argument(flag, choices=[member.value for member in annotation], **kwargs)
     elif origin in (list, tuple, set, frozenset):
@@ -227,8 +229,6 @@ def parse_settings(cls: type[SettingsT], argv: list[str] | None = None, descript
         # Init kwargs take precedence over env vars in pydantic-settings.
         return cls(**flags)
     except pydantic.ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
         parser.error(problems)
         raise  # unreachable: parser.error exits

@@ -65,9 +65,7 @@ def fsck(settings: DatastoreSettings, options: argparse.Namespace) -> int:
     datastore = build_datastore(settings)
     try:
         run = checker.repair if options.repair else checker.check
-        report = run(
-            datastore, checksums=options.checksums, min_age_seconds=options.min_age
-        )
+        report = run(datastore, checksums=options.checksums, min_age_seconds=options.min_age)
     finally:
         datastore.close()
     for line in report.lines():
@@ -76,17 +74,13 @@ def fsck(settings: DatastoreSettings, options: argparse.Namespace) -> int:
 
 
 def _fsck_options(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.datastore fsck", add_help=False
-    )
+    parser = argparse.ArgumentParser(prog="python -m services.datastore fsck", add_help=False)
     parser.add_argument(
         "--repair",
         action="store_true",
         help="fix what is safe to fix, then check again",
     )
-    parser.add_argument(
-        "--checksums", action="store_true", help="hash every blob against the index"
-    )
+    parser.add_argument("--checksums", action="store_true", help="hash every blob against the index")
     parser.add_argument(
         "--min-age",
         type=float,
@@ -102,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     options = None
     if command == "fsck":
         options, args = _fsck_options(args)
-    settings = parse_settings(
-        DatastoreSettings, args, description=__doc__.splitlines()[0]
-    )
+    settings = parse_settings(DatastoreSettings, args, description=__doc__.splitlines()[0])
     configure_logging(settings.log_level, settings.log_format)
     if command == "reindex":
         reindex(settings)

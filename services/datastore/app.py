@@ -44,7 +44,9 @@ def build_datastore(settings: DatastoreSettings) -> Datastore:
     legacy: Callable[[], dict[str, Any] | None] = lambda: None  # noqa: E731
     if settings.backend == "local":
         # Keep MONAI Label's own datastore_v2.json current, so MONAI Label still opens the folder.
-        mirror = JsonMirror(root, lambda: index.export_monailabel_model(settings.dataset_name, settings.dataset_description))
+        mirror = JsonMirror(
+            root, lambda: index.export_monailabel_model(settings.dataset_name, settings.dataset_description)
+        )
         legacy = lambda: read_monailabel_json(root)  # noqa: E731
     datastore = Datastore(
         blobs,

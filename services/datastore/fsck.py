@@ -137,11 +137,7 @@ def _multipart_uploads(blobs: S3BlobStore) -> Iterator[Any]:
             max_uploads=1000,
         )
         yield from result.uploads
-        if (
-            not result.is_truncated
-            or not result.next_key_marker
-            or result.next_key_marker == key_marker
-        ):
+        if not result.is_truncated or not result.next_key_marker or result.next_key_marker == key_marker:
             return
         key_marker = result.next_key_marker
 
@@ -166,21 +162,13 @@ def check(
     report = FsckReport()
     blobs, index = datastore.blobs, datastore.index
     known = _indexed(index)
-    stored = {
-        info.key: info
-        for area in ("images/", "labels/", "models/")
-        for info in blobs.list(area)
-    }
+    stored = {info.key: info for area in ("images/", "labels/", "models/") for info in blobs.list(area)}
     report.checked = {"index rows": len(known), "blobs": len(stored)}
 
     for key, (size, sha) in sorted(known.items()):
         info = stored.get(key)
         if info is None:
-            report.problems.append(
-                Problem(
-                    "missing-blob", key, "the index has a row, the store has no bytes"
-                )
-            )
+            report.problems.append(Problem("missing-blob", key, "the index has a row, the store has no bytes"))
         elif info.size != size:
             report.problems.append(
                 Problem(
@@ -200,11 +188,7 @@ def check(
                     )
                 )
     for key in sorted(set(stored) - set(known)):
-        report.problems.append(
-            Problem(
-                "unindexed-blob", key, f"{stored[key].size} bytes no index row knows"
-            )
-        )
+        report.problems.append(Problem("unindexed-blob", key, f"{stored[key].size} bytes no index row knows"))
 
     t = now()
     for path in _spool_leftovers(datastore):
@@ -237,9 +221,7 @@ def check(
                 )
             )
 
-    stale = [
-        lease for lease in _all_leases(index) if lease.expire_time.timestamp() <= t
-    ]
+    stale = [lease for lease in _all_leases(index) if lease.expire_time.timestamp() <= t]
     for lease in stale:
         report.problems.append(
             Problem(
@@ -283,18 +265,14 @@ def repair(
         elif problem.kind == "orphan-multipart":
             upload_id = problem.detail.split()[1]
             blobs: Any = datastore.blobs
-            blobs._client._abort_multipart_upload(
-                blobs.bucket, problem.subject, upload_id
-            )
+            blobs._client._abort_multipart_upload(blobs.bucket, problem.subject, upload_id)
             done.append(f"aborted multipart upload {upload_id} of {problem.subject}")
     if "stale-lease" in kinds:
         expired = datastore.index.expire_leases(now=now())
         done.append(f"dropped {expired} expired leases")
     if kinds & {"missing-blob", "unindexed-blob", "size-mismatch"}:
         missing_models = [
-            p.subject
-            for p in before.problems
-            if p.kind == "missing-blob" and p.subject.startswith("models/")
+            p.subject for p in before.problems if p.kind == "missing-blob" and p.subject.startswith("models/")
         ]
         counts = datastore.reindex()
         done.append(
@@ -307,8 +285,6 @@ def repair(
             done.append(f"dropped model version {model}/{version} (its blob is gone)")
     if datastore.mirror is not None:
         datastore.mirror.flush()  # MONAI Label's datastore_v2.json follows the repaired index
-    after = check(
-        datastore, checksums=checksums, min_age_seconds=min_age_seconds, now=now
-    )
+    after = check(datastore, checksums=checksums, min_age_seconds=min_age_seconds, now=now)
     after.repairs = done
     return after

@@ -21,7 +21,12 @@ async def serve(settings: InferSettings) -> None:
     inference, datastore = await asyncio.to_thread(build_inference, settings)
     # MONAI Bundles: the --bundle paths are stored in the datastore, then every stored bundle is served.
     bundles = BundleModels(
-        inference.app, datastore, settings.work_dir.resolve(), settings.bundle, settings.bundle_check_seconds, with_trainers=False
+        inference.app,
+        datastore,
+        settings.work_dir.resolve(),
+        settings.bundle,
+        settings.bundle_check_seconds,
+        with_trainers=False,
     )
     try:
         await bundles.start()
@@ -39,7 +44,9 @@ async def serve(settings: InferSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(InferSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0])
+    settings = parse_settings(
+        InferSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0]
+    )
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 

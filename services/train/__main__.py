@@ -42,7 +42,9 @@ async def serve(settings: TrainSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(TrainSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0])
+    settings = parse_settings(
+        TrainSettings, list(sys.argv[1:] if argv is None else argv), description=__doc__.splitlines()[0]
+    )
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 

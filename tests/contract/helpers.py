@@ -20,7 +20,9 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 CHUNK = 1024 * 1024
 
 
-def nifti_bytes(shape: tuple[int, ...] = (16, 16, 16), *, seed: int = 0, dtype: Any = np.float32, gz: bool = True) -> bytes:
+def nifti_bytes(
+    shape: tuple[int, ...] = (16, 16, 16), *, seed: int = 0, dtype: Any = np.float32, gz: bool = True
+) -> bytes:
     rng = np.random.default_rng(seed)
     data = (rng.random(shape) * 100).astype(dtype)
     image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
@@ -79,7 +81,9 @@ async def upload_label(
 
 
 async def upload_model(stub: Any, model: str, data: bytes, version: str = "", metrics: dict | None = None) -> Any:
-    header = pb.UploadModelVersionHeader(model=f"models/{model}", version=version, file_name="model.pt", metrics=struct(metrics))
+    header = pb.UploadModelVersionHeader(
+        model=f"models/{model}", version=version, file_name="model.pt", metrics=struct(metrics)
+    )
     response = await stub.UploadModelVersion(_messages(pb.UploadModelVersionRequest, header, data, sha256(data), CHUNK))
     return response.model_version
 

@@ -62,7 +62,9 @@ async def test_upload_get_download_roundtrip(stub):
     assert info_msg.sha256 == sha256(body) and info_msg.size_bytes == len(data) and info_msg.file_name == "scan.nii.gz"
 
     # Ranged reads, as google.bytestream does.
-    _, part = await download(stub.DownloadImage(pb.DownloadImageRequest(name="images/scan", read_offset=10, read_limit=100)))
+    _, part = await download(
+        stub.DownloadImage(pb.DownloadImageRequest(name="images/scan", read_offset=10, read_limit=100))
+    )
     assert part == data[10:110]
     await expect_error(
         download(stub.DownloadImage(pb.DownloadImageRequest(name="images/scan", read_offset=len(data) + 1))),
@@ -86,7 +88,9 @@ async def test_replace_image_keeps_id_and_bumps_revision(stub):
     assert body == nifti_bytes(seed=2)
     await expect_error(
         stub.UploadImage(
-            _single_upload(nifti_bytes(seed=3), pb.UploadImageHeader(image_id="a", file_name="a.nii.gz", fail_if_exists=True))
+            _single_upload(
+                nifti_bytes(seed=3), pb.UploadImageHeader(image_id="a", file_name="a.nii.gz", fail_if_exists=True)
+            )
         ),
         grpc.StatusCode.ALREADY_EXISTS,
         "ALREADY_EXISTS",
@@ -107,7 +111,9 @@ async def _single_upload(data: bytes, header: pb.UploadImageHeader):
 )
 async def test_path_like_ids_are_refused_and_nothing_is_stored(stub, image_id, datastore_server):
     await expect_error(
-        upload_image(stub, nifti_bytes(), "ok.nii.gz", image_id=image_id), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        upload_image(stub, nifti_bytes(), "ok.nii.gz", image_id=image_id),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
     )
     assert await total_images(stub) == 0
     if datastore_server.settings.backend == "local":
@@ -117,22 +123,32 @@ async def test_path_like_ids_are_refused_and_nothing_is_stored(stub, image_id, d
 
 
 async def test_bad_names_and_unknown_resources(stub):
-    await expect_error(stub.GetImage(pb.GetImageRequest(name="images/nope")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
-    await expect_error(stub.GetImage(pb.GetImageRequest(name="labels/x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
-    await expect_error(stub.GetImage(pb.GetImageRequest(name="images/../x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await expect_error(
-        download(stub.DownloadImage(pb.DownloadImageRequest(name="images/nope"))), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+        stub.GetImage(pb.GetImageRequest(name="images/nope")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
     )
-    await expect_error(stub.DeleteImage(pb.DeleteImageRequest(name="images/nope")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(
+        stub.GetImage(pb.GetImageRequest(name="labels/x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    await expect_error(
+        stub.GetImage(pb.GetImageRequest(name="images/../x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    await expect_error(
+        download(stub.DownloadImage(pb.DownloadImageRequest(name="images/nope"))),
+        grpc.StatusCode.NOT_FOUND,
+        "IMAGE_NOT_FOUND",
+    )
+    await expect_error(
+        stub.DeleteImage(pb.DeleteImageRequest(name="images/nope")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+    )
     await expect_error(
         stub.UpdateImageInfo(pb.UpdateImageInfoRequest(name="images/nope", info=struct({"a": 1}))),
         grpc.StatusCode.NOT_FOUND,
         "IMAGE_NOT_FOUND",
     )
+    await expect_error(upload_label(stub, "nope", nifti_bytes()), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
     await expect_error(
-        upload_label(stub, "nope", nifti_bytes()), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+        stub.GetModel(pb.GetModelRequest(name="models/nope")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"
     )
-    await expect_error(stub.GetModel(pb.GetModelRequest(name="models/nope")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
     await expect_error(
         stub.GetRecord(pb.GetRecordRequest(name="records/jobs/nope")), grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND"
     )
@@ -161,7 +177,9 @@ async def test_checksum_mismatch_stores_nothing_and_keeps_the_old_image(stub):
     _, body = await download(stub.DownloadImage(pb.DownloadImageRequest(name="images/keep")))
     assert body == original
     # MONAI Label's "SHA256:<hex>" form is accepted.
-    image = await upload_image(stub, nifti_bytes(seed=3), "prefixed.nii.gz", digest="SHA256:" + sha256(nifti_bytes(seed=3)))
+    image = await upload_image(
+        stub, nifti_bytes(seed=3), "prefixed.nii.gz", digest="SHA256:" + sha256(nifti_bytes(seed=3))
+    )
     assert image.image_id == "prefixed"
 
 
@@ -192,9 +210,7 @@ async def test_malformed_streams(stub):
 async def test_size_limit(stub):
     # Declared too large: refused before any byte is spooled.
     await expect_error(
-        stub.UploadImage(
-            _single_upload(b"x", pb.UploadImageHeader(file_name="x.nii.gz", size_bytes=MAX_UPLOAD + 1))
-        ),
+        stub.UploadImage(_single_upload(b"x", pb.UploadImageHeader(file_name="x.nii.gz", size_bytes=MAX_UPLOAD + 1))),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "PAYLOAD_TOO_LARGE",
     )
@@ -228,7 +244,11 @@ async def test_corrupt_or_unknown_files_are_refused(stub, datastore_server, file
     assert await total_images(stub) == 0
     if datastore_server.settings.backend == "local":
         root = datastore_server.settings.root.resolve()
-        assert [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "datastore_v2.json"] == []
+        assert [
+            p.name
+            for p in root.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name != "datastore_v2.json"
+        ] == []
         assert not list((root / ".labelgrid" / "tmp").iterdir())
 
 
@@ -260,7 +280,9 @@ async def test_client_hanging_up_mid_upload_leaves_nothing(stub, datastore_serve
 async def test_labels_status_and_filters(stub):
     for number in range(4):
         await upload_image(stub, nifti_bytes(seed=number), f"img_{number}.nii.gz")
-    label = await upload_label(stub, "img_1", nifti_bytes((16, 16, 16), dtype="uint8"), info={"label_info": [{"name": "spleen", "idx": 1}]})
+    label = await upload_label(
+        stub, "img_1", nifti_bytes((16, 16, 16), dtype="uint8"), info={"label_info": [{"name": "spleen", "idx": 1}]}
+    )
     assert label.name == "images/img_1/labels/final" and label.file_name == "img_1.nii.gz"
     await upload_label(stub, "img_2", nifti_bytes(dtype="uint8"), tag="original", file_name="pred.nii.gz")
     status = await stub.GetStatus(pb.GetStatusRequest())
@@ -268,7 +290,7 @@ async def test_labels_status_and_filters(stub):
 
     labeled = await stub.ListImages(pb.ListImagesRequest(filter=pb.IMAGE_FILTER_LABELED))
     assert [i.image_id for i in labeled.images] == ["img_1"] and labeled.total_size == 1
-    assert [l.tag for l in labeled.images[0].labels] == ["final"]
+    assert [label.tag for label in labeled.images[0].labels] == ["final"]
     unlabeled = await stub.ListImages(pb.ListImagesRequest(filter=pb.IMAGE_FILTER_UNLABELED))
     assert [i.image_id for i in unlabeled.images] == ["img_0", "img_2", "img_3"]
     original = await stub.ListImages(pb.ListImagesRequest(filter=pb.IMAGE_FILTER_LABELED, label_tag="original"))
@@ -285,9 +307,7 @@ async def test_labels_status_and_filters(stub):
     await expect_error(
         upload_label(stub, "img_1", nifti_bytes(), tag="../x"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
     )
-    await expect_error(
-        upload_label(stub, "img_1", b"garbage" * 100), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
-    )
+    await expect_error(upload_label(stub, "img_1", b"garbage" * 100), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await stub.DeleteLabel(pb.DeleteLabelRequest(name=label.name))
     await expect_error(stub.GetLabel(pb.GetLabelRequest(name=label.name)), grpc.StatusCode.NOT_FOUND, "LABEL_NOT_FOUND")
     assert (await stub.GetStatus(pb.GetStatusRequest())).completed == 0
@@ -335,10 +355,16 @@ async def test_scores_and_score_order(stub):
     for number in range(3):
         await upload_image(stub, nifti_bytes(seed=number), f"s{number}.nii.gz")
     await stub.SetImageScore(pb.SetImageScoreRequest(name="images/s0", score_key="epistemic_entropy", value=0.2))
-    image = (await stub.SetImageScore(pb.SetImageScoreRequest(name="images/s2", score_key="epistemic_entropy", value=0.9))).image
+    image = (
+        await stub.SetImageScore(pb.SetImageScoreRequest(name="images/s2", score_key="epistemic_entropy", value=0.9))
+    ).image
     assert dict(image.info)["epistemic_entropy"] == pytest.approx(0.9)  # MONAI Label's view: in the info
-    assert (await stub.GetImage(pb.GetImageRequest(name="images/s2"))).image.scores["epistemic_entropy"] == pytest.approx(0.9)
-    ordered = await stub.ListImages(pb.ListImagesRequest(order=pb.IMAGE_ORDER_SCORE_DESC, score_key="epistemic_entropy"))
+    assert (await stub.GetImage(pb.GetImageRequest(name="images/s2"))).image.scores[
+        "epistemic_entropy"
+    ] == pytest.approx(0.9)
+    ordered = await stub.ListImages(
+        pb.ListImagesRequest(order=pb.IMAGE_ORDER_SCORE_DESC, score_key="epistemic_entropy")
+    )
     assert [i.image_id for i in ordered.images] == ["s2", "s0", "s1"]
 
 
@@ -347,7 +373,10 @@ async def test_leases_hand_each_image_to_one_client(stub):
         await upload_image(stub, nifti_bytes((8, 8, 8), seed=number), f"l{number}.nii.gz")
     await upload_label(stub, "l0", nifti_bytes((8, 8, 8), dtype="uint8"))
     answers = await asyncio.gather(
-        *[stub.AcquireImageLease(pb.AcquireImageLeaseRequest(client_id=f"user-{n}", strategy="first")) for n in range(6)]
+        *[
+            stub.AcquireImageLease(pb.AcquireImageLeaseRequest(client_id=f"user-{n}", strategy="first"))
+            for n in range(6)
+        ]
     )
     given = [a.image.image_id for a in answers if a.image.image_id]
     assert sorted(given) == ["l1", "l2", "l3", "l4"]  # distinct, never the labeled one
@@ -360,17 +389,19 @@ async def test_leases_hand_each_image_to_one_client(stub):
         grpc.StatusCode.NOT_FOUND,
         "LEASE_NOT_FOUND",
     )
-    renewed = (await stub.RenewImageLease(pb.RenewImageLeaseRequest(name="leases/l1", client_id=holder, ttl_seconds=120))).lease
+    renewed = (
+        await stub.RenewImageLease(pb.RenewImageLeaseRequest(name="leases/l1", client_id=holder, ttl_seconds=120))
+    ).lease
     assert renewed.expire_time.seconds > renewed.acquire_time.seconds + 100
     # Saving the final label ends the lease; the image never comes back.
     await upload_label(stub, "l1", nifti_bytes((8, 8, 8), dtype="uint8"))
     leases = (await stub.ListImageLeases(pb.ListImageLeasesRequest())).leases
-    assert sorted(l.image_id for l in leases) == ["l2", "l3", "l4"]
+    assert sorted(lease.image_id for lease in leases) == ["l2", "l3", "l4"]
     again = await stub.AcquireImageLease(pb.AcquireImageLeaseRequest(client_id="user-late", strategy="first"))
     assert again.no_image_reason == pb.NO_IMAGE_REASON_ALL_LEASED
 
     # A released image is handed out again.
-    holder2 = next(l for l in leases if l.image_id == "l2").client_id
+    holder2 = next(lease for lease in leases if lease.image_id == "l2").client_id
     await stub.ReleaseImageLease(pb.ReleaseImageLeaseRequest(name="leases/l2", client_id=holder2))
     again = await stub.AcquireImageLease(pb.AcquireImageLeaseRequest(client_id="user-late", strategy="first"))
     assert again.image.image_id == "l2"
@@ -400,7 +431,9 @@ async def test_model_versions_pin_and_rollback(stub):
         stub.DownloadModelVersion(pb.DownloadModelVersionRequest(name="models/segmentation/versions/serving"))
     )
     assert body == b"weights-2" * 1000
-    pinned = (await stub.PinModelVersion(pb.PinModelVersionRequest(model="models/segmentation", version="v000001"))).model
+    pinned = (
+        await stub.PinModelVersion(pb.PinModelVersionRequest(model="models/segmentation", version="v000001"))
+    ).model
     assert pinned.serving_version == "v000001"
     _, body = await download(
         stub.DownloadModelVersion(pb.DownloadModelVersionRequest(name="models/segmentation/versions/serving"))
@@ -427,7 +460,9 @@ async def test_model_versions_pin_and_rollback(stub):
 
 async def test_records_are_conditional(stub):
     created = (
-        await stub.PutRecord(pb.PutRecordRequest(name="records/trainingJobs/j1", data=struct({"state": "QUEUED"}), expected_revision=-1))
+        await stub.PutRecord(
+            pb.PutRecordRequest(name="records/trainingJobs/j1", data=struct({"state": "QUEUED"}), expected_revision=-1)
+        )
     ).record
     await expect_error(
         stub.PutRecord(pb.PutRecordRequest(name="records/trainingJobs/j1", data=struct({}), expected_revision=-1)),
@@ -436,7 +471,9 @@ async def test_records_are_conditional(stub):
     )
     updated = (
         await stub.PutRecord(
-            pb.PutRecordRequest(name="records/trainingJobs/j1", data=struct({"state": "RUNNING"}), expected_revision=created.revision)
+            pb.PutRecordRequest(
+                name="records/trainingJobs/j1", data=struct({"state": "RUNNING"}), expected_revision=created.revision
+            )
         )
     ).record
     assert updated.revision > created.revision
@@ -451,7 +488,9 @@ async def test_records_are_conditional(stub):
     assert [(r.record_id, dict(r.data)["state"]) for r in listed] == [("j1", "RUNNING")]
     await stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1"))
     await expect_error(
-        stub.GetRecord(pb.GetRecordRequest(name="records/trainingJobs/j1")), grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND"
+        stub.GetRecord(pb.GetRecordRequest(name="records/trainingJobs/j1")),
+        grpc.StatusCode.NOT_FOUND,
+        "RECORD_NOT_FOUND",
     )
 
 
@@ -471,7 +510,9 @@ async def test_download_url_reads_the_blob(stub):
 
 async def test_export_dataset_zip(stub):
     await expect_error(
-        download(stub.ExportDataset(pb.ExportDatasetRequest())), grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"
+        download(stub.ExportDataset(pb.ExportDatasetRequest())),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "FAILED_PRECONDITION",
     )
     for number in range(3):
         await upload_image(stub, nifti_bytes(seed=number), f"e{number}.nii.gz")
@@ -503,7 +544,7 @@ async def test_restart_loses_nothing(datastore_server, datastore_settings):
 
             stub = pb_grpc.DatastoreServiceStub(channel)
             image = (await stub.GetImage(pb.GetImageRequest(name="images/persist"))).image
-            assert dict(image.info)["client_id"] == "a" and [l.tag for l in image.labels] == ["final"]
+            assert dict(image.info)["client_id"] == "a" and [label.tag for label in image.labels] == ["final"]
             _, body = await download(stub.DownloadImage(pb.DownloadImageRequest(name="images/persist")))
             assert body == data
             assert (await stub.GetModel(pb.GetModelRequest(name="models/seg"))).model.latest_version == "v000001"
@@ -524,7 +565,9 @@ async def test_reindex_adopts_files_added_behind_its_back(stub, datastore_server
     assert counts.images == 1 and counts.removed == 1
     image = (await stub.GetImage(pb.GetImageRequest(name="images/dropped"))).image
     assert image.sha256 == sha256(data)
-    await expect_error(stub.GetImage(pb.GetImageRequest(name="images/known")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(
+        stub.GetImage(pb.GetImageRequest(name="images/known")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+    )
 
 
 async def test_datastore_info(stub, datastore_settings):

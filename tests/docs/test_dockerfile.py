@@ -139,4 +139,6 @@ def test_flavors_and_entry_point_commands() -> None:
     scripts = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
     named = set(re.findall(r"\b(labelgrid(?:-[a-z]+)?)\b", text.split("COPY --chmod=0755", 1)[1].split("\nEOF", 1)[0]))
     named.discard("labelgrid-entrypoint")
-    assert named and named <= scripts, f"the entry point runs commands pyproject.toml does not install: {named - scripts}"
+    assert named and named <= scripts, (
+        f"the entry point runs commands pyproject.toml does not install: {named - scripts}"
+    )

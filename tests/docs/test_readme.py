@@ -80,7 +80,9 @@ def readme_blocks(text: str) -> list[Block]:
             raise AssertionError(f"README.md:{start + 1}: fence never closed")
         before = next((lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), "")
         marker = NOT_RUN.match(before)
-        blocks.append(Block(start + 1, lang, "\n".join(lines[start + 1 : end]) + "\n", marker["why"] if marker else None))
+        blocks.append(
+            Block(start + 1, lang, "\n".join(lines[start + 1 : end]) + "\n", marker["why"] if marker else None)
+        )
         index = end + 1
     return blocks
 
@@ -151,7 +153,9 @@ def test_readme_block_runs(block: Block, stack: Stack, folder: Path, tmp_path: P
     code = for_stack(block.code, stack)
     script = tmp_path / ("block.py" if RUN[block.lang] == "python" else "block.sh")
     script.write_text(code)
-    argv = [sys.executable, str(script)] if RUN[block.lang] == "python" else ["bash", "-e", "-o", "pipefail", str(script)]
+    argv = (
+        [sys.executable, str(script)] if RUN[block.lang] == "python" else ["bash", "-e", "-o", "pipefail", str(script)]
+    )
     try:
         done = subprocess.run(
             argv, cwd=folder, env=block_env(stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -324,7 +328,13 @@ def check_helm_command(block: Block, words: list[str]) -> None:
         manifests = loaded.render(values, name=RELEASE, namespace=NAMESPACE)
     finally:
         loaded.close()
-    docs = [doc for path, text in manifests.items() if path.endswith((".yaml", ".yml")) for doc in yaml.safe_load_all(text) if doc]
+    docs = [
+        doc
+        for path, text in manifests.items()
+        if path.endswith((".yaml", ".yml"))
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
     assert docs, f"{block}: {' '.join(words)} rendered nothing"
     for doc in docs:
         key = json.dumps(doc, sort_keys=True)
@@ -355,7 +365,9 @@ def test_tried_with_names_what_the_tests_use() -> None:
 
     from tests.fixtures.chart import KUBE_VERSIONS
 
-    rows = [line for line in readme_section("Tried with").splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = [line for line in readme_section("Tried with").splitlines() if line.startswith("| ") and "---" not in line][
+        1:
+    ]
     assert len(rows) >= 5, rows
     npm = json.loads((ROOT / "clients" / "node" / "package.json").read_text())
     npm_versions = {**npm.get("dependencies", {}), **npm.get("devDependencies", {})}
@@ -395,7 +407,9 @@ def test_what_info_lists_is_what_the_readme_names(stack: Stack) -> None:
     assert missing_trainers == [], f"trainers the README never names: {missing_trainers}"
     [apps_row] = [line for line in architecture.splitlines() if line.startswith("| `apps/`")]
     claimed = set(re.findall(r"`(\w+)`", apps_row.split("`apps/radiology` has", 1)[1].split(" and ", 1)[0]))
-    assert claimed and claimed <= set(info["models"]), f"the apps/ row names {claimed}, /info/ lists {sorted(info['models'])}"
+    assert claimed and claimed <= set(info["models"]), (
+        f"the apps/ row names {claimed}, /info/ lists {sorted(info['models'])}"
+    )
 
 
 def test_every_dependency_is_named_in_the_readme() -> None:
@@ -404,7 +418,10 @@ def test_every_dependency_is_named_in_the_readme() -> None:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
     text = README.read_text().lower()
     names = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
     missing = sorted(name for name in names if name not in text)
@@ -423,7 +440,9 @@ def test_not_built_yet_is_what_answers_501(stack: Stack) -> None:
         if operation.get("summary") == "Not available yet in labelgrid"
     }
     listed = set(re.findall(r"`((?:GET|POST|PUT|DELETE) /[^`]*)`", readme_section("Not built yet")))
-    assert listed == placeholders, f"README lists {sorted(listed)}; the gateway's placeholders are {sorted(placeholders)}"
+    assert listed == placeholders, (
+        f"README lists {sorted(listed)}; the gateway's placeholders are {sorted(placeholders)}"
+    )
     for route in sorted(listed):
         method, path = route.split(" ", 1)
         answer = httpx.request(method, stack.url + re.sub(r"\{\w+\}", "segmentation", path), timeout=30)

@@ -33,7 +33,16 @@ def listening() -> Iterator[int]:
 
 def up(tmp_path: Path, **chosen: int) -> subprocess.CompletedProcess[str]:
     flags = port_flags()
-    argv = [sys.executable, "-m", "gateway.cli", "up", "--studies", str(tmp_path / "studies"), "--work-dir", str(tmp_path / "var")]
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "up",
+        "--studies",
+        str(tmp_path / "studies"),
+        "--work-dir",
+        str(tmp_path / "var"),
+    ]
     for flag, port in zip(flags, free_ports(len(flags)), strict=True):
         argv += [flag, str(chosen.get(flag, port))]
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
@@ -48,7 +57,9 @@ def test_a_taken_envoy_admin_port_is_named_before_anything_starts(tmp_path: Path
     assert not (tmp_path / "studies").exists()
 
     # The README quotes this message (with 9901) in its Troubleshooting section.
-    quoted = [block.code for block in BLOCKS if block.lang == "text" and "is in use: another labelgrid up" in block.code]
+    quoted = [
+        block.code for block in BLOCKS if block.lang == "text" and "is in use: another labelgrid up" in block.code
+    ]
     assert quoted, "README's Troubleshooting quotes the taken-port message"
     [line] = [line for line in done.stdout.splitlines() if "is in use" in line]
     message = line.split("| ", 1)[1]

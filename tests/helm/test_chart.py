@@ -347,7 +347,9 @@ def test_network_policies(rendered: dict, merged: dict, case: str) -> None:
     # Envoy's admin; nothing but the edge rule admits the REST API's ports.
     gateway_rules = policies["gateway"]["spec"]["ingress"]
     edge_values = values["gateway"]["edge"]
-    metrics_ports = {values["metrics"]["port"]} | ({edge_values["statsPort"]} if edge_values["metrics"]["enabled"] else set())
+    metrics_ports = {values["metrics"]["port"]} | (
+        {edge_values["statsPort"]} if edge_values["metrics"]["enabled"] else set()
+    )
     for rule in gateway_rules:
         ports = {p["port"] for p in rule["ports"]}
         assert values["gateway"]["port"] not in ports and edge_values["adminPort"] not in ports
@@ -442,7 +444,9 @@ def test_monitoring_objects(rendered: dict) -> None:
         if case != "monitoring.yaml":
             kinds = {d["kind"] for d in rendered[case]}
             assert not kinds & {"ServiceMonitor", "PrometheusRule"}, case
-            assert not [d for d in of_kind(rendered[case], "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
+            assert not [
+                d for d in of_kind(rendered[case], "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]
+            ]
     docs = rendered["monitoring.yaml"]
     [monitor] = of_kind(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -454,7 +458,9 @@ def test_monitoring_objects(rendered: dict) -> None:
     [rule] = of_kind(docs, "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load((CHART / "files" / "alerts.rules.yaml").read_text())["groups"]
     [dashboard] = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
-    assert json.loads(dashboard["data"]["labelgrid.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["labelgrid.json"]) == json.loads(
+        (CHART / "files" / "dashboard.json").read_text()
+    )
     for workload in workloads_of(rendered["default"]):
         if component_of(workload) in GRPC_COMPONENTS:
             annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -462,9 +468,16 @@ def test_monitoring_objects(rendered: dict) -> None:
 
 
 def test_app_by_volume_or_configmap(chart: Any) -> None:
-    docs = render(chart, {
-        "app": {"module": "myapp", "package": "myapp", "files": {"__init__.py": "def infer_tasks():\n    return {}\n"}},
-    })
+    docs = render(
+        chart,
+        {
+            "app": {
+                "module": "myapp",
+                "package": "myapp",
+                "files": {"__init__.py": "def infer_tasks():\n    return {}\n"},
+            },
+        },
+    )
     [config_map] = [d for d in of_kind(docs, "ConfigMap") if component_of(d) == "app"]
     assert "__init__.py" in config_map["data"]
     container = pod_spec(deployment_of(docs, "inference"))["containers"][0]
@@ -494,7 +507,9 @@ def test_env_vars_are_settings_fields(rendered: dict, monkeypatch: pytest.Monkey
     classes = {"datastore": DatastoreSettings, "inference": InferSettings, "gateway": GatewaySettings}
     for case in CASES:
         for component, cls in classes.items():
-            [container] = [c for c in pod_spec(deployment_of(rendered[case], component))["containers"] if c["name"] == component]
+            [container] = [
+                c for c in pod_spec(deployment_of(rendered[case], component))["containers"] if c["name"] == component
+            ]
             plain = {}
             for entry in container["env"]:
                 name = entry["name"]
@@ -551,7 +566,9 @@ def test_envoy_flags_are_accepted(rendered: dict, tmp_path: Path) -> None:
             forwarded = [r for r in host["routes"] if "route" in r]
             assert [r["match"]["path"] for r in forwarded] == ["/stats/prometheus"]
             assert all(r.get("direct_response") == {"status": 404} for r in host["routes"] if "route" not in r)
-            edge_container = next(c for c in containers_of(deployment_of(rendered[case], "gateway"), init=False) if c["name"] == "edge")
+            edge_container = next(
+                c for c in containers_of(deployment_of(rendered[case], "gateway"), init=False) if c["name"] == "edge"
+            )
             [stats_port] = [p["containerPort"] for p in edge_container["ports"] if p["name"] == "edge-metrics"]
             assert listeners["stats"]["address"]["socket_address"]["port_value"] == stats_port
 

@@ -47,13 +47,18 @@ def test_dicomweb_values_reach_the_datastore_and_the_gateway(chart: Any) -> None
         assert _secret_ref(env["LABELGRID_DICOMWEB_PASSWORD"]) == ("labelgrid-pacs", "password")
         assert "LABELGRID_DICOMWEB_TOKEN" not in env
     # The filter is JSON the datastore's own parser takes, with every attribute of the values.
-    assert parse_search_filter(datastore["LABELGRID_DICOMWEB_SEARCH_FILTER"]["value"]) == values["dicomweb"]["searchFilter"]
+    assert (
+        parse_search_filter(datastore["LABELGRID_DICOMWEB_SEARCH_FILTER"]["value"])
+        == values["dicomweb"]["searchFilter"]
+    )
     assert datastore["LABELGRID_DICOMWEB_SYNC_SECONDS"]["value"] == "120"
     assert "LABELGRID_DICOMWEB_SEARCH_FILTER" not in gateway  # the proxy passes any query on
     # Both may reach the PACS (and only where the values say).
     for component in ("datastore", "gateway"):
         [policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == component]
-        rules = [rule for rule in policy["spec"]["egress"] if {"port": 8042, "protocol": "TCP"} in rule.get("ports", [])]
+        rules = [
+            rule for rule in policy["spec"]["egress"] if {"port": 8042, "protocol": "TCP"} in rule.get("ports", [])
+        ]
         assert rules and rules[0]["to"] == values["dicomweb"]["egressTo"], component
     [inference] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "inference"]
     assert all({"port": 8042, "protocol": "TCP"} not in rule.get("ports", []) for rule in inference["spec"]["egress"])

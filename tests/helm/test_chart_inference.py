@@ -64,7 +64,9 @@ def test_batch_inference_fans_out_over_the_headless_service(chart: Any) -> None:
     assert env["LABELGRID_BATCH_ADDRESS"] == f"dns:///{HEADLESS}:{port}"
     # Default width: 2 x maxReplicas (autoscaling) x GPUs per pod x slots per GPU.
     assert env["LABELGRID_BATCH_WIDTH"] == str(2 * 4 * 1 * 1)
-    settings = InferSettings.model_validate({"batch_address": env["LABELGRID_BATCH_ADDRESS"], "batch_width": env["LABELGRID_BATCH_WIDTH"]})
+    settings = InferSettings.model_validate(
+        {"batch_address": env["LABELGRID_BATCH_ADDRESS"], "batch_width": env["LABELGRID_BATCH_WIDTH"]}
+    )
     assert settings.batch_width == 8
     # The inference pods may call each other on their gRPC port (and nothing else changed for others).
     [policy] = [p for p in of_kind(docs, "NetworkPolicy") if component_of(p) == "inference"]
@@ -78,7 +80,10 @@ def test_batch_inference_fans_out_over_the_headless_service(chart: Any) -> None:
     # Off: this pod's devices only; a fixed width still reaches the service.
     off = _env(render(chart, {"inference": {"batch": {"fanOut": False, "width": 3}}}), "inference")
     assert "LABELGRID_BATCH_ADDRESS" not in off and off["LABELGRID_BATCH_WIDTH"] == "3"
-    fixed = _env(render(chart, {"inference": {"autoscaling": {"enabled": False}, "replicaCount": 3, "gpu": {"count": 2}}}), "inference")
+    fixed = _env(
+        render(chart, {"inference": {"autoscaling": {"enabled": False}, "replicaCount": 3, "gpu": {"count": 2}}}),
+        "inference",
+    )
     assert fixed["LABELGRID_BATCH_WIDTH"] == str(2 * 3 * 2)
 
 
@@ -147,10 +152,14 @@ def test_queue_depth_autoscaling_and_its_adapter_rule(chart: Any) -> None:
     renamed = render(chart, {"inference": {"autoscaling": {"queueDepth": {"enabled": True, "metricName": "queue_x"}}}})
     assert "queue_x" in json.dumps(_hpa(renamed, "inference")["spec"]["metrics"])
     with pytest.raises(helm.HelmValuesError):
-        chart.render({"inference": {"autoscaling": {"queueDepth": {"averageValue": "two"}}}}, name=RELEASE, namespace=NAMESPACE)
+        chart.render(
+            {"inference": {"autoscaling": {"queueDepth": {"averageValue": "two"}}}}, name=RELEASE, namespace=NAMESPACE
+        )
     # An autoscaler with nothing to scale on is refused, not rendered without metrics.
     with pytest.raises(helm.HelmError, match=r"inference\.autoscaling is on without a metric"):
-        chart.render({"inference": {"autoscaling": {"targetCPUUtilizationPercentage": ""}}}, name=RELEASE, namespace=NAMESPACE)
+        chart.render(
+            {"inference": {"autoscaling": {"targetCPUUtilizationPercentage": ""}}}, name=RELEASE, namespace=NAMESPACE
+        )
 
 
 def _minio_objects(docs: list[dict[str, Any]]) -> list[str]:
@@ -168,7 +177,12 @@ def test_no_minio_beside_a_dicomweb_datastore_unless_asked(chart: Any) -> None:
     assert "minio" not in json.dumps(policy["spec"]["egress"])
     _validate(docs)
     asked = render(chart, {**values, "minio": {"withDicomweb": True}})
-    assert {"StatefulSet", "Service", "Secret", "NetworkPolicy"} <= {name.split("/")[0] for name in _minio_objects(asked)}
+    assert {"StatefulSet", "Service", "Secret", "NetworkPolicy"} <= {
+        name.split("/")[0] for name in _minio_objects(asked)
+    }
     assert "LABELGRID_S3_ENDPOINT" in _env(asked, "datastore")
-    external = {**values, "storage": {"type": "s3", "s3": {"endpoint": "s3.example.org:443", "existingSecret": "s3-keys"}}}
+    external = {
+        **values,
+        "storage": {"type": "s3", "s3": {"endpoint": "s3.example.org:443", "existingSecret": "s3-keys"}},
+    }
     assert _env(render(chart, external), "datastore")["LABELGRID_S3_ENDPOINT"] == "s3.example.org:443"

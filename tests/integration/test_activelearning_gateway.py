@@ -68,7 +68,9 @@ def test_info_lists_strategies_and_scoring(http: httpx.Client) -> None:
     assert "config" not in info
 
 
-def test_official_client_next_sample_leases_per_annotator(stack: GatewayStack, http: httpx.Client, tmp_path: Path) -> None:
+def test_official_client_next_sample_leases_per_annotator(
+    stack: GatewayStack, http: httpx.Client, tmp_path: Path
+) -> None:
     one, two = client(stack, tmp_path, "radiologist-1"), client(stack, tmp_path, "radiologist-2")
     for n in range(3):
         path = tmp_path / f"case_{n}.nii.gz"
@@ -102,7 +104,10 @@ def test_bad_input_on_activelearning_routes(stack: GatewayStack, http: httpx.Cli
     with pytest.raises(MONAILabelClientException):
         client(stack, tmp_path, "c").next_sample("nope", {})
     assert http.post("/activelearning/..%2Fx", json={}).status_code in (400, 404)
-    assert http.post("/activelearning/first", content=b"[1]", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        http.post("/activelearning/first", content=b"[1]", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
     assert http.post("/activelearning/first", json={"client_id": 5}).status_code == 422
     assert http.post("/activelearning/first", json={"lease_ttl_seconds": -1}).status_code == 400
     assert http.post("/scoring/nope", json={}).status_code == 404

@@ -54,7 +54,8 @@ def annotate(address: str, client_id: str, rounds: int, save_every: int, ttl: in
         stub = pb_grpc.ActiveLearningServiceStub(channel)
         for round_ in range(rounds):
             response = stub.NextSample(
-                pb.NextSampleRequest(strategy="strategies/first", client_id=client_id, lease_ttl_seconds=ttl), timeout=60
+                pb.NextSampleRequest(strategy="strategies/first", client_id=client_id, lease_ttl_seconds=ttl),
+                timeout=60,
             )
             if not response.HasField("image"):
                 answers.append({"client": client_id, "image": None, "reason": response.no_sample_reason})
@@ -103,7 +104,10 @@ async def test_no_image_is_ever_under_two_live_leases_and_saved_images_never_com
     with ThreadPoolExecutor(CLIENTS) as pool:
         for round_ in range(rounds):
             answers = await asyncio.gather(
-                *(loop.run_in_executor(pool, annotate, stack.address, f"annotator-{n}", 1, 0, 600) for n in range(CLIENTS))
+                *(
+                    loop.run_in_executor(pool, annotate, stack.address, f"annotator-{n}", 1, 0, 600)
+                    for n in range(CLIENTS)
+                )
             )
             for n, (answer,) in enumerate(answers):
                 answer["round"] = round_
@@ -111,7 +115,9 @@ async def test_no_image_is_ever_under_two_live_leases_and_saved_images_never_com
                 if answer["image"] is not None:
                     assert answer["image"] not in labeled, f"{answer['image']} was saved, yet handed out again"
                     if (n + round_) % 3 == 0:
-                        await upload_label(stack.ds_stub, answer["image"], label_bytes, info={"client_id": answer["client"]})
+                        await upload_label(
+                            stack.ds_stub, answer["image"], label_bytes, info={"client_id": answer["client"]}
+                        )
                         labeled.add(answer["image"])
                         answer["saved"] = True
 
@@ -167,7 +173,9 @@ async def test_expired_leases_come_back_and_asking_again_releases_the_previous_o
     assert lapsed.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(lapsed.value) == "LEASE_NOT_FOUND"
 
     # Renewing extends the lease; asking again under the same strategy releases the previous one.
-    renewed = await stack.stub.RenewLease(pb.RenewLeaseRequest(name=f"leases/{ids[1]}", client_id="fast", ttl_seconds=900))
+    renewed = await stack.stub.RenewLease(
+        pb.RenewLeaseRequest(name=f"leases/{ids[1]}", client_id="fast", ttl_seconds=900)
+    )
     assert renewed.lease.expire_time.seconds > other.lease.expire_time.seconds - 600 + 800
     skipped = await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id="fast"))
     assert skipped.image.image_id == ids[1]  # first: the skipped image is still the first free one for "fast"
@@ -191,8 +199,10 @@ async def test_expired_leases_come_back_and_asking_again_releases_the_previous_o
 
 async def test_score_strategy_respects_leases_and_says_when_all_are_labeled(stack: Stack) -> None:
     ids = await add_images(stack, 3)
-    for image_id, value in zip(ids, (0.1, 0.9, 0.5)):
-        await stack.ds_stub.SetImageScore(ds.SetImageScoreRequest(name=f"images/{image_id}", score_key="epistemic_entropy", value=value))
+    for image_id, value in zip(ids, (0.1, 0.9, 0.5), strict=True):
+        await stack.ds_stub.SetImageScore(
+            ds.SetImageScoreRequest(name=f"images/{image_id}", score_key="epistemic_entropy", value=value)
+        )
     got = [
         await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/epistemic", client_id=f"c{n}"))
         for n in range(3)
@@ -204,7 +214,12 @@ async def test_score_strategy_respects_leases_and_says_when_all_are_labeled(stac
     sample, lease = got[0].image, got[0].lease
     assert sample.sha256 and (sample.file_name, sample.sha256) == (stored.file_name, stored.sha256)
     assert dict(sample.scores) == pytest.approx({"epistemic_entropy": 0.9}) and list(sample.label_tags) == []
-    assert (lease.name, lease.image_id, lease.client_id, lease.strategy) == (f"leases/{ids[1]}", ids[1], "c0", "epistemic")
+    assert (lease.name, lease.image_id, lease.client_id, lease.strategy) == (
+        f"leases/{ids[1]}",
+        ids[1],
+        "c0",
+        "epistemic",
+    )
     assert lease.acquire_time.ToDatetime() < lease.expire_time.ToDatetime()
     assert list((await stack.stub.ListLeases(pb.ListLeasesRequest(client_id="c0"))).leases) == [lease]
     label = nifti_bytes((8, 8, 8), seed=5, dtype="uint8")
@@ -220,14 +235,48 @@ async def test_bad_input_gets_precise_errors(stack: Stack) -> None:
     empty = await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id="c"))
     assert not empty.HasField("image") and empty.no_sample_reason == pb.NO_SAMPLE_REASON_EMPTY
     cases = [
-        (stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/nope", client_id="c")), grpc.StatusCode.NOT_FOUND, "STRATEGY_NOT_FOUND"),
-        (stack.stub.NextSample(pb.NextSampleRequest(strategy="nope", client_id="c")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id="c", lease_ttl_seconds=-5)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.ReleaseLease(pb.ReleaseLeaseRequest(name="leases/img_000", client_id="ghost")), grpc.StatusCode.NOT_FOUND, "LEASE_NOT_FOUND"),
-        (stack.stub.ReleaseLease(pb.ReleaseLeaseRequest(name="leases/../x", client_id="ghost")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.RenewLease(pb.RenewLeaseRequest(name="images/x", client_id="ghost")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.ListLeases(pb.ListLeasesRequest(page_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
+        (
+            stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/nope", client_id="c")),
+            grpc.StatusCode.NOT_FOUND,
+            "STRATEGY_NOT_FOUND",
+        ),
+        (
+            stack.stub.NextSample(pb.NextSampleRequest(strategy="nope", client_id="c")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
+        (
+            stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
+        (
+            stack.stub.NextSample(
+                pb.NextSampleRequest(strategy="strategies/first", client_id="c", lease_ttl_seconds=-5)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
+        (
+            stack.stub.ReleaseLease(pb.ReleaseLeaseRequest(name="leases/img_000", client_id="ghost")),
+            grpc.StatusCode.NOT_FOUND,
+            "LEASE_NOT_FOUND",
+        ),
+        (
+            stack.stub.ReleaseLease(pb.ReleaseLeaseRequest(name="leases/../x", client_id="ghost")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
+        (
+            stack.stub.RenewLease(pb.RenewLeaseRequest(name="images/x", client_id="ghost")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
+        (
+            stack.stub.ListLeases(pb.ListLeasesRequest(page_token="garbage")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
     ]
     for call, code, reason in cases:
         with pytest.raises(grpc.aio.AioRpcError) as failed:

@@ -164,8 +164,16 @@ async def test_busy_cancel_and_bad_input(stack: Stack) -> None:
         (create(stack.stub, "nope"), grpc.StatusCode.NOT_FOUND, "STRATEGY_NOT_FOUND"),
         (create(stack.stub, "epistemic", model="models/nope"), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
         (create(stack.stub, "epistemic", model="nope"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
-        (stack.stub.GetScoringJob(pb.GetScoringJobRequest(name="scoringJobs/unknown")), grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND"),
-        (stack.stub.ListScoringJobs(pb.ListScoringJobsRequest(page_token="x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
+        (
+            stack.stub.GetScoringJob(pb.GetScoringJobRequest(name="scoringJobs/unknown")),
+            grpc.StatusCode.NOT_FOUND,
+            "RECORD_NOT_FOUND",
+        ),
+        (
+            stack.stub.ListScoringJobs(pb.ListScoringJobsRequest(page_token="x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+        ),
     ]
     for call, code, reason in bad:
         with pytest.raises(grpc.aio.AioRpcError) as failed:

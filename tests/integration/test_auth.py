@@ -137,7 +137,9 @@ def test_auth_routes_answer_as_monailabel(url: str) -> None:
 
 @pytest.mark.parametrize("username, password", [("annie", "wrong"), ("nobody", "annie-pw"), ("annie", "")])
 def test_a_wrong_login_is_401_and_gives_no_token(url: str, username: str, password: str) -> None:
-    answer = httpx.post(f"{url}/auth/token", data={"username": username, "password": password, "grant_type": "password"})
+    answer = httpx.post(
+        f"{url}/auth/token", data={"username": username, "password": password, "grant_type": "password"}
+    )
     assert answer.status_code in (401, 422)
     assert "access_token" not in answer.text
 
@@ -155,7 +157,9 @@ def test_password_guessing_is_throttled(url: str) -> None:
 
 
 def test_only_the_password_grant(url: str) -> None:
-    answer = httpx.post(f"{url}/auth/token", data={"username": "annie", "password": "annie-pw", "grant_type": "client_credentials"})
+    answer = httpx.post(
+        f"{url}/auth/token", data={"username": "annie", "password": "annie-pw", "grant_type": "client_credentials"}
+    )
     assert answer.status_code == 422
 
 
@@ -319,7 +323,9 @@ def test_the_official_client_logs_in_and_works_per_role(url: str, tmp_path: Path
     label = write(tmp_path / "scan_seg.nii.gz", nifti_bytes(seed=2, dtype="uint8"))
 
     assert annie.upload_image(image, "authimg", {}) == {"image": "authimg"}
-    assert annie.save_label("authimg", label, params={"label_info": [{"name": "spleen", "idx": 1}]})["image"] == "authimg"
+    assert (
+        annie.save_label("authimg", label, params={"label_info": [{"name": "spleen", "idx": 1}]})["image"] == "authimg"
+    )
     with pytest.raises(MONAILabelClientException) as caught:
         uma.upload_image(image, "by_user", {})
     assert "Status: 403" in str(caught.value)
@@ -372,7 +378,9 @@ def test_users_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
     assert "s3cret" not in path.read_text() and stored["users"]["bob"]["password_hash"].startswith("$argon2id$")
     assert UsersFile.load(path).verify("bob", "s3cret pass") is not None
     assert UsersFile.load(path).verify("bob", "s3cret") is None
-    bad = subprocess.run([*argv[:6], "--role", "monailabel-boss", *argv[10:]], input="x\n", capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*argv[:6], "--role", "monailabel-boss", *argv[10:]], input="x\n", capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
@@ -390,7 +398,9 @@ def test_users_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
         ({}, ["--auth-users-file", "EMPTY"], "needs auth_signing_key"),
     ],
 )
-def test_auth_configured_but_empty_refuses_to_start(tmp_path: Path, env: dict[str, str], argv: list[str], why: str) -> None:
+def test_auth_configured_but_empty_refuses_to_start(
+    tmp_path: Path, env: dict[str, str], argv: list[str], why: str
+) -> None:
     import os
 
     empty = tmp_path / "users.json"
@@ -494,12 +504,16 @@ def test_every_datastore_rpc_per_identity(stack: GatewayStack) -> None:
             expected_denied, denied_code = who not in AT_LEAST[rule.role], grpc.StatusCode.PERMISSION_DENIED
         else:
             expected_denied, denied_code = who not in rule.services, grpc.StatusCode.PERMISSION_DENIED
-        if expected_denied != (code == denied_code) or (code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and code != denied_code):
+        if expected_denied != (code == denied_code) or (
+            code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and code != denied_code
+        ):
             wrong[(who, name)] = code
     assert len(got) > 250 and wrong == {}
 
 
-def test_changes_are_audited_with_the_authenticated_user(url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_changes_are_audited_with_the_authenticated_user(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     caplog.set_level(logging.INFO, logger="labelgrid.audit")

@@ -11,7 +11,9 @@ from tests.fixtures.chart import RELEASE, render
 
 
 def _env(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-{component}")
+    deployment = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-{component}"
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e for e in container.get("env", [])}, deployment  # type: ignore[return-value]
 
@@ -60,7 +62,9 @@ def test_oidc_env_and_egress(chart: Any) -> None:
     for env in (gateway, datastore):
         assert env["LABELGRID_AUTH_OIDC_ISSUER"]["value"] == oidc["issuer"]
         assert env["LABELGRID_AUTH_OIDC_ROLES_CLAIM"]["value"] == "realm_access#roles"
-    policy = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-datastore")
+    policy = next(
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"{RELEASE}-labelgrid-datastore"
+    )
     assert {"to": oidc["egressTo"], "ports": [{"port": 443, "protocol": "TCP"}]} in policy["spec"]["egress"]
     with pytest.raises(helm.HelmError):
         render(chart, {"auth": {"enabled": True, "oidc": {"issuer": oidc["issuer"]}}})

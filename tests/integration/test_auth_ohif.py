@@ -122,13 +122,17 @@ def test_login_sets_a_strict_httponly_session_cookie(stack: GatewayStack) -> Non
         ({"username": "uma", "password": "uma-pw"}, {"origin": "http://evil.example"}, 403),
     ],
 )
-def test_a_refused_login_sets_no_cookie(stack: GatewayStack, form: dict[str, str], headers: dict[str, str], status: int) -> None:
+def test_a_refused_login_sets_no_cookie(
+    stack: GatewayStack, form: dict[str, str], headers: dict[str, str], status: int
+) -> None:
     answer = httpx.post(f"{stack.url}/auth/login", data=form, headers=headers)
     assert answer.status_code == status
     assert "labelgrid_session" not in answer.headers.get("set-cookie", "")
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"])
+@pytest.mark.parametrize(
+    "target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"]
+)
 def test_login_redirects_only_to_this_server(stack: GatewayStack, target: str) -> None:
     form = {"username": "uma", "password": PASSWORDS["uma"], "next": target}
     answer = httpx.post(f"{stack.url}/auth/login", data=form, headers=same_origin(stack))
@@ -168,7 +172,10 @@ def test_ohifs_calls_work_with_the_session_only(stack: GatewayStack) -> None:
         # Routes OHIF does not call need a bearer token, whatever the session's roles.
         assert ohif.put("/datastore/image", params={"image": "x"}, files={"file": ("x.nii.gz", b"x")},
                         headers=same_origin(stack)).status_code == 401  # fmt: skip
-        assert ohif.put("/model/segmentation", files={"file": ("m.pt", b"x")}, headers=same_origin(stack)).status_code == 401
+        assert (
+            ohif.put("/model/segmentation", files={"file": ("m.pt", b"x")}, headers=same_origin(stack)).status_code
+            == 401
+        )
 
 
 def test_the_session_keeps_the_role_table(stack: GatewayStack) -> None:
@@ -198,15 +205,22 @@ def test_a_session_cookie_from_another_origin_is_refused(stack: GatewayStack) ->
         bare = ohif.post(url, params=params)
         assert bare.status_code == 403  # a change without Origin or Referer
         assert ohif.post(url, params=params, headers={"referer": "http://evil.example/ohif/"}).status_code == 403
-        referer = ohif.post(url, params=params, headers={"referer": f"{stack.url}/ohif/viewer"}, files={"params": (None, "{}")})
+        referer = ohif.post(
+            url, params=params, headers={"referer": f"{stack.url}/ohif/viewer"}, files={"params": (None, "{}")}
+        )
         assert referer.status_code == 200, referer.text
         # A cross-origin read (CORS fetch with credentials) is refused too; a top-level read is fine.
-        assert ohif.get("/datastore/", params={"output": "all"}, headers={"origin": "http://evil.example"}).status_code == 403
+        assert (
+            ohif.get("/datastore/", params={"output": "all"}, headers={"origin": "http://evil.example"}).status_code
+            == 403
+        )
         assert ohif.get("/info/", headers={"origin": "null"}).status_code == 403
         assert ohif.get("/info/").status_code == 200
         # A bearer token is not ambient: no origin check for it.
         token = issue_access_token(Identity("annie", frozenset({ANNOTATOR, USER})), KEY, 60)
-        with_bearer = httpx.get(f"{stack.url}/info/", headers={"authorization": f"Bearer {token}", "origin": "http://evil.example"})
+        with_bearer = httpx.get(
+            f"{stack.url}/info/", headers={"authorization": f"Bearer {token}", "origin": "http://evil.example"}
+        )
         assert with_bearer.status_code == 200
 
 

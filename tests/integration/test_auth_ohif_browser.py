@@ -60,7 +60,9 @@ def test_ohif_signs_in_and_segments_with_the_session_only(case: tuple[GatewaySta
         )
         try:
             page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-            page.on("response", lambda r: calls.append((f"{r.request.method} {r.url.removeprefix(stack.url)}", r.status)))
+            page.on(
+                "response", lambda r: calls.append((f"{r.request.method} {r.url.removeprefix(stack.url)}", r.status))
+            )
             page.goto(f"{stack.url}/ohif/", timeout=120_000)
             assert page.url.startswith(f"{stack.url}/auth/login?next=")
             page.fill("input[name=username]", "uma")

@@ -107,7 +107,13 @@ def test_an_issuers_token_gives_its_user_and_roles(issuer: Issuer) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["other issuer", "other audience", "expired beyond the skew", "signed by a key it does not publish", "hs256 with the public key"],
+    [
+        "other issuer",
+        "other audience",
+        "expired beyond the skew",
+        "signed by a key it does not publish",
+        "hs256 with the public key",
+    ],
 )
 def test_tokens_the_issuer_did_not_mean_are_refused(issuer: Issuer, change: str) -> None:
     check = Authenticator(oidc=verifier(issuer, audience="monailabel-app"))
@@ -123,7 +129,11 @@ def test_tokens_the_issuer_did_not_mean_are_refused(issuer: Issuer, change: str)
                            headers={"kid": "k1"})  # fmt: skip
     else:
         # Algorithm confusion: the issuer's public key used as an HMAC secret.
-        public = issuer.keys["k1"].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        public = (
+            issuer.keys["k1"]
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
         token = _hs256_with(public)
     assert check.authenticate(token) is None
 
@@ -137,7 +147,11 @@ def _hs256_with(secret: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "k1"}).encode())
-    payload = b64(json.dumps({"iss": ISSUER, "aud": "monailabel-app", "preferred_username": "olga", "exp": int(time.time()) + 60}).encode())
+    payload = b64(
+        json.dumps(
+            {"iss": ISSUER, "aud": "monailabel-app", "preferred_username": "olga", "exp": int(time.time()) + 60}
+        ).encode()
+    )
     signature = b64(hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest())
     return f"{header}.{payload}.{signature}"
 
@@ -244,8 +258,16 @@ def test_the_gateway_and_datastore_take_issuer_tokens(stack: GatewayStack, issue
     headers = {"authorization": f"Bearer {login.json()['access_token']}"}
     assert httpx.get(f"{url}/auth/token/valid", headers=headers).json()["username"] == "olga"
     files = {"file": ("oidc.nii.gz", nifti_bytes(seed=11)), "params": (None, "{}")}
-    assert httpx.put(f"{url}/datastore/image", params={"image": "oidc_img"}, files=files, headers=headers).status_code == 200
-    assert httpx.get(f"{url}/datastore/", params={"output": "all"}, headers=headers).json()["objects"]["oidc_img"]["image"]["info"]["user"] == "olga"
+    assert (
+        httpx.put(f"{url}/datastore/image", params={"image": "oidc_img"}, files=files, headers=headers).status_code
+        == 200
+    )
+    assert (
+        httpx.get(f"{url}/datastore/", params={"output": "all"}, headers=headers).json()["objects"]["oidc_img"][
+            "image"
+        ]["info"]["user"]
+        == "olga"
+    )
     # olga is no admin.
     assert httpx.delete(f"{url}/datastore/image", params={"id": "oidc_img"}, headers=headers).status_code == 403
     wrong = httpx.post(f"{url}/auth/token", data={"username": "olga", "password": "nope", "grant_type": "password"})

@@ -184,8 +184,13 @@ def test_every_route_per_role_on_the_whole_stack(stack: Stack) -> None:
     assert len(routes) > 40
     identities: dict[str, dict[str, str]] = {
         "none": {},
-        "wrongly signed": {"authorization": f"Bearer {issue_access_token(Identity('p', frozenset(ROLES)), new_signing_key(), 300)}"},
-        **{role: {"authorization": f"Bearer {issue_access_token(Identity('p', frozenset({role})), KEY, 300)}"} for role in ROLES},
+        "wrongly signed": {
+            "authorization": f"Bearer {issue_access_token(Identity('p', frozenset(ROLES)), new_signing_key(), 300)}"
+        },
+        **{
+            role: {"authorization": f"Bearer {issue_access_token(Identity('p', frozenset({role})), KEY, 300)}"}
+            for role in ROLES
+        },
     }
     wrong, answered = {}, set()
     with httpx.Client(base_url=stack.url, timeout=60) as http:
@@ -193,7 +198,9 @@ def test_every_route_per_role_on_the_whole_stack(stack: Stack) -> None:
             for method, template in routes:
                 path, params = request_for(method, template)
                 body = {"content": b"[]", "headers": {**headers, "content-type": "application/json"}}
-                status = http.request(method, path, params=params, **(body if method in ("POST", "PUT") else {"headers": headers})).status_code
+                status = http.request(
+                    method, path, params=params, **(body if method in ("POST", "PUT") else {"headers": headers})
+                ).status_code
                 if who in ("none", "wrongly signed"):
                     expected_ok = status == 401
                 else:

@@ -63,7 +63,14 @@ def test_batch_survives_a_client_that_hangs_up(stack: str) -> None:
         httpx.post(
             f"{url}/batch/infer/segmentation",
             params={"images": "all", "run_sync": "true"},
-            json={"device": "cuda", "multi_gpu": True, "gpus": "all", "label_tag": "original", "max_workers": 1, **SMALL},
+            json={
+                "device": "cuda",
+                "multi_gpu": True,
+                "gpus": "all",
+                "label_tag": "original",
+                "max_workers": 1,
+                **SMALL,
+            },
             timeout=httpx.Timeout(30.0, read=0.3),
         )
     running = last_task(url)
@@ -107,7 +114,10 @@ def test_unlabeled_list_max_and_tag(stack: str) -> None:
     assert task["request"]["device"] == ["cpu"] and task["request"]["label_tag"] == "pre"
     # sorted ids, labeled ones (03, 11) left out
     assert {image for image in (f"batch_{n:02d}" for n in range(COUNT)) if "pre" in tags_of(url, image)} == {
-        "batch_00", "batch_01", "batch_02", "batch_04",
+        "batch_00",
+        "batch_01",
+        "batch_02",
+        "batch_04",
     }
     listed = httpx.post(
         f"{url}/batch/infer/segmentation",
@@ -134,7 +144,9 @@ def test_stop_keeps_what_was_saved(stack: str) -> None:
     assert len(saved) >= task["progress"]["done"]
     assert httpx.delete(f"{url}/batch/infer").json() is None  # nothing runs: null, as MONAI Label
     # a new batch may start at once
-    after = httpx.post(f"{url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": ["batch_05"]}, timeout=60)
+    after = httpx.post(
+        f"{url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": ["batch_05"]}, timeout=60
+    )
     assert after.status_code == 200 and after.json()["batch_05"]["label"] == "batch_05"
     assert last_task(url)["status"] == "DONE"
     # a task (not run_sync) keeps no per-image results: the answers stay small
@@ -148,9 +160,15 @@ def test_bad_batch_requests(stack: str) -> None:
     assert httpx.post(f"{url}/batch/infer/segmentation", json={"images": [1, 2]}).status_code == 422
     assert httpx.post(f"{url}/batch/infer/segmentation", json={"images": ["../x"]}).status_code == 400
     assert httpx.post(f"{url}/batch/infer/segmentation", json={"max_batch_size": -1}).status_code == 422
-    assert httpx.post(f"{url}/batch/infer/segmentation", json={"device": "cuda:7", "multi_gpu": False}).status_code in (400, 422)
+    assert httpx.post(f"{url}/batch/infer/segmentation", json={"device": "cuda:7", "multi_gpu": False}).status_code in (
+        400,
+        422,
+    )
     missing = httpx.post(
-        f"{url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": ["batch_01", "nope"]}, timeout=60
+        f"{url}/batch/infer/segmentation",
+        params={"run_sync": "true"},
+        json={"images": ["batch_01", "nope"]},
+        timeout=60,
     ).json()
     # the image that failed answers {} in MONAI Label's run_sync dict; the job goes on
     assert missing["nope"] == {} and missing["batch_01"]["tag"] == "original"

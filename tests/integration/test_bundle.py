@@ -115,7 +115,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]) ->
 
 
 def token(stack: Stack, username: str) -> dict[str, str]:
-    response = httpx.post(f"{stack.url}/auth/token", data={"username": username, "password": f"{username}-pw"}, timeout=30)
+    response = httpx.post(
+        f"{stack.url}/auth/token", data={"username": username, "password": f"{username}-pw"}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return {"authorization": f"Bearer {response.json()['access_token']}"}
 
@@ -128,7 +130,9 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
 
 
 def infer(http: httpx.Client, model: str, params: dict[str, Any] | None = None) -> nib.Nifti1Image:
-    response = http.post(f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps(params or {})})
+    response = http.post(
+        f"/infer/{model}", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps(params or {})}
+    )
     assert response.status_code == 200, response.text
     return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
 
@@ -146,7 +150,9 @@ def test_info_lists_bundles_with_labels_and_config(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("model", ["ct_seg", "ct_seg_ts"])
-def test_label_equals_monai_bundle_run(http: httpx.Client, stack: Stack, bundles: dict[str, Path], model: str, tmp_path: Path) -> None:
+def test_label_equals_monai_bundle_run(
+    http: httpx.Client, stack: Stack, bundles: dict[str, Path], model: str, tmp_path: Path
+) -> None:
     folder = bundles["ct_seg" if model == "ct_seg" else "ct_seg_ts_folder"]
     image = stack.studies / f"{IMAGE}.nii.gz"
     expected = bundle_run(folder, image, tmp_path)
@@ -211,10 +217,19 @@ def test_only_an_admin_adds_a_bundle(http: httpx.Client, stack: Stack, tmp_path:
 
     # Nor straight to the datastore over gRPC (Envoy's port): UploadModelVersion is an annotator's
     # method, but a version of a `<name>.bundle` model is a bundle, refused before its bytes are read.
-    header = ds_pb.UploadModelVersionHeader(model="models/ct_put.bundle", file_name="bundle.zip", size_bytes=archive.stat().st_size)
-    messages = iter([ds_pb.UploadModelVersionRequest(header=header), ds_pb.UploadModelVersionRequest(chunk=archive.read_bytes()[:1024])])
+    header = ds_pb.UploadModelVersionHeader(
+        model="models/ct_put.bundle", file_name="bundle.zip", size_bytes=archive.stat().st_size
+    )
+    messages = iter(
+        [
+            ds_pb.UploadModelVersionRequest(header=header),
+            ds_pb.UploadModelVersionRequest(chunk=archive.read_bytes()[:1024]),
+        ]
+    )
     with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel, pytest.raises(grpc.RpcError) as caught:
-        ds_grpc.DatastoreServiceStub(channel).UploadModelVersion(messages, metadata=tuple(token(stack, "ann").items()), timeout=30)
+        ds_grpc.DatastoreServiceStub(channel).UploadModelVersion(
+            messages, metadata=tuple(token(stack, "ann").items()), timeout=30
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
     assert "admin" in (caught.value.details() or "")
     assert http.get("/model/ct_put").status_code == 404
@@ -236,16 +251,22 @@ def test_put_download_replace_bundle(http: httpx.Client, tmp_path: Path, stack: 
     assert response.status_code == 200 and response.json()["changed"] is True
     assert http.get("/model/ct_new").content == second.read_bytes()
     expected = bundle_run(second_folder, stack.studies / f"{IMAGE}.nii.gz", tmp_path / "run")
-    wait_until(lambda: np.array_equal(np.asarray(infer(http, "ct_new").dataobj), expected), what="the replaced bundle served")
+    wait_until(
+        lambda: np.array_equal(np.asarray(infer(http, "ct_new").dataobj), expected), what="the replaced bundle served"
+    )
 
 
-def test_scoring_runs_on_bundle_models(http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_scoring_runs_on_bundle_models(
+    http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path
+) -> None:
     """The app's scoring methods score a bundle model (POST /scoring/{method} with its name): the
     stored Dice equals the Dice of what monai.bundle.run writes against the final label."""
     from apps.api.activelearning import dice
 
     unlabeled = ct_image(tmp_path / "ct002.nii.gz", seed=2)  # epistemic scores unlabeled images
-    uploaded = http.put("/datastore/", params={"image": "ct002"}, files={"file": ("ct002.nii.gz", unlabeled.read_bytes())})
+    uploaded = http.put(
+        "/datastore/", params={"image": "ct002"}, files={"file": ("ct002.nii.gz", unlabeled.read_bytes())}
+    )
     assert uploaded.status_code == 200, uploaded.text
     for method in ("dice", "epistemic"):
         response = http.post(f"/scoring/{method}", params={"run_sync": "true"}, json={"model": "ct_seg", "force": True})
@@ -264,18 +285,30 @@ def test_train_bundle_then_delete_goes_back_to_the_bundle_weights(
     assert http.get("/model/info/ct_seg").status_code == 404  # serving the bundle's own weights
     response = http.post("/train/ct_seg", params={"run_sync": "true"}, json={"max_epochs": 2, "val_split": 0.0})
     assert response.status_code == 200, response.text
-    info = wait_until(lambda: (r := http.get("/model/info/ct_seg")).status_code == 200 and r.json(), what="a trained version")
+    info = wait_until(
+        lambda: (r := http.get("/model/info/ct_seg")).status_code == 200 and r.json(), what="a trained version"
+    )
     assert not info["version"].startswith("initial-")
-    trained = wait_until(lambda: (r := http.post(
-        "/infer/ct_seg", params={"image": IMAGE, "output": "json"}, data={"params": "{}"}
-    )).status_code == 200 and r.json().get("model_version") == info["version"] and r.json(), what="the trained version served")
+    trained = wait_until(
+        lambda: (
+            (
+                r := http.post("/infer/ct_seg", params={"image": IMAGE, "output": "json"}, data={"params": "{}"})
+            ).status_code
+            == 200
+            and r.json().get("model_version") == info["version"]
+            and r.json()
+        ),
+        what="the trained version served",
+    )
     assert trained["model_version"] == info["version"]
 
     # DELETE: info says 404 and inference serves the bundle's weights again (voxel for voxel).
     assert http.delete("/model/ct_seg").status_code == 200
     assert http.get("/model/info/ct_seg").status_code == 404
     expected = bundle_run(bundles["ct_seg"], stack.studies / f"{IMAGE}.nii.gz", tmp_path)
-    wait_until(lambda: np.array_equal(np.asarray(infer(http, "ct_seg").dataobj), expected), what="the bundle's weights again")
+    wait_until(
+        lambda: np.array_equal(np.asarray(infer(http, "ct_seg").dataobj), expected), what="the bundle's weights again"
+    )
 
 
 # DeepEdit multi-label clicks as Slicer / the official client send them: params[label] = [[i, j, k], ...].
@@ -295,15 +328,21 @@ def test_deepedit_bundle_takes_clicks_as_monai_label_gives_them(
 
     got = np.asarray(infer(http, "ct_deepedit", CLICKS).dataobj)
     assert got.shape == expected.shape
-    assert np.array_equal(got, expected), f"{int((got != expected).sum())} voxels differ from monai.bundle's run with the clicks"
+    assert np.array_equal(got, expected), (
+        f"{int((got != expected).sum())} voxels differ from monai.bundle's run with the clicks"
+    )
     assert np.array_equal(np.asarray(infer(http, "ct_deepedit").dataobj), without)
 
     # clicks the model cannot take: a precise 4xx, as for the sample app's interactive models
     outside = http.post(
-        "/infer/ct_deepedit", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps({"organ": [[99, 0, 0]]})}
+        "/infer/ct_deepedit",
+        params={"image": IMAGE, "output": "image"},
+        data={"params": json.dumps({"organ": [[99, 0, 0]]})},
     )
     assert outside.status_code == 422 and "outside the image" in outside.json()["detail"], outside.text
     unknown = http.post(
-        "/infer/ct_deepedit", params={"image": IMAGE, "output": "image"}, data={"params": json.dumps({"liver": [[1, 1, 1]]})}
+        "/infer/ct_deepedit",
+        params={"image": IMAGE, "output": "image"},
+        data={"params": json.dumps({"liver": [[1, 1, 1]]})},
     )
     assert unknown.status_code == 422 and "liver" in unknown.json()["detail"], unknown.text

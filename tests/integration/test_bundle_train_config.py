@@ -24,11 +24,23 @@ ROOT = Path(__file__).resolve().parents[2]
 # network, samplers, NCCL in `initialize`; plus one change to a part labelgrid builds (the lr).
 MULTI_GPU = {
     "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'])",
-    "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)", "device_ids": ["@device"]},
+    "network": {
+        "_target_": "torch.nn.parallel.DistributedDataParallel",
+        "module": "$@network_def.to(@device)",
+        "device_ids": ["@device"],
+    },
     "optimizer#lr": 0.004,
-    "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True, "shuffle": True},
+    "train#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@train#dataset",
+        "even_divisible": True,
+        "shuffle": True,
+    },
     "train#dataloader#sampler": "@train#sampler",
-    "initialize": ["$import torch.distributed as dist", "$dist.is_initialized() or dist.init_process_group(backend='nccl')"],
+    "initialize": [
+        "$import torch.distributed as dist",
+        "$dist.is_initialized() or dist.init_process_group(backend='nccl')",
+    ],
     "run": ["$@train#trainer.run()"],
     "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
 }
@@ -40,7 +52,12 @@ def _bundle(folder: Path, multi: dict | None = MULTI_GPU) -> Path:
     train["train"]["trainer"] = {"max_epochs": 100}  # MONAI Label overrides train#trainer#max_epochs
     # What a Model Zoo train.json has and labelgrid's worker replaces (its own datalist and loader).
     train["train"]["dataset"] = {"_target_": "Dataset", "data": [], "transform": "@train#preprocessing"}
-    train["train"]["dataloader"] = {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": 1, "shuffle": True}
+    train["train"]["dataloader"] = {
+        "_target_": "DataLoader",
+        "dataset": "@train#dataset",
+        "batch_size": 1,
+        "shuffle": True,
+    }
     (folder / "configs" / "train.json").write_text(json.dumps(train))
     if multi is not None:
         (folder / "configs" / "multi_gpu_train.json").write_text(json.dumps(multi))
@@ -90,7 +107,9 @@ def test_two_gloo_processes_train_the_bundle_with_its_multi_gpu_config(tmp_path:
     items = []
     for index in range(2):
         image = ct_image(tmp_path / f"img{index}.nii.gz", seed=index)
-        items.append({"image": str(image), "label": str(image.with_name(f"img{index}_label.nii.gz")), "image_id": f"img{index}"})
+        items.append(
+            {"image": str(image), "label": str(image.with_name(f"img{index}_label.nii.gz")), "image_id": f"img{index}"}
+        )
     spec = {
         "app": "apps.radiology", "trainer": "ct_ddp", "bundle": str(folder),
         "params": {"max_epochs": 1, "train_batch_size": 1, "val_batch_size": 1},

@@ -29,7 +29,9 @@ async def client(tmp_path: Path):
 
 async def test_records_round_trip_and_conditional_write(client: DatastoreClient) -> None:
     assert await client.get_record("things", "a") is None
-    revision = await client.put_record("things", "a", {"n": 1, "nested": {"x": [1, 2]}, "none": None}, expected_revision=-1)
+    revision = await client.put_record(
+        "things", "a", {"n": 1, "nested": {"x": [1, 2]}, "none": None}, expected_revision=-1
+    )
     assert await client.get_record("things", "a") == {"n": 1, "nested": {"x": [1, 2]}, "none": None}
     with pytest.raises(LabelgridError) as refused:
         await client.put_record("things", "a", {"n": 2}, expected_revision=-1)

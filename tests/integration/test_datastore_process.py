@@ -106,7 +106,9 @@ def test_streaming_a_large_volume_keeps_memory_flat(tmp_path: Path):
     """Storing and reading back 512 MiB must not grow the service's RSS with the payload."""
     process = DatastoreProcess(tmp_path / "studies")
     try:
-        with grpc.insecure_channel(process.address, options=[("grpc.max_receive_message_length", 8 * CHUNK)]) as channel:
+        with grpc.insecure_channel(
+            process.address, options=[("grpc.max_receive_message_length", 8 * CHUNK)]
+        ) as channel:
             stub = pb_grpc.DatastoreServiceStub(channel)
             stub.GetStatus(pb.GetStatusRequest())  # warm up imports and pools
             sampler = PeakRss(process.proc.pid)
@@ -122,7 +124,9 @@ def test_streaming_a_large_volume_keeps_memory_flat(tmp_path: Path):
                     size += len(message.chunk)
             assert size == image.size_bytes and received.hexdigest() == image.sha256
             growth = sampler.stop()
-        print(f"datastore RSS: baseline {sampler.baseline / 2**20:.0f} MiB, peak {sampler.peak / 2**20:.0f} MiB for a 512 MiB volume")
+        print(
+            f"datastore RSS: baseline {sampler.baseline / 2**20:.0f} MiB, peak {sampler.peak / 2**20:.0f} MiB for a 512 MiB volume"
+        )
         assert growth < 96 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB while streaming 512 MiB"
     finally:
         assert process.stop() == 0

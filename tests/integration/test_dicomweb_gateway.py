@@ -94,10 +94,17 @@ def test_infer_by_series_uid_gives_a_label_on_the_series_grid(
     pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries]
 ) -> None:
     first = pacs_series[1]
-    params = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
+    params = {
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+        "result_compress": False,
+        "restore_label_idx": False,
+    }
     for attempt in range(2):  # OHIF's request; the second one is served from the cache
         if attempt == 1:
-            before = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"][first.series_uid]
+            before = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"][
+                first.series_uid
+            ]
         answer = httpx.post(
             f"{pacs_stack.url}/infer/segmentation",
             params={"image": first.series_uid, "output": "image"},
@@ -153,8 +160,6 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs(
     assert np.array_equal(np.asarray(on_grid.dataobj), np.asarray(sent.dataobj))
     objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
     assert objects[second.series_uid]["labels"]["final"]["info"][SEG_KEY] == seg_uid
-
-
 
 
 def test_infer_output_dicom_seg_is_the_label_as_a_seg_of_the_series(

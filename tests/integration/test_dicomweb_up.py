@@ -60,7 +60,9 @@ def test_ohif_proxy_and_api_share_the_edge(pacs_up: tuple[Stack, CtSeries]) -> N
     stack, series = pacs_up
     page = httpx.get(f"{stack.url}/ohif/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    studies = httpx.get(f"{stack.url}/proxy/dicom/qido/studies", params={"StudyInstanceUID": series.study_uid}, timeout=30)
+    studies = httpx.get(
+        f"{stack.url}/proxy/dicom/qido/studies", params={"StudyInstanceUID": series.study_uid}, timeout=30
+    )
     assert studies.status_code == 200
     assert studies.json()[0]["0020000D"]["Value"] == [series.study_uid]
 

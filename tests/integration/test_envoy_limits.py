@@ -47,20 +47,13 @@ class Edge:
     admin_port: int
 
 
-def _wait_ready(
-    proc: subprocess.Popen[bytes], admin_port: int, deadline_s: float = 60.0
-) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], admin_port: int, deadline_s: float = 60.0) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"envoy exited with {proc.returncode}")
         try:
-            if (
-                httpx.get(
-                    f"http://127.0.0.1:{admin_port}/ready", timeout=1.0
-                ).status_code
-                == 200
-            ):
+            if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -69,9 +62,7 @@ def _wait_ready(
 
 
 @pytest.fixture(scope="module")
-def edge(
-    gateway_stack: GatewayStack, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Edge]:
+def edge(gateway_stack: GatewayStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     port, admin_port, stats_port = free_port(), free_port(), free_port()
     settings = EnvoySettings(
         port=port,
@@ -148,9 +139,7 @@ def test_gateway_metrics_is_served_by_the_gateway_itself(edge: Edge) -> None:
         assert status == 200 and b"labelgrid_gateway_requests_total" in body, path
 
 
-GATEWAY_READY = re.compile(
-    r"gateway listening on http://127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)"
-)
+GATEWAY_READY = re.compile(r"gateway listening on http://127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)")
 
 
 def test_python_m_gateway_serves_metrics_on_their_own_port_only(
@@ -159,9 +148,7 @@ def test_python_m_gateway_serves_metrics_on_their_own_port_only(
     """As deployed: the REST port answers no spelling of /metrics; the metrics port does."""
     argv = [sys.executable, "-m", "gateway", "--port", "0", "--metrics-port", "0",
             "--datastore-address", gateway_stack.datastore_address, "--info-wait-for", ""]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         match = None
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -171,32 +158,22 @@ def test_python_m_gateway_serves_metrics_on_their_own_port_only(
         assert match, "the gateway did not print its addresses"
         port, metrics_port = int(match[1]), int(match[2])
         assert port != metrics_port
-        assert (
-            httpx.get(f"http://127.0.0.1:{port}/auth/", timeout=30).status_code == 200
-        )
+        assert httpx.get(f"http://127.0.0.1:{port}/auth/", timeout=30).status_code == 200
         for path in ("/metrics", "/%6Detrics", "/metrics/"):
             status, body = _raw_get(port, path)
             assert status == 404 and b"labelgrid_gateway" not in body, path
         response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
         assert response.status_code == 200
-        assert (
-            'labelgrid_gateway_requests_total{method="GET",route="/auth/",status="200"} 1.0'
-            in response.text
-        )
+        assert 'labelgrid_gateway_requests_total{method="GET",route="/auth/",status="200"} 1.0' in response.text
         # The metrics port is no way into the REST API.
-        assert (
-            "enabled"
-            not in httpx.get(f"http://127.0.0.1:{metrics_port}/auth/", timeout=30).text
-        )
+        assert "enabled" not in httpx.get(f"http://127.0.0.1:{metrics_port}/auth/", timeout=30).text
     finally:
         proc.terminate()
         proc.wait(20)
 
 
 @pytest.mark.parametrize("path", METRICS_SPELLINGS)
-def test_gateway_metrics_is_never_reachable_through_the_edge(
-    edge: Edge, path: str
-) -> None:
+def test_gateway_metrics_is_never_reachable_through_the_edge(edge: Edge, path: str) -> None:
     status, body = _raw_get(edge.port, path)
     assert b"labelgrid_gateway" not in body
     assert status in (400, 404), (path, status, body[:200])
@@ -215,9 +192,7 @@ def test_headers_trickled_past_the_timeout_are_cut_off(edge: Edge) -> None:
     with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as sock:
         answer = b""
         for i in range(len(trickle)):
-            readable, _, _ = select.select(
-                [sock], [], [], 0.05
-            )  # wait on the answer, else send on
+            readable, _, _ = select.select([sock], [], [], 0.05)  # wait on the answer, else send on
             if readable:
                 answer = sock.recv(65536)
                 break
@@ -237,14 +212,10 @@ def test_an_oversized_body_on_a_small_body_route_is_413_from_envoy(edge: Edge) -
         timeout=30,
     )
     assert response.status_code == 413
-    assert response.headers[
-        "server"
-    ] == "envoy" and "application/json" not in response.headers.get("content-type", "")
+    assert response.headers["server"] == "envoy" and "application/json" not in response.headers.get("content-type", "")
     # Under the cap the same route reaches the gateway.
     response = httpx.post(f"{edge.url}/activelearning/random", json={}, timeout=30)
-    assert response.status_code != 413 and response.headers.get(
-        "content-type", ""
-    ).startswith("application/json")
+    assert response.status_code != 413 and response.headers.get("content-type", "").startswith("application/json")
 
 
 def test_uploads_stream_past_the_json_cap(edge: Edge, tmp_path: Path) -> None:
@@ -273,9 +244,7 @@ def test_stats_listener_serves_only_prometheus_stats(edge: Edge) -> None:
         ("POST", "/stats/prometheus"),
         ("GET", "/%73tats/prometheus/..%2F..%2Fconfig_dump"),
     ]:
-        conn = http.client.HTTPConnection(
-            "127.0.0.1", int(edge.stats_url.rsplit(":", 1)[1]), timeout=30
-        )
+        conn = http.client.HTTPConnection("127.0.0.1", int(edge.stats_url.rsplit(":", 1)[1]), timeout=30)
         conn.putrequest(method, path)
         conn.endheaders()
         answer = conn.getresponse()
@@ -287,9 +256,7 @@ def test_stats_listener_serves_only_prometheus_stats(edge: Edge) -> None:
             answer.status,
         )
     # Envoy is still up after the POST /quitquitquit attempt.
-    assert (
-        httpx.get(f"{edge.stats_url}/stats/prometheus", timeout=30).status_code == 200
-    )
+    assert httpx.get(f"{edge.stats_url}/stats/prometheus", timeout=30).status_code == 200
 
 
 def test_admin_is_loopback_only() -> None:
@@ -297,19 +264,12 @@ def test_admin_is_loopback_only() -> None:
         with pytest.raises(ValueError, match="loopback"):
             EnvoySettings(admin_host=host)
     for host in ("127.0.0.1", "::1", "localhost"):
-        assert (
-            bootstrap(EnvoySettings(admin_host=host))["admin"]["address"][
-                "socket_address"
-            ]["address"]
-            == host
-        )
+        assert bootstrap(EnvoySettings(admin_host=host))["admin"]["address"]["socket_address"]["address"] == host
     # Publishing metrics does not move admin: the stats listener forwards to it on loopback.
     config = bootstrap(EnvoySettings(host="0.0.0.0", stats_port=9902))
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    endpoint = clusters["envoy_admin"]["load_assignment"]["endpoints"][0][
-        "lb_endpoints"
-    ][0]["endpoint"]
+    endpoint = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
@@ -325,14 +285,9 @@ def _host_address() -> str | None:
 
 
 def test_admin_answers_on_loopback_only(edge: Edge) -> None:
-    assert (
-        httpx.get(f"http://127.0.0.1:{edge.admin_port}/ready", timeout=30).status_code
-        == 200
-    )
+    assert httpx.get(f"http://127.0.0.1:{edge.admin_port}/ready", timeout=30).status_code == 200
     address = _host_address()
-    if (
-        address is not None
-    ):  # a host with no other interface has nothing else to refuse on
+    if address is not None:  # a host with no other interface has nothing else to refuse on
         with (
             pytest.raises(OSError),
             socket.create_connection((address, edge.admin_port), timeout=10),
@@ -342,9 +297,7 @@ def test_admin_answers_on_loopback_only(edge: Edge) -> None:
 
 def test_limits_are_in_the_config() -> None:
     config = bootstrap(EnvoySettings())
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][
-        0
-    ]["typed_config"]
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert manager["request_headers_timeout"] == "10.0s"
     assert manager["http2_protocol_options"]["max_concurrent_streams"] == 100
     assert manager["normalize_path"] and manager["merge_slashes"]

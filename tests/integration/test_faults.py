@@ -45,8 +45,6 @@ def _start(module: str, *args: str) -> ServiceProcess:
         pytest.fail(str(error))
 
 
-
-
 def _fsck(store: tuple[str, ...], *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -70,12 +68,8 @@ def _endless_upload(stop: threading.Event) -> Iterator[pb.UploadImageRequest]:
     header.set_data_shape((512, 512, 4096))
     header.set_data_dtype(np.uint8)
     header.set_data_offset(352)
-    yield pb.UploadImageRequest(
-        header=pb.UploadImageHeader(image_id="big", file_name="big.nii")
-    )
-    yield pb.UploadImageRequest(
-        chunk=header.binaryblock + b"\0" * (352 - len(header.binaryblock))
-    )
+    yield pb.UploadImageRequest(header=pb.UploadImageHeader(image_id="big", file_name="big.nii"))
+    yield pb.UploadImageRequest(chunk=header.binaryblock + b"\0" * (352 - len(header.binaryblock)))
     block = bytes(range(256)) * (CHUNK // 256)
     for _ in range(1024):
         if stop.is_set():
@@ -85,9 +79,7 @@ def _endless_upload(stop: threading.Event) -> Iterator[pb.UploadImageRequest]:
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-):
+def test_kill_9_of_the_datastore_mid_upload_loses_nothing(backend: str, tmp_path: Path, request: pytest.FixtureRequest):
     root = tmp_path / "studies"
     write_sample_studies(root, count=2, labeled=1, size=16)
     store: tuple[str, ...] = ("--root", str(root))
@@ -114,9 +106,7 @@ def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
     def upload() -> None:
         with grpc.insecure_channel(datastore.address) as channel:
             try:
-                pb_grpc.DatastoreServiceStub(channel).UploadImage(
-                    _endless_upload(stop), timeout=120
-                )
+                pb_grpc.DatastoreServiceStub(channel).UploadImage(_endless_upload(stop), timeout=120)
                 outcome["code"] = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 outcome["code"] = error.code()
@@ -153,9 +143,7 @@ def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
             stub = pb_grpc.DatastoreServiceStub(channel)
             status = stub.GetStatus(pb.GetStatusRequest())
             assert (status.total, status.completed) == (2, 1)
-            assert [
-                i.image_id for i in stub.ListImages(pb.ListImagesRequest()).images
-            ] == ["sample_00", "sample_01"]
+            assert [i.image_id for i in stub.ListImages(pb.ListImagesRequest()).images] == ["sample_00", "sample_01"]
             with pytest.raises(grpc.RpcError) as missing:
                 stub.GetImage(pb.GetImageRequest(name="images/big"))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -163,9 +151,7 @@ def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
         assert restarted.stop() == 0
     assert not (root / "big.nii").exists()
     if backend == "s3":
-        assert not [
-            o.object_name for o in client.list_objects(bucket, prefix="images/big")
-        ]
+        assert not [o.object_name for o in client.list_objects(bucket, prefix="images/big")]
 
     clean = _fsck(store, "--min-age", "0", "--checksums")
     assert clean.returncode == 0 and "fsck: clean" in clean.stdout, clean.stdout
@@ -174,12 +160,7 @@ def test_kill_9_of_the_datastore_mid_upload_loses_nothing(
     again = _start("services.datastore", *store, "--metrics-port", "-1")
     try:
         with grpc.insecure_channel(again.address) as channel:
-            assert (
-                pb_grpc.DatastoreServiceStub(channel)
-                .GetStatus(pb.GetStatusRequest())
-                .total
-                == 2
-            )
+            assert pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest()).total == 2
     finally:
         assert again.stop() == 0
 
@@ -203,9 +184,7 @@ def _struct(values: dict) -> struct_pb2.Struct:
     return s
 
 
-def _label_upload(
-    image_id: str, data: bytes, writer: int
-) -> Iterator[pb.UploadLabelRequest]:
+def _label_upload(image_id: str, data: bytes, writer: int) -> Iterator[pb.UploadLabelRequest]:
     yield pb.UploadLabelRequest(
         header=pb.UploadLabelHeader(
             image=f"images/{image_id}",
@@ -215,9 +194,7 @@ def _label_upload(
         )
     )
     yield pb.UploadLabelRequest(chunk=data)
-    yield pb.UploadLabelRequest(
-        finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest())
-    )
+    yield pb.UploadLabelRequest(finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest()))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -247,16 +224,12 @@ async def test_100_concurrent_label_saves_and_info_updates_lose_nothing(
             labels = {writer: _label_bytes(writer) for writer in range(50)}
 
             async def save_label(writer: int) -> pb.UploadLabelResponse:
-                return await stub.UploadLabel(
-                    _label_upload("sample_00", labels[writer], writer)
-                )
+                return await stub.UploadLabel(_label_upload("sample_00", labels[writer], writer))
 
             async def merge_key(i: int) -> None:
                 # Shallow merges of distinct keys: a lost update would drop a key.
                 await stub.UpdateImageInfo(
-                    pb.UpdateImageInfoRequest(
-                        name="images/sample_00", info=_struct({f"k{i}": i})
-                    )
+                    pb.UpdateImageInfoRequest(name="images/sample_00", info=_struct({f"k{i}": i}))
                 )
 
             conflicts = 0
@@ -265,9 +238,7 @@ async def test_100_concurrent_label_saves_and_info_updates_lose_nothing(
                 # Read-modify-write with a precondition: retried on ABORTED, never silently lost.
                 nonlocal conflicts
                 while True:
-                    image = await stub.GetImage(
-                        pb.GetImageRequest(name="images/sample_00")
-                    )
+                    image = await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))
                     count = int(dict(image.image.info).get("count", 0))
                     try:
                         await stub.UpdateImageInfo(
@@ -282,46 +253,27 @@ async def test_100_concurrent_label_saves_and_info_updates_lose_nothing(
                         assert error.code() == grpc.StatusCode.ABORTED, error.details()
                         conflicts += 1
 
-            before = (
-                await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))
-            ).image.revision
+            before = (await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))).image.revision
             saves = [save_label(w) for w in range(50)]
             merges = [merge_key(i) for i in range(25)]
             increments = [increment() for _ in range(25)]
             results = await asyncio.gather(*saves, *merges, *increments)
 
-            image = (
-                await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))
-            ).image
+            image = (await stub.GetImage(pb.GetImageRequest(name="images/sample_00"))).image
             info = dict(image.info)
-            assert {f"k{i}" for i in range(25)} <= set(info), (
-                "a merged info key was lost"
-            )
-            assert int(info["count"]) == 25, (
-                f"increments lost: {info['count']} of 25 ({conflicts} conflicts retried)"
-            )
+            assert {f"k{i}" for i in range(25)} <= set(info), "a merged info key was lost"
+            assert int(info["count"]) == 25, f"increments lost: {info['count']} of 25 ({conflicts} conflicts retried)"
             # Every info write (25 merges + 25 increments) took its own revision.
             assert image.revision - before >= 50
             # Labels: last writer wins, whole: the stored bytes are the bytes of the writer the info names.
-            label = (
-                await stub.GetLabel(
-                    pb.GetLabelRequest(name="images/sample_00/labels/final")
-                )
-            ).label
-            assert label.revision == 50, (
-                "every save of the 50 took effect, one after another"
-            )
+            label = (await stub.GetLabel(pb.GetLabelRequest(name="images/sample_00/labels/final"))).label
+            assert label.revision == 50, "every save of the 50 took effect, one after another"
             writer = int(dict(label.info)["writer"])
             received = b""
-            async for message in stub.DownloadLabel(
-                pb.DownloadLabelRequest(name="images/sample_00/labels/final")
-            ):
+            async for message in stub.DownloadLabel(pb.DownloadLabelRequest(name="images/sample_00/labels/final")):
                 if message.WhichOneof("payload") == "chunk":
                     received += message.chunk
-            assert (
-                received == labels[writer]
-                and label.sha256 == hashlib.sha256(labels[writer]).hexdigest()
-            )
+            assert received == labels[writer] and label.sha256 == hashlib.sha256(labels[writer]).hexdigest()
             assert all(r.label.image_id == "sample_00" for r in results[:50])
     finally:
         await service.stop(0)
@@ -333,15 +285,8 @@ GATEWAY_READY = re.compile(r"gateway listening on http://127\.0\.0\.1:(\d+)")
 
 
 def _metric(port: int, name: str) -> float:
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
-        .read()
-        .decode()
-    )
-    return sum(
-        float(m[1])
-        for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    )
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(m[1]) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
@@ -349,9 +294,7 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
 ):
     studies = tmp_path / "studies"
     write_sample_studies(studies, count=1, labeled=0, size=96)
-    datastore = _start(
-        "services.datastore", "--root", str(studies), "--metrics-port", "-1"
-    )
+    datastore = _start("services.datastore", "--root", str(studies), "--metrics-port", "-1")
     infer_args = (
         "--datastore",
         datastore.address,
@@ -379,16 +322,12 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
                 port = int(match[1])
                 break
         assert port, "the gateway did not start"
-        threading.Thread(
-            target=lambda: [None for _ in gateway.stdout], daemon=True
-        ).start()  # type: ignore[union-attr]
+        threading.Thread(target=lambda: [None for _ in gateway.stdout], daemon=True).start()  # type: ignore[union-attr]
         url = f"http://127.0.0.1:{port}/infer/segmentation?image=sample_00"
         statuses: list[int] = []
 
         def infer() -> None:
-            statuses.append(
-                httpx.post(url, data={"params": "{}"}, timeout=120).status_code
-            )
+            statuses.append(httpx.post(url, data={"params": "{}"}, timeout=120).status_code)
 
         # Several at once: one runs, the others wait in the queue, so the kill lands mid-infer.
         callers = [threading.Thread(target=infer) for _ in range(4)]
@@ -396,10 +335,8 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
             caller.start()
         wait_until(
             lambda: (
-                _metric(inference.metrics_port, "labelgrid_inference_queue_running")
-                >= 1
-                and _metric(inference.metrics_port, "labelgrid_inference_queue_waiting")
-                >= 1
+                _metric(inference.metrics_port, "labelgrid_inference_queue_running") >= 1
+                and _metric(inference.metrics_port, "labelgrid_inference_queue_waiting") >= 1
             ),
             "an inference running with others queued",
             interval=0.02,
@@ -413,9 +350,7 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
         for caller in callers:
             caller.join(120)
         assert len(statuses) == 4 and 503 in statuses, statuses
-        assert set(statuses) <= {200, 503}, (
-            statuses
-        )  # never a 500, never the 120 s timeout
+        assert set(statuses) <= {200, 503}, statuses  # never a 500, never the 120 s timeout
         # While it is down: a prompt 503 too.
         assert httpx.post(url, data={"params": "{}"}, timeout=120).status_code == 503
         restarted = _start(
@@ -427,9 +362,7 @@ def test_kill_9_of_inference_mid_infer_is_a_prompt_503_and_a_restart_recovers(
             str(inference.port),
         )
         wait_until(
-            lambda: (
-                httpx.post(url, data={"params": "{}"}, timeout=120).status_code == 200
-            ),
+            lambda: httpx.post(url, data={"params": "{}"}, timeout=120).status_code == 200,
             "inference back",
         )
         # The restarted service removed the dead process's scratch, and its own requests' too.

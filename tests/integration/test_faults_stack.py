@@ -333,7 +333,9 @@ def _upload(url: str, image_id: str, data: bytes) -> httpx.Response:
 
 def _save_label(url: str, image_id: str, data: bytes) -> httpx.Response:
     return httpx.put(
-        f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": ("l.nii.gz", data)},
+        f"{url}/datastore/label",
+        params={"image": image_id, "tag": "final"},
+        files={"label": ("l.nii.gz", data)},
         timeout=120,
     )
 

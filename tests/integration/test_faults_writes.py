@@ -81,7 +81,9 @@ def test_index_failure_after_a_new_image_blob_removes_blob_and_spool(
     with monkeypatch.context() as patch:
         _index_down(patch, datastore, "upsert_image")
         with pytest.raises(StorageError):
-            datastore.add_image(_spooled(datastore, volumes["image"]), image_id="fresh", file_name="fresh.nii.gz", info={})
+            datastore.add_image(
+                _spooled(datastore, volumes["image"]), image_id="fresh", file_name="fresh.nii.gz", info={}
+            )
     assert not datastore.blobs.exists("images/fresh.nii.gz"), "a blob no index row names: a reindex would adopt it"
     _assert_nothing_left(datastore)
     # The index was never told: after a reindex the refused image is still not there.

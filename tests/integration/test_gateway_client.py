@@ -37,19 +37,13 @@ def test_info_without_inference_service(client: MONAILabelClient) -> None:
     assert info["name"]
 
 
-def test_upload_save_download_and_listing(
-    client: MONAILabelClient, tmp_path: Path
-) -> None:
+def test_upload_save_download_and_listing(client: MONAILabelClient, tmp_path: Path) -> None:
     image = write(tmp_path / "scan_a.nii.gz", nifti_bytes(seed=1))
     label = write(tmp_path / "scan_a_seg.nii.gz", nifti_bytes(seed=2, dtype="uint8"))
     before = client.info()["datastore"]
 
-    assert client.upload_image(image, "client_a", {"origin": "test"}) == {
-        "image": "client_a"
-    }
-    saved = client.save_label(
-        "client_a", label, params={"label_info": [{"name": "spleen", "idx": 1}]}
-    )
+    assert client.upload_image(image, "client_a", {"origin": "test"}) == {"image": "client_a"}
+    saved = client.save_label("client_a", label, params={"label_info": [{"name": "spleen", "idx": 1}]})
     assert saved == {"image": "client_a", "label": "client_a"}
     client.save_label("client_a", label, tag="original")
 
@@ -62,13 +56,8 @@ def test_upload_save_download_and_listing(
     assert everything["name"] and everything["labels_dir"] == "labels"
     entry = everything["objects"]["client_a"]
     assert entry["image"]["ext"] == ".nii.gz"
-    assert (
-        entry["image"]["info"]["origin"] == "test"
-        and entry["image"]["info"]["client_id"] == "tester"
-    )
-    assert entry["image"]["info"]["name"] == "client_a.nii.gz" and isinstance(
-        entry["image"]["info"]["ts"], int
-    )
+    assert entry["image"]["info"]["origin"] == "test" and entry["image"]["info"]["client_id"] == "tester"
+    assert entry["image"]["info"]["name"] == "client_a.nii.gz" and isinstance(entry["image"]["info"]["ts"], int)
     final = entry["labels"]["final"]["info"]
     assert final["label_info"] == [{"name": "spleen", "idx": 1}]
     assert set(entry["labels"]) == {"final", "original"}
@@ -78,26 +67,20 @@ def test_upload_save_download_and_listing(
     assert Path(downloaded).read_bytes() == Path(label).read_bytes()
 
 
-def test_errors_raise_client_exceptions(
-    client: MONAILabelClient, tmp_path: Path
-) -> None:
+def test_errors_raise_client_exceptions(client: MONAILabelClient, tmp_path: Path) -> None:
     with pytest.raises(MONAILabelClientException):
         client.download_label("no_such_image", "final")
     text = write(tmp_path / "notes.nii.gz", b"this is not a volume at all")
     with pytest.raises(MONAILabelClientException):
         client.upload_image(text, "garbage")
     with pytest.raises(MONAILabelClientException):
-        client.save_label(
-            "no_such_image", write(tmp_path / "l.nii.gz", nifti_bytes(seed=3))
-        )
+        client.save_label("no_such_image", write(tmp_path / "l.nii.gz", nifti_bytes(seed=3)))
 
 
 def test_sessions(client: MONAILabelClient, tmp_path: Path) -> None:
     total = client.info()["datastore"]["total"]
     listed = set(client.datastore()["objects"])
-    created = client.create_session(
-        write(tmp_path / "local.nii.gz", nifti_bytes(seed=4))
-    )
+    created = client.create_session(write(tmp_path / "local.nii.gz", nifti_bytes(seed=4)))
     session_id = created["session_id"]
     info = created["session_info"]
     assert info["name"] == session_id and info["expiry"] == 3600

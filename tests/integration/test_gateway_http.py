@@ -37,9 +37,7 @@ def upload(
     path: str = "/datastore/image",
 ) -> httpx.Response:
     query = {"image": image_id} if image_id is not None else {}
-    return http.put(
-        path, params=query, data={"params": params}, files={"file": (name, data)}
-    )
+    return http.put(path, params=query, data={"params": params}, files={"file": (name, data)})
 
 
 def assert_json_error(response: httpx.Response, status: int) -> dict:
@@ -68,18 +66,14 @@ def test_trailing_slash_redirects(http: httpx.Client, gateway_url: str) -> None:
 def test_not_found_and_method_not_allowed(http: httpx.Client) -> None:
     assert http.get("/nope").json() == {"detail": "Not Found"}
     response = http.get("/infer/segmentation")
-    assert response.status_code == 405 and response.json() == {
-        "detail": "Method Not Allowed"
-    }
+    assert response.status_code == 405 and response.json() == {"detail": "Method Not Allowed"}
 
 
 def test_docs_openapi_and_root(http: httpx.Client) -> None:
     assert http.get("/").status_code == 200
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
-    assert (
-        "/info/" in paths and "/datastore/label" in paths and "/infer/{model}" in paths
-    )
+    assert "/info/" in paths and "/datastore/label" in paths and "/infer/{model}" in paths
 
 
 def test_cors_echoes_origin_with_credentials(http: httpx.Client) -> None:
@@ -128,23 +122,16 @@ def test_unavailable_routes_are_501(http: httpx.Client) -> None:
 
 
 def test_image_roundtrip_headers(http: httpx.Client) -> None:
-    assert upload(http, "img_http", params='{"client_id": "c1"}').json() == {
-        "image": "img_http"
-    }
+    assert upload(http, "img_http", params='{"client_id": "c1"}').json() == {"image": "img_http"}
     response = http.get("/datastore/image", params={"image": "img_http"})
     assert response.status_code == 200
     assert response.content == NIFTI
-    assert (
-        response.headers["content-disposition"]
-        == 'attachment; filename="img_http.nii.gz"'
-    )
+    assert response.headers["content-disposition"] == 'attachment; filename="img_http.nii.gz"'
     assert response.headers["content-length"] == str(len(NIFTI))
     assert response.headers["content-type"] == "application/octet-stream"
 
     digest = hashlib.sha256(NIFTI).hexdigest()
-    assert (
-        http.head("/datastore/image", params={"image": "img_http"}).status_code == 200
-    )
+    assert http.head("/datastore/image", params={"image": "img_http"}).status_code == 200
     assert (
         http.head(
             "/datastore/image",
@@ -152,18 +139,8 @@ def test_image_roundtrip_headers(http: httpx.Client) -> None:
         ).status_code
         == 200
     )
-    assert (
-        http.head(
-            "/datastore/image", params={"image": "img_http", "check_sum": digest}
-        ).status_code
-        == 200
-    )
-    assert (
-        http.head(
-            "/datastore/image", params={"image": "img_http", "check_sum": "0" * 64}
-        ).status_code
-        == 404
-    )
+    assert http.head("/datastore/image", params={"image": "img_http", "check_sum": digest}).status_code == 200
+    assert http.head("/datastore/image", params={"image": "img_http", "check_sum": "0" * 64}).status_code == 404
     assert http.head("/datastore/image", params={"image": "nope"}).status_code == 404
 
     info = http.get("/datastore/image/info", params={"image": "img_http"}).json()
@@ -176,10 +153,7 @@ def test_image_roundtrip_headers(http: httpx.Client) -> None:
         ).json()
         is None
     )
-    assert (
-        http.get("/datastore/image/info", params={"image": "img_http"}).json()["foo"]
-        == "bar"
-    )
+    assert http.get("/datastore/image/info", params={"image": "img_http"}).json()["foo"] == "bar"
 
 
 def test_id_from_file_name(http: httpx.Client) -> None:
@@ -199,18 +173,8 @@ def test_label_roundtrip(http: httpx.Client) -> None:
     got = http.get("/datastore/label", params={"label": "img_lab", "tag": "reviewer1"})
     assert got.content == LABEL
     assert got.headers["content-disposition"] == 'attachment; filename="img_lab.nii.gz"'
-    assert (
-        http.head(
-            "/datastore/label", params={"image": "img_lab", "tag": "reviewer1"}
-        ).status_code
-        == 200
-    )
-    assert (
-        http.head(
-            "/datastore/label", params={"image": "img_lab", "tag": "final"}
-        ).status_code
-        == 404
-    )
+    assert http.head("/datastore/label", params={"image": "img_lab", "tag": "reviewer1"}).status_code == 200
+    assert http.head("/datastore/label", params={"image": "img_lab", "tag": "final"}).status_code == 404
 
     assert (
         http.put(
@@ -220,31 +184,12 @@ def test_label_roundtrip(http: httpx.Client) -> None:
         ).json()
         is None
     )
-    info = http.get(
-        "/datastore/label/info", params={"label": "img_lab", "tag": "reviewer1"}
-    ).json()
-    assert info["approved"] is True and info["label_info"] == [
-        {"name": "spleen", "idx": 1}
-    ]
-    assert (
-        http.get(
-            "/datastore/label/info", params={"label": "img_lab", "tag": "nope"}
-        ).json()
-        == {}
-    )
+    info = http.get("/datastore/label/info", params={"label": "img_lab", "tag": "reviewer1"}).json()
+    assert info["approved"] is True and info["label_info"] == [{"name": "spleen", "idx": 1}]
+    assert http.get("/datastore/label/info", params={"label": "img_lab", "tag": "nope"}).json() == {}
 
-    assert (
-        http.delete(
-            "/datastore/label", params={"id": "img_lab", "tag": "reviewer1"}
-        ).json()
-        == {}
-    )
-    assert (
-        http.delete(
-            "/datastore/label", params={"id": "img_lab", "tag": "reviewer1"}
-        ).json()
-        == {}
-    )
+    assert http.delete("/datastore/label", params={"id": "img_lab", "tag": "reviewer1"}).json() == {}
+    assert http.delete("/datastore/label", params={"id": "img_lab", "tag": "reviewer1"}).json() == {}
     assert_json_error(
         http.get("/datastore/label", params={"label": "img_lab", "tag": "reviewer1"}),
         404,
@@ -271,9 +216,7 @@ def test_train_datalist_and_dataset_zip(http: httpx.Client) -> None:
 
     archive = http.get("/datastore/dataset", params={"limit_cases": 0})
     assert archive.status_code == 200
-    assert (
-        archive.headers["content-disposition"] == 'attachment; filename="dataset.zip"'
-    )
+    assert archive.headers["content-disposition"] == 'attachment; filename="dataset.zip"'
     names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
     assert "metadata.json" in names
 
@@ -289,9 +232,7 @@ def test_delete_image(http: httpx.Client) -> None:
 # -- stricter than MONAI Label -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "bad_id", ["../x", "a/b", "..", ".hidden", "a\\b", "x" * 300, "session-abc"]
-)
+@pytest.mark.parametrize("bad_id", ["../x", "a/b", "..", ".hidden", "a\\b", "x" * 300, "session-abc"])
 def test_path_like_or_reserved_ids_are_400(http: httpx.Client, bad_id: str) -> None:
     assert_json_error(upload(http, bad_id), 400)
 
@@ -307,9 +248,7 @@ def test_bad_ids_and_tags_everywhere(http: httpx.Client) -> None:
         ),
         400,
     )
-    assert_json_error(
-        http.get("/datastore/image", params={"image": "../../etc/passwd"}), 400
-    )
+    assert_json_error(http.get("/datastore/image", params={"image": "../../etc/passwd"}), 400)
     assert_json_error(
         http.get("/datastore/label", params={"label": "img_ok", "tag": "a/labels/b"}),
         400,
@@ -358,9 +297,7 @@ def test_unknown_ids_are_404(http: httpx.Client) -> None:
         404,
     )
     assert_json_error(
-        http.put(
-            "/datastore/image/info", params={"image": "nope"}, data={"info": "{}"}
-        ),
+        http.put("/datastore/image/info", params={"image": "nope"}, data={"info": "{}"}),
         404,
     )
     assert_json_error(
@@ -374,12 +311,7 @@ def test_unknown_ids_are_404(http: httpx.Client) -> None:
 
 
 def test_missing_fields_are_422(http: httpx.Client) -> None:
-    assert (
-        http.put(
-            "/datastore/image", params={"image": "x"}, data={"params": "{}"}
-        ).status_code
-        == 422
-    )
+    assert http.put("/datastore/image", params={"image": "x"}, data={"params": "{}"}).status_code == 422
     assert http.get("/datastore/image").status_code == 422
     assert http.get("/datastore/", params={"output": "bogus"}).status_code == 422
 
@@ -400,13 +332,9 @@ def test_session_lifecycle(http: httpx.Client) -> None:
     assert body["session_info"]["expiry"] == 60
     got = http.get(f"/session/{session_id}", params={"image": "true"})
     assert got.content == NIFTI and "filename=" in got.headers["content-disposition"]
-    assert (
-        http.get(f"/session/{session_id}", params={"update_ts": "true"}).json()["name"]
-        == session_id
-    )
+    assert http.get(f"/session/{session_id}", params={"update_ts": "true"}).json()["name"] == session_id
     assert all(
-        not key.startswith("session-")
-        for key in http.get("/datastore/", params={"output": "all"}).json()["objects"]
+        not key.startswith("session-") for key in http.get("/datastore/", params={"output": "all"}).json()["objects"]
     )
     assert http.delete(f"/session/{session_id}").status_code == 200
     assert_json_error(http.get(f"/session/{session_id}"), 404)
@@ -429,28 +357,20 @@ def test_session_with_several_files(http: httpx.Client) -> None:
 
 def test_bad_session_uploads(http: httpx.Client) -> None:
     assert_json_error(http.put("/session/", files={"files": ("x.nii.gz", b"")}), 422)
-    assert_json_error(
-        http.put("/session/", files={"files": ("x.nii.gz", b"junk" * 10)}), 422
-    )
+    assert_json_error(http.put("/session/", files={"files": ("x.nii.gz", b"junk" * 10)}), 422)
     assert http.put("/session/", data={"client_id": "c"}).status_code == 422
 
 
 @pytest.fixture(scope="module")
 def no_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    stack = GatewayStack(
-        tmp_path_factory.mktemp("nosessions"), {"sessions_enabled": False}
-    ).start()
+    stack = GatewayStack(tmp_path_factory.mktemp("nosessions"), {"sessions_enabled": False}).start()
     yield stack.url
     stack.stop()
 
 
 def test_sessions_disabled_is_406(no_sessions: str) -> None:
-    response = httpx.put(
-        no_sessions + "/session/", files={"files": ("x.nii.gz", NIFTI)}
-    )
-    assert response.status_code == 406 and response.json() == {
-        "detail": "Session Feature is Not Enabled"
-    }
+    response = httpx.put(no_sessions + "/session/", files={"files": ("x.nii.gz", NIFTI)})
+    assert response.status_code == 406 and response.json() == {"detail": "Session Feature is Not Enabled"}
 
 
 # -- infer without an inference service ------------------------------------------------------
@@ -459,9 +379,7 @@ def test_sessions_disabled_is_406(no_sessions: str) -> None:
 def test_infer_without_inference_service_is_503(http: httpx.Client) -> None:
     upload(http, "img_inf")
     body = assert_json_error(
-        http.post(
-            "/infer/segmentation", params={"image": "img_inf"}, data={"params": "{}"}
-        ),
+        http.post("/infer/segmentation", params={"image": "img_inf"}, data={"params": "{}"}),
         503,
     )
     assert "inference service is not reachable" in body["detail"]
@@ -478,17 +396,11 @@ def test_infer_without_inference_service_is_503(http: httpx.Client) -> None:
 
 def test_infer_bad_requests(http: httpx.Client) -> None:
     assert_json_error(http.post("/infer/segmentation", data={"params": "{}"}), 400)
-    assert_json_error(
-        http.post("/infer/segmentation", params={"image": "../../etc/passwd"}), 400
-    )
-    assert_json_error(
-        http.post("/infer/segmentation", params={"image": "/etc/passwd"}), 400
-    )
+    assert_json_error(http.post("/infer/segmentation", params={"image": "../../etc/passwd"}), 400)
+    assert_json_error(http.post("/infer/segmentation", params={"image": "/etc/passwd"}), 400)
     assert_json_error(http.post("/infer/..%2Fx", params={"image": "img_inf"}), 404)
     assert_json_error(
-        http.post(
-            "/infer/segmentation", params={"image": "x"}, data={"params": "{nope"}
-        ),
+        http.post("/infer/segmentation", params={"image": "x"}, data={"params": "{nope"}),
         422,
     )
     assert_json_error(
@@ -503,12 +415,7 @@ def test_infer_bad_requests(http: httpx.Client) -> None:
         http.post("/infer/segmentation", params={"image": "x", "session_id": "nope"}),
         404,
     )
-    assert (
-        http.post(
-            "/infer/segmentation", params={"image": "x", "output": "bogus"}
-        ).status_code
-        == 422
-    )
+    assert http.post("/infer/segmentation", params={"image": "x", "output": "bogus"}).status_code == 422
     assert_json_error(
         http.post("/infer/segmentation", params={"image": "x", "output": "dicom_seg"}),
         501,

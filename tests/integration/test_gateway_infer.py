@@ -33,9 +33,7 @@ pytestmark = pytest.mark.timeout(120)
 
 # Not cubic, not isotropic, not at the origin: a swapped axis or a lost affine shows.
 SHAPE = (32, 28, 24)
-AFFINE = np.array(
-    [[1.5, 0, 0, -20.0], [0, 1.5, 0, 7.5], [0, 0, 2.0, 3.0], [0, 0, 0, 1]]
-)
+AFFINE = np.array([[1.5, 0, 0, -20.0], [0, 1.5, 0, 7.5], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 IMAGE_ID = "spheres_gw"
 CLICK = [16, 14, 12]
 LABELS = {"sphere_a": 1, "sphere_b": 2}
@@ -59,9 +57,7 @@ def volume_bytes(seed: int, shape: tuple[int, int, int] = SHAPE) -> bytes:
     """A gzipped NIfTI of bright spheres on noise (the sample app's kind of study)."""
     image, _ = synthetic_volume(np.random.default_rng(seed), size=max(shape))
     data = np.ascontiguousarray(image[: shape[0], : shape[1], : shape[2]])
-    return gzip.compress(
-        nib.Nifti1Image(data, AFFINE).to_bytes(), compresslevel=1, mtime=0
-    )
+    return gzip.compress(nib.Nifti1Image(data, AFFINE).to_bytes(), compresslevel=1, mtime=0)
 
 
 def load_nifti(path: str | Path) -> nib.Nifti1Image:
@@ -70,9 +66,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return image
 
 
-def assert_on_image_grid(
-    voxels: np.ndarray, affine: np.ndarray, labels: dict[str, int]
-) -> None:
+def assert_on_image_grid(voxels: np.ndarray, affine: np.ndarray, labels: dict[str, int]) -> None:
     assert voxels.shape == SHAPE
     np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
     assert set(np.unique(voxels).tolist()) <= {0, *labels.values()}
@@ -154,9 +148,7 @@ def test_info_lists_the_apps_models(client: MONAILabelClient) -> None:
     assert models["segmentation"]["dimension"] == 3
 
 
-@pytest.mark.parametrize(
-    ("model", "params", "label_names"), MODEL_CASES, ids=[c[0] for c in MODEL_CASES]
-)
+@pytest.mark.parametrize(("model", "params", "label_names"), MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
 def test_client_infer_each_model(
     client: MONAILabelClient,
     model: str,
@@ -172,14 +164,10 @@ def test_client_infer_each_model(
     assert {"pre", "infer", "post", "write", "total"} <= set(result["latencies"])
 
 
-def test_slicer_request_gets_nrrd_in_multipart(
-    client: MONAILabelClient, http: httpx.Client
-) -> None:
+def test_slicer_request_gets_nrrd_in_multipart(client: MONAILabelClient, http: httpx.Client) -> None:
     """Slicer: no `output`, .nrrd + uint8; parts `params` then `image`, in that order."""
     params = '{"result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}'
-    response = http.post(
-        "/infer/segmentation", params={"image": IMAGE_ID}, data={"params": params}
-    )
+    response = http.post("/infer/segmentation", params={"image": IMAGE_ID}, data={"params": params})
     assert response.status_code == 200, response.text
     assert int(response.headers["content-length"]) == len(response.content)
     parts = multipart_parts(response)
@@ -201,8 +189,7 @@ def test_slicer_request_gets_nrrd_in_multipart(
 
 def test_ohif_output_image_is_raw_nrrd(http: httpx.Client, tmp_path: Path) -> None:
     params = (
-        '{"result_extension": ".nrrd", "result_dtype": "uint8", '
-        '"result_compress": false, "restore_label_idx": false}'
+        '{"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": false, "restore_label_idx": false}'
     )
     response = http.post(
         "/infer/segmentation",
@@ -233,9 +220,7 @@ def test_output_json_is_params_only(http: httpx.Client) -> None:
     assert result["latencies"]["total"] > 0
 
 
-def test_save_label_counts_in_the_datastore(
-    client: MONAILabelClient, http: httpx.Client, tmp_path: Path
-) -> None:
+def test_save_label_counts_in_the_datastore(client: MONAILabelClient, http: httpx.Client, tmp_path: Path) -> None:
     """Slicer's loop: infer with save_label (tag `original`), then save the final label."""
     image = tmp_path / "to_label.nii.gz"
     image.write_bytes(volume_bytes(seed=4))
@@ -248,9 +233,7 @@ def test_save_label_counts_in_the_datastore(
     assert stats["completed"] == before["completed"]
     original = before["label_tags"].get("original", 0) + 1
     assert stats["label_tags"]["original"] == original
-    saved = http.get(
-        "/datastore/label", params={"label": "to_label", "tag": "original"}
-    )
+    saved = http.get("/datastore/label", params={"label": "to_label", "tag": "original"})
     assert saved.status_code == 200
     (tmp_path / "saved.nii.gz").write_bytes(saved.content)
     np.testing.assert_array_equal(
@@ -268,9 +251,7 @@ def test_save_label_counts_in_the_datastore(
     assert any(entry["image"].endswith("image=to_label") for entry in labeled)
 
 
-def test_infer_on_an_uploaded_file_and_a_session(
-    client: MONAILabelClient, tmp_path: Path
-) -> None:
+def test_infer_on_an_uploaded_file_and_a_session(client: MONAILabelClient, tmp_path: Path) -> None:
     local = tmp_path / "local_scan.nii.gz"
     local.write_bytes(volume_bytes(seed=5))
     path, result = client.infer("segmentation", "", {}, file=str(local))
@@ -290,35 +271,21 @@ def test_infer_on_an_uploaded_file_and_a_session(
     client.remove_session(session_id)
 
 
-def test_unknown_model_and_image_are_404(
-    client: MONAILabelClient, http: httpx.Client
-) -> None:
+def test_unknown_model_and_image_are_404(client: MONAILabelClient, http: httpx.Client) -> None:
     with pytest.raises(MONAILabelClientException, match="Status: 404"):
         client.infer("nope", IMAGE_ID, {})
-    assert "nope" in assert_json_error(
-        http.post("/infer/nope", params={"image": IMAGE_ID}), 404
-    )
-    assert_json_error(
-        http.post("/infer/segmentation", params={"image": "missing"}), 404
-    )
-    assert_json_error(
-        http.post("/infer/segmentation", params={"session_id": "no-such-session"}), 404
-    )
+    assert "nope" in assert_json_error(http.post("/infer/nope", params={"image": IMAGE_ID}), 404)
+    assert_json_error(http.post("/infer/segmentation", params={"image": "missing"}), 404)
+    assert_json_error(http.post("/infer/segmentation", params={"session_id": "no-such-session"}), 404)
     assert_json_error(http.post("/infer/segmentation"), 400)
 
 
 def test_bad_params_are_4xx(http: httpx.Client) -> None:
     def infer(model: str, params: str) -> httpx.Response:
-        return http.post(
-            f"/infer/{model}", params={"image": IMAGE_ID}, data={"params": params}
-        )
+        return http.post(f"/infer/{model}", params={"image": IMAGE_ID}, data={"params": params})
 
-    assert "outside the image" in assert_json_error(
-        infer("deepgrow", '{"foreground": [[32, 0, 0]]}'), 422
-    )
-    assert "outside the image" in assert_json_error(
-        infer("deepedit", '{"sphere_a": [[0, -1, 0]]}'), 422
-    )
+    assert "outside the image" in assert_json_error(infer("deepgrow", '{"foreground": [[32, 0, 0]]}'), 422)
+    assert "outside the image" in assert_json_error(infer("deepedit", '{"sphere_a": [[0, -1, 0]]}'), 422)
     assert_json_error(infer("deepgrow", '{"foreground": [[1, 2]]}'), 422)
     assert_json_error(infer("segmentation", "{not json"), 422)
     assert_json_error(infer("segmentation", "[1, 2]"), 422)
@@ -330,9 +297,7 @@ def test_bad_params_are_4xx(http: httpx.Client) -> None:
     )
 
 
-def test_bad_uploads_are_4xx_and_leave_nothing(
-    stack: GatewayStack, http: httpx.Client
-) -> None:
+def test_bad_uploads_are_4xx_and_leave_nothing(stack: GatewayStack, http: httpx.Client) -> None:
     whole = volume_bytes(seed=6)
     raw = gzip.decompress(whole)
     cases = [
@@ -350,9 +315,7 @@ def test_bad_uploads_are_4xx_and_leave_nothing(
             files={"file": (file_name, data, "application/octet-stream")},
         )
         detail = assert_json_error(response, 400, 413, 415, 422)
-        assert str(stack.root) not in detail, (
-            "the service's scratch paths must not leak"
-        )
+        assert str(stack.root) not in detail, "the service's scratch paths must not leak"
     # The service removes a request's scratch dir after its last message is sent, which can
     # be just after the HTTP answer completed: give it a moment.
     for _ in range(50):

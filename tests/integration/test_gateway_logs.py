@@ -57,7 +57,9 @@ def test_lines_are_bounded_and_params_checked(file_stack: GatewayStack, log_file
         say(f"bulk {number}")
     every = httpx.get(f"{file_stack.url}/logs/", params={"lines": 0, "text": "true"})
     assert len(every.text.splitlines()) == 10_000
-    assert len(httpx.get(f"{file_stack.url}/logs/", params={"lines": 10**9, "text": "true"}).text.splitlines()) == 10_000
+    assert (
+        len(httpx.get(f"{file_stack.url}/logs/", params={"lines": 10**9, "text": "true"}).text.splitlines()) == 10_000
+    )
     assert httpx.get(f"{file_stack.url}/logs/", params={"lines": "x"}).status_code == 422
     assert httpx.get(f"{file_stack.url}/logs/", params={"refresh": -1}).status_code == 422
     # no parameter names a file: a path-like extra is ignored, the route is the fixed log

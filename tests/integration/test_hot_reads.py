@@ -65,8 +65,6 @@ def upload(http: httpx.Client, image_id: str) -> None:
     assert response.status_code == 200, response.text
 
 
-
-
 def kept(stack: GatewayStack, http: httpx.Client) -> bool:
     """True once stats and /info/ are answered without asking the datastore (the change
     stream is open and both answers are kept)."""
@@ -118,8 +116,15 @@ def test_writes_elsewhere_show_once_pushed(stack: GatewayStack, http: httpx.Clie
     wait_until(lambda: kept(stack, http), "stats and /info/ kept", timeout=WAIT, interval=0.01)
     total = stats(http)["total"]
     asyncio.run(_upload_direct(stack.datastore_address, "elsewhere"))
-    wait_until(lambda: stats(http)["total"] == total + 1, "stats after a write made elsewhere", timeout=WAIT, interval=0.01)
-    wait_until(lambda: info_stats(http)["total"] == total + 1, "/info/ after a write made elsewhere", timeout=WAIT, interval=0.01)
+    wait_until(
+        lambda: stats(http)["total"] == total + 1, "stats after a write made elsewhere", timeout=WAIT, interval=0.01
+    )
+    wait_until(
+        lambda: info_stats(http)["total"] == total + 1,
+        "/info/ after a write made elsewhere",
+        timeout=WAIT,
+        interval=0.01,
+    )
     # Kept again under the new generation.
     wait_until(lambda: kept(stack, http), "stats and /info/ kept again", timeout=WAIT, interval=0.01)
     assert stats(http)["total"] == total + 1

@@ -30,8 +30,15 @@ def test_inference_process_serves_and_exports_domain_metrics(tmp_path: Path):
         datastore = ServiceProcess("services.datastore", "--root", str(studies), "--metrics-port", "-1")
         processes.append(datastore)
         inference = ServiceProcess(
-            "services.infer", "--datastore", datastore.address, "--device", "cpu",
-            "--work-dir", str(tmp_path / "infer"), "--metrics-port", "0",
+            "services.infer",
+            "--datastore",
+            datastore.address,
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(tmp_path / "infer"),
+            "--metrics-port",
+            "0",
         )
         processes.append(inference)
     except ServiceStartError as error:
@@ -49,7 +56,8 @@ def test_inference_process_serves_and_exports_domain_metrics(tmp_path: Path):
             assert header is not None and dict(header.label_names) == {"sphere_a": 1, "sphere_b": 2}
         after = scrape(inference.metrics_port)
         assert re.search(
-            r'labelgrid_inference_model_version_info\{device="cpu",model="segmentation",version="untrained"\} 1\.0', after
+            r'labelgrid_inference_model_version_info\{device="cpu",model="segmentation",version="untrained"\} 1\.0',
+            after,
         )
         assert re.search(r'labelgrid_inference_queue_running\{device="cpu",model="segmentation"\} 0\.0', after)
         assert re.search(r"labelgrid_inference_model_loads_total 1\.0", after)

@@ -51,9 +51,22 @@ def inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProce
         started.append(ServiceProcess("services.datastore", "--root", str(root / "studies"), "--metrics-port", "-1"))
         started.append(
             ServiceProcess(
-                "services.infer", "--datastore", started[0].address, "--device", "cpu",
-                "--work-dir", str(root / "infer"), "--metrics-port", "-1", "--no-warm-up",
-                "--queue-limit", "0", "--concurrency-per-device", "1", "--torch-threads", "1",
+                "services.infer",
+                "--datastore",
+                started[0].address,
+                "--device",
+                "cpu",
+                "--work-dir",
+                str(root / "infer"),
+                "--metrics-port",
+                "-1",
+                "--no-warm-up",
+                "--queue-limit",
+                "0",
+                "--concurrency-per-device",
+                "1",
+                "--torch-threads",
+                "1",
             )
         )
     except ServiceStartError as error:
@@ -71,7 +84,9 @@ def _infer(address: str, data: bytes, params: dict | None = None) -> grpc.Status
     with grpc.insecure_channel(address) as channel:
         stub = inf_grpc.InferenceServiceStub(channel)
         header = inf_pb.InferUploadHeader(
-            model="models/segmentation", image_file_name="image.nii.gz", image_size_bytes=len(data),
+            model="models/segmentation",
+            image_file_name="image.nii.gz",
+            image_size_bytes=len(data),
             params=res.InferParams(params=extra),
         )
         try:

@@ -149,9 +149,13 @@ def test_envoy_balances_the_replicas_by_least_requests(tmp_path: Path) -> None:
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [a, b]
     # Batch job RPCs go to the first healthy replica in a fixed order, where the job runs.
     jobs = clusters["inference_jobs"]["load_assignment"]["endpoints"]
-    assert [(e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]) for e in jobs] == [(0, a), (1, b)]
+    assert [
+        (e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]) for e in jobs
+    ] == [(0, a), (1, b)]
     first = next(r for r in routes(settings) if r.get("route", {}).get("cluster", "").startswith("inference"))
-    assert first["route"]["cluster"] == "inference_jobs" and "BatchInferenceJob" in first["match"]["safe_regex"]["regex"]
+    assert (
+        first["route"]["cluster"] == "inference_jobs" and "BatchInferenceJob" in first["match"]["safe_regex"]["regex"]
+    )
     assert "inference_jobs" not in json.dumps(bootstrap(EnvoySettings(inference_address="lg-inference-headless:50052")))
     listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
     assert listeners["inference"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": listen}
@@ -161,7 +165,9 @@ def test_envoy_balances_the_replicas_by_least_requests(tmp_path: Path) -> None:
     flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port", "--training-port",
              "--activelearning-port"]  # fmt: skip
     argv = [x for flag, port in zip(flags, ports, strict=False) for x in (flag, str(port))]
-    args = up_args(*argv, "--work-dir", str(tmp_path), "--infer-replicas", "2", "--infer-replica-ports", f"{ports[7]},{ports[8]}")
+    args = up_args(
+        *argv, "--work-dir", str(tmp_path), "--infer-replicas", "2", "--infer-replica-ports", f"{ports[7]},{ports[8]}"
+    )
     supervisor, _ = build_stack(args, lambda line, source="": None)
     children = {child.name: child.argv for child in supervisor.children}
     assert {"inference-1", "inference-2"} <= set(children) and "inference" not in children
@@ -195,7 +201,9 @@ def test_a_published_version_is_served_by_every_replica(replicas: Replicas) -> N
     first = {n: direct_infer(port)[0].model_version for n, port in enumerate(replicas.ports, 1)}
     assert first == {1: "", 2: ""}, first  # the untrained sample network
     answer = httpx.put(
-        f"{replicas.stack.url}/model/segmentation", files={"file": ("model.pt", constant_class_weights(load_app("apps.radiology").infer_tasks["segmentation"], 2))}, timeout=60
+        f"{replicas.stack.url}/model/segmentation",
+        files={"file": ("model.pt", constant_class_weights(load_app("apps.radiology").infer_tasks["segmentation"], 2))},
+        timeout=60,
     )
     assert answer.status_code == 200, answer.text
     versions: dict[int, str] = {}
@@ -217,7 +225,10 @@ def test_batch_inference_fans_out_over_both_replicas(replicas: Replicas) -> None
     images = [f"sample_0{n}" for n in range(6)]
     before = {n: replicas.infers_served(n) for n in (1, 2)}
     answer = httpx.post(
-        f"{replicas.stack.url}/batch/infer/segmentation", params={"run_sync": "true"}, json={"images": images}, timeout=240
+        f"{replicas.stack.url}/batch/infer/segmentation",
+        params={"run_sync": "true"},
+        json={"images": images},
+        timeout=240,
     )
     assert answer.status_code == 200, answer.text
     served = {n: replicas.infers_served(n) - before[n] for n in (1, 2)}

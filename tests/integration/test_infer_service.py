@@ -66,7 +66,9 @@ class Stack:
     closers: list[Any]
 
 
-async def start_inference(datastore_address: str, work_dir: Path, **overrides: Any) -> tuple[GrpcService, Inference, Any]:
+async def start_inference(
+    datastore_address: str, work_dir: Path, **overrides: Any
+) -> tuple[GrpcService, Inference, Any]:
     settings = InferSettings(
         port=0,
         metrics_port=-1,
@@ -95,7 +97,9 @@ async def stack() -> AsyncIterator[Stack]:
         await upload_image(ds_stub, sphere_image((24, 24, 24), 2), "spheres_2.nii.gz", image_id="spheres_2")
         service, inference, _client = await start_inference(datastore.service.address, root / "infer")
         channel = grpc.aio.insecure_channel(service.address)
-        yield Stack(datastore, ds_stub, service, inference, pb_grpc.InferenceServiceStub(channel), [channel, ds_channel], [])
+        yield Stack(
+            datastore, ds_stub, service, inference, pb_grpc.InferenceServiceStub(channel), [channel, ds_channel], []
+        )
         for ch in (channel, ds_channel):
             await ch.close()
         await service.stop(0)
@@ -182,7 +186,9 @@ async def test_infer_nrrd_uint8_as_slicer_asks(stack: Stack) -> None:
 async def test_deepgrow_with_a_click(stack: Stack) -> None:
     prompt = res.Prompt(label="sphere_a", foreground=[res.VoxelPoint(i=20, j=18, k=16)])
     header, data = await read_result(
-        stack.stub.Infer(infer_request("deepgrow", "spheres_1", prompt=prompt, result=res.ResultOptions(result_dtype="uint8")))
+        stack.stub.Infer(
+            infer_request("deepgrow", "spheres_1", prompt=prompt, result=res.ResultOptions(result_dtype="uint8"))
+        )
     )
     label = np.asarray(load_nifti(data).dataobj)
     assert label.shape == SHAPE and set(np.unique(label)) <= {0, 1}
@@ -190,14 +196,20 @@ async def test_deepgrow_with_a_click(stack: Stack) -> None:
     # MONAI Label's params JSON form of the same click gives the same result.
     _, again = await read_result(
         stack.stub.Infer(
-            infer_request("deepgrow", "spheres_1", params=struct({"label": "sphere_a", "foreground": [[20, 18, 16]], "result_dtype": "uint8"}))
+            infer_request(
+                "deepgrow",
+                "spheres_1",
+                params=struct({"label": "sphere_a", "foreground": [[20, 18, 16]], "result_dtype": "uint8"}),
+            )
         )
     )
     np.testing.assert_array_equal(np.asarray(load_nifti(again).dataobj), label)
 
 
 async def test_save_label_lands_in_the_datastore(stack: Stack) -> None:
-    request = infer_request("segmentation", "spheres_2", result=res.ResultOptions(save_label=True, result_dtype="uint8"))
+    request = infer_request(
+        "segmentation", "spheres_2", result=res.ResultOptions(save_label=True, result_dtype="uint8")
+    )
     header, _ = await read_result(stack.stub.Infer(request))
     assert header.saved_label == "images/spheres_2/labels/original"
     label = (await stack.ds_stub.GetLabel(ds.GetLabelRequest(name="images/spheres_2/labels/original"))).label
@@ -209,7 +221,9 @@ async def test_infer_upload(stack: Stack) -> None:
 
     async def messages() -> AsyncIterator[pb.InferUploadRequest]:
         yield pb.InferUploadRequest(
-            header=pb.InferUploadHeader(model="models/segmentation", image_file_name="up.nii.gz", image_size_bytes=len(data))
+            header=pb.InferUploadHeader(
+                model="models/segmentation", image_file_name="up.nii.gz", image_size_bytes=len(data)
+            )
         )
         for start in range(0, len(data), 4096):
             yield pb.InferUploadRequest(image_chunk=data[start : start + 4096])
@@ -254,10 +268,14 @@ async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
 async def test_bad_requests(stack: Stack) -> None:
     stub = stack.stub
     await expect_error(stub.Infer(infer_request("nope", "spheres_1")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
-    await expect_error(stub.Infer(infer_request("segmentation", "missing")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
+    await expect_error(
+        stub.Infer(infer_request("segmentation", "missing")), grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND"
+    )
     outside = res.Prompt(foreground=[res.VoxelPoint(i=40, j=0, k=0)])
     message = await expect_error(
-        stub.Infer(infer_request("deepgrow", "spheres_1", prompt=outside)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        stub.Infer(infer_request("deepgrow", "spheres_1", prompt=outside)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
     )
     assert "outside the image" in message
     await expect_error(
@@ -266,7 +284,9 @@ async def test_bad_requests(stack: Stack) -> None:
         "INVALID_INPUT",
     )
     await expect_error(
-        stub.Infer(infer_request("segmentation", "spheres_1", device="cuda:3")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        stub.Infer(infer_request("segmentation", "spheres_1", device="cuda:3")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetModel(pb.GetModelRequest(name="models/nope"))
@@ -283,11 +303,15 @@ async def test_batch_jobs_page_as_every_listing_does(stack: Stack) -> None:
     names = []
     for _ in range(3):  # each over one missing image: it fails that image and ends at once
         job = res.BatchInferenceJob(model="models/segmentation", images=["images/no-such-image"])
-        created = await stub.CreateBatchInferenceJob(pb.CreateBatchInferenceJobRequest(batch_inference_job=job, enqueue=True))
+        created = await stub.CreateBatchInferenceJob(
+            pb.CreateBatchInferenceJobRequest(batch_inference_job=job, enqueue=True)
+        )
         names.append(created.batch_inference_job.name)
 
     async def all_ended() -> bool:
-        jobs = [(await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=n))).batch_inference_job for n in names]
+        jobs = [
+            (await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=n))).batch_inference_job for n in names
+        ]
         return all(j.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED) for j in jobs)
 
     await eventually(all_ended, "the three batch jobs to end", timeout=60, interval=0.1)
@@ -296,8 +320,12 @@ async def test_batch_jobs_page_as_every_listing_does(stack: Stack) -> None:
     assert set(names) <= set(listed) and not everything.next_page_token
     first = await stub.ListBatchInferenceJobs(pb.ListBatchInferenceJobsRequest(page_size=2))
     assert len(first.batch_inference_jobs) == 2 and first.next_page_token
-    rest = await stub.ListBatchInferenceJobs(pb.ListBatchInferenceJobsRequest(page_size=1000, page_token=first.next_page_token))
-    assert [j.name for j in [*first.batch_inference_jobs, *rest.batch_inference_jobs]] == listed  # newest first, no gaps
+    rest = await stub.ListBatchInferenceJobs(
+        pb.ListBatchInferenceJobsRequest(page_size=1000, page_token=first.next_page_token)
+    )
+    assert [
+        j.name for j in [*first.batch_inference_jobs, *rest.batch_inference_jobs]
+    ] == listed  # newest first, no gaps
     for bad in (pb.ListBatchInferenceJobsRequest(page_size=-1), pb.ListBatchInferenceJobsRequest(page_token="x")):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ListBatchInferenceJobs(bad)
@@ -308,12 +336,16 @@ async def test_corrupt_uploads(stack: Stack) -> None:
     garbage = b"this is not a NIfTI file" * 100
 
     async def messages(digest: str) -> AsyncIterator[pb.InferUploadRequest]:
-        yield pb.InferUploadRequest(header=pb.InferUploadHeader(model="models/segmentation", image_file_name="bad.nii.gz"))
+        yield pb.InferUploadRequest(
+            header=pb.InferUploadHeader(model="models/segmentation", image_file_name="bad.nii.gz")
+        )
         yield pb.InferUploadRequest(image_chunk=garbage)
         yield pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=digest))
 
     await expect_error(
-        stack.stub.InferUpload(messages(hashlib.sha256(garbage).hexdigest())), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        stack.stub.InferUpload(messages(hashlib.sha256(garbage).hexdigest())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
     )
     await expect_error(
         stack.stub.InferUpload(messages("0" * 64)), grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH"
@@ -374,7 +406,9 @@ async def test_segmentation_brain_on_the_mni152_t1(stack: Stack, tmp_path: Path)
     """The brain model on a real T1 MRI (the MNI152 template nilearn ships), through the datastore."""
     assert write_sample_studies(tmp_path, count=0, labeled=0, brain=True) == ["mni152_t1"]
     image = nib.load(tmp_path / "mni152_t1.nii.gz")
-    await upload_image(stack.ds_stub, (tmp_path / "mni152_t1.nii.gz").read_bytes(), "mni152_t1.nii.gz", image_id="mni152_t1")
+    await upload_image(
+        stack.ds_stub, (tmp_path / "mni152_t1.nii.gz").read_bytes(), "mni152_t1.nii.gz", image_id="mni152_t1"
+    )
     request = infer_request("segmentation_brain", "mni152_t1", result=res.ResultOptions(result_dtype="uint8"))
     header, data = await read_result(stack.stub.Infer(request, timeout=120))
     label = load_nifti(data)
@@ -416,11 +450,13 @@ async def test_scribbles_from_a_stored_label(stack: Stack) -> None:
 async def test_batch_spreads_over_replicas(stack: Stack, tmp_path: Path) -> None:
     """batch_address: a replica sends the batch's images, round robin, to every replica."""
     for number in range(3, 9):
-        await upload_image(stack.ds_stub, sphere_image((24, 24, 24), number), f"r{number}.nii.gz", image_id=f"replica_{number}")
+        await upload_image(
+            stack.ds_stub, sphere_image((24, 24, 24), number), f"r{number}.nii.gz", image_id=f"replica_{number}"
+        )
     address = stack.datastore.service.address
-    a, inference_a, client_a = await start_inference(address, tmp_path / "a")
-    b, inference_b, client_b = await start_inference(address, tmp_path / "b")
-    c, inference_c, client_c = await start_inference(
+    a, inference_a, _ = await start_inference(address, tmp_path / "a")
+    b, inference_b, _ = await start_inference(address, tmp_path / "b")
+    c, inference_c, _ = await start_inference(
         address, tmp_path / "c", batch_address=f"ipv4:{a.address},{b.address}", batch_width=4
     )
     channel = grpc.aio.insecure_channel(c.address)

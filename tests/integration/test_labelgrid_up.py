@@ -88,9 +88,11 @@ def test_monailabel_client_trains_and_gets_next_samples_through_envoy(stack: Sta
     time.sleep(1.1)
     client.infer("segmentation", mine["id"], {})
     with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
-        leases = pb_grpc.DatastoreServiceStub(channel).ListImageLeases(
-            pb.ListImageLeasesRequest(client_id="radiologist-1"), timeout=10
-        ).leases
+        leases = (
+            pb_grpc.DatastoreServiceStub(channel)
+            .ListImageLeases(pb.ListImageLeasesRequest(client_id="radiologist-1"), timeout=10)
+            .leases
+        )
     [lease] = [lease for lease in leases if lease.image_id == mine["id"]]
     assert lease.expire_time.seconds > handed_out_expiry
 
@@ -198,7 +200,9 @@ def test_a_killed_child_is_restarted(stack: Stack) -> None:
     # The gateway's channel reconnects on its own backoff: allow it a few seconds, no more.
     deadline = time.monotonic() + RECONNECT_S
     while True:
-        again = httpx.post(f"{stack.url}/infer/segmentation", params={"image": "sample_00", "output": "json"}, timeout=120)
+        again = httpx.post(
+            f"{stack.url}/infer/segmentation", params={"image": "sample_00", "output": "json"}, timeout=120
+        )
         if again.status_code != 503 or time.monotonic() > deadline:
             break
         time.sleep(0.25)

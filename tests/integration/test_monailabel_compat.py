@@ -56,13 +56,20 @@ def test_monailabel_opens_the_folder_after_labelgrid_wrote_it(tmp_path: Path):
     root = tmp_path / "studies"
     ours = build_datastore(DatastoreSettings(root=root))
     try:
-        ours.add_image(spool(ours, nifti_bytes(seed=1)), image_id="img_a", file_name="a.nii.gz", info={"client_id": "x"})
+        ours.add_image(
+            spool(ours, nifti_bytes(seed=1)), image_id="img_a", file_name="a.nii.gz", info={"client_id": "x"}
+        )
         ours.add_image(spool(ours, nifti_bytes(seed=2)), image_id="img_b", file_name="b.nii.gz", info={})
         ours.add_label(
-            spool(ours, nifti_bytes(dtype="uint8")), image_id="img_a", tag="final", file_name="l.nii.gz",
+            spool(ours, nifti_bytes(dtype="uint8")),
+            image_id="img_a",
+            tag="final",
+            file_name="l.nii.gz",
             info={"label_info": [{"name": "liver", "idx": 1}]},
         )
-        ours.add_label(spool(ours, nifti_bytes(dtype="uint8")), image_id="img_b", tag="reviewer1", file_name="l.nii.gz", info={})
+        ours.add_label(
+            spool(ours, nifti_bytes(dtype="uint8")), image_id="img_b", tag="reviewer1", file_name="l.nii.gz", info={}
+        )
         ours.update_image_info("img_b", {"epistemic_entropy": 0.5})
     finally:
         ours.close()  # flushes MONAI Label's datastore_v2.json

@@ -140,7 +140,11 @@ def running_envoy(settings: EnvoySettings, config: Path) -> Iterator[None]:
 def inference_healthy(admin_url: str) -> bool:
     """Whether every host of Envoy's inference cluster passes its health check."""
     with urllib.request.urlopen(f"{admin_url}/clusters", timeout=5) as answer:
-        flags = [line for line in answer.read().decode().splitlines() if line.startswith("inference::") and "::health_flags::" in line]
+        flags = [
+            line
+            for line in answer.read().decode().splitlines()
+            if line.startswith("inference::") and "::health_flags::" in line
+        ]
     return bool(flags) and all(line.endswith("::health_flags::healthy") for line in flags)
 
 
@@ -175,7 +179,9 @@ async def edge() -> AsyncIterator[Edge]:
             try:
                 admin_url = f"http://{settings.admin_host}:{settings.admin_port}"
                 await eventually(
-                    lambda: asyncio.to_thread(inference_healthy, admin_url), "Envoy to see inference healthy", timeout=30
+                    lambda: asyncio.to_thread(inference_healthy, admin_url),
+                    "Envoy to see inference healthy",
+                    timeout=30,
                 )
                 yield Edge(
                     url=f"http://127.0.0.1:{settings.port}",
@@ -268,7 +274,9 @@ def preflight(url: str) -> tuple[int, dict[str, str]]:
 
 async def test_browser_preflight_is_allowed(edge: Edge) -> None:
     """What a browser asks Envoy before its first gRPC-web call from another origin."""
-    status, headers = await asyncio.to_thread(preflight, f"{edge.url}/labelgrid.inference.v1.InferenceService/ListModels")
+    status, headers = await asyncio.to_thread(
+        preflight, f"{edge.url}/labelgrid.inference.v1.InferenceService/ListModels"
+    )
     assert status == 200, headers
     assert headers.get("access-control-allow-origin") == ORIGIN
     allowed = {h.strip() for h in headers.get("access-control-allow-headers", "").split(",")}

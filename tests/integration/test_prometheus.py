@@ -330,9 +330,7 @@ def test_no_label_value_is_an_id(monitored: Monitored) -> None:
     series = response.json()["data"]
     assert len(series) > 100
     offending = [
-        labels
-        for labels in series
-        if any(IMAGE_ID in value or SESSION_ID in value for value in labels.values())
+        labels for labels in series if any(IMAGE_ID in value or SESSION_ID in value for value in labels.values())
     ]
     assert not offending, f"ids in label values: {offending[:5]}"
     routes = {labels["route"] for labels in series if labels.get("__name__") == "labelgrid_gateway_requests_total"}
@@ -342,7 +340,5 @@ def test_no_label_value_is_an_id(monitored: Monitored) -> None:
 def test_every_dashboard_query_runs(monitored: Monitored) -> None:
     """Grafana's variables substituted, each panel's PromQL is valid for this Prometheus."""
     for expr in dashboard_queries(json.loads(DASHBOARD.read_text())):
-        promql = (
-            expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace('"$job"', '"labelgrid-.*"')
-        )
+        promql = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace('"$job"', '"labelgrid-.*"')
         query(monitored, promql)

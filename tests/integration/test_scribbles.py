@@ -53,7 +53,13 @@ def volume(inference_stack: GatewayStack, tmp_path_factory: pytest.TempPathFacto
     nib.save(nib.Nifti1Image(scribbles, AFFINE), str(scribbles_path))
     client = MONAILabelClient(inference_stack.url, tmpdir=str(folder), client_id="slicer")
     assert client.upload_image(str(image_path), "scribbled") == {"image": "scribbled"}
-    return {"client": client, "bright": bright, "scribbles": scribbles, "scribbles_path": scribbles_path, "folder": folder}
+    return {
+        "client": client,
+        "bright": bright,
+        "scribbles": scribbles,
+        "scribbles_path": scribbles_path,
+        "folder": folder,
+    }
 
 
 def check_result(result: np.ndarray, bright: np.ndarray, scribbles: np.ndarray) -> None:
@@ -112,7 +118,10 @@ def test_scribbles_as_raw_label_bin(volume: dict, inference_stack: GatewayStack)
 def test_bad_scribbles_are_422(volume: dict, inference_stack: GatewayStack) -> None:
     url = f"{inference_stack.url}/infer/scribbles"
     short = httpx.post(
-        url, params={"image": "scribbled"}, files={"label": ("label.bin", b"\0" * 1000, "application/octet-stream")}, timeout=60
+        url,
+        params={"image": "scribbled"},
+        files={"label": ("label.bin", b"\0" * 1000, "application/octet-stream")},
+        timeout=60,
     )
     assert short.status_code == 422
     assert "label.bin has 1000 bytes" in short.json()["detail"] and f"{SIZE}x{SIZE}x{SIZE}" in short.json()["detail"]

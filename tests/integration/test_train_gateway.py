@@ -87,7 +87,9 @@ def test_train_routes_with_the_monailabel_client(stack: GatewayStack) -> None:
     # OHIF's "run all" route: one task per trainer, queued one after another.
     result = http.post("/train/", json={"max_epochs": 1, "val_split": 0.0}).json()
     assert set(result) == {"segmentation", "segmentation_brain", "deepgrow", "deepedit"}
-    assert all(entry["detail"] is None and entry["result"]["status"] in ("SUBMITTED", "RUNNING") for entry in result.values())
+    assert all(
+        entry["detail"] is None and entry["result"]["status"] in ("SUBMITTED", "RUNNING") for entry in result.values()
+    )
     listed = http.get("/train/", params={"all": "true"}).json()
     assert next(t["id"] for t in listed) == task["id"] and len(listed) == 5
     while client.train_status(check_if_running=True):

@@ -63,7 +63,15 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("train")
     write_sample_studies(root / "studies", count=3, labeled=2, size=48, brain=True)
-    datastore = ServiceProcess("services.datastore", "--metrics-port", "-1", "--root", str(root / "studies"), "--state-dir", str(root / "state"))
+    datastore = ServiceProcess(
+        "services.datastore",
+        "--metrics-port",
+        "-1",
+        "--root",
+        str(root / "studies"),
+        "--state-dir",
+        str(root / "state"),
+    )
     training = start_training(datastore.address, root / "train")
     yield Stack(datastore, training, root / "train")
     training.stop()
@@ -84,7 +92,9 @@ def job_of(trainer: str, **params: Any) -> res.TrainingJob:
     return message
 
 
-async def create(stub: pb_grpc.TrainingServiceStub, trainer: str, enqueue: bool = False, **params: Any) -> res.TrainingJob:
+async def create(
+    stub: pb_grpc.TrainingServiceStub, trainer: str, enqueue: bool = False, **params: Any
+) -> res.TrainingJob:
     request = pb.CreateTrainingJobRequest(training_job=job_of(trainer, **params), enqueue=enqueue)
     return (await stub.CreateTrainingJob(request, timeout=30)).training_job
 
@@ -150,26 +160,42 @@ async def test_bad_requests_are_clear_errors(stub: pb_grpc.TrainingServiceStub) 
     def start(trainer: str, **params: Any) -> Any:
         return stub.CreateTrainingJob(pb.CreateTrainingJobRequest(training_job=job_of(trainer, **params)))
 
-    message = await expect_error(start("segmentation", max_epochs=-3), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    message = await expect_error(
+        start("segmentation", max_epochs=-3), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
     assert "max_epochs" in message
     message = await expect_error(start("nope"), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
     assert "nope" in message and "segmentation" in message
-    message = await expect_error(start("segmentation", devices=["cuda:7"]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    message = await expect_error(
+        start("segmentation", devices=["cuda:7"]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
     assert "cuda:7" in message
     await expect_error(start("segmentation", device_count=5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await expect_error(start("segmentation", val_split=1.5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await expect_error(start("segmentation", learning_rate=0.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
-    await expect_error(start("segmentation", extra={"max_epochs": "ten"}), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
-    await expect_error(start("segmentation", extra={"dataset": "Nope"}), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await expect_error(
-        start("segmentation", initial_model_version="models/segmentation/versions/v999999"), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"
+        start("segmentation", extra={"max_epochs": "ten"}), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
     )
     await expect_error(
-        stub.GetTrainingJob(pb.GetTrainingJobRequest(name="trainingJobs/nope")), grpc.StatusCode.NOT_FOUND, "RECORD_NOT_FOUND"
+        start("segmentation", extra={"dataset": "Nope"}), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
     )
-    await expect_error(stub.GetTrainingJob(pb.GetTrainingJobRequest(name="jobs/x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     await expect_error(
-        stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        start("segmentation", initial_model_version="models/segmentation/versions/v999999"),
+        grpc.StatusCode.NOT_FOUND,
+        "MODEL_NOT_FOUND",
+    )
+    await expect_error(
+        stub.GetTrainingJob(pb.GetTrainingJobRequest(name="trainingJobs/nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "RECORD_NOT_FOUND",
+    )
+    await expect_error(
+        stub.GetTrainingJob(pb.GetTrainingJobRequest(name="jobs/x")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+    )
+    await expect_error(
+        stub.ListTrainingJobs(pb.ListTrainingJobsRequest(page_token="garbage")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
     )
     # Nothing was queued by any of these.
     assert not (await stub.ListTrainingJobs(pb.ListTrainingJobsRequest())).training_jobs
@@ -221,7 +247,9 @@ async def test_queue_stop_kill_and_the_next_job_runs(stack: Stack, stub: pb_grpc
     assert stopped.state == CANCELLED and stopped.times.HasField("end_time")
     await wait_gone(pids)
     await expect_error(
-        stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=second.name)), grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"
+        stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=second.name)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "FAILED_PRECONDITION",
     )
 
     # The next job runs to the end, and reads every image from the local cache this time.
@@ -231,7 +259,9 @@ async def test_queue_stop_kill_and_the_next_job_runs(stack: Stack, stub: pb_grpc
     assert any("0 file(s) fetched from the datastore" in line for line in done.log_tail), list(done.log_tail)
     assert done.model_version.startswith("models/segmentation/versions/")
     stats = (await stub.GetTrainStats(pb.GetTrainStatsRequest(trainer="trainers/segmentation"))).train_stats
-    assert stats["total_epochs"] == 1 and "total_time" in stats and stats["train"]["key_metric_name"] == "train_mean_dice"
+    assert (
+        stats["total_epochs"] == 1 and "total_time" in stats and stats["train"]["key_metric_name"] == "train_mean_dice"
+    )
     metrics = httpx.get(f"http://127.0.0.1:{stack.training.metrics_port}/metrics").text
     assert 'labelgrid_training_jobs{state="failed"} 1.0' in metrics
     assert 'labelgrid_training_jobs{state="cancelled"} 2.0' in metrics
@@ -243,7 +273,15 @@ async def test_queue_stop_kill_and_the_next_job_runs(stack: Stack, stub: pb_grpc
 
 async def test_no_labels_restart_and_ddp(tmp_path: Path) -> None:
     (tmp_path / "studies").mkdir()
-    datastore = ServiceProcess("services.datastore", "--metrics-port", "-1", "--root", str(tmp_path / "studies"), "--state-dir", str(tmp_path / "state"))
+    datastore = ServiceProcess(
+        "services.datastore",
+        "--metrics-port",
+        "-1",
+        "--root",
+        str(tmp_path / "studies"),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     training = start_training(datastore.address, tmp_path / "train", "--cpu-slots", "2")
     try:
         async with grpc.aio.insecure_channel(training.address) as channel:
@@ -260,7 +298,13 @@ async def test_no_labels_restart_and_ddp(tmp_path: Path) -> None:
             rng = np.random.default_rng(0)
             for index in range(2):
                 crop = (slice(20, 68), slice(30, 78), slice(20, 68))
-                await upload(ds_stub, f"brain_{index}", image[crop] + rng.normal(0, 0.01, (48, 48, 48)).astype(np.float32), affine, label[crop])
+                await upload(
+                    ds_stub,
+                    f"brain_{index}",
+                    image[crop] + rng.normal(0, 0.01, (48, 48, 48)).astype(np.float32),
+                    affine,
+                    label[crop],
+                )
         async with grpc.aio.insecure_channel(training.address) as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             ddp = await create(stub, "segmentation_brain", max_epochs=1, device_count=2, val_split=0.5)
@@ -285,13 +329,17 @@ async def test_no_labels_restart_and_ddp(tmp_path: Path) -> None:
             jobs = (await stub.ListTrainingJobs(pb.ListTrainingJobsRequest())).training_jobs
             assert [j.job_id for j in jobs] == [running.job_id, ddp.job_id, job.job_id]  # newest first
             assert all(j.state in FINAL for j in jobs)
-            assert (await stub.GetTrainStats(pb.GetTrainStatsRequest(trainer="trainers/segmentation_brain"))).train_stats
+            assert (
+                await stub.GetTrainStats(pb.GetTrainStatsRequest(trainer="trainers/segmentation_brain"))
+            ).train_stats
     finally:
         training.stop()
         datastore.stop()
 
 
-async def upload(stub: ds_grpc.DatastoreServiceStub, image_id: str, image: np.ndarray, affine: np.ndarray, label: np.ndarray) -> None:
+async def upload(
+    stub: ds_grpc.DatastoreServiceStub, image_id: str, image: np.ndarray, affine: np.ndarray, label: np.ndarray
+) -> None:
     import hashlib
 
     for kind, data in (("image", image), ("label", label)):
@@ -299,14 +347,22 @@ async def upload(stub: ds_grpc.DatastoreServiceStub, image_id: str, image: np.nd
         digest = hashlib.sha256(payload).hexdigest()
         if kind == "image":
             messages = [
-                ds.UploadImageRequest(header=ds.UploadImageHeader(image_id=image_id, file_name=f"{image_id}.nii.gz", size_bytes=len(payload))),
+                ds.UploadImageRequest(
+                    header=ds.UploadImageHeader(
+                        image_id=image_id, file_name=f"{image_id}.nii.gz", size_bytes=len(payload)
+                    )
+                ),
                 ds.UploadImageRequest(chunk=payload),
                 ds.UploadImageRequest(finish=common_pb2.UploadFinish(sha256=digest)),
             ]
             await stub.UploadImage(iter(messages))
         else:
             messages = [
-                ds.UploadLabelRequest(header=ds.UploadLabelHeader(image=f"images/{image_id}", tag="final", file_name=f"{image_id}.nii.gz", size_bytes=len(payload))),
+                ds.UploadLabelRequest(
+                    header=ds.UploadLabelHeader(
+                        image=f"images/{image_id}", tag="final", file_name=f"{image_id}.nii.gz", size_bytes=len(payload)
+                    )
+                ),
                 ds.UploadLabelRequest(chunk=payload),
                 ds.UploadLabelRequest(finish=common_pb2.UploadFinish(sha256=digest)),
             ]
@@ -318,7 +374,9 @@ async def upload(stub: ds_grpc.DatastoreServiceStub, image_id: str, image: np.nd
 
 async def infer_brain(stub: inf_grpc.InferenceServiceStub) -> tuple[np.ndarray, str]:
     header, body = None, io.BytesIO()
-    request = inf.InferRequest(model="models/segmentation_brain", image=f"images/{BRAIN_ID}", params=inf_res.InferParams())
+    request = inf.InferRequest(
+        model="models/segmentation_brain", image=f"images/{BRAIN_ID}", params=inf_res.InferParams()
+    )
     async for message in stub.Infer(request, timeout=300):
         if message.WhichOneof("payload") == "header":
             header = message.header
@@ -334,7 +392,9 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
 
-async def test_brain_training_beats_the_untrained_model_and_is_served_hot(stack: Stack, stub: pb_grpc.TrainingServiceStub) -> None:
+async def test_brain_training_beats_the_untrained_model_and_is_served_hot(
+    stack: Stack, stub: pb_grpc.TrainingServiceStub
+) -> None:
     inference = ServiceProcess(
         "services.infer", "--metrics-port", "-1", "--datastore", stack.datastore.address, "--device", "cpu",
         "--work-dir", str(stack.work_dir.parent / "infer"), "--version-check-seconds", "0.2", "--no-warm-up",

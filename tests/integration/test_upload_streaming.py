@@ -26,9 +26,7 @@ BOUNDARY = "lgboundary7d3f"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    stack = GatewayStack(
-        tmp_path_factory.mktemp("streaming"), datastore_overrides={"max_upload_bytes": CAP}
-    ).start()
+    stack = GatewayStack(tmp_path_factory.mktemp("streaming"), datastore_overrides={"max_upload_bytes": CAP}).start()
     yield stack
     stack.stop()
 

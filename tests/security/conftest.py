@@ -36,13 +36,15 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     inf_channel = grpc.insecure_channel(addresses["inference"])
     client = httpx.Client(base_url=stack.url, timeout=60)
     try:
-        answer = client.put(
-            "/datastore/image", params={"image": BASE_IMAGE}, files={"file": ("base.nii.gz", nifti())}
-        )
+        answer = client.put("/datastore/image", params={"image": BASE_IMAGE}, files={"file": ("base.nii.gz", nifti())})
         assert answer.status_code == 200, answer.text
         yield Hostile(
-            stack, client, ds_grpc.DatastoreServiceStub(ds_channel), inf_grpc.InferenceServiceStub(inf_channel),
-            secret_path, secret,
+            stack,
+            client,
+            ds_grpc.DatastoreServiceStub(ds_channel),
+            inf_grpc.InferenceServiceStub(inf_channel),
+            secret_path,
+            secret,
         )
     finally:
         client.close()

@@ -60,10 +60,7 @@ def nrrd_non_ascii_field(target: str) -> tuple[str, bytes]:
 
 def metaimage_element_data_file(target: str) -> tuple[str, bytes]:
     """MetaImage: the header names its data file (ITK would open it)."""
-    header = (
-        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
-        f"ElementDataFile = {target}\n"
-    )
+    header = f"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\nElementDataFile = {target}\n"
     return "attack.mhd", header.encode()
 
 
@@ -171,7 +168,7 @@ def dicom_zip_huge_element(size: int = 256 * MIB) -> tuple[str, bytes]:
     # Patch the empty element's length to `size` and splice the zeros in, streaming into the zip.
     marker = struct.pack("<HH", 0x0009, 0x1010) + b"OB\x00\x00" + struct.pack("<I", 0)
     at = raw.index(marker)
-    before, after = raw[: at], raw[at + len(marker) :]
+    before, after = raw[:at], raw[at + len(marker) :]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         with archive.open("IM0001.dcm", "w", force_zip64=True) as member:

@@ -37,8 +37,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service
         started.append(ServiceProcess("services.datastore", "--root", str(root / "studies"), "--metrics-port", "-1"))
         started.append(
             ServiceProcess(
-                "services.infer", "--datastore", started[0].address, "--device", "cpu",
-                "--work-dir", str(root / "infer"), "--metrics-port", "-1", "--no-warm-up",
+                "services.infer",
+                "--datastore",
+                started[0].address,
+                "--device",
+                "cpu",
+                "--work-dir",
+                str(root / "infer"),
+                "--metrics-port",
+                "-1",
+                "--no-warm-up",
             )
         )
     except ServiceStartError as error:
@@ -53,7 +61,11 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service
 @pytest.mark.parametrize("case", ["nrrd-gzip-bomb", "nifti-gzip-bomb", "nrrd-bzip2-bomb"])
 def test_inference_memory_stays_bounded(services: tuple[ServiceProcess, ServiceProcess], case: str) -> None:
     _, inference = services
-    builder = {"nrrd-gzip-bomb": files.nrrd_gzip_bomb, "nifti-gzip-bomb": files.nifti_gzip_bomb, "nrrd-bzip2-bomb": files.nrrd_bzip2_bomb}
+    builder = {
+        "nrrd-gzip-bomb": files.nrrd_gzip_bomb,
+        "nifti-gzip-bomb": files.nifti_gzip_bomb,
+        "nrrd-bzip2-bomb": files.nrrd_bzip2_bomb,
+    }
     name, data = builder[case](BOMB)
     before = peak_rss(inference.proc.pid)
     with grpc.insecure_channel(inference.address) as channel:

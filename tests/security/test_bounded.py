@@ -123,12 +123,24 @@ def test_a_big_image_info_is_refused_with_a_413(hostile: Hostile) -> None:
     assert "image info" in answer.json()["detail"] and str(limits.MAX_INFO_BYTES) in answer.json()["detail"]
     # Merged infos count whole: two halves that fit alone do not fit together.
     half = json.dumps({"a": "y" * (40 * 1024)})
-    assert hostile.http.put("/datastore/image/info", params={"image": "info-halves"}, data={"info": half}).status_code in (404, 400)
-    assert hostile.http.put("/datastore/image", params={"image": "info-halves"}, files={"file": ("a.nii.gz", nifti())}).status_code == 200
+    assert hostile.http.put(
+        "/datastore/image/info", params={"image": "info-halves"}, data={"info": half}
+    ).status_code in (404, 400)
+    assert (
+        hostile.http.put(
+            "/datastore/image", params={"image": "info-halves"}, files={"file": ("a.nii.gz", nifti())}
+        ).status_code
+        == 200
+    )
     try:
-        assert hostile.http.put("/datastore/image/info", params={"image": "info-halves"}, data={"info": half}).status_code == 200
+        assert (
+            hostile.http.put("/datastore/image/info", params={"image": "info-halves"}, data={"info": half}).status_code
+            == 200
+        )
         second = hostile.http.put(
-            "/datastore/image/info", params={"image": "info-halves"}, data={"info": json.dumps({"b": "z" * (40 * 1024)})}
+            "/datastore/image/info",
+            params={"image": "info-halves"},
+            data={"info": json.dumps({"b": "z" * (40 * 1024)})},
         )
         assert second.status_code == 413, second.text[:300]
     finally:
@@ -142,7 +154,10 @@ def test_a_big_info_with_an_upload_stores_nothing(hostile: Hostile, route: str) 
     before = hostile.stored()
     if route == "image":
         answer = hostile.http.put(
-            "/datastore/image", params={"image": "big-info"}, files={"file": ("a.nii.gz", nifti())}, data={"params": BIG}
+            "/datastore/image",
+            params={"image": "big-info"},
+            files={"file": ("a.nii.gz", nifti())},
+            data={"params": BIG},
         )
     else:
         answer = hostile.http.put(
@@ -162,9 +177,15 @@ def test_list_pages_shrink_to_fit_their_infos(hostile: Hostile, monkeypatch: pyt
     info = json.dumps({"notes": "n" * (20 * 1024)})
     try:
         for name in names:
-            assert hostile.http.put(
-                "/datastore/image", params={"image": name}, files={"file": ("a.nii.gz", nifti())}, data={"params": info}
-            ).status_code == 200
+            assert (
+                hostile.http.put(
+                    "/datastore/image",
+                    params={"image": name},
+                    files={"file": ("a.nii.gz", nifti())},
+                    data={"params": info},
+                ).status_code
+                == 200
+            )
         seen: list[str] = []
         sizes = []
         token = ""
@@ -179,7 +200,7 @@ def test_list_pages_shrink_to_fit_their_infos(hostile: Hostile, monkeypatch: pyt
         assert len(seen) == len(set(seen))
         assert max(sizes) <= 3, sizes
         everything = hostile.http.get("/datastore/", params={"output": "all"})
-        assert everything.status_code == 200 and all(f"\"{name}\"" in everything.text for name in names)
+        assert everything.status_code == 200 and all(f'"{name}"' in everything.text for name in names)
     finally:
         for name in names:
             hostile.http.delete("/datastore/image", params={"id": name})
@@ -195,10 +216,18 @@ def test_dataset_export_is_single_flight(hostile: Hostile) -> None:
     # archive is still there (being streamed) while the client holds back reading.
     noise = np.random.default_rng(1).integers(0, 255, (256, 256, 256), dtype=np.uint8)
     big = gzip.compress(nib.Nifti1Image(noise, np.eye(4)).to_bytes(), compresslevel=1)
-    assert hostile.http.put("/datastore/image", params={"image": "export-big"}, files={"file": ("e.nii.gz", big)}).status_code == 200
-    assert hostile.http.put(
-        "/datastore/label", params={"image": "export-big", "tag": "final"}, files={"label": ("l.nii.gz", nifti())}
-    ).status_code == 200
+    assert (
+        hostile.http.put(
+            "/datastore/image", params={"image": "export-big"}, files={"file": ("e.nii.gz", big)}
+        ).status_code
+        == 200
+    )
+    assert (
+        hostile.http.put(
+            "/datastore/label", params={"image": "export-big", "tag": "final"}, files={"label": ("l.nii.gz", nifti())}
+        ).status_code
+        == 200
+    )
     try:
         first = hostile.datastore.ExportDataset(ds_pb.ExportDatasetRequest(), timeout=60)
         assert next(first) is not None  # the archive is built and streaming

@@ -143,7 +143,9 @@ def test_only_gateway_clients_opens_channels() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                opens = (name.endswith("Stub") and name != "HealthStub") or re.fullmatch(r"(insecure|secure)_channel", name)
+                opens = (name.endswith("Stub") and name != "HealthStub") or re.fullmatch(
+                    r"(insecure|secure)_channel", name
+                )
                 if opens and not (path.name == "cli.py" and name == "insecure_channel"):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert not offenders, offenders

@@ -21,7 +21,9 @@ from services.datastore.settings import DatastoreSettings
 def datastore(tmp_path: Path) -> Iterator[Datastore]:
     write_sample_studies(tmp_path / "studies", count=2, labeled=0, size=8)
     store = build_datastore(
-        DatastoreSettings(backend="local", root=tmp_path / "studies", state_dir=tmp_path / "state", port=0, metrics_port=-1)
+        DatastoreSettings(
+            backend="local", root=tmp_path / "studies", state_dir=tmp_path / "state", port=0, metrics_port=-1
+        )
     )
     store.reindex()
     yield store

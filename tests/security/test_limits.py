@@ -99,7 +99,10 @@ def test_json_form_fields_are_bounded(hostile: Hostile, route: str, params: str,
     before = hostile.stored()
     if route == "put-image":
         answer = hostile.http.put(
-            "/datastore/image", params={"image": "json-case"}, files={"file": ("a.nii.gz", nifti())}, data={"params": params}
+            "/datastore/image",
+            params={"image": "json-case"},
+            files={"file": ("a.nii.gz", nifti())},
+            data={"params": params},
         )
     else:
         answer = hostile.http.put("/datastore/image/info", params={"image": BASE_IMAGE}, data={"info": params})

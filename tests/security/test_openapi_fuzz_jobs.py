@@ -61,7 +61,12 @@ def job_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
         processes.append(training)
         al_server, _service = await start_activelearning(
             ActiveLearningSettings(
-                port=0, metrics_port=-1, datastore=datastore_address, device="cpu", work_dir=root / "al", torch_threads=1
+                port=0,
+                metrics_port=-1,
+                datastore=datastore_address,
+                device="cpu",
+                work_dir=root / "al",
+                torch_threads=1,
             )
         )
         inference_address, inference_server = await start_inference(datastore_address)

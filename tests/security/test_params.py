@@ -20,7 +20,10 @@ CONFIG = {"max_epochs": 50, "train_batch_size": 1, "val_batch_size": 1, "val_spl
 
 
 @settings(max_examples=200, deadline=None)
-@given(key=st.sampled_from(sorted(RANGES)), value=st.integers(-(2**40), 2**40) | st.sampled_from([0, 1, 4096, 4097, 100_000, 100_001]))
+@given(
+    key=st.sampled_from(sorted(RANGES)),
+    value=st.integers(-(2**40), 2**40) | st.sampled_from([0, 1, 4096, 4097, 100_000, 100_001]),
+)
 def test_training_int_params_have_real_ranges(key: str, value: int) -> None:
     low, high = RANGES[key]
     if low <= value <= high:

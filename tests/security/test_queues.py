@@ -56,7 +56,9 @@ async def test_scoring_queue_is_bounded(tmp_path: Path) -> None:
         async def create(enqueue: bool) -> res.ScoringJob:
             job = res.ScoringJob(method="scoringMethods/epistemic", params=None)
             job.params.update({"passes": 64})
-            answer = await stack.stub.CreateScoringJob(pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=30)
+            answer = await stack.stub.CreateScoringJob(
+                pb.CreateScoringJobRequest(scoring_job=job, enqueue=enqueue), timeout=30
+            )
             return answer.scoring_job
 
         jobs = [await create(False), await create(True), await create(True)]

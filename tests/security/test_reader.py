@@ -67,7 +67,9 @@ def test_line_splitting_bypasses_are_refused(tmp_path: Path, secret: tuple[Path,
 
 @settings(max_examples=256, deadline=None, suppress_health_check=_HEALTH)
 @given(byte=st.integers(0, 255), before=st.binary(max_size=3))
-def test_no_byte_smuggles_a_data_file_past_the_check(tmp_path: Path, secret: tuple[Path, bytes], byte: int, before: bytes) -> None:
+def test_no_byte_smuggles_a_data_file_past_the_check(
+    tmp_path: Path, secret: tuple[Path, bytes], byte: int, before: bytes
+) -> None:
     """Any bytes before `data file:`: either the check refuses, or pynrrd itself (no guard of
     ours) sees no data file field and reads no byte of the secret."""
     header, body = _nrrd_header(tmp_path)
@@ -122,7 +124,11 @@ def _valid_files(tmp_path: Path) -> dict[str, bytes]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=_HEALTH)
-@given(ext=st.sampled_from([".nii", ".nii.gz", ".nrrd", ".zip"]), at=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=16))
+@given(
+    ext=st.sampled_from([".nii", ".nii.gz", ".nrrd", ".zip"]),
+    at=st.integers(0, 10_000),
+    junk=st.binary(min_size=1, max_size=16),
+)
 def test_mutated_files_only_ever_fail_as_invalid_input(tmp_path: Path, ext: str, at: int, junk: bytes) -> None:
     """Overwrite a few bytes anywhere in a valid file: the check accepts or says INVALID_INPUT,
     never another exception (a 500)."""

@@ -26,7 +26,9 @@ CASES = [name for name in hostile.VOLUME_CASES if not name.startswith("nrrd-bzip
 
 @pytest.fixture
 def datastore(tmp_path: Path) -> Iterator[Datastore]:
-    settings = DatastoreSettings(backend="local", root=tmp_path / "studies", state_dir=tmp_path / "state", port=0, metrics_port=-1)
+    settings = DatastoreSettings(
+        backend="local", root=tmp_path / "studies", state_dir=tmp_path / "state", port=0, metrics_port=-1
+    )
     store = build_datastore(settings)
     yield store
     store.close()

@@ -49,7 +49,9 @@ async def test_a_service_applies_its_volume_caps(tmp_path: Path) -> None:
             assert "voxels" in (caught.value.details() or ""), caught.value.details()
             small = nifti((8, 8, 6))  # 384 voxels
             header = ds_pb.UploadImageHeader(image_id="under-cap", file_name="a.nii.gz", size_bytes=len(small))
-            assert (await stub.UploadImage(upload_messages("datastore", header, small), timeout=30)).image.image_id == "under-cap"
+            assert (
+                await stub.UploadImage(upload_messages("datastore", header, small), timeout=30)
+            ).image.image_id == "under-cap"
     finally:
         await datastore.service.stop(0)
         formats.configure_limits(formats.DEFAULT_LIMITS)

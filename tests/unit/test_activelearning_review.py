@@ -106,7 +106,9 @@ class Scorer:
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
 
-    async def score(self, method: Any, task: Any, model: str, version: str, image: Path, label: Any, params: Any) -> float:
+    async def score(
+        self, method: Any, task: Any, model: str, version: str, image: Path, label: Any, params: Any
+    ) -> float:
         if self.gate is not None:
             await self.gate.wait()
         return 0.5
@@ -220,7 +222,9 @@ class LeaseStore:
     def __init__(self) -> None:
         self.free = ["a", "b"]
 
-    async def acquire(self, client_id: str, strategy: str, order: str, score_key: str, label_tag: str, ttl: int) -> Acquired:
+    async def acquire(
+        self, client_id: str, strategy: str, order: str, score_key: str, label_tag: str, ttl: int
+    ) -> Acquired:
         if not self.free:
             return Acquired(no_image_reason="ALL_LEASED")
         image_id = self.free.pop(0)

@@ -99,7 +99,9 @@ async def test_images_run_side_by_side_up_to_the_width_and_save_labels() -> None
     await eventually(lambda: batch._runner is not None and batch._runner.done(), "the job to end", timeout=10)
     done = await batch.get(doc.job_id)
     assert done.state == "SUCCEEDED" and done.processed_images == 20 and done.total_images == 20
-    assert all(p.result.save_label and p.result.label_tag == "original" and p.result.params_only for p in inference.params)
+    assert all(
+        p.result.save_label and p.result.label_tag == "original" and p.result.params_only for p in inference.params
+    )
 
 
 @pytest.mark.asyncio

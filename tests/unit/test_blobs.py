@@ -77,7 +77,16 @@ def test_put_read_stat_replace(store: BlobStore) -> None:
 
 @pytest.mark.parametrize(
     ("offset", "length"),
-    [(0, None), (0, 10), (5, None), (5, 0), (MIB - 1, 3), (MIB + 7, MIB + 5), (2 * MIB + 99, None), (2 * MIB + 100, None)],
+    [
+        (0, None),
+        (0, 10),
+        (5, None),
+        (5, 0),
+        (MIB - 1, 3),
+        (MIB + 7, MIB + 5),
+        (2 * MIB + 99, None),
+        (2 * MIB + 100, None),
+    ],
 )
 def test_ranged_reads(store: BlobStore, offset: int, length: int | None) -> None:
     data = os.urandom(2 * MIB + 100)

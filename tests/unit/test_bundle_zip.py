@@ -34,7 +34,9 @@ def _zip(path: Path, entries: dict[str, bytes], link: str | None = None) -> Path
         ({"b/configs/metadata.json": b"{}"}, "b/models/model.pt", "symbolic link"),
     ],
 )
-def test_unsafe_entries_refused_before_anything_is_written(tmp_path: Path, entries: dict[str, bytes], link: str | None, words: str) -> None:
+def test_unsafe_entries_refused_before_anything_is_written(
+    tmp_path: Path, entries: dict[str, bytes], link: str | None, words: str
+) -> None:
     archive = _zip(tmp_path / "bad.zip", entries, link)
     dest = tmp_path / "out"
     dest.mkdir()

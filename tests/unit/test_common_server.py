@@ -173,7 +173,11 @@ async def test_domain_error_has_precise_code_and_reason(running: Running):
         await running.method("Unary")(b"notfound", timeout=5)
     assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     details = error_details(caught.value)
-    assert (details.code, details.reason, details.message) == (grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND", "no image 'x'")
+    assert (details.code, details.reason, details.message) == (
+        grpc.StatusCode.NOT_FOUND,
+        "IMAGE_NOT_FOUND",
+        "no image 'x'",
+    )
     assert details.metadata == {"image": "x"}
     assert details.domain == "labelgrid"
     assert details.http_status == 404
@@ -296,7 +300,12 @@ async def test_deadline_exceeded_is_recorded(running: Running):
 async def test_health_series_are_pre_created(running: Running):
     value = running.service.registry.get_sample_value(
         "grpc_server_handled_total",
-        {"grpc_type": "server_stream", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch", "grpc_code": "Unavailable"},
+        {
+            "grpc_type": "server_stream",
+            "grpc_service": "grpc.health.v1.Health",
+            "grpc_method": "Watch",
+            "grpc_code": "Unavailable",
+        },
     )
     assert value == 0
 

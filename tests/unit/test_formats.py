@@ -22,7 +22,13 @@ SHAPE = (8, 9, 10)
 
 @pytest.mark.parametrize(
     ("name", "ext"),
-    [("a.nii.gz", ".nii.gz"), ("a.b.nii", ".nii"), ("ct.nrrd", ".nrrd"), ("series.zip", ".zip"), ("x.seg.nrrd", ".nrrd")],
+    [
+        ("a.nii.gz", ".nii.gz"),
+        ("a.b.nii", ".nii"),
+        ("ct.nrrd", ".nrrd"),
+        ("series.zip", ".zip"),
+        ("x.seg.nrrd", ".nrrd"),
+    ],
 )
 def test_image_ext(name: str, ext: str) -> None:
     assert image_ext_from_name(name) == ext
@@ -150,8 +156,12 @@ def test_empty_file(tmp_path: Path, ext: str) -> None:
 
 @pytest.mark.parametrize(
     ("ext", "message"),
-    [(".nii", "not a NIfTI file"), (".nii.gz", "not a gzip-compressed file"), (".nrrd", "not an NRRD file"),
-     (".zip", "corrupt ZIP file")],
+    [
+        (".nii", "not a NIfTI file"),
+        (".nii.gz", "not a gzip-compressed file"),
+        (".nrrd", "not an NRRD file"),
+        (".zip", "corrupt ZIP file"),
+    ],
 )
 @pytest.mark.parametrize("content", [b"hello, this is text\n" * 50, bytes(range(256)) * 40])
 def test_text_or_random_bytes(tmp_path: Path, ext: str, message: str, content: bytes) -> None:
@@ -166,7 +176,9 @@ def test_gzipped_text_as_nii_gz(tmp_path: Path) -> None:
 
 def test_truncated_nii(nii: Path, tmp_path: Path) -> None:
     data = nii.read_bytes()
-    with pytest.raises(InvalidArgument, match=r"truncated NIfTI file \(\.nii\): 1300 bytes, but the header declares 1792"):
+    with pytest.raises(
+        InvalidArgument, match=r"truncated NIfTI file \(\.nii\): 1300 bytes, but the header declares 1792"
+    ):
         check_volume(_write(tmp_path, "t", data[:1300]), ".nii")
     with pytest.raises(InvalidArgument, match="header is incomplete"):
         check_volume(_write(tmp_path, "t", data[:200]), ".nii")
@@ -205,7 +217,9 @@ def test_nii_with_bad_dims(nii: Path, tmp_path: Path) -> None:
 
 def test_truncated_nrrd_raw(nrrd_raw: Path, tmp_path: Path) -> None:
     data = nrrd_raw.read_bytes()
-    with pytest.raises(InvalidArgument, match=r"truncated NRRD file \(\.nrrd\): \d+ bytes of raw data, but the header declares 1440"):
+    with pytest.raises(
+        InvalidArgument, match=r"truncated NRRD file \(\.nrrd\): \d+ bytes of raw data, but the header declares 1440"
+    ):
         check_volume(_write(tmp_path, "t", data[:-10]), ".nrrd")
 
 

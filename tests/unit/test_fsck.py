@@ -55,9 +55,7 @@ def samples(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def datastore(
-    settings: DatastoreSettings, samples: Path, tmp_path: Path
-) -> Iterator[Datastore]:
+def datastore(settings: DatastoreSettings, samples: Path, tmp_path: Path) -> Iterator[Datastore]:
     store = build_datastore(settings)
     try:
         for name in ("sample_00.nii.gz", "sample_01.nii.gz", "sample_02.nii.gz"):
@@ -121,18 +119,14 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
     os.utime(dead, (time.time() - 7200, time.time() - 7200))
     got = datastore.acquire_lease("client-a", "first", ttl_seconds=1)
     assert not isinstance(got, str)
-    later = (
-        time.time() + 60
-    )  # fsck looks a minute ahead: the lease ran out, the multipart upload is a minute old
+    later = time.time() + 60  # fsck looks a minute ahead: the lease ran out, the multipart upload is a minute old
     live = spool / "upload-live.part"
     live.write_bytes(b"arriving")
     os.utime(live, (later - 1, later - 1))
     if datastore.backend == "s3":
         # A multipart upload a killed process never completed nor aborted.
         client = blobs._client
-        upload_id = client._create_multipart_upload(
-            blobs.bucket, blobs.prefix + "images/sample_09.nii.gz", {}
-        )
+        upload_id = client._create_multipart_upload(blobs.bucket, blobs.prefix + "images/sample_09.nii.gz", {})
         client._upload_part(
             blobs.bucket,
             blobs.prefix + "images/sample_09.nii.gz",
@@ -152,9 +146,7 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
         ("unindexed-blob", "images/sample_03.nii.gz"),
     ]
     if datastore.backend == "s3":
-        expected = sorted(
-            [*expected, ("orphan-multipart", blobs.prefix + "images/sample_09.nii.gz")]
-        )
+        expected = sorted([*expected, ("orphan-multipart", blobs.prefix + "images/sample_09.nii.gz")])
     assert _kinds(report) == expected, list(report.lines())
     assert report.in_flight == 1  # the live spool is not touched, nor reported
     lines = list(report.lines())
@@ -162,15 +154,10 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
 
     repaired = fsck.repair(datastore, now=lambda: later, min_age_seconds=30)
     assert repaired.clean, list(repaired.lines())
-    assert any("re-indexed" in line for line in repaired.repairs) and any(
-        str(dead) in r for r in repaired.repairs
-    )
+    assert any("re-indexed" in line for line in repaired.repairs) and any(str(dead) in r for r in repaired.repairs)
     assert not dead.exists() and live.exists()
     # The adopted image is served, the one whose bytes vanished is gone, the changed label re-hashed.
-    assert (
-        datastore.get_image("sample_03").size
-        == (samples / "sample_03.nii.gz").stat().st_size
-    )
+    assert datastore.get_image("sample_03").size == (samples / "sample_03.nii.gz").stat().st_size
     assert {i.image_id for i in fsck._all_images(index)} == {
         "sample_00",
         "sample_01",
@@ -183,9 +170,7 @@ def test_every_kind_of_damage_is_reported_and_repair_fixes_the_safe_ones(
         assert not list(fsck._multipart_uploads(blobs))
 
 
-def test_a_changed_byte_is_found_only_with_checksums_and_never_repaired(
-    datastore: Datastore, tmp_path: Path
-):
+def test_a_changed_byte_is_found_only_with_checksums_and_never_repaired(datastore: Datastore, tmp_path: Path):
     original = b"".join(datastore.blobs.open_read("images/sample_00.nii.gz"))
     flipped = bytes([original[0] ^ 0xFF]) + original[1:]
     _put(datastore, "images/sample_00.nii.gz", flipped, tmp_path)
@@ -193,35 +178,24 @@ def test_a_changed_byte_is_found_only_with_checksums_and_never_repaired(
     report = fsck.check(datastore, checksums=True)
     assert _kinds(report) == [("checksum-mismatch", "images/sample_00.nii.gz")]
     after = fsck.repair(datastore, checksums=True)
-    assert (
-        _kinds(after) == [("checksum-mismatch", "images/sample_00.nii.gz")]
-        and not after.repairs
-    )
+    assert _kinds(after) == [("checksum-mismatch", "images/sample_00.nii.gz")] and not after.repairs
 
 
 def test_the_cli_exit_code_says_clean_or_not(tmp_path: Path):
     root = tmp_path / "studies"
     write_sample_studies(root, count=2, labeled=1, size=12)
     run = [sys.executable, "-m", "services.datastore", "fsck", "--root", str(root)]
-    first = subprocess.run(
-        [*run, "--checksums"], check=False, capture_output=True, text=True, timeout=120
-    )
+    first = subprocess.run([*run, "--checksums"], check=False, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "fsck: clean" in first.stdout
     shutil.copy(root / "sample_00.nii.gz", root / "sample_07.nii.gz")
     (root / "sample_01.nii.gz").unlink()
-    found = subprocess.run(
-        run, check=False, capture_output=True, text=True, timeout=120
-    )
+    found = subprocess.run(run, check=False, capture_output=True, text=True, timeout=120)
     assert found.returncode == 1
     assert "unindexed-blob: images/sample_07.nii.gz" in found.stdout
     assert "missing-blob: images/sample_01.nii.gz" in found.stdout
-    fixed = subprocess.run(
-        [*run, "--repair"], check=False, capture_output=True, text=True, timeout=120
-    )
+    fixed = subprocess.run([*run, "--repair"], check=False, capture_output=True, text=True, timeout=120)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired: re-indexed" in fixed.stdout and "fsck: clean" in fixed.stdout
-    again = subprocess.run(
-        run, check=False, capture_output=True, text=True, timeout=120
-    )
+    again = subprocess.run(run, check=False, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "fsck: clean" in again.stdout

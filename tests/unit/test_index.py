@@ -224,7 +224,9 @@ def test_a_final_label_found_by_reindex_ends_the_lease(index: SqlIndex) -> None:
     index.acquire_next_lease("c1", "first", ttl_seconds=600)
     index.acquire_next_lease("c2", "first", ttl_seconds=600)
     assert {lease.image_id for lease in all_pages(lambda t: index.list_leases(page_token=t))} == set(ids)
-    index.bulk_import([], [LabelImport(ids[0], "final", ".nii", SHA_A, 1, {}), LabelImport(ids[1], "draft", ".nii", SHA_A, 1, {})])
+    index.bulk_import(
+        [], [LabelImport(ids[0], "final", ".nii", SHA_A, 1, {}), LabelImport(ids[1], "draft", ".nii", SHA_A, 1, {})]
+    )
     assert [lease.image_id for lease in all_pages(lambda t: index.list_leases(page_token=t))] == [ids[1]]
 
 
@@ -237,7 +239,9 @@ def test_final_flag_follows_every_label_write(index: SqlIndex) -> None:
         return [r.image_id for r in got]
 
     ids = add_images(index, 6)
-    index.bulk_import([], [LabelImport(ids[0], "final", ".nii", SHA_A, 1, {}), LabelImport(ids[1], "x", ".nii", SHA_A, 1, {})])
+    index.bulk_import(
+        [], [LabelImport(ids[0], "final", ".nii", SHA_A, 1, {}), LabelImport(ids[1], "x", ".nii", SHA_A, 1, {})]
+    )
     assert unlabeled() == ids[1:]
     index.upsert_label(ids[2], "final", ".nii", SHA_A, 1, {})
     index.upsert_label(ids[2], "final", ".nii", SHA_B, 2, {})  # replace keeps it labeled
@@ -464,8 +468,13 @@ def test_lease_orders_and_mark_in_info(index: SqlIndex) -> None:
     index.set_score(ids[1], "epistemic_entropy", 0.8)
     index.upsert_label(ids[3], "final", ".nii", SHA_A, 1, {})
     got = index.acquire_next_lease(
-        "c1", "Epistemic", order=ImageOrder.SCORE_DESC, score_key="epistemic_entropy", ttl_seconds=60,
-        now=T0, mark_in_info=True,
+        "c1",
+        "Epistemic",
+        order=ImageOrder.SCORE_DESC,
+        score_key="epistemic_entropy",
+        ttl_seconds=60,
+        now=T0,
+        mark_in_info=True,
     )
     img, _ = got or pytest.fail()
     assert img.image_id == ids[1]  # ids[3] scores higher but is labeled
@@ -587,7 +596,10 @@ def test_export_bulk_import_and_clear(index: SqlIndex) -> None:
     model = index.export_monailabel_model()
     assert set(model) == {"name", "description", "images_dir", "labels_dir", "objects"}
     assert (model["name"], model["description"], model["images_dir"], model["labels_dir"]) == (
-        "new-dataset", "New Dataset", ".", "labels",
+        "new-dataset",
+        "New Dataset",
+        ".",
+        "labels",
     )
     assert model["objects"]["case_00000"] == {
         "image": {"ext": ".nii.gz", "info": {"ts": 1, "name": "case_00000.nii.gz"}},

@@ -48,7 +48,9 @@ def test_export_json_is_the_monailabel_model_serialised(index: SqlIndex) -> None
     assert list(json.loads(body)["objects"]["b_img"]["labels"]) == ["final", "zeta"]
     assert json.loads(body)["objects"]["a_img"]["image"]["info"] == {"ts": 1_800_000_000, "name": "a_img.nrrd"}
     # FastAPI's way of writing JSON (MONAI Label's answers): compact separators.
-    assert body.startswith(b'{"name":"ds","description":"Dataset","images_dir":".","labels_dir":"labels","objects":{"a_img":')
+    assert body.startswith(
+        b'{"name":"ds","description":"Dataset","images_dir":".","labels_dir":"labels","objects":{"a_img":'
+    )
     assert b'": ' not in body and b'", "' not in body
 
 

@@ -189,7 +189,9 @@ def test_runner_with_batching_gives_the_labels_of_the_runner_without() -> None:
 
     def work(i: int) -> None:
         barrier.wait()
-        together[i] = batched.run(task, loaded, volumes[i], Prompt(), params, threading.Event(), model="segmentation").label
+        together[i] = batched.run(
+            task, loaded, volumes[i], Prompt(), params, threading.Event(), model="segmentation"
+        ).label
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
     for thread in threads:
@@ -206,7 +208,9 @@ def test_batching_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -
     from services.common.settings import parse_settings
     from services.infer.settings import InferSettings
 
-    settings = parse_settings(InferSettings, ["--max-batch-size", "4", "--model-batching", '{"deepedit": {"max_batch_size": 2}}'])
+    settings = parse_settings(
+        InferSettings, ["--max-batch-size", "4", "--model-batching", '{"deepedit": {"max_batch_size": 2}}']
+    )
     assert settings.max_batch_size == 4 and settings.max_queue_delay_ms is None
     assert settings.model_batching == {"deepedit": BatchPolicy(2, 0.0)}
     monkeypatch.setenv("LABELGRID_MODEL_BATCHING", '{"segmentation": {"max_batch_size": 8, "max_queue_delay_ms": 5}}')

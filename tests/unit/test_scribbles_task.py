@@ -13,10 +13,19 @@ from apps.radiology.scribbles import HistogramGraphCut, apply_roi, scribble_ids
 
 def test_scribble_ids_from_label_info() -> None:
     assert scribble_ids({}, 2, 3) == (2, 3)
-    info = [{"name": "liver", "id": 1}, {"name": "background_scribbles", "id": 5}, {"name": "foreground_scribbles", "id": 6}]
+    info = [
+        {"name": "liver", "id": 1},
+        {"name": "background_scribbles", "id": 5},
+        {"name": "foreground_scribbles", "id": 6},
+    ]
     assert scribble_ids({"label_info": info}, 2, 3) == (5, 6)
     assert scribble_ids({"label_info": [{"name": "foreground_scribbles", "idx": 9}]}, 2, 3) == (2, 9)
-    for bad in ([{"name": "background_scribbles", "id": "x"}], [{"name": "foreground_scribbles", "id": 2}], "nope", [3]):
+    for bad in (
+        [{"name": "background_scribbles", "id": "x"}],
+        [{"name": "foreground_scribbles", "id": 2}],
+        "nope",
+        [3],
+    ):
         with pytest.raises(ValueError):
             scribble_ids({"label_info": bad}, 2, 3)
 
@@ -45,7 +54,11 @@ def test_graph_cut_grows_over_the_class_and_stays_in_it() -> None:
     task = HistogramGraphCut()
     task.validate_params({}, image.shape)
     item = InferInput(
-        {"image": torch.from_numpy(image)[None], "label": torch.from_numpy(scribbles)[None], "affine": np.diag([2.0, 2.0, 2.0, 1.0])},
+        {
+            "image": torch.from_numpy(image)[None],
+            "label": torch.from_numpy(scribbles)[None],
+            "affine": np.diag([2.0, 2.0, 2.0, 1.0]),
+        },
         Prompt(),
         {},
     )

@@ -64,7 +64,9 @@ async def test_upload_and_download_in_chunks_with_a_token(datastore: RunningData
 
     def flow() -> None:
         with Client(datastore.address, token=TOKEN, chunk_bytes=CHUNK) as client:
-            image = client.upload_image(volume, "vol", info={"client_id": "sdk"}, progress=lambda d, t: seen.append((d, t)))
+            image = client.upload_image(
+                volume, "vol", info={"client_id": "sdk"}, progress=lambda d, t: seen.append((d, t))
+            )
             assert image.image_id == "vol" and image.sha256 == hashlib.sha256(volume.read_bytes()).hexdigest()
             got = client.download_image("vol", tmp_path / "back.nii.gz")
             assert got.sha256 == image.sha256 and got.path.read_bytes() == volume.read_bytes()
@@ -113,7 +115,10 @@ async def test_unavailable_is_retried_with_backoff(tmp_path: Path) -> None:
 
 
 def test_no_retries_left_is_unavailable() -> None:
-    with Client(f"127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=5) as client, pytest.raises(Unavailable) as err:
+    with (
+        Client(f"127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=5) as client,
+        pytest.raises(Unavailable) as err,
+    ):
         client.list_models()
     assert isinstance(err.value, LabelgridError) and err.value.code == grpc.StatusCode.UNAVAILABLE
 

@@ -15,8 +15,8 @@ from services.common.errors import InvalidArgument
 from services.common.jobs import CANCELLED, QUEUED, JobStore
 from services.train.api import convert
 from services.train.domain.devices import DevicePool
-from services.train.domain.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from services.train.domain.job import TrainingJob
+from services.train.domain.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from services.train.domain.running import Progress
 from services.train.domain.training import JobRequest, Training
 

@@ -22,7 +22,9 @@ def test_what_the_child_writes_the_service_reads_back(tmp_path: Path) -> None:
     written = [
         events.Started(train_items=3, val_items=1),
         events.Iteration(epoch=1, iteration=2, epoch_length=4, max_epochs=2, loss=None, elapsed_seconds=1.5),
-        events.Epoch(epoch=1, metric_name="val_mean_dice", metric=0.5, stats={"epoch": 1, "eval": {"best_metric": 0.5}}),
+        events.Epoch(
+            epoch=1, metric_name="val_mean_dice", metric=0.5, stats={"epoch": 1, "eval": {"best_metric": 0.5}}
+        ),
         events.Checkpoint(path="/x/model_epoch0001.pt", metric_name="val_mean_dice", metric=0.5, epoch=1),
         events.Completed(stats={"total_time": "0:00:03"}),
     ]
@@ -124,7 +126,9 @@ class Datastore:
     async def model_version_exists(self, model: str, version: str) -> bool:
         return False
 
-    async def upload_model_version(self, model: str, path: Path, *, metrics: dict[str, Any], info: dict[str, Any], version: str = "") -> Any:
+    async def upload_model_version(
+        self, model: str, path: Path, *, metrics: dict[str, Any], info: dict[str, Any], version: str = ""
+    ) -> Any:
         if self.fail:
             raise RuntimeError("the datastore broke in an unexpected way")
         self.uploads.append((model, path, metrics))
@@ -167,7 +171,9 @@ async def test_events_become_progress_stats_and_a_published_version(tmp_path: Pa
     job = await t.create(JobRequest("seg", {}))
     done = await asyncio.wait_for(wait_ended(t, job.job_id), 10)
     assert done.state == SUCCEEDED
-    assert datastore.uploads == [("seg", checkpoint, {"best_metric": 0.75, "best_metric_epoch": 2, "key_metric_name": "dice"})]
+    assert datastore.uploads == [
+        ("seg", checkpoint, {"best_metric": 0.75, "best_metric_epoch": 2, "key_metric_name": "dice"})
+    ]
     assert done.model_version == "models/seg/versions/1"
     assert done.train_stats == stats
     progress = done.progress
@@ -204,5 +210,13 @@ def test_the_eta_extrapolates_the_rate_since_the_first_step() -> None:
     assert progress.estimated_remaining_seconds == 35.0
     assert (progress.total_iterations, progress.loss, progress.metric_name, progress.metric) == (100, 0.5, "dice", 0.4)
     assert iteration_progress(None, step, (100.0, 30), 100.0).estimated_remaining_seconds == 0.0
-    done = stats_progress(progress, events.Completed(stats={"epoch": 10, "train": {"key_metric_name": "acc", "metrics": {"acc": 0.9}}}))
-    assert (done.epoch, done.metric_name, done.metric, done.estimated_remaining_seconds, done.loss) == (10, "acc", 0.9, 0.0, 0.5)
+    done = stats_progress(
+        progress, events.Completed(stats={"epoch": 10, "train": {"key_metric_name": "acc", "metrics": {"acc": 0.9}}})
+    )
+    assert (done.epoch, done.metric_name, done.metric, done.estimated_remaining_seconds, done.loss) == (
+        10,
+        "acc",
+        0.9,
+        0.0,
+        0.5,
+    )

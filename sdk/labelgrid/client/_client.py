@@ -182,7 +182,9 @@ class Client:
         """Every image of the datastore, page by page."""
         token = ""
         while True:
-            page = self._unary(self._datastore.ListImages, ds_pb.ListImagesRequest(page_size=page_size, page_token=token))
+            page = self._unary(
+                self._datastore.ListImages, ds_pb.ListImagesRequest(page_size=page_size, page_token=token)
+            )
             yield from page.images
             token = page.next_page_token
             if not token:

@@ -31,10 +31,14 @@ from labelgrid.inference.v1 import resources_pb2 as inf_resources
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
-    group.add_argument("--target", default=os.environ.get("LABELGRID_TARGET", DEFAULT_TARGET),
-                       help="HOST:PORT of the gRPC edge (env LABELGRID_TARGET; default %(default)s)")
-    group.add_argument("--token", default=os.environ.get("LABELGRID_TOKEN", ""),
-                       help="bearer token (env LABELGRID_TOKEN)")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("LABELGRID_TARGET", DEFAULT_TARGET),
+        help="HOST:PORT of the gRPC edge (env LABELGRID_TARGET; default %(default)s)",
+    )
+    group.add_argument(
+        "--token", default=os.environ.get("LABELGRID_TOKEN", ""), help="bearer token (env LABELGRID_TOKEN)"
+    )
     group.add_argument("--timeout", type=float, default=30.0, help="seconds per call (transfers: 20x)")
     group.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -164,13 +168,21 @@ def _images_upload(client: Client, args: argparse.Namespace) -> None:
     with _bar(args, f"upload {args.file.name}") as progress:
         image = client.upload_image(args.file, args.id, replace=not args.no_replace, progress=progress)
     record = {"image": image.image_id, "size_bytes": image.size_bytes, "sha256": image.sha256}
-    _emit(args, record, f"uploaded {args.file} as image {image.image_id} ({image.size_bytes} bytes, sha256 {image.sha256})")
+    _emit(
+        args,
+        record,
+        f"uploaded {args.file} as image {image.image_id} ({image.size_bytes} bytes, sha256 {image.sha256})",
+    )
 
 
 def _images_download(client: Client, args: argparse.Namespace) -> None:
     with _bar(args, f"image {args.image}") as progress:
         got = client.download_image(args.image, args.output, progress=progress)
-    _emit(args, {"image": args.image, **_transfer(got)}, f"wrote {got.path} ({got.size_bytes} bytes, sha256 {got.sha256} verified)")
+    _emit(
+        args,
+        {"image": args.image, **_transfer(got)},
+        f"wrote {got.path} ({got.size_bytes} bytes, sha256 {got.sha256} verified)",
+    )
 
 
 def _labels_download(client: Client, args: argparse.Namespace) -> None:
@@ -189,7 +201,9 @@ def _infer(client: Client, args: argparse.Namespace) -> None:
         raise ValueError("--params must be a JSON object")
     with _bar(args, f"{args.model} label") as progress:
         if args.file:
-            result = client.infer_file(args.model, args.image, args.output, params=params, device=args.device, progress=progress)
+            result = client.infer_file(
+                args.model, args.image, args.output, params=params, device=args.device, progress=progress
+            )
         else:
             result = client.infer(args.model, args.image, args.output, save_label_tag=args.save_label,
                                   params=params, device=args.device, progress=progress)  # fmt: skip
@@ -207,7 +221,11 @@ def _infer(client: Client, args: argparse.Namespace) -> None:
 def _next_sample(client: Client, args: argparse.Namespace) -> None:
     sample = client.next_sample_result(args.client_id, args.strategy)
     if not isinstance(sample, Sample):
-        _emit(args, {"image": None, "reason": sample.reason}, f"nothing left to label ({sample.reason or 'no reason given'})")
+        _emit(
+            args,
+            {"image": None, "reason": sample.reason},
+            f"nothing left to label ({sample.reason or 'no reason given'})",
+        )
         return
     record = {"image": sample.image_id, "lease_expire_time": sample.lease_expire_time,
               "strategy_info": sample.strategy_info, "file_name": sample.image.file_name}  # fmt: skip

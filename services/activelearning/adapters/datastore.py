@@ -90,7 +90,9 @@ class DatastoreLeases:
     async def list_leases(self, client_id: str, page_size: int, page_token: str) -> LeasePage:
         request = ds.ListImageLeasesRequest(client_id=client_id, page_size=page_size, page_token=page_token)
         stub = self.client.stub
-        response = await self.client.call("listing leases", lambda: stub.ListImageLeases(request, timeout=self._timeout))
+        response = await self.client.call(
+            "listing leases", lambda: stub.ListImageLeases(request, timeout=self._timeout)
+        )
         return LeasePage([lease_value(lease) for lease in response.leases], response.next_page_token)
 
     async def count_leases(self) -> int:
@@ -110,10 +112,13 @@ class DatastoreLeases:
         )
 
     async def set_score(self, image_id: str, key: str, value: float, model_version: str) -> None:
-        request = ds.SetImageScoreRequest(name=f"images/{image_id}", score_key=key, value=value, model_version=model_version)
+        request = ds.SetImageScoreRequest(
+            name=f"images/{image_id}", score_key=key, value=value, model_version=model_version
+        )
         stub = self.client.stub
         await self.client.call(
-            f"storing the {key!r} score of image {image_id!r}", lambda: stub.SetImageScore(request, timeout=self._timeout)
+            f"storing the {key!r} score of image {image_id!r}",
+            lambda: stub.SetImageScore(request, timeout=self._timeout),
         )
 
     async def images(self, labeled: bool, label_tag: str) -> list[ImageEntry]:

@@ -49,14 +49,11 @@ def job_of(name: str) -> str:
     return split_resource_name(name, "scoringJobs/{job}")[0]
 
 
-
 def params_of(struct: Any) -> dict[str, Any]:
     return struct_to_dict(struct)
 
 
 # -- app parts -------------------------------------------------------------------------------
-
-
 
 
 def strategy(name: str, value: Strategy) -> res.Strategy:
@@ -106,7 +103,6 @@ def lease(value: Lease) -> res.Lease:
     message.acquire_time.FromDatetime(value.acquire_time)
     message.expire_time.FromDatetime(value.expire_time)
     return message
-
 
 
 def scoring_job(job: ScoringJob) -> res.ScoringJob:

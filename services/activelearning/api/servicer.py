@@ -24,7 +24,9 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
         strategies = self.sampler.app.strategies
         return pb.ListStrategiesResponse(strategies=[convert.strategy(k, v) for k, v in strategies.items()])
 
-    async def ListScoringMethods(self, request: pb.ListScoringMethodsRequest, context: Any) -> pb.ListScoringMethodsResponse:
+    async def ListScoringMethods(
+        self, request: pb.ListScoringMethodsRequest, context: Any
+    ) -> pb.ListScoringMethodsResponse:
         methods = self.scoring.app.scoring_methods
         return pb.ListScoringMethodsResponse(scoring_methods=[convert.scoring_method(k, v) for k, v in methods.items()])
 
@@ -49,7 +51,9 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
 
     async def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
         page = await self.sampler.list_leases(request.client_id, request.page_size, request.page_token)
-        return pb.ListLeasesResponse(leases=[convert.lease(lease) for lease in page.leases], next_page_token=page.next_page_token)
+        return pb.ListLeasesResponse(
+            leases=[convert.lease(lease) for lease in page.leases], next_page_token=page.next_page_token
+        )
 
     # -- scoring jobs ---------------------------------------------------------------------------
 
@@ -66,7 +70,9 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
         return pb.CreateScoringJobResponse(scoring_job=convert.scoring_job(doc))
 
     async def GetScoringJob(self, request: pb.GetScoringJobRequest, context: Any) -> pb.GetScoringJobResponse:
-        return pb.GetScoringJobResponse(scoring_job=convert.scoring_job(await self.scoring.get(convert.job_of(request.name))))
+        return pb.GetScoringJobResponse(
+            scoring_job=convert.scoring_job(await self.scoring.get(convert.job_of(request.name)))
+        )
 
     async def ListScoringJobs(self, request: pb.ListScoringJobsRequest, context: Any) -> pb.ListScoringJobsResponse:
         page = await self.scoring.list(
@@ -83,7 +89,9 @@ class ActiveLearningServicer(pb_grpc.ActiveLearningServiceServicer):
         doc = await self.scoring.cancel(convert.job_of(request.name))
         return pb.CancelScoringJobResponse(scoring_job=convert.scoring_job(doc))
 
-    async def WatchScoringJob(self, request: pb.WatchScoringJobRequest, context: Any) -> AsyncIterator[pb.WatchScoringJobResponse]:
+    async def WatchScoringJob(
+        self, request: pb.WatchScoringJobRequest, context: Any
+    ) -> AsyncIterator[pb.WatchScoringJobResponse]:
         async for doc in self.scoring.watch(convert.job_of(request.name)):
             yield pb.WatchScoringJobResponse(scoring_job=convert.scoring_job(doc))
 

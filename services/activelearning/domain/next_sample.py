@@ -58,7 +58,9 @@ class NextSampler:
             raise InvalidArgument(f"lease_ttl_seconds must be between 0 and {MAX_TTL_SECONDS} (got {ttl_seconds})")
         return ttl_seconds or self.default_ttl_seconds
 
-    async def next_sample(self, strategy_name: str, client_id: str, params: dict[str, Any], ttl_seconds: int = 0) -> NextSample:
+    async def next_sample(
+        self, strategy_name: str, client_id: str, params: dict[str, Any], ttl_seconds: int = 0
+    ) -> NextSample:
         strategy = self.strategy(strategy_name)
         check_client_id(client_id)
         ttl = self._ttl(ttl_seconds)

@@ -122,7 +122,10 @@ class ScoringJobs:
                     await asyncio.sleep(retry_seconds)
             self.taken_over.set_result(left)
             if left:
-                log.info("scoring jobs of a previous process taken over", extra={"jobs": [j.job_id for j in left], "resumed": resume})
+                log.info(
+                    "scoring jobs of a previous process taken over",
+                    extra={"jobs": [j.job_id for j in left], "resumed": resume},
+                )
             await self._run_forever()
 
         spawn(self._tasks, run(), "scoring-runner")
@@ -281,7 +284,9 @@ class ScoringJobs:
             labeled = method.images is ImageSet.LABELED
             images = await self.store.images(labeled, self.label_tag)
             tally.total = len(images)
-            started = f"scoring {len(images)} {'labeled' if labeled else 'unlabeled'} images with {model} version {version}"
+            started = (
+                f"scoring {len(images)} {'labeled' if labeled else 'unlabeled'} images with {model} version {version}"
+            )
             await self.jobs.update(
                 job_id, {"model_version": version, "progress": tally.snapshot(), "log_tail": (*job.log_tail, started)}
             )
@@ -307,7 +312,9 @@ class ScoringJobs:
         line = f"done: {tally.scored} scored, {tally.skipped} skipped, {tally.failed} failed"
         current = await self.jobs.get(job_id)
         if tally.failed and not tally.scored and not tally.skipped:
-            await self._fail(job_id, tally.snapshot(), "INFERENCE_ERROR", f"every image failed to score ({tally.failed})")
+            await self._fail(
+                job_id, tally.snapshot(), "INFERENCE_ERROR", f"every image failed to score ({tally.failed})"
+            )
             return
         await self.jobs.update(
             job_id, {"state": SUCCEEDED, "progress": tally.snapshot(), "log_tail": (*current.log_tail, line)}
@@ -331,7 +338,14 @@ class ScoringJobs:
         )
 
     async def _score_one(
-        self, job: ScoringJob, method: ScoringMethod, model: str, task: Any, version: str, image: ImageEntry, tally: _Tally
+        self,
+        job: ScoringJob,
+        method: ScoringMethod,
+        model: str,
+        task: Any,
+        version: str,
+        image: ImageEntry,
+        tally: _Tally,
     ) -> None:
         job_id, method_name = job.job_id, job.method
         scratch = Path(tempfile.mkdtemp(prefix="score-", dir=self.work_dir))
@@ -365,7 +379,9 @@ class ScoringJobs:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    async def _image_failed(self, job_id: str, method_name: str, image: ImageEntry, message: str, tally: _Tally) -> None:
+    async def _image_failed(
+        self, job_id: str, method_name: str, image: ImageEntry, message: str, tally: _Tally
+    ) -> None:
         tally.failed += 1
         self.images[(method_name, "failed")] += 1
         await self.jobs.log(job_id, f"image {image.image_id}: {message}")

@@ -126,7 +126,9 @@ class Batcher:
                 group = self._groups[network] = _Group()
             return group
 
-    def predictor(self, network: Callable[..., Any], policy: BatchPolicy, cancelled: threading.Event) -> BatchingPredictor:
+    def predictor(
+        self, network: Callable[..., Any], policy: BatchPolicy, cancelled: threading.Event
+    ) -> BatchingPredictor:
         return BatchingPredictor(self, network, policy, cancelled)
 
     def submit(self, network: Callable[..., Any], group: _Group, inputs: torch.Tensor, policy: BatchPolicy) -> Any:

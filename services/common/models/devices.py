@@ -60,7 +60,9 @@ def describe_devices(names: list[str]) -> list[DeviceInfo]:
         if name.startswith("cuda"):
             index = torch.device(name).index or 0
             props = torch.cuda.get_device_properties(index)
-            out.append(DeviceInfo(name, "cuda", props.name, int(props.total_memory), int(torch.cuda.memory_reserved(index))))
+            out.append(
+                DeviceInfo(name, "cuda", props.name, int(props.total_memory), int(torch.cuda.memory_reserved(index)))
+            )
     if "cpu" in names:
         out.append(DeviceInfo("cpu", "cpu", "", _host_memory_total(), _process_rss()))
     return out

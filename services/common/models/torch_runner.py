@@ -100,7 +100,11 @@ class TorchRunner:
                 if volume.path is None:
                     raise InferenceError(f"{type(task).__name__} reads image files, and this image has none")
                 label = torch.from_numpy(
-                    np.asarray(task.infer_file(loaded.network, volume.path, loaded.device, lambda: _check(cancelled), latencies, prompt))
+                    np.asarray(
+                        task.infer_file(
+                            loaded.network, volume.path, loaded.device, lambda: _check(cancelled), latencies, prompt
+                        )
+                    )
                 )
                 return self._restore(task, label, volume, prompt, latencies)
             started = time.perf_counter()
@@ -140,7 +144,9 @@ class TorchRunner:
             raise InferenceError(f"running {type(task).__name__} failed: {error}") from error
 
     @staticmethod
-    def _restore(task: InferTask, label: torch.Tensor, volume: Volume, prompt: Prompt, latencies: dict[str, float]) -> RunResult:
+    def _restore(
+        task: InferTask, label: torch.Tensor, volume: Volume, prompt: Prompt, latencies: dict[str, float]
+    ) -> RunResult:
         """Back onto the image's grid (MONAI Label's Restored): nearest, so labels stay labels."""
         started = time.perf_counter()
         if tuple(label.shape) != volume.shape:

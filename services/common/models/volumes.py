@@ -31,7 +31,11 @@ def nrrd_affine(header: dict[str, Any]) -> np.ndarray:
     origin = header.get("space origin")
     affine = np.eye(4)
     if directions is not None:
-        rows = [np.asarray(row, dtype=float) for row in directions if row is not None and not np.any(np.isnan(np.asarray(row, dtype=float)))]
+        rows = [
+            np.asarray(row, dtype=float)
+            for row in directions
+            if row is not None and not np.any(np.isnan(np.asarray(row, dtype=float)))
+        ]
         if len(rows) == 3:
             affine[:3, :3] = np.stack(rows, axis=1)  # one column per voxel axis
     if origin is not None:
@@ -101,9 +105,7 @@ class VolumeFiles:
             raise
         except Exception as error:
             # The reason only: a reader's message may name paths (the scratch file, or any other).
-            raise InvalidArgument(
-                f"image {file_name!r} is not a readable volume ({type(error).__name__})"
-            ) from error
+            raise InvalidArgument(f"image {file_name!r} is not a readable volume ({type(error).__name__})") from error
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != 3:

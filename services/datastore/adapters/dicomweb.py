@@ -76,7 +76,7 @@ def parse_search_filter(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"dicomweb_search_filter is not JSON: {err}") from None
     if not isinstance(value, dict):
-        raise ValueError("dicomweb_search_filter must be a JSON object such as {\"Modality\": \"CT\"}")
+        raise ValueError('dicomweb_search_filter must be a JSON object such as {"Modality": "CT"}')
     return value
 
 
@@ -102,7 +102,9 @@ class DicomwebPacs:
         elif username:
             session.auth = (username, password)
         self.search_filter = dict(search_filter or {})
-        self.client = DICOMwebClient(self.url, session=session, headers=headers, timeout=(min(10.0, timeout_seconds), timeout_seconds))
+        self.client = DICOMwebClient(
+            self.url, session=session, headers=headers, timeout=(min(10.0, timeout_seconds), timeout_seconds)
+        )
         # Its retries (5 attempts, exponential back-off, also on a refused connection) would make a
         # PACS that is down answer after ~15 s per call; the sync loop is our retry.
         self.client.set_http_retry_params(retry=False)
@@ -112,10 +114,13 @@ class DicomwebPacs:
             return fn(*args, **kwargs)
         except requests.HTTPError as err:
             status = err.response.status_code if err.response is not None else 0
-            raise Unavailable(f"the DICOMweb server {self.url} answered {status} to {what}", reason="PACS_UNAVAILABLE") from None
+            raise Unavailable(
+                f"the DICOMweb server {self.url} answered {status} to {what}", reason="PACS_UNAVAILABLE"
+            ) from None
         except requests.RequestException as err:
             raise Unavailable(
-                f"the DICOMweb server {self.url} is unavailable ({what}: {type(err).__name__})", reason="PACS_UNAVAILABLE"
+                f"the DICOMweb server {self.url} is unavailable ({what}: {type(err).__name__})",
+                reason="PACS_UNAVAILABLE",
             ) from None
 
     def _search(self, **filters: Any) -> Iterator[dict[str, Any]]:
@@ -178,9 +183,7 @@ class DicomwebPacs:
 
     def fetch(self, series: PacsSeries) -> list[pydicom.Dataset]:
         """WADO-RS: every instance of the series, pixel data included."""
-        return self._call(
-            "WADO series", self.client.retrieve_series, series.study_uid, series.series_uid
-        )
+        return self._call("WADO series", self.client.retrieve_series, series.study_uid, series.series_uid)
 
     def metadata(self, series: PacsSeries) -> list[pydicom.Dataset]:
         """WADO-RS metadata (no pixel data): enough for a SEG to reference the series."""

@@ -377,9 +377,7 @@ class Datastore:
     ) -> ImageRecord:
         image_id = ids.check_image_id(image_id)
         limits.check_info(info if replace else {**self.index.get_image(image_id).info, **info}, "image info")
-        record = self.index.update_image_info(
-            image_id, info, replace=replace, expected_revision=expected_revision
-        )
+        record = self.index.update_image_info(image_id, info, replace=replace, expected_revision=expected_revision)
         self._changed()
         return record
 
@@ -458,7 +456,9 @@ class Datastore:
 
     def read_label(self, image_id: str, tag: str, offset: int = 0, limit: int = 0) -> BlobRead:
         label = self.get_label(image_id, tag)
-        return self._read(label_key(label.tag, label.file_name), label.file_name, label.size, label.sha256, offset, limit)
+        return self._read(
+            label_key(label.tag, label.file_name), label.file_name, label.size, label.sha256, offset, limit
+        )
 
     def delete_label(self, image_id: str, tag: str) -> None:
         image_id = ids.check_image_id(image_id)
@@ -616,7 +616,9 @@ class Datastore:
     def renew_lease(self, image_id: str, client_id: str, ttl_seconds: float = 0) -> LeaseRecord:
         limits.check_ttl(ttl_seconds)
         return self.index.renew_lease(
-            ids.check_image_id(image_id), ids.check_record_key(client_id, "client_id"), ttl_seconds or self.lease_ttl_seconds
+            ids.check_image_id(image_id),
+            ids.check_record_key(client_id, "client_id"),
+            ttl_seconds or self.lease_ttl_seconds,
         )
 
     def release_lease(self, image_id: str, client_id: str) -> None:
@@ -660,7 +662,9 @@ class Datastore:
                 self._discard(spooled)
                 raise
             try:
-                self.blobs.put_file(model_key(model, record.version, file_name), Path(spooled.path), sha256=spooled.sha256)
+                self.blobs.put_file(
+                    model_key(model, record.version, file_name), Path(spooled.path), sha256=spooled.sha256
+                )
             except BaseException:
                 self.index.delete_model_version(model, record.version)
                 self._discard(spooled)
@@ -707,7 +711,9 @@ class Datastore:
 
     # -- records -----------------------------------------------------------------------
 
-    def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None) -> Record:
+    def put_record(
+        self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None
+    ) -> Record:
         return self.index.put_record(
             ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), data, expected_revision
         )
@@ -728,4 +734,3 @@ def content_type_of(file_name: str) -> str:
     if file_name.endswith(".zip"):
         return "application/zip"
     return "application/octet-stream"
-

@@ -40,7 +40,7 @@ class InferenceCollector(Collector):
         cache = self.inference.cache
         served = GaugeMetricFamily(
             "labelgrid_inference_model_version_info",
-            "1 for the model version loaded on a device (\"untrained\" before any is published).",
+            '1 for the model version loaded on a device ("untrained" before any is published).',
             labels=["model", "device", "version"],
         )
         load_seconds = GaugeMetricFamily(

@@ -52,10 +52,11 @@ class RemoteInfer:
         except grpc.aio.AioRpcError as rpc_error:
             details = error_details(rpc_error)
             error = LabelgridError(details.message or details.code.name, reason=details.reason or "INFERENCE_ERROR")
-            error.kind = ErrorKind[details.code.name] if details.code.name in ErrorKind.__members__ else ErrorKind.INTERNAL
+            error.kind = (
+                ErrorKind[details.code.name] if details.code.name in ErrorKind.__members__ else ErrorKind.INTERNAL
+            )
             raise error from None
         raise LabelgridError(f"the inference of {image_id} answered nothing", reason="INFERENCE_ERROR")
 
     async def close(self) -> None:
         await self.channel.close()
-

@@ -104,7 +104,11 @@ def prompt(message: res.Prompt, extra: dict[str, Any]) -> Prompt:
     background = _typed_points(message.background) or _points(extra.get("background"), "background")
     label_points = {group.label: _typed_points(group.points) for group in message.label_points}
     if not label_points:
-        label_points = {key: _points(value, key) for key, value in extra.items() if key not in _PROMPT_KEYS and _is_click_list(value)}
+        label_points = {
+            key: _points(value, key)
+            for key, value in extra.items()
+            if key not in _PROMPT_KEYS and _is_click_list(value)
+        }
     label = message.label or str(extra.get("label") or "")
     return Prompt(label=label, foreground=foreground, background=background, label_points=label_points)
 
@@ -156,13 +160,14 @@ def result_header(outcome: InferOutcome) -> pb.InferResultHeader:
     return pb.InferResultHeader(
         result_params=dict_to_struct(outcome.result_params),
         label_names=outcome.label_names,
-        latencies=pb.InferLatencies(**{key: float(latencies.get(key, 0.0)) for key in pb.InferLatencies.DESCRIPTOR.fields_by_name}),
+        latencies=pb.InferLatencies(
+            **{key: float(latencies.get(key, 0.0)) for key in pb.InferLatencies.DESCRIPTOR.fields_by_name}
+        ),
         label=label,
         saved_label=outcome.saved_label,
         model_version=version_name(outcome.model, outcome.model_version),
         device=outcome.device,
     )
-
 
 
 def device(info: DeviceInfo) -> common_pb2.Device:
@@ -269,4 +274,3 @@ def batch_job(value: BatchJob) -> res.BatchInferenceJob:
     if error is not None:
         job.error.CopyFrom(error)
     return job
-

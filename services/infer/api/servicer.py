@@ -180,7 +180,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.ModelReadyResponse(ready=ready, devices=devices)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return convert.model_metadata(await self.inference.model_metadata(convert.model_of(request.name), request.version))
+        return convert.model_metadata(
+            await self.inference.model_metadata(convert.model_of(request.name), request.version)
+        )
 
     # -- batch inference ----------------------------------------------------------------------
 
@@ -201,7 +203,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         return pb.CreateBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 
-    async def GetBatchInferenceJob(self, request: pb.GetBatchInferenceJobRequest, context: Any) -> pb.GetBatchInferenceJobResponse:
+    async def GetBatchInferenceJob(
+        self, request: pb.GetBatchInferenceJobRequest, context: Any
+    ) -> pb.GetBatchInferenceJobResponse:
         doc = await self.batch.get(convert.batch_job_of(request.name))
         return pb.GetBatchInferenceJobResponse(batch_inference_job=convert.batch_job(doc))
 
@@ -229,7 +233,9 @@ def service_names() -> list[str]:
 def register(
     server: grpc.aio.Server, inference: Inference, upload_dir: Path, max_upload_bytes: int, batch: BatchInference
 ) -> None:
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(inference, upload_dir, max_upload_bytes, batch), server)
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(inference, upload_dir, max_upload_bytes, batch), server
+    )
 
 
 def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:

@@ -172,7 +172,8 @@ class BatchInference:
         for job in await self.store.list():
             if job.state.active and owner_lost(job.owner, self.owner):
                 await self.store.update(
-                    job.job_id, {"state": FAILED, "error": JobError(reason="SERVER_ERROR", message="lost: the service restarted")}
+                    job.job_id,
+                    {"state": FAILED, "error": JobError(reason="SERVER_ERROR", message="lost: the service restarted")},
                 )
 
     # -- use cases ---------------------------------------------------------------------------

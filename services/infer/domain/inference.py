@@ -100,7 +100,9 @@ def check_window_params(extra: dict[str, Any]) -> None:
             )
     batch = extra.get("sw_batch_size")
     if batch is not None and (not _whole(batch) or not 1 <= int(batch) <= MAX_SW_BATCH_SIZE):
-        raise InvalidArgument(f"sw_batch_size must be a whole number from 1 to {MAX_SW_BATCH_SIZE}, not {str(batch)[:40]}")
+        raise InvalidArgument(
+            f"sw_batch_size must be a whole number from 1 to {MAX_SW_BATCH_SIZE}, not {str(batch)[:40]}"
+        )
     overlap = extra.get("sw_overlap")
     if overlap is not None and (
         isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= MAX_SW_OVERLAP
@@ -152,7 +154,6 @@ def _extension_of(file_name: str) -> str:
         if lower.endswith(extension):
             return extension
     return ".nii.gz"
-
 
 
 class Inference:
@@ -266,7 +267,9 @@ class Inference:
                 f"result_extension {result.extension!r} is not supported; use one of {', '.join(LABEL_EXTENSIONS)}"
             )
         if result.dtype and result.dtype not in LABEL_DTYPES:
-            raise InvalidArgument(f"result_dtype {result.dtype!r} is not supported; use one of {', '.join(LABEL_DTYPES)}")
+            raise InvalidArgument(
+                f"result_dtype {result.dtype!r} is not supported; use one of {', '.join(LABEL_DTYPES)}"
+            )
         check_window_params(params.extra)
         self.scheduler.pick(params.device)  # refuses an unknown device now
 
@@ -350,7 +353,9 @@ class Inference:
         # so `queue_limit` bounds the memory of waiting requests, not only the device's work.
         async with queue.slot(model, deadline) as slot:
             decode_started = time.perf_counter()
-            volume, input_label = await slot.run(lambda _cancelled: self._decode(task, model, image, params, path, file_name, work_dir))
+            volume, input_label = await slot.run(
+                lambda _cancelled: self._decode(task, model, image, params, path, file_name, work_dir)
+            )
             decode_seconds = time.perf_counter() - decode_started
             loaded = await self.cache.get(
                 model, task, queue.device, version, lambda load: slot.run(lambda _cancelled: load())
@@ -375,7 +380,9 @@ class Inference:
             dtype,
             params.result.compress or extension == ".nii.gz",
         )
-        label_file = LabelFile(label_path, label_path.name, label_path.stat().st_size, await asyncio.to_thread(sha256_file, label_path))
+        label_file = LabelFile(
+            label_path, label_path.name, label_path.stat().st_size, await asyncio.to_thread(sha256_file, label_path)
+        )
         write_seconds = time.perf_counter() - write_started
 
         label_names = task.label_names(params.prompt)
@@ -413,7 +420,12 @@ class Inference:
         }
         log.info(
             "inference done",
-            extra={"model": model, "version": loaded.version, "device": loaded.device, "total": round(latencies["total"], 3)},
+            extra={
+                "model": model,
+                "version": loaded.version,
+                "device": loaded.device,
+                "total": round(latencies["total"], 3),
+            },
         )
         return InferOutcome(
             result_params=result_params,

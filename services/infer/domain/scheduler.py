@@ -132,7 +132,9 @@ class DeviceQueue:
         self._seconds[model] = seconds if previous is None else (1 - _EMA_WEIGHT) * previous + _EMA_WEIGHT * seconds
 
     def stats(self) -> list[QueueStat]:
-        models = sorted({m for m, n in self.waiting.items() if n} | {m for m, n in self.running.items() if n} | set(self._seconds))
+        models = sorted(
+            {m for m, n in self.waiting.items() if n} | {m for m, n in self.running.items() if n} | set(self._seconds)
+        )
         return [
             QueueStat(
                 model=model,

@@ -66,7 +66,10 @@ class DataCache:
                 continue
             try:
                 image_path = await self._fetch(
-                    image.name, image.sha256, image.ext or ".nii.gz", partial(self.datastore.download_image, image.image_id)
+                    image.name,
+                    image.sha256,
+                    image.ext or ".nii.gz",
+                    partial(self.datastore.download_image, image.image_id),
                 )
                 label_path = await self._fetch(
                     label.name or f"images/{image.image_id}/labels/{tag}", label.sha256, label.ext or ".nii.gz",
@@ -143,5 +146,3 @@ class DataCache:
                 continue
             total -= path.stat().st_size
             path.unlink(missing_ok=True)
-
-

@@ -23,7 +23,9 @@ class TrainingDatastore:
     async def download_model_version(self, model: str, version: str, dest_dir: Path) -> Path:
         return await self.client.download_model_version(model, version, dest_dir)
 
-    async def upload_model_version(self, model: str, path: Path, *, metrics: dict[str, Any], info: dict[str, Any], version: str = "") -> Any:
+    async def upload_model_version(
+        self, model: str, path: Path, *, metrics: dict[str, Any], info: dict[str, Any], version: str = ""
+    ) -> Any:
         return await self.client.upload_model_version(model, path, metrics=metrics, info=info, version=version)
 
     async def model_version_exists(self, model: str, version: str) -> bool:

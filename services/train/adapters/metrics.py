@@ -43,9 +43,13 @@ class TrainingCollector(Collector):
 
         epoch = GaugeMetricFamily("labelgrid_training_epoch", "Current epoch of the running job.", labels=["trainer"])
         loss = GaugeMetricFamily("labelgrid_training_loss", "Training loss of the last iteration.", labels=["trainer"])
-        best = GaugeMetricFamily("labelgrid_training_best_metric", "Best key metric of the running job.", labels=["trainer"])
+        best = GaugeMetricFamily(
+            "labelgrid_training_best_metric", "Best key metric of the running job.", labels=["trainer"]
+        )
         remaining = GaugeMetricFamily(
-            "labelgrid_training_estimated_remaining_seconds", "Estimated seconds until the running job ends.", labels=["trainer"]
+            "labelgrid_training_estimated_remaining_seconds",
+            "Estimated seconds until the running job ends.",
+            labels=["trainer"],
         )
         for job_id, progress in list(self.training.last_progress.items()):
             trainer = self.training.states.get(job_id, ("", ""))[1]
@@ -56,17 +60,27 @@ class TrainingCollector(Collector):
         yield from (epoch, loss, best, remaining)
 
         finished = CounterMetricFamily(
-            "labelgrid_training_jobs_finished", "Jobs this process saw end, by trainer and state.", labels=["trainer", "state"]
+            "labelgrid_training_jobs_finished",
+            "Jobs this process saw end, by trainer and state.",
+            labels=["trainer", "state"],
         )
         for (trainer, state), count in self.training.finished.items():
             finished.add_metric([trainer, state.lower()], count)
         yield finished
         published = CounterMetricFamily(
-            "labelgrid_training_model_versions_published", "Model versions published by this process.", labels=["trainer"]
+            "labelgrid_training_model_versions_published",
+            "Model versions published by this process.",
+            labels=["trainer"],
         )
         for trainer, count in self.training.published.items():
             published.add_metric([trainer], count)
         yield published
-        yield CounterMetricFamily("labelgrid_training_cache_hits", "Images and labels found in the local cache.", value=self.cache.hits)
-        yield CounterMetricFamily("labelgrid_training_cache_misses", "Images and labels fetched from the datastore.", value=self.cache.misses)
-        yield GaugeMetricFamily("labelgrid_training_cache_bytes", "Bytes in the local image cache.", value=self.cache.cached_bytes())
+        yield CounterMetricFamily(
+            "labelgrid_training_cache_hits", "Images and labels found in the local cache.", value=self.cache.hits
+        )
+        yield CounterMetricFamily(
+            "labelgrid_training_cache_misses", "Images and labels fetched from the datastore.", value=self.cache.misses
+        )
+        yield GaugeMetricFamily(
+            "labelgrid_training_cache_bytes", "Bytes in the local image cache.", value=self.cache.cached_bytes()
+        )

@@ -32,7 +32,14 @@ def _visible_gpus() -> list[str]:
 
 
 class ChildRun:
-    def __init__(self, proc: asyncio.subprocess.Process, job_dir: Path, events: Path, on_line: Callable[[str], None], on_event: Callable[[events.Event], None]):
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        job_dir: Path,
+        events: Path,
+        on_line: Callable[[str], None],
+        on_event: Callable[[events.Event], None],
+    ):
         self.proc = proc
         self.pid = proc.pid
         self.job_dir = job_dir

@@ -83,12 +83,20 @@ def _own_labels(trainer: Any, items: list[dict[str, str]]) -> list[dict[str, str
         if trainer.accepts(values):
             kept.append(item)
         else:
-            log.info("skipping %s: its label values %s are not this trainer's", item.get("image_id", item["image"]), sorted(values))
+            log.info(
+                "skipping %s: its label values %s are not this trainer's",
+                item.get("image_id", item["image"]),
+                sorted(values),
+            )
     return kept
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    return (
+        network.module
+        if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel)
+        else network
+    )
 
 
 def _load_weights(network: torch.nn.Module, path: str) -> None:
@@ -175,16 +183,22 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
     if val_list:
         evaluator = SupervisedEvaluator(
             device=device,
-            val_data_loader=loader(dataset(val_list, trainer_def.val_pre_transforms(context)), int(params.get("val_batch_size", 1)), False),
+            val_data_loader=loader(
+                dataset(val_list, trainer_def.val_pre_transforms(context)), int(params.get("val_batch_size", 1)), False
+            ),
             network=network,
             inferer=trainer_def.val_inferer(context),
             postprocessing=Compose(trainer_def.val_post_transforms(context)),
             key_val_metric=trainer_def.val_key_metric(context),
             amp=amp,
         )
-        handlers.append(ValidationHandler(validator=evaluator, interval=max(1, int(trainer_def.val_interval)), epoch_level=True))
+        handlers.append(
+            ValidationHandler(validator=evaluator, interval=max(1, int(trainer_def.val_interval)), epoch_level=True)
+        )
     if rank == 0:
-        handlers.append(StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True), iteration_log=True))
+        handlers.append(
+            StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True), iteration_log=True)
+        )
 
     train_data = dataset(train_list, trainer_def.train_pre_transforms(context))
     trainer = SupervisedTrainer(
@@ -248,7 +262,13 @@ def run_training(spec: dict[str, Any], emit: Emit, rank: int = 0, world_size: in
             return
         last_tick[0] = now
         output = engine.state.output
-        loss = output[0]["loss"] if isinstance(output, list) and output else output.get("loss") if isinstance(output, dict) else None
+        loss = (
+            output[0]["loss"]
+            if isinstance(output, list) and output
+            else output.get("loss")
+            if isinstance(output, dict)
+            else None
+        )
         emit(events.Iteration(
             epoch=int(engine.state.epoch),
             iteration=int(engine.state.iteration),
@@ -298,7 +318,9 @@ def _file_emitter(path: str) -> Emit:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     spec = json.loads(Path(args[0]).read_text())
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s] %(levelname)s %(name)s - %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="[%(asctime)s] %(levelname)s %(name)s - %(message)s"
+    )
     parent = int(os.environ.get("LABELGRID_TRAIN_PARENT_PID", "0"))
     if parent:
         _watch_parent(parent)

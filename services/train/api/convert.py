@@ -30,8 +30,6 @@ def trainer_name(name: str) -> str:
     return split_resource_name(name, "trainers/{trainer}")[0]
 
 
-
-
 def trainer(info: TrainerInfo) -> res.Trainer:
     return res.Trainer(
         name=f"trainers/{info.name}",
@@ -61,7 +59,9 @@ def job_request(message: res.TrainingJob, enqueue: bool, request_id: str) -> Job
     if p.initial_model_version:
         model, version = split_resource_name(p.initial_model_version, "models/{model}/versions/{version}")
         if model != name:
-            raise InvalidArgument(f"initial_model_version {p.initial_model_version!r} is not a version of model {name!r}")
+            raise InvalidArgument(
+                f"initial_model_version {p.initial_model_version!r} is not a version of model {name!r}"
+            )
     return JobRequest(
         trainer=name,
         params=params,
@@ -73,13 +73,17 @@ def job_request(message: res.TrainingJob, enqueue: bool, request_id: str) -> Job
     )
 
 
-
 def _params(given: dict[str, Any]) -> res.TrainingParams:
     given = dict(given or {})
     out = res.TrainingParams()
     for key in ("max_epochs", "train_batch_size", "val_batch_size"):
         value = given.pop(key, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and abs(value) < 2**31:
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and float(value).is_integer()
+            and abs(value) < 2**31
+        ):
             setattr(out, key, int(value))
     for key in _OPTIONAL:
         value = given.pop(key, None)

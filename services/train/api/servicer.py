@@ -25,12 +25,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def ListTrainers(self, request: pb.ListTrainersRequest, context: Any) -> pb.ListTrainersResponse:
         return pb.ListTrainersResponse(trainers=[convert.trainer(t) for t in self.training.list_trainers()])
 
-    async def CreateTrainingJob(self, request: pb.CreateTrainingJobRequest, context: Any) -> pb.CreateTrainingJobResponse:
+    async def CreateTrainingJob(
+        self, request: pb.CreateTrainingJobRequest, context: Any
+    ) -> pb.CreateTrainingJobResponse:
         job = await self.training.create(convert.job_request(request.training_job, request.enqueue, request.request_id))
         return pb.CreateTrainingJobResponse(training_job=convert.job(job))
 
     async def GetTrainingJob(self, request: pb.GetTrainingJobRequest, context: Any) -> pb.GetTrainingJobResponse:
-        return pb.GetTrainingJobResponse(training_job=convert.job(await self.training.get(convert.job_name(request.name))))
+        return pb.GetTrainingJobResponse(
+            training_job=convert.job(await self.training.get(convert.job_name(request.name)))
+        )
 
     async def ListTrainingJobs(self, request: pb.ListTrainingJobsRequest, context: Any) -> pb.ListTrainingJobsResponse:
         state = job_state_name(request.state)
@@ -39,10 +43,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         page, token = offset_page(jobs, request.page_size, request.page_token, "ListTrainingJobs")
         return pb.ListTrainingJobsResponse(training_jobs=[convert.job(doc) for doc in page], next_page_token=token)
 
-    async def CancelTrainingJob(self, request: pb.CancelTrainingJobRequest, context: Any) -> pb.CancelTrainingJobResponse:
-        return pb.CancelTrainingJobResponse(training_job=convert.job(await self.training.cancel(convert.job_name(request.name))))
+    async def CancelTrainingJob(
+        self, request: pb.CancelTrainingJobRequest, context: Any
+    ) -> pb.CancelTrainingJobResponse:
+        return pb.CancelTrainingJobResponse(
+            training_job=convert.job(await self.training.cancel(convert.job_name(request.name)))
+        )
 
-    async def WatchTrainingJob(self, request: pb.WatchTrainingJobRequest, context: Any) -> AsyncIterator[pb.WatchTrainingJobResponse]:
+    async def WatchTrainingJob(
+        self, request: pb.WatchTrainingJobRequest, context: Any
+    ) -> AsyncIterator[pb.WatchTrainingJobResponse]:
         job_id = convert.job_name(request.name)
         async for doc in self.training.watch(job_id):
             yield pb.WatchTrainingJobResponse(training_job=convert.job(doc))

@@ -84,7 +84,9 @@ def resolve_params(config: dict[str, Any], given: dict[str, Any]) -> dict[str, A
     return params
 
 
-def split_datalist(datalist: list[dict[str, str]], val_split: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def split_datalist(
+    datalist: list[dict[str, str]], val_split: float
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """MONAI Label's partition by val_split; with too few images to hold any out, validation
     runs on the training images (so the key metric is still measured on whole volumes)."""
     if val_split <= 0:

@@ -60,7 +60,11 @@ class CheckpointPublisher:
                 trainer,
                 path,
                 metrics=metrics,
-                info={"training_job": f"trainingJobs/{job.job_id}", "trainer": trainer, "params": stored.resolved_params},
+                info={
+                    "training_job": f"trainingJobs/{job.job_id}",
+                    "trainer": trainer,
+                    "params": stored.resolved_params,
+                },
             )
             name = getattr(version, "name", "") or f"models/{trainer}/versions/{getattr(version, 'version', '')}"
             self.published[trainer] = self.published.get(trainer, 0) + 1
@@ -70,7 +74,9 @@ class CheckpointPublisher:
                 f"New Model published: {name} ({checkpoint.metric_name} {checkpoint.metric:.4f} at epoch {checkpoint.epoch})",
             )
         except LabelgridError as err:
-            await self.store.log(job.job_id, f"publishing the checkpoint of epoch {checkpoint.epoch} failed: {err.message}")
+            await self.store.log(
+                job.job_id, f"publishing the checkpoint of epoch {checkpoint.epoch} failed: {err.message}"
+            )
         finally:
             await asyncio.to_thread(_remove_older_checkpoints, path)
 

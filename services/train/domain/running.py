@@ -38,7 +38,9 @@ class Progress:
     estimated_remaining_seconds: float = 0.0
 
 
-def iteration_progress(previous: Progress | None, event: Iteration, first_step: tuple[float, int], now: float) -> Progress:
+def iteration_progress(
+    previous: Progress | None, event: Iteration, first_step: tuple[float, int], now: float
+) -> Progress:
     """The progress after an iteration event; the ETA extrapolates the rate since `first_step` (time, iteration)."""
     total = event.epoch_length * event.max_epochs
     first_time, first_iteration = first_step

@@ -141,7 +141,11 @@ class Training:
         queued, self._queue[:] = list(self._queue), []
         for job_id in queued:
             self._jobs.pop(job_id, None)
-            await self._finish(job_id, FAILED, JobError(reason="SERVER_ERROR", message="the training service stopped before the job ran"))
+            await self._finish(
+                job_id,
+                FAILED,
+                JobError(reason="SERVER_ERROR", message="the training service stopped before the job ran"),
+            )
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
@@ -164,7 +168,9 @@ class Training:
             config = dict(info.get("config") or {})
             # MONAI Label shows the devices to pick from; ours are the service's.
             config["device"] = self.pool.names
-            out.append(TrainerInfo(name, name, str(info.get("description", "")), config, dict(info.get("labels") or {})))
+            out.append(
+                TrainerInfo(name, name, str(info.get("description", "")), config, dict(info.get("labels") or {}))
+            )
         return out
 
     # -- params ------------------------------------------------------------------------------
@@ -198,7 +204,9 @@ class Training:
             if active and not request.enqueue:
                 raise AlreadyExists(ALREADY_RUNNING_MESSAGE, reason="ALREADY_RUNNING")
             if len(self._queue) >= self.queue_limit:
-                raise ResourceExhausted(f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL")
+                raise ResourceExhausted(
+                    f"the training queue is full ({self.queue_limit} jobs wait); retry later", reason="QUEUE_FULL"
+                )
             new = TrainingJob(
                 trainer=request.trainer,
                 model=request.trainer,
@@ -337,7 +345,9 @@ class Training:
                 del lines[:-5]
                 job.spawn(self.store.log(job_id, line), "log")
 
-            job.proc = await self.launcher.start(job_dir, spec, devices, on_line, lambda event: self._on_event(job, event))
+            job.proc = await self.launcher.start(
+                job_dir, spec, devices, on_line, lambda event: self._on_event(job, event)
+            )
             await self.store.log(job_id, f"training process started (pid {job.proc.pid})")
             if job.stop_requested:  # a stop came while the child was being started
                 await job.proc.stop(self.stop_grace_seconds)
@@ -353,10 +363,15 @@ class Training:
         except asyncio.CancelledError:
             if job.proc is not None:
                 await job.proc.stop(0)
-            state, error = FAILED, JobError(reason="SERVER_ERROR", message="the training service stopped while the job ran")
+            state, error = (
+                FAILED,
+                JobError(reason="SERVER_ERROR", message="the training service stopped while the job ran"),
+            )
             raise
         except LabelgridError as err:
-            state, error = (CANCELLED, None) if job.stop_requested else (FAILED, JobError(reason=err.reason, message=err.message))
+            state, error = (
+                (CANCELLED, None) if job.stop_requested else (FAILED, JobError(reason=err.reason, message=err.message))
+            )
         except Exception as err:
             log.exception("training job failed", extra={"job": job_id})
             state, error = FAILED, JobError(reason="APP_TRAIN_FAILED", message=f"{type(err).__name__}: {err}")
@@ -393,7 +408,9 @@ class Training:
         if not root.is_dir():
             return
         active = {job_id for job_id, job in self._jobs.items() if job.task is not None}
-        dirs = sorted((p for p in root.iterdir() if p.is_dir() and p.name not in active), key=lambda p: p.stat().st_mtime)
+        dirs = sorted(
+            (p for p in root.iterdir() if p.is_dir() and p.name not in active), key=lambda p: p.stat().st_mtime
+        )
         for path in dirs[: max(0, len(dirs) - self.keep_job_dirs)]:
             shutil.rmtree(path, ignore_errors=True)
 
