@@ -76,6 +76,25 @@ def http_ok(url: str, headers: Callable[[], dict[str, str]] | None = None) -> Ca
     return check
 
 
+def envoy_ready(admin_url: str) -> Callable[[], bool]:
+    """Ready check of Envoy: live (/ready), and every upstream host it health-checks (inference
+    replicas) has passed a check, so the first gRPC call through the edge is not refused with
+    'no healthy upstream'."""
+    live = http_ok(f"{admin_url}/ready")
+
+    def check() -> bool:
+        if not live():
+            return False
+        try:
+            clusters = httpx.get(f"{admin_url}/clusters", timeout=5.0).text
+        except httpx.HTTPError:
+            return False
+        flags = [line for line in clusters.splitlines() if "::health_flags::" in line]
+        return all(line.endswith("::health_flags::healthy") for line in flags)
+
+    return check
+
+
 def _die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn giving the child SIGTERM when the supervisor dies, even by SIGKILL, so no
     orphan keeps the ports. prctl is looked up here: a forked child must not dlopen. The death
@@ -417,7 +436,7 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
                 say,
                 env("gateway"),
             ),
-            Child("envoy", envoy_command(envoy_config), http_ok(f"http://127.0.0.1:{ports.admin}/ready"), say),
+            Child("envoy", envoy_command(envoy_config), envoy_ready(f"http://127.0.0.1:{ports.admin}"), say),
         ],
     ]
     return Supervisor(groups, say), ports

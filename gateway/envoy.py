@@ -177,9 +177,13 @@ def _replicated(cluster: dict[str, Any]) -> dict[str, Any]:
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "health_checks": [
             {
-                "timeout": "1s",
+                # Two missed checks, not one: a replica busy on the CPU may answer one late.
+                "timeout": "2s",
                 "interval": "1s",
-                "unhealthy_threshold": 1,
+                # Envoy checks a cluster that has had no traffic only every 60 s by default; a
+                # replica that was not up at the first check would then get no calls for a minute.
+                "no_traffic_interval": "1s",
+                "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},
             }
