@@ -61,13 +61,13 @@ class SpoolWriter:
     `abort` (or leaving a ``with`` block with an exception) removes it.
     """
 
-    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = True):
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = True, prefix: str = "upload-"):
         directory = Path(directory)
         self.fsync = fsync  # False: the owner's store makes it durable (one fsync per upload, not two)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.max_bytes = max_bytes
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=directory)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
         # Safety net: a writer dropped without finish or abort (e.g. its task was cancelled

@@ -10,6 +10,9 @@ import asyncio
 import gzip
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -234,6 +237,48 @@ async def test_infer_upload(stack: Stack) -> None:
     assert label.shape == (24, 20, 16)
     np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
     assert not list((stack.inference.work_dir / "uploads").glob("*")), "the upload's temp file must be gone"
+
+
+async def test_upload_spools_carry_the_pid_and_a_start_removes_dead_ones(stack: Stack, tmp_path: Path) -> None:
+    # An InferUpload in flight spools to upload-<pid>-*.part (the service runs in this process).
+    data = sphere_image((24, 20, 16), 3)
+    release = asyncio.Event()
+
+    async def messages() -> AsyncIterator[pb.InferUploadRequest]:
+        yield pb.InferUploadRequest(
+            header=pb.InferUploadHeader(
+                model="models/segmentation", image_file_name="up.nii.gz", image_size_bytes=len(data)
+            )
+        )
+        yield pb.InferUploadRequest(image_chunk=data[:4096])
+        await release.wait()
+
+    uploads = stack.inference.work_dir / "uploads"
+    call = stack.stub.InferUpload(messages(), timeout=60)
+    try:
+        await eventually(lambda: list(uploads.glob(f"upload-{os.getpid()}-*.part")), "the upload to spool")
+    finally:
+        call.cancel()
+        release.set()
+    await eventually(lambda: not list(uploads.glob("*")), "the cancelled upload's spool to go")
+
+    # A kill -9 mid-upload leaves such a spool; a starting service removes those of processes
+    # that are gone, and keeps a live process's (replicas may share the folder) and foreign files.
+    planted = tmp_path / "infer" / "uploads"
+    planted.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = planted / f"upload-{dead.pid}-x1y2z3.part"
+    alive = planted / f"upload-{os.getppid()}-a1b2c3.part"
+    foreign = planted / "upload-notapid.part"
+    for path in (gone, alive, foreign):
+        path.write_bytes(b"half an upload")
+    service, _inference, _client = await start_inference(stack.datastore.service.address, tmp_path / "infer")
+    try:
+        assert not gone.exists()
+        assert alive.exists() and foreign.exists()
+    finally:
+        await service.stop(0)
 
 
 async def test_hot_reload_serves_a_published_version(stack: Stack) -> None:

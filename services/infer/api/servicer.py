@@ -31,7 +31,13 @@ from services.infer.adapters.remote_infer import RemoteInfer
 from services.infer.api import convert
 from services.infer.domain.batch import RECORD_KIND as BATCH_RECORD_KIND
 from services.infer.domain.batch import BatchInference, BatchJob
-from services.infer.domain.inference import Inference, input_label_file_name, upload_file_name
+from services.infer.domain.inference import (
+    Inference,
+    input_label_file_name,
+    remove_dead_uploads,
+    upload_file_name,
+    upload_spool_prefix,
+)
 from services.infer.domain.model import ImageInput, InferOutcome
 from services.infer.settings import InferSettings
 
@@ -85,6 +91,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.batch = batch
         self.upload_dir = upload_dir
         self.max_upload_bytes = max_upload_bytes
+
+    def _spool(self) -> SpoolWriter:
+        """An InferUpload's spool, upload-<pid>-*.part: a restarted service removes those a killed
+        process left (remove_dead_uploads), never a live replica's sharing the folder."""
+        return SpoolWriter(self.upload_dir, self.max_upload_bytes, prefix=upload_spool_prefix())
 
     # -- app and models ----------------------------------------------------------------------
 
@@ -143,12 +154,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if not header.image_file_name:
                 raise InvalidArgument("the header must name a datastore image or give image_file_name")
             file_name = upload_file_name(header.image_file_name)
-            spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
+            spool = await asyncio.to_thread(self._spool)
             spooled = await _receive_part(iterator, "image_chunk", "image_finish", spool, "image")
             image = ImageInput(uploaded_path=spooled.path, uploaded_file_name=file_name)
         if label_file_name:
             try:
-                spool = await asyncio.to_thread(SpoolWriter, self.upload_dir, self.max_upload_bytes)
+                spool = await asyncio.to_thread(self._spool)
                 label = await _receive_part(iterator, "label_chunk", "label_finish", spool, "label")
             except BaseException:
                 if image.uploaded_path is not None:
@@ -241,6 +252,7 @@ def register(
 def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
     """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
     upload_dir = settings.work_dir.resolve() / "uploads"
+    remove_dead_uploads(upload_dir)  # a kill -9 mid-InferUpload left its spool there
     remote = RemoteInfer(settings.batch_address, settings.service_token) if settings.batch_address else None
     batch = BatchInference(
         inference,

@@ -25,7 +25,7 @@ from apps.api.prompt import Prompt
 from services.common import raw_labels
 from services.common.apps import LoadedApp
 from services.common.chunks import sha256_file
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, LabelgridError, NotFound
 from services.common.models.cache import ModelCache, ServingVersions
 from services.common.models.ports import ModelRunner, VolumeIO
 from services.common.models.types import UNTRAINED, DeviceInfo, Volume
@@ -56,30 +56,59 @@ MAX_SW_OVERLAP = 0.9
 UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 # A request's scratch folder: infer-<pid>-<model>-<random>, removed when the request ends.
 SCRATCH_PREFIX = "infer-"
+# An InferUpload's spool: upload-<pid>-<random>.part in <work_dir>/uploads, removed when the request ends.
+UPLOAD_SPOOL_PREFIX = "upload-"
+
+
+def _owner_gone(name: str, prefix: str) -> bool:
+    """Whether `name` (prefix + pid + "-...") belongs to a process that is gone. Our own pid
+    counts as gone: called before this process makes any, so it is a previous process's (a
+    restarted container often gets the same pid)."""
+    pid = name[len(prefix) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+        return False  # alive (or another user's process): not ours to remove
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
 
 
 def remove_dead_scratch(work_dir: Path) -> list[Path]:
     """Removes the scratch folders of processes that are gone (killed mid-request: kill -9, an
     OOM kill), never one of a live process sharing `work_dir`; returns what it removed. Called
-    before this process makes any: a folder with our own pid is a previous process's (a
-    restarted container often gets the same pid)."""
+    before this process makes any."""
     removed = []
     for folder in work_dir.glob(f"{SCRATCH_PREFIX}*"):
-        pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or folder.is_symlink() or not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir() or not _owner_gone(folder.name, SCRATCH_PREFIX):
             continue
-        if int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # alive (or another user's process): not ours to remove
-            except ProcessLookupError:
-                pass
-            except (PermissionError, OverflowError):
-                continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     if removed:
         log.info("removed scratch folders of processes that are gone", extra={"folders": [f.name for f in removed]})
+    return removed
+
+
+def upload_spool_prefix() -> str:
+    """The name prefix of this process's InferUpload spools: upload-<pid>-<random>.part."""
+    return f"{UPLOAD_SPOOL_PREFIX}{os.getpid()}-"
+
+
+def remove_dead_uploads(upload_dir: Path) -> list[Path]:
+    """Removes the InferUpload spools (upload-<pid>-*.part) of processes that are gone (killed
+    mid-upload), like remove_dead_scratch; a live process sharing the folder keeps its own."""
+    removed = []
+    for spool in upload_dir.glob(f"{UPLOAD_SPOOL_PREFIX}*.part"):
+        if spool.is_symlink() or not spool.is_file() or not _owner_gone(spool.name, UPLOAD_SPOOL_PREFIX):
+            continue
+        spool.unlink(missing_ok=True)
+        removed.append(spool)
+    if removed:
+        log.info("removed upload spools of processes that are gone", extra={"files": [f.name for f in removed]})
     return removed
 
 
@@ -297,6 +326,7 @@ class Inference:
         `deadline` is an event-loop time (loop.time()) after which queuing is pointless.
         """
         started = time.perf_counter()
+        renewing = self._renew_lease(image.image_id, params.extra.get("client_id"))
         try:  # the uploaded files are removed however this ends, refused params included
             task = self.task(model)
             self.check_params(params)
@@ -313,6 +343,23 @@ class Inference:
                 image.uploaded_path.unlink(missing_ok=True)
             if image.label_path is not None:
                 image.label_path.unlink(missing_ok=True)
+            if renewing is not None:
+                await renewing
+
+    def _renew_lease(self, image_id: str, client_id: Any) -> asyncio.Task[None] | None:
+        """The annotator is working on the image (MONAI Label's client sends its client_id in
+        every infer's params): renew the lease next-sample gave it (the datastore's default TTL),
+        alongside the inference. No lease is the common case; a failure never fails the infer."""
+        if not image_id or not isinstance(client_id, str) or not client_id:
+            return None
+
+        async def renew() -> None:
+            try:
+                await self.datastore.renew_image_lease(image_id, client_id)
+            except LabelgridError as error:
+                log.debug("no lease renewed", extra={"image": image_id, "reason": error.reason})
+
+        return asyncio.create_task(renew())
 
     async def _infer(
         self,
