@@ -561,8 +561,14 @@ async def test_reindex_adopts_files_added_behind_its_back(stub, datastore_server
     spool.write_bytes(data)
     await asyncio.to_thread(ds.blobs.put_file, "images/dropped.nii.gz", spool, sha256=sha256(data))
     await asyncio.to_thread(ds.blobs.delete, "images/known.nii.gz")
+    # A file that fails the format check is left out, and the answer says which and why.
+    junk = Path(ds.blobs.spool_dir()) / "junk.tmp"
+    junk.write_bytes(b"not a gzip stream at all")
+    await asyncio.to_thread(ds.blobs.put_file, "images/junk.nii.gz", junk, sha256=sha256(b"not a gzip stream at all"))
     counts = await stub.Reindex(pb.ReindexRequest())
     assert counts.images == 1 and counts.removed == 1
+    assert counts.skipped == 1 and len(counts.skipped_files) == 1
+    assert counts.skipped_files[0].startswith("images/junk.nii.gz: "), counts.skipped_files
     image = (await stub.GetImage(pb.GetImageRequest(name="images/dropped"))).image
     assert image.sha256 == sha256(data)
     await expect_error(

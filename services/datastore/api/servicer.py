@@ -32,6 +32,9 @@ WATCH_HEARTBEAT_SECONDS = 10.0
 """A WatchChanges stream repeats its generation at least this often: data on the connection
 between the clients' keepalive pings (30 s in the gateway), which a server without data to
 send counts as strikes and answers with GOAWAY too_many_pings, dropping every call on it."""
+# ReindexResponse.skipped_files: the first 100 files reindex left out, each entry cut to 300 characters.
+REINDEX_SKIPS_LISTED = 100
+REINDEX_SKIP_TEXT = 300
 
 
 class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
@@ -229,7 +232,13 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
     async def Reindex(self, request: pb.ReindexRequest, context: Any) -> pb.ReindexResponse:
         counts = await run(self.ds.reindex)
         return pb.ReindexResponse(
-            images=counts.images, labels=counts.labels, model_versions=counts.model_versions, removed=counts.removed
+            images=counts.images,
+            labels=counts.labels,
+            model_versions=counts.model_versions,
+            removed=counts.removed,
+            skipped=len(counts.skipped),
+            # bounded: a bucket of a million bad files must not make an answer over gRPC's limit
+            skipped_files=[problem[:REINDEX_SKIP_TEXT] for problem in counts.skipped[:REINDEX_SKIPS_LISTED]],
         )
 
     # -- leases ------------------------------------------------------------------------

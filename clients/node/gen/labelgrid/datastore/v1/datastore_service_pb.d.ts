@@ -1190,6 +1190,22 @@ export declare type ReindexResponse = Message<"labelgrid.datastore.v1.ReindexRes
    * @generated from field: int64 removed = 4;
    */
   removed: bigint;
+
+  /**
+   * Files left out of the index because they failed the upload's format check (left where
+   * they are, not indexed).
+   *
+   * @generated from field: int64 skipped = 5;
+   */
+  skipped: bigint;
+
+  /**
+   * The first 100 of those, in key order, each "<key>: <why>" cut to 300 characters;
+   * `skipped` counts them all.
+   *
+   * @generated from field: repeated string skipped_files = 6;
+   */
+  skippedFiles: string[];
 };
 
 /**

@@ -1221,6 +1221,8 @@ class ReindexResponse(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MODEL_VERSIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FILES_FIELD_NUMBER: _builtins.int
     images: _builtins.int
     """Images in the index after the rebuild."""
     labels: _builtins.int
@@ -1229,6 +1231,16 @@ class ReindexResponse(_message.Message):
     """Model versions in the index after the rebuild."""
     removed: _builtins.int
     """Index entries dropped because their file was gone."""
+    skipped: _builtins.int
+    """Files left out of the index because they failed the upload's format check (left where
+    they are, not indexed).
+    """
+    @_builtins.property
+    def skipped_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The first 100 of those, in key order, each "<key>: <why>" cut to 300 characters;
+        `skipped` counts them all.
+        """
+
     def __init__(
         self,
         *,
@@ -1236,10 +1248,12 @@ class ReindexResponse(_message.Message):
         labels: _builtins.int = ...,
         model_versions: _builtins.int = ...,
         removed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        skipped_files: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "labels", b"labels", "model_versions", b"model_versions", "removed", b"removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "labels", b"labels", "model_versions", b"model_versions", "removed", b"removed", "skipped", b"skipped", "skipped_files", b"skipped_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
