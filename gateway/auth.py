@@ -23,6 +23,7 @@ see the user, never the gateway.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -30,6 +31,8 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+import grpc
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.settings import GatewaySettings
@@ -45,6 +48,7 @@ from services.common.auth import (
     verify_download_token,
 )
 from services.common.errors import InvalidArgument
+from services.common.protos import dict_to_struct, struct_to_dict
 
 audit_log = logging.getLogger("labelgrid.audit")
 log = logging.getLogger("labelgrid.gateway.auth")
@@ -126,6 +130,16 @@ DOWNLOAD_ROUTE = "/datastore/image"
 """Takes a signed `?token=` instead of a bearer token (Slicer's download sends no header)."""
 
 
+GRANT_KIND = "download-grants"
+"""Datastore record kind of the Slicer download grants (`records/download-grants/<sha256>`)."""
+
+
+def grant_record_id(image_id: str, address: str) -> str:
+    """The grant's record id: a hash of (image, client address), so neither shows in a listing
+    and any id or address fits the datastore's record id rule."""
+    return hashlib.sha256(f"{image_id}\0{address}".encode()).hexdigest()
+
+
 class DownloadGrants:
     """One tokenless download of one image, for the address that was just handed it as the next
     sample (stock Slicer: its SampleData download is a bare `urllib` GET of
@@ -133,37 +147,108 @@ class DownloadGrants:
 
     A grant is for that image, that client address (the caller as uvicorn sees it: Envoy's
     X-Forwarded-For from a trusted loopback proxy), used once, within the download TTL, and
-    recorded under the user who asked. Grants live in this gateway process: with several
-    gateway replicas, the edge must keep a client on one (session affinity by client IP)."""
+    recorded under the user who asked. Grants are datastore records (`GRANT_KIND`, written and
+    read with the gateway's service identity), so any gateway replica honours a grant another
+    issued. Taking one is a conditional write (the record's revision) that marks it used, so
+    of two replicas taking it at once only one wins; the used record is then deleted. Expired
+    grants nobody took are swept at most once per TTL per process. There is no in-process fast
+    path: a local copy could be used again on another replica."""
 
-    MAX = 10_000
+    def __init__(self, datastore: Any, timeout: float) -> None:
+        self._datastore = datastore
+        self._timeout = timeout
+        self._next_sweep = 0.0
 
-    def __init__(self) -> None:
-        self._grants: dict[tuple[str, str], tuple[str, float]] = {}
+    async def grant(
+        self, image_id: str, address: str, username: str, ttl_seconds: float, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        """Stores (or renews) the grant; a datastore failure is logged (the signed link still works)."""
+        data = {"image": image_id, "address": address, "user": username, "expires": time.time() + ttl_seconds}
+        try:
+            await self._datastore.PutRecord(
+                ds_pb.PutRecordRequest(name=_grant_name(image_id, address), data=dict_to_struct(data)),
+                timeout=self._timeout,
+                metadata=metadata,
+            )
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + ttl_seconds
+                await self._sweep(metadata)
+        except grpc.aio.AioRpcError as err:
+            log.warning("download grant for %r not stored: %s %s", image_id[:200], err.code().name, err.details())
 
-    def grant(self, image_id: str, address: str, username: str, ttl_seconds: float) -> None:
-        now = time.monotonic()
-        if len(self._grants) >= self.MAX:
-            self._grants = {key: value for key, value in self._grants.items() if value[1] > now}
-            while len(self._grants) >= self.MAX:  # all live: the oldest goes
-                self._grants.pop(next(iter(self._grants)))
-        self._grants.pop((image_id, address), None)  # re-inserted last: oldest-first order
-        self._grants[(image_id, address)] = (username, now + ttl_seconds)
-
-    def take(self, image_id: str, address: str) -> str | None:
-        """The user the grant was for, once; None if there is none (or it expired)."""
-        found = self._grants.pop((image_id, address), None)
-        if found is None or found[1] <= time.monotonic():
+    async def take(self, image_id: str, address: str, metadata: tuple[tuple[str, str], ...]) -> str | None:
+        """The user the grant was for, once; None if there is none (or it expired, or another
+        replica took it first)."""
+        name = _grant_name(image_id, address)
+        try:
+            found = await self._datastore.GetRecord(
+                ds_pb.GetRecordRequest(name=name), timeout=self._timeout, metadata=metadata
+            )
+            data = struct_to_dict(found.record.data)
+            if data.get("used") or data.get("image") != image_id or data.get("address") != address:
+                return None
+            if float(data.get("expires", 0)) <= time.time():
+                await self._delete(name, metadata)
+                return None
+            await self._datastore.PutRecord(  # ABORTED when another replica took it meanwhile
+                ds_pb.PutRecordRequest(
+                    name=name, data=dict_to_struct({**data, "used": True}), expected_revision=found.record.revision
+                ),
+                timeout=self._timeout,
+                metadata=metadata,
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED):
+                log.warning("download grant for %r not read: %s %s", image_id[:200], err.code().name, err.details())
             return None
-        return found[0]
+        await self._delete(name, metadata)
+        return str(data.get("user") or "") or None
+
+    async def _delete(self, name: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        try:
+            await self._datastore.DeleteRecord(
+                ds_pb.DeleteRecordRequest(name=name), timeout=self._timeout, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.NOT_FOUND:
+                log.warning("download grant %s not deleted: %s %s", name, err.code().name, err.details())
+
+    async def _sweep(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        """Deletes grants that expired (or were used) and are still stored."""
+        token, now = "", time.time()
+        while True:
+            page = await self._datastore.ListRecords(
+                ds_pb.ListRecordsRequest(parent=f"records/{GRANT_KIND}", page_size=1000, page_token=token),
+                timeout=self._timeout,
+                metadata=metadata,
+            )
+            for record in page.records:
+                data = struct_to_dict(record.data)
+                if data.get("used") or float(data.get("expires", 0)) <= now:
+                    await self._delete(record.name, metadata)
+            token = page.next_page_token
+            if not token:
+                return
+
+
+def _grant_name(image_id: str, address: str) -> str:
+    return f"records/{GRANT_KIND}/{grant_record_id(image_id, address)}"
 
 
 def download_grants(app: Any) -> DownloadGrants:
-    """The app's grants (one store per app, made on first use)."""
+    """The app's grants (one per app, made on first use, over the app's datastore stub)."""
     grants = getattr(app.state, "download_grants", None)
     if grants is None:
-        grants = app.state.download_grants = DownloadGrants()
+        grants = app.state.download_grants = DownloadGrants(
+            app.state.clients.datastore, app.state.settings.rpc_timeout_seconds
+        )
     return grants
+
+
+def service_metadata(settings: GatewaySettings) -> tuple[tuple[str, str], ...]:
+    """The gateway's own identity for the grant records (empty with no service token)."""
+    token = settings.service_token
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def client_address(scope: Scope) -> str:
@@ -410,7 +495,11 @@ class AuthMiddleware:
                 return Identity(username, frozenset({USER}))
             if image and not signed and scope.get("method") == "GET" and self.settings.auth_slicer_download_grants:
                 app = scope.get("app")
-                granted = download_grants(app).take(image, client_address(scope)) if app is not None else None
+                granted = (
+                    await download_grants(app).take(image, client_address(scope), service_metadata(self.settings))
+                    if app is not None
+                    else None
+                )
                 if granted is not None:
                     audit_log.info(
                         "audit",

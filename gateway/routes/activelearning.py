@@ -107,10 +107,11 @@ async def sample(
         path += f"&token={token}"
         if ctx.settings.auth_slicer_download_grants:
             # Stock Slicer ignores this link and GETs /datastore/image?image=ID bare: one such
-            # download, from this address, for a short while (gateway.auth.DownloadGrants).
-            download_grants(request.app).grant(
+            # download, from this address, for a short while (gateway.auth.DownloadGrants: a datastore
+            # record, so every gateway replica honours it).
+            await download_grants(request.app).grant(
                 image.image_id, client_address(request.scope), ctx.identity.username,
-                ctx.settings.auth_download_ttl_seconds,
+                ctx.settings.auth_download_ttl_seconds, ctx.service_metadata,
             )  # fmt: skip
     return {
         **struct_to_dict(image.info),

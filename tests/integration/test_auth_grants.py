@@ -1,0 +1,155 @@
+"""Slicer's download grant across gateway replicas: two real gateways over one real datastore
+(and the real active learning service), auth on with built-in users' tokens and service
+identities. The next sample asked on gateway A grants one tokenless download that gateway B
+honours (the grant is a datastore record), once, for that address and image, until it expires."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
+
+from gateway.auth import GRANT_KIND, grant_record_id
+from services.activelearning.service import start_service
+from services.activelearning.settings import ActiveLearningSettings
+from services.common.auth import ANNOTATOR, USER, Identity, issue_access_token, new_signing_key
+from services.common.protos import dict_to_struct, struct_to_dict
+from tests.contract.helpers import nifti_bytes
+from tests.fixtures.gateway import GatewayStack
+from tests.ports import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+KEY = new_signing_key()
+GATEWAY_TOKEN = "gateway-service-token-" + "g" * 20
+AL_TOKEN = "activelearning-service-token-" + "a" * 20
+AUTH = {"auth_signing_key": KEY, "auth_services": [f"gateway={GATEWAY_TOKEN}", f"activelearning={AL_TOKEN}"]}
+GATEWAY_AUTH = {**AUTH, "auth_service_token": GATEWAY_TOKEN, "auth_download_ttl_seconds": 60}
+IMAGES = ["case_0", "case_1", "case_2", "case_3"]
+
+
+def bearer(name: str, role: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {issue_access_token(Identity(name, frozenset({role})), KEY, 300)}"}
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayStack, GatewayStack]]:
+    root = tmp_path_factory.mktemp("grants")
+    holder: dict[str, Any] = {}
+
+    async def start_activelearning(datastore_address: str) -> tuple[str, Any]:
+        settings = ActiveLearningSettings(
+            port=0, metrics_port=-1, datastore=datastore_address, device="cpu", work_dir=root / "al",
+            torch_threads=1, auth_service_token=AL_TOKEN, **AUTH,
+        )  # fmt: skip
+        server, _service = await start_service(settings)
+        holder["a"].gateway_overrides["activelearning_address"] = server.address
+        return f"127.0.0.1:{free_port()}", server
+
+    a = GatewayStack(
+        root / "a", gateway_overrides=dict(GATEWAY_AUTH), datastore_overrides=AUTH, start_inference=start_activelearning
+    )
+    holder["a"] = a
+    a.start()
+    # Replica B: the same datastore and active learning service (its own datastore goes unused).
+    b = GatewayStack(
+        root / "b",
+        gateway_overrides={
+            **GATEWAY_AUTH,
+            "datastore_address": a.datastore_address,
+            "activelearning_address": a.gateway_overrides["activelearning_address"],
+        },
+        datastore_overrides=AUTH,
+    ).start()
+    with httpx.Client(base_url=a.url, timeout=60) as http:
+        for n, image_id in enumerate(IMAGES):
+            put = http.put(
+                "/datastore/image",
+                params={"image": image_id},
+                files={"file": (f"{image_id}.nii.gz", nifti_bytes((8, 8, 8), seed=n))},
+                headers=bearer("annie", ANNOTATOR),
+            )
+            assert put.status_code == 200, put.text
+    yield a, b
+    b.stop()
+    a.stop()
+
+
+def next_sample(gateway: GatewayStack) -> dict[str, Any]:
+    response = httpx.post(
+        f"{gateway.url}/activelearning/first", json={"client_id": "slicer"}, headers=bearer("uma", USER), timeout=60
+    )
+    assert response.status_code == 200 and response.json().get("id"), response.text
+    return response.json()
+
+
+def download(gateway: GatewayStack, image_id: str, forwarded_for: str | None = None) -> httpx.Response:
+    """Stock Slicer's download: a bare GET, no header, no token (from another client address,
+    as a trusted loopback proxy names it, when forwarded_for is given)."""
+    headers = {"x-forwarded-for": forwarded_for} if forwarded_for else {}
+    return httpx.get(f"{gateway.url}/datastore/image", params={"image": image_id}, headers=headers, timeout=60)
+
+
+def grant_record(gateway: GatewayStack, image_id: str) -> ds_pb.GetRecordResponse | None:
+    with grpc.insecure_channel(gateway.datastore_address) as channel:
+        try:
+            return ds_grpc.DatastoreServiceStub(channel).GetRecord(
+                ds_pb.GetRecordRequest(name=f"records/{GRANT_KIND}/{grant_record_id(image_id, '127.0.0.1')}"),
+                metadata=(("authorization", f"Bearer {GATEWAY_TOKEN}"),),
+                timeout=10,
+            )
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            return None
+
+
+def test_a_grant_of_replica_a_is_honoured_once_by_replica_b(gateways: tuple[GatewayStack, GatewayStack]) -> None:
+    a, b = gateways
+    sample = next_sample(a)
+    image_id = sample["id"]
+    record = grant_record(a, image_id)
+    assert record is not None and struct_to_dict(record.record.data)["user"] == "uma"
+    # Another client address gets nothing, and does not use the grant up.
+    assert download(b, image_id, forwarded_for="10.9.9.9").status_code == 401
+    got = download(b, image_id)
+    assert got.status_code == 200 and got.content == nifti_bytes((8, 8, 8), seed=IMAGES.index(image_id))
+    assert grant_record(a, image_id) is None  # used: gone for every replica
+    assert download(b, image_id).status_code == 401
+    assert download(a, image_id).status_code == 401
+    # Without a grant nothing else opened: another image, tokenless, on either replica.
+    other = next(i for i in IMAGES if i != image_id)
+    assert download(a, other).status_code == 401 and download(b, other).status_code == 401
+
+
+def test_an_expired_grant_is_refused_everywhere(gateways: tuple[GatewayStack, GatewayStack]) -> None:
+    a, b = gateways
+    image_id = next_sample(b)["id"]
+    record = grant_record(a, image_id)  # B's own datastore is unused: A's is the shared one
+    assert record is not None
+    # The grant as it is some seconds past its TTL (the TTL's floor of 10 s is not waited for).
+    data = {**struct_to_dict(record.record.data), "expires": time.time() - 1}
+    with grpc.insecure_channel(a.datastore_address) as channel:
+        ds_grpc.DatastoreServiceStub(channel).PutRecord(
+            ds_pb.PutRecordRequest(name=record.record.name, data=dict_to_struct(data)),
+            metadata=(("authorization", f"Bearer {GATEWAY_TOKEN}"),),
+            timeout=10,
+        )
+    assert download(a, image_id).status_code == 401
+    assert grant_record(a, image_id) is None  # an expired grant is removed when tried
+    assert download(b, image_id).status_code == 401
+
+
+def test_only_one_of_two_replicas_taking_a_grant_at_once_wins(gateways: tuple[GatewayStack, GatewayStack]) -> None:
+    import concurrent.futures
+
+    a, b = gateways
+    image_id = next_sample(a)["id"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda g: download(g, image_id), [a, b, a, b]))
+    assert codes == [200, 401, 401, 401]
