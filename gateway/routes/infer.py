@@ -8,8 +8,6 @@ client parses the raw socket with `cgi` and cannot read a chunked body.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import json
 import uuid
@@ -19,7 +17,6 @@ from typing import Annotated, Any
 import grpc
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import resources_pb2 as inf_res
 
@@ -252,14 +249,6 @@ def _checked_upload(upload: UploadFile | None, what: str) -> UploadFile | None:
     return upload
 
 
-async def _renew_lease(ctx: Ctx, image_id: str, client_id: str) -> None:
-    """The annotator is working on the image (MONAI Label's client sends its client_id with
-    every infer): keep the lease next-sample gave it alive. No lease is the common case."""
-    request = ds_pb.RenewImageLeaseRequest(name=f"leases/{image_id}", client_id=client_id)
-    with contextlib.suppress(grpc.aio.AioRpcError):
-        await ctx.clients.datastore.RenewImageLease(request, timeout=5.0, metadata=ctx.metadata)
-
-
 @router.post("/infer/{model}", summary="Run Inference")
 async def run_inference(
     model: str,
@@ -292,12 +281,6 @@ async def run_inference(
             raise GatewayError(400, "Neither image nor file nor session_id is provided")
         image_res = image_name(image)
     seg_source = await infer_seg.source_series(ctx, image_res) if output is OutputType.dicom_seg else None
-    client_id = values.get("client_id")
-    renewing = (
-        asyncio.create_task(_renew_lease(ctx, image_res.removeprefix("images/"), client_id))
-        if image_res and isinstance(client_id, str) and client_id
-        else None
-    )
 
     if file is None and label is None:
         request = inf_pb.InferRequest(model=model_res, image=image_res, params=request_params)
@@ -332,9 +315,6 @@ async def run_inference(
             service="inference",
             address=ctx.settings.inference_address,
         ) from None
-    finally:
-        if renewing is not None:
-            await renewing
     if seg_source is not None:
         return await infer_seg.answer(
             ctx, http_request.app.state.dicom_proxy, seg_source, download, _result_params(download.first.header), model

@@ -69,7 +69,7 @@ METHOD_RULES: dict[str, Rule] = {
         "WatchChanges": Rule(USER, ALL),  # the gateway's cache of counts and listings
         "Reindex": Rule(ADMIN),
         "AcquireImageLease": Rule(USER, frozenset({"activelearning"})),
-        "RenewImageLease": Rule(USER, frozenset({"activelearning"})),
+        "RenewImageLease": Rule(USER, frozenset({"activelearning", "inference"})),  # inference: infer renews
         "ReleaseImageLease": Rule(USER, frozenset({"activelearning"})),
         "ListImageLeases": Rule(USER, frozenset({"activelearning"})),
         "UploadModelVersion": Rule(ANNOTATOR, frozenset({"training"})),  # PUT /model/{m}: annotator

@@ -234,6 +234,15 @@ class DatastoreClient:
             f"asking for a URL of {name!r}", lambda: self.stub.GetDownloadUrl(request, timeout=self.timeout)
         )
 
+    async def renew_image_lease(self, image_id: str, client_id: str, ttl_seconds: int = 0) -> None:
+        """Extends `client_id`'s lease on the image (ttl 0: the datastore's default); NOT_FOUND
+        (LEASE_NOT_FOUND) when that client holds none."""
+        request = ds.RenewImageLeaseRequest(name=f"leases/{image_id}", client_id=client_id, ttl_seconds=ttl_seconds)
+        await self.call(
+            f"renewing the lease of {client_id!r} on image {image_id!r}",
+            lambda: self.stub.RenewImageLease(request, timeout=5.0),  # short: it must not hold up an infer
+        )
+
     # -- records: small JSON documents (job records, stats) ---------------------------------
 
     async def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:

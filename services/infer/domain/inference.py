@@ -25,7 +25,7 @@ from apps.api.prompt import Prompt
 from services.common import raw_labels
 from services.common.apps import LoadedApp
 from services.common.chunks import sha256_file
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, LabelgridError, NotFound
 from services.common.models.cache import ModelCache, ServingVersions
 from services.common.models.ports import ModelRunner, VolumeIO
 from services.common.models.types import UNTRAINED, DeviceInfo, Volume
@@ -326,6 +326,7 @@ class Inference:
         `deadline` is an event-loop time (loop.time()) after which queuing is pointless.
         """
         started = time.perf_counter()
+        renewing = self._renew_lease(image.image_id, params.extra.get("client_id"))
         try:  # the uploaded files are removed however this ends, refused params included
             task = self.task(model)
             self.check_params(params)
@@ -342,6 +343,23 @@ class Inference:
                 image.uploaded_path.unlink(missing_ok=True)
             if image.label_path is not None:
                 image.label_path.unlink(missing_ok=True)
+            if renewing is not None:
+                await renewing
+
+    def _renew_lease(self, image_id: str, client_id: Any) -> asyncio.Task[None] | None:
+        """The annotator is working on the image (MONAI Label's client sends its client_id in
+        every infer's params): renew the lease next-sample gave it (the datastore's default TTL),
+        alongside the inference. No lease is the common case; a failure never fails the infer."""
+        if not image_id or not isinstance(client_id, str) or not client_id:
+            return None
+
+        async def renew() -> None:
+            try:
+                await self.datastore.renew_image_lease(image_id, client_id)
+            except LabelgridError as error:
+                log.debug("no lease renewed", extra={"image": image_id, "reason": error.reason})
+
+        return asyncio.create_task(renew())
 
     async def _infer(
         self,
