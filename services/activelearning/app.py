@@ -49,6 +49,7 @@ class ActiveLearning:
             work_dir,
             label_tag=settings.label_tag,
             auto_scoring_seconds=settings.auto_scoring_seconds,
+            max_queued=settings.max_queued_scoring_jobs,
         )
         self.live_leases = 0
         self._gauge_task: asyncio.Task[None] | None = None

@@ -34,6 +34,9 @@ class ActiveLearningSettings(BundleSettings):
     # Scoring jobs a previous process left queued or running are queued again (they skip
     # what they already scored); with --no-resume-scoring they are marked FAILED.
     resume_scoring: bool = True
+    # Scoring jobs waiting to run (beyond the one running); one more is refused with
+    # RESOURCE_EXHAUSTED (QUEUE_FULL), so clients cannot queue without bound.
+    max_queued_scoring_jobs: Annotated[int, pydantic.Field(ge=1, le=10_000)] = 32
     # Score on start and whenever a scoring method's model gets a new served version
     # (MONAI Label's auto scoring); checked every this many seconds, 0 turns it off.
     auto_scoring_seconds: Annotated[float, pydantic.Field(ge=0)] = 0.0

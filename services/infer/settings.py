@@ -43,6 +43,9 @@ class InferSettings(BundleSettings):
     # Images of a batch in flight at once; 0: twice this replica's device slots (with
     # batch_address, set it to the slots of all replicas, times two).
     batch_width: Annotated[int, pydantic.Field(ge=0)] = 0
+    # Batch inference jobs waiting to run (beyond the one running); one more is refused with
+    # RESOURCE_EXHAUSTED (QUEUE_FULL), so clients cannot queue without bound.
+    max_queued_batch_jobs: Annotated[int, pydantic.Field(ge=1, le=10_000)] = 32
     # Dynamic batching: sliding-window patches of concurrent requests of one model version on one
     # device run as one forward pass of at most max_batch_size patches; a forward waits at most
     # max_queue_delay_ms for the patches of other running requests. Unset: by device (CPU off,

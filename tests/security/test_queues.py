@@ -11,11 +11,15 @@ from labelgrid.activelearning.v1 import activelearning_service_pb2 as pb
 from labelgrid.activelearning.v1 import resources_pb2 as res
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 
+from services.activelearning.settings import ActiveLearningSettings
 from services.common.errors import ResourceExhausted
 from services.common.jobs import JobStore
+from services.common.settings import parse_settings
+from services.infer.api.servicer import build_batch
 from services.infer.domain.batch import MAX_QUEUED as BATCH_MAX_QUEUED
 from services.infer.domain.batch import BatchInference, BatchJob
 from services.infer.domain.model import InferParams
+from services.infer.settings import InferSettings
 from tests.fixtures.activelearning import start_stack, stop_stack
 from tests.fixtures.hostile import nifti, upload_messages
 from tests.fixtures.polling import eventually
@@ -43,10 +47,23 @@ async def test_batch_queue_is_bounded() -> None:
     await batch.close()
 
 
+def test_queue_limits_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ActiveLearningSettings().max_queued_scoring_jobs == 32
+    assert InferSettings().max_queued_batch_jobs == BATCH_MAX_QUEUED == 32
+    assert parse_settings(ActiveLearningSettings, ["--max-queued-scoring-jobs", "7"]).max_queued_scoring_jobs == 7
+    monkeypatch.setenv("LABELGRID_MAX_QUEUED_BATCH_JOBS", "5")
+    settings = parse_settings(InferSettings, [])
+    assert settings.max_queued_batch_jobs == 5
+    batch = build_batch(settings, GatedInference(slots=1), None, None)  # type: ignore[arg-type]
+    assert batch.max_queued == 5
+    for bad in ("0", "-1", "10001"):
+        with pytest.raises(SystemExit):
+            parse_settings(InferSettings, ["--max-queued-batch-jobs", bad])
+
+
 async def test_scoring_queue_is_bounded(tmp_path: Path) -> None:
-    stack = await start_stack(tmp_path)
+    stack = await start_stack(tmp_path, max_queued_scoring_jobs=2)  # the setting (flag / env) reaches the queue
     try:
-        stack.service.scoring.max_queued = 2
         # Six images at 64 passes each keep the first job running (seconds) while the test queues.
         data = nifti((32, 32, 32))
         for index in range(6):

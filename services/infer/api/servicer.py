@@ -249,18 +249,26 @@ def register(
     )
 
 
-def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
-    """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
-    upload_dir = settings.work_dir.resolve() / "uploads"
-    remove_dead_uploads(upload_dir)  # a kill -9 mid-InferUpload left its spool there
-    remote = RemoteInfer(settings.batch_address, settings.service_token) if settings.batch_address else None
-    batch = BatchInference(
+def build_batch(
+    settings: InferSettings, inference: Inference, datastore: Any, remote: RemoteInfer | None
+) -> BatchInference:
+    """Batch inference over the datastore's images, sized by the settings."""
+    return BatchInference(
         inference,
         DatastoreImages(datastore),
         JobStore(datastore, BATCH_RECORD_KIND, BatchJob),
         width=settings.batch_width or None,
         infer_one=remote,
+        max_queued=settings.max_queued_batch_jobs,
     )
+
+
+def create_service(settings: InferSettings, inference: Inference, datastore: Any) -> GrpcService:
+    """The inference gRPC server (not started); stopping it closes the datastore client and the pools."""
+    upload_dir = settings.work_dir.resolve() / "uploads"
+    remove_dead_uploads(upload_dir)  # a kill -9 mid-InferUpload left its spool there
+    remote = RemoteInfer(settings.batch_address, settings.service_token) if settings.batch_address else None
+    batch = build_batch(settings, inference, datastore, remote)
 
     async def on_stop() -> None:
         await batch.close()
