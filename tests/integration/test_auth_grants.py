@@ -114,11 +114,11 @@ def test_a_grant_of_replica_a_is_honoured_once_by_replica_b(gateways: tuple[Gate
     sample = next_sample(a)
     image_id = sample["id"]
     record = grant_record(a, image_id)
-    assert record is not None and struct_to_dict(record.record.data)["user"] == "uma"
     # Another client address gets nothing, and does not use the grant up.
     assert download(b, image_id, forwarded_for="10.9.9.9").status_code == 401
     got = download(b, image_id)
     assert got.status_code == 200 and got.content == nifti_bytes((8, 8, 8), seed=IMAGES.index(image_id))
+    assert record is not None and struct_to_dict(record.record.data)["user"] == "uma"  # audited as uma
     assert grant_record(a, image_id) is None  # used: gone for every replica
     assert download(b, image_id).status_code == 401
     assert download(a, image_id).status_code == 401
