@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from services.infer.domain.inference import Inference
 from services.infer.settings import InferSettings
 from tests.contract.helpers import struct, upload_image
 from tests.fixtures.datastore import start_datastore
+from tests.fixtures.gateway import GatewayStack
 from tests.fixtures.polling import eventually
 from tests.ports import free_port
 
@@ -121,6 +123,27 @@ async def test_infer_without_a_lease_or_by_another_client_leaves_leases_alone(se
     )
     assert messages[0].header.HasField("label")
     assert await _lease_expiry(ds_stub, "annotator-1") == acquired.lease.expire_time.seconds
+
+
+def test_infer_through_rest_renews_the_lease_as_before(inference_stack: GatewayStack) -> None:
+    """MONAI Label's client: POST /infer/{model}?image=... with its client_id in params."""
+    with httpx.Client(base_url=inference_stack.url, timeout=60) as http:
+        put = http.put("/datastore/", params={"image": "rest_1"}, files={"file": ("rest_1.nii.gz", small_image())})
+        assert put.status_code == 200, put.text
+        with grpc.insecure_channel(inference_stack.datastore_address) as channel:
+            ds_stub = ds_grpc.DatastoreServiceStub(channel)
+            acquired = ds_stub.AcquireImageLease(
+                ds.AcquireImageLeaseRequest(client_id="slicer-1", strategy="random", ttl_seconds=SHORT_TTL)
+            )
+            assert acquired.lease.image_id == "rest_1"
+            response = http.post(
+                "/infer/segmentation", params={"image": "rest_1"}, data={"params": '{"client_id": "slicer-1"}'}
+            )
+            assert response.status_code == 200, response.text
+            # The service renews before it answers, as the gateway did.
+            leases = ds_stub.ListImageLeases(ds.ListImageLeasesRequest(client_id="slicer-1")).leases
+            assert len(leases) == 1
+            assert leases[0].expire_time.seconds > acquired.lease.expire_time.seconds + 600
 
 
 async def _read_all(call: Any) -> list[Any]:
