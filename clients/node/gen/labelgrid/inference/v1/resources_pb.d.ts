@@ -406,7 +406,8 @@ export declare type InferParams = Message<"labelgrid.inference.v1.InferParams"> 
   /**
    * Other params for the task (MONAI Label's params JSON: the model's config keys,
    * roi_size, sw_batch_size, restore_label_idx, client_id, ...). The typed fields above win
-   * over keys of the same meaning here.
+   * over keys of the same meaning here. A string client_id on a datastore image renews that
+   * client's lease on the image (the datastore's default TTL) while the inference runs.
    *
    * @generated from field: google.protobuf.Struct params = 4;
    */
