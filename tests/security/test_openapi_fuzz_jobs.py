@@ -20,8 +20,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from services.activelearning.service import start_service as start_activelearning
-from services.activelearning.settings import ActiveLearningSettings
 from services.datastore.sample_studies import write_sample_studies
 from tests.fixtures.processes import ServiceProcess
 from tests.integration.conftest import GatewayStack, real_inference
@@ -59,19 +57,18 @@ def job_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
             start_timeout=120,
         )  # fmt: skip
         processes.append(training)
-        al_server, _service = await start_activelearning(
-            ActiveLearningSettings(
-                port=0,
-                metrics_port=-1,
-                datastore=datastore_address,
-                device="cpu",
-                work_dir=root / "al",
-                torch_threads=1,
-            )
-        )
+        # A process, not in this one: the scoring jobs the fuzz starts run MC dropout in threads
+        # that outlive a stopped in-process service and would draw on the test process's global
+        # torch RNG while later tests check seeded results.
+        activelearning = await asyncio.to_thread(
+            ServiceProcess, "services.activelearning", "--metrics-port", "-1", "--datastore", datastore_address,
+            "--work-dir", str(root / "al"), "--device", "cpu", "--torch-threads", "1",
+            start_timeout=120,
+        )  # fmt: skip
+        processes.append(activelearning)
         inference_address, inference_server = await start_inference(datastore_address)
-        stack.gateway_overrides.update(training_address=training.address, activelearning_address=al_server.address)
-        return inference_address, _Servers([inference_server, al_server])
+        stack.gateway_overrides.update(training_address=training.address, activelearning_address=activelearning.address)
+        return inference_address, _Servers([inference_server])
 
     stack.start_inference = start_services
     stack.start()
