@@ -36,14 +36,11 @@ from services.common.models.volumes import nrrd_affine
 from services.common.server import GrpcService
 from services.datastore.sample_studies import write_sample_studies
 from services.datastore.settings import DatastoreSettings
-from services.infer.api.servicer import create_service
-from services.infer.app import build_inference
 from services.infer.domain.inference import Inference
 from services.infer.domain.scheduler import DeviceQueue
-from services.infer.settings import InferSettings
 from tests.contract.helpers import error_reason, struct, upload_image, upload_label, upload_model
 from tests.fixtures.datastore import RunningDatastore, start_datastore
-from tests.fixtures.inference import constant_class_weights, infer_request
+from tests.fixtures.inference import constant_class_weights, infer_request, start_inference
 from tests.fixtures.polling import eventually
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
@@ -67,24 +64,6 @@ class Stack:
     stub: pb_grpc.InferenceServiceStub
     channels: list[grpc.aio.Channel]
     closers: list[Any]
-
-
-async def start_inference(
-    datastore_address: str, work_dir: Path, **overrides: Any
-) -> tuple[GrpcService, Inference, Any]:
-    settings = InferSettings(
-        port=0,
-        metrics_port=-1,
-        datastore=datastore_address,
-        device="cpu",
-        work_dir=work_dir,
-        version_check_seconds=0.2,
-        **overrides,
-    )
-    inference, client = await asyncio.to_thread(build_inference, settings)
-    service = create_service(settings, inference, client)
-    await service.start()
-    return service, inference, client
 
 
 @pytest.fixture(scope="module")
