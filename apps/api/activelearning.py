@@ -16,8 +16,10 @@ Plain Python and torch, no gRPC: the same classes run in any service or test.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,28 +147,70 @@ def probabilities(
     return torch.softmax(logits, dim=1)
 
 
-@contextmanager
-def mc_dropout(network: torch.nn.Module, p: float) -> Iterator[torch.nn.Module]:
-    """The network in eval mode with its dropout layers switched on at rate `p` (MC dropout).
+# MC dropout draws its masks from a generator of its own, never from torch's global one:
+# scoring runs on worker threads beside other torch work in the same process, and a shared
+# global generator would make both sides' random numbers depend on thread timing.
+_mc_sampler: ContextVar[_DropoutSampler | None] = ContextVar("mc_dropout_sampler", default=None)
+_install_lock = threading.Lock()
+_HOOKED = "_labelgrid_mc_dropout_hooked"
 
-    MONAI's UNet always holds its Dropout layers (at p=0 by default), so turning them on
-    changes no weight and no state_dict key; the previous rates and modes come back after.
+
+class _DropoutSampler:
+    """Dropout masks at rate `p` from private generators seeded with `seed` (one per device)."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        self.p = p
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def drop(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        generator = self._generators.get(output.device)
+        if generator is None:
+            generator = self._generators[output.device] = torch.Generator(device=output.device)
+            generator.manual_seed(self.seed)
+        channelwise = isinstance(
+            module, torch.nn.Dropout1d | torch.nn.Dropout2d | torch.nn.Dropout3d | torch.nn.FeatureAlphaDropout
+        )
+        # Channel dropout zeroes whole feature maps (N, C, 1, ...); plain dropout single elements.
+        shape = (*output.shape[:2], *(1,) * (output.dim() - 2)) if channelwise and output.dim() > 2 else output.shape
+        keep = torch.empty(shape, device=output.device, dtype=output.dtype).bernoulli_(
+            1.0 - self.p, generator=generator
+        )
+        return output * keep / (1.0 - self.p)
+
+
+def _dropout_hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+    """Permanent hook on every dropout layer: a no-op unless this thread is inside `mc_dropout`."""
+    sampler = _mc_sampler.get()
+    return None if sampler is None else sampler.drop(module, output)
+
+
+@contextmanager
+def mc_dropout(network: torch.nn.Module, p: float, seed: int = 0) -> Iterator[torch.nn.Module]:
+    """The network in eval mode with its dropout layers sampling at rate `p` (MC dropout).
+
+    Only the calling thread (context) sees dropout: other threads running the same network
+    meanwhile get plain inference. No weight, rate, mode or state_dict key changes (MONAI's
+    UNet always holds its Dropout layers at p=0); masks come from a private generator seeded
+    with `seed`, so the same inputs give the same samples whatever else runs.
     """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout must be between 0 and 1 (got {p})")
     layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
     if not layers:
         raise ValueError(f"{type(network).__name__} has no dropout layers: MC dropout cannot sample it")
-    saved = [(m, m.p, m.training) for m in layers]
+    with _install_lock:
+        for layer in layers:
+            if not getattr(layer, _HOOKED, False):
+                layer.register_forward_hook(_dropout_hook)
+                setattr(layer, _HOOKED, True)
     was_training = network.training
     network.eval()
+    token = _mc_sampler.set(_DropoutSampler(p, seed))
     try:
-        for m in layers:
-            m.p = p
-            m.train()
         yield network
     finally:
-        for m, rate, training in saved:
-            m.p = rate
-            m.train(training)
+        _mc_sampler.reset(token)
         network.train(was_training)
 
 

@@ -9,6 +9,7 @@ to compute, so it runs unchanged on any device and in any process.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from apps.api.prompt import Point, Prompt
 
 __all__ = ["InferInput", "InferTask", "InferType", "Point", "Prompt"]
+
+# Serialises seeded network builds: two at once would reseed the shared global generator mid-build.
+_seeded_build_lock = threading.Lock()
 
 
 class InferType(str, enum.Enum):
@@ -96,12 +100,11 @@ class InferTask:
 
     def initial_network(self) -> torch.nn.Module:
         """The network with the app's initial (untrained, seeded) weights, on the CPU."""
-        generator_state = torch.random.get_rng_state()
-        try:
+        # Layer constructors draw from torch's global generator and take no generator of their own:
+        # seed it for this build only, one build at a time, and give the caller its state back.
+        with _seeded_build_lock, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return self.network()
-        finally:
-            torch.random.set_rng_state(generator_state)
 
     def pre_transforms(self, params: Mapping[str, Any]) -> Sequence[Callable[[InferInput], InferInput]]:
         """Steps applied after loading, before the network (resample, normalise, guidance)."""

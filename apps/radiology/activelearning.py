@@ -62,14 +62,9 @@ class EpistemicScoring(ScoringMethod):
         if not 0.0 < rate < 1.0:
             raise ValueError(f"dropout must be between 0 and 1 (got {rate})")
         inputs, infer_params = prepare(task, item, device)
-        # Seeded, so the same image and weights give the same score on any run.
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            with torch.inference_mode(), mc_dropout(network, rate):
-                samples = torch.stack([probabilities(task, network, inputs, infer_params) for _ in range(passes)])
-        finally:
-            torch.random.set_rng_state(generator_state)
+        # Seeded (a private generator), so the same image and weights give the same score on any run.
+        with torch.inference_mode(), mc_dropout(network, rate, self.seed):
+            samples = torch.stack([probabilities(task, network, inputs, infer_params) for _ in range(passes)])
         return float(samples.var(dim=0, unbiased=True).mean().item())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,22 @@ def test_mc_dropout_turns_dropout_on_without_touching_weights_and_restores_it(ap
     assert all(m.p == 0.0 for m in network.modules() if isinstance(m, torch.nn.Dropout))
     with pytest.raises(ValueError), mc_dropout(torch.nn.Linear(2, 2), 0.2):
         pass
+
+
+def test_mc_dropout_uses_its_own_generator_and_only_the_calling_thread_sees_it(app) -> None:
+    network = app.infer_tasks["segmentation"].initial_network().eval()
+    inputs = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad(), ThreadPoolExecutor(1) as other_thread:
+        plain = network(inputs)
+        global_state = torch.random.get_rng_state()
+        with mc_dropout(network, 0.3, seed=5):
+            first = network(inputs)
+            beside = other_thread.submit(network, inputs).result()  # a plain inference meanwhile
+        assert torch.equal(torch.random.get_rng_state(), global_state)  # global generator untouched
+        with mc_dropout(network, 0.3, seed=5):
+            again = network(inputs)
+    assert torch.equal(beside, plain)
+    assert torch.equal(first, again) and not torch.equal(first, plain)
 
 
 def test_scores_are_deterministic_and_finite(app) -> None:
