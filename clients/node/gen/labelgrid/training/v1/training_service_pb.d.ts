@@ -340,6 +340,41 @@ export declare type GetTrainStatsResponse = Message<"labelgrid.training.v1.GetTr
 export declare const GetTrainStatsResponseSchema: GenMessage<GetTrainStatsResponse>;
 
 /**
+ * Request of WatchTrainStats.
+ *
+ * @generated from message labelgrid.training.v1.WatchTrainStatsRequest
+ */
+export declare type WatchTrainStatsRequest = Message<"labelgrid.training.v1.WatchTrainStatsRequest"> & {
+};
+
+/**
+ * Describes the message labelgrid.training.v1.WatchTrainStatsRequest.
+ * Use `create(WatchTrainStatsRequestSchema)` to create a new message.
+ */
+export declare const WatchTrainStatsRequestSchema: GenMessage<WatchTrainStatsRequest>;
+
+/**
+ * One message of a WatchTrainStats stream.
+ *
+ * @generated from message labelgrid.training.v1.WatchTrainStatsResponse
+ */
+export declare type WatchTrainStatsResponse = Message<"labelgrid.training.v1.WatchTrainStatsResponse"> & {
+  /**
+   * Trainer id -> its stats as GetTrainStats answers them (empty before its first run); every
+   * trainer of the app is present.
+   *
+   * @generated from field: map<string, google.protobuf.Struct> train_stats = 1;
+   */
+  trainStats: { [key: string]: JsonObject };
+};
+
+/**
+ * Describes the message labelgrid.training.v1.WatchTrainStatsResponse.
+ * Use `create(WatchTrainStatsResponseSchema)` to create a new message.
+ */
+export declare const WatchTrainStatsResponseSchema: GenMessage<WatchTrainStatsResponse>;
+
+/**
  * Training: runs the app's trainers (MONAI Label's /train and the trainers and train_stats
  * parts of /info). Every run is a TrainingJob resource: it queues while devices are busy,
  * runs in a child process (a crash or a cancel never takes the service down), trains on the
@@ -438,6 +473,21 @@ export declare const TrainingService: GenService<{
     methodKind: "unary";
     input: typeof GetTrainStatsRequestSchema;
     output: typeof GetTrainStatsResponseSchema;
+  },
+  /**
+   * Streams every trainer's stats (GetTrainStats of each, in one message): the current ones
+   * at once, then again whenever a job of this service changes them (an epoch ends, a job
+   * starts or ends), and at least every 10 s (reread from the datastore, so jobs another
+   * replica runs are caught up; data on the connection between keepalive pings). A reader
+   * may keep what it derived from the last message while the stream is open; a broken
+   * stream means "ask again".
+   *
+   * @generated from rpc labelgrid.training.v1.TrainingService.WatchTrainStats
+   */
+  watchTrainStats: {
+    methodKind: "server_streaming";
+    input: typeof WatchTrainStatsRequestSchema;
+    output: typeof WatchTrainStatsResponseSchema;
   },
 }>;
 

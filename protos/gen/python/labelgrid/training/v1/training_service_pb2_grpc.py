@@ -80,6 +80,11 @@ class TrainingServiceStub:
                 request_serializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsRequest.SerializeToString,
                 response_deserializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsResponse.FromString,
                 _registered_method=True)
+        self.WatchTrainStats = channel.unary_stream(
+                '/labelgrid.training.v1.TrainingService/WatchTrainStats',
+                request_serializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -159,6 +164,18 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTrainStats(self, request, context):
+        """Streams every trainer's stats (GetTrainStats of each, in one message): the current ones
+        at once, then again whenever a job of this service changes them (an epoch ends, a job
+        starts or ends), and at least every 10 s (reread from the datastore, so jobs another
+        replica runs are caught up; data on the connection between keepalive pings). A reader
+        may keep what it derived from the last message while the stream is open; a broken
+        stream means "ask again".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +213,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.GetTrainStats,
                     request_deserializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsRequest.FromString,
                     response_serializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsResponse.SerializeToString,
+            ),
+            'WatchTrainStats': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrainStats,
+                    request_deserializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsRequest.FromString,
+                    response_serializer=labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +420,33 @@ class TrainingService:
             '/labelgrid.training.v1.TrainingService/GetTrainStats',
             labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsRequest.SerializeToString,
             labelgrid_dot_training_dot_v1_dot_training__service__pb2.GetTrainStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrainStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/labelgrid.training.v1.TrainingService/WatchTrainStats',
+            labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsRequest.SerializeToString,
+            labelgrid_dot_training_dot_v1_dot_training__service__pb2.WatchTrainStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,14 @@ class TrainingServiceStub:
     running job, else of the last finished one, else empty.
     NOT_FOUND (MODEL_NOT_FOUND) if the trainer does not exist.
     """
+    WatchTrainStats: _grpc.UnaryStreamMultiCallable[_training_service_pb2.WatchTrainStatsRequest, _training_service_pb2.WatchTrainStatsResponse]
+    """Streams every trainer's stats (GetTrainStats of each, in one message): the current ones
+    at once, then again whenever a job of this service changes them (an epoch ends, a job
+    starts or ends), and at least every 10 s (reread from the datastore, so jobs another
+    replica runs are caught up; data on the connection between keepalive pings). A reader
+    may keep what it derived from the last message while the stream is open; a broken
+    stream means "ask again".
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -126,6 +134,14 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """Returns a trainer's stats (MONAI Label's `train_stats[t]` in /info): those of the
     running job, else of the last finished one, else empty.
     NOT_FOUND (MODEL_NOT_FOUND) if the trainer does not exist.
+    """
+    WatchTrainStats: _aio.UnaryStreamMultiCallable[_training_service_pb2.WatchTrainStatsRequest, _training_service_pb2.WatchTrainStatsResponse]  # type: ignore[assignment]
+    """Streams every trainer's stats (GetTrainStats of each, in one message): the current ones
+    at once, then again whenever a job of this service changes them (an epoch ends, a job
+    starts or ends), and at least every 10 s (reread from the datastore, so jobs another
+    replica runs are caught up; data on the connection between keepalive pings). A reader
+    may keep what it derived from the last message while the stream is open; a broken
+    stream means "ask again".
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -215,6 +231,20 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns a trainer's stats (MONAI Label's `train_stats[t]` in /info): those of the
         running job, else of the last finished one, else empty.
         NOT_FOUND (MODEL_NOT_FOUND) if the trainer does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTrainStats(
+        self,
+        request: _training_service_pb2.WatchTrainStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_training_service_pb2.WatchTrainStatsResponse], _abc.AsyncIterator[_training_service_pb2.WatchTrainStatsResponse]]:
+        """Streams every trainer's stats (GetTrainStats of each, in one message): the current ones
+        at once, then again whenever a job of this service changes them (an epoch ends, a job
+        starts or ends), and at least every 10 s (reread from the datastore, so jobs another
+        replica runs are caught up; data on the connection between keepalive pings). A reader
+        may keep what it derived from the last message while the stream is open; a broken
+        stream means "ask again".
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
