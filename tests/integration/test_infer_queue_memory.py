@@ -23,9 +23,8 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from labelgrid.inference.v1 import resources_pb2 as res
 
-from services.datastore.sample_studies import write_sample_studies
 from tests.fixtures.hostile import read_all, upload_messages
-from tests.fixtures.processes import ServiceProcess, ServiceStartError, peak_rss
+from tests.fixtures.processes import ServiceProcess, ServiceStartError, datastore_and_inference, peak_rss
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,38 +43,13 @@ def _nifti(shape: tuple[int, int, int]) -> bytes:
 
 @pytest.fixture(scope="module")
 def inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("queue-rss")
-    write_sample_studies(root / "studies", count=1, labeled=0, size=16)
-    started: list[ServiceProcess] = []
+    # queue-limit 0 and one slot: the slow request holds the only place there is.
+    one_slot = ("--no-warm-up", "--queue-limit", "0", "--concurrency-per-device", "1", "--torch-threads", "1")
     try:
-        started.append(ServiceProcess("services.datastore", "--root", str(root / "studies"), "--metrics-port", "-1"))
-        started.append(
-            ServiceProcess(
-                "services.infer",
-                "--datastore",
-                started[0].address,
-                "--device",
-                "cpu",
-                "--work-dir",
-                str(root / "infer"),
-                "--metrics-port",
-                "-1",
-                "--no-warm-up",
-                "--queue-limit",
-                "0",
-                "--concurrency-per-device",
-                "1",
-                "--torch-threads",
-                "1",
-            )
-        )
+        with datastore_and_inference(tmp_path_factory.mktemp("queue-rss"), *one_slot) as (_, inference):
+            yield inference
     except ServiceStartError as error:
-        for process in started:
-            process.stop()
         pytest.fail(str(error))
-    yield started[1]
-    for process in reversed(started):
-        process.stop()
 
 
 def _infer(address: str, data: bytes, params: dict | None = None) -> grpc.StatusCode:

@@ -16,9 +16,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
-from services.datastore.sample_studies import write_sample_studies
 from tests.fixtures.hostile import read_all, upload_messages
-from tests.fixtures.processes import ServiceProcess, ServiceStartError, peak_rss
+from tests.fixtures.processes import ServiceProcess, ServiceStartError, datastore_and_inference, peak_rss
 from tests.security import hostile as files
 
 pytestmark = pytest.mark.timeout(240)
@@ -30,32 +29,11 @@ ALLOWED_GROWTH = 96 * MIB
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
-    root = tmp_path_factory.mktemp("rss")
-    write_sample_studies(root / "studies", count=1, labeled=0, size=16)
-    started: list[ServiceProcess] = []
     try:
-        started.append(ServiceProcess("services.datastore", "--root", str(root / "studies"), "--metrics-port", "-1"))
-        started.append(
-            ServiceProcess(
-                "services.infer",
-                "--datastore",
-                started[0].address,
-                "--device",
-                "cpu",
-                "--work-dir",
-                str(root / "infer"),
-                "--metrics-port",
-                "-1",
-                "--no-warm-up",
-            )
-        )
+        with datastore_and_inference(tmp_path_factory.mktemp("rss"), "--no-warm-up") as started:
+            yield started
     except ServiceStartError as error:
-        for process in started:
-            process.stop()
         pytest.fail(str(error))
-    yield started[0], started[1]
-    for process in reversed(started):
-        process.stop()
 
 
 @pytest.mark.parametrize("case", ["nrrd-gzip-bomb", "nifti-gzip-bomb", "nrrd-bzip2-bomb"])
