@@ -49,8 +49,12 @@ def reindex(settings: DatastoreSettings) -> None:
         datastore.close()
     print(
         f"reindexed {datastore.location}: {counts.images} images, {counts.labels} labels, "
-        f"{counts.model_versions} model versions, {counts.removed} stale entries removed"
+        f"{counts.model_versions} model versions, {counts.removed} stale entries removed, "
+        f"{len(counts.skipped)} files skipped"
     )
+    # Each file left out, with why: an operator adopting a folder must see what did not come in.
+    for reason in counts.skipped:
+        print(f"  skipped {reason}")
 
 
 def fsck(settings: DatastoreSettings, options: argparse.Namespace) -> int:

@@ -73,6 +73,23 @@ def test_reindex_command(studies: Path):
     )
     assert result.returncode == 0, result.stderr
     assert "4 images, 1 labels" in result.stdout
+    assert "0 files skipped" in result.stdout
+
+
+def test_reindex_command_names_the_files_it_skips(tmp_path: Path):
+    write_sample_studies(tmp_path, count=2, labeled=0, size=16)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a volume at all")
+    result = subprocess.run(
+        [sys.executable, "-m", "services.datastore", "reindex", "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 images" in result.stdout and "1 files skipped" in result.stdout
+    assert re.search(r"^  skipped images/broken\.nii\.gz: not a gzip-compressed file", result.stdout, re.MULTILINE), (
+        result.stdout
+    )
 
 
 def _big_nifti(total_bytes: int) -> tuple[bytes, int]:
