@@ -16,6 +16,11 @@
   connected) or the datastore is not `exclusive` (replicas sharing PostgreSQL, where
   writes of other replicas are unseen), nothing is kept and every call asks the datastore,
   as before. The stream reconnects with a backoff.
+- **Train stats are pushed too.** /info/ carries every trainer's stats; one
+  `WatchTrainStats` stream per gateway (a server stream from the training service) brings
+  them at once and after every change (`TrainStatsWatch`), and a change drops the kept
+  /info/ answer. While that stream is down (or the training service predates it), /info/
+  asks GetTrainStats again at most once a second and keeps its answer that long.
 - **The route itself.** `HotReadMiddleware`, inside the auth middleware (roles are checked
   first) and outside FastAPI, answers a kept answer with the bytes and two headers: no
   routing, dependency, validation or serialization. A miss goes to the route, which fills
@@ -28,12 +33,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.training.v1 import training_service_pb2 as train_pb
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.common.protos import struct_to_dict
 
 log = logging.getLogger("labelgrid.gateway")
 
@@ -43,6 +52,9 @@ read under; the stream number tells apart generations of a restarted datastore."
 
 RECONNECT_SECONDS = (0.25, 0.5, 1.0, 2.0)
 """Waits before reconnecting a broken WatchChanges stream (the last one repeats)."""
+
+INFO_KEY = "info"
+"""Key of the kept GET /info/ answer (gateway.routes.info)."""
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -85,6 +97,10 @@ class ChangeWatch:
         still the current one."""
         if token is not None and token == self.token():
             self._kept[key] = _Kept(token, body, expires)
+
+    def drop(self, key: str) -> None:
+        """Forgets the answer kept under `key` (what it was derived from changed)."""
+        self._kept.pop(key, None)
 
     def wrote(self) -> None:
         """A request through this gateway that may have written has ended."""
@@ -138,6 +154,72 @@ class ChangeWatch:
             failures += 1
 
 
+class TrainStatsWatch:
+    """Every trainer's stats as the training service last pushed them (WatchTrainStats)."""
+
+    def __init__(self, on_change: Callable[[], None] = lambda: None) -> None:
+        self.stats: dict[str, dict[str, Any]] | None = None  # None: no open stream
+        self.version = 0  # bumped whenever `stats` changes (or the stream opens or closes)
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()  # set while the stream is open (tests wait on it)
+
+    def _set(self, stats: dict[str, dict[str, Any]] | None) -> None:
+        if stats != self.stats:
+            self.stats = stats
+            self.version += 1
+            self.on_change()
+
+    def start(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        """Opens the stream in the background (once; later calls do nothing)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(stub, metadata))
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        self._set(None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        failures = 0
+        while True:
+            call = stub.WatchTrainStats(train_pb.WatchTrainStatsRequest(), metadata=metadata)
+            try:
+                async for message in call:
+                    self._set({trainer: struct_to_dict(stats) for trainer, stats in message.train_stats.items()})
+                    self.connected.set()
+                    failures = 0
+                code = "OK"
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            finally:
+                self.connected.clear()
+                self._set(None)
+            if failures == 0:
+                log.info(
+                    "training stats stream closed: /info/ asks for train stats until it reconnects",
+                    extra={"code": code},
+                )
+            await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
+            failures += 1
+
+
+def train_stats_watch(app: Any) -> TrainStatsWatch:
+    """The app's TrainStatsWatch (made on first use; the stream opens on the first /info/);
+    a change drops the kept answer under `INFO_KEY`."""
+    watch = getattr(app.state, "train_stats_watch", None)
+    if watch is None:
+        changes = change_watch(app)
+        watch = app.state.train_stats_watch = TrainStatsWatch(lambda: changes.drop(INFO_KEY))
+    return watch
+
+
 def change_watch(app: Any) -> ChangeWatch:
     """The app's ChangeWatch (made on first use; the stream opens on the first hot read)."""
     watch = getattr(app.state, "change_watch", None)
@@ -147,9 +229,10 @@ def change_watch(app: Any) -> ChangeWatch:
 
 
 async def stop_change_watch(app: Any) -> None:
-    watch = getattr(app.state, "change_watch", None)
-    if watch is not None:
-        await watch.stop()
+    for name in ("train_stats_watch", "change_watch"):
+        watch = getattr(app.state, name, None)
+        if watch is not None:
+            await watch.stop()
 
 
 class HotReadMiddleware:

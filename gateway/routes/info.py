@@ -32,7 +32,7 @@ from labelgrid.inference.v1 import resources_pb2 as inf_res
 from labelgrid.training.v1 import training_service_pb2 as train_pb
 
 from gateway import __version__
-from gateway.changes import change_watch
+from gateway.changes import INFO_KEY, TrainStatsWatch, change_watch, train_stats_watch
 from gateway.errors import GatewayError
 from gateway.routes.common import Ctx, CtxDep
 from gateway.routes.datastore import datastore_stats, next_sweep
@@ -254,11 +254,17 @@ async def _static_parts(ctx: Ctx, cache: InfoCache) -> dict[str, dict[str, Any]]
     return {s: p.value or _empty(s, ctx) for s, p in cache.parts.items()}
 
 
-async def _train_stats(ctx: Ctx, cache: InfoCache, names: Mapping[str, str]) -> dict[str, Any]:
-    """Every trainer's stats (Slicer follows training through them): asked again when the
-    last answer is older than TRAIN_STATS_TTL_SECONDS, so a crowd of pollers costs one call."""
+async def _train_stats(
+    ctx: Ctx, cache: InfoCache, names: Mapping[str, str], pushed: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
+    """Every trainer's stats (Slicer follows training through them): as the training service
+    last pushed them (gateway.changes.TrainStatsWatch); while that stream is down, asked again
+    when the last answer is older than TRAIN_STATS_TTL_SECONDS, so a crowd of pollers costs
+    one call."""
     if not names:
         return {}
+    if pushed is not None:
+        return {t: pushed.get(t, {}) for t in names}
     if time.monotonic() - cache.train_stats_at <= TRAIN_STATS_TTL_SECONDS and set(cache.train_stats) == set(names):
         return cache.train_stats
     try:
@@ -281,20 +287,19 @@ async def _train_stats(ctx: Ctx, cache: InfoCache, names: Mapping[str, str]) -> 
     return stats
 
 
-async def _parts_and_train_stats(ctx: Ctx, cache: InfoCache) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+async def _parts_and_train_stats(
+    ctx: Ctx, cache: InfoCache, stats_watch: TrainStatsWatch
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     parts = await _static_parts(ctx, cache)
-    return parts, await _train_stats(ctx, cache, parts["training"]["_trainer_names"])
+    return parts, await _train_stats(ctx, cache, parts["training"]["_trainer_names"], stats_watch.stats)
 
 
-INFO_KEY = "info"
-"""gateway.changes key of the kept GET /info/ answer."""
-
-
-def _expires(ctx: Ctx, cache: InfoCache) -> float:
-    """When a kept /info/ answer is too old: its oldest part, or the next session sweep."""
+def _expires(ctx: Ctx, cache: InfoCache, pushed: bool) -> float:
+    """When a kept /info/ answer is too old: its oldest part, the train stats unless they
+    are pushed (a push drops the answer), or the next session sweep."""
     parts = min((part.fetched_at for part in cache.parts.values()), default=float("-inf"))
     trainers = (cache.parts["training"].value or {}).get("_trainer_names")
-    train = cache.train_stats_at if trainers else float("inf")
+    train = cache.train_stats_at if trainers and not pushed else float("inf")
     return min(parts + STATIC_TTL_SECONDS, train + TRAIN_STATS_TTL_SECONDS, next_sweep(ctx))
 
 
@@ -302,9 +307,11 @@ def _expires(ctx: Ctx, cache: InfoCache) -> float:
 async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
     cache = info_cache(request)
     watch = change_watch(request.app)
-    generation = cache.generation
+    stats_watch = train_stats_watch(request.app)
+    stats_watch.start(ctx.clients.training, ctx.service_metadata)
+    generation, stats_version = cache.generation, stats_watch.version
     (parts, train_stats), (stats, token) = await asyncio.gather(
-        _parts_and_train_stats(ctx, cache), datastore_stats(ctx, watch)
+        _parts_and_train_stats(ctx, cache, stats_watch), datastore_stats(ctx, watch)
     )
     inference, training, activelearning = (parts["inference"], parts["training"], parts["activelearning"])
     # No top-level "config" key: Slicer refuses servers that send one.
@@ -322,6 +329,8 @@ async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
             "datastore": stats,
         }
     )
-    if generation == cache.generation:  # no model changed meanwhile
-        watch.put(INFO_KEY, token, bytes(response.body), expires=_expires(ctx, cache))
+    # Kept unless a model changed or new train stats came meanwhile.
+    if generation == cache.generation and stats_version == stats_watch.version:
+        pushed = stats_watch.stats is not None
+        watch.put(INFO_KEY, token, bytes(response.body), expires=_expires(ctx, cache, pushed))
     return response

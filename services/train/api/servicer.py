@@ -63,6 +63,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             train_stats=dict_to_struct(stats), training_job=f"trainingJobs/{job_id}" if job_id else ""
         )
 
+    async def WatchTrainStats(
+        self, request: pb.WatchTrainStatsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchTrainStatsResponse]:
+        async for stats in self.training.watch_train_stats():
+            yield pb.WatchTrainStatsResponse(
+                train_stats={trainer: dict_to_struct(values) for trainer, values in stats.items()}
+            )
+
 
 def service_names() -> list[str]:
     return [pb.DESCRIPTOR.services_by_name["TrainingService"].full_name]
@@ -78,6 +86,7 @@ def create_service(settings: TrainSettings, training: Training, datastore: Any, 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(training), server)
 
-    service = GrpcService(settings, service_names(), register, on_stop=on_stop)
+    # on_stopping: WatchTrainStats streams never end by themselves; end them before the grace period.
+    service = GrpcService(settings, service_names(), register, on_stop=on_stop, on_stopping=training.end_stats_watches)
     service.registry.register(TrainingCollector(training, cache))
     return service

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins  # `list` below is a method of Training: annotations after it name builtins.list
+import contextlib
 import logging
 import shutil
 import signal
@@ -41,6 +42,9 @@ log = logging.getLogger("labelgrid.train")
 JOB_KIND = "trainingJobs"
 # MONAI Label's answer to a start while a job runs (its REST clients show this text).
 ALREADY_RUNNING_MESSAGE = "++++++++++ Train Task is Already Running"
+STATS_HEARTBEAT_SECONDS = 10.0
+"""watch_train_stats reads and sends the stats at least this often: jobs another replica runs
+are caught up, and the stream carries data between the clients' keepalive pings."""
 
 
 class TrainFailed(LabelgridError):
@@ -113,6 +117,9 @@ class Training:
         # job_id -> (state, trainer) of every job known, for metrics; and per-trainer counters.
         self.states: dict[str, tuple[JobState, str]] = {}
         self.finished: dict[tuple[str, str], int] = {}
+        # One event per open watch_train_stats stream: set when a trainer's stats may have changed.
+        self._stats_watchers: set[asyncio.Event] = set()
+        self._closing = False
 
     @property
     def published(self) -> dict[str, int]:
@@ -135,8 +142,15 @@ class Training:
             log.warning("job lost by a previous process marked failed", extra={"job": job.job_id})
         return lost
 
+    def end_stats_watches(self) -> None:
+        """Ends every watch_train_stats stream (the server is stopping)."""
+        self._closing = True
+        for changed in list(self._stats_watchers):
+            changed.set()
+
     async def close(self) -> None:
         """Stops every running job (FAILED: the service stopped) and flushes progress."""
+        self.end_stats_watches()
         # Take the whole queue first: a job ending while these are written would start the next.
         queued, self._queue[:] = list(self._queue), []
         for job_id in queued:
@@ -267,6 +281,40 @@ class Training:
                 return dict(job.train_stats), job.job_id
         return {}, ""
 
+    async def all_train_stats(self) -> dict[str, dict[str, Any]]:
+        """Every trainer's stats as train_stats answers them, from one listing of the jobs."""
+        jobs = await self.store.list()
+        out: dict[str, dict[str, Any]] = {}
+        for trainer in self.trainers:
+            mine = [job for job in jobs if job.trainer == trainer]
+            found = next((job for job in [j for j in mine if j.state == RUNNING] + mine if job.train_stats), None)
+            out[trainer] = dict(found.train_stats) if found is not None else {}
+        return out
+
+    async def watch_train_stats(self, heartbeat: float = STATS_HEARTBEAT_SECONDS) -> AsyncIterator[dict[str, Any]]:
+        """Every trainer's stats now, then again after each change made by this process
+        (an epoch's stats, a job's state) and at least every `heartbeat` seconds (read again
+        from the datastore: jobs of another replica are caught up then). Ends when the
+        service stops."""
+        changed = asyncio.Event()
+        self._stats_watchers.add(changed)
+        try:
+            while not self._closing:
+                changed.clear()  # before reading: a change after this sets it again
+                yield await self.all_train_stats()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), heartbeat)
+        finally:
+            self._stats_watchers.discard(changed)
+
+    def _stats_changed(self) -> None:
+        for changed in list(self._stats_watchers):
+            changed.set()
+
+    async def _update_stats(self, job_id: str, update: dict[str, Any]) -> None:
+        await self.store.update(job_id, update)
+        self._stats_changed()
+
     def queue_length(self) -> int:
         return len(self._queue)
 
@@ -289,6 +337,7 @@ class Training:
     async def _set_state(self, job_id: str, changes: dict[str, Any]) -> TrainingJob:
         job = await self.store.update(job_id, changes)
         self.states[job_id] = (job.state, job.trainer)
+        self._stats_changed()  # a running job's stats win over the last finished one's
         return job
 
     async def _finish(self, job_id: str, state: JobState, error: JobError | None) -> None:
@@ -427,7 +476,7 @@ class Training:
         elif isinstance(event, (events.Epoch, events.Completed)):
             job.progress = stats_progress(job.progress, event)
             update = {"progress": job.progress, "train_stats": dict(event.stats)}
-            job.spawn(self.store.update(job_id, update), "stats")
+            job.spawn(self._update_stats(job_id, update), "stats")
         elif isinstance(event, events.Checkpoint):
             self.publisher.offer(job, event)
         elif isinstance(event, events.Started):
