@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_ROOT = REPO / "protos"
+THIRD_PARTY = PROTO_ROOT / "third_party"  # google/api's resource and field_behavior annotations
 BUILD = REPO / "build" / "clients"
 WKT = Path("/usr/include")  # google/protobuf/*.proto of Debian's protobuf, matching its protoc
 GO_CLIENT = REPO / "clients" / "go" / "labelgrid-client"
@@ -47,7 +48,15 @@ class ToolchainMissing(RuntimeError):
 
 
 def protos() -> list[Path]:
-    return sorted((PROTO_ROOT / "labelgrid").rglob("*.proto"))
+    """The contracts and the annotations they import; both are compiled, so a client needs no
+    googleapis package of its own (Go: google.golang.org/genproto/googleapis/api/annotations,
+    Java: com.google.api, generated here)."""
+    return sorted((PROTO_ROOT / "labelgrid").rglob("*.proto")) + sorted(THIRD_PARTY.rglob("*.proto"))
+
+
+def virtual(path: Path) -> str:
+    """The import path protoc knows a .proto file by."""
+    return str(path.relative_to(THIRD_PARTY if path.is_relative_to(THIRD_PARTY) else PROTO_ROOT))
 
 
 def tool(name: str) -> str:
@@ -78,7 +87,7 @@ def run(argv: list[str], **kwargs: object) -> None:
 
 
 def protoc(out_flags: list[str]) -> None:
-    run([tool("protoc"), f"-I{PROTO_ROOT}", f"-I{WKT}", *out_flags, *(str(p.relative_to(PROTO_ROOT)) for p in protos())],
+    run([tool("protoc"), f"-I{PROTO_ROOT}", f"-I{THIRD_PARTY}", f"-I{WKT}", *out_flags, *map(virtual, protos())],
         cwd=PROTO_ROOT)  # fmt: skip
 
 

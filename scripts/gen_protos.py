@@ -3,6 +3,8 @@
 One command (`make protos`), run by hand after editing a .proto; CI runs it too and fails
 when the committed code differs (`make check-protos`). The proto root is the Python import
 root, so generated imports (`from labelgrid.common.v1 import common_pb2`) need no rewriting.
+protos/third_party (google/api's resource and field_behavior annotations) is only an include
+path: its Python code is the googleapis-common-protos package it was copied from.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{PROTO_ROOT / 'third_party'}",
         f"-I{wkt}",
         f"--python_out={OUT}",
         f"--grpc_python_out={OUT}",

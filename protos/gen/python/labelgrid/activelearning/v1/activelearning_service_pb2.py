@@ -22,12 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from labelgrid.activelearning.v1 import resources_pb2 as labelgrid_dot_activelearning_dot_v1_dot_resources__pb2
 from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8labelgrid/activelearning/v1/activelearning_service.proto\x12\x1blabelgrid.activelearning.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a+labelgrid/activelearning/v1/resources.proto\x1a labelgrid/common/v1/common.proto\"\x17\n\x15ListStrategiesRequest\"S\n\x16ListStrategiesResponse\x12\x39\n\nstrategies\x18\x01 \x03(\x0b\x32%.labelgrid.activelearning.v1.Strategy\"\x1b\n\x19ListScoringMethodsRequest\"a\n\x1aListScoringMethodsResponse\x12\x43\n\x0fscoring_methods\x18\x01 \x03(\x0b\x32*.labelgrid.activelearning.v1.ScoringMethod\"|\n\x11NextSampleRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11lease_ttl_seconds\x18\x04 \x01(\x05\"\xf2\x01\n\x12NextSampleResponse\x12\x32\n\x05image\x18\x01 \x01(\x0b\x32#.labelgrid.activelearning.v1.Sample\x12\x31\n\x05lease\x18\x02 \x01(\x0b\x32\".labelgrid.activelearning.v1.Lease\x12.\n\rstrategy_info\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x45\n\x10no_sample_reason\x18\x04 \x01(\x0e\x32+.labelgrid.activelearning.v1.NoSampleReason\"I\n\x11RenewLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x05\"G\n\x12RenewLeaseResponse\x12\x31\n\x05lease\x18\x01 \x01(\x0b\x32\".labelgrid.activelearning.v1.Lease\"6\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"M\n\x11ListLeasesRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x12ListLeasesResponse\x12\x32\n\x06leases\x18\x01 \x03(\x0b\x32\".labelgrid.activelearning.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x17\x43reateScoringJobRequest\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\x12\x0f\n\x07\x65nqueue\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"X\n\x18\x43reateScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"$\n\x14GetScoringJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x15GetScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"}\n\x16ListScoringJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12\x0e\n\x06method\x18\x04 \x01(\t\"q\n\x17ListScoringJobsResponse\x12=\n\x0cscoring_jobs\x18\x01 \x03(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x43\x61ncelScoringJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"X\n\x18\x43\x61ncelScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"&\n\x16WatchScoringJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"W\n\x17WatchScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob*\x91\x01\n\x0eNoSampleReason\x12 \n\x1cNO_SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16NO_SAMPLE_REASON_EMPTY\x10\x01\x12 \n\x1cNO_SAMPLE_REASON_ALL_LABELED\x10\x02\x12\x1f\n\x1bNO_SAMPLE_REASON_ALL_LEASED\x10\x03\x32\xf4\n\n\x15\x41\x63tiveLearningService\x12~\n\x0eListStrategies\x12\x32.labelgrid.activelearning.v1.ListStrategiesRequest\x1a\x33.labelgrid.activelearning.v1.ListStrategiesResponse\"\x03\x90\x02\x01\x12\x8a\x01\n\x12ListScoringMethods\x12\x36.labelgrid.activelearning.v1.ListScoringMethodsRequest\x1a\x37.labelgrid.activelearning.v1.ListScoringMethodsResponse\"\x03\x90\x02\x01\x12m\n\nNextSample\x12..labelgrid.activelearning.v1.NextSampleRequest\x1a/.labelgrid.activelearning.v1.NextSampleResponse\x12m\n\nRenewLease\x12..labelgrid.activelearning.v1.RenewLeaseRequest\x1a/.labelgrid.activelearning.v1.RenewLeaseResponse\x12s\n\x0cReleaseLease\x12\x30.labelgrid.activelearning.v1.ReleaseLeaseRequest\x1a\x31.labelgrid.activelearning.v1.ReleaseLeaseResponse\x12r\n\nListLeases\x12..labelgrid.activelearning.v1.ListLeasesRequest\x1a/.labelgrid.activelearning.v1.ListLeasesResponse\"\x03\x90\x02\x01\x12\x7f\n\x10\x43reateScoringJob\x12\x34.labelgrid.activelearning.v1.CreateScoringJobRequest\x1a\x35.labelgrid.activelearning.v1.CreateScoringJobResponse\x12{\n\rGetScoringJob\x12\x31.labelgrid.activelearning.v1.GetScoringJobRequest\x1a\x32.labelgrid.activelearning.v1.GetScoringJobResponse\"\x03\x90\x02\x01\x12\x81\x01\n\x0fListScoringJobs\x12\x33.labelgrid.activelearning.v1.ListScoringJobsRequest\x1a\x34.labelgrid.activelearning.v1.ListScoringJobsResponse\"\x03\x90\x02\x01\x12\x7f\n\x10\x43\x61ncelScoringJob\x12\x34.labelgrid.activelearning.v1.CancelScoringJobRequest\x1a\x35.labelgrid.activelearning.v1.CancelScoringJobResponse\x12\x83\x01\n\x0fWatchScoringJob\x12\x33.labelgrid.activelearning.v1.WatchScoringJobRequest\x1a\x34.labelgrid.activelearning.v1.WatchScoringJobResponse\"\x03\x90\x02\x01\x30\x01\x42\xf4\x01\n\x1eio.labelgrid.activelearning.v1B\x1a\x41\x63tivelearningServiceProtoP\x01ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\xa2\x02\x03LAX\xaa\x02\x1bLabelgrid.ActiveLearning.V1\xca\x02\x1bLabelgrid\\ActiveLearning\\V1\xea\x02\x1dLabelgrid::ActiveLearning::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8labelgrid/activelearning/v1/activelearning_service.proto\x12\x1blabelgrid.activelearning.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a+labelgrid/activelearning/v1/resources.proto\x1a labelgrid/common/v1/common.proto\"\x17\n\x15ListStrategiesRequest\"S\n\x16ListStrategiesResponse\x12\x39\n\nstrategies\x18\x01 \x03(\x0b\x32%.labelgrid.activelearning.v1.Strategy\"\x1b\n\x19ListScoringMethodsRequest\"a\n\x1aListScoringMethodsResponse\x12\x43\n\x0fscoring_methods\x18\x01 \x03(\x0b\x32*.labelgrid.activelearning.v1.ScoringMethod\"\xba\x01\n\x11NextSampleRequest\x12<\n\x08strategy\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!labelgrid.activelearning/Strategy\x12\x17\n\tclient_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x1f\n\x11lease_ttl_seconds\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\"\xf2\x01\n\x12NextSampleResponse\x12\x32\n\x05image\x18\x01 \x01(\x0b\x32#.labelgrid.activelearning.v1.Sample\x12\x31\n\x05lease\x18\x02 \x01(\x0b\x32\".labelgrid.activelearning.v1.Lease\x12.\n\rstrategy_info\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x45\n\x10no_sample_reason\x18\x04 \x01(\x0e\x32+.labelgrid.activelearning.v1.NoSampleReason\"~\n\x11RenewLeaseRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1elabelgrid.activelearning/Lease\x12\x17\n\tclient_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bttl_seconds\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\"G\n\x12RenewLeaseResponse\x12\x31\n\x05lease\x18\x01 \x01(\x0b\x32\".labelgrid.activelearning.v1.Lease\"e\n\x13ReleaseLeaseRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1elabelgrid.activelearning/Lease\x12\x17\n\tclient_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14ReleaseLeaseResponse\"_\n\x11ListLeasesRequest\x12\x17\n\tclient_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"a\n\x12ListLeasesResponse\x12\x32\n\x06leases\x18\x01 \x03(\x0b\x32\".labelgrid.activelearning.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8e\x01\n\x17\x43reateScoringJobRequest\x12\x42\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJobB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nqueue\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"X\n\x18\x43reateScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"R\n\x14GetScoringJobRequest\x12:\n\x04name\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#labelgrid.activelearning/ScoringJob\"U\n\x15GetScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"\xc0\x01\n\x16ListScoringJobsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobStateB\x04\xe2\x41\x01\x01\x12?\n\x06method\x18\x04 \x01(\tB/\xe2\x41\x01\x01\xfa\x41(\n&labelgrid.activelearning/ScoringMethod\"q\n\x17ListScoringJobsResponse\x12=\n\x0cscoring_jobs\x18\x01 \x03(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x17\x43\x61ncelScoringJobRequest\x12:\n\x04name\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#labelgrid.activelearning/ScoringJob\"X\n\x18\x43\x61ncelScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob\"T\n\x16WatchScoringJobRequest\x12:\n\x04name\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#labelgrid.activelearning/ScoringJob\"W\n\x17WatchScoringJobResponse\x12<\n\x0bscoring_job\x18\x01 \x01(\x0b\x32\'.labelgrid.activelearning.v1.ScoringJob*\x91\x01\n\x0eNoSampleReason\x12 \n\x1cNO_SAMPLE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16NO_SAMPLE_REASON_EMPTY\x10\x01\x12 \n\x1cNO_SAMPLE_REASON_ALL_LABELED\x10\x02\x12\x1f\n\x1bNO_SAMPLE_REASON_ALL_LEASED\x10\x03\x32\xf4\n\n\x15\x41\x63tiveLearningService\x12~\n\x0eListStrategies\x12\x32.labelgrid.activelearning.v1.ListStrategiesRequest\x1a\x33.labelgrid.activelearning.v1.ListStrategiesResponse\"\x03\x90\x02\x01\x12\x8a\x01\n\x12ListScoringMethods\x12\x36.labelgrid.activelearning.v1.ListScoringMethodsRequest\x1a\x37.labelgrid.activelearning.v1.ListScoringMethodsResponse\"\x03\x90\x02\x01\x12m\n\nNextSample\x12..labelgrid.activelearning.v1.NextSampleRequest\x1a/.labelgrid.activelearning.v1.NextSampleResponse\x12m\n\nRenewLease\x12..labelgrid.activelearning.v1.RenewLeaseRequest\x1a/.labelgrid.activelearning.v1.RenewLeaseResponse\x12s\n\x0cReleaseLease\x12\x30.labelgrid.activelearning.v1.ReleaseLeaseRequest\x1a\x31.labelgrid.activelearning.v1.ReleaseLeaseResponse\x12r\n\nListLeases\x12..labelgrid.activelearning.v1.ListLeasesRequest\x1a/.labelgrid.activelearning.v1.ListLeasesResponse\"\x03\x90\x02\x01\x12\x7f\n\x10\x43reateScoringJob\x12\x34.labelgrid.activelearning.v1.CreateScoringJobRequest\x1a\x35.labelgrid.activelearning.v1.CreateScoringJobResponse\x12{\n\rGetScoringJob\x12\x31.labelgrid.activelearning.v1.GetScoringJobRequest\x1a\x32.labelgrid.activelearning.v1.GetScoringJobResponse\"\x03\x90\x02\x01\x12\x81\x01\n\x0fListScoringJobs\x12\x33.labelgrid.activelearning.v1.ListScoringJobsRequest\x1a\x34.labelgrid.activelearning.v1.ListScoringJobsResponse\"\x03\x90\x02\x01\x12\x7f\n\x10\x43\x61ncelScoringJob\x12\x34.labelgrid.activelearning.v1.CancelScoringJobRequest\x1a\x35.labelgrid.activelearning.v1.CancelScoringJobResponse\x12\x83\x01\n\x0fWatchScoringJob\x12\x33.labelgrid.activelearning.v1.WatchScoringJobRequest\x1a\x34.labelgrid.activelearning.v1.WatchScoringJobResponse\"\x03\x90\x02\x01\x30\x01\x42\xf4\x01\n\x1eio.labelgrid.activelearning.v1B\x1a\x41\x63tivelearningServiceProtoP\x01ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\xa2\x02\x03LAX\xaa\x02\x1bLabelgrid.ActiveLearning.V1\xca\x02\x1bLabelgrid\\ActiveLearning\\V1\xea\x02\x1dLabelgrid::ActiveLearning::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +37,50 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'labelgrid.activelearning.v1
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\036io.labelgrid.activelearning.v1B\032ActivelearningServiceProtoP\001ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\242\002\003LAX\252\002\033Labelgrid.ActiveLearning.V1\312\002\033Labelgrid\\ActiveLearning\\V1\352\002\035Labelgrid::ActiveLearning::V1'
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['strategy']._loaded_options = None
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['strategy']._serialized_options = b'\342A\001\002\372A#\n!labelgrid.activelearning/Strategy'
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['client_id']._loaded_options = None
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['client_id']._serialized_options = b'\342A\001\002'
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['params']._loaded_options = None
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['params']._serialized_options = b'\342A\001\001'
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['lease_ttl_seconds']._loaded_options = None
+  _globals['_NEXTSAMPLEREQUEST'].fields_by_name['lease_ttl_seconds']._serialized_options = b'\342A\001\001'
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036labelgrid.activelearning/Lease'
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['client_id']._loaded_options = None
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['client_id']._serialized_options = b'\342A\001\002'
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['ttl_seconds']._loaded_options = None
+  _globals['_RENEWLEASEREQUEST'].fields_by_name['ttl_seconds']._serialized_options = b'\342A\001\001'
+  _globals['_RELEASELEASEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RELEASELEASEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036labelgrid.activelearning/Lease'
+  _globals['_RELEASELEASEREQUEST'].fields_by_name['client_id']._loaded_options = None
+  _globals['_RELEASELEASEREQUEST'].fields_by_name['client_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTLEASESREQUEST'].fields_by_name['client_id']._loaded_options = None
+  _globals['_LISTLEASESREQUEST'].fields_by_name['client_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTLEASESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTLEASESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTLEASESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTLEASESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['scoring_job']._loaded_options = None
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['scoring_job']._serialized_options = b'\342A\001\002'
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['enqueue']._loaded_options = None
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['enqueue']._serialized_options = b'\342A\001\001'
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATESCORINGJOBREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETSCORINGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETSCORINGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A%\n#labelgrid.activelearning/ScoringJob'
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['state']._loaded_options = None
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['state']._serialized_options = b'\342A\001\001'
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['method']._loaded_options = None
+  _globals['_LISTSCORINGJOBSREQUEST'].fields_by_name['method']._serialized_options = b'\342A\001\001\372A(\n&labelgrid.activelearning/ScoringMethod'
+  _globals['_CANCELSCORINGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CANCELSCORINGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A%\n#labelgrid.activelearning/ScoringJob'
+  _globals['_WATCHSCORINGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_WATCHSCORINGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A%\n#labelgrid.activelearning/ScoringJob'
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['ListStrategies']._loaded_options = None
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['ListStrategies']._serialized_options = b'\220\002\001'
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['ListScoringMethods']._loaded_options = None
@@ -47,52 +93,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['ListScoringJobs']._serialized_options = b'\220\002\001'
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['WatchScoringJob']._loaded_options = None
   _globals['_ACTIVELEARNINGSERVICE'].methods_by_name['WatchScoringJob']._serialized_options = b'\220\002\001'
-  _globals['_NOSAMPLEREASON']._serialized_start=2057
-  _globals['_NOSAMPLEREASON']._serialized_end=2202
-  _globals['_LISTSTRATEGIESREQUEST']._serialized_start=198
-  _globals['_LISTSTRATEGIESREQUEST']._serialized_end=221
-  _globals['_LISTSTRATEGIESRESPONSE']._serialized_start=223
-  _globals['_LISTSTRATEGIESRESPONSE']._serialized_end=306
-  _globals['_LISTSCORINGMETHODSREQUEST']._serialized_start=308
-  _globals['_LISTSCORINGMETHODSREQUEST']._serialized_end=335
-  _globals['_LISTSCORINGMETHODSRESPONSE']._serialized_start=337
-  _globals['_LISTSCORINGMETHODSRESPONSE']._serialized_end=434
-  _globals['_NEXTSAMPLEREQUEST']._serialized_start=436
-  _globals['_NEXTSAMPLEREQUEST']._serialized_end=560
-  _globals['_NEXTSAMPLERESPONSE']._serialized_start=563
-  _globals['_NEXTSAMPLERESPONSE']._serialized_end=805
-  _globals['_RENEWLEASEREQUEST']._serialized_start=807
-  _globals['_RENEWLEASEREQUEST']._serialized_end=880
-  _globals['_RENEWLEASERESPONSE']._serialized_start=882
-  _globals['_RENEWLEASERESPONSE']._serialized_end=953
-  _globals['_RELEASELEASEREQUEST']._serialized_start=955
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1009
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1011
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1033
-  _globals['_LISTLEASESREQUEST']._serialized_start=1035
-  _globals['_LISTLEASESREQUEST']._serialized_end=1112
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1114
-  _globals['_LISTLEASESRESPONSE']._serialized_end=1211
-  _globals['_CREATESCORINGJOBREQUEST']._serialized_start=1213
-  _globals['_CREATESCORINGJOBREQUEST']._serialized_end=1337
-  _globals['_CREATESCORINGJOBRESPONSE']._serialized_start=1339
-  _globals['_CREATESCORINGJOBRESPONSE']._serialized_end=1427
-  _globals['_GETSCORINGJOBREQUEST']._serialized_start=1429
-  _globals['_GETSCORINGJOBREQUEST']._serialized_end=1465
-  _globals['_GETSCORINGJOBRESPONSE']._serialized_start=1467
-  _globals['_GETSCORINGJOBRESPONSE']._serialized_end=1552
-  _globals['_LISTSCORINGJOBSREQUEST']._serialized_start=1554
-  _globals['_LISTSCORINGJOBSREQUEST']._serialized_end=1679
-  _globals['_LISTSCORINGJOBSRESPONSE']._serialized_start=1681
-  _globals['_LISTSCORINGJOBSRESPONSE']._serialized_end=1794
-  _globals['_CANCELSCORINGJOBREQUEST']._serialized_start=1796
-  _globals['_CANCELSCORINGJOBREQUEST']._serialized_end=1835
-  _globals['_CANCELSCORINGJOBRESPONSE']._serialized_start=1837
-  _globals['_CANCELSCORINGJOBRESPONSE']._serialized_end=1925
-  _globals['_WATCHSCORINGJOBREQUEST']._serialized_start=1927
-  _globals['_WATCHSCORINGJOBREQUEST']._serialized_end=1965
-  _globals['_WATCHSCORINGJOBRESPONSE']._serialized_start=1967
-  _globals['_WATCHSCORINGJOBRESPONSE']._serialized_end=2054
-  _globals['_ACTIVELEARNINGSERVICE']._serialized_start=2205
-  _globals['_ACTIVELEARNINGSERVICE']._serialized_end=3601
+  _globals['_NOSAMPLEREASON']._serialized_start=2523
+  _globals['_NOSAMPLEREASON']._serialized_end=2668
+  _globals['_LISTSTRATEGIESREQUEST']._serialized_start=258
+  _globals['_LISTSTRATEGIESREQUEST']._serialized_end=281
+  _globals['_LISTSTRATEGIESRESPONSE']._serialized_start=283
+  _globals['_LISTSTRATEGIESRESPONSE']._serialized_end=366
+  _globals['_LISTSCORINGMETHODSREQUEST']._serialized_start=368
+  _globals['_LISTSCORINGMETHODSREQUEST']._serialized_end=395
+  _globals['_LISTSCORINGMETHODSRESPONSE']._serialized_start=397
+  _globals['_LISTSCORINGMETHODSRESPONSE']._serialized_end=494
+  _globals['_NEXTSAMPLEREQUEST']._serialized_start=497
+  _globals['_NEXTSAMPLEREQUEST']._serialized_end=683
+  _globals['_NEXTSAMPLERESPONSE']._serialized_start=686
+  _globals['_NEXTSAMPLERESPONSE']._serialized_end=928
+  _globals['_RENEWLEASEREQUEST']._serialized_start=930
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1056
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1058
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1129
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1131
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1232
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1234
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1256
+  _globals['_LISTLEASESREQUEST']._serialized_start=1258
+  _globals['_LISTLEASESREQUEST']._serialized_end=1353
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1355
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1452
+  _globals['_CREATESCORINGJOBREQUEST']._serialized_start=1455
+  _globals['_CREATESCORINGJOBREQUEST']._serialized_end=1597
+  _globals['_CREATESCORINGJOBRESPONSE']._serialized_start=1599
+  _globals['_CREATESCORINGJOBRESPONSE']._serialized_end=1687
+  _globals['_GETSCORINGJOBREQUEST']._serialized_start=1689
+  _globals['_GETSCORINGJOBREQUEST']._serialized_end=1771
+  _globals['_GETSCORINGJOBRESPONSE']._serialized_start=1773
+  _globals['_GETSCORINGJOBRESPONSE']._serialized_end=1858
+  _globals['_LISTSCORINGJOBSREQUEST']._serialized_start=1861
+  _globals['_LISTSCORINGJOBSREQUEST']._serialized_end=2053
+  _globals['_LISTSCORINGJOBSRESPONSE']._serialized_start=2055
+  _globals['_LISTSCORINGJOBSRESPONSE']._serialized_end=2168
+  _globals['_CANCELSCORINGJOBREQUEST']._serialized_start=2170
+  _globals['_CANCELSCORINGJOBREQUEST']._serialized_end=2255
+  _globals['_CANCELSCORINGJOBRESPONSE']._serialized_start=2257
+  _globals['_CANCELSCORINGJOBRESPONSE']._serialized_end=2345
+  _globals['_WATCHSCORINGJOBREQUEST']._serialized_start=2347
+  _globals['_WATCHSCORINGJOBREQUEST']._serialized_end=2431
+  _globals['_WATCHSCORINGJOBRESPONSE']._serialized_start=2433
+  _globals['_WATCHSCORINGJOBRESPONSE']._serialized_end=2520
+  _globals['_ACTIVELEARNINGSERVICE']._serialized_start=2671
+  _globals['_ACTIVELEARNINGSERVICE']._serialized_end=4067
 # @@protoc_insertion_point(module_scope)

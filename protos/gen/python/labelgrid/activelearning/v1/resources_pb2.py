@@ -22,12 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+labelgrid/activelearning/v1/resources.proto\x12\x1blabelgrid.activelearning.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a labelgrid/common/v1/common.proto\"t\n\x08Strategy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bstrategy_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\"\x8b\x01\n\rScoringMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmethod_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12\x12\n\nscore_keys\x18\x05 \x03(\t\"\x8c\x03\n\nScoringJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12,\n\x05state\x18\x08 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12,\n\x05times\x18\t \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimes\x12>\n\x08progress\x18\n \x01(\x0b\x32,.labelgrid.activelearning.v1.ScoringProgress\x12\x16\n\x0equeue_position\x18\x0b \x01(\x05\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.labelgrid.common.v1.JobError\x12\x10\n\x08log_tail\x18\r \x03(\t\"Q\n\x0fScoringProgress\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0e\n\x06scored\x18\x02 \x01(\x05\x12\x0f\n\x07skipped\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\xe8\x01\n\x06Sample\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x04info\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12?\n\x06scores\x18\x05 \x03(\x0b\x32/.labelgrid.activelearning.v1.Sample.ScoresEntry\x12\x12\n\nlabel_tags\x18\x06 \x03(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x30\n\x0c\x61\x63quire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\xe8\x01\n\x1eio.labelgrid.activelearning.v1B\x0eResourcesProtoP\x01ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\xa2\x02\x03LAX\xaa\x02\x1bLabelgrid.ActiveLearning.V1\xca\x02\x1bLabelgrid\\ActiveLearning\\V1\xea\x02\x1dLabelgrid::ActiveLearning::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+labelgrid/activelearning/v1/resources.proto\x12\x1blabelgrid.activelearning.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a labelgrid/common/v1/common.proto\"\xcf\x01\n\x08Strategy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0bstrategy_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry:S\xea\x41P\n!labelgrid.activelearning/Strategy\x12\x15strategies/{strategy}*\nstrategies2\x08strategy\"\xf6\x01\n\rScoringMethod\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\tmethod_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x63onfig\x18\x04 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12\x12\n\nscore_keys\x18\x05 \x03(\t:c\xea\x41`\n&labelgrid.activelearning/ScoringMethod\x12\x17scoringMethods/{method}*\x0escoringMethods2\rscoringMethod\"\x9e\x05\n\nScoringJob\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12?\n\x06method\x18\x03 \x01(\tB/\xe2\x41\x01\x02\xfa\x41(\n&labelgrid.activelearning/ScoringMethod\x12\x31\n\x05model\x18\x04 \x01(\tB\"\xe2\x41\x01\x01\xfa\x41\x1b\n\x19labelgrid.inference/Model\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x13\n\x05\x66orce\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12@\n\rmodel_version\x18\x07 \x01(\tB)\xe2\x41\x01\x03\xfa\x41\"\n labelgrid.datastore/ModelVersion\x12\x32\n\x05state\x18\x08 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x32\n\x05times\x18\t \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimesB\x04\xe2\x41\x01\x03\x12\x44\n\x08progress\x18\n \x01(\x0b\x32,.labelgrid.activelearning.v1.ScoringProgressB\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x32\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.labelgrid.common.v1.JobErrorB\x04\xe2\x41\x01\x03\x12\x16\n\x08log_tail\x18\r \x03(\tB\x04\xe2\x41\x01\x03:T\xea\x41Q\n#labelgrid.activelearning/ScoringJob\x12\x11scoringJobs/{job}*\x0bscoringJobs2\nscoringJob\"Q\n\x0fScoringProgress\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0e\n\x06scored\x18\x02 \x01(\x05\x12\x0f\n\x07skipped\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\"\xe8\x01\n\x06Sample\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12%\n\x04info\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12?\n\x06scores\x18\x05 \x03(\x0b\x32/.labelgrid.activelearning.v1.Sample.ScoresEntry\x12\x12\n\nlabel_tags\x18\x06 \x03(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x97\x02\n\x05Lease\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08image_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tclient_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08strategy\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x61\x63quire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:B\xea\x41?\n\x1elabelgrid.activelearning/Lease\x12\x0eleases/{image}*\x06leases2\x05leaseB\xe8\x01\n\x1eio.labelgrid.activelearning.v1B\x0eResourcesProtoP\x01ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\xa2\x02\x03LAX\xaa\x02\x1bLabelgrid.ActiveLearning.V1\xca\x02\x1bLabelgrid\\ActiveLearning\\V1\xea\x02\x1dLabelgrid::ActiveLearning::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +37,70 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'labelgrid.activelearning.v1
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\036io.labelgrid.activelearning.v1B\016ResourcesProtoP\001ZRgithub.com/labelgrid/labelgrid/gen/go/labelgrid/activelearning/v1;activelearningv1\242\002\003LAX\252\002\033Labelgrid.ActiveLearning.V1\312\002\033Labelgrid\\ActiveLearning\\V1\352\002\035Labelgrid::ActiveLearning::V1'
+  _globals['_STRATEGY'].fields_by_name['name']._loaded_options = None
+  _globals['_STRATEGY'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_STRATEGY']._loaded_options = None
+  _globals['_STRATEGY']._serialized_options = b'\352AP\n!labelgrid.activelearning/Strategy\022\025strategies/{strategy}*\nstrategies2\010strategy'
+  _globals['_SCORINGMETHOD'].fields_by_name['name']._loaded_options = None
+  _globals['_SCORINGMETHOD'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGMETHOD']._loaded_options = None
+  _globals['_SCORINGMETHOD']._serialized_options = b'\352A`\n&labelgrid.activelearning/ScoringMethod\022\027scoringMethods/{method}*\016scoringMethods2\rscoringMethod'
+  _globals['_SCORINGJOB'].fields_by_name['name']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['job_id']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['job_id']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['method']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['method']._serialized_options = b'\342A\001\002\372A(\n&labelgrid.activelearning/ScoringMethod'
+  _globals['_SCORINGJOB'].fields_by_name['model']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['model']._serialized_options = b'\342A\001\001\372A\033\n\031labelgrid.inference/Model'
+  _globals['_SCORINGJOB'].fields_by_name['params']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['params']._serialized_options = b'\342A\001\001'
+  _globals['_SCORINGJOB'].fields_by_name['force']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['force']._serialized_options = b'\342A\001\001'
+  _globals['_SCORINGJOB'].fields_by_name['model_version']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['model_version']._serialized_options = b'\342A\001\003\372A\"\n labelgrid.datastore/ModelVersion'
+  _globals['_SCORINGJOB'].fields_by_name['state']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['times']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['times']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['progress']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['progress']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['queue_position']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['queue_position']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['error']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB'].fields_by_name['log_tail']._loaded_options = None
+  _globals['_SCORINGJOB'].fields_by_name['log_tail']._serialized_options = b'\342A\001\003'
+  _globals['_SCORINGJOB']._loaded_options = None
+  _globals['_SCORINGJOB']._serialized_options = b'\352AQ\n#labelgrid.activelearning/ScoringJob\022\021scoringJobs/{job}*\013scoringJobs2\nscoringJob'
   _globals['_SAMPLE_SCORESENTRY']._loaded_options = None
   _globals['_SAMPLE_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_STRATEGY']._serialized_start=173
-  _globals['_STRATEGY']._serialized_end=289
-  _globals['_SCORINGMETHOD']._serialized_start=292
-  _globals['_SCORINGMETHOD']._serialized_end=431
-  _globals['_SCORINGJOB']._serialized_start=434
-  _globals['_SCORINGJOB']._serialized_end=830
-  _globals['_SCORINGPROGRESS']._serialized_start=832
-  _globals['_SCORINGPROGRESS']._serialized_end=913
-  _globals['_SAMPLE']._serialized_start=916
-  _globals['_SAMPLE']._serialized_end=1148
-  _globals['_SAMPLE_SCORESENTRY']._serialized_start=1103
-  _globals['_SAMPLE_SCORESENTRY']._serialized_end=1148
-  _globals['_LEASE']._serialized_start=1151
-  _globals['_LEASE']._serialized_end=1326
+  _globals['_LEASE'].fields_by_name['name']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['image_id']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['image_id']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['client_id']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['client_id']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['strategy']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['strategy']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['acquire_time']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['acquire_time']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE']._loaded_options = None
+  _globals['_LEASE']._serialized_options = b'\352A?\n\036labelgrid.activelearning/Lease\022\016leases/{image}*\006leases2\005lease'
+  _globals['_STRATEGY']._serialized_start=234
+  _globals['_STRATEGY']._serialized_end=441
+  _globals['_SCORINGMETHOD']._serialized_start=444
+  _globals['_SCORINGMETHOD']._serialized_end=690
+  _globals['_SCORINGJOB']._serialized_start=693
+  _globals['_SCORINGJOB']._serialized_end=1363
+  _globals['_SCORINGPROGRESS']._serialized_start=1365
+  _globals['_SCORINGPROGRESS']._serialized_end=1446
+  _globals['_SAMPLE']._serialized_start=1449
+  _globals['_SAMPLE']._serialized_end=1681
+  _globals['_SAMPLE_SCORESENTRY']._serialized_start=1636
+  _globals['_SAMPLE_SCORESENTRY']._serialized_end=1681
+  _globals['_LEASE']._serialized_start=1684
+  _globals['_LEASE']._serialized_end=1963
 # @@protoc_insertion_point(module_scope)

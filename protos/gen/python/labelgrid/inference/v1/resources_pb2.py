@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&labelgrid/inference/v1/resources.proto\x12\x16labelgrid.inference.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\"\xf9\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.labelgrid.inference.v1.InferType\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).labelgrid.inference.v1.Model.LabelsEntry\x12\x16\n\x0elabels_as_list\x18\x05 \x01(\x08\x12\x11\n\tdimension\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x30\n\x06\x63onfig\x18\x08 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12\x15\n\rmodel_version\x18\t \x01(\t\x12,\n\x07\x64\x65vices\x18\n \x03(\x0b\x32\x1b.labelgrid.common.v1.Device\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"-\n\nVoxelPoint\x12\t\n\x01i\x18\x01 \x01(\x05\x12\t\n\x01j\x18\x02 \x01(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\"R\n\x08VoxelRoi\x12\n\n\x02i0\x18\x01 \x01(\x05\x12\n\n\x02i1\x18\x02 \x01(\x05\x12\n\n\x02j0\x18\x03 \x01(\x05\x12\n\n\x02j1\x18\x04 \x01(\x05\x12\n\n\x02k0\x18\x05 \x01(\x05\x12\n\n\x02k1\x18\x06 \x01(\x05\"P\n\x0bLabelPoints\x12\r\n\x05label\x18\x01 \x01(\t\x12\x32\n\x06points\x18\x02 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\"U\n\x0bPromptPoint\x12\x31\n\x05point\x18\x01 \x01(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x13\n\x0bpoint_label\x18\x02 \x01(\x05\"\xef\x02\n\x06Prompt\x12\r\n\x05label\x18\x01 \x01(\t\x12\x36\n\nforeground\x18\x02 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x36\n\nbackground\x18\x03 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x39\n\x0clabel_points\x18\x04 \x03(\x0b\x32#.labelgrid.inference.v1.LabelPoints\x12-\n\x03roi\x18\x05 \x01(\x0b\x32 .labelgrid.inference.v1.VoxelRoi\x12\x12\n\x05slice\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0breset_state\x18\x07 \x01(\x08\x12\x33\n\x06points\x18\x08 \x03(\x0b\x32#.labelgrid.inference.v1.PromptPoint\x12\x14\n\x0clabel_prompt\x18\t \x03(\x05\x42\x08\n\x06_slice\"\x94\x01\n\rResultOptions\x12\x18\n\x10result_extension\x18\x01 \x01(\t\x12\x14\n\x0cresult_dtype\x18\x02 \x01(\t\x12\x17\n\x0fresult_compress\x18\x03 \x01(\x08\x12\x12\n\nsave_label\x18\x04 \x01(\x08\x12\x11\n\tlabel_tag\x18\x05 \x01(\t\x12\x13\n\x0bparams_only\x18\x06 \x01(\x08\"\xad\x01\n\x0bInferParams\x12.\n\x06prompt\x18\x01 \x01(\x0b\x32\x1e.labelgrid.inference.v1.Prompt\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32%.labelgrid.inference.v1.ResultOptions\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb6\x04\n\x11\x42\x61tchInferenceJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12>\n\x0cimage_filter\x18\x04 \x01(\x0e\x32(.labelgrid.inference.v1.BatchImageFilter\x12\x0e\n\x06images\x18\x05 \x03(\t\x12\x12\n\nmax_images\x18\x06 \x01(\x05\x12\x33\n\x06params\x18\x07 \x01(\x0b\x32#.labelgrid.inference.v1.InferParams\x12\x0f\n\x07\x64\x65vices\x18\x08 \x03(\t\x12,\n\x05state\x18\t \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12,\n\x05times\x18\n \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimes\x12\x14\n\x0ctotal_images\x18\x0b \x01(\x05\x12\x18\n\x10processed_images\x18\x0c \x01(\x05\x12\x15\n\rfailed_images\x18\r \x01(\x05\x12\x16\n\x0equeue_position\x18\x0e \x01(\x05\x12,\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1d.labelgrid.common.v1.JobError\x12\x10\n\x08log_tail\x18\x10 \x03(\t\x12\x14\n\x0ckeep_results\x18\x11 \x01(\x08\x12\x39\n\x07results\x18\x12 \x03(\x0b\x32(.labelgrid.inference.v1.BatchImageResult\"|\n\x10\x42\x61tchImageResult\x12\r\n\x05image\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\tlabel_tag\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08*\x93\x02\n\tInferType\x12\x1a\n\x16INFER_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INFER_TYPE_SEGMENTATION\x10\x01\x12\x19\n\x15INFER_TYPE_ANNOTATION\x10\x02\x12\x1d\n\x19INFER_TYPE_CLASSIFICATION\x10\x03\x12\x17\n\x13INFER_TYPE_DEEPGROW\x10\x04\x12\x17\n\x13INFER_TYPE_DEEPEDIT\x10\x05\x12\x18\n\x14INFER_TYPE_SCRIBBLES\x10\x06\x12\x18\n\x14INFER_TYPE_DETECTION\x10\x07\x12\x15\n\x11INFER_TYPE_OTHERS\x10\x08\x12\x16\n\x12INFER_TYPE_VISTA3D\x10\t*x\n\x10\x42\x61tchImageFilter\x12\"\n\x1e\x42\x41TCH_IMAGE_FILTER_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42\x41TCH_IMAGE_FILTER_LABELED\x10\x01\x12 \n\x1c\x42\x41TCH_IMAGE_FILTER_UNLABELED\x10\x02\x42\xca\x01\n\x19io.labelgrid.inference.v1B\x0eResourcesProtoP\x01ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/inference/v1;inferencev1\xa2\x02\x03LIX\xaa\x02\x16Labelgrid.Inference.V1\xca\x02\x16Labelgrid\\Inference\\V1\xea\x02\x18Labelgrid::Inference::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&labelgrid/inference/v1/resources.proto\x12\x16labelgrid.inference.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\"\xe9\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.labelgrid.inference.v1.InferType\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).labelgrid.inference.v1.Model.LabelsEntry\x12\x16\n\x0elabels_as_list\x18\x05 \x01(\x08\x12\x11\n\tdimension\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x30\n\x06\x63onfig\x18\x08 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12@\n\rmodel_version\x18\t \x01(\tB)\xe2\x41\x01\x03\xfa\x41\"\n labelgrid.datastore/ModelVersion\x12,\n\x07\x64\x65vices\x18\n \x03(\x0b\x32\x1b.labelgrid.common.v1.Device\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01:=\xea\x41:\n\x19labelgrid.inference/Model\x12\x0emodels/{model}*\x06models2\x05model\"-\n\nVoxelPoint\x12\t\n\x01i\x18\x01 \x01(\x05\x12\t\n\x01j\x18\x02 \x01(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\"R\n\x08VoxelRoi\x12\n\n\x02i0\x18\x01 \x01(\x05\x12\n\n\x02i1\x18\x02 \x01(\x05\x12\n\n\x02j0\x18\x03 \x01(\x05\x12\n\n\x02j1\x18\x04 \x01(\x05\x12\n\n\x02k0\x18\x05 \x01(\x05\x12\n\n\x02k1\x18\x06 \x01(\x05\"P\n\x0bLabelPoints\x12\r\n\x05label\x18\x01 \x01(\t\x12\x32\n\x06points\x18\x02 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\"U\n\x0bPromptPoint\x12\x31\n\x05point\x18\x01 \x01(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x13\n\x0bpoint_label\x18\x02 \x01(\x05\"\xef\x02\n\x06Prompt\x12\r\n\x05label\x18\x01 \x01(\t\x12\x36\n\nforeground\x18\x02 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x36\n\nbackground\x18\x03 \x03(\x0b\x32\".labelgrid.inference.v1.VoxelPoint\x12\x39\n\x0clabel_points\x18\x04 \x03(\x0b\x32#.labelgrid.inference.v1.LabelPoints\x12-\n\x03roi\x18\x05 \x01(\x0b\x32 .labelgrid.inference.v1.VoxelRoi\x12\x12\n\x05slice\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0breset_state\x18\x07 \x01(\x08\x12\x33\n\x06points\x18\x08 \x03(\x0b\x32#.labelgrid.inference.v1.PromptPoint\x12\x14\n\x0clabel_prompt\x18\t \x03(\x05\x42\x08\n\x06_slice\"\x94\x01\n\rResultOptions\x12\x18\n\x10result_extension\x18\x01 \x01(\t\x12\x14\n\x0cresult_dtype\x18\x02 \x01(\t\x12\x17\n\x0fresult_compress\x18\x03 \x01(\x08\x12\x12\n\nsave_label\x18\x04 \x01(\x08\x12\x11\n\tlabel_tag\x18\x05 \x01(\t\x12\x13\n\x0bparams_only\x18\x06 \x01(\x08\"\xad\x01\n\x0bInferParams\x12.\n\x06prompt\x18\x01 \x01(\x0b\x32\x1e.labelgrid.inference.v1.Prompt\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32%.labelgrid.inference.v1.ResultOptions\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xcb\x06\n\x11\x42\x61tchInferenceJob\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\x05model\x18\x03 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19labelgrid.inference/Model\x12\x44\n\x0cimage_filter\x18\x04 \x01(\x0e\x32(.labelgrid.inference.v1.BatchImageFilterB\x04\xe2\x41\x01\x01\x12\x32\n\x06images\x18\x05 \x03(\tB\"\xe2\x41\x01\x01\xfa\x41\x1b\n\x19labelgrid.datastore/Image\x12\x18\n\nmax_images\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x39\n\x06params\x18\x07 \x01(\x0b\x32#.labelgrid.inference.v1.InferParamsB\x04\xe2\x41\x01\x01\x12\x15\n\x07\x64\x65vices\x18\x08 \x03(\tB\x04\xe2\x41\x01\x01\x12\x32\n\x05state\x18\t \x01(\x0e\x32\x1d.labelgrid.common.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x32\n\x05times\x18\n \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimesB\x04\xe2\x41\x01\x03\x12\x1a\n\x0ctotal_images\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10processed_images\x18\x0c \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rfailed_images\x18\r \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\x0e \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x32\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1d.labelgrid.common.v1.JobErrorB\x04\xe2\x41\x01\x03\x12\x16\n\x08log_tail\x18\x10 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0ckeep_results\x18\x11 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12?\n\x07results\x18\x12 \x03(\x0b\x32(.labelgrid.inference.v1.BatchImageResultB\x04\xe2\x41\x01\x03:k\xea\x41h\n%labelgrid.inference/BatchInferenceJob\x12\x18\x62\x61tchInferenceJobs/{job}*\x12\x62\x61tchInferenceJobs2\x11\x62\x61tchInferenceJob\"\x9c\x01\n\x10\x42\x61tchImageResult\x12-\n\x05image\x18\x01 \x01(\tB\x1e\xfa\x41\x1b\n\x19labelgrid.datastore/Image\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\tlabel_tag\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08*\x93\x02\n\tInferType\x12\x1a\n\x16INFER_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INFER_TYPE_SEGMENTATION\x10\x01\x12\x19\n\x15INFER_TYPE_ANNOTATION\x10\x02\x12\x1d\n\x19INFER_TYPE_CLASSIFICATION\x10\x03\x12\x17\n\x13INFER_TYPE_DEEPGROW\x10\x04\x12\x17\n\x13INFER_TYPE_DEEPEDIT\x10\x05\x12\x18\n\x14INFER_TYPE_SCRIBBLES\x10\x06\x12\x18\n\x14INFER_TYPE_DETECTION\x10\x07\x12\x15\n\x11INFER_TYPE_OTHERS\x10\x08\x12\x16\n\x12INFER_TYPE_VISTA3D\x10\t*x\n\x10\x42\x61tchImageFilter\x12\"\n\x1e\x42\x41TCH_IMAGE_FILTER_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42\x41TCH_IMAGE_FILTER_LABELED\x10\x01\x12 \n\x1c\x42\x41TCH_IMAGE_FILTER_UNLABELED\x10\x02\x42\xca\x01\n\x19io.labelgrid.inference.v1B\x0eResourcesProtoP\x01ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/inference/v1;inferencev1\xa2\x02\x03LIX\xaa\x02\x16Labelgrid.Inference.V1\xca\x02\x16Labelgrid\\Inference\\V1\xea\x02\x18Labelgrid::Inference::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +38,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\031io.labelgrid.inference.v1B\016ResourcesProtoP\001ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/inference/v1;inferencev1\242\002\003LIX\252\002\026Labelgrid.Inference.V1\312\002\026Labelgrid\\Inference\\V1\352\002\030Labelgrid::Inference::V1'
   _globals['_MODEL_LABELSENTRY']._loaded_options = None
   _globals['_MODEL_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_INFERTYPE']._serialized_start=2203
-  _globals['_INFERTYPE']._serialized_end=2478
-  _globals['_BATCHIMAGEFILTER']._serialized_start=2480
-  _globals['_BATCHIMAGEFILTER']._serialized_end=2600
-  _globals['_MODEL']._serialized_start=131
-  _globals['_MODEL']._serialized_end=508
-  _globals['_MODEL_LABELSENTRY']._serialized_start=463
-  _globals['_MODEL_LABELSENTRY']._serialized_end=508
-  _globals['_VOXELPOINT']._serialized_start=510
-  _globals['_VOXELPOINT']._serialized_end=555
-  _globals['_VOXELROI']._serialized_start=557
-  _globals['_VOXELROI']._serialized_end=639
-  _globals['_LABELPOINTS']._serialized_start=641
-  _globals['_LABELPOINTS']._serialized_end=721
-  _globals['_PROMPTPOINT']._serialized_start=723
-  _globals['_PROMPTPOINT']._serialized_end=808
-  _globals['_PROMPT']._serialized_start=811
-  _globals['_PROMPT']._serialized_end=1178
-  _globals['_RESULTOPTIONS']._serialized_start=1181
-  _globals['_RESULTOPTIONS']._serialized_end=1329
-  _globals['_INFERPARAMS']._serialized_start=1332
-  _globals['_INFERPARAMS']._serialized_end=1505
-  _globals['_BATCHINFERENCEJOB']._serialized_start=1508
-  _globals['_BATCHINFERENCEJOB']._serialized_end=2074
-  _globals['_BATCHIMAGERESULT']._serialized_start=2076
-  _globals['_BATCHIMAGERESULT']._serialized_end=2200
+  _globals['_MODEL'].fields_by_name['name']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_MODEL'].fields_by_name['model_version']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['model_version']._serialized_options = b'\342A\001\003\372A\"\n labelgrid.datastore/ModelVersion'
+  _globals['_MODEL']._loaded_options = None
+  _globals['_MODEL']._serialized_options = b'\352A:\n\031labelgrid.inference/Model\022\016models/{model}*\006models2\005model'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['name']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['job_id']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['job_id']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['model']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['model']._serialized_options = b'\342A\001\002\372A\033\n\031labelgrid.inference/Model'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['image_filter']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['image_filter']._serialized_options = b'\342A\001\001'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['images']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['images']._serialized_options = b'\342A\001\001\372A\033\n\031labelgrid.datastore/Image'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['max_images']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['max_images']._serialized_options = b'\342A\001\001'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['params']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['params']._serialized_options = b'\342A\001\001'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['devices']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['devices']._serialized_options = b'\342A\001\001'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['state']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['times']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['times']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['total_images']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['total_images']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['processed_images']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['processed_images']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['failed_images']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['failed_images']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['queue_position']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['queue_position']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['error']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['log_tail']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['log_tail']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['keep_results']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['keep_results']._serialized_options = b'\342A\001\001'
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['results']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB'].fields_by_name['results']._serialized_options = b'\342A\001\003'
+  _globals['_BATCHINFERENCEJOB']._loaded_options = None
+  _globals['_BATCHINFERENCEJOB']._serialized_options = b'\352Ah\n%labelgrid.inference/BatchInferenceJob\022\030batchInferenceJobs/{job}*\022batchInferenceJobs2\021batchInferenceJob'
+  _globals['_BATCHIMAGERESULT'].fields_by_name['image']._loaded_options = None
+  _globals['_BATCHIMAGERESULT'].fields_by_name['image']._serialized_options = b'\372A\033\n\031labelgrid.datastore/Image'
+  _globals['_INFERTYPE']._serialized_start=2685
+  _globals['_INFERTYPE']._serialized_end=2960
+  _globals['_BATCHIMAGEFILTER']._serialized_start=2962
+  _globals['_BATCHIMAGEFILTER']._serialized_end=3082
+  _globals['_MODEL']._serialized_start=191
+  _globals['_MODEL']._serialized_end=680
+  _globals['_MODEL_LABELSENTRY']._serialized_start=572
+  _globals['_MODEL_LABELSENTRY']._serialized_end=617
+  _globals['_VOXELPOINT']._serialized_start=682
+  _globals['_VOXELPOINT']._serialized_end=727
+  _globals['_VOXELROI']._serialized_start=729
+  _globals['_VOXELROI']._serialized_end=811
+  _globals['_LABELPOINTS']._serialized_start=813
+  _globals['_LABELPOINTS']._serialized_end=893
+  _globals['_PROMPTPOINT']._serialized_start=895
+  _globals['_PROMPTPOINT']._serialized_end=980
+  _globals['_PROMPT']._serialized_start=983
+  _globals['_PROMPT']._serialized_end=1350
+  _globals['_RESULTOPTIONS']._serialized_start=1353
+  _globals['_RESULTOPTIONS']._serialized_end=1501
+  _globals['_INFERPARAMS']._serialized_start=1504
+  _globals['_INFERPARAMS']._serialized_end=1677
+  _globals['_BATCHINFERENCEJOB']._serialized_start=1680
+  _globals['_BATCHINFERENCEJOB']._serialized_end=2523
+  _globals['_BATCHIMAGERESULT']._serialized_start=2526
+  _globals['_BATCHIMAGERESULT']._serialized_end=2682
 # @@protoc_insertion_point(module_scope)

@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%labelgrid/training/v1/resources.proto\x12\x15labelgrid.training.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\"\xec\x01\n\x07Trainer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntrainer_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x30\n\x06\x63onfig\x18\x05 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.labelgrid.training.v1.Trainer.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xb8\x03\n\x0bTrainingJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07trainer\x18\x03 \x01(\t\x12\x35\n\x06params\x18\x04 \x01(\x0b\x32%.labelgrid.training.v1.TrainingParams\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12,\n\x05times\x18\x06 \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimes\x12\x39\n\x08progress\x18\x07 \x01(\x0b\x32\'.labelgrid.training.v1.TrainingProgress\x12,\n\x0btrain_stats\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0equeue_position\x18\t \x01(\x05\x12\x0f\n\x07\x64\x65vices\x18\n \x03(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.labelgrid.common.v1.JobError\x12\x10\n\x08log_tail\x18\r \x03(\t\"\x94\x03\n\x0eTrainingParams\x12\x12\n\nmax_epochs\x18\x01 \x01(\x05\x12\x16\n\tval_split\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10train_batch_size\x18\x04 \x01(\x05\x12\x16\n\x0eval_batch_size\x18\x05 \x01(\x05\x12\x14\n\x0c\x64\x65vice_count\x18\x06 \x01(\x05\x12\x10\n\x03\x61mp\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\npretrained\x18\x08 \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x15initial_model_version\x18\t \x01(\t\x12 \n\x13\x65\x61rly_stop_patience\x18\n \x01(\x05H\x04\x88\x01\x01\x12&\n\x05\x65xtra\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x64\x65vices\x18\x0c \x03(\tB\x0c\n\n_val_splitB\x10\n\x0e_learning_rateB\x06\n\x04_ampB\r\n\x0b_pretrainedB\x16\n\x14_early_stop_patience\"\x85\x02\n\x10TrainingProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_epochs\x18\x02 \x01(\x05\x12\x11\n\titeration\x18\x03 \x01(\x03\x12\x18\n\x10total_iterations\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x13\n\x0bmetric_name\x18\x06 \x01(\t\x12\x0e\n\x06metric\x18\x07 \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\x08 \x01(\x01\x12\x19\n\x11\x62\x65st_metric_epoch\x18\t \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\n \x01(\x01\x12#\n\x1b\x65stimated_remaining_seconds\x18\x0b \x01(\x01\x42\xc4\x01\n\x18io.labelgrid.training.v1B\x0eResourcesProtoP\x01ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\xa2\x02\x03LTX\xaa\x02\x15Labelgrid.Training.V1\xca\x02\x15Labelgrid\\Training\\V1\xea\x02\x17Labelgrid::Training::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%labelgrid/training/v1/resources.proto\x12\x15labelgrid.training.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\"\xde\x02\n\x07Trainer\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\ntrainer_id\x18\x02 \x01(\t\x12\x31\n\x05model\x18\x03 \x01(\tB\"\xe2\x41\x01\x03\xfa\x41\x1b\n\x19labelgrid.datastore/Model\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x30\n\x06\x63onfig\x18\x05 \x03(\x0b\x32 .labelgrid.common.v1.ConfigEntry\x12:\n\x06labels\x18\x06 \x03(\x0b\x32*.labelgrid.training.v1.Trainer.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01:F\xea\x41\x43\n\x1alabelgrid.training/Trainer\x12\x12trainers/{trainer}*\x08trainers2\x07trainer\"\x9e\x05\n\x0bTrainingJob\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\x07trainer\x18\x03 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1alabelgrid.training/Trainer\x12;\n\x06params\x18\x04 \x01(\x0b\x32%.labelgrid.training.v1.TrainingParamsB\x04\xe2\x41\x01\x01\x12\x32\n\x05state\x18\x05 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x32\n\x05times\x18\x06 \x01(\x0b\x32\x1d.labelgrid.common.v1.JobTimesB\x04\xe2\x41\x01\x03\x12?\n\x08progress\x18\x07 \x01(\x0b\x32\'.labelgrid.training.v1.TrainingProgressB\x04\xe2\x41\x01\x03\x12\x32\n\x0btrain_stats\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x64\x65vices\x18\n \x03(\tB\x04\xe2\x41\x01\x03\x12@\n\rmodel_version\x18\x0b \x01(\tB)\xe2\x41\x01\x03\xfa\x41\"\n labelgrid.datastore/ModelVersion\x12\x32\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.labelgrid.common.v1.JobErrorB\x04\xe2\x41\x01\x03\x12\x16\n\x08log_tail\x18\r \x03(\tB\x04\xe2\x41\x01\x03:R\xea\x41O\n\x1elabelgrid.training/TrainingJob\x12\x12trainingJobs/{job}*\x0ctrainingJobs2\x0btrainingJob\"\xbf\x03\n\x0eTrainingParams\x12\x12\n\nmax_epochs\x18\x01 \x01(\x05\x12\x16\n\tval_split\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10train_batch_size\x18\x04 \x01(\x05\x12\x16\n\x0eval_batch_size\x18\x05 \x01(\x05\x12\x14\n\x0c\x64\x65vice_count\x18\x06 \x01(\x05\x12\x10\n\x03\x61mp\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x17\n\npretrained\x18\x08 \x01(\x08H\x03\x88\x01\x01\x12H\n\x15initial_model_version\x18\t \x01(\tB)\xe2\x41\x01\x01\xfa\x41\"\n labelgrid.datastore/ModelVersion\x12 \n\x13\x65\x61rly_stop_patience\x18\n \x01(\x05H\x04\x88\x01\x01\x12&\n\x05\x65xtra\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x64\x65vices\x18\x0c \x03(\tB\x0c\n\n_val_splitB\x10\n\x0e_learning_rateB\x06\n\x04_ampB\r\n\x0b_pretrainedB\x16\n\x14_early_stop_patience\"\x85\x02\n\x10TrainingProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_epochs\x18\x02 \x01(\x05\x12\x11\n\titeration\x18\x03 \x01(\x03\x12\x18\n\x10total_iterations\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x13\n\x0bmetric_name\x18\x06 \x01(\t\x12\x0e\n\x06metric\x18\x07 \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\x08 \x01(\x01\x12\x19\n\x11\x62\x65st_metric_epoch\x18\t \x01(\x05\x12\x17\n\x0f\x65lapsed_seconds\x18\n \x01(\x01\x12#\n\x1b\x65stimated_remaining_seconds\x18\x0b \x01(\x01\x42\xc4\x01\n\x18io.labelgrid.training.v1B\x0eResourcesProtoP\x01ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\xa2\x02\x03LTX\xaa\x02\x15Labelgrid.Training.V1\xca\x02\x15Labelgrid\\Training\\V1\xea\x02\x17Labelgrid::Training::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +38,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\030io.labelgrid.training.v1B\016ResourcesProtoP\001ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\242\002\003LTX\252\002\025Labelgrid.Training.V1\312\002\025Labelgrid\\Training\\V1\352\002\027Labelgrid::Training::V1'
   _globals['_TRAINER_LABELSENTRY']._loaded_options = None
   _globals['_TRAINER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINER']._serialized_start=129
-  _globals['_TRAINER']._serialized_end=365
-  _globals['_TRAINER_LABELSENTRY']._serialized_start=320
-  _globals['_TRAINER_LABELSENTRY']._serialized_end=365
-  _globals['_TRAININGJOB']._serialized_start=368
-  _globals['_TRAININGJOB']._serialized_end=808
-  _globals['_TRAININGPARAMS']._serialized_start=811
-  _globals['_TRAININGPARAMS']._serialized_end=1215
-  _globals['_TRAININGPROGRESS']._serialized_start=1218
-  _globals['_TRAININGPROGRESS']._serialized_end=1479
+  _globals['_TRAINER'].fields_by_name['name']._loaded_options = None
+  _globals['_TRAINER'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_TRAINER'].fields_by_name['model']._loaded_options = None
+  _globals['_TRAINER'].fields_by_name['model']._serialized_options = b'\342A\001\003\372A\033\n\031labelgrid.datastore/Model'
+  _globals['_TRAINER']._loaded_options = None
+  _globals['_TRAINER']._serialized_options = b'\352AC\n\032labelgrid.training/Trainer\022\022trainers/{trainer}*\010trainers2\007trainer'
+  _globals['_TRAININGJOB'].fields_by_name['name']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['job_id']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['job_id']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['trainer']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['trainer']._serialized_options = b'\342A\001\002\372A\034\n\032labelgrid.training/Trainer'
+  _globals['_TRAININGJOB'].fields_by_name['params']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['params']._serialized_options = b'\342A\001\001'
+  _globals['_TRAININGJOB'].fields_by_name['state']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['times']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['times']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['progress']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['progress']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['train_stats']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['train_stats']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['queue_position']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['queue_position']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['devices']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['devices']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['model_version']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['model_version']._serialized_options = b'\342A\001\003\372A\"\n labelgrid.datastore/ModelVersion'
+  _globals['_TRAININGJOB'].fields_by_name['error']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB'].fields_by_name['log_tail']._loaded_options = None
+  _globals['_TRAININGJOB'].fields_by_name['log_tail']._serialized_options = b'\342A\001\003'
+  _globals['_TRAININGJOB']._loaded_options = None
+  _globals['_TRAININGJOB']._serialized_options = b'\352AO\n\036labelgrid.training/TrainingJob\022\022trainingJobs/{job}*\014trainingJobs2\013trainingJob'
+  _globals['_TRAININGPARAMS'].fields_by_name['initial_model_version']._loaded_options = None
+  _globals['_TRAININGPARAMS'].fields_by_name['initial_model_version']._serialized_options = b'\342A\001\001\372A\"\n labelgrid.datastore/ModelVersion'
+  _globals['_TRAINER']._serialized_start=189
+  _globals['_TRAINER']._serialized_end=539
+  _globals['_TRAINER_LABELSENTRY']._serialized_start=422
+  _globals['_TRAINER_LABELSENTRY']._serialized_end=467
+  _globals['_TRAININGJOB']._serialized_start=542
+  _globals['_TRAININGJOB']._serialized_end=1212
+  _globals['_TRAININGPARAMS']._serialized_start=1215
+  _globals['_TRAININGPARAMS']._serialized_end=1662
+  _globals['_TRAININGPROGRESS']._serialized_start=1665
+  _globals['_TRAININGPROGRESS']._serialized_end=1926
 # @@protoc_insertion_point(module_scope)

@@ -22,12 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from labelgrid.common.v1 import common_pb2 as labelgrid_dot_common_dot_v1_dot_common__pb2
 from labelgrid.training.v1 import resources_pb2 as labelgrid_dot_training_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,labelgrid/training/v1/training_service.proto\x12\x15labelgrid.training.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\x1a%labelgrid/training/v1/resources.proto\"\x15\n\x13ListTrainersRequest\"H\n\x14ListTrainersResponse\x12\x30\n\x08trainers\x18\x01 \x03(\x0b\x32\x1e.labelgrid.training.v1.Trainer\"y\n\x18\x43reateTrainingJobRequest\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x0f\n\x07\x65nqueue\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"U\n\x19\x43reateTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"%\n\x15GetTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x16GetTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\x7f\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobState\x12\x0f\n\x07trainer\x18\x04 \x01(\t\"n\n\x18ListTrainingJobsResponse\x12\x39\n\rtraining_jobs\x18\x01 \x03(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x43\x61ncelTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x19\x43\x61ncelTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x17WatchTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x18WatchTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\'\n\x14GetTrainStatsRequest\x12\x0f\n\x07trainer\x18\x01 \x01(\t\"[\n\x15GetTrainStatsResponse\x12,\n\x0btrain_stats\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0ctraining_job\x18\x02 \x01(\t\"\x18\n\x16WatchTrainStatsRequest\"\xba\x01\n\x17WatchTrainStatsResponse\x12S\n\x0btrain_stats\x18\x01 \x03(\x0b\x32>.labelgrid.training.v1.WatchTrainStatsResponse.TrainStatsEntry\x1aJ\n\x0fTrainStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x32\xc3\x07\n\x0fTrainingService\x12l\n\x0cListTrainers\x12*.labelgrid.training.v1.ListTrainersRequest\x1a+.labelgrid.training.v1.ListTrainersResponse\"\x03\x90\x02\x01\x12v\n\x11\x43reateTrainingJob\x12/.labelgrid.training.v1.CreateTrainingJobRequest\x1a\x30.labelgrid.training.v1.CreateTrainingJobResponse\x12r\n\x0eGetTrainingJob\x12,.labelgrid.training.v1.GetTrainingJobRequest\x1a-.labelgrid.training.v1.GetTrainingJobResponse\"\x03\x90\x02\x01\x12x\n\x10ListTrainingJobs\x12..labelgrid.training.v1.ListTrainingJobsRequest\x1a/.labelgrid.training.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12v\n\x11\x43\x61ncelTrainingJob\x12/.labelgrid.training.v1.CancelTrainingJobRequest\x1a\x30.labelgrid.training.v1.CancelTrainingJobResponse\x12z\n\x10WatchTrainingJob\x12..labelgrid.training.v1.WatchTrainingJobRequest\x1a/.labelgrid.training.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x12o\n\rGetTrainStats\x12+.labelgrid.training.v1.GetTrainStatsRequest\x1a,.labelgrid.training.v1.GetTrainStatsResponse\"\x03\x90\x02\x01\x12w\n\x0fWatchTrainStats\x12-.labelgrid.training.v1.WatchTrainStatsRequest\x1a..labelgrid.training.v1.WatchTrainStatsResponse\"\x03\x90\x02\x01\x30\x01\x42\xca\x01\n\x18io.labelgrid.training.v1B\x14TrainingServiceProtoP\x01ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\xa2\x02\x03LTX\xaa\x02\x15Labelgrid.Training.V1\xca\x02\x15Labelgrid\\Training\\V1\xea\x02\x17Labelgrid::Training::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,labelgrid/training/v1/training_service.proto\x12\x15labelgrid.training.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a labelgrid/common/v1/common.proto\x1a%labelgrid/training/v1/resources.proto\"\x15\n\x13ListTrainersRequest\"H\n\x14ListTrainersResponse\x12\x30\n\x08trainers\x18\x01 \x03(\x0b\x32\x1e.labelgrid.training.v1.Trainer\"\x8b\x01\n\x18\x43reateTrainingJobRequest\x12>\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJobB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65nqueue\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"U\n\x19\x43reateTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"N\n\x15GetTrainingJobRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1elabelgrid.training/TrainingJob\"R\n\x16GetTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"\xb6\x01\n\x17ListTrainingJobsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x32\n\x05state\x18\x03 \x01(\x0e\x32\x1d.labelgrid.common.v1.JobStateB\x04\xe2\x41\x01\x01\x12\x34\n\x07trainer\x18\x04 \x01(\tB#\xe2\x41\x01\x01\xfa\x41\x1c\n\x1alabelgrid.training/Trainer\"n\n\x18ListTrainingJobsResponse\x12\x39\n\rtraining_jobs\x18\x01 \x03(\x0b\x32\".labelgrid.training.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x18\x43\x61ncelTrainingJobRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1elabelgrid.training/TrainingJob\"U\n\x19\x43\x61ncelTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"P\n\x17WatchTrainingJobRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1elabelgrid.training/TrainingJob\"T\n\x18WatchTrainingJobResponse\x12\x38\n\x0ctraining_job\x18\x01 \x01(\x0b\x32\".labelgrid.training.v1.TrainingJob\"L\n\x14GetTrainStatsRequest\x12\x34\n\x07trainer\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1alabelgrid.training/Trainer\"\x80\x01\n\x15GetTrainStatsResponse\x12,\n\x0btrain_stats\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x39\n\x0ctraining_job\x18\x02 \x01(\tB#\xfa\x41 \n\x1elabelgrid.training/TrainingJob\"\x18\n\x16WatchTrainStatsRequest\"\xba\x01\n\x17WatchTrainStatsResponse\x12S\n\x0btrain_stats\x18\x01 \x03(\x0b\x32>.labelgrid.training.v1.WatchTrainStatsResponse.TrainStatsEntry\x1aJ\n\x0fTrainStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x32\xc3\x07\n\x0fTrainingService\x12l\n\x0cListTrainers\x12*.labelgrid.training.v1.ListTrainersRequest\x1a+.labelgrid.training.v1.ListTrainersResponse\"\x03\x90\x02\x01\x12v\n\x11\x43reateTrainingJob\x12/.labelgrid.training.v1.CreateTrainingJobRequest\x1a\x30.labelgrid.training.v1.CreateTrainingJobResponse\x12r\n\x0eGetTrainingJob\x12,.labelgrid.training.v1.GetTrainingJobRequest\x1a-.labelgrid.training.v1.GetTrainingJobResponse\"\x03\x90\x02\x01\x12x\n\x10ListTrainingJobs\x12..labelgrid.training.v1.ListTrainingJobsRequest\x1a/.labelgrid.training.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12v\n\x11\x43\x61ncelTrainingJob\x12/.labelgrid.training.v1.CancelTrainingJobRequest\x1a\x30.labelgrid.training.v1.CancelTrainingJobResponse\x12z\n\x10WatchTrainingJob\x12..labelgrid.training.v1.WatchTrainingJobRequest\x1a/.labelgrid.training.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x12o\n\rGetTrainStats\x12+.labelgrid.training.v1.GetTrainStatsRequest\x1a,.labelgrid.training.v1.GetTrainStatsResponse\"\x03\x90\x02\x01\x12w\n\x0fWatchTrainStats\x12-.labelgrid.training.v1.WatchTrainStatsRequest\x1a..labelgrid.training.v1.WatchTrainStatsResponse\"\x03\x90\x02\x01\x30\x01\x42\xca\x01\n\x18io.labelgrid.training.v1B\x14TrainingServiceProtoP\x01ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\xa2\x02\x03LTX\xaa\x02\x15Labelgrid.Training.V1\xca\x02\x15Labelgrid\\Training\\V1\xea\x02\x17Labelgrid::Training::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +37,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'labelgrid.training.v1.train
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\030io.labelgrid.training.v1B\024TrainingServiceProtoP\001ZFgithub.com/labelgrid/labelgrid/gen/go/labelgrid/training/v1;trainingv1\242\002\003LTX\252\002\025Labelgrid.Training.V1\312\002\025Labelgrid\\Training\\V1\352\002\027Labelgrid::Training::V1'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job']._serialized_options = b'\342A\001\002'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['enqueue']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['enqueue']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036labelgrid.training/TrainingJob'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['state']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['state']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['trainer']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['trainer']._serialized_options = b'\342A\001\001\372A\034\n\032labelgrid.training/Trainer'
+  _globals['_CANCELTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CANCELTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036labelgrid.training/TrainingJob'
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036labelgrid.training/TrainingJob'
+  _globals['_GETTRAINSTATSREQUEST'].fields_by_name['trainer']._loaded_options = None
+  _globals['_GETTRAINSTATSREQUEST'].fields_by_name['trainer']._serialized_options = b'\342A\001\002\372A\034\n\032labelgrid.training/Trainer'
+  _globals['_GETTRAINSTATSRESPONSE'].fields_by_name['training_job']._loaded_options = None
+  _globals['_GETTRAINSTATSRESPONSE'].fields_by_name['training_job']._serialized_options = b'\372A \n\036labelgrid.training/TrainingJob'
   _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._loaded_options = None
   _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._serialized_options = b'8\001'
   _globals['_TRAININGSERVICE'].methods_by_name['ListTrainers']._loaded_options = None
@@ -49,40 +75,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGSERVICE'].methods_by_name['GetTrainStats']._serialized_options = b'\220\002\001'
   _globals['_TRAININGSERVICE'].methods_by_name['WatchTrainStats']._loaded_options = None
   _globals['_TRAININGSERVICE'].methods_by_name['WatchTrainStats']._serialized_options = b'\220\002\001'
-  _globals['_LISTTRAINERSREQUEST']._serialized_start=174
-  _globals['_LISTTRAINERSREQUEST']._serialized_end=195
-  _globals['_LISTTRAINERSRESPONSE']._serialized_start=197
-  _globals['_LISTTRAINERSRESPONSE']._serialized_end=269
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=271
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=392
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=394
-  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=479
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=481
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=518
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=520
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=602
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=604
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=731
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=733
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=843
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=845
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=885
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=887
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=972
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=974
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1013
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1015
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1099
-  _globals['_GETTRAINSTATSREQUEST']._serialized_start=1101
-  _globals['_GETTRAINSTATSREQUEST']._serialized_end=1140
-  _globals['_GETTRAINSTATSRESPONSE']._serialized_start=1142
-  _globals['_GETTRAINSTATSRESPONSE']._serialized_end=1233
-  _globals['_WATCHTRAINSTATSREQUEST']._serialized_start=1235
-  _globals['_WATCHTRAINSTATSREQUEST']._serialized_end=1259
-  _globals['_WATCHTRAINSTATSRESPONSE']._serialized_start=1262
-  _globals['_WATCHTRAINSTATSRESPONSE']._serialized_end=1448
-  _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._serialized_start=1374
-  _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._serialized_end=1448
-  _globals['_TRAININGSERVICE']._serialized_start=1451
-  _globals['_TRAININGSERVICE']._serialized_end=2414
+  _globals['_LISTTRAINERSREQUEST']._serialized_start=234
+  _globals['_LISTTRAINERSREQUEST']._serialized_end=255
+  _globals['_LISTTRAINERSRESPONSE']._serialized_start=257
+  _globals['_LISTTRAINERSRESPONSE']._serialized_end=329
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=332
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=471
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_start=473
+  _globals['_CREATETRAININGJOBRESPONSE']._serialized_end=558
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=560
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=638
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=640
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=722
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=725
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=907
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=909
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=1019
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=1021
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=1102
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=1104
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=1189
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=1191
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1271
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1273
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1357
+  _globals['_GETTRAINSTATSREQUEST']._serialized_start=1359
+  _globals['_GETTRAINSTATSREQUEST']._serialized_end=1435
+  _globals['_GETTRAINSTATSRESPONSE']._serialized_start=1438
+  _globals['_GETTRAINSTATSRESPONSE']._serialized_end=1566
+  _globals['_WATCHTRAINSTATSREQUEST']._serialized_start=1568
+  _globals['_WATCHTRAINSTATSREQUEST']._serialized_end=1592
+  _globals['_WATCHTRAINSTATSRESPONSE']._serialized_start=1595
+  _globals['_WATCHTRAINSTATSRESPONSE']._serialized_end=1781
+  _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._serialized_start=1707
+  _globals['_WATCHTRAINSTATSRESPONSE_TRAINSTATSENTRY']._serialized_end=1781
+  _globals['_TRAININGSERVICE']._serialized_start=1784
+  _globals['_TRAININGSERVICE']._serialized_end=2747
 # @@protoc_insertion_point(module_scope)
