@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from gateway.app import create_app
+from gateway.app import create_app, proxy_options
 from gateway.auth import check_auth_settings
 from gateway.metrics import serve_metrics
 from gateway.settings import GatewaySettings
@@ -34,6 +34,7 @@ async def serve(settings: GatewaySettings) -> None:
         access_log=False,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.grace_seconds),
+        **proxy_options(settings),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,6 +38,11 @@ HOT_READS = {
     ("/datastore/", b"output=stats"): datastore.STATS_KEY,
     ("/info/", b""): info.INFO_KEY,
 }
+
+
+def proxy_options(settings: GatewaySettings) -> dict[str, Any]:
+    """uvicorn's options for the proxies in front: whose X-Forwarded-For/-Proto to believe."""
+    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(settings.forwarded_allow_ips)}
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -343,23 +344,35 @@ def _origin_of(url: str) -> str | None:
     return rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].lower() or None
 
 
-def cross_origin(headers: dict[bytes, bytes], method: str) -> str | None:
+def _scheme_and_origin(url: str) -> str | None:
+    """scheme://host[:port] of a URL, lower case (the scheme counts: http is not https's origin)."""
+    host = _origin_of(url.strip())
+    return f"{url.strip().partition('://')[0].lower()}://{host}" if host else None
+
+
+def cross_origin(headers: dict[bytes, bytes], method: str, public_origins: Iterable[str] = ()) -> str | None:
     """Why a cookie-authenticated request is not from the gateway's own origin, or None.
 
-    The request's own origin is its Host (as the browser addressed us, proxies included);
-    Origin (sent by browsers on every cross-origin request and every change) must name it. A
-    change without Origin needs a Referer of the same origin; a read without either is a
-    top-level navigation or a same-origin fetch, which SameSite=Strict already limits to us."""
+    The gateway's own origin is each of `public_origins` (scheme://host[:port], set when a proxy
+    in front rewrites Host) or else the request's Host (as the browser addressed us); Origin
+    (sent by browsers on every cross-origin request and every change) must name it. A change
+    without Origin needs a Referer of the same origin; a read without either is a top-level
+    navigation or a same-origin fetch, which SameSite=Strict already limits to us."""
+    own = {_scheme_and_origin(value) for value in public_origins}
     host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+
+    def matches(url: str) -> bool:
+        return _scheme_and_origin(url) in own if own else _origin_of(url) == host
+
     origin = headers.get(b"origin", b"").decode("latin-1").strip()
     if origin:
-        return None if origin != "null" and _origin_of(origin) == host else f"cross-origin request from {origin[:200]}"
+        return None if origin != "null" and matches(origin) else f"cross-origin request from {origin[:200]}"
     if method in ("GET", "HEAD"):
         return None
     referer = headers.get(b"referer", b"").decode("latin-1").strip()
     if not referer:
         return "a change with a session cookie needs an Origin or Referer header"
-    return None if _origin_of(referer) == host else "cross-origin request (Referer)"
+    return None if matches(referer) else "cross-origin request (Referer)"
 
 
 def bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -421,7 +434,7 @@ class AuthMiddleware:
         if identity is None and bearer(headers) is None and _cookie_route(method, template):
             identity = await self._session(scope)
             if identity is not None:
-                why = cross_origin(headers, method)
+                why = cross_origin(headers, method, self.settings.public_origins)
                 if why is not None:
                     log.warning("session cookie refused: %s", why, extra={"user": identity.username, "route": template})
                     await _answer(send, 403, f"{why}: refused (CSRF protection)")

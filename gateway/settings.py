@@ -81,7 +81,15 @@ class GatewaySettings(ServiceSettings):
     app_name: str = "labelgrid"
     app_description: str = "MONAI Label on labelgrid"
 
-    @field_validator("cors_origins", mode="before")
+    # The addresses whose X-Forwarded-For the gateway believes (uvicorn's forwarded_allow_ips:
+    # IPs or CIDRs). Envoy in front is on loopback; behind an Ingress add its pods' network,
+    # or every client has the Ingress's address (Slicer's download grants match the address).
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=lambda: ["127.0.0.1"])
+    # The origins (scheme://host[:port]) browsers reach the gateway by, for the CSRF check of
+    # OHIF's session cookie; empty: the request's Host (right unless a proxy rewrites Host).
+    public_origins: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=list)
+
+    @field_validator("cors_origins", "forwarded_allow_ips", "public_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         return _split_list(value)

@@ -237,7 +237,7 @@ async def login(
     if not settings.auth_enabled:
         return RedirectResponse(target, status_code=303)
     origin = request.headers.get("origin")
-    if origin and cross_origin(dict(request.scope.get("headers") or []), "POST") is not None:
+    if origin and cross_origin(dict(request.scope.get("headers") or []), "POST", settings.public_origins) is not None:
         raise GatewayError(403, f"cross-origin sign-in from {origin[:200]}: refused (CSRF protection)")
     try:
         token = (await _login(request, username, password, "/auth/login"))["access_token"]

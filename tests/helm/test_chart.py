@@ -594,3 +594,19 @@ def test_gateway_metrics_on_their_own_port(rendered: dict, merged: dict, case: s
         assert port["port"] == values["metrics"]["port"] and port["targetPort"] == "metrics"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == values["metrics"]["port"] != values["gateway"]["port"]
+
+
+def test_gateway_trusts_loopback_envoy_and_the_configured_proxies(chart: Any) -> None:
+    def gateway_env(values: dict[str, Any]) -> dict[str, Any]:
+        container = next(
+            c for c in pod_spec(deployment_of(render(chart, values), "gateway"))["containers"] if c["name"] == "gateway"
+        )
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    default = gateway_env({})
+    assert default["LABELGRID_FORWARDED_ALLOW_IPS"] == "127.0.0.1" and "LABELGRID_PUBLIC_ORIGINS" not in default
+    behind = gateway_env(
+        {"gateway": {"trustedProxies": ["10.42.0.0/16"], "publicOrigins": ["https://label.example.org"]}}
+    )
+    assert behind["LABELGRID_FORWARDED_ALLOW_IPS"] == "127.0.0.1,10.42.0.0/16"
+    assert behind["LABELGRID_PUBLIC_ORIGINS"] == "https://label.example.org"

@@ -32,6 +32,7 @@ AL_TOKEN = "activelearning-service-token-" + "a" * 20
 AUTH = {"auth_signing_key": KEY, "auth_services": [f"gateway={GATEWAY_TOKEN}", f"activelearning={AL_TOKEN}"]}
 GATEWAY_AUTH = {**AUTH, "auth_service_token": GATEWAY_TOKEN, "auth_download_ttl_seconds": 60}
 IMAGES = ["case_0", "case_1", "case_2", "case_3"]
+INGRESS_NETWORK = "10.0.0.0/8"
 
 
 def bearer(name: str, role: str) -> dict[str, str]:
@@ -57,11 +58,13 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway
     )
     holder["a"] = a
     a.start()
-    # Replica B: the same datastore and active learning service (its own datastore goes unused).
+    # Replica B: the same datastore and active learning service (its own datastore goes unused),
+    # behind an Ingress whose pods are in 10.0.0.0/8 (it believes their X-Forwarded-For).
     b = GatewayStack(
         root / "b",
         gateway_overrides={
             **GATEWAY_AUTH,
+            "forwarded_allow_ips": ["127.0.0.1", INGRESS_NETWORK],
             "datastore_address": a.datastore_address,
             "activelearning_address": a.gateway_overrides["activelearning_address"],
         },
@@ -153,3 +156,27 @@ def test_only_one_of_two_replicas_taking_a_grant_at_once_wins(gateways: tuple[Ga
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         codes = sorted(r.status_code for r in pool.map(lambda g: download(g, image_id), [a, b, a, b]))
     assert codes == [200, 401, 401, 401]
+
+
+def test_behind_a_trusted_ingress_the_grant_is_for_the_client_not_the_ingress(
+    gateways: tuple[GatewayStack, GatewayStack],
+) -> None:
+    a, b = gateways
+    # Slicer at 203.0.113.7 through Ingress pod 10.1.2.3 (which appends the address it saw).
+    asked = httpx.post(
+        f"{b.url}/activelearning/first",
+        json={"client_id": "slicer-remote"},
+        headers={**bearer("uma", USER), "x-forwarded-for": "203.0.113.7, 10.1.2.3"},
+        timeout=60,
+    )
+    assert asked.status_code == 200 and asked.json().get("id"), asked.text
+    image_id = asked.json()["id"]
+    # Another client behind the same Ingress does not get it; nor does a hop B does not trust
+    # (a client that wrote the Slicer's address into its own header), nor replica A, which
+    # believes only loopback and so sees the Ingress pod's address.
+    assert download(b, image_id, forwarded_for="198.51.100.9, 10.1.2.3").status_code == 401
+    assert download(b, image_id, forwarded_for="203.0.113.7, 198.51.100.9").status_code == 401
+    assert download(a, image_id, forwarded_for="203.0.113.7, 10.1.2.3").status_code == 401
+    # The Slicer itself does, through another Ingress pod, once.
+    assert download(b, image_id, forwarded_for="203.0.113.7, 10.7.7.7").status_code == 200
+    assert download(b, image_id, forwarded_for="203.0.113.7, 10.7.7.7").status_code == 401
