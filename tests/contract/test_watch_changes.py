@@ -11,6 +11,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from gateway.changes import ChangeWatch
+from services.datastore.adapters.index import SqlIndex
 from tests.contract.helpers import nifti_bytes, struct, upload_image, upload_label
 from tests.fixtures.datastore import RunningDatastore
 
@@ -44,11 +45,29 @@ async def test_every_write_pushes_a_new_generation(stub: pb_grpc.DatastoreServic
 
 
 @pytest.mark.parametrize("datastore_settings", ["local-postgres"], indirect=True)
-async def test_a_shared_index_is_not_exclusive(stub: pb_grpc.DatastoreServiceStub) -> None:
-    """Replicas share PostgreSQL: another replica's writes are unseen, so nothing may be kept."""
+async def test_a_shared_index_pushes_other_replicas_writes(
+    datastore_server: RunningDatastore, stub: pb_grpc.DatastoreServiceStub
+) -> None:
+    """Replicas share PostgreSQL: their writes reach this datastore as notifications (LISTEN /
+    NOTIFY), so the stream is exclusive (answers may be kept) and pushes them too."""
     call = stub.WatchChanges(pb.WatchChangesRequest())
-    assert not (await asyncio.wait_for(call.read(), WAIT)).exclusive
-    call.cancel()
+    first = await asyncio.wait_for(call.read(), WAIT)
+    while not first.exclusive:  # the index's LISTEN connection is still opening
+        first = await asyncio.wait_for(call.read(), WAIT)
+    before = (await stub.GetStatus(pb.GetStatusRequest())).total
+    # Another replica: its own index on the same database, writing behind this one's back.
+    other = SqlIndex(str(datastore_server.settings.index))
+    try:
+        await asyncio.to_thread(other.upsert_image, "from-another-replica", ".nii.gz", "0" * 64, 1)
+        message = await asyncio.wait_for(call.read(), WAIT)
+        while message.generation == first.generation:  # a heartbeat
+            message = await asyncio.wait_for(call.read(), WAIT)
+        assert message.exclusive
+        # What this datastore answers from memory is not from before that write.
+        assert (await stub.GetStatus(pb.GetStatusRequest())).total == before + 1
+    finally:
+        other.close()
+        call.cancel()
 
 
 @pytest.mark.parametrize("datastore_settings", ["local-sqlite"], indirect=True)

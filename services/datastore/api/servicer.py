@@ -79,10 +79,10 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         stop = self.ds.watch(notify)
         self._watches.add(changed)
         try:
-            exclusive = self.ds.exclusive
             while not self._closing:
                 changed.clear()  # before reading: a change after this sets it again
-                yield pb.WatchChangesResponse(generation=self.ds.generation, exclusive=exclusive)
+                # Read each time: on PostgreSQL it holds only while the index listens.
+                yield pb.WatchChangesResponse(generation=self.ds.generation, exclusive=self.ds.exclusive)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WATCH_HEARTBEAT_SECONDS)
         finally:

@@ -166,6 +166,8 @@ class Datastore:
         self._generation = 0
         self._watch_lock = threading.Lock()
         self._watchers: list[Callable[[], None]] = []
+        # Set by open() when the index tells changes of other processes (SqlIndex.listen).
+        self._index_exclusive: Callable[[], bool] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -174,6 +176,9 @@ class Datastore:
         if self.index.status().total == 0 and any(True for _ in self.blobs.list("images/")):
             counts = self.reindex()
             log.info("adopted existing store", extra={"images": counts.images, "labels": counts.labels})
+        listen = getattr(self.index, "listen", None)
+        if listen is not None:  # PostgreSQL: other replicas' writes come as notifications
+            self._index_exclusive = listen(self._changed)
         self._changed()
 
     def close(self) -> None:
@@ -197,8 +202,11 @@ class Datastore:
 
     @property
     def exclusive(self) -> bool:
-        """Whether every change to the index passes through this object (so ``generation``
-        sees them all): not on PostgreSQL, which replicas share."""
+        """Whether ``generation`` sees every change to the index: on SQLite this object is
+        its one writer; on PostgreSQL, which replicas share, only while the index listens
+        to their notifications (SqlIndex.listen)."""
+        if self._index_exclusive is not None:
+            return self._index_exclusive()
         return getattr(self.index, "backend", "sqlite") != "postgresql"
 
     def watch(self, notify: Callable[[], None]) -> Callable[[], None]:

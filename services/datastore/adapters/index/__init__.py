@@ -19,6 +19,8 @@ Every method is thread-safe (one pooled connection per call) and returns the pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from services.datastore.adapters.index.bulk_import import BulkImport
 from services.datastore.adapters.index.database import Database
 from services.datastore.adapters.index.export import Export
@@ -118,6 +120,14 @@ class SqlIndex:
     def backend(self) -> str:
         """ "postgresql" or "sqlite"."""
         return self.db.backend
+
+    def listen(self, on_change: Callable[[], None]) -> Callable[[], bool]:
+        """Calls ``on_change()`` after each change another process may have made (PostgreSQL's
+        LISTEN/NOTIFY, see Database; SQLite has no other writer) and returns what says whether
+        every change is seen now (``Database.exclusive``)."""
+        self.db.on_change(on_change)
+        self.db.listen()
+        return lambda: self.db.exclusive
 
     def close(self) -> None:
         """Closes every pooled connection (tests and shutdown; PostgreSQL counts connections)."""

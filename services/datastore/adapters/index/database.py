@@ -20,6 +20,17 @@ How writes stay correct under concurrency:
 Every method is thread-safe (one pooled connection per call) and returns the plain
 types of ``services.datastore.domain.model``; driver errors surface as ``StorageError``.
 
+Change notification (what the read cache and the datastore's WatchChanges stand on):
+
+- SQLite: this object is the index's one writer, so every write bumps the generation.
+- PostgreSQL: replicas share the index, so every write transaction also sends
+  ``NOTIFY labelgrid_index`` (delivered to listeners when it commits, not at all if it
+  rolls back), and ``listen()`` keeps one connection outside the pool that ``LISTEN``s for
+  it: each notification (another replica's write, or our own) bumps the generation and
+  calls the ``on_change`` callbacks. Only while that connection is up is anything cached
+  (``listening``); connecting and losing it bump the generation too, so nothing read while
+  notifications could be missed is ever served from the cache. Another replica's write is
+  seen once its notification arrives (milliseconds after its commit).
 """
 
 from __future__ import annotations
@@ -51,6 +62,13 @@ from services.datastore.domain.ports import Now
 _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+NOTIFY_CHANNEL = "labelgrid_index"
+"""PostgreSQL channel every write transaction notifies (see Database.listen)."""
+LISTEN_APPLICATION = "labelgrid-index-listen"
+"""application_name of the LISTEN connection (pg_stat_activity tells it apart)."""
+LISTEN_POLL_SECONDS = 0.5
+"""The listener checks for a stop (and that its connection lives) at least this often."""
 
 
 def epoch(now: Now) -> float:
@@ -129,6 +147,12 @@ class Database:
         self._generation = 0
         self._generation_lock = threading.Lock()
         self._read_cache: dict[tuple[Any, ...], tuple[int, Any]] = {}
+        # PostgreSQL change notification (see the module docstring and listen()).
+        self._url = parsed
+        self._listening = False
+        self._listener: threading.Thread | None = None
+        self._stop_listening = threading.Event()
+        self._on_change: list[Callable[[], None]] = []
 
     @property
     def backend(self) -> str:
@@ -137,7 +161,66 @@ class Database:
 
     def close(self) -> None:
         """Closes every pooled connection (tests and shutdown; PostgreSQL counts connections)."""
+        self._stop_listening.set()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.join(LISTEN_POLL_SECONDS * 4)
         self.engine.dispose()
+
+    # -- change notification ----------------------------------------------------------------
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether every change to the index is seen here: always on SQLite; on PostgreSQL
+        while the LISTEN connection is up (see listen())."""
+        return not self.pg or self._listening
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback()`` (from the listener thread; it must not block) after each change
+        another process may have made (PostgreSQL notifications), and when ``exclusive``
+        changes. Local writes are not reported here: their caller knows."""
+        self._on_change.append(callback)
+
+    def listen(self) -> None:
+        """PostgreSQL: starts the listener thread (once). SQLite: nothing to do."""
+        if self.pg and self._listener is None and not self._stop_listening.is_set():
+            self._listener = threading.Thread(target=self._listen_loop, name="index-listen", daemon=True)
+            self._listener.start()
+
+    def _remote_change(self, listening: bool | None = None) -> None:
+        with self._generation_lock:
+            self._generation += 1
+            if listening is not None:
+                self._listening = listening
+        for callback in list(self._on_change):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a callback must never stop the listener
+                _log.exception("index change callback failed")
+
+    def _listen_loop(self) -> None:
+        import psycopg  # the PostgreSQL driver: only where that backend is used
+
+        conninfo = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+        failures = 0
+        while not self._stop_listening.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, application_name=LISTEN_APPLICATION) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._remote_change(listening=True)
+                    failures = 0
+                    while not self._stop_listening.is_set():
+                        for _ in conn.notifies(timeout=LISTEN_POLL_SECONDS):
+                            self._remote_change()
+                        conn.execute("SELECT 1")  # a dead connection raises here
+            except Exception as e:  # noqa: BLE001 - any failure: reconnect with a backoff
+                if failures == 0:
+                    _log.warning("index LISTEN connection lost: nothing is cached until it is back: %s", describe(e))
+            finally:
+                if self._listening:
+                    self._remote_change(listening=False)
+            failures += 1
+            self._stop_listening.wait(min(5.0, 0.1 * 2**failures))
 
     def __enter__(self) -> Database:
         return self
@@ -181,7 +264,10 @@ class Database:
                         conn.execution_options(labelgrid_write=True)
                     try:
                         with conn.begin():
-                            return fn(conn)
+                            result = fn(conn)
+                            if self.pg:  # delivered to listeners at commit (see listen())
+                                conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+                            return result
                     finally:  # committed or not: cached reads taken before are no longer trusted
                         self._bump_generation()
             except LabelgridError:
@@ -201,15 +287,17 @@ class Database:
             self._generation += 1
 
     def cached(self, key: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
-        """``compute()``, reused until the next write transaction (SQLite only).
+        """``compute()``, reused until the next change of the index.
 
         The generation is read before computing and the result kept under it; a write that
         commits meanwhile bumps it after its commit, so a result that may predate the write
-        is never served. PostgreSQL may have other writers (replicas): never cached there."""
-        if self.pg:
-            return compute()
+        is never served. PostgreSQL may have other writers (replicas): cached only while
+        their notifications are listened to (see listen())."""
         with self._generation_lock:
             generation = self._generation
+            usable = self.exclusive
+        if not usable:
+            return compute()
         hit = self._read_cache.get(key)
         if hit is not None and hit[0] == generation:
             return hit[1]
@@ -221,6 +309,8 @@ class Database:
         """What ``cached`` would reuse for ``key`` now, else None (never blocks on the database)."""
         with self._generation_lock:
             generation = self._generation
+            if not self.exclusive:
+                return None
         hit = self._read_cache.get(key)
         return hit[1] if hit is not None and hit[0] == generation else None
 
