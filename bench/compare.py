@@ -340,15 +340,32 @@ def _ms(row: dict[str, Any] | None) -> str:
     return "–" if row is None else f"{row['p50_ms']:.2f} / {row['p95_ms']:.2f} ms"
 
 
-def table(count: int, ml: dict[str, Any], lg: dict[str, Any]) -> str:
+def spread(rounds: list[dict[str, Any]], row: str) -> str:
+    """The rounds' p50s of `row`, lowest to highest (how much the shared machine moved them)."""
+    values = sorted(r[row]["p50_ms"] for r in rounds if row in r)
+    if not values:
+        return "–"
+    return f"{values[0]:.2f}–{values[-1]:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def table(
+    count: int,
+    ml: dict[str, Any],
+    lg: dict[str, Any],
+    rounds: dict[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """Medians of the rounds (p50 / p95), the ratio of p50s, and each system's p50 spread over rounds."""
+    rounds = rounds or {}
     lines = [
-        f"| what ({count:,} images) | MONAI Label p50 / p95 | labelgrid p50 / p95 | labelgrid ÷ MONAI Label (p50) |",
-        "|---|---|---|---|",
+        f"| what ({count:,} images) | MONAI Label p50 / p95 | labelgrid p50 / p95 "
+        "| labelgrid ÷ MONAI Label (p50) | p50 over rounds, ms: MONAI Label; labelgrid |",
+        "|---|---|---|---|---|",
     ]
     for row in dict.fromkeys([*ml, *lg]):
         a, b = ml.get(row), lg.get(row)
         ratio = f"{b['p50_ms'] / a['p50_ms']:.2f}" if a and b else "–"
-        lines.append(f"| {row} | {_ms(a)} | {_ms(b)} | {ratio} |")
+        spreads = f"{spread(rounds.get('monailabel', []), row)}; {spread(rounds.get('labelgrid', []), row)}"
+        lines.append(f"| {row} | {_ms(a)} | {_ms(b)} | {ratio} | {spreads} |")
     # REST ÷ bare: what each server adds around the same forward pass (labelgrid's limit: 1.05).
     for row, bare in lg.items():
         if "bare in-process" not in row:
@@ -359,7 +376,7 @@ def table(count: int, ml: dict[str, Any], lg: dict[str, Any]) -> str:
             for name, rows in (("MONAI Label", ml), ("labelgrid", lg))
             if rest_row in rows
         ]
-        lines.append(f"| {rest_row} ÷ bare (p50) | | | {', '.join(parts)} |")
+        lines.append(f"| {rest_row} ÷ bare (p50) | | | {', '.join(parts)} | |")
     return "\n".join(lines)
 
 
@@ -375,6 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--infer-runs", default="5,3", help="timed infers per size, system and round")
     parser.add_argument("--systems", default="monailabel,labelgrid")
+    parser.add_argument(
+        "--monailabel-max",
+        type=int,
+        default=10_000,
+        help="counts above this run labelgrid only (MONAI Label's JSON datastore is O(n) per write: "
+        "100k images take it too long on this machine)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--labelgrid-src",
@@ -387,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     systems = args.systems.split(",")
     infer_sizes = [int(s) for s in args.infer_sizes.split(",") if s]
     args.infer_run_counts = [int(r) for r in args.infer_runs.split(",")][: len(infer_sizes)]
-    args.infer_run_counts += [args.infer_run_counts[-1]] * (len(infer_sizes) - len(args.infer_run_counts))
+    if args.infer_run_counts:
+        args.infer_run_counts += [args.infer_run_counts[-1]] * (len(infer_sizes) - len(args.infer_run_counts))
     bare = None
     exe = ensure_monailabel() if "monailabel" in systems else Path()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -402,9 +427,11 @@ def main(argv: list[str] | None = None) -> None:
                 (base / "volumes").mkdir()
                 volumes = {size: volume_file(size, base / "volumes") for size in infer_sizes}
                 bare = bare_model(base / "volumes")
-            results: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            here = [s for s in systems if s != "monailabel" or count <= args.monailabel_max]
+            results: dict[str, list[dict[str, Any]]] = {s: [] for s in here}
             for round_ in range(args.rounds):
-                for system in systems:
+                # Alternate which system goes first, so neither always runs on the warmer machine.
+                for system in here if round_ % 2 == 0 else here[::-1]:
                     work = base / f"{system}-{round_}"
                     shutil.copytree(base / "studies", work / "studies")
                     for attempt in range(3):  # a server that fails to start is started again
@@ -429,10 +456,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{count} images, round {round_ + 1}, {system}: ready in {ready:.1f} s", flush=True)
                     shutil.rmtree(work, ignore_errors=True)
             medians = {
-                s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in systems
+                s: median_rounds([{k: v for k, v in r.items() if k != "ready_s"} for r in results[s]]) for s in here
             }
-            if len(systems) == 2:
-                print(table(count, medians[systems[0]], medians[systems[1]]), flush=True)
+            print(table(count, medians.get("monailabel", {}), medians.get("labelgrid", {}), results), flush=True)
             path = args.out / f"compare-{count}{'-' + args.tag if args.tag else ''}.json"
             path.write_text(json.dumps({"images": count, "rounds": results, "medians": medians}, indent=2))
             print(f"wrote {path}", flush=True)

@@ -235,6 +235,13 @@ async def stop_change_watch(app: Any) -> None:
             await watch.stop()
 
 
+@dataclass(frozen=True)
+class _HotRoute:
+    """What the router leaves in scope["route"], as far as gateway.metrics reads it."""
+
+    path: str
+
+
 class HotReadMiddleware:
     """Serves kept answers of `hot` routes ({(path, query string): cache key}) straight from
     bytes, and tells the ChangeWatch when a request that may write has ended."""
@@ -243,6 +250,7 @@ class HotReadMiddleware:
         self.app = app
         self.hot = hot
         self.watch: ChangeWatch | None = None
+        self._routes = {path: _HotRoute(path) for path, _query in hot}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -257,6 +265,8 @@ class HotReadMiddleware:
             if key is not None:
                 body = watch.get(key)
                 if body is not None:
+                    # The route's template for the metrics (no regex scan of every route).
+                    scope["route"] = self._routes.get(scope["path"])
                     await send({
                         "type": "http.response.start",
                         "status": 200,
