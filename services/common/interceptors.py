@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc.aio import AbortError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,6 +31,7 @@ from services.common.auth import ROLES, Authenticator, Identity, current_identit
 from services.common.auth_methods import denial
 from services.common.errors import ErrorKind, LabelgridError
 from services.common.grpc_errors import PROMETHEUS_CODE_LABEL, rich_status, to_status
+from services.common.resource_names import check_required
 
 log = logging.getLogger("labelgrid.grpc")
 
@@ -446,7 +448,9 @@ _SERVER_SIDE_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, Error
 class ErrorInterceptor(WrappingInterceptor):
     """Domain errors -> their status with ErrorInfo; anything unexpected -> INTERNAL, logged.
 
-    Aborts by the handler and cancellation pass through untouched.
+    A request message (not a request stream) missing a field its contract marks
+    `(google.api.field_behavior) = REQUIRED` is refused here, INVALID_ARGUMENT (INVALID_INPUT),
+    before the handler runs. Aborts by the handler and cancellation pass through untouched.
     """
 
     def __init__(self, domain: str = "labelgrid"):
@@ -477,6 +481,8 @@ class ErrorInterceptor(WrappingInterceptor):
         self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
     ) -> Any:
         try:
+            if isinstance(request, Message):
+                check_required(request)
             return await behavior(request, context)
         except AbortError:
             raise
@@ -487,6 +493,8 @@ class ErrorInterceptor(WrappingInterceptor):
         self, behavior: Behavior, request: Any, context: grpc.aio.ServicerContext, rpc: RpcInfo
     ) -> AsyncGenerator[Any, None]:
         try:
+            if isinstance(request, Message):
+                check_required(request)
             async with aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response

@@ -15,9 +15,9 @@ from services.common.protos import (
     job_error,
     job_state,
     job_times,
-    split_resource_name,
     struct_to_dict,
 )
+from services.common.resource_names import resource_type
 
 _NO_SAMPLE = {
     "": pb.NO_SAMPLE_REASON_UNSPECIFIED,
@@ -29,24 +29,31 @@ _NO_SAMPLE = {
 # -- resource names ------------------------------------------------------------------------
 
 
+STRATEGY = resource_type("labelgrid.activelearning/Strategy")
+SCORING_METHOD = resource_type("labelgrid.activelearning/ScoringMethod")
+SCORING_JOB = resource_type("labelgrid.activelearning/ScoringJob")
+LEASE = resource_type("labelgrid.activelearning/Lease")
+MODEL = resource_type("labelgrid.inference/Model")  # the served model that scores
+
+
 def strategy_of(name: str) -> str:
-    return split_resource_name(name, "strategies/{strategy}")[0]
+    return STRATEGY.parse(name)[0]
 
 
 def method_of(name: str) -> str:
-    return split_resource_name(name, "scoringMethods/{method}")[0]
+    return SCORING_METHOD.parse(name)[0]
 
 
 def model_of(name: str) -> str:
-    return split_resource_name(name, "models/{model}")[0] if name else ""
+    return MODEL.parse(name)[0] if name else ""
 
 
 def lease_image_of(name: str) -> str:
-    return split_resource_name(name, "leases/{image}")[0]
+    return LEASE.parse(name)[0]
 
 
 def job_of(name: str) -> str:
-    return split_resource_name(name, "scoringJobs/{job}")[0]
+    return SCORING_JOB.parse(name)[0]
 
 
 def params_of(struct: Any) -> dict[str, Any]:
@@ -58,13 +65,13 @@ def params_of(struct: Any) -> dict[str, Any]:
 
 def strategy(name: str, value: Strategy) -> res.Strategy:
     return res.Strategy(
-        name=f"strategies/{name}", strategy_id=name, description=value.description, config=config_entries(value.config)
+        name=STRATEGY.format(name), strategy_id=name, description=value.description, config=config_entries(value.config)
     )
 
 
 def scoring_method(name: str, value: ScoringMethod) -> res.ScoringMethod:
     return res.ScoringMethod(
-        name=f"scoringMethods/{name}",
+        name=SCORING_METHOD.format(name),
         method_id=name,
         description=value.description,
         config=config_entries(value.config),
@@ -98,7 +105,7 @@ def sample(image: ImageEntry) -> res.Sample:
 
 def lease(value: Lease) -> res.Lease:
     message = res.Lease(
-        name=f"leases/{value.image_id}", image_id=value.image_id, client_id=value.client_id, strategy=value.strategy
+        name=LEASE.format(value.image_id), image_id=value.image_id, client_id=value.client_id, strategy=value.strategy
     )
     message.acquire_time.FromDatetime(value.acquire_time)
     message.expire_time.FromDatetime(value.expire_time)
@@ -108,10 +115,10 @@ def lease(value: Lease) -> res.Lease:
 def scoring_job(job: ScoringJob) -> res.ScoringJob:
     model, version, progress = job.model, job.model_version, job.progress
     return res.ScoringJob(
-        name=f"scoringJobs/{job.job_id}",
+        name=SCORING_JOB.format(job.job_id),
         job_id=job.job_id,
-        method=f"scoringMethods/{job.method}",
-        model=f"models/{model}" if model else "",
+        method=SCORING_METHOD.format(job.method),
+        model=MODEL.format(model) if model else "",
         params=dict_to_struct(job.params),
         force=job.force,
         model_version=f"models/{model}/versions/{version}" if version and version != UNTRAINED and model else "",

@@ -16,23 +16,28 @@ from services.common.protos import (
     split_resource_name,
     struct_to_dict,
 )
+from services.common.resource_names import resource_type
 from services.train.domain.job import TrainingJob
 from services.train.domain.training import JobRequest, TrainerInfo
 
 _OPTIONAL = ("val_split", "learning_rate", "amp", "pretrained", "early_stop_patience")
 
 
+TRAINING_JOB = resource_type("labelgrid.training/TrainingJob")
+TRAINER = resource_type("labelgrid.training/Trainer")
+
+
 def job_name(name: str) -> str:
-    return split_resource_name(name, "trainingJobs/{job}")[0]
+    return TRAINING_JOB.parse(name)[0]
 
 
 def trainer_name(name: str) -> str:
-    return split_resource_name(name, "trainers/{trainer}")[0]
+    return TRAINER.parse(name)[0]
 
 
 def trainer(info: TrainerInfo) -> res.Trainer:
     return res.Trainer(
-        name=f"trainers/{info.name}",
+        name=TRAINER.format(info.name),
         trainer_id=info.name,
         model=f"models/{info.model}",
         description=info.description,
@@ -102,9 +107,9 @@ def _params(given: dict[str, Any]) -> res.TrainingParams:
 
 def job(value: TrainingJob) -> res.TrainingJob:
     out = res.TrainingJob(
-        name=f"trainingJobs/{value.job_id}",
+        name=TRAINING_JOB.format(value.job_id),
         job_id=value.job_id,
-        trainer=f"trainers/{value.trainer}",
+        trainer=TRAINER.format(value.trainer),
         params=_params(value.params),
         state=job_state(value.state),
         times=job_times(value),
