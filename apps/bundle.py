@@ -261,6 +261,15 @@ class Bundle:
         """Why its train config is not run here (a key labelgrid's trainer lacks); "" if it is."""
         return str(self.extra.get("untrainable", ""))
 
+    @property
+    def why_not_trainable(self) -> str:
+        """Why `POST /train/{name}` cannot train this bundle, naming the file or key; "" if it can."""
+        if self.train_config is None:
+            return "the bundle has no configs/train.json (or train.yaml)"
+        if self.torchscript:
+            return "its weights are models/model.ts (TorchScript): served as they are, never trained"
+        return self.untrainable
+
     def describe(self) -> dict[str, Any]:
         """What /info shows of the bundle."""
         return {

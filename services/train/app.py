@@ -48,5 +48,6 @@ def build_training(settings: TrainSettings) -> BuiltTraining:
         stop_grace_seconds=settings.stop_grace_seconds,
         torch_threads=settings.torch_threads,
         keep_job_dirs=settings.keep_job_dirs,
+        why_not_trainable=lambda name: app.bundles[name].why_not_trainable if name in app.bundles else "",
     )
     return BuiltTraining(training, client, cache, app)

@@ -315,6 +315,16 @@ def test_train_bundle_then_delete_goes_back_to_the_bundle_weights(
 CLICKS = {"organ": [[20, 18, 12], [10, 10, 5]], "background": [[2, 2, 2]], "label": "organ"}
 
 
+def test_a_bundle_that_cannot_be_trained_is_refused_naming_why(http: httpx.Client) -> None:
+    models = http.get("/info/").json()["models"]
+    assert "ct_deepedit" in models and "ct_deepedit" not in http.get("/info/").json()["trainers"]
+    for model, named in [("ct_deepedit", "train#trainer#iteration_update"), ("ct_seg_ts", "no configs/train.json")]:
+        response = http.post(f"/train/{model}", json={"max_epochs": 1})
+        assert response.status_code == 400, (model, response.status_code, response.text)
+        assert named in response.json()["detail"], response.text
+    assert http.post("/train/no_such_model", json={"max_epochs": 1}).status_code == 404
+
+
 def test_deepedit_bundle_takes_clicks_as_monai_label_gives_them(
     http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path
 ) -> None:

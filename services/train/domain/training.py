@@ -22,7 +22,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,11 @@ class Training:
         stop_grace_seconds: float = 3.0,
         torch_threads: int = 0,
         keep_job_dirs: int = 20,
+        why_not_trainable: Callable[[str], str] = lambda name: "",
     ) -> None:
         self.trainers = trainers
+        # Why a model that is served has no trainer (a bundle it cannot train), for a clear refusal.
+        self.why_not_trainable = why_not_trainable
         self.store = store
         self.datastore = datastore
         self.data = data
@@ -171,6 +174,9 @@ class Training:
     def trainer(self, name: str) -> Any:
         trainer = self.trainers.get(name)
         if trainer is None:
+            why = self.why_not_trainable(name)
+            if why:
+                raise FailedPrecondition(f"model {name!r} cannot be trained here: {why}")
             known = ", ".join(self.trainers) or "none"
             raise NotFound(f"trainer {name!r} does not exist (this app has: {known})", reason="MODEL_NOT_FOUND")
         return trainer
