@@ -53,11 +53,9 @@ class GatewaySettings(ServiceSettings):
     infer_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 600.0
     # MONAI Label's MONAI_LABEL_SESSIONS and MONAI_LABEL_SESSION_EXPIRY.
     sessions_enabled: bool = True
+    # The lifetime a session gets when PUT /session/ names none (or more); the datastore holds
+    # the sessions, their caps (sessions_per_client, sessions_max) and its own longest lifetime.
     session_expiry: Annotated[int, pydantic.Field(gt=0)] = 3600
-    # Live sessions one client may hold (the authenticated user with auth on, else its client_id)
-    # and live sessions in all; a session over either is refused 429 until others end or expire.
-    sessions_per_client: Annotated[int, pydantic.Field(gt=0)] = 20
-    sessions_max: Annotated[int, pydantic.Field(gt=0)] = 500
     # MONAI Label's MONAI_LABEL_CORS_ORIGINS; the request Origin is echoed with credentials.
     cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(default_factory=lambda: ["*"])
     # The log GET /logs/ tails (`labelgrid up` writes the whole stack's output there); unset:

@@ -2,16 +2,15 @@
 
 Ids are checked here (400 for path-like ones) before any call; uploads stream from the
 request body as it arrives into UploadImage / UploadLabel (gateway.multipart: no temp file
-in the gateway); downloads stream back. Session images
-are left out of listings and counts (see gateway.sessions).
+in the gateway); downloads stream back. Sessions are the datastore's own resource (gateway.routes.session),
+never images: listings and counts have nothing to leave out.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import time
+import math
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,13 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
-from gateway import sessions
 from gateway.changes import ChangeWatch, Token, change_watch
 from gateway.clients import found_or_none, open_download
 from gateway.errors import from_rpc_error
 from gateway.multipart import upload_form
 from gateway.routes.common import (
-    SESSION_PREFIX,
     Ctx,
     CtxDep,
     check_user_image_id,
@@ -58,35 +55,10 @@ class ResultType(enum.StrEnum):
 # -- listing -------------------------------------------------------------------------------
 
 
-HIDE_SESSIONS = {"hidden_id_prefix": SESSION_PREFIX, "hidden_info_key": "session"}
-"""Session images (gateway.sessions) are left out of listings and counts by the datastore."""
-SESSION_SWEEP_SECONDS = 60.0
-"""Expired sessions are removed in the background at most this often (on stats calls)."""
-_sweeps: dict[int, tuple[float, asyncio.Task[Any] | None]] = {}
-
-
-def _sweep_sessions(ctx: Ctx) -> None:
-    """Removes expired sessions off the request path, at most once a SESSION_SWEEP_SECONDS
-    per gateway (they are also removed whenever one is looked up)."""
-    key = id(ctx.clients)
-    last, task = _sweeps.get(key, (float("-inf"), None))
-    now = time.monotonic()
-    if (task is not None and not task.done()) or now - last < SESSION_SWEEP_SECONDS:
-        return
-
-    async def sweep() -> None:
-        try:
-            await sessions.live_sessions(ctx)
-        except grpc.aio.AioRpcError as err:
-            log.warning("expired sessions were not swept", extra={"code": err.code().name})
-
-    _sweeps[key] = (now, asyncio.create_task(sweep()))
-
-
 def next_sweep(ctx: Ctx) -> float:
-    """When (time.monotonic()) expired sessions are next swept: a kept stats answer expires
-    then, so that the call that sweeps still comes."""
-    return _sweeps.get(id(ctx.clients), (float("-inf"), None))[0] + SESSION_SWEEP_SECONDS
+    """No sweep is due any more: sessions expire in the datastore, which leaves them out of
+    every count and listing. Always infinity (kept for gateway.routes.info's TTL)."""
+    return math.inf
 
 
 STATS_KEY = "datastore stats"
@@ -94,14 +66,11 @@ STATS_KEY = "datastore stats"
 
 
 async def datastore_stats(ctx: Ctx, watch: ChangeWatch) -> tuple[dict[str, Any], Token | None]:
-    """MONAI Label's status(): {total, completed, label_tags}, session images not counted;
+    """MONAI Label's status(): {total, completed, label_tags} (sessions are not images);
     one query in the datastore. Also the token it was read under (see gateway.changes)."""
     watch.start(ctx.clients.datastore, ctx.service_metadata)
     token = watch.token()  # before the call: a write announced meanwhile makes it stale
-    status = await ctx.clients.datastore.GetStatus(
-        ds_pb.GetStatusRequest(**HIDE_SESSIONS), timeout=ctx.timeout, metadata=ctx.metadata
-    )
-    _sweep_sessions(ctx)
+    status = await ctx.clients.datastore.GetStatus(ds_pb.GetStatusRequest(), timeout=ctx.timeout, metadata=ctx.metadata)
     stats = {
         "total": int(status.total),
         "completed": int(status.completed),
@@ -118,11 +87,7 @@ async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
             timeout=ctx.timeout,
             metadata=ctx.metadata,
         )
-        yield [
-            image
-            for image in response.images
-            if not sessions.is_session_image(image.image_id, struct_to_dict(image.info))
-        ]
+        yield list(response.images)
         token = response.next_page_token
         if not token:
             return
@@ -132,7 +97,7 @@ async def _datastore_all(ctx: Ctx) -> Response:
     """datastore_v2.json as the datastore serialises it in one query (compact UTF-8 JSON,
     as FastAPI writes MONAI Label's answer); the gateway only passes the bytes on."""
     call = ctx.clients.datastore.ExportDatastoreJson(
-        ds_pb.ExportDatastoreJsonRequest(**HIDE_SESSIONS),
+        ds_pb.ExportDatastoreJsonRequest(),
         timeout=ctx.timeout,
         metadata=ctx.metadata,
     )

@@ -17,10 +17,10 @@ from typing import Annotated, Any
 import grpc
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 from labelgrid.inference.v1 import resources_pb2 as inf_res
 
-from gateway import sessions
 from gateway.clients import Download, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.routes import infer_seg
@@ -272,10 +272,17 @@ async def run_inference(
     # As MONAI Label: a session wins over a file, a file over an image id.
     image_res = ""
     if session_id:
-        session = await sessions.get_session(ctx, session_id)
-        if session is None:
-            raise GatewayError(404, f"Session ({session_id}) Not Found")
-        image_res, file = f"images/{session.image_id}", None
+        # As MONAI Label, an unknown or expired session is a 404 before anything runs; the
+        # inference service then reads the session's volume from the datastore by this name.
+        image_res, file = f"sessions/{session_id}", None
+        try:
+            await ctx.clients.datastore.GetSession(
+                ds_pb.GetSessionRequest(name=image_res), timeout=ctx.timeout, metadata=ctx.service_metadata
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise from_rpc_error(err, service="datastore", address=ctx.settings.datastore_address) from None
+            raise GatewayError(404, f"Session ({session_id}) Not Found") from None
     elif file is None:
         if not image:
             raise GatewayError(400, "Neither image nor file nor session_id is provided")

@@ -1,28 +1,29 @@
-"""MONAI Label's /session router (`endpoints/session.py`); storage is in gateway.sessions."""
+"""MONAI Label's /session router (`endpoints/session.py`) on the datastore's session RPCs.
+
+A session is the datastore's own resource ("sessions/{session}"): it picks the id, keeps the
+volume, enforces the caps (live sessions per client and in all) and the expiry. Each route
+is one call: PUT -> CreateSession, GET -> GetSession (update_ts -> touch) or DownloadSession
+(image=true), DELETE -> DeleteSession. What stays here is MONAI Label's REST shape: several
+uploaded files (a DICOM series) become one ZIP, the owner is named, and answers are
+session_info dicts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 import zipfile
 from typing import Annotated, Any, BinaryIO
 
 import grpc
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
+from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
-from gateway import sessions
 from gateway.clients import CHUNK_SIZE, Readable, open_download, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
-from gateway.routes.common import (
-    Ctx,
-    CtxDep,
-    base_name,
-    file_response,
-    to_struct,
-    upload_size,
-)
+from gateway.routes.common import Ctx, CtxDep, base_name, file_response, upload_size
+from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/session", tags=["Session"])
 
@@ -30,6 +31,27 @@ router = APIRouter(prefix="/session", tags=["Session"])
 def _require_enabled(ctx: Ctx) -> None:
     if not ctx.settings.sessions_enabled:
         raise GatewayError(406, "Session Feature is Not Enabled")
+
+
+def owner_of(ctx: Ctx, client_id: str | None) -> str:
+    """Whose allowance a new session counts against: the authenticated user when auth is on
+    (a client cannot pick another name), else the client_id MONAI Label clients send."""
+    if ctx.settings.auth_enabled:
+        return f"user:{ctx.identity.username}"
+    return f"client:{client_id or ''}"
+
+
+def session_info(session: ds_res.Session) -> dict[str, Any]:
+    """MONAI Label's session_info, without server paths (path/image name the session instead)."""
+    return {
+        "name": session.session_id,
+        "path": f"sessions/{session.session_id}",
+        "image": session.file_name,
+        "meta": struct_to_dict(session.meta),
+        "create_ts": int(session.create_time.seconds),
+        "last_access_ts": int(session.last_access_time.seconds),
+        "expiry": int(session.expiry_seconds),
+    }
 
 
 class _ThreadFile:
@@ -54,43 +76,11 @@ def _zip_uploads(uploads: list[UploadFile], target: BinaryIO) -> None:
     target.seek(0)
 
 
-async def _upload_session_image(
-    ctx: Ctx, session: sessions.Session, source: Readable, file_name: str, size: int
-) -> None:
-    header = ds_pb.UploadImageHeader(
-        image_id=session.image_id,
-        file_name=file_name,
-        info=to_struct(
-            {
-                "session": True,
-                "expiry_ts": session.data["expiry_ts"],
-                "client_id": session.data.get("client_id"),
-            }
-        ),
-        size_bytes=size,
+async def _create(ctx: Ctx, header: ds_pb.CreateSessionHeader, source: Readable) -> ds_res.Session:
+    response = await ctx.clients.datastore.CreateSession(
+        upload_stream(ds_pb.CreateSessionRequest, header, source), metadata=ctx.service_metadata
     )
-    await ctx.clients.datastore.UploadImage(
-        upload_stream(ds_pb.UploadImageRequest, header, source), metadata=ctx.service_metadata
-    )
-
-
-async def _check_quota(ctx: Ctx, owner: str) -> None:
-    """A 429 when the caller already holds sessions_per_client live sessions, or all callers
-    together sessions_max (live_sessions also removes expired ones, which frees their places)."""
-    live = await sessions.live_sessions(ctx)
-    settings = ctx.settings
-    if len(live) >= settings.sessions_max:
-        raise GatewayError(
-            429,
-            f"too many sessions: {len(live)} are live, the limit is {settings.sessions_max}; retry once some end or expire",
-        )
-    held = sum(1 for session in live if session.owner == owner)
-    if held >= settings.sessions_per_client:
-        raise GatewayError(
-            429,
-            f"too many sessions for this client: it holds {held}, the limit is {settings.sessions_per_client}; "
-            "delete one (DELETE /session/{id}) or wait until one expires",
-        )
+    return response.session
 
 
 @router.put("/", summary="Create new session with Image")
@@ -104,55 +94,36 @@ async def create_session(
     _require_enabled(ctx)
     if any(upload_size(f) == 0 for f in files):
         raise GatewayError(422, "an uploaded session file is empty")
-    now = int(time.time())
-    expiry = min(expiry or ctx.settings.session_expiry, ctx.settings.session_expiry)
-    session_id = sessions.new_session_id()
     single = len(files) == 1
-    file_name = base_name(files[0].filename) if single else f"{session_id}.zip"
+    # A series is zipped; the datastore names the session, so the archive gets a neutral name.
+    file_name = base_name(files[0].filename) if single else "series.zip"
     if not file_name:
-        raise GatewayError(
-            422,
-            "the session upload needs a file name (its extension selects the format)",
-        )
-    owner = sessions.owner_of(ctx, client_id)
-    await _check_quota(ctx, owner)
-    session = sessions.Session(
-        session_id,
-        {
-            "file_name": file_name,
-            "create_ts": now,
-            "last_access_ts": now,
-            "expiry": expiry,
-            "expiry_ts": now + expiry,
-            "client_id": client_id or "",
-            "owner": owner,
-            "uncompress": uncompress,
-            "meta": {},
-        },
+        raise GatewayError(422, "the session upload needs a file name (its extension selects the format)")
+    header = ds_pb.CreateSessionHeader(
+        file_name=file_name,
+        owner=owner_of(ctx, client_id),
+        expiry_seconds=min(expiry or ctx.settings.session_expiry, ctx.settings.session_expiry),
     )
-    # The record first: if the upload never lands, the record expires and cleans up after itself.
-    await sessions.put_record(ctx, session)
     try:
         if single:
-            await _upload_session_image(ctx, session, files[0], file_name, upload_size(files[0]))
+            header.size_bytes = upload_size(files[0])
+            session = await _create(ctx, header, files[0])
         else:
             with tempfile.TemporaryFile() as archive:
                 await asyncio.to_thread(_zip_uploads, files, archive)
-                size = archive.seek(0, 2)
+                header.size_bytes = archive.seek(0, 2)
                 archive.seek(0)
-                await _upload_session_image(ctx, session, _ThreadFile(archive), file_name, size)
+                session = await _create(ctx, header, _ThreadFile(archive))
     except grpc.aio.AioRpcError as err:
-        await sessions.delete_session(ctx, session)
         raise from_rpc_error(err, invalid_status=422) from None
-    return {"session_id": session_id, "session_info": session.info()}
+    return {"session_id": session.session_id, "session_info": session_info(session)}
 
 
-async def _live(ctx: Ctx, session_id: str, detail: str) -> sessions.Session:
-    _require_enabled(ctx)
-    session = await sessions.get_session(ctx, session_id)
-    if session is None:
-        raise GatewayError(404, detail)
-    return session
+def _not_found(err: grpc.aio.AioRpcError, detail: str) -> GatewayError:
+    """MONAI Label's 404 for an unknown, expired or malformed session id."""
+    if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+        return GatewayError(404, detail)
+    return from_rpc_error(err)
 
 
 @router.get("/{session_id}", summary="Get Session ID")
@@ -162,23 +133,34 @@ async def get_session(
     image: bool = Query(False),
     ctx: Ctx = CtxDep,
 ) -> Any:
-    session = await _live(ctx, session_id, f"Session ({session_id}) Not Found")
-    if update_ts:
-        session.data["last_access_ts"] = int(time.time())
-        await sessions.put_record(ctx, session)
-    if image:
-        name = f"images/{session.image_id}"
-        download = await open_download(
-            lambda: ctx.clients.datastore.DownloadImage(
-                ds_pb.DownloadImageRequest(name=name), metadata=ctx.service_metadata
+    _require_enabled(ctx)
+    name = f"sessions/{session_id}"
+    detail = f"Session ({session_id}) Not Found"
+    try:
+        if image:
+            download = await open_download(
+                lambda: ctx.clients.datastore.DownloadSession(
+                    ds_pb.DownloadSessionRequest(name=name), metadata=ctx.service_metadata
+                )
             )
+            return file_response(download, None)
+        response = await ctx.clients.datastore.GetSession(
+            ds_pb.GetSessionRequest(name=name, touch=update_ts), timeout=ctx.timeout, metadata=ctx.service_metadata
         )
-        return file_response(download, session.data.get("file_name") or None)
-    return session.info()
+    except grpc.aio.AioRpcError as err:
+        raise _not_found(err, detail) from None
+    return session_info(response.session)
 
 
 @router.delete("/{session_id}", summary="Delete Session")
 async def remove_session(session_id: str, ctx: Ctx = CtxDep) -> dict[str, Any]:
-    session = await _live(ctx, session_id, "Session Not Found")
-    await sessions.delete_session(ctx, session)
-    return session.info()
+    _require_enabled(ctx)
+    try:
+        response = await ctx.clients.datastore.DeleteSession(
+            ds_pb.DeleteSessionRequest(name=f"sessions/{session_id}"),
+            timeout=ctx.timeout,
+            metadata=ctx.service_metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        raise _not_found(err, "Session Not Found") from None
+    return session_info(response.session)

@@ -85,6 +85,11 @@ METHOD_RULES: dict[str, Rule] = {
         "GetRecord": Rule(ADMIN, ALL),
         "ListRecords": Rule(ADMIN, ALL),
         "DeleteRecord": Rule(ADMIN, ALL),
+        # Sessions (PUT/GET/DELETE /session/ are a user's right); inference reads their volumes.
+        "CreateSession": Rule(USER, frozenset({"gateway"})),
+        "GetSession": Rule(USER, frozenset({"gateway", "inference"})),
+        "DownloadSession": Rule(USER, frozenset({"gateway", "inference"})),
+        "DeleteSession": Rule(USER, frozenset({"gateway"})),
     }),
     **_service(_INFERENCE, {
         "GetAppInfo": Rule(USER, ALL),

@@ -159,6 +159,11 @@ class DatastoreClient:
         call = self.stub.DownloadImage(ds.DownloadImageRequest(name=f"images/{image_id}"), timeout=self.timeout)
         return await self._download(call, dest_dir, f"{image_id}.nii.gz", f"reading image {image_id!r}")
 
+    async def download_session(self, session_id: str, dest_dir: Path) -> Path:
+        """A session's volume (MONAI Label's session_id), under the file name it was uploaded with."""
+        call = self.stub.DownloadSession(ds.DownloadSessionRequest(name=f"sessions/{session_id}"), timeout=self.timeout)
+        return await self._download(call, dest_dir, "session.nii.gz", f"reading session {session_id!r}")
+
     async def download_label(self, image_id: str, tag: str, dest_dir: Path) -> Path:
         call = self.stub.DownloadLabel(
             ds.DownloadLabelRequest(name=f"images/{image_id}/labels/{tag}"), timeout=self.timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,10 @@ from services.datastore.domain.ports import BlobStore
 from services.datastore.settings import DatastoreSettings
 
 
-def build_datastore(settings: DatastoreSettings) -> Datastore:
-    """A ready datastore; the caller closes it. Adopts an existing folder or bucket on first use."""
+def build_datastore(settings: DatastoreSettings, *, clock: Callable[[], float] = time.time) -> Datastore:
+    """A ready datastore; the caller closes it. Adopts an existing folder or bucket on first use.
+
+    `clock` (epoch seconds) is what leases' info stamps and sessions' expiry are judged by."""
     if settings.backend == "dicomweb":
         return build_pacs_datastore(settings)
     if settings.backend == "local":
@@ -55,10 +58,15 @@ def build_datastore(settings: DatastoreSettings) -> Datastore:
         location=location,
         max_upload_bytes=settings.max_upload_bytes,
         lease_ttl_seconds=settings.lease_ttl_seconds,
+        session_max_expiry_seconds=settings.session_expiry,
+        sessions_per_client=settings.sessions_per_client,
+        sessions_max=settings.sessions_max,
+        session_purge_seconds=settings.session_purge_seconds,
         mirror=mirror,
         legacy_model=legacy,
         display_name=settings.dataset_name,
         description=settings.dataset_description,
+        clock=clock,
     )
     datastore.open()
     return datastore
@@ -88,6 +96,10 @@ def build_pacs_datastore(settings: DatastoreSettings) -> Datastore:
         location=pacs.url,
         max_upload_bytes=settings.max_upload_bytes,
         lease_ttl_seconds=settings.lease_ttl_seconds,
+        session_max_expiry_seconds=settings.session_expiry,
+        sessions_per_client=settings.sessions_per_client,
+        sessions_max=settings.sessions_max,
+        session_purge_seconds=settings.session_purge_seconds,
         display_name=settings.dataset_name,
         description=settings.dataset_description,
     )

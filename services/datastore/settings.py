@@ -43,5 +43,12 @@ class DatastoreSettings(ServiceSettings):
     state_dir: Path = Path("var/datastore")
     max_upload_bytes: int = 8 * 1024**3
     lease_ttl_seconds: float = 1800.0
+    # MONAI Label's sessions: longest lifetime (a session asking for more, or 0, gets this),
+    # live sessions one client may hold (the gateway names the owner: the user with auth on,
+    # else the client_id) and in all; seconds between two purges of expired sessions' files.
+    session_expiry: Annotated[int, pydantic.Field(gt=0)] = 3600
+    sessions_per_client: Annotated[int, pydantic.Field(gt=0)] = 20
+    sessions_max: Annotated[int, pydantic.Field(gt=0)] = 500
+    session_purge_seconds: Annotated[float, pydantic.Field(gt=0)] = 60.0
     dataset_name: str = "new-dataset"
     dataset_description: str = "New Dataset"

@@ -289,6 +289,39 @@ async def expect_error(call: Any, code: grpc.StatusCode, reason: str) -> str:
     return caught.value.details() or ""
 
 
+async def _session(stack: Stack, data: bytes) -> str:
+    async def stream() -> AsyncIterator[ds.CreateSessionRequest]:
+        yield ds.CreateSessionRequest(header=ds.CreateSessionHeader(file_name="local.nii.gz", owner="client:t"))
+        yield ds.CreateSessionRequest(chunk=data)
+        yield ds.CreateSessionRequest(finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest()))
+
+    return (await stack.ds_stub.CreateSession(stream())).session.name
+
+
+async def test_infer_on_a_session(stack: Stack) -> None:
+    """A session's volume is read from the datastore by its name, "sessions/{session}"."""
+    name = await _session(stack, sphere_image(SHAPE, 7))
+    request = pb.InferRequest(model="models/segmentation", image=name)
+    header, data = await read_result(stack.stub.Infer(request, timeout=60))
+    assert load_nifti(data).shape == SHAPE and header.label.file_name.endswith(".nii.gz")
+    # A session has no stored labels and cannot be saved to.
+    await expect_error(
+        stack.stub.Infer(pb.InferRequest(model="models/segmentation", image=name, input_label="images/x/labels/final")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
+    )
+    save = res.InferParams(result=res.ResultOptions(save_label=True))
+    await expect_error(
+        stack.stub.Infer(pb.InferRequest(model="models/segmentation", image=name, params=save)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
+    )
+    await stack.ds_stub.DeleteSession(ds.DeleteSessionRequest(name=name))
+    await expect_error(stack.stub.Infer(request), grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+    bad = pb.InferRequest(model="models/segmentation", image="sessions/../x")
+    await expect_error(stack.stub.Infer(bad), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+
+
 async def test_bad_requests(stack: Stack) -> None:
     stub = stack.stub
     await expect_error(stub.Infer(infer_request("nope", "spheres_1")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")

@@ -16,7 +16,6 @@ import numpy as np
 import pydantic
 import pytest
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
-from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
@@ -76,16 +75,16 @@ def test_max_concurrent_rpcs_must_be_positive(value: Any) -> None:
 @pytest.fixture(scope="module")
 def quota_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
     stack = GatewayStack(
-        tmp_path_factory.mktemp("quota"), gateway_overrides={"sessions_per_client": 2, "sessions_max": 3}
+        tmp_path_factory.mktemp("quota"), datastore_overrides={"sessions_per_client": 2, "sessions_max": 3}
     ).start()
     yield stack
     stack.stop()
 
 
-def _stored_images(stack: GatewayStack) -> int:
-    with grpc.insecure_channel(stack.datastore_address) as channel:
-        page = ds_grpc.DatastoreServiceStub(channel).ListImages(ds_pb.ListImagesRequest(page_size=1000), timeout=10)
-    return len(page.images)
+def _stored_sessions(stack: GatewayStack) -> int:
+    """Session files the datastore keeps (the local backend: under .labelgrid/sessions/)."""
+    folder = stack.root / "studies" / ".labelgrid" / "sessions"
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
 def test_sessions_are_bounded_per_client_and_in_total(quota_stack: GatewayStack) -> None:
@@ -96,11 +95,11 @@ def test_sessions_are_bounded_per_client_and_in_total(quota_stack: GatewayStack)
 
         first = [create("alice") for _ in range(2)]
         assert [answer.status_code for answer in first] == [200, 200], [a.text for a in first]
-        before = _stored_images(quota_stack)
+        before = _stored_sessions(quota_stack)
         refused = create("alice")
         assert refused.status_code == 429, refused.text
         assert "this client" in refused.json()["detail"] and "2" in refused.json()["detail"]
-        assert _stored_images(quota_stack) == before  # nothing stored for the refused one
+        assert _stored_sessions(quota_stack) == before == 2  # nothing stored for the refused one
         assert create("bob").status_code == 200  # another client has its own places
         full = create("carol")
         assert full.status_code == 429 and "the limit is 3" in full.json()["detail"], full.text

@@ -151,3 +151,20 @@ def test_downgrade_and_upgrade_again(index_url: str) -> None:
     with SqlIndex(index_url) as index:
         assert index.status().total == 0
     assert schema_diff(index_url) == []
+
+
+def test_upgrade_from_0001_adds_sessions(index_url: str) -> None:
+    """A datastore at revision 0001 (before sessions were the datastore's) gains the sessions table."""
+    eng = engine(index_url)
+    with eng.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    assert "sessions" not in sa.inspect(eng).get_table_names()
+    eng.dispose()
+    with SqlIndex(index_url) as index:
+        session = index.create_session(
+            "s", owner="o", file_name="a.nii.gz", ext=".nii.gz", sha256=SHA, size=1, meta={},
+            expiry_seconds=10, per_owner=1, total=1, now=100.0,
+        )  # fmt: skip
+        assert index.get_session("s", now=105.0) == session
+    assert revision(index_url) == [HEAD]
+    assert schema_diff(index_url) == []

@@ -30,6 +30,7 @@ from services.datastore.domain.model import (
     ModelVersionRecord,
     Page,
     Record,
+    SessionRecord,
 )
 from services.datastore.domain.ports import BlobInfo, BlobStore, BulkImportResult, Index, NoLeaseReason, Now
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from services.datastore.adapters.metrics import DatastoreMetrics
 
 # The blob key's first part -> the `kind` label of the byte counters.
-KINDS = {"images": "images", "labels": "labels", "models": "model_versions"}
+KINDS = {"images": "images", "labels": "labels", "models": "model_versions", "sessions": "sessions"}
 
 
 class _CountingChunks:
@@ -372,6 +373,57 @@ class MeteredIndex:
 
     def get_record(self, kind: str, record_id: str) -> Record:
         return self._call("get_record", self.inner.get_record, kind, record_id)
+    # -- sessions
+
+    def create_session(
+        self,
+        session_id: str,
+        *,
+        owner: str,
+        file_name: str,
+        ext: str,
+        sha256: str,
+        size: int,
+        meta: Mapping[str, Any],
+        expiry_seconds: int,
+        per_owner: int,
+        total: int,
+        now: Now = None,
+    ) -> SessionRecord:
+        return self._call(
+            "create_session",
+            self.inner.create_session,
+            session_id,
+            owner=owner,
+            file_name=file_name,
+            ext=ext,
+            sha256=sha256,
+            size=size,
+            meta=meta,
+            expiry_seconds=expiry_seconds,
+            per_owner=per_owner,
+            total=total,
+            now=now,
+        )
+
+    def get_session(self, session_id: str, *, now: Now = None) -> SessionRecord:
+        return self._call("get_session", self.inner.get_session, session_id, now=now)
+
+    def touch_session(self, session_id: str, *, now: Now = None) -> SessionRecord:
+        return self._call("touch_session", self.inner.touch_session, session_id, now=now)
+
+    def delete_session(self, session_id: str, *, now: Now = None) -> SessionRecord:
+        return self._call("delete_session", self.inner.delete_session, session_id, now=now)
+
+    def expired_sessions(self, *, now: Now = None, limit: int = 1000) -> list[SessionRecord]:
+        return self._call("expired_sessions", self.inner.expired_sessions, now=now, limit=limit)
+
+    def remove_expired_session(self, session_id: str, *, now: Now = None) -> bool:
+        return self._call("remove_expired_session", self.inner.remove_expired_session, session_id, now=now)
+
+    def session_ids(self) -> set[str]:
+        return self._call("session_ids", self.inner.session_ids)
+
 
     def list_records(self, kind: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[Record]:
         return self._call("list_records", self.inner.list_records, kind, page_size, page_token)

@@ -22,6 +22,7 @@ from services.datastore.domain.model import (
     ModelRecord,
     ModelVersionRecord,
     Record,
+    SessionRecord,
 )
 
 # -- resource names ------------------------------------------------------------------------
@@ -52,6 +53,10 @@ def record_of(name: str) -> tuple[str, str]:
 
 def record_kind_of(parent: str) -> str:
     return split_resource_name(parent, "records/{kind}")[0]
+
+
+def session_of(name: str) -> str:
+    return split_resource_name(name, "sessions/{session}")[0]
 
 
 def lease_image_of(name: str) -> str:
@@ -202,6 +207,22 @@ def record(value: Record) -> res.Record:
         revision=value.revision,
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
+    )
+
+
+def session(value: SessionRecord) -> res.Session:
+    return res.Session(
+        name=f"sessions/{value.session_id}",
+        session_id=value.session_id,
+        owner=value.owner,
+        file_name=value.file_name,
+        meta=dict_to_struct(value.meta),
+        create_time=timestamp(value.create_time),
+        last_access_time=timestamp(value.last_access_time),
+        expire_time=timestamp(value.expire_time),
+        expiry_seconds=value.expiry_seconds,
+        size_bytes=value.size,
+        sha256=value.sha256,
     )
 
 

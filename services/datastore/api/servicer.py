@@ -383,6 +383,36 @@ def _stream(read: BlobRead, response_type: Any) -> AsyncIterator[Any]:
 
 def service_names() -> list[str]:
     """Full names of the services this process serves (for health and reflection)."""
+    # -- sessions ----------------------------------------------------------------------
+
+    async def CreateSession(self, request_iterator: Any, context: Any) -> pb.CreateSessionResponse:
+        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
+        session = await run(
+            self.ds.create_session,
+            spooled,
+            file_name=header.file_name,
+            owner=header.owner,
+            meta=struct_to_dict(header.meta),
+            expiry_seconds=header.expiry_seconds,
+        )
+        return pb.CreateSessionResponse(session=convert.session(session))
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
+        session = await run(self.ds.get_session, convert.session_of(request.name), touch=request.touch)
+        return pb.GetSessionResponse(session=convert.session(session))
+
+    async def DownloadSession(
+        self, request: pb.DownloadSessionRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadSessionResponse]:
+        session_id = convert.session_of(request.name)
+        read = await run(self.ds.read_session, session_id, request.read_offset, request.read_limit)
+        async for message in _stream(read, pb.DownloadSessionResponse):
+            yield message
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
+        session = await run(self.ds.delete_session, convert.session_of(request.name))
+        return pb.DeleteSessionResponse(session=convert.session(session))
+
     return [pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name]
 
 

@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from services.datastore.domain.model import (
     ModelVersionRecord,
     Page,
     Record,
+    SessionRecord,
 )
 from services.datastore.domain.ports import BlobStore, Index
 from services.datastore.domain.reindex import ReindexCounts, rebuild
@@ -112,6 +114,24 @@ def model_key(model: str, version: str, file_name: str) -> str:
 
 
 def image_id_from_file_name(file_name: str) -> str:
+def session_key(session: SessionRecord) -> str:
+    return f"sessions/{session.session_id}{session.ext}"
+
+
+LEGACY_SESSION_KIND = "sessions"
+"""Records kind of the gateway's sessions before they were the datastore's (purged at start)."""
+
+
+def check_session_id(value: str) -> str:
+    """A session id is a canonical UUID (the datastore picks them): anything else is INVALID_INPUT."""
+    try:
+        if str(uuid.UUID(value)) == value:
+            return value
+    except (ValueError, TypeError, AttributeError):
+        pass
+    raise InvalidArgument(f"session id {value[:100]!r} is not a session id (a UUID such as CreateSession returns)")
+
+
     """MONAI Label's rule for an upload without an id: the base name minus all its suffixes."""
     base = os.path.basename(file_name)
     return base.split(".", 1)[0] if not base.startswith(".") else base
@@ -142,6 +162,10 @@ class Datastore:
         max_upload_bytes: int,
         lease_ttl_seconds: float = 3600.0,
         mirror: JsonMirrorLike | None = None,
+        session_max_expiry_seconds: int = 3600,
+        sessions_per_client: int = 20,
+        sessions_max: int = 500,
+        session_purge_seconds: float = 0.0,
         legacy_model: Callable[[], dict[str, Any] | None] = lambda: None,
         display_name: str = "new-dataset",
         description: str = "New Dataset",
@@ -154,6 +178,12 @@ class Datastore:
         self.max_upload_bytes = max_upload_bytes
         self.lease_ttl_seconds = lease_ttl_seconds
         self.mirror = mirror
+        self.session_max_expiry_seconds = session_max_expiry_seconds
+        self.sessions_per_client = sessions_per_client
+        self.sessions_max = sessions_max
+        self.session_purge_seconds = session_purge_seconds
+        self._purge_stop = threading.Event()
+        self._purge_thread: threading.Thread | None = None
         self.legacy_model = legacy_model  # MONAI Label's datastore_v2.json, read at reindex
         self.display_name = display_name
         self.description = description
@@ -180,9 +210,28 @@ class Datastore:
         if listen is not None:  # PostgreSQL: other replicas' writes come as notifications
             self._index_exclusive = listen(self._changed)
         self._changed()
+        self.sweep_sessions()
 
+        if self.session_purge_seconds > 0:
+            self._purge_thread = threading.Thread(target=self._purge_loop, name="session-purge", daemon=True)
+            self._purge_thread.start()
+
+    def _purge_loop(self) -> None:
+        """Every ``session_purge_seconds``: expired sessions' blobs and rows go (they are
+        invisible from the moment they expire; this only frees their space)."""
+        while not self._purge_stop.wait(self.session_purge_seconds):
+            try:
+                removed = self.purge_sessions()
+            except Exception:  # the store may be down for a while: try again next round
+                log.warning("purging expired sessions failed", exc_info=True)
+                continue
+            if removed:
+                log.info("purged expired sessions", extra={"sessions": removed})
     def close(self) -> None:
         if self.mirror is not None:
+        self._purge_stop.set()
+        if self._purge_thread is not None:
+            self._purge_thread.join(timeout=30)
             self.mirror.close()
 
     def _changed(self) -> None:
@@ -741,4 +790,109 @@ class Datastore:
 def content_type_of(file_name: str) -> str:
     if file_name.endswith(".zip"):
         return "application/zip"
+    # -- sessions ----------------------------------------------------------------------
+
+    def create_session(
+        self, spooled: SpooledFile, *, file_name: str, owner: str, meta: dict[str, Any], expiry_seconds: int = 0
+    ) -> SessionRecord:
+        """MONAI Label's add session: a checked volume kept under a new id until it expires.
+
+        The row is inserted first, under the caps (atomic with their count), then the blob
+        stored; a refused or failed create leaves neither behind."""
+        try:
+            if not file_name:
+                raise InvalidArgument("file_name is required: its extension tells the session's format")
+            ext = formats.image_ext_from_name(file_name)
+            if expiry_seconds < 0:
+                raise InvalidArgument(f"expiry_seconds may not be negative, got {expiry_seconds}")
+            limits.check_info(meta, "session meta")
+            formats.check_volume(Path(spooled.path), ext)
+        except BaseException:
+            self._discard(spooled)
+            raise
+        lifetime = self.session_max_expiry_seconds
+        if 0 < expiry_seconds < lifetime:
+            lifetime = int(expiry_seconds)
+        session_id = str(uuid.uuid4())
+        try:
+            session = self.index.create_session(
+                session_id,
+                owner=owner,
+                file_name=os.path.basename(file_name),
+                ext=ext,
+                sha256=spooled.sha256,
+                size=spooled.size,
+                meta=meta,
+                expiry_seconds=lifetime,
+                per_owner=self.sessions_per_client,
+                total=self.sessions_max,
+                now=self._clock(),
+            )
+        except BaseException:
+            self._discard(spooled)
+            raise
+        try:
+            self.blobs.put_file(session_key(session), Path(spooled.path), sha256=spooled.sha256)
+        except BaseException:
+            self._discard(spooled)
+            with contextlib.suppress(Exception):
+                self.index.delete_session(session_id, now=self._clock())
+            raise
+        return session
+
+    def get_session(self, session_id: str, *, touch: bool = False) -> SessionRecord:
+        """A live session (NOT_FOUND once expired); ``touch`` pushes its expiry back."""
+        session_id = check_session_id(session_id)
+        if touch:
+            return self.index.touch_session(session_id, now=self._clock())
+        return self.index.get_session(session_id, now=self._clock())
+
+    def read_session(self, session_id: str, offset: int = 0, limit: int = 0) -> BlobRead:
+        session = self.get_session(session_id)
+        return self._read(session_key(session), session.file_name, session.size, session.sha256, offset, limit)
+
+    def delete_session(self, session_id: str) -> SessionRecord:
+        session = self.index.delete_session(check_session_id(session_id), now=self._clock())
+        # The row is gone first: a failure below leaves an orphan blob for the next sweep.
+        self.blobs.delete(session_key(session))
+        return session
+
+    def purge_sessions(self) -> int:
+        """Deletes expired sessions (blob, then row); returns how many. Run periodically."""
+        removed = 0
+        now = self._clock()
+        while True:
+            expired = self.index.expired_sessions(now=now, limit=500)
+            for session in expired:
+                self.blobs.delete(session_key(session))
+                if self.index.remove_expired_session(session.session_id, now=now):
+                    removed += 1
+            if len(expired) < 500:
+                return removed
+
+    def sweep_sessions(self) -> None:
+        """At start: expired sessions, blobs under sessions/ without a row (a crash between the
+        two deletes), and the gateway's sessions from before they were the datastore's
+        (``session-*`` images and their ``records/sessions/*``): sessions are ephemeral."""
+        self.purge_sessions()
+        known = self.index.session_ids()
+        for blob in list(self.blobs.list("sessions/")):
+            name = blob.key[len("sessions/") :]
+            if name[:36] not in known:
+                self.blobs.delete(blob.key)
+        token, legacy = "", list[str]()
+        while True:
+            page = self.index.list_records(LEGACY_SESSION_KIND, page_size=MAX_PAGE_SIZE, page_token=token)
+            legacy.extend(record.record_id for record in page.items)
+            token = page.next_page_token
+            if not token:
+                break
+        for record_id in legacy:
+            with contextlib.suppress(NotFound):
+                self.delete_image(f"session-{record_id}")
+            with contextlib.suppress(NotFound):
+                self.index.delete_record(LEGACY_SESSION_KIND, record_id)
+        if legacy:
+            log.info("removed sessions stored as images by an older gateway", extra={"sessions": len(legacy)})
+
     return "application/octet-stream"

@@ -94,6 +94,23 @@ class Record:
 
 
 @dataclass(frozen=True)
+class SessionRecord:
+    """A MONAI Label session: one uploaded volume, kept until ``expire_time``."""
+
+    session_id: str
+    owner: str
+    file_name: str
+    ext: str
+    sha256: str
+    size: int
+    meta: dict[str, Any]
+    expiry_seconds: int  # lifetime after creation and after each touch
+    create_time: datetime
+    last_access_time: datetime
+    expire_time: datetime  # last_access_time + expiry_seconds
+
+
+@dataclass(frozen=True)
 class DatastoreStatus:
     total: int  # number of images
     completed: int  # images with a "final" label

@@ -28,6 +28,7 @@ from services.datastore.domain.model import (
     ModelVersionRecord,
     Page,
     Record,
+    SessionRecord,
 )
 
 Now = datetime | float | None
@@ -61,7 +62,8 @@ class BulkImportResult:
 class BlobStore(Protocol):
     """Where image, label and model bytes live.
 
-    Logical keys: ``images/<file>``, ``labels/<tag>/<file>``, ``models/<name>/<version>/<file>``.
+    Logical keys: ``images/<file>``, ``labels/<tag>/<file>``, ``models/<name>/<version>/<file>``,
+    ``sessions/<file>``.
     """
 
     def put_file(self, key: str, path: Path, *, sha256: str, content_type: str = "application/octet-stream") -> None:
@@ -281,6 +283,36 @@ class Index(Protocol):
     def list_records(self, kind: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[Record]: ...
 
     def delete_record(self, kind: str, record_id: str) -> Record: ...
+
+    # -- sessions (live until their expire_time; reads take the time they judge it by)
+
+    def create_session(
+        self,
+        session_id: str,
+        *,
+        owner: str,
+        file_name: str,
+        ext: str,
+        sha256: str,
+        size: int,
+        meta: Mapping[str, Any],
+        expiry_seconds: int,
+        per_owner: int,
+        total: int,
+        now: Now = None,
+    ) -> SessionRecord: ...
+
+    def get_session(self, session_id: str, *, now: Now = None) -> SessionRecord: ...
+
+    def touch_session(self, session_id: str, *, now: Now = None) -> SessionRecord: ...
+
+    def delete_session(self, session_id: str, *, now: Now = None) -> SessionRecord: ...
+
+    def expired_sessions(self, *, now: Now = None, limit: int = 1000) -> list[SessionRecord]: ...
+
+    def remove_expired_session(self, session_id: str, *, now: Now = None) -> bool: ...
+
+    def session_ids(self) -> set[str]: ...
 
     # -- MONAI Label's datastore model, reindex
 

@@ -29,6 +29,7 @@ from services.common.protos import (
 )
 from services.infer.domain.batch import BatchJob
 from services.infer.domain.model import (
+    ImageInput,
     InferOutcome,
     InferParams,
     ModelInfo,
@@ -58,6 +59,13 @@ def model_of(name: str) -> str:
 
 def image_of(name: str) -> str:
     return split_resource_name(name, "images/{image}")[0]
+
+
+def image_input_of(name: str) -> ImageInput:
+    """The input of "images/{image}" or of a session's volume, "sessions/{session}"."""
+    if name.startswith("sessions/"):
+        return ImageInput(session_id=split_resource_name(name, "sessions/{session}")[0])
+    return ImageInput(image_id=image_of(name))
 
 
 def input_label_tag(name: str, image_id: str) -> str:

@@ -118,11 +118,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------
 
     async def Infer(self, request: pb.InferRequest, context: Any) -> AsyncIterator[pb.InferResponse]:
-        image_id = convert.image_of(request.image)
-        label_tag = convert.input_label_tag(request.input_label, image_id) if request.input_label else ""
+        image = convert.image_input_of(request.image)
+        if request.input_label:
+            if not image.image_id:
+                raise InvalidArgument("input_label names a label of a datastore image; a session has none")
+            image = ImageInput(
+                image_id=image.image_id, label_tag=convert.input_label_tag(request.input_label, image.image_id)
+            )
         outcome = await self.inference.infer(
             convert.model_of(request.model),
-            ImageInput(image_id=image_id, label_tag=label_tag),
+            image,
             convert.infer_params(request.params),
             deadline=_deadline(context),
         )
@@ -149,7 +154,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     reason="PAYLOAD_TOO_LARGE",
                 )
         if header.image:
-            image = ImageInput(image_id=convert.image_of(header.image))
+            image = convert.image_input_of(header.image)
         else:
             if not header.image_file_name:
                 raise InvalidArgument("the header must name a datastore image or give image_file_name")

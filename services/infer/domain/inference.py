@@ -377,6 +377,9 @@ class Inference:
         if image.image_id:
             path = await self.datastore.download_image(image.image_id, work_dir)
             file_name = path.name
+        elif image.session_id:
+            path = await self.datastore.download_session(image.session_id, work_dir)
+            file_name = path.name
         else:
             assert image.uploaded_path is not None
             # Readers pick the format by the file's name: give the spooled upload its real one

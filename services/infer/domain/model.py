@@ -51,6 +51,8 @@ class ImageInput:
     and the input label, if one was given."""
 
     image_id: str = ""
+    # Or a session's volume (MONAI Label's session_id), read from the datastore by its id.
+    session_id: str = ""
     uploaded_path: Path | None = None
     uploaded_file_name: str = ""
     # An input label streamed in (scribbles; MONAI Label's `label` part), deleted after use:

@@ -35,8 +35,9 @@ class LocalBlobStore:
     """Objects as files in a MONAI Label studies folder.
 
     ``images/<f>`` is ``<root>/<f>``; ``labels/<tag>/<f>`` is ``<root>/labels/<tag>/<f>``;
-    ``models/...`` live in ``<root>/.labelgrid/models/...`` and spool files in
-    ``<root>/.labelgrid/tmp`` (same filesystem, so `put_file` is a rename).
+    ``models/...`` live in ``<root>/.labelgrid/models/...``, ``sessions/<f>`` in
+    ``<root>/.labelgrid/sessions/<f>`` and spool files in ``<root>/.labelgrid/tmp`` (same
+    filesystem, so `put_file` is a rename).
     """
 
     def __init__(self, root: Path, *, stale_spool_seconds: float = STALE_SPOOL_SECONDS):
@@ -45,6 +46,7 @@ class LocalBlobStore:
         self._state = self.root / ".labelgrid"
         self._models = self._state / "models"
         self._tmp = self._state / "tmp"
+        self._sessions = self._state / "sessions"
         self._labels = self.root / "labels"
         self._lock = threading.Lock()  # orders mkdir/replace against empty-dir pruning
         try:
@@ -65,6 +67,8 @@ class LocalBlobStore:
             path = self.root / name
         elif parts[0] == "labels":
             path = self._labels / parts[1] / parts[2]
+        elif parts[0] == "sessions":
+            path = self._sessions / parts[1]
         else:
             path = self._models.joinpath(*parts[1:])
         # Defense in depth: a symlinked folder must not lead outside the root either. The file
@@ -104,6 +108,8 @@ class LocalBlobStore:
             if any(p.startswith(".") for p in parts[2:]):
                 return None
             return "models/" + "/".join(parts[2:])
+        if parts[:2] == (".labelgrid", "sessions") and len(parts) == 3 and not parts[2].startswith("."):
+            return f"sessions/{parts[2]}"
         return None
 
     # writes
@@ -228,6 +234,7 @@ class LocalBlobStore:
 
     def _dirs_for(self, prefix: str) -> builtins.list[tuple[Path, bool]]:
         areas = [("images/", self.root, False), ("labels/", self._labels, True), ("models/", self._models, True)]
+        areas.append(("sessions/", self._sessions, False))
         dirs: list[tuple[Path, bool]] = []
         for area, directory, recursive in areas:
             if area.startswith(prefix):

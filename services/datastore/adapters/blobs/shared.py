@@ -59,8 +59,10 @@ def _split_key(key: str) -> list[str]:
         return parts
     if area == "models" and len(parts) >= 4:
         return parts
+    if area == "sessions" and len(parts) == 2:
+        return parts
     raise InvalidArgument(
-        f"blob key {key!r} is not images/<file>, labels/<tag>/<file> or models/<name>/<version>/<file>"
+        f"blob key {key!r} is not images/<file>, labels/<tag>/<file>, models/<name>/<version>/<file> or sessions/<file>"
     )
 
 

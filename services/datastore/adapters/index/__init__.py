@@ -10,6 +10,7 @@ writes stay correct under concurrency on each backend):
   Alembic (the migrations are in ``services/datastore/migrations``);
 - ``images_labels``: images, labels, scores; ``listing``: pages and counts of images;
 - ``leases``: next-sample leases; ``models``: model versions; ``records``: JSON records;
+- ``sessions``: MONAI Label's sessions, with their expiry and caps;
 - ``export``: MONAI Label's datastore_v2.json model; ``bulk_import``: reindex.
 
 ``SqlIndex`` composes them into the ``Index`` port of ``services.datastore.domain.ports``.
@@ -30,6 +31,7 @@ from services.datastore.adapters.index.listing import Listing
 from services.datastore.adapters.index.migrate import upgrade
 from services.datastore.adapters.index.models import Models
 from services.datastore.adapters.index.records import Records
+from services.datastore.adapters.index.sessions import Sessions
 from services.datastore.domain.model import ImageImport, LabelImport
 from services.datastore.domain.ports import BulkImportResult, NoLeaseReason, Now
 
@@ -104,6 +106,15 @@ class SqlIndex:
         self.get_record = records.get_record
         self.list_records = records.list_records
         self.delete_record = records.delete_record
+
+        sessions = Sessions(db)
+        self.create_session = sessions.create_session
+        self.get_session = sessions.get_session
+        self.touch_session = sessions.touch_session
+        self.delete_session = sessions.delete_session
+        self.expired_sessions = sessions.expired_sessions
+        self.remove_expired_session = sessions.remove_expired_session
+        self.session_ids = sessions.session_ids
 
         export = Export(db)
         self.export_monailabel_model = export.export_monailabel_model

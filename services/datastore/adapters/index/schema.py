@@ -128,3 +128,22 @@ class Schema:
             C("create_time", sa.Double, nullable=False),
             C("update_time", sa.Double, nullable=False),
         )
+        # MONAI Label's sessions (migration 0002): a volume under sessions/ per row, expired
+        # by expire_time (the purge walks ix_sessions_expire; the caps count by owner).
+        self.sessions = sa.Table(
+            "sessions",
+            md,
+            C("id", key_type(), primary_key=True),
+            C("owner", sa.Text, nullable=False),
+            C("file_name", sa.Text, nullable=False),
+            C("ext", sa.String(64), nullable=False),
+            C("sha256", sa.String(64), nullable=False),
+            C("size", sa.BigInteger, nullable=False),
+            C("meta", json_type(), nullable=False),
+            C("expiry_seconds", sa.BigInteger, nullable=False),
+            C("create_time", sa.Double, nullable=False),
+            C("last_access_time", sa.Double, nullable=False),
+            C("expire_time", sa.Double, nullable=False),
+        )
+        sa.Index("ix_sessions_expire", self.sessions.c.expire_time)
+        sa.Index("ix_sessions_owner", self.sessions.c.owner, self.sessions.c.expire_time)

@@ -4,7 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
-import type { Image, Label, Lease, Model, ModelVersion, Record } from "./resources_pb.js";
+import type { Image, Label, Lease, Model, ModelVersion, Record, Session } from "./resources_pb.js";
 import type { BlobInfo, UploadFinish } from "../../common/v1/common_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
@@ -2117,6 +2117,278 @@ export declare type DeleteRecordResponse = Message<"labelgrid.datastore.v1.Delet
 export declare const DeleteRecordResponseSchema: GenMessage<DeleteRecordResponse>;
 
 /**
+ * First message of a CreateSession stream.
+ *
+ * @generated from message labelgrid.datastore.v1.CreateSessionHeader
+ */
+export declare type CreateSessionHeader = Message<"labelgrid.datastore.v1.CreateSessionHeader"> & {
+  /**
+   * The uploaded file's name; its extension selects the format (.nii.gz, .nii, .nrrd, .zip
+   * for a DICOM series).
+   *
+   * @generated from field: string file_name = 1;
+   */
+  fileName: string;
+
+  /**
+   * Whose allowance the session counts against (the gateway: "user:{name}" with auth on,
+   * else "client:{client_id}"). Empty is an owner like any other.
+   *
+   * @generated from field: string owner = 2;
+   */
+  owner: string;
+
+  /**
+   * Free-form metadata kept with the session (MONAI Label's session meta).
+   *
+   * @generated from field: google.protobuf.Struct meta = 3;
+   */
+  meta?: JsonObject | undefined;
+
+  /**
+   * Lifetime in seconds after creation and after each touch; 0 or more than the
+   * datastore's maximum means the datastore's maximum.
+   *
+   * @generated from field: int64 expiry_seconds = 4;
+   */
+  expirySeconds: bigint;
+
+  /**
+   * Size of the whole file in bytes, if known; the upload is refused early when too large.
+   *
+   * @generated from field: int64 size_bytes = 5;
+   */
+  sizeBytes: bigint;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.CreateSessionHeader.
+ * Use `create(CreateSessionHeaderSchema)` to create a new message.
+ */
+export declare const CreateSessionHeaderSchema: GenMessage<CreateSessionHeader>;
+
+/**
+ * One message of a CreateSession stream: a header, then chunks, then a finish.
+ *
+ * @generated from message labelgrid.datastore.v1.CreateSessionRequest
+ */
+export declare type CreateSessionRequest = Message<"labelgrid.datastore.v1.CreateSessionRequest"> & {
+  /**
+   * What this message carries.
+   *
+   * @generated from oneof labelgrid.datastore.v1.CreateSessionRequest.payload
+   */
+  payload: {
+    /**
+     * First message: what is uploaded.
+     *
+     * @generated from field: labelgrid.datastore.v1.CreateSessionHeader header = 1;
+     */
+    value: CreateSessionHeader;
+    case: "header";
+  } | {
+    /**
+     * Next messages: at most 1 MiB of the file each, in order.
+     *
+     * @generated from field: bytes chunk = 2;
+     */
+    value: Uint8Array;
+    case: "chunk";
+  } | {
+    /**
+     * Last message: the sha256 of the whole file.
+     *
+     * @generated from field: labelgrid.common.v1.UploadFinish finish = 3;
+     */
+    value: UploadFinish;
+    case: "finish";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.CreateSessionRequest.
+ * Use `create(CreateSessionRequestSchema)` to create a new message.
+ */
+export declare const CreateSessionRequestSchema: GenMessage<CreateSessionRequest>;
+
+/**
+ * Response of CreateSession.
+ *
+ * @generated from message labelgrid.datastore.v1.CreateSessionResponse
+ */
+export declare type CreateSessionResponse = Message<"labelgrid.datastore.v1.CreateSessionResponse"> & {
+  /**
+   * The new session.
+   *
+   * @generated from field: labelgrid.datastore.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.CreateSessionResponse.
+ * Use `create(CreateSessionResponseSchema)` to create a new message.
+ */
+export declare const CreateSessionResponseSchema: GenMessage<CreateSessionResponse>;
+
+/**
+ * Request of GetSession.
+ *
+ * @generated from message labelgrid.datastore.v1.GetSessionRequest
+ */
+export declare type GetSessionRequest = Message<"labelgrid.datastore.v1.GetSessionRequest"> & {
+  /**
+   * Resource name: "sessions/{session}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Record this access: last_access_time becomes now and expire_time moves with it.
+   *
+   * @generated from field: bool touch = 2;
+   */
+  touch: boolean;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.GetSessionRequest.
+ * Use `create(GetSessionRequestSchema)` to create a new message.
+ */
+export declare const GetSessionRequestSchema: GenMessage<GetSessionRequest>;
+
+/**
+ * Response of GetSession.
+ *
+ * @generated from message labelgrid.datastore.v1.GetSessionResponse
+ */
+export declare type GetSessionResponse = Message<"labelgrid.datastore.v1.GetSessionResponse"> & {
+  /**
+   * The session.
+   *
+   * @generated from field: labelgrid.datastore.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.GetSessionResponse.
+ * Use `create(GetSessionResponseSchema)` to create a new message.
+ */
+export declare const GetSessionResponseSchema: GenMessage<GetSessionResponse>;
+
+/**
+ * Request of DownloadSession.
+ *
+ * @generated from message labelgrid.datastore.v1.DownloadSessionRequest
+ */
+export declare type DownloadSessionRequest = Message<"labelgrid.datastore.v1.DownloadSessionRequest"> & {
+  /**
+   * Resource name: "sessions/{session}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * First byte to read; OUT_OF_RANGE beyond the end.
+   *
+   * @generated from field: int64 read_offset = 2;
+   */
+  readOffset: bigint;
+
+  /**
+   * Number of bytes to read; 0 reads to the end.
+   *
+   * @generated from field: int64 read_limit = 3;
+   */
+  readLimit: bigint;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.DownloadSessionRequest.
+ * Use `create(DownloadSessionRequestSchema)` to create a new message.
+ */
+export declare const DownloadSessionRequestSchema: GenMessage<DownloadSessionRequest>;
+
+/**
+ * One message of a DownloadSession stream: first the info, then chunks.
+ *
+ * @generated from message labelgrid.datastore.v1.DownloadSessionResponse
+ */
+export declare type DownloadSessionResponse = Message<"labelgrid.datastore.v1.DownloadSessionResponse"> & {
+  /**
+   * What this message carries.
+   *
+   * @generated from oneof labelgrid.datastore.v1.DownloadSessionResponse.payload
+   */
+  payload: {
+    /**
+     * First message: the file's name, size and sha256.
+     *
+     * @generated from field: labelgrid.common.v1.BlobInfo info = 1;
+     */
+    value: BlobInfo;
+    case: "info";
+  } | {
+    /**
+     * Next messages: at most 1 MiB each, in order.
+     *
+     * @generated from field: bytes chunk = 2;
+     */
+    value: Uint8Array;
+    case: "chunk";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.DownloadSessionResponse.
+ * Use `create(DownloadSessionResponseSchema)` to create a new message.
+ */
+export declare const DownloadSessionResponseSchema: GenMessage<DownloadSessionResponse>;
+
+/**
+ * Request of DeleteSession.
+ *
+ * @generated from message labelgrid.datastore.v1.DeleteSessionRequest
+ */
+export declare type DeleteSessionRequest = Message<"labelgrid.datastore.v1.DeleteSessionRequest"> & {
+  /**
+   * Resource name: "sessions/{session}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.DeleteSessionRequest.
+ * Use `create(DeleteSessionRequestSchema)` to create a new message.
+ */
+export declare const DeleteSessionRequestSchema: GenMessage<DeleteSessionRequest>;
+
+/**
+ * Response of DeleteSession.
+ *
+ * @generated from message labelgrid.datastore.v1.DeleteSessionResponse
+ */
+export declare type DeleteSessionResponse = Message<"labelgrid.datastore.v1.DeleteSessionResponse"> & {
+  /**
+   * The session as it was before the delete.
+   *
+   * @generated from field: labelgrid.datastore.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.DeleteSessionResponse.
+ * Use `create(DeleteSessionResponseSchema)` to create a new message.
+ */
+export declare const DeleteSessionResponseSchema: GenMessage<DeleteSessionResponse>;
+
+/**
  * Which images ListImages returns.
  *
  * @generated from enum labelgrid.datastore.v1.ImageFilter
@@ -2609,6 +2881,56 @@ export declare const DatastoreService: GenService<{
     methodKind: "unary";
     input: typeof DeleteRecordRequestSchema;
     output: typeof DeleteRecordResponseSchema;
+  },
+  /**
+   * Creates a session (MONAI Label's PUT /session/): one volume uploaded once, then read
+   * by name ("sessions/{session}") by several inferences until it expires. The stream is a
+   * header, then chunks, then a finish with the sha256, as UploadImage. The datastore picks
+   * the id. RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED) when the owner already holds its
+   * allowance of live sessions or all owners together hold the datastore's; INVALID_ARGUMENT
+   * when the file is not a readable volume of its format. Sessions are not images: they
+   * never appear in ListImages, GetStatus or ExportDatastoreJson.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.CreateSession
+   */
+  createSession: {
+    methodKind: "client_streaming";
+    input: typeof CreateSessionRequestSchema;
+    output: typeof CreateSessionResponseSchema;
+  },
+  /**
+   * Returns a live session; with touch, records the access first, which pushes its expiry
+   * back by its lifetime (MONAI Label's get_session(update_ts=True)). NOT_FOUND
+   * (NOT_FOUND) when it does not exist or has expired.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.GetSession
+   */
+  getSession: {
+    methodKind: "unary";
+    input: typeof GetSessionRequestSchema;
+    output: typeof GetSessionResponseSchema;
+  },
+  /**
+   * Streams a live session's volume (inference reads it by name). NOT_FOUND
+   * (NOT_FOUND) when it does not exist or has expired.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.DownloadSession
+   */
+  downloadSession: {
+    methodKind: "server_streaming";
+    input: typeof DownloadSessionRequestSchema;
+    output: typeof DownloadSessionResponseSchema;
+  },
+  /**
+   * Deletes a live session and its volume; returns the session as it was.
+   * NOT_FOUND (NOT_FOUND) when it does not exist or has expired.
+   *
+   * @generated from rpc labelgrid.datastore.v1.DatastoreService.DeleteSession
+   */
+  deleteSession: {
+    methodKind: "unary";
+    input: typeof DeleteSessionRequestSchema;
+    output: typeof DeleteSessionResponseSchema;
   },
 }>;
 

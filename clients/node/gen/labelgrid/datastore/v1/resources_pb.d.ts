@@ -440,3 +440,95 @@ export declare type Record = Message<"labelgrid.datastore.v1.Record"> & {
  */
 export declare const RecordSchema: GenMessage<Record>;
 
+/**
+ * A MONAI Label session: one uploaded volume that several inferences read by name until
+ * it expires. The datastore deletes an expired session by itself; it is invisible from the
+ * moment it expires.
+ *
+ * @generated from message labelgrid.datastore.v1.Session
+ */
+export declare type Session = Message<"labelgrid.datastore.v1.Session"> & {
+  /**
+   * Resource name: "sessions/{session}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The id (a UUID the datastore picked).
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * Whose allowance the session counts against.
+   *
+   * @generated from field: string owner = 3;
+   */
+  owner: string;
+
+  /**
+   * The uploaded file's name (a DICOM series: "{session}.zip").
+   *
+   * @generated from field: string file_name = 4;
+   */
+  fileName: string;
+
+  /**
+   * Free-form metadata kept with the session.
+   *
+   * @generated from field: google.protobuf.Struct meta = 5;
+   */
+  meta?: JsonObject | undefined;
+
+  /**
+   * When the session was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the session was last touched (GetSession with touch), or created.
+   *
+   * @generated from field: google.protobuf.Timestamp last_access_time = 7;
+   */
+  lastAccessTime?: Timestamp | undefined;
+
+  /**
+   * When the session expires: last_access_time plus expiry_seconds.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 8;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * Lifetime in seconds after creation and after each touch.
+   *
+   * @generated from field: int64 expiry_seconds = 9;
+   */
+  expirySeconds: bigint;
+
+  /**
+   * Size of the volume in bytes.
+   *
+   * @generated from field: int64 size_bytes = 10;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Hex sha256 of the volume.
+   *
+   * @generated from field: string sha256 = 11;
+   */
+  sha256: string;
+};
+
+/**
+ * Describes the message labelgrid.datastore.v1.Session.
+ * Use `create(SessionSchema)` to create a new message.
+ */
+export declare const SessionSchema: GenMessage<Session>;
+

@@ -2153,3 +2153,265 @@ class DeleteRecordResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteRecordResponse: _TypeAlias = DeleteRecordResponse  # noqa: Y015
+
+@_typing.final
+class CreateSessionHeader(_message.Message):
+    """First message of a CreateSession stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    EXPIRY_SECONDS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """The uploaded file's name; its extension selects the format (.nii.gz, .nii, .nrrd, .zip
+    for a DICOM series).
+    """
+    owner: _builtins.str
+    """Whose allowance the session counts against (the gateway: "user:{name}" with auth on,
+    else "client:{client_id}"). Empty is an owner like any other.
+    """
+    expiry_seconds: _builtins.int
+    """Lifetime in seconds after creation and after each touch; 0 or more than the
+    datastore's maximum means the datastore's maximum.
+    """
+    size_bytes: _builtins.int
+    """Size of the whole file in bytes, if known; the upload is refused early when too large."""
+    @_builtins.property
+    def meta(self) -> _struct_pb2.Struct:
+        """Free-form metadata kept with the session (MONAI Label's session meta)."""
+
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        meta: _struct_pb2.Struct | None = ...,
+        expiry_seconds: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiry_seconds", b"expiry_seconds", "file_name", b"file_name", "meta", b"meta", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSessionHeader: _TypeAlias = CreateSessionHeader  # noqa: Y015
+
+@_typing.final
+class CreateSessionRequest(_message.Message):
+    """One message of a CreateSession stream: a header, then chunks, then a finish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Next messages: at most 1 MiB of the file each, in order."""
+    @_builtins.property
+    def header(self) -> Global___CreateSessionHeader:
+        """First message: what is uploaded."""
+
+    @_builtins.property
+    def finish(self) -> _common_pb2.UploadFinish:
+        """Last message: the sha256 of the whole file."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___CreateSessionHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+        finish: _common_pb2.UploadFinish | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish", b"finish", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish", b"finish", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk", "finish"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
+
+@_typing.final
+class CreateSessionResponse(_message.Message):
+    """Response of CreateSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> _resources_pb2.Session:
+        """The new session."""
+
+    def __init__(
+        self,
+        *,
+        session: _resources_pb2.Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSessionResponse: _TypeAlias = CreateSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetSessionRequest(_message.Message):
+    """Request of GetSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOUCH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "sessions/{session}"."""
+    touch: _builtins.bool
+    """Record this access: last_access_time becomes now and expire_time moves with it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        touch: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "touch", b"touch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionRequest: _TypeAlias = GetSessionRequest  # noqa: Y015
+
+@_typing.final
+class GetSessionResponse(_message.Message):
+    """Response of GetSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> _resources_pb2.Session:
+        """The session."""
+
+    def __init__(
+        self,
+        *,
+        session: _resources_pb2.Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionResponse: _TypeAlias = GetSessionResponse  # noqa: Y015
+
+@_typing.final
+class DownloadSessionRequest(_message.Message):
+    """Request of DownloadSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    READ_OFFSET_FIELD_NUMBER: _builtins.int
+    READ_LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "sessions/{session}"."""
+    read_offset: _builtins.int
+    """First byte to read; OUT_OF_RANGE beyond the end."""
+    read_limit: _builtins.int
+    """Number of bytes to read; 0 reads to the end."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        read_offset: _builtins.int = ...,
+        read_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "read_limit", b"read_limit", "read_offset", b"read_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadSessionRequest: _TypeAlias = DownloadSessionRequest  # noqa: Y015
+
+@_typing.final
+class DownloadSessionResponse(_message.Message):
+    """One message of a DownloadSession stream: first the info, then chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Next messages: at most 1 MiB each, in order."""
+    @_builtins.property
+    def info(self) -> _common_pb2.BlobInfo:
+        """First message: the file's name, size and sha256."""
+
+    def __init__(
+        self,
+        *,
+        info: _common_pb2.BlobInfo | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "info", b"info", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "info", b"info", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["info", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___DownloadSessionResponse: _TypeAlias = DownloadSessionResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSessionRequest(_message.Message):
+    """Request of DeleteSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "sessions/{session}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionRequest: _TypeAlias = DeleteSessionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSessionResponse(_message.Message):
+    """Response of DeleteSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> _resources_pb2.Session:
+        """The session as it was before the delete."""
+
+    def __init__(
+        self,
+        *,
+        session: _resources_pb2.Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionResponse: _TypeAlias = DeleteSessionResponse  # noqa: Y015

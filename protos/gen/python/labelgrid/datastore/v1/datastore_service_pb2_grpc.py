@@ -218,6 +218,26 @@ class DatastoreServiceStub:
                 request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordRequest.SerializeToString,
                 response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.stream_unary(
+                '/labelgrid.datastore.v1.DatastoreService/CreateSession',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/labelgrid.datastore.v1.DatastoreService/GetSession',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.DownloadSession = channel.unary_stream(
+                '/labelgrid.datastore.v1.DatastoreService/DownloadSession',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/labelgrid.datastore.v1.DatastoreService/DeleteSession',
+                request_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class DatastoreServiceServicer:
@@ -501,6 +521,44 @@ class DatastoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request_iterator, context):
+        """Creates a session (MONAI Label's PUT /session/): one volume uploaded once, then read
+        by name ("sessions/{session}") by several inferences until it expires. The stream is a
+        header, then chunks, then a finish with the sha256, as UploadImage. The datastore picks
+        the id. RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED) when the owner already holds its
+        allowance of live sessions or all owners together hold the datastore's; INVALID_ARGUMENT
+        when the file is not a readable volume of its format. Sessions are not images: they
+        never appear in ListImages, GetStatus or ExportDatastoreJson.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Returns a live session; with touch, records the access first, which pushes its expiry
+        back by its lifetime (MONAI Label's get_session(update_ts=True)). NOT_FOUND
+        (NOT_FOUND) when it does not exist or has expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadSession(self, request, context):
+        """Streams a live session's volume (inference reads it by name). NOT_FOUND
+        (NOT_FOUND) when it does not exist or has expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Deletes a live session and its volume; returns the session as it was.
+        NOT_FOUND (NOT_FOUND) when it does not exist or has expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatastoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -678,6 +736,26 @@ def add_DatastoreServiceServicer_to_server(servicer, server):
                     servicer.DeleteRecord,
                     request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordRequest.FromString,
                     response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'DownloadSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadSession,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1634,6 +1712,114 @@ class DatastoreService:
             '/labelgrid.datastore.v1.DatastoreService/DeleteRecord',
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordRequest.SerializeToString,
             labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/CreateSession',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/GetSession',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/DownloadSession',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DownloadSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/labelgrid.datastore.v1.DatastoreService/DeleteSession',
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionRequest.SerializeToString,
+            labelgrid_dot_datastore_dot_v1_dot_datastore__service__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -149,6 +149,28 @@ class DatastoreServiceStub:
     """Lists the records of a kind."""
     DeleteRecord: _grpc.UnaryUnaryMultiCallable[_datastore_service_pb2.DeleteRecordRequest, _datastore_service_pb2.DeleteRecordResponse]
     """Deletes a record."""
+    CreateSession: _grpc.StreamUnaryMultiCallable[_datastore_service_pb2.CreateSessionRequest, _datastore_service_pb2.CreateSessionResponse]
+    """Creates a session (MONAI Label's PUT /session/): one volume uploaded once, then read
+    by name ("sessions/{session}") by several inferences until it expires. The stream is a
+    header, then chunks, then a finish with the sha256, as UploadImage. The datastore picks
+    the id. RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED) when the owner already holds its
+    allowance of live sessions or all owners together hold the datastore's; INVALID_ARGUMENT
+    when the file is not a readable volume of its format. Sessions are not images: they
+    never appear in ListImages, GetStatus or ExportDatastoreJson.
+    """
+    GetSession: _grpc.UnaryUnaryMultiCallable[_datastore_service_pb2.GetSessionRequest, _datastore_service_pb2.GetSessionResponse]
+    """Returns a live session; with touch, records the access first, which pushes its expiry
+    back by its lifetime (MONAI Label's get_session(update_ts=True)). NOT_FOUND
+    (NOT_FOUND) when it does not exist or has expired.
+    """
+    DownloadSession: _grpc.UnaryStreamMultiCallable[_datastore_service_pb2.DownloadSessionRequest, _datastore_service_pb2.DownloadSessionResponse]
+    """Streams a live session's volume (inference reads it by name). NOT_FOUND
+    (NOT_FOUND) when it does not exist or has expired.
+    """
+    DeleteSession: _grpc.UnaryUnaryMultiCallable[_datastore_service_pb2.DeleteSessionRequest, _datastore_service_pb2.DeleteSessionResponse]
+    """Deletes a live session and its volume; returns the session as it was.
+    NOT_FOUND (NOT_FOUND) when it does not exist or has expired.
+    """
 
 @_typing.type_check_only
 class DatastoreServiceAsyncStub(DatastoreServiceStub):
@@ -271,6 +293,28 @@ class DatastoreServiceAsyncStub(DatastoreServiceStub):
     """Lists the records of a kind."""
     DeleteRecord: _aio.UnaryUnaryMultiCallable[_datastore_service_pb2.DeleteRecordRequest, _datastore_service_pb2.DeleteRecordResponse]  # type: ignore[assignment]
     """Deletes a record."""
+    CreateSession: _aio.StreamUnaryMultiCallable[_datastore_service_pb2.CreateSessionRequest, _datastore_service_pb2.CreateSessionResponse]  # type: ignore[assignment]
+    """Creates a session (MONAI Label's PUT /session/): one volume uploaded once, then read
+    by name ("sessions/{session}") by several inferences until it expires. The stream is a
+    header, then chunks, then a finish with the sha256, as UploadImage. The datastore picks
+    the id. RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED) when the owner already holds its
+    allowance of live sessions or all owners together hold the datastore's; INVALID_ARGUMENT
+    when the file is not a readable volume of its format. Sessions are not images: they
+    never appear in ListImages, GetStatus or ExportDatastoreJson.
+    """
+    GetSession: _aio.UnaryUnaryMultiCallable[_datastore_service_pb2.GetSessionRequest, _datastore_service_pb2.GetSessionResponse]  # type: ignore[assignment]
+    """Returns a live session; with touch, records the access first, which pushes its expiry
+    back by its lifetime (MONAI Label's get_session(update_ts=True)). NOT_FOUND
+    (NOT_FOUND) when it does not exist or has expired.
+    """
+    DownloadSession: _aio.UnaryStreamMultiCallable[_datastore_service_pb2.DownloadSessionRequest, _datastore_service_pb2.DownloadSessionResponse]  # type: ignore[assignment]
+    """Streams a live session's volume (inference reads it by name). NOT_FOUND
+    (NOT_FOUND) when it does not exist or has expired.
+    """
+    DeleteSession: _aio.UnaryUnaryMultiCallable[_datastore_service_pb2.DeleteSessionRequest, _datastore_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
+    """Deletes a live session and its volume; returns the session as it was.
+    NOT_FOUND (NOT_FOUND) when it does not exist or has expired.
+    """
 
 class DatastoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """The datastore: the only service that touches storage. It keeps images, labels and
@@ -600,5 +644,51 @@ class DatastoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_datastore_service_pb2.DeleteRecordResponse, _abc.Awaitable[_datastore_service_pb2.DeleteRecordResponse]]:
         """Deletes a record."""
+
+    @_abc_1.abstractmethod
+    def CreateSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_datastore_service_pb2.CreateSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_datastore_service_pb2.CreateSessionResponse, _abc.Awaitable[_datastore_service_pb2.CreateSessionResponse]]:
+        """Creates a session (MONAI Label's PUT /session/): one volume uploaded once, then read
+        by name ("sessions/{session}") by several inferences until it expires. The stream is a
+        header, then chunks, then a finish with the sha256, as UploadImage. The datastore picks
+        the id. RESOURCE_EXHAUSTED (RESOURCE_EXHAUSTED) when the owner already holds its
+        allowance of live sessions or all owners together hold the datastore's; INVALID_ARGUMENT
+        when the file is not a readable volume of its format. Sessions are not images: they
+        never appear in ListImages, GetStatus or ExportDatastoreJson.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSession(
+        self,
+        request: _datastore_service_pb2.GetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datastore_service_pb2.GetSessionResponse, _abc.Awaitable[_datastore_service_pb2.GetSessionResponse]]:
+        """Returns a live session; with touch, records the access first, which pushes its expiry
+        back by its lifetime (MONAI Label's get_session(update_ts=True)). NOT_FOUND
+        (NOT_FOUND) when it does not exist or has expired.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadSession(
+        self,
+        request: _datastore_service_pb2.DownloadSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datastore_service_pb2.DownloadSessionResponse], _abc.AsyncIterator[_datastore_service_pb2.DownloadSessionResponse]]:
+        """Streams a live session's volume (inference reads it by name). NOT_FOUND
+        (NOT_FOUND) when it does not exist or has expired.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSession(
+        self,
+        request: _datastore_service_pb2.DeleteSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datastore_service_pb2.DeleteSessionResponse, _abc.Awaitable[_datastore_service_pb2.DeleteSessionResponse]]:
+        """Deletes a live session and its volume; returns the session as it was.
+        NOT_FOUND (NOT_FOUND) when it does not exist or has expired.
+        """
 
 def add_DatastoreServiceServicer_to_server(servicer: DatastoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -381,3 +381,76 @@ class Record(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Record: _TypeAlias = Record  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    """A MONAI Label session: one uploaded volume that several inferences read by name until
+    it expires. The datastore deletes an expired session by itself; it is invisible from the
+    moment it expires.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ACCESS_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRY_SECONDS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "sessions/{session}"."""
+    session_id: _builtins.str
+    """The id (a UUID the datastore picked)."""
+    owner: _builtins.str
+    """Whose allowance the session counts against."""
+    file_name: _builtins.str
+    """The uploaded file's name (a DICOM series: "{session}.zip")."""
+    expiry_seconds: _builtins.int
+    """Lifetime in seconds after creation and after each touch."""
+    size_bytes: _builtins.int
+    """Size of the volume in bytes."""
+    sha256: _builtins.str
+    """Hex sha256 of the volume."""
+    @_builtins.property
+    def meta(self) -> _struct_pb2.Struct:
+        """Free-form metadata kept with the session."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session was created."""
+
+    @_builtins.property
+    def last_access_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session was last touched (GetSession with touch), or created."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session expires: last_access_time plus expiry_seconds."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+        meta: _struct_pb2.Struct | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_access_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        expiry_seconds: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_access_time", b"last_access_time", "meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "expiry_seconds", b"expiry_seconds", "file_name", b"file_name", "last_access_time", b"last_access_time", "meta", b"meta", "name", b"name", "owner", b"owner", "session_id", b"session_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
