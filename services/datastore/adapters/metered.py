@@ -358,21 +358,6 @@ class MeteredIndex:
     def pin_model_version(self, name: str, version: str | None) -> ModelRecord:
         return self._call("pin_model_version", self.inner.pin_model_version, name, version)
 
-    # -- records
-
-    def put_record(
-        self,
-        kind: str,
-        record_id: str,
-        data: Mapping[str, Any],
-        expected_revision: int | None = None,
-        *,
-        now: Now = None,
-    ) -> Record:
-        return self._call("put_record", self.inner.put_record, kind, record_id, data, expected_revision, now=now)
-
-    def get_record(self, kind: str, record_id: str) -> Record:
-        return self._call("get_record", self.inner.get_record, kind, record_id)
     # -- sessions
 
     def create_session(
@@ -424,6 +409,21 @@ class MeteredIndex:
     def session_ids(self) -> set[str]:
         return self._call("session_ids", self.inner.session_ids)
 
+    # -- records
+
+    def put_record(
+        self,
+        kind: str,
+        record_id: str,
+        data: Mapping[str, Any],
+        expected_revision: int | None = None,
+        *,
+        now: Now = None,
+    ) -> Record:
+        return self._call("put_record", self.inner.put_record, kind, record_id, data, expected_revision, now=now)
+
+    def get_record(self, kind: str, record_id: str) -> Record:
+        return self._call("get_record", self.inner.get_record, kind, record_id)
 
     def list_records(self, kind: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[Record]:
         return self._call("list_records", self.inner.list_records, kind, page_size, page_token)

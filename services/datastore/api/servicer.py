@@ -376,13 +376,6 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         await run(self.ds.delete_record, kind, record_id)
         return pb.DeleteRecordResponse()
 
-
-def _stream(read: BlobRead, response_type: Any) -> AsyncIterator[Any]:
-    return send_chunks(response_type(info=convert.blob_info(read)), read.chunks, lambda c: response_type(chunk=c))
-
-
-def service_names() -> list[str]:
-    """Full names of the services this process serves (for health and reflection)."""
     # -- sessions ----------------------------------------------------------------------
 
     async def CreateSession(self, request_iterator: Any, context: Any) -> pb.CreateSessionResponse:
@@ -413,6 +406,13 @@ def service_names() -> list[str]:
         session = await run(self.ds.delete_session, convert.session_of(request.name))
         return pb.DeleteSessionResponse(session=convert.session(session))
 
+
+def _stream(read: BlobRead, response_type: Any) -> AsyncIterator[Any]:
+    return send_chunks(response_type(info=convert.blob_info(read)), read.chunks, lambda c: response_type(chunk=c))
+
+
+def service_names() -> list[str]:
+    """Full names of the services this process serves (for health and reflection)."""
     return [pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name]
 
 

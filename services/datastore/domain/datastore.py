@@ -113,7 +113,6 @@ def model_key(model: str, version: str, file_name: str) -> str:
     return f"models/{model}/{version}/{file_name}"
 
 
-def image_id_from_file_name(file_name: str) -> str:
 def session_key(session: SessionRecord) -> str:
     return f"sessions/{session.session_id}{session.ext}"
 
@@ -132,6 +131,7 @@ def check_session_id(value: str) -> str:
     raise InvalidArgument(f"session id {value[:100]!r} is not a session id (a UUID such as CreateSession returns)")
 
 
+def image_id_from_file_name(file_name: str) -> str:
     """MONAI Label's rule for an upload without an id: the base name minus all its suffixes."""
     base = os.path.basename(file_name)
     return base.split(".", 1)[0] if not base.startswith(".") else base
@@ -161,11 +161,11 @@ class Datastore:
         location: str,
         max_upload_bytes: int,
         lease_ttl_seconds: float = 3600.0,
-        mirror: JsonMirrorLike | None = None,
         session_max_expiry_seconds: int = 3600,
         sessions_per_client: int = 20,
         sessions_max: int = 500,
         session_purge_seconds: float = 0.0,
+        mirror: JsonMirrorLike | None = None,
         legacy_model: Callable[[], dict[str, Any] | None] = lambda: None,
         display_name: str = "new-dataset",
         description: str = "New Dataset",
@@ -177,13 +177,13 @@ class Datastore:
         self.location = location
         self.max_upload_bytes = max_upload_bytes
         self.lease_ttl_seconds = lease_ttl_seconds
-        self.mirror = mirror
         self.session_max_expiry_seconds = session_max_expiry_seconds
         self.sessions_per_client = sessions_per_client
         self.sessions_max = sessions_max
         self.session_purge_seconds = session_purge_seconds
         self._purge_stop = threading.Event()
         self._purge_thread: threading.Thread | None = None
+        self.mirror = mirror
         self.legacy_model = legacy_model  # MONAI Label's datastore_v2.json, read at reindex
         self.display_name = display_name
         self.description = description
@@ -209,9 +209,8 @@ class Datastore:
         listen = getattr(self.index, "listen", None)
         if listen is not None:  # PostgreSQL: other replicas' writes come as notifications
             self._index_exclusive = listen(self._changed)
-        self._changed()
         self.sweep_sessions()
-
+        self._changed()
         if self.session_purge_seconds > 0:
             self._purge_thread = threading.Thread(target=self._purge_loop, name="session-purge", daemon=True)
             self._purge_thread.start()
@@ -227,11 +226,12 @@ class Datastore:
                 continue
             if removed:
                 log.info("purged expired sessions", extra={"sessions": removed})
+
     def close(self) -> None:
-        if self.mirror is not None:
         self._purge_stop.set()
         if self._purge_thread is not None:
             self._purge_thread.join(timeout=30)
+        if self.mirror is not None:
             self.mirror.close()
 
     def _changed(self) -> None:
@@ -766,30 +766,6 @@ class Datastore:
         ids.check_model_name(model)
         return self.index.pin_model_version(model, ids.check_version(version) if version else None)
 
-    # -- records -----------------------------------------------------------------------
-
-    def put_record(
-        self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None
-    ) -> Record:
-        return self.index.put_record(
-            ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), data, expected_revision
-        )
-
-    def get_record(self, kind: str, record_id: str) -> Record:
-        return self.index.get_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
-
-    def list_records(self, kind: str, page_size: int = 0, page_token: str = "") -> Page:
-        return self.index.list_records(
-            ids.check_record_key(kind, "record kind"), page_size=_page_size(page_size), page_token=page_token
-        )
-
-    def delete_record(self, kind: str, record_id: str) -> None:
-        self.index.delete_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
-
-
-def content_type_of(file_name: str) -> str:
-    if file_name.endswith(".zip"):
-        return "application/zip"
     # -- sessions ----------------------------------------------------------------------
 
     def create_session(
@@ -895,4 +871,28 @@ def content_type_of(file_name: str) -> str:
         if legacy:
             log.info("removed sessions stored as images by an older gateway", extra={"sessions": len(legacy)})
 
+    # -- records -----------------------------------------------------------------------
+
+    def put_record(
+        self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None
+    ) -> Record:
+        return self.index.put_record(
+            ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), data, expected_revision
+        )
+
+    def get_record(self, kind: str, record_id: str) -> Record:
+        return self.index.get_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
+
+    def list_records(self, kind: str, page_size: int = 0, page_token: str = "") -> Page:
+        return self.index.list_records(
+            ids.check_record_key(kind, "record kind"), page_size=_page_size(page_size), page_token=page_token
+        )
+
+    def delete_record(self, kind: str, record_id: str) -> None:
+        self.index.delete_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
+
+
+def content_type_of(file_name: str) -> str:
+    if file_name.endswith(".zip"):
+        return "application/zip"
     return "application/octet-stream"
