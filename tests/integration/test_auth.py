@@ -9,6 +9,7 @@ checked against MONAI Label's table here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import grpc
 import httpx
 import jwt
 import pytest
+from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from monailabel.client import MONAILabelClient
@@ -298,6 +300,32 @@ def test_the_datastore_checks_roles_and_service_identities(stack: GatewayStack) 
         "gateway deletes": grpc.StatusCode.NOT_FOUND,  # allowed (sessions); the image does not exist
         "token with a service's name": grpc.StatusCode.PERMISSION_DENIED,  # a user without roles
     }
+
+
+def test_a_user_creating_a_session_over_grpc_owns_it(stack: GatewayStack) -> None:
+    """The owner a session counts against is the calling user, not what the header claims;
+    the gateway (a service) names the owner itself."""
+    data = nifti_bytes(seed=5)
+
+    async def create(headers: dict[str, str]) -> Any:
+        async def stream() -> Any:
+            header = ds_pb.CreateSessionHeader(file_name="a.nii.gz", owner="client:someone-else")
+            yield ds_pb.CreateSessionRequest(header=header)
+            yield ds_pb.CreateSessionRequest(chunk=data)
+            yield ds_pb.CreateSessionRequest(finish=common_pb2.UploadFinish(sha256=hashlib.sha256(data).hexdigest()))
+
+        async with grpc.aio.insecure_channel(stack.datastore_address) as channel:
+            stub = ds_grpc.DatastoreServiceStub(channel)
+            session = (await stub.CreateSession(stream(), metadata=tuple(headers.items()), timeout=10)).session
+            await stub.DeleteSession(
+                ds_pb.DeleteSessionRequest(name=session.name), metadata=tuple(headers.items()), timeout=10
+            )
+            return session
+
+    import asyncio
+
+    assert asyncio.run(create(bearer(role_token(USER)))).owner == "user:probe"
+    assert asyncio.run(create(bearer(GATEWAY_TOKEN))).owner == "client:someone-else"
 
 
 # -- the official client, label audit, signed downloads ------------------------------

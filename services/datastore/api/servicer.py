@@ -17,6 +17,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from services.common.auth import current_identity
 from services.common.bundles import check_bundle_upload
 from services.common.chunks import CHUNK_SIZE, iter_file_chunks, sha256_file
 from services.common.protos import struct_to_dict
@@ -384,7 +385,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
             self.ds.create_session,
             spooled,
             file_name=header.file_name,
-            owner=header.owner,
+            owner=_session_owner(header.owner),
             meta=struct_to_dict(header.meta),
             expiry_seconds=header.expiry_seconds,
         )
@@ -405,6 +406,16 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
         session = await run(self.ds.delete_session, convert.session_of(request.name))
         return pb.DeleteSessionResponse(session=convert.session(session))
+
+
+def _session_owner(asked: str) -> str:
+    """Whose allowance a session counts against: a user calling with their own token is that
+    user ("user:{name}", as the gateway names them), whatever the header says; a service (the
+    gateway) or a datastore without auth names the owner in the header."""
+    identity = current_identity.get()
+    if identity is not None and identity.service is None:
+        return f"user:{identity.username}"
+    return asked
 
 
 def _stream(read: BlobRead, response_type: Any) -> AsyncIterator[Any]:
