@@ -52,10 +52,9 @@ METHOD_RULES: dict[str, Rule] = {
         "GetStatus": Rule(USER, ALL),
         "ListImages": Rule(USER, ALL),
         "GetImage": Rule(USER, ALL),
-        # The gateway stores session images (PUT /session/ is a user's right) as itself.
-        "UploadImage": Rule(ANNOTATOR, frozenset({"gateway"})),
+        "UploadImage": Rule(ANNOTATOR),
         "DownloadImage": Rule(USER, ALL),
-        "DeleteImage": Rule(ADMIN, frozenset({"gateway"})),  # the gateway: expired sessions
+        "DeleteImage": Rule(ADMIN),
         "UpdateImageInfo": Rule(ANNOTATOR, frozenset({"activelearning"})),
         "GetLabel": Rule(USER, ALL),
         "UploadLabel": Rule(ANNOTATOR, frozenset({"inference"})),  # batch inference saves labels
@@ -80,7 +79,7 @@ METHOD_RULES: dict[str, Rule] = {
         "ListModelVersions": Rule(USER, ALL),
         "DeleteModelVersion": Rule(ANNOTATOR),  # DELETE /model/{m}: annotator
         "PinModelVersion": Rule(ADMIN),
-        # Records: job state of the services, and the gateway's sessions.
+        # Records: job state of the services.
         "PutRecord": Rule(ADMIN, ALL),
         "GetRecord": Rule(ADMIN, ALL),
         "ListRecords": Rule(ADMIN, ALL),

@@ -297,7 +297,7 @@ def test_the_datastore_checks_roles_and_service_identities(stack: GatewayStack) 
         "inference reindex": grpc.StatusCode.PERMISSION_DENIED,
         "inference status": grpc.StatusCode.OK,
         "inference deletes": grpc.StatusCode.PERMISSION_DENIED,
-        "gateway deletes": grpc.StatusCode.NOT_FOUND,  # allowed (sessions); the image does not exist
+        "gateway deletes": grpc.StatusCode.PERMISSION_DENIED,  # sessions are not images any more
         "token with a service's name": grpc.StatusCode.PERMISSION_DENIED,  # a user without roles
     }
 
