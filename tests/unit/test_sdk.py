@@ -81,6 +81,24 @@ async def test_upload_and_download_in_chunks_with_a_token(datastore: RunningData
     assert seen[0] == (0, size) and seen[-1] == (size, size) and len(seen) > 3
 
 
+async def test_sessions(datastore: RunningDatastore, tmp_path: Path) -> None:
+    source = write_volume(tmp_path / "local.nii.gz")
+
+    def run() -> None:
+        with Client(datastore.address, token=TOKEN, chunk_bytes=CHUNK) as client:
+            session = client.create_session(source, expiry_seconds=60, meta={"k": "v"}, owner="client:sdk")
+            assert session.name == f"sessions/{session.session_id}" and session.expiry_seconds == 60
+            # A caller with a user's token owns its sessions, whatever owner it asks for.
+            assert client.get_session(session.session_id, touch=True).owner.startswith("user:")
+            got = client.download_session(session.name, tmp_path / "copy.nii.gz")
+            assert got.path.read_bytes() == source.read_bytes() and got.sha256 == session.sha256
+            assert client.delete_session(session.session_id).session_id == session.session_id
+            with pytest.raises(NotFound):
+                client.get_session(session.session_id)
+
+    await asyncio.to_thread(run)
+
+
 async def test_a_wrong_or_missing_token_is_unauthenticated(datastore: RunningDatastore) -> None:
     def calls() -> None:
         for token in ("wrong", None):

@@ -88,7 +88,13 @@ def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
 
 
 def _image_name(image_id: str) -> str:
-    return image_id if image_id.startswith("images/") else f"images/{image_id}"
+    """An image's resource name; a session's name ("sessions/{session}") passes through, so
+    `infer` runs on a session too."""
+    return image_id if image_id.startswith(("images/", "sessions/")) else f"images/{image_id}"
+
+
+def _session_name(session_id: str) -> str:
+    return session_id if session_id.startswith("sessions/") else f"sessions/{session_id}"
 
 
 def _model_name(model: str) -> str:
@@ -326,6 +332,74 @@ class Client:
             )
             head = next(responses, None)
             target = Path(dest) if dest is not None else Path(head.info.file_name if head is not None else image_id)
+            _, transfer = self._receive(responses, target, progress, info_field="info", first=head)
+            assert transfer is not None
+            return transfer
+
+        return self._retrying(attempt)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expiry_seconds: int = 0,
+        meta: Mapping[str, Any] | None = None,
+        owner: str = "",
+        progress: Progress | None = None,
+    ) -> ds_resources.Session:
+        """MONAI Label's session: uploads a volume once, then `infer(model, session.name)` reads
+        it until it expires (expiry_seconds; 0 is the datastore's longest; `get_session(touch=True)`
+        pushes the expiry back). Not retried: a retry after a lost answer would make a second
+        session, which counts against the owner's allowance."""
+        source = Path(path)
+        size = source.stat().st_size  # FileNotFoundError before any call
+        header = ds_pb.CreateSessionHeader(
+            file_name=source.name, owner=owner, meta=_struct(meta), expiry_seconds=expiry_seconds, size_bytes=size
+        )
+
+        def messages() -> Iterator[ds_pb.CreateSessionRequest]:
+            yield ds_pb.CreateSessionRequest(header=header)
+            digest = hashlib.sha256()
+            for chunk in self._read_chunks(source, size, progress):
+                digest.update(chunk)
+                yield ds_pb.CreateSessionRequest(chunk=chunk)
+            yield ds_pb.CreateSessionRequest(finish=common_pb2.UploadFinish(sha256=digest.hexdigest()))
+
+        def attempt() -> ds_resources.Session:
+            answer = self._datastore.CreateSession(messages(), timeout=self.transfer_timeout, metadata=self._metadata)
+            return answer.session
+
+        return self._retrying(attempt, retry=lambda: False)
+
+    def get_session(self, session_id: str, *, touch: bool = False) -> ds_resources.Session:
+        """A live session (NotFound once it expired); touch records the access, as MONAI Label's
+        update_ts, which pushes its expiry back by its lifetime."""
+        request = ds_pb.GetSessionRequest(name=_session_name(session_id), touch=touch)
+        return self._unary(self._datastore.GetSession, request).session
+
+    def delete_session(self, session_id: str) -> ds_resources.Session:
+        """Deletes a live session and its volume; returns it as it was."""
+        request = ds_pb.DeleteSessionRequest(name=_session_name(session_id))
+        return self._retrying(
+            lambda: self._datastore.DeleteSession(request, timeout=self.timeout, metadata=self._metadata).session,
+            retry=lambda: False,
+        )
+
+    def download_session(
+        self, session_id: str, dest: str | os.PathLike[str] | None = None, *, progress: Progress | None = None
+    ) -> Transfer:
+        """Downloads a session's volume to dest (default: its file name in the current folder), verified."""
+
+        def attempt() -> Transfer:
+            responses = self._datastore.DownloadSession(
+                ds_pb.DownloadSessionRequest(name=_session_name(session_id)),
+                timeout=self.transfer_timeout,
+                metadata=self._metadata,
+            )
+            head = next(responses, None)
+            target = Path(dest) if dest is not None else Path(head.info.file_name if head is not None else "session")
             _, transfer = self._receive(responses, target, progress, info_field="info", first=head)
             assert transfer is not None
             return transfer
