@@ -24,12 +24,16 @@ def test_another_replicas_write_invalidates_the_cache_and_is_told(
         wait_until(exclusive, "A listening")
         assert a.status().total == 0
         assert a.status_if_cached() is not None  # kept while it listens
+        assert b'"objects":{}' in a.export_monailabel_json()
+        assert a.export_monailabel_json_if_cached() is not None
         told = len(seen)
 
         b.upsert_image("b1", ".nii.gz", SHA, 1)  # B's write, never through A
         wait_until(lambda: len(seen) > told, "A told of B's write")
         assert a.status_if_cached() is None  # what A kept is dropped
+        assert a.export_monailabel_json_if_cached() is None
         assert a.status().total == 1
+        assert b'"b1"' in a.export_monailabel_json()
         assert b.status_if_cached() is None  # B does not listen: nothing kept there
 
         # A's own writes notify too (B could listen), and A sees them at once.

@@ -74,15 +74,21 @@ class Export(Repository):
         )
         head = head[:-1] + ',"objects":{'
         hidden = self._hidden(hidden_id_prefix, hidden_info_key)
+        key = ("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key)
         if self._pg:
-            model = self.export_monailabel_model(name, description)
-            if hidden is not None:
-                model["objects"] = {
-                    k: v
-                    for k, v in model["objects"].items()
-                    if not (k.startswith(hidden_id_prefix) and v["image"]["info"].get(hidden_info_key) is True)
-                }
-            return json.dumps(model, separators=(",", ":"), ensure_ascii=False).encode()
+
+            def through_python() -> bytes:
+                model = self.export_monailabel_model(name, description)
+                if hidden is not None:
+                    model["objects"] = {
+                        k: v
+                        for k, v in model["objects"].items()
+                        if not (k.startswith(hidden_id_prefix) and v["image"]["info"].get(hidden_info_key) is True)
+                    }
+                return json.dumps(model, separators=(",", ":"), ensure_ascii=False).encode()
+
+            # Kept while the index listens to other replicas' writes (Database.listen).
+            return self._cached(key, through_python)
         # Labels come in primary-key order (image_id, tag), so each object's tags are sorted;
         # json_insert adds ts and name where the info lacks them, as export_monailabel_model.
         sql = """
@@ -110,7 +116,6 @@ class Export(Repository):
             body = ",".join(conn.execute(q).scalars())
             return (head + body + "}}").encode()
 
-        key = ("export_monailabel_json", name, description, hidden_id_prefix, hidden_info_key)
         return self._cached(key, lambda: self._read(tx, "export_monailabel_json"))
 
     def export_monailabel_json_if_cached(
