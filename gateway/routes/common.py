@@ -32,7 +32,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")  # with fullmatch: 
 MAX_JSON_DEPTH = 32
 MAX_JSON_BYTES = 4 * 1024 * 1024
 SESSION_PREFIX = "session-"
-"""Image ids of session images; reserved, so user uploads cannot take them."""
+"""Image ids older gateways gave their sessions (now the datastore's own resource, which drops
+them at start); still refused for uploads through REST, as before."""
 
 
 @dataclass
