@@ -1,4 +1,5 @@
-"""Helpers every proto adapter needs: resource names and Struct <-> dict."""
+"""Helpers every proto adapter needs: Struct <-> dict, config values and jobs (resource names:
+services.common.resource_names)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,6 @@ from labelgrid.common.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
 from services.common.jobs import Job, JobState
-
-
-def split_resource_name(name: str, pattern: str) -> list[str]:
-    """The variables of `name` by a pattern like "images/{image}/labels/{tag}"; INVALID_INPUT otherwise."""
-    want = pattern.split("/")
-    got = name.split("/") if name else []
-    if len(got) != len(want) or any(w != g for w, g in zip(want, got, strict=True) if not w.startswith("{")):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    values = [g for w, g in zip(want, got, strict=True) if w.startswith("{")]
-    if any(not v for v in values):
-        raise InvalidArgument(f"resource name {name!r} must look like {pattern!r}")
-    return values
 
 
 def _integral(value: Any) -> Any:

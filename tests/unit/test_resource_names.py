@@ -10,7 +10,7 @@ from pathlib import Path
 import google.api
 import grpc
 import pytest
-from google.api import field_behavior_pb2
+from google.api import field_behavior_pb2, resource_pb2
 from labelgrid.training.v1 import resources_pb2 as training_res
 from labelgrid.training.v1 import training_service_pb2 as training_pb
 
@@ -20,6 +20,7 @@ from services.common.grpc_errors import error_details
 from services.common.resource_names import ResourceType, check_required, declared_types, resource_type
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
+from services.datastore.api.convert import blob_name_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +42,48 @@ def test_every_labelgrid_resource_is_declared_once_with_one_pattern() -> None:
         service, _, kind = type_.partition("/")
         assert service.startswith("labelgrid.") and kind[:1].isupper(), type_
         assert declared.variables and all(declared.variables), declared
+
+
+def test_the_declared_patterns_are_the_names_the_services_use() -> None:
+    assert {type_: declared.pattern for type_, declared in declared_types().items()} == {
+        "labelgrid.activelearning/Lease": "leases/{image}",
+        "labelgrid.activelearning/ScoringJob": "scoringJobs/{job}",
+        "labelgrid.activelearning/ScoringMethod": "scoringMethods/{method}",
+        "labelgrid.activelearning/Strategy": "strategies/{strategy}",
+        "labelgrid.datastore/Image": "images/{image}",
+        "labelgrid.datastore/Label": "images/{image}/labels/{tag}",
+        "labelgrid.datastore/Lease": "leases/{image}",
+        "labelgrid.datastore/Model": "models/{model}",
+        "labelgrid.datastore/ModelVersion": "models/{model}/versions/{version}",
+        "labelgrid.datastore/Record": "records/{kind}/{record}",
+        "labelgrid.datastore/RecordKind": "records/{kind}",
+        "labelgrid.datastore/Session": "sessions/{session}",
+        "labelgrid.inference/BatchInferenceJob": "batchInferenceJobs/{job}",
+        "labelgrid.inference/Model": "models/{model}",
+        "labelgrid.training/Trainer": "trainers/{trainer}",
+        "labelgrid.training/TrainingJob": "trainingJobs/{job}",
+    }
+
+
+def test_download_url_names_are_an_image_a_label_or_a_model_version() -> None:
+    assert blob_name_of("images/a") == ("image", ("a",))
+    assert blob_name_of("images/a/labels/final") == ("label", ("a", "final"))
+    assert blob_name_of("models/m/versions/v000001") == ("model_version", ("m", "v000001"))
+    for name in ("", "images/a/scores/x", "models/m", "records/k/r", "images//labels/final"):
+        with pytest.raises(InvalidArgument, match="must name an image"):
+            blob_name_of(name)
+
+
+def test_every_resource_reference_names_a_declared_type() -> None:
+    """A reference to a type no contract declares is a typo (or a resource not annotated yet)."""
+    types = declared_types()
+    wrong = []
+    for owner, field in _fields():
+        reference = field.GetOptions().Extensions[resource_pb2.resource_reference]  # type: ignore[attr-defined]
+        for type_ in filter(None, (reference.type, reference.child_type)):
+            if type_ not in types and type_ != "*":  # "*": any of several types
+                wrong.append(f"{owner}.{field.name}: {type_}")  # type: ignore[attr-defined]
+    assert not wrong
 
 
 def test_parse_and_format_round_trip() -> None:

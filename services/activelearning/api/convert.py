@@ -34,6 +34,7 @@ SCORING_METHOD = resource_type("labelgrid.activelearning/ScoringMethod")
 SCORING_JOB = resource_type("labelgrid.activelearning/ScoringJob")
 LEASE = resource_type("labelgrid.activelearning/Lease")
 MODEL = resource_type("labelgrid.inference/Model")  # the served model that scores
+MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
 
 
 def strategy_of(name: str) -> str:
@@ -121,7 +122,7 @@ def scoring_job(job: ScoringJob) -> res.ScoringJob:
         model=MODEL.format(model) if model else "",
         params=dict_to_struct(job.params),
         force=job.force,
-        model_version=f"models/{model}/versions/{version}" if version and version != UNTRAINED and model else "",
+        model_version=MODEL_VERSION.format(model, version) if version and version != UNTRAINED and model else "",
         state=job_state(job.state),
         times=job_times(job),
         error=job_error(job),

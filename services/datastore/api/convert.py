@@ -10,7 +10,8 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import resources_pb2 as res
 
 from services.common.errors import InvalidArgument
-from services.common.protos import dict_to_struct, split_resource_name
+from services.common.protos import dict_to_struct
+from services.common.resource_names import resource_type
 from services.datastore.domain.datastore import BlobRead, DatastoreInfo, DownloadUrl
 from services.datastore.domain.model import (
     DatastoreStatus,
@@ -28,53 +29,62 @@ from services.datastore.domain.model import (
 # -- resource names ------------------------------------------------------------------------
 
 
+IMAGE = resource_type("labelgrid.datastore/Image")
+LABEL = resource_type("labelgrid.datastore/Label")
+MODEL = resource_type("labelgrid.datastore/Model")
+MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
+LEASE = resource_type("labelgrid.datastore/Lease")
+RECORD = resource_type("labelgrid.datastore/Record")
+RECORD_KIND = resource_type("labelgrid.datastore/RecordKind")
+SESSION = resource_type("labelgrid.datastore/Session")
+
+
 def image_id_of(name: str) -> str:
-    return split_resource_name(name, "images/{image}")[0]
+    return IMAGE.parse(name)[0]
 
 
 def label_of(name: str) -> tuple[str, str]:
-    image_id, tag = split_resource_name(name, "images/{image}/labels/{tag}")
+    image_id, tag = LABEL.parse(name)
     return image_id, tag
 
 
 def model_of(name: str) -> str:
-    return split_resource_name(name, "models/{model}")[0]
+    return MODEL.parse(name)[0]
 
 
 def model_version_of(name: str) -> tuple[str, str]:
-    model, version = split_resource_name(name, "models/{model}/versions/{version}")
+    model, version = MODEL_VERSION.parse(name)
     return model, version
 
 
 def record_of(name: str) -> tuple[str, str]:
-    kind, record_id = split_resource_name(name, "records/{kind}/{record}")
+    kind, record_id = RECORD.parse(name)
     return kind, record_id
 
 
 def record_kind_of(parent: str) -> str:
-    return split_resource_name(parent, "records/{kind}")[0]
+    return RECORD_KIND.parse(parent)[0]
 
 
 def session_of(name: str) -> str:
-    return split_resource_name(name, "sessions/{session}")[0]
+    return SESSION.parse(name)[0]
 
 
 def lease_image_of(name: str) -> str:
-    return split_resource_name(name, "leases/{image}")[0]
+    return LEASE.parse(name)[0]
+
+
+_BLOBS = {"image": IMAGE, "label": LABEL, "model_version": MODEL_VERSION}
 
 
 def blob_name_of(name: str) -> tuple[str, tuple[str, ...]]:
     """Names GetDownloadUrl accepts: an image, a label or a model version."""
-    parts = name.split("/")
-    if parts[0] == "images" and len(parts) == 2:
-        return "image", (image_id_of(name),)
-    if parts[0] == "images" and len(parts) == 4:
-        return "label", label_of(name)
-    if parts[0] == "models" and len(parts) == 4:
-        return "model_version", model_version_of(name)
+    for kind, type_ in _BLOBS.items():
+        if type_.matches(name):
+            return kind, type_.parse(name)
     raise InvalidArgument(
-        f"resource name {name!r} must name an image (images/{{image}}), a label "
-        "(images/{image}/labels/{tag}) or a model version (models/{model}/versions/{version})"
+        f"resource name {name!r} must name an image ({IMAGE.pattern}), a label "
+        f"({LABEL.pattern}) or a model version ({MODEL_VERSION.pattern})"
     )
 
 
@@ -132,7 +142,7 @@ def expected_revision(value: int) -> int | None:
 
 def label(record: LabelRecord) -> res.Label:
     return res.Label(
-        name=f"images/{record.image_id}/labels/{record.tag}",
+        name=LABEL.format(record.image_id, record.tag),
         image_id=record.image_id,
         tag=record.tag,
         file_name=record.file_name,
@@ -148,7 +158,7 @@ def label(record: LabelRecord) -> res.Label:
 
 def image(record: ImageRecord) -> res.Image:
     return res.Image(
-        name=f"images/{record.image_id}",
+        name=IMAGE.format(record.image_id),
         image_id=record.image_id,
         file_name=record.file_name,
         ext=record.ext,
@@ -165,7 +175,7 @@ def image(record: ImageRecord) -> res.Image:
 
 def model(record: ModelRecord) -> res.Model:
     return res.Model(
-        name=f"models/{record.model}",
+        name=MODEL.format(record.model),
         model_id=record.model,
         latest_version=record.latest_version or "",
         pinned_version=record.pinned_version or "",
@@ -175,7 +185,7 @@ def model(record: ModelRecord) -> res.Model:
 
 def model_version(record: ModelVersionRecord) -> res.ModelVersion:
     return res.ModelVersion(
-        name=f"models/{record.model}/versions/{record.version}",
+        name=MODEL_VERSION.format(record.model, record.version),
         model_id=record.model,
         version=record.version,
         file_name=record.file_name,
@@ -189,7 +199,7 @@ def model_version(record: ModelVersionRecord) -> res.ModelVersion:
 
 def lease(record: LeaseRecord) -> res.Lease:
     return res.Lease(
-        name=f"leases/{record.image_id}",
+        name=LEASE.format(record.image_id),
         image_id=record.image_id,
         client_id=record.client_id,
         strategy=record.strategy,
@@ -200,7 +210,7 @@ def lease(record: LeaseRecord) -> res.Lease:
 
 def record(value: Record) -> res.Record:
     return res.Record(
-        name=f"records/{value.kind}/{value.record_id}",
+        name=RECORD.format(value.kind, value.record_id),
         kind=value.kind,
         record_id=value.record_id,
         data=dict_to_struct(value.data),
@@ -212,7 +222,7 @@ def record(value: Record) -> res.Record:
 
 def session(value: SessionRecord) -> res.Session:
     return res.Session(
-        name=f"sessions/{value.session_id}",
+        name=SESSION.format(value.session_id),
         session_id=value.session_id,
         owner=value.owner,
         file_name=value.file_name,

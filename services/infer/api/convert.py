@@ -24,9 +24,9 @@ from services.common.protos import (
     job_error,
     job_state,
     job_times,
-    split_resource_name,
     struct_to_dict,
 )
+from services.common.resource_names import resource_type
 from services.infer.domain.batch import BatchJob
 from services.infer.domain.model import (
     ImageInput,
@@ -53,31 +53,39 @@ _PROMPT_KEYS = {"foreground", "background", "label", "roi", "points", "point_lab
 # -- resource names ------------------------------------------------------------------------
 
 
+MODEL = resource_type("labelgrid.inference/Model")
+BATCH_JOB = resource_type("labelgrid.inference/BatchInferenceJob")
+IMAGE = resource_type("labelgrid.datastore/Image")
+LABEL = resource_type("labelgrid.datastore/Label")
+MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
+SESSION = resource_type("labelgrid.datastore/Session")
+
+
 def model_of(name: str) -> str:
-    return split_resource_name(name, "models/{model}")[0]
+    return MODEL.parse(name)[0]
 
 
 def image_of(name: str) -> str:
-    return split_resource_name(name, "images/{image}")[0]
+    return IMAGE.parse(name)[0]
 
 
 def image_input_of(name: str) -> ImageInput:
     """The input of "images/{image}" or of a session's volume, "sessions/{session}"."""
     if name.startswith("sessions/"):
-        return ImageInput(session_id=split_resource_name(name, "sessions/{session}")[0])
+        return ImageInput(session_id=SESSION.parse(name)[0])
     return ImageInput(image_id=image_of(name))
 
 
 def input_label_tag(name: str, image_id: str) -> str:
     """The tag of an input label "images/{image}/labels/{tag}", which must be of the same image."""
-    label_image, tag = split_resource_name(name, "images/{image}/labels/{tag}")
+    label_image, tag = LABEL.parse(name)
     if label_image != image_id:
-        raise InvalidArgument(f"the input label {name!r} is not a label of images/{image_id}")
+        raise InvalidArgument(f"the input label {name!r} is not a label of {IMAGE.format(image_id)}")
     return tag
 
 
 def version_name(model: str, version: str) -> str:
-    return "" if not version or version == UNTRAINED else f"models/{model}/versions/{version}"
+    return "" if not version or version == UNTRAINED else MODEL_VERSION.format(model, version)
 
 
 # -- params --------------------------------------------------------------------------------
@@ -191,7 +199,7 @@ def device(info: DeviceInfo) -> common_pb2.Device:
 
 def model(info: ModelInfo) -> res.Model:
     return res.Model(
-        name=f"models/{info.name}",
+        name=MODEL.format(info.name),
         model_id=info.name,
         type=_INFER_TYPES.get(info.type, res.INFER_TYPE_OTHERS),
         labels=info.labels,
@@ -206,7 +214,7 @@ def model(info: ModelInfo) -> res.Model:
 
 def queue_status(stat: QueueStat) -> pb.QueueStatus:
     return pb.QueueStatus(
-        model=f"models/{stat.model}",
+        model=MODEL.format(stat.model),
         device=stat.device,
         waiting=stat.waiting,
         running=stat.running,
@@ -235,7 +243,7 @@ _BATCH_FILTERS = {
 
 
 def batch_job_of(name: str) -> str:
-    return split_resource_name(name, "batchInferenceJobs/{job}")[0]
+    return BATCH_JOB.parse(name)[0]
 
 
 def batch_filter_name(value: int) -> str:
@@ -248,11 +256,11 @@ def batch_job(value: BatchJob) -> res.BatchInferenceJob:
     """A batch job (services.infer.domain.batch) as the resource."""
     filters = {name: value for value, name in _BATCH_FILTERS.items()}
     job = res.BatchInferenceJob(
-        name=f"batchInferenceJobs/{value.job_id}",
+        name=BATCH_JOB.format(value.job_id),
         job_id=value.job_id,
-        model=f"models/{value.model}",
+        model=MODEL.format(value.model),
         image_filter=filters.get(value.image_filter, res.BATCH_IMAGE_FILTER_UNSPECIFIED),
-        images=[f"images/{image}" for image in value.images],
+        images=[IMAGE.format(image) for image in value.images],
         max_images=value.max_images,
         params=res.InferParams(
             params=dict_to_struct(value.params),
@@ -269,7 +277,7 @@ def batch_job(value: BatchJob) -> res.BatchInferenceJob:
         keep_results=value.keep_results,
         results=[
             res.BatchImageResult(
-                image=f"images/{item.image}",
+                image=IMAGE.format(item.image),
                 label=item.label,
                 label_tag=item.label_tag,
                 params=dict_to_struct(item.params),

@@ -13,7 +13,6 @@ from services.common.protos import (
     job_error,
     job_state,
     job_times,
-    split_resource_name,
     struct_to_dict,
 )
 from services.common.resource_names import resource_type
@@ -25,6 +24,8 @@ _OPTIONAL = ("val_split", "learning_rate", "amp", "pretrained", "early_stop_pati
 
 TRAINING_JOB = resource_type("labelgrid.training/TrainingJob")
 TRAINER = resource_type("labelgrid.training/Trainer")
+MODEL = resource_type("labelgrid.datastore/Model")
+MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
 
 
 def job_name(name: str) -> str:
@@ -39,7 +40,7 @@ def trainer(info: TrainerInfo) -> res.Trainer:
     return res.Trainer(
         name=TRAINER.format(info.name),
         trainer_id=info.name,
-        model=f"models/{info.model}",
+        model=MODEL.format(info.model),
         description=info.description,
         config=config_entries(info.config),
         labels=info.labels,
@@ -62,7 +63,7 @@ def job_request(message: res.TrainingJob, enqueue: bool, request_id: str) -> Job
             params[key] = getattr(p, key)
     version = ""
     if p.initial_model_version:
-        model, version = split_resource_name(p.initial_model_version, "models/{model}/versions/{version}")
+        model, version = MODEL_VERSION.parse(p.initial_model_version)
         if model != name:
             raise InvalidArgument(
                 f"initial_model_version {p.initial_model_version!r} is not a version of model {name!r}"
@@ -121,7 +122,7 @@ def job(value: TrainingJob) -> res.TrainingJob:
     )
     out.params.device_count = value.device_count
     if value.initial_model_version:
-        out.params.initial_model_version = f"models/{value.trainer}/versions/{value.initial_model_version}"
+        out.params.initial_model_version = MODEL_VERSION.format(value.trainer, value.initial_model_version)
     progress = value.progress
     if progress:
         out.progress.CopyFrom(

@@ -164,7 +164,8 @@ export declare type InferRequest = Message<"labelgrid.inference.v1.InferRequest"
   model: string;
 
   /**
-   * The image: "images/{image}". Datastore images only, never server paths.
+   * The image: "images/{image}", or a datastore session's volume: "sessions/{session}".
+   * Datastore images only, never server paths.
    *
    * @generated from field: string image = 2;
    */
@@ -369,7 +370,8 @@ export declare type InferUploadHeader = Message<"labelgrid.inference.v1.InferUpl
   model: string;
 
   /**
-   * A datastore image to run on ("images/{image}"); empty when the image is streamed in.
+   * A datastore image to run on ("images/{image}", or a session's volume:
+   * "sessions/{session}"); empty when the image is streamed in.
    *
    * @generated from field: string image = 2;
    */

@@ -22,34 +22,104 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&labelgrid/datastore/v1/resources.proto\x12\x16labelgrid.datastore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x03\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12%\n\x04info\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06labels\x18\x0b \x03(\x0b\x32\x1d.labelgrid.datastore.v1.Label\x12\x39\n\x06scores\x18\x0c \x03(\x0b\x32).labelgrid.datastore.v1.Image.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x93\x02\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12\x0b\n\x03\x65xt\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12%\n\x04info\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x17\n\x0fserving_version\x18\x05 \x01(\t\"\xf8\x01\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04info\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x30\n\x0c\x61\x63quire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x06Record\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_access_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65xpiry_seconds\x18\t \x01(\x03\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x0e\n\x06sha256\x18\x0b \x01(\tB\xca\x01\n\x19io.labelgrid.datastore.v1B\x0eResourcesProtoP\x01ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/datastore/v1;datastorev1\xa2\x02\x03LDX\xaa\x02\x16Labelgrid.Datastore.V1\xca\x02\x16Labelgrid\\Datastore\\V1\xea\x02\x18Labelgrid::Datastore::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&labelgrid/datastore/v1/resources.proto\x12\x16labelgrid.datastore.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x04\n\x05Image\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12\x0b\n\x03\x65xt\x18\x04 \x01(\t\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12%\n\x04info\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x08revision\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\x06labels\x18\x0b \x03(\x0b\x32\x1d.labelgrid.datastore.v1.Label\x12\x39\n\x06scores\x18\x0c \x03(\x0b\x32).labelgrid.datastore.v1.Image.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:=\xea\x41:\n\x19labelgrid.datastore/Image\x12\x0eimages/{image}*\x06images2\x05image\"\x83\x03\n\x05Label\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12\x0b\n\x03\x65xt\x18\x05 \x01(\t\x12\x18\n\nsize_bytes\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12%\n\x04info\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x08revision\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:J\xea\x41G\n\x19labelgrid.datastore/Label\x12\x1bimages/{image}/labels/{tag}*\x06labels2\x05label\"\xc1\x01\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x1c\n\x0elatest_version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x0epinned_version\x18\x04 \x01(\t\x12\x1d\n\x0fserving_version\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03:=\xea\x41:\n\x19labelgrid.datastore/Model\x12\x0emodels/{model}*\x06models2\x05model\"\xf7\x02\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12%\n\x04info\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:e\xea\x41\x62\n labelgrid.datastore/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"\x80\x02\n\x05Lease\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x36\n\x0c\x61\x63quire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:=\xea\x41:\n\x19labelgrid.datastore/Lease\x12\x0eleases/{image}*\x06leases2\x05lease\"\xb5\x02\n\x06Record\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x08revision\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:I\xea\x41\x46\n\x1alabelgrid.datastore/Record\x12\x17records/{kind}/{record}*\x07records2\x06record\"\x97\x03\n\x07Session\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\tfile_name\x18\x04 \x01(\t\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_access_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65xpiry_seconds\x18\t \x01(\x03\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x0e\n\x06sha256\x18\x0b \x01(\t:G\xea\x41\x44\n\x1blabelgrid.datastore/Session\x12\x12sessions/{session}*\x08sessions2\x07sessionB\xfd\x01\n\x19io.labelgrid.datastore.v1B\x0eResourcesProtoP\x01ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/datastore/v1;datastorev1\xa2\x02\x03LDX\xaa\x02\x16Labelgrid.Datastore.V1\xca\x02\x16Labelgrid\\Datastore\\V1\xea\x02\x18Labelgrid::Datastore::V1\xea\x41\x30\n\x1elabelgrid.datastore/RecordKind\x12\x0erecords/{kind}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'labelgrid.datastore.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\031io.labelgrid.datastore.v1B\016ResourcesProtoP\001ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/datastore/v1;datastorev1\242\002\003LDX\252\002\026Labelgrid.Datastore.V1\312\002\026Labelgrid\\Datastore\\V1\352\002\030Labelgrid::Datastore::V1'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\031io.labelgrid.datastore.v1B\016ResourcesProtoP\001ZHgithub.com/labelgrid/labelgrid/gen/go/labelgrid/datastore/v1;datastorev1\242\002\003LDX\252\002\026Labelgrid.Datastore.V1\312\002\026Labelgrid\\Datastore\\V1\352\002\030Labelgrid::Datastore::V1\352A0\n\036labelgrid.datastore/RecordKind\022\016records/{kind}'
   _globals['_IMAGE_SCORESENTRY']._loaded_options = None
   _globals['_IMAGE_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGE']._serialized_start=130
-  _globals['_IMAGE']._serialized_end=545
-  _globals['_IMAGE_SCORESENTRY']._serialized_start=500
-  _globals['_IMAGE_SCORESENTRY']._serialized_end=545
-  _globals['_LABEL']._serialized_start=548
-  _globals['_LABEL']._serialized_end=823
-  _globals['_MODEL']._serialized_start=825
-  _globals['_MODEL']._serialized_end=937
-  _globals['_MODELVERSION']._serialized_start=940
-  _globals['_MODELVERSION']._serialized_end=1188
-  _globals['_LEASE']._serialized_start=1191
-  _globals['_LEASE']._serialized_end=1366
-  _globals['_RECORD']._serialized_start=1369
-  _globals['_RECORD']._serialized_end=1579
-  _globals['_SESSION']._serialized_start=1582
-  _globals['_SESSION']._serialized_end=1910
+  _globals['_IMAGE'].fields_by_name['name']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE'].fields_by_name['sha256']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE'].fields_by_name['revision']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE'].fields_by_name['update_time']._loaded_options = None
+  _globals['_IMAGE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_IMAGE']._loaded_options = None
+  _globals['_IMAGE']._serialized_options = b'\352A:\n\031labelgrid.datastore/Image\022\016images/{image}*\006images2\005image'
+  _globals['_LABEL'].fields_by_name['name']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL'].fields_by_name['sha256']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL'].fields_by_name['revision']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL'].fields_by_name['create_time']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL'].fields_by_name['update_time']._loaded_options = None
+  _globals['_LABEL'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_LABEL']._loaded_options = None
+  _globals['_LABEL']._serialized_options = b'\352AG\n\031labelgrid.datastore/Label\022\033images/{image}/labels/{tag}*\006labels2\005label'
+  _globals['_MODEL'].fields_by_name['name']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_MODEL'].fields_by_name['latest_version']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['latest_version']._serialized_options = b'\342A\001\003'
+  _globals['_MODEL'].fields_by_name['serving_version']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['serving_version']._serialized_options = b'\342A\001\003'
+  _globals['_MODEL']._loaded_options = None
+  _globals['_MODEL']._serialized_options = b'\352A:\n\031labelgrid.datastore/Model\022\016models/{model}*\006models2\005model'
+  _globals['_MODELVERSION'].fields_by_name['name']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_MODELVERSION'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_MODELVERSION'].fields_by_name['sha256']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
+  _globals['_MODELVERSION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MODELVERSION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_MODELVERSION']._loaded_options = None
+  _globals['_MODELVERSION']._serialized_options = b'\352Ab\n labelgrid.datastore/ModelVersion\022!models/{model}/versions/{version}*\rmodelVersions2\014modelVersion'
+  _globals['_LEASE'].fields_by_name['name']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['acquire_time']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['acquire_time']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_LEASE'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_LEASE']._loaded_options = None
+  _globals['_LEASE']._serialized_options = b'\352A:\n\031labelgrid.datastore/Lease\022\016leases/{image}*\006leases2\005lease'
+  _globals['_RECORD'].fields_by_name['name']._loaded_options = None
+  _globals['_RECORD'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_RECORD'].fields_by_name['revision']._loaded_options = None
+  _globals['_RECORD'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_RECORD'].fields_by_name['create_time']._loaded_options = None
+  _globals['_RECORD'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_RECORD'].fields_by_name['update_time']._loaded_options = None
+  _globals['_RECORD'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_RECORD']._loaded_options = None
+  _globals['_RECORD']._serialized_options = b'\352AF\n\032labelgrid.datastore/Record\022\027records/{kind}/{record}*\007records2\006record'
+  _globals['_SESSION'].fields_by_name['name']._loaded_options = None
+  _globals['_SESSION'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_SESSION']._loaded_options = None
+  _globals['_SESSION']._serialized_options = b'\352AD\n\033labelgrid.datastore/Session\022\022sessions/{session}*\010sessions2\007session'
+  _globals['_IMAGE']._serialized_start=190
+  _globals['_IMAGE']._serialized_end=704
+  _globals['_IMAGE_SCORESENTRY']._serialized_start=596
+  _globals['_IMAGE_SCORESENTRY']._serialized_end=641
+  _globals['_LABEL']._serialized_start=707
+  _globals['_LABEL']._serialized_end=1094
+  _globals['_MODEL']._serialized_start=1097
+  _globals['_MODEL']._serialized_end=1290
+  _globals['_MODELVERSION']._serialized_start=1293
+  _globals['_MODELVERSION']._serialized_end=1668
+  _globals['_LEASE']._serialized_start=1671
+  _globals['_LEASE']._serialized_end=1927
+  _globals['_RECORD']._serialized_start=1930
+  _globals['_RECORD']._serialized_end=2239
+  _globals['_SESSION']._serialized_start=2242
+  _globals['_SESSION']._serialized_end=2649
 # @@protoc_insertion_point(module_scope)

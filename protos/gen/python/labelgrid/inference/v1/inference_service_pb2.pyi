@@ -202,7 +202,9 @@ class InferRequest(_message.Message):
     model: _builtins.str
     """The model: "models/{model}"."""
     image: _builtins.str
-    """The image: "images/{image}". Datastore images only, never server paths."""
+    """The image: "images/{image}", or a datastore session's volume: "sessions/{session}".
+    Datastore images only, never server paths.
+    """
     input_label: _builtins.str
     """An existing label given to the model as input, e.g. scribbles:
     "images/{image}/labels/{tag}" of the same image; empty for none.
@@ -399,7 +401,9 @@ class InferUploadHeader(_message.Message):
     model: _builtins.str
     """The model: "models/{model}"."""
     image: _builtins.str
-    """A datastore image to run on ("images/{image}"); empty when the image is streamed in."""
+    """A datastore image to run on ("images/{image}", or a session's volume:
+    "sessions/{session}"); empty when the image is streamed in.
+    """
     image_file_name: _builtins.str
     """File name of the streamed image; its extension selects the format (.nii.gz, .nrrd,
     .zip for a DICOM series, .png / .jpg for 2D models). Empty when image is set.
