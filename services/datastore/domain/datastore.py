@@ -851,8 +851,11 @@ class Datastore:
         two deletes), and the gateway's sessions from before they were the datastore's
         (``session-*`` images and their ``records/sessions/*``): sessions are ephemeral."""
         self.purge_sessions()
+        # Files first, rows second: a create inserts its row before it stores its file, so a
+        # file listed here whose row is missing is an orphan, even with replicas creating.
+        files = list(self.blobs.list("sessions/"))
         known = self.index.session_ids()
-        for blob in list(self.blobs.list("sessions/")):
+        for blob in files:
             name = blob.key[len("sessions/") :]
             if name[:36] not in known:
                 self.blobs.delete(blob.key)
