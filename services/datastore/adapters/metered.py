@@ -134,6 +134,21 @@ class MeteredBlobStore:
     def spool_dir(self) -> Path:
         return self._call("spool_dir", self.inner.spool_dir)
 
+    # Not part of the port: what a store that sends spools while they are written offers
+    # (S3BlobStore; see domain.streaming). The bytes are counted by put_file, which stores them.
+
+    @property
+    def can_stream_puts(self) -> bool:
+        return bool(getattr(self.inner, "can_stream_puts", False))
+
+    def streamed_put(self, key: str, path: Path, expected_size: int) -> Any:
+        return self._call("streamed_put", self.inner.streamed_put, key, path, expected_size)  # type: ignore[attr-defined]
+
+    def release_streamed(self, path: Path) -> None:
+        release = getattr(self.inner, "release_streamed", None)
+        if release is not None:
+            self._call("release_streamed", release, path)
+
 
 class _MeteredIter(Iterator[BlobInfo]):
     def __init__(self, items: Iterator[BlobInfo], on_error: Callable[[BaseException], None]) -> None:

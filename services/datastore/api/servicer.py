@@ -120,15 +120,22 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         return pb.GetImageResponse(image=convert.image(await run(self.ds.get_image, image_id)))
 
     async def UploadImage(self, request_iterator: Any, context: Any) -> pb.UploadImageResponse:
-        header, spooled = await receive_upload(request_iterator, lambda h: self.ds.new_spool(h.size_bytes))
-        image = await run(
-            self.ds.add_image,
-            spooled,
-            image_id=header.image_id,
-            file_name=header.file_name,
-            info=struct_to_dict(header.info),
-            fail_if_exists=header.fail_if_exists,
+        # On S3 the spool is sent while it arrives (domain.streaming); whatever add_image did
+        # not store of it is aborted at the end (release_spool).
+        header, spooled = await receive_upload(
+            request_iterator, lambda h: self.ds.new_image_spool(h.size_bytes, h.image_id, h.file_name)
         )
+        try:
+            image = await run(
+                self.ds.add_image,
+                spooled,
+                image_id=header.image_id,
+                file_name=header.file_name,
+                info=struct_to_dict(header.info),
+                fail_if_exists=header.fail_if_exists,
+            )
+        finally:
+            self.ds.release_spool(spooled.path)
         return pb.UploadImageResponse(image=convert.image(image))
 
     async def DownloadImage(

@@ -52,6 +52,7 @@ from services.datastore.domain.model import (
 )
 from services.datastore.domain.ports import BlobStore, Index
 from services.datastore.domain.reindex import ReindexCounts, rebuild
+from services.datastore.domain.streaming import StreamingSpool, streaming_store
 
 _Record = TypeVar("_Record")
 
@@ -302,16 +303,39 @@ class Datastore:
 
     # -- uploads -----------------------------------------------------------------------
 
-    def new_spool(self, declared_size: int = 0) -> SpoolWriter:
-        """A spool for one upload; refuses early when the declared size is already too large."""
+    def new_spool(self, declared_size: int = 0, key: str | None = None) -> SpoolWriter:
+        """A spool for one upload; refuses early when the declared size is already too large.
+
+        With the blob `key` it will be stored under, on a store that can (S3), the spool is a
+        StreamingSpool: the store receives it while it is written; `put_file` completes it
+        and `release_spool` (called whatever happened) aborts what was not stored."""
         if declared_size > self.max_upload_bytes:
             raise ResourceExhausted(
                 f"upload of {declared_size} bytes exceeds the limit of {self.max_upload_bytes} bytes",
                 reason="PAYLOAD_TOO_LARGE",
             )
+        store = streaming_store(self.blobs) if key is not None else None
+        if store is not None and key is not None:
+            return StreamingSpool(store, key, self.blobs.spool_dir(), self.max_upload_bytes, declared_size)
         # No fsync of the spool: put_file makes the stored object durable (local: fsync then
         # rename; S3: the object store), so an upload is synced once, not twice.
         return SpoolWriter(self.blobs.spool_dir(), max_bytes=self.max_upload_bytes, fsync=False)
+
+    def new_image_spool(self, declared_size: int, image_id: str, file_name: str) -> SpoolWriter:
+        """`new_spool` for an image upload, streamed to the key `add_image` will store it under
+        (a plain spool when the header names none: add_image then refuses it precisely)."""
+        try:
+            ext = formats.image_ext_from_name(file_name)
+            key = image_key(f"{ids.check_image_id(image_id or image_id_from_file_name(file_name))}{ext}")
+        except InvalidArgument:
+            key = None
+        return self.new_spool(declared_size, key)
+
+    def release_spool(self, path: Path) -> None:
+        """Drops what a store streamed from the spool at `path` and did not store (no-op else)."""
+        store = streaming_store(self.blobs)
+        if store is not None:
+            store.release_streamed(Path(path))
 
     def _discard(self, spooled: SpooledFile) -> None:
         Path(spooled.path).unlink(missing_ok=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import builtins
 import datetime as _dt
+import logging
 import queue
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +34,10 @@ _S3_PARALLEL_UPLOADS = 2
 _READ_AHEAD_CHUNKS = 8
 """Chunks (1 MiB) a download reads ahead of its consumer (see _ReadAhead)."""
 _END = object()
+_COPY_LIMIT = 5 * 1024**3
+"""Largest object one CopyObject can copy (the sha256 metadata of a streamed upload is set by one)."""
+
+log = logging.getLogger(__name__)
 
 
 class _ReadAhead(Iterator[bytes]):
@@ -131,11 +137,152 @@ def _part_size(size: int, minimum: int) -> int:
     return -(-part // (1024 * 1024)) * 1024 * 1024
 
 
+class StreamedPut:
+    """A multipart upload fed from a spool file while the upload is still arriving.
+
+    The writer of the spool calls `advance(size)` after each write (the file flushed): every
+    full part from the spool is uploaded by the store's threads, at most `parallel` at once
+    per upload (`advance` waits for room, which slows the sender: memory stays at most
+    `parallel` parts). The multipart upload is created with the first full part, so a file
+    smaller than one part is simply put at the end. `put_file` on the same spool path
+    completes it (the rest of the file as the last part); `abort` (any failure, the format
+    check refusing the file, the client hanging up) aborts it. Until completed the object is
+    invisible: readers never see a half-written file. S3 metadata is fixed when a multipart
+    upload starts, before the sha256 is known, so completing sets it with one CopyObject of the
+    object onto itself (metadata only; an object over 5 GiB keeps none, reindex then hashes it).
+    """
+
+    def __init__(self, store: S3BlobStore, key: str, path: Path, part_size: int) -> None:
+        self.key, self.path = key, Path(path)
+        self._store, self._name, self._part_size = store, store._name(key), part_size
+        self._upload_id: str | None = None
+        self._parts: list[Future[Any]] = []
+        self._room = threading.BoundedSemaphore(store._parallel)
+        self._submitted = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def wants(self, size: int) -> bool:
+        """True when `size` bytes on disk hold a part not yet sent."""
+        return size - self._submitted >= self._part_size
+
+    def advance(self, size: int) -> None:
+        """Sends every full part of the first `size` bytes of the spool (already on disk)."""
+        while self.wants(size):
+            self._raise_failed()
+            self._room.acquire()
+            try:
+                with self._lock:
+                    if self._closed:
+                        raise StorageError(f"the upload of {self.key!r} was aborted")
+                    if self._upload_id is None:
+                        self._upload_id = self._store._client._create_multipart_upload(
+                            self._store.bucket, self._name, {"Content-Type": "application/octet-stream"}
+                        )
+                    number, offset = len(self._parts) + 1, self._submitted
+                    self._parts.append(self._store._pool.submit(self._send, number, offset, self._part_size))
+                    self._submitted += self._part_size
+            except BaseException as exc:
+                self._room.release()
+                if isinstance(exc, StorageError):
+                    raise
+                raise self._store._error(f"cannot store {self.key!r}", exc) from exc
+
+    def _send(self, number: int, offset: int, length: int) -> Any:
+        from minio.datatypes import Part
+
+        try:
+            with self.path.open("rb") as source:
+                source.seek(offset)
+                data = source.read(length)
+            assert self._upload_id is not None
+            etag = self._store._client._upload_part(self._store.bucket, self._name, data, None, self._upload_id, number)
+            return Part(number, etag)
+        finally:
+            self._room.release()
+
+    def _raise_failed(self) -> None:
+        for part in self._parts:
+            if part.done() and part.exception() is not None:
+                exc = part.exception()
+                assert exc is not None
+                raise self._store._error(f"cannot store {self.key!r}", exc) from exc
+
+    def complete(self, size: int, sha256: str, content_type: str) -> bool:
+        """Sends the rest and completes the object; False when nothing was sent yet (then the
+        caller puts the file as usual). Aborts the upload when anything fails."""
+        if self._upload_id is None:
+            self.abort()
+            return False
+        from minio.commonconfig import REPLACE, CopySource
+
+        try:
+            self.advance(size)
+            parts = [part.result() for part in self._parts]
+            if size > self._submitted:
+                parts.append(self._send_last(len(parts) + 1, size))
+            with self._lock:
+                if self._closed:
+                    raise StorageError(f"the upload of {self.key!r} was aborted")
+                self._closed = True
+            client = self._store._client
+            client._complete_multipart_upload(self._store.bucket, self._name, self._upload_id, parts)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, StorageError):
+                raise
+            raise self._store._error(f"cannot store {self.key!r}", exc) from exc
+        if size <= _COPY_LIMIT:
+            try:
+                client.copy_object(
+                    self._store.bucket,
+                    self._name,
+                    CopySource(self._store.bucket, self._name),
+                    metadata={"sha256": sha256, "Content-Type": content_type},
+                    metadata_directive=REPLACE,
+                )
+            except Exception as exc:  # noqa: BLE001 - the object is complete; only the hint is missing
+                log.warning("no sha256 metadata on %s: %s", self.key, exc)
+        return True
+
+    def _send_last(self, number: int, size: int) -> Any:
+        self._room.acquire()
+        return self._send(number, self._submitted, size - self._submitted)
+
+    def abort(self) -> None:
+        """Stops the upload: no more parts; the multipart upload (if any) is aborted once the
+        parts in flight are done. Safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._store._forget(self)
+        if self._upload_id is None:
+            return
+        upload_id, parts = self._upload_id, list(self._parts)
+
+        def abort() -> None:
+            for part in parts:
+                try:
+                    part.result()
+                except BaseException:  # noqa: BLE001 - aborting anyway
+                    pass
+            try:
+                self._store._client._abort_multipart_upload(self._store.bucket, self._name, upload_id)
+            except Exception as exc:  # noqa: BLE001 - an unfinished upload is invisible; a lifecycle rule removes it
+                log.warning("cannot abort the multipart upload of %s: %s", self.key, exc)
+
+        # A thread of its own: it waits for parts that may still queue in the pool.
+        threading.Thread(target=abort, name="s3-abort", daemon=True).start()
+
+
 class S3BlobStore:
     """Objects in an S3 bucket at ``<prefix><key>``, via the minio SDK.
 
     Uploads go through `fput_object` (multipart for big files, so an object appears only
-    when complete; a failed multipart upload is aborted) with the sha256 as user metadata;
+    when complete; a failed multipart upload is aborted) with the sha256 as user metadata,
+    or, for a spool registered with `streamed_put`, as a multipart upload sent while the
+    spool is still being written (StreamedPut), completed by `put_file`;
     reads are ranged GETs streamed in 1 MiB chunks. Every SDK or network failure surfaces
     as StorageError (a missing object as NotFound), never as a minio/urllib3 exception.
     """
@@ -170,6 +317,9 @@ class S3BlobStore:
         self.endpoint = endpoint
         self._part_size = part_size
         self._parallel = max(1, parallel_uploads)
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="s3-part")
+        self._streamed: dict[Path, StreamedPut] = {}
+        self._streamed_lock = threading.Lock()
         # Bounded retries and timeouts, so a dead endpoint fails in seconds (minio's default
         # retries for minutes); a pool big enough for the service's concurrent streams.
         self._http = urllib3.PoolManager(
@@ -216,6 +366,7 @@ class S3BlobStore:
 
     def close(self) -> None:
         """Drops pooled connections (the store is unusable afterwards)."""
+        self._pool.shutdown(wait=True)
         self._http.clear()
 
     # helpers
@@ -239,6 +390,35 @@ class S3BlobStore:
 
     # writes
 
+    can_stream_puts = True
+    """`streamed_put` is offered (see domain.streaming)."""
+
+    def streamed_put(self, key: str, path: Path, expected_size: int) -> StreamedPut:
+        """Starts sending the spool at `path` (to be stored under `key`) while it is written;
+        `put_file(key, path, ...)` completes it, `abort()` drops it (see StreamedPut)."""
+        self._name(key)
+        put = StreamedPut(self, key, Path(path), _part_size(expected_size, self._part_size))
+        with self._streamed_lock:
+            # A spool handed over but never stored (its caller cancelled in between) is gone
+            # from disk: its upload is aborted here.
+            stale = [p for p in self._streamed.values() if not p.path.exists()]
+            self._streamed[put.path] = put
+        for old in stale:
+            old.abort()
+        return put
+
+    def _forget(self, put: StreamedPut) -> None:
+        with self._streamed_lock:
+            if self._streamed.get(put.path) is put:
+                del self._streamed[put.path]
+
+    def release_streamed(self, path: Path) -> None:
+        """Aborts the streamed upload of the spool at `path` unless `put_file` stored it."""
+        with self._streamed_lock:
+            put = self._streamed.get(Path(path))
+        if put is not None:
+            put.abort()
+
     def put_file(self, key: str, path: Path, *, sha256: str, content_type: str = "application/octet-stream") -> None:
         """Uploads `path` (multipart when big: invisible until complete, aborted on failure); consumes `path`."""
         source = Path(path)
@@ -251,6 +431,12 @@ class S3BlobStore:
                 raise StorageError(f"cannot store {key!r}: the source file is unreadable: {exc}") from exc
             if not source.is_file():
                 raise StorageError(f"cannot store {key!r}: the source {source} is not a file")
+            with self._streamed_lock:
+                streamed = self._streamed.pop(source, None)
+            if streamed is not None:
+                if streamed.key == key and streamed.complete(size, digest, content_type):
+                    return
+                streamed.abort()
             try:
                 self._client.fput_object(
                     self.bucket,
