@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,19 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
+STALE_LIMIT_SECONDS = 30.0
+"""A kept answer with a refresh is served at most this long past its expiry while the refresh
+runs (a refresh that fails drops it at once)."""
+
+
 @dataclass
 class _Kept:
     token: Token
     body: bytes
     expires: float  # time.monotonic() after which it is fetched again (inf: only on change)
+    # Rebuilds and puts the answer again; with it, an expired answer is still served (for at
+    # most STALE_LIMIT_SECONDS) while this runs in the background: no caller waits for it.
+    refresh: Callable[[], Awaitable[Any]] | None = None
 
 
 class ChangeWatch:
@@ -75,6 +83,7 @@ class ChangeWatch:
         self.local_writes = 0
         self.streams = 0  # streams opened so far
         self._kept: dict[str, _Kept] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()  # set while the stream is open (tests wait on it)
 
@@ -88,15 +97,43 @@ class ChangeWatch:
 
     def get(self, key: str) -> bytes | None:
         kept = self._kept.get(key)
-        if kept is None or kept.token != self.token() or time.monotonic() > kept.expires:
+        if kept is None or kept.token != self.token():
             return None
+        now = time.monotonic()
+        if now > kept.expires:
+            if kept.refresh is None or now > kept.expires + STALE_LIMIT_SECONDS:
+                return None
+            self._start_refresh(key, kept.refresh)
         return kept.body
 
-    def put(self, key: str, token: Token | None, body: bytes, expires: float = float("inf")) -> None:
+    def put(
+        self,
+        key: str,
+        token: Token | None,
+        body: bytes,
+        expires: float = float("inf"),
+        refresh: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         """Keeps `body` if it was read under `token` (taken before the fetch) and that is
-        still the current one."""
+        still the current one. With `refresh`, an expired `body` is served while `refresh()`
+        (which puts the new answer) runs in the background."""
         if token is not None and token == self.token():
-            self._kept[key] = _Kept(token, body, expires)
+            self._kept[key] = _Kept(token, body, expires, refresh)
+
+    def _start_refresh(self, key: str, refresh: Callable[[], Awaitable[Any]]) -> None:
+        if key in self._refreshing:
+            return
+
+        async def run() -> None:
+            try:
+                await refresh()
+            except Exception as err:  # noqa: BLE001 - the next call fetches it the usual way
+                self._kept.pop(key, None)
+                log.info("refreshing a kept answer failed: it is fetched again", extra={"key": key, "error": str(err)})
+            finally:
+                self._refreshing.pop(key, None)
+
+        self._refreshing[key] = asyncio.get_running_loop().create_task(run())
 
     def drop(self, key: str) -> None:
         """Forgets the answer kept under `key` (what it was derived from changed)."""
@@ -122,6 +159,8 @@ class ChangeWatch:
     async def stop(self) -> None:
         task, self._task = self._task, None
         self._set_generation(None)
+        for refreshing in list(self._refreshing.values()):
+            refreshing.cancel()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

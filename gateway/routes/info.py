@@ -184,7 +184,11 @@ class InfoCache:
 
 
 def info_cache(request: Request) -> InfoCache:
-    state = request.app.state
+    return info_cache_of(request.app)
+
+
+def info_cache_of(app: Any) -> InfoCache:
+    state = app.state
     cache = getattr(state, "info_cache", None)
     if cache is None:
         cache = state.info_cache = InfoCache()
@@ -305,9 +309,16 @@ def _expires(ctx: Ctx, cache: InfoCache, pushed: bool) -> float:
 
 @router.get("/info/", summary="Get App Info")
 async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
-    cache = info_cache(request)
-    watch = change_watch(request.app)
-    stats_watch = train_stats_watch(request.app)
+    return await _answer(ctx, request.app)
+
+
+async def _answer(ctx: Ctx, app: Any) -> JSONResponse:
+    """/info/, kept (gateway.changes) until the datastore or the train stats change; once its
+    parts are older than their TTL it is still served while this runs again in the
+    background, so no caller waits on the services after the first."""
+    cache = info_cache_of(app)
+    watch = change_watch(app)
+    stats_watch = train_stats_watch(app)
     stats_watch.start(ctx.clients.training, ctx.service_metadata)
     generation, stats_version = cache.generation, stats_watch.version
     (parts, train_stats), (stats, token) = await asyncio.gather(
@@ -332,5 +343,11 @@ async def app_info(request: Request, ctx: Ctx = CtxDep) -> JSONResponse:
     # Kept unless a model changed or new train stats came meanwhile.
     if generation == cache.generation and stats_version == stats_watch.version:
         pushed = stats_watch.stats is not None
-        watch.put(INFO_KEY, token, bytes(response.body), expires=_expires(ctx, cache, pushed))
+        watch.put(
+            INFO_KEY,
+            token,
+            bytes(response.body),
+            expires=_expires(ctx, cache, pushed),
+            refresh=lambda: _answer(ctx, app),
+        )
     return response
