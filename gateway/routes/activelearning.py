@@ -37,6 +37,7 @@ from gateway.routes.common import (
 )
 from services.common.auth import issue_download_token
 from services.common.protos import struct_to_dict
+from services.common.resource_names import resource_type
 
 router = APIRouter(route_class=naming_service("active learning", "activelearning_address"))
 log = logging.getLogger("labelgrid.gateway")
@@ -131,13 +132,19 @@ async def sample(
 # -- /scoring/ ------------------------------------------------------------------------------------
 
 
+_METHOD = resource_type("labelgrid.activelearning/ScoringMethod")
+_MODEL = resource_type("labelgrid.inference/Model")
+_MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
+
+
 def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
     """A scoring job in MONAI Label's task shape (plus labelgrid's progress and errors)."""
-    method = job.method.removeprefix("scoringMethods/")
+    method = _METHOD.parse(job.method)[0]
+    model = _MODEL.parse(job.model)[0] if job.model else ""
     task: dict[str, Any] = {
         "id": job.job_id,
         "status": task_status(job.state),
-        "request": {"method": method, "model": job.model.removeprefix("models/"), **struct_to_dict(job.params)},
+        "request": {"method": method, "model": model, **struct_to_dict(job.params)},
         "start_ts": task_time(job.times.start_time if job.times.HasField("start_time") else job.times.create_time),
         "progress": {
             "total": job.progress.total,
@@ -149,7 +156,7 @@ def task_json(job: al_res.ScoringJob) -> dict[str, Any]:
     if job.force:
         task["request"]["force"] = True
     if job.model_version:
-        task["model_version"] = job.model_version.rsplit("/", 1)[-1]
+        task["model_version"] = _MODEL_VERSION.parse(job.model_version)[1]
     if job.log_tail or job.state != common_pb2.JOB_STATE_QUEUED:
         task["details"] = list(job.log_tail)
     if job.times.HasField("end_time"):

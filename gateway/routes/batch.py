@@ -37,6 +37,7 @@ from gateway.routes.common import (
     with_task_outcome,
 )
 from services.common.protos import struct_to_dict
+from services.common.resource_names import resource_type
 
 router = APIRouter(prefix="/batch", tags=["Infer"], route_class=naming_service("inference", "inference_address"))
 
@@ -70,11 +71,15 @@ _FILTERS = {
 _FILTER_NAMES = {value: key.value for key, value in _FILTERS.items()}
 
 
+_MODEL = resource_type("labelgrid.inference/Model")
+_IMAGE = resource_type("labelgrid.datastore/Image")
+
+
 def task_json(job: res.BatchInferenceJob) -> dict[str, Any]:
     """A BatchInferenceJob as MONAI Label's task object, with progress."""
-    request: dict[str, Any] = {"model": job.model.removeprefix("models/")}
+    request: dict[str, Any] = {"model": _MODEL.parse(job.model)[0]}
     request["images"] = (
-        [name.removeprefix("images/") for name in job.images] if job.images else _FILTER_NAMES[job.image_filter]
+        [_IMAGE.parse(name)[0] for name in job.images] if job.images else _FILTER_NAMES[job.image_filter]
     )
     request.update(struct_to_dict(job.params.params))
     request["label_tag"] = job.params.result.label_tag
@@ -95,7 +100,7 @@ def sync_answer(job: res.BatchInferenceJob) -> dict[str, Any]:
     """MONAI Label's run_sync answer: each image's saved label, its tag and the inference's params."""
     answer: dict[str, Any] = {}
     for item in job.results:
-        image = item.image.removeprefix("images/")
+        image = _IMAGE.parse(item.image)[0]
         answer[image] = (
             {} if item.failed else {"label": item.label, "tag": item.label_tag, "params": struct_to_dict(item.params)}
         )

@@ -32,6 +32,7 @@ from gateway.routes.common import (
     with_task_outcome,
 )
 from services.common.protos import struct_to_dict
+from services.common.resource_names import resource_type
 
 router = APIRouter(prefix="/train", tags=["Train"], route_class=naming_service("training", "training_address"))
 log = logging.getLogger("labelgrid.gateway")
@@ -40,9 +41,12 @@ log = logging.getLogger("labelgrid.gateway")
 _DROPPED = {"model", "client_id", "gpus", "multi_gpu", "device", "devices", "enqueue", "run_sync"}
 
 
+_TRAINER = resource_type("labelgrid.training/Trainer")
+
+
 def task_json(job: res.TrainingJob) -> dict[str, Any]:
     """A TrainingJob as MONAI Label's task object."""
-    request: dict[str, Any] = {"model": job.trainer.removeprefix("trainers/")}
+    request: dict[str, Any] = {"model": _TRAINER.parse(job.trainer)[0]}
     params = job.params
     if params.HasField("extra"):
         request.update(struct_to_dict(params.extra))

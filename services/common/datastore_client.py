@@ -27,6 +27,16 @@ from services.common.errors import ErrorKind, LabelgridError, StorageError
 from services.common.grpc_errors import error_details
 from services.common.models.types import RESET_VERSION_PREFIX
 from services.common.protos import dict_to_struct, struct_to_dict
+from services.common.resource_names import resource_type
+
+IMAGE = resource_type("labelgrid.datastore/Image")
+LABEL = resource_type("labelgrid.datastore/Label")
+MODEL = resource_type("labelgrid.datastore/Model")
+MODEL_VERSION = resource_type("labelgrid.datastore/ModelVersion")
+LEASE = resource_type("labelgrid.datastore/Lease")
+RECORD = resource_type("labelgrid.datastore/Record")
+RECORD_KIND = resource_type("labelgrid.datastore/RecordKind")
+SESSION = resource_type("labelgrid.datastore/Session")
 
 T = TypeVar("T")
 
@@ -156,25 +166,25 @@ class DatastoreClient:
         return path
 
     async def download_image(self, image_id: str, dest_dir: Path) -> Path:
-        call = self.stub.DownloadImage(ds.DownloadImageRequest(name=f"images/{image_id}"), timeout=self.timeout)
+        call = self.stub.DownloadImage(ds.DownloadImageRequest(name=IMAGE.format(image_id)), timeout=self.timeout)
         return await self._download(call, dest_dir, f"{image_id}.nii.gz", f"reading image {image_id!r}")
 
     async def download_session(self, session_id: str, dest_dir: Path) -> Path:
         """A session's volume (MONAI Label's session_id), under the file name it was uploaded with."""
-        call = self.stub.DownloadSession(ds.DownloadSessionRequest(name=f"sessions/{session_id}"), timeout=self.timeout)
+        call = self.stub.DownloadSession(
+            ds.DownloadSessionRequest(name=SESSION.format(session_id)), timeout=self.timeout
+        )
         return await self._download(call, dest_dir, "session.nii.gz", f"reading session {session_id!r}")
 
     async def download_label(self, image_id: str, tag: str, dest_dir: Path) -> Path:
-        call = self.stub.DownloadLabel(
-            ds.DownloadLabelRequest(name=f"images/{image_id}/labels/{tag}"), timeout=self.timeout
-        )
+        call = self.stub.DownloadLabel(ds.DownloadLabelRequest(name=LABEL.format(image_id, tag)), timeout=self.timeout)
         return await self._download(
             call, dest_dir, f"{image_id}.nii.gz", f"reading the {tag!r} label of image {image_id!r}"
         )
 
     async def download_model_version(self, model: str, version: str, dest_dir: Path) -> Path:
         call = self.stub.DownloadModelVersion(
-            ds.DownloadModelVersionRequest(name=f"models/{model}/versions/{version}"), timeout=self.timeout
+            ds.DownloadModelVersionRequest(name=MODEL_VERSION.format(model, version)), timeout=self.timeout
         )
         return await self._download(call, dest_dir, "model.pt", f"reading version {version!r} of model {model!r}")
 
@@ -182,7 +192,7 @@ class DatastoreClient:
         info_struct = struct_pb2.Struct()
         info_struct.update(info)
         header = ds.UploadLabelHeader(
-            image=f"images/{image_id}",
+            image=IMAGE.format(image_id),
             tag=tag,
             file_name=file_name,
             info=info_struct,
@@ -192,14 +202,14 @@ class DatastoreClient:
         response = await self.call(
             f"saving the label of image {image_id!r}", lambda: self.stub.UploadLabel(messages, timeout=self.timeout)
         )
-        return response.label.name or f"images/{image_id}/labels/{tag}"
+        return response.label.name or LABEL.format(image_id, tag)
 
     async def upload_model_version(
         self, model: str, path: Path, *, metrics: dict[str, Any], info: dict[str, Any], version: str = ""
     ) -> ds_res.ModelVersion:
         """Publishes a weights file as a new version of `model` (numbered by the datastore when empty)."""
         header = ds.UploadModelVersionHeader(
-            model=f"models/{model}", version=version, file_name=path.name, metrics=dict_to_struct(metrics),
+            model=MODEL.format(model), version=version, file_name=path.name, metrics=dict_to_struct(metrics),
             info=dict_to_struct(info), size_bytes=path.stat().st_size,
         )  # fmt: skip
         messages = _upload_messages(ds.UploadModelVersionRequest, ds.UploadModelVersionRequest(header=header), path)
@@ -242,7 +252,7 @@ class DatastoreClient:
     async def renew_image_lease(self, image_id: str, client_id: str, ttl_seconds: int = 0) -> None:
         """Extends `client_id`'s lease on the image (ttl 0: the datastore's default); NOT_FOUND
         (LEASE_NOT_FOUND) when that client holds none."""
-        request = ds.RenewImageLeaseRequest(name=f"leases/{image_id}", client_id=client_id, ttl_seconds=ttl_seconds)
+        request = ds.RenewImageLeaseRequest(name=LEASE.format(image_id), client_id=client_id, ttl_seconds=ttl_seconds)
         await self.call(
             f"renewing the lease of {client_id!r} on image {image_id!r}",
             lambda: self.stub.RenewImageLease(request, timeout=5.0),  # short: it must not hold up an infer
@@ -253,7 +263,7 @@ class DatastoreClient:
     async def put_record(self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
         """Stores a document; returns its new revision (ABORTED if expected_revision no longer matches)."""
         request = ds.PutRecordRequest(
-            name=f"records/{kind}/{record_id}", data=dict_to_struct(data), expected_revision=expected_revision
+            name=RECORD.format(kind, record_id), data=dict_to_struct(data), expected_revision=expected_revision
         )
         response = await self.call(
             f"storing record {kind}/{record_id}", lambda: self.stub.PutRecord(request, timeout=self.timeout)
@@ -262,7 +272,7 @@ class DatastoreClient:
 
     async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
         """The document, or None if there is none."""
-        request = ds.GetRecordRequest(name=f"records/{kind}/{record_id}")
+        request = ds.GetRecordRequest(name=RECORD.format(kind, record_id))
         try:
             response = await self.stub.GetRecord(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as error:
@@ -276,7 +286,7 @@ class DatastoreClient:
         documents: list[dict[str, Any]] = []
         token = ""
         while True:
-            request = ds.ListRecordsRequest(parent=f"records/{kind}", page_size=1000, page_token=token)
+            request = ds.ListRecordsRequest(parent=RECORD_KIND.format(kind), page_size=1000, page_token=token)
             response = await self.call(
                 f"listing records {kind}", partial(self.stub.ListRecords, request, timeout=self.timeout)
             )
@@ -286,7 +296,7 @@ class DatastoreClient:
                 return documents
 
     async def delete_record(self, kind: str, record_id: str) -> None:
-        request = ds.DeleteRecordRequest(name=f"records/{kind}/{record_id}")
+        request = ds.DeleteRecordRequest(name=RECORD.format(kind, record_id))
         await self.call(
             f"deleting record {kind}/{record_id}", lambda: self.stub.DeleteRecord(request, timeout=self.timeout)
         )
@@ -294,7 +304,7 @@ class DatastoreClient:
     async def serving_version(self, model: str) -> str | None:
         try:
             response = await self.stub.GetModel(
-                ds.GetModelRequest(name=f"models/{model}"), timeout=min(self.timeout, 10.0)
+                ds.GetModelRequest(name=MODEL.format(model)), timeout=min(self.timeout, 10.0)
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -311,7 +321,7 @@ class DatastoreClient:
         while True:
             try:
                 response = await self.stub.ListModelVersions(
-                    ds.ListModelVersionsRequest(parent=f"models/{model}", page_size=1000, page_token=token),
+                    ds.ListModelVersionsRequest(parent=MODEL.format(model), page_size=1000, page_token=token),
                     timeout=min(self.timeout, 10.0),
                 )
             except grpc.aio.AioRpcError as error:

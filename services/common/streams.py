@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from services.common.chunks import SpooledFile, SpoolWriter, finish_spool
 from services.common.errors import InvalidArgument
+from services.common.resource_names import check_required
 
 Header = TypeVar("Header")
 Response = TypeVar("Response")
@@ -27,7 +28,8 @@ async def receive_upload(
 ) -> tuple[Any, SpooledFile]:
     """Reads header, chunks and finish into a verified spooled file.
 
-    `open_spool(header)` makes the spool (it may refuse a declared size early). If the
+    A header missing a REQUIRED field (google.api.field_behavior) is refused before anything is
+    spooled. `open_spool(header)` makes the spool (it may refuse a declared size early). If the
     stream is malformed, too large, fails its checksum, or the client hangs up, the
     spool is removed and nothing is left behind.
     """
@@ -39,6 +41,7 @@ async def receive_upload(
     if first.WhichOneof("payload") != "header":
         raise InvalidArgument("the first message of an upload stream must be the header")
     header = first.header
+    check_required(header)
     spool = await asyncio.to_thread(open_spool, header)
     writing: asyncio.Future[None] | None = None
     try:

@@ -4,13 +4,15 @@ for the check, a real grpc.aio server with the services' interceptors)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import google.api
 import grpc
 import pytest
 from google.api import field_behavior_pb2, resource_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.training.v1 import resources_pb2 as training_res
 from labelgrid.training.v1 import training_service_pb2 as training_pb
 
@@ -20,6 +22,7 @@ from services.common.grpc_errors import error_details
 from services.common.resource_names import ResourceType, check_required, declared_types, resource_type
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
+from services.common.streams import receive_upload
 from services.datastore.api.convert import blob_name_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,3 +189,19 @@ async def test_the_servicers_refuse_a_request_missing_a_required_field() -> None
     assert details.reason == "INVALID_INPUT"
     assert "name is required" in details.message
     assert reached == ["trainingJobs/a"]
+
+
+async def test_an_upload_header_missing_a_required_field_is_refused_before_spooling() -> None:
+    opened: list[object] = []
+
+    async def requests() -> AsyncIterator[ds_pb.UploadLabelRequest]:
+        yield ds_pb.UploadLabelRequest(header=ds_pb.UploadLabelHeader(tag="final", file_name="a.nii.gz"))
+        yield ds_pb.UploadLabelRequest(chunk=b"never read")
+
+    def open_spool(header: object) -> Any:
+        opened.append(header)
+        raise AssertionError("spooled an upload whose header lacks a required field")
+
+    with pytest.raises(InvalidArgument, match="image is required"):
+        await receive_upload(requests(), open_spool)
+    assert opened == []
