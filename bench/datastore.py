@@ -1,10 +1,12 @@
 """Datastore benchmark: the service against the raw minio SDK on the same SeaweedFS.
 
-    python -m bench.datastore [--sizes 64,512] [--counts 1000,10000] [--out bench/results/datastore.json]
+    python -m bench.datastore [--sizes 64,512] [--rounds 3] [--counts 1000,10000] [--out bench/results/datastore.json]
 
 1. Upload / download throughput of large volumes through the datastore service (gRPC chunk
-   streams, s3 backend) vs `minio` put/get straight to the same SeaweedFS, with the service's
-   peak RSS while streaming (it must not grow with the payload).
+   streams, s3 backend) vs `minio` put/get straight to the same SeaweedFS, interleaved round by
+   round, as service ÷ raw speed ratios (median and spread of the rounds), with the service's
+   peak RSS growth while streaming (it must not grow with the payload). Through REST:
+   bench/transfers.py --systems minio,labelgrid-s3.
 2. ListImages / GetStatus / unlabeled-images latency with 1,000 and 10,000 images, on the
    local and s3 blob backends (SQLite index).
 Prints a table and writes JSON. Numbers, not assertions: tests check behaviour.
@@ -88,7 +90,11 @@ def grpc_download(stub, name: str) -> int:
     return size
 
 
-def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path) -> list[dict]:
+def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path, rounds: int = 3) -> list[dict]:
+    """Per size, `rounds` rounds of: the raw SDK's upload and download, then the service's over
+    gRPC, back to back on the same SeaweedFS. Ratios are service ÷ raw speeds (1.0 = as fast as
+    the SDK), the median and spread of the round-by-round ratios: on a shared machine the load
+    changes between rounds much more than between the two halves of one."""
     client = s3.client()
     raw_bucket = s3.new_bucket()
     client.make_bucket(raw_bucket)
@@ -118,35 +124,45 @@ def throughput(s3: SeaweedS3, sizes_mib: list[int], work: Path) -> list[dict]:
             with source.open("wb") as out:
                 for piece in chunks():
                     out.write(piece)
-            started = time.perf_counter()
-            client.fput_object(raw_bucket, source.name, str(source), part_size=16 * MiB)
-            raw_up = time.perf_counter() - started
-            source.unlink()
-            started = time.perf_counter()
-            response = client.get_object(raw_bucket, source.name)
-            got = sum(len(piece) for piece in response.stream(CHUNK))
-            response.close()
-            response.release_conn()
-            raw_down = time.perf_counter() - started
-            assert got == size
+            speeds: dict[str, list[float]] = {k: [] for k in ("raw_up", "raw_down", "svc_up", "svc_down")}
+            rss_growth = 0.0
+            for n in range(rounds):
+                started = time.perf_counter()
+                client.fput_object(raw_bucket, source.name, str(source), part_size=16 * MiB)
+                speeds["raw_up"].append(size / MiB / (time.perf_counter() - started))
+                started = time.perf_counter()
+                response = client.get_object(raw_bucket, source.name)
+                got = sum(len(piece) for piece in response.stream(CHUNK))
+                response.close()
+                response.release_conn()
+                speeds["raw_down"].append(size / MiB / (time.perf_counter() - started))
+                assert got == size
 
-            rss = PeakRss(service.proc.pid)
-            started = time.perf_counter()
-            grpc_upload(stub, f"svc{size_mib}", chunks, sha)
-            svc_up = time.perf_counter() - started
-            started = time.perf_counter()
-            assert grpc_download(stub, f"svc{size_mib}") == size
-            svc_down = time.perf_counter() - started
-            rss_growth = rss.stop() / MiB
+                rss = PeakRss(service.proc.pid)
+                started = time.perf_counter()
+                grpc_upload(stub, f"svc{size_mib}_{n}", chunks, sha)
+                speeds["svc_up"].append(size / MiB / (time.perf_counter() - started))
+                started = time.perf_counter()
+                assert grpc_download(stub, f"svc{size_mib}_{n}") == size
+                speeds["svc_down"].append(size / MiB / (time.perf_counter() - started))
+                rss_growth = max(rss_growth, rss.stop() / MiB)
+            source.unlink()
+            up = [a / b for a, b in zip(speeds["svc_up"], speeds["raw_up"], strict=True)]
+            down = [a / b for a, b in zip(speeds["svc_down"], speeds["raw_down"], strict=True)]
             rows.append(
                 {
                     "size_mib": size_mib,
-                    "raw_upload_mib_s": size / MiB / raw_up,
-                    "service_upload_mib_s": size / MiB / svc_up,
-                    "upload_ratio": svc_up / raw_up,
-                    "raw_download_mib_s": size / MiB / raw_down,
-                    "service_download_mib_s": size / MiB / svc_down,
-                    "download_ratio": svc_down / raw_down,
+                    "rounds": rounds,
+                    "raw_upload_mib_s": statistics.median(speeds["raw_up"]),
+                    "service_upload_mib_s": statistics.median(speeds["svc_up"]),
+                    "upload_service_vs_raw": statistics.median(up),
+                    "upload_ratio_min": min(up),
+                    "upload_ratio_max": max(up),
+                    "raw_download_mib_s": statistics.median(speeds["raw_down"]),
+                    "service_download_mib_s": statistics.median(speeds["svc_down"]),
+                    "download_service_vs_raw": statistics.median(down),
+                    "download_ratio_min": min(down),
+                    "download_ratio_max": max(down),
                     "service_rss_growth_mib": rss_growth,
                 }
             )
@@ -257,17 +273,19 @@ def table(rows: list[dict], title: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,512", help="volume sizes in MiB")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved raw/service rounds per size")
     parser.add_argument("--counts", default="1000,10000", help="datastore sizes for the listing benchmark")
     parser.add_argument("--out", type=Path, default=Path("bench/results/datastore.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="labelgrid-bench-") as tmp:
         work = Path(tmp)
         with run_seaweedfs(work / "seaweedfs") as s3:
-            transfer = throughput(s3, [int(v) for v in args.sizes.split(",")], work)
+            transfer = throughput(s3, [int(v) for v in args.sizes.split(",")], work, args.rounds)
             print(
                 table(
                     transfer,
-                    "throughput: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS; ratio = service time / raw time",
+                    "throughput over gRPC: datastore service (s3 backend) vs raw minio SDK, same SeaweedFS;"
+                    " *_service_vs_raw = service speed / raw speed, median of the rounds' ratios (min, max)",
                 )
             )
             counts = [int(v) for v in args.counts.split(",") if v]
