@@ -15,7 +15,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from services.activelearning.domain.model import Acquired, ImageEntry, Lease, LeasePage
-from services.common.datastore_client import DatastoreClient
+from services.common.datastore_client import IMAGE, LEASE, DatastoreClient
 from services.common.protos import dict_to_struct, struct_to_dict
 
 _ORDERS = {"first": ds.IMAGE_ORDER_UNSPECIFIED, "random": ds.IMAGE_ORDER_RANDOM, "score": ds.IMAGE_ORDER_SCORE_DESC}
@@ -73,7 +73,7 @@ class DatastoreLeases:
         return Acquired(image_entry(response.image), lease_value(response.lease))
 
     async def renew(self, image_id: str, client_id: str, ttl_seconds: int) -> Lease:
-        request = ds.RenewImageLeaseRequest(name=f"leases/{image_id}", client_id=client_id, ttl_seconds=ttl_seconds)
+        request = ds.RenewImageLeaseRequest(name=LEASE.format(image_id), client_id=client_id, ttl_seconds=ttl_seconds)
         stub = self.client.stub
         response = await self.client.call(
             f"renewing the lease on {image_id!r}", lambda: stub.RenewImageLease(request, timeout=self._timeout)
@@ -81,7 +81,7 @@ class DatastoreLeases:
         return lease_value(response.lease)
 
     async def release(self, image_id: str, client_id: str) -> None:
-        request = ds.ReleaseImageLeaseRequest(name=f"leases/{image_id}", client_id=client_id)
+        request = ds.ReleaseImageLeaseRequest(name=LEASE.format(image_id), client_id=client_id)
         stub = self.client.stub
         await self.client.call(
             f"releasing the lease on {image_id!r}", lambda: stub.ReleaseImageLease(request, timeout=self._timeout)
@@ -105,7 +105,7 @@ class DatastoreLeases:
                 return count
 
     async def update_info(self, image_id: str, info: dict[str, Any]) -> None:
-        request = ds.UpdateImageInfoRequest(name=f"images/{image_id}", info=dict_to_struct(info))
+        request = ds.UpdateImageInfoRequest(name=IMAGE.format(image_id), info=dict_to_struct(info))
         stub = self.client.stub
         await self.client.call(
             f"updating the info of image {image_id!r}", lambda: stub.UpdateImageInfo(request, timeout=self._timeout)
@@ -113,7 +113,7 @@ class DatastoreLeases:
 
     async def set_score(self, image_id: str, key: str, value: float, model_version: str) -> None:
         request = ds.SetImageScoreRequest(
-            name=f"images/{image_id}", score_key=key, value=value, model_version=model_version
+            name=IMAGE.format(image_id), score_key=key, value=value, model_version=model_version
         )
         stub = self.client.stub
         await self.client.call(

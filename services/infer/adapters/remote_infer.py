@@ -12,8 +12,12 @@ from labelgrid.inference.v1 import resources_pb2 as res
 from services.common.errors import ErrorKind, LabelgridError
 from services.common.grpc_errors import error_details
 from services.common.protos import dict_to_struct, struct_to_dict
+from services.common.resource_names import resource_type
 from services.infer.domain.batch import ImageOutcome
 from services.infer.domain.model import InferParams
+
+MODEL = resource_type("labelgrid.inference/Model")
+IMAGE = resource_type("labelgrid.datastore/Image")
 
 
 class RemoteInfer:
@@ -28,8 +32,8 @@ class RemoteInfer:
     async def __call__(self, model: str, image_id: str, params: InferParams) -> ImageOutcome:
         result = params.result
         request = pb.InferRequest(
-            model=f"models/{model}",
-            image=f"images/{image_id}",
+            model=MODEL.format(model),
+            image=IMAGE.format(image_id),
             params=res.InferParams(
                 result=res.ResultOptions(
                     result_extension=result.extension,

@@ -7,7 +7,7 @@ from typing import Any
 
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds
 
-from services.common.datastore_client import DatastoreClient
+from services.common.datastore_client import MODEL_VERSION, DatastoreClient
 from services.common.errors import ErrorKind, LabelgridError
 
 
@@ -29,7 +29,7 @@ class TrainingDatastore:
         return await self.client.upload_model_version(model, path, metrics=metrics, info=info, version=version)
 
     async def model_version_exists(self, model: str, version: str) -> bool:
-        request = ds.GetModelVersionRequest(name=f"models/{model}/versions/{version}")
+        request = ds.GetModelVersionRequest(name=MODEL_VERSION.format(model, version))
         try:
             await self.client.call(
                 f"looking up version {version!r} of model {model!r}",

@@ -60,7 +60,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def GetTrainStats(self, request: pb.GetTrainStatsRequest, context: Any) -> pb.GetTrainStatsResponse:
         stats, job_id = await self.training.train_stats(convert.trainer_name(request.trainer))
         return pb.GetTrainStatsResponse(
-            train_stats=dict_to_struct(stats), training_job=f"trainingJobs/{job_id}" if job_id else ""
+            train_stats=dict_to_struct(stats), training_job=convert.TRAINING_JOB.format(job_id) if job_id else ""
         )
 
     async def WatchTrainStats(
