@@ -11,6 +11,9 @@ clients use) and on the gateway's own port, interleaved call by call, so
     Envoy hop = through Envoy - gateway port;   gateway = gateway port - 404 floor.
 
 Prints p50 / p95 per path and hop, the medians over rounds, and writes JSON.
+With --poll N, then also GET /info/ N times every --poll-interval seconds (Slicer polls it
+every 5 s while training): whether a caller that comes after the kept parts' TTL waits on the
+services. --src runs labelgrid from another tree (e.g. `git archive` of an older commit).
 Numbers, not assertions.
 """
 
@@ -40,7 +43,7 @@ PATHS = {
 }
 
 
-def labelgrid(studies: Path, work: Path) -> tuple[Any, str, str]:
+def labelgrid(studies: Path, work: Path, src: Path | None = None) -> tuple[Any, str, str]:
     flags = ["--port", "--admin-port", "--gateway-port", "--datastore-port", "--inference-port",
              "--training-port", "--activelearning-port"]  # fmt: skip
     ports = free_ports(len(flags))
@@ -51,7 +54,28 @@ def labelgrid(studies: Path, work: Path) -> tuple[Any, str, str]:
     for flag, port in zip(flags, ports, strict=True):
         argv += [flag, str(port)]
     envoy, gateway = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}"
-    return serve(argv, envoy, work / "labelgrid.log", dict(os.environ), timeout=600, cwd=ROOT), envoy, gateway
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "protos" / "gen" / "python")])
+    return serve(argv, envoy, work / "labelgrid.log", env, timeout=600, cwd=src or ROOT), envoy, gateway
+
+
+def poll_info(envoy: str, n: int, interval: float) -> dict[str, Any]:
+    """GET /info/ every `interval` seconds, `n` times (after one call that fills what is kept),
+    and GET /docs likewise on its own connection (the floor after the same idle time)."""
+    times: dict[str, list[float]] = {"/info/": [], "/docs": []}
+    with httpx.Client(base_url=envoy, timeout=60) as info, httpx.Client(base_url=envoy, timeout=60) as docs:
+        info.get("/info/").raise_for_status()
+        docs.get("/docs").raise_for_status()
+        for _ in range(n):
+            time.sleep(interval)  # the client's polling period, not a wait for the server
+            for path, http in (("/info/", info), ("/docs", docs)):
+                start = time.perf_counter()
+                http.get(path).raise_for_status()
+                times[path].append(time.perf_counter() - start)
+    return {
+        path: {"p50_ms": 1000 * statistics.median(v), "max_ms": 1000 * max(v), "calls": n} for path, v in times.items()
+    }
 
 
 def one_round(envoy: str, gateway: str, n: int) -> dict[str, Any]:
@@ -79,15 +103,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hotpath.json")
+    parser.add_argument("--poll", type=int, default=0, help="GET /info/ this many times, every --poll-interval s")
+    parser.add_argument("--poll-interval", type=float, default=5.5)
+    parser.add_argument("--src", type=Path, default=None, help="run labelgrid from this source tree")
     args = parser.parse_args(argv)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="lg-hotpath-") as tmp:
         base = Path(tmp)
         write_studies(base / "studies", args.images)
-        server, envoy, gateway = labelgrid(base / "studies", base)
+        server, envoy, gateway = labelgrid(base / "studies", base, args.src)
+        polled: dict[str, Any] | None = None
         with server:
             for _ in range(args.rounds):
                 rounds.append(one_round(envoy, gateway, args.requests))
+            if args.poll:
+                polled = poll_info(envoy, args.poll, args.poll_interval)
     print(f"| path ({args.images:,} images) | through Envoy p50 / p95 | gateway port p50 / p95 | Envoy hop (p50) |")
     print("|---|---|---|---|")
     medians: dict[str, Any] = {}
@@ -102,8 +132,14 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {m['envoy']['p50_ms']:.2f} / {m['envoy']['p95_ms']:.2f} ms "
             f"| {m['gateway']['p50_ms']:.2f} / {m['gateway']['p95_ms']:.2f} ms | {hop:.2f} ms |"
         )
+    for path, row in (polled or {}).items():
+        print(
+            f"GET {path} every {args.poll_interval:g} s, {args.poll} calls: "
+            f"p50 {row['p50_ms']:.2f} ms, max {row['max_ms']:.2f} ms"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"images": args.images, "rounds": rounds, "medians": medians}, indent=2))
+    out = {"images": args.images, "rounds": rounds, "medians": medians, "polled_info": polled}
+    args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 
