@@ -47,8 +47,11 @@ def build_datastore(settings: DatastoreSettings, *, clock: Callable[[], float] =
     legacy: Callable[[], dict[str, Any] | None] = lambda: None  # noqa: E731
     if settings.backend == "local":
         # Keep MONAI Label's own datastore_v2.json current, so MONAI Label still opens the folder.
+        # The bytes GET /datastore/?output=all answers (built in SQL, kept until the next
+        # change): one build per change serves both, where the model built in Python and
+        # dumped with indent 2 took the datastore's GIL for seconds at 100,000 images.
         mirror = JsonMirror(
-            root, lambda: index.export_monailabel_model(settings.dataset_name, settings.dataset_description)
+            root, lambda: index.export_monailabel_json(settings.dataset_name, settings.dataset_description)
         )
         legacy = lambda: read_monailabel_json(root)  # noqa: E731
     datastore = Datastore(

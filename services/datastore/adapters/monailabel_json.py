@@ -122,16 +122,17 @@ def read_monailabel_json(
 
 
 def write_monailabel_json(
-    root: str | os.PathLike[str], model: Mapping[str, Any], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
+    root: str | os.PathLike[str], model: Mapping[str, Any] | bytes, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
 ) -> None:
     """Atomically replaces the folder's ``datastore_v2.json`` under MONAI Label's lock.
 
-    Serialised before taking the lock (MONAI Label readers wait only for the write),
-    written as MONAI Label writes it (indent 2), fsynced, then ``os.replace``d.
+    Serialised before taking the lock (MONAI Label readers wait only for the write): a
+    model as MONAI Label writes it (indent 2), bytes (the model already serialised, e.g.
+    ``SqlIndex.export_monailabel_json``) as they are; fsynced, then ``os.replace``d.
     """
     root = Path(root)
     path = root / DATASTORE_FILE
-    payload = json.dumps(model, indent=2, default=str).encode()
+    payload = model if isinstance(model, bytes) else json.dumps(model, indent=2, default=str).encode()
     try:
         with _lock(root, lock_timeout):
             fd, tmp = tempfile.mkstemp(prefix=f".{DATASTORE_FILE}.", suffix=".tmp", dir=root)
@@ -164,7 +165,7 @@ class JsonMirror:
     def __init__(
         self,
         root: str | os.PathLike[str],
-        export: Callable[[], Mapping[str, Any]],
+        export: Callable[[], Mapping[str, Any] | bytes],
         *,
         interval: float = 0.5,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
