@@ -20,6 +20,8 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from services.activelearning.service import start_service as start_activelearning
+from services.activelearning.settings import ActiveLearningSettings
 from services.common.models.volumes import nrrd_affine
 from services.datastore.adapters.dicomweb_store import SEG_KEY
 from tests.fixtures.gateway import GatewayStack, real_inference
@@ -41,15 +43,44 @@ def pacs_series(orthanc: Orthanc) -> tuple[str, CtSeries, CtSeries]:
     return patient, first, second
 
 
+class _Both:
+    """Two in-process gRPC services the stack stops as one."""
+
+    def __init__(self, *services: Any) -> None:
+        self.services = services
+
+    async def stop(self, grace: float | None) -> None:
+        for service in self.services:
+            await service.stop(grace)
+
+
 @pytest.fixture(scope="module")
 def pacs_stack(
     tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc, pacs_series: tuple[str, CtSeries, CtSeries]
 ) -> Iterator[GatewayStack]:
     root = tmp_path_factory.mktemp("pacs")
     patient = pacs_series[0]
+    start_inference = real_inference(root / "infer")
+
+    async def start_services(datastore_address: str) -> tuple[str, Any]:
+        """Inference, and active learning beside it (OHIF's next sample on PACS series)."""
+        address, inference = await start_inference(datastore_address)
+        activelearning, _ = await start_activelearning(
+            ActiveLearningSettings(
+                port=0,
+                metrics_port=-1,
+                datastore=datastore_address,
+                device="cpu",
+                work_dir=root / "al",
+                torch_threads=1,
+            )
+        )
+        stack.gateway_overrides["activelearning_address"] = activelearning.address
+        return address, _Both(inference, activelearning)
+
     stack = GatewayStack(
         root,
-        start_inference=real_inference(root / "infer"),
+        start_inference=start_services,
         datastore_overrides={
             "backend": "dicomweb",
             "dicomweb_url": orthanc.dicomweb_url,
@@ -57,7 +88,8 @@ def pacs_stack(
             "dicomweb_sync_seconds": 0,
         },
         gateway_overrides={"dicomweb_url": orthanc.dicomweb_url},
-    ).start()
+    )
+    stack.start()  # after the assignment: start_services names the stack
     yield stack
     stack.stop()
 
@@ -217,3 +249,30 @@ def test_infer_output_dicom_seg_needs_a_series(pacs_stack: GatewayStack, tmp_pat
             timeout=60,
         )
     assert answer.status_code == 422 and "SeriesInstanceUID" in answer.json()["detail"]
+
+
+def test_next_sample_leases_pacs_series_as_it_does_images(
+    pacs_stack: GatewayStack, pacs_series: tuple[str, CtSeries, CtSeries]
+) -> None:
+    """OHIF's "next sample" on a PACS: an unlabeled series, leased to the client that asked, its
+    volume downloadable by the answer's path; a second client gets another series (or none)."""
+    _, first, second = pacs_series
+
+    def listed() -> dict[str, Any]:
+        objects = httpx.get(f"{pacs_stack.url}/datastore/?output=all", timeout=30).json()["objects"]
+        return objects if {first.series_uid, second.series_uid} <= set(objects) else {}
+
+    objects = wait_until(listed, "the series listed")
+    unlabeled = {uid for uid, entry in objects.items() if "final" not in entry.get("labels", {})}
+    assert unlabeled, objects
+    asked = httpx.post(f"{pacs_stack.url}/activelearning/first", json={"client_id": "ohif-a"}, timeout=60)
+    assert asked.status_code == 200, asked.text
+    sample = asked.json()
+    assert sample["id"] in unlabeled and sample["lease"]["client_id"] == "ohif-a", sample
+    volume = httpx.get(f"{pacs_stack.url}/datastore/image", params={"image": sample["id"]}, timeout=120)
+    assert volume.status_code == 200 and len(volume.content) > 0
+    other = httpx.post(f"{pacs_stack.url}/activelearning/first", json={"client_id": "ohif-b"}, timeout=60)
+    assert other.status_code == 200, other.text
+    assert other.json().get("id") != sample["id"]
+    if len(unlabeled) == 1:
+        assert other.json() == {}
