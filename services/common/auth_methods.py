@@ -115,6 +115,7 @@ METHOD_RULES: dict[str, Rule] = {
         "CancelTrainingJob": Rule(ADMIN),
         "WatchTrainingJob": Rule(USER),
         "GetTrainStats": Rule(USER, ALL),
+        "WatchTrainStats": Rule(USER, ALL),
     }),
     **_service(_ACTIVELEARNING, {
         "ListStrategies": Rule(USER, ALL),
