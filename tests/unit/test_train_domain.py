@@ -19,6 +19,7 @@ from services.train.domain.job import TrainingJob
 from services.train.domain.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from services.train.domain.running import Progress
 from services.train.domain.training import JobRequest, Training
+from tests.fixtures.polling import eventually
 
 
 class Records:
@@ -66,15 +67,18 @@ class Proc:
 
 
 class SlowLauncher:
-    """A launcher whose start takes a moment (spawning a child does)."""
+    """A launcher whose start takes a moment (spawning a child does): `held` keeps it starting until `release` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.starting = asyncio.Event()
+        self.release = asyncio.Event()
+        if not held:
+            self.release.set()
         self.procs: list[Proc] = []
 
     async def start(self, job_dir: Path, spec: dict[str, Any], devices: list[str], on_line: Any, on_event: Any) -> Proc:
         self.starting.set()
-        await asyncio.sleep(0.2)
+        await self.release.wait()
         proc = Proc()
         self.procs.append(proc)
         return proc
@@ -103,11 +107,15 @@ def training(tmp_path: Path, launcher: Any) -> Training:
 
 
 async def test_a_stop_while_the_child_is_being_started_stops_it(tmp_path: Path) -> None:
-    launcher = SlowLauncher()
+    launcher = SlowLauncher(held=True)
     t = training(tmp_path, launcher)
     job = await t.create(JobRequest("seg", {}))
     await asyncio.wait_for(launcher.starting.wait(), 5)
-    done = await asyncio.wait_for(t.cancel(job.job_id), 5)
+    cancel = asyncio.create_task(t.cancel(job.job_id))
+    # The stop has reached the job while its child is still being started; only now does the start end.
+    await eventually(lambda: t._jobs[job.job_id].stop_requested, "the stop to reach the starting job", timeout=5)
+    launcher.release.set()
+    done = await asyncio.wait_for(cancel, 5)
     assert done.state == CANCELLED
     assert launcher.procs and launcher.procs[0].stopped
     await t.close()
@@ -154,15 +162,19 @@ async def test_the_childs_process_group_is_killed_once_it_exits(tmp_path: Path) 
     run = ChildRun(proc, tmp_path, tmp_path / "events.jsonl", lambda line: None, lambda event: None)
     assert await asyncio.wait_for(run.wait(), 10) == 3
     orphan = int(pid_file.read_text())
-    for _ in range(50):
+
+    def orphan_gone() -> bool:
         try:
             os.kill(orphan, 0)
         except ProcessLookupError:
-            break
-        await asyncio.sleep(0.1)
-    else:
+            return True
+        return False
+
+    try:
+        await eventually(orphan_gone, "the process the child started to be killed with it", timeout=5)
+    except AssertionError:
         os.kill(orphan, signal.SIGKILL)
-        pytest.fail("a process the child started outlived it")
+        raise
 
 
 def test_a_json_number_too_big_for_a_struct_is_a_422() -> None:
@@ -180,15 +192,16 @@ async def test_close_stops_every_job_even_when_one_ends_meanwhile(tmp_path: Path
     running = await t.create(JobRequest("seg", {}))
     await t.create(JobRequest("seg", {}, enqueue=True))
     await t.create(JobRequest("seg", {}, enqueue=True))
-    while not launcher.procs:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: launcher.procs, "the running job's child to start", timeout=10)
+    running_task = t._jobs[running.job_id].task
+    assert running_task is not None
     records = t.store.records
     put = records.put_record
 
     async def slow_put(kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
         if data.get("state") == "FAILED" and record_id != running.job_id:
-            launcher.procs[0].done.set()  # the running job ends just now
-            await asyncio.sleep(0.1)
+            launcher.procs[0].done.set()  # the running job ends just now, while a queued job's end is written
+            await eventually(running_task.done, "the running job to end", timeout=10)
         return await put(kind, record_id, data, expected_revision)
 
     records.put_record = slow_put  # type: ignore[method-assign]
@@ -206,6 +219,7 @@ async def test_two_starts_at_once_without_enqueue_start_one_job(tmp_path: Path) 
     put = records.put_record
 
     async def slow_put(kind: str, record_id: str, data: dict[str, Any], expected_revision: int = 0) -> int:
+        # Slow on purpose, as a database round trip is: it widens the window between the check and the write.
         await asyncio.sleep(0.05)
         return await put(kind, record_id, data, expected_revision)
 
