@@ -176,9 +176,15 @@ def test_mirror_coalesces_changes(tmp_path: Path) -> None:
     mirror.flush()  # synchronous
     assert json.loads((tmp_path / DATASTORE_FILE).read_text())["name"] == f"n{state['n']}"
 
+    # Nothing dirty: no writes. The next change is written by the thread one interval after flush's
+    # write at the earliest, so once it is in the file the thread has been idle a whole interval:
+    # exactly one write more proves it wrote nothing while nothing was dirty.
     writes = mirror.writes
-    time.sleep(0.3)
-    assert mirror.writes == writes  # nothing dirty: no writes
+    state["n"] += 1
+    latest = f"n{state['n']}"
+    mirror.mark_dirty()
+    wait_until(lambda: mirror.writes > writes and written() == latest, "the next write", timeout=10, interval=0.01)
+    assert mirror.writes == writes + 1, (writes, mirror.writes)
 
     state["n"] += 1
     mirror.mark_dirty()
