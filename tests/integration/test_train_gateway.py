@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from monailabel.client import MONAILabelClient
 
 from services.datastore.sample_studies import write_sample_studies
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 from tests.fixtures.processes import ServiceProcess
 
 
@@ -43,12 +43,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
 
 
 def wait_status(client: MONAILabelClient, status: str, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        task = client.train_status()
-        if task["status"] == status or time.monotonic() > deadline:
-            return task
-        time.sleep(0.5)
+    def task_in_status() -> dict[str, Any] | None:
+        task: dict[str, Any] = client.train_status()
+        return task if task["status"] == status else None
+
+    return wait_until(task_in_status, f"the train task to be {status}", timeout=timeout, interval=0.5)
 
 
 def test_train_routes_with_the_monailabel_client(stack: GatewayStack) -> None:
@@ -92,14 +91,23 @@ def test_train_routes_with_the_monailabel_client(stack: GatewayStack) -> None:
     )
     listed = http.get("/train/", params={"all": "true"}).json()
     assert next(t["id"] for t in listed) == task["id"] and len(listed) == 5
-    while client.train_status(check_if_running=True):
+
+    def stopped_running() -> bool:
+        if not client.train_status(check_if_running=True):
+            return True
         client.train_stop()
-        time.sleep(0.2)
+        return False
+
+    wait_until(stopped_running, "the running task to stop", timeout=120, interval=0.2)
+
     # Stop the queued ones too: each becomes RUNNING in turn, then stopped.
-    deadline = time.monotonic() + 120
-    while any(t["status"] in ("SUBMITTED", "RUNNING") for t in http.get("/train/", params={"all": "true"}).json()):
-        assert time.monotonic() < deadline
+    def stopped_all() -> bool:
+        tasks = http.get("/train/", params={"all": "true"}).json()
+        if not any(t["status"] in ("SUBMITTED", "RUNNING") for t in tasks):
+            return True
         client.train_stop()
-        time.sleep(0.3)
+        return False
+
+    wait_until(stopped_all, "every queued task to run and be stopped", timeout=120, interval=0.3)
     statuses = [t["status"] for t in http.get("/train/", params={"all": "true"}).json()]
     assert statuses.count("STOPPED") + statuses.count("DONE") + statuses.count("ERROR") == 5
