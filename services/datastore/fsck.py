@@ -9,13 +9,16 @@ Checks, for the local and S3 backends on SQLite or PostgreSQL:
   every blob's bytes hashed against the index's sha256 (``checksum-mismatch``);
 - half-written spools and temp files a killed datastore left (``half-written-spool``),
   MONAI Label mirror temp files (local), orphan S3 multipart uploads (``orphan-multipart``);
-- expired leases still in the index (``stale-lease``).
+- expired leases still in the index (``stale-lease``);
+- old bytes an image or label replacement kept aside under ``replaced/<key>`` and a killed
+  datastore left there (``replaced-blob``).
 
 Spools and multipart uploads younger than ``min_age_seconds`` may be a live server's
 upload in flight: they are counted, not reported (pass 0 when no server runs).
 
 ``repair`` fixes what is safe: removes old spools and temp files, aborts old multipart
-uploads, drops expired leases, then re-indexes (the same rebuild as ``reindex``: adoptable
+uploads, drops expired leases, settles kept-aside replacements (see `_settle_replaced`: the
+old bytes go back only where the index row still describes them), then re-indexes (the same rebuild as ``reindex``: adoptable
 blobs are indexed, rows whose blob is gone dropped, changed sizes re-hashed) and drops model
 versions whose blob is gone. A checksum mismatch of the same size is reported, never
 "repaired": which side is right needs a person. After a repair the store is checked again,
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import NotFound
 from services.datastore.adapters.blobs import (
     STALE_SPOOL_SECONDS,
     LocalBlobStore,
@@ -42,6 +46,7 @@ from services.datastore.domain.datastore import (
     label_key,
     model_key,
 )
+from services.datastore.domain.ports import REPLACED_AREA
 from services.datastore.domain.reindex import _all_images, _all_model_versions
 
 Now = Callable[[], float]
@@ -190,6 +195,11 @@ def check(
     for key in sorted(set(stored) - set(known)):
         report.problems.append(Problem("unindexed-blob", key, f"{stored[key].size} bytes no index row knows"))
 
+    for info in blobs.list(f"{REPLACED_AREA}/"):
+        report.problems.append(
+            Problem("replaced-blob", info.key, f"{info.size} bytes kept aside by a replacement that did not finish")
+        )
+
     t = now()
     for path in _spool_leftovers(datastore):
         try:
@@ -233,6 +243,30 @@ def check(
     return report
 
 
+def _settle_replaced(blobs: Any, kept: str, known: dict[str, tuple[int, str]]) -> str:
+    """One ``replaced/<key>`` left by a datastore killed while it replaced `key`.
+
+    The index row is the commit point of a replacement (Datastore._store_blob): the old bytes
+    were copied aside, the new stored under `key`, then the row written. So if the row still
+    describes the kept bytes (its sha256) and `key` holds something else, the datastore died
+    before the row: the new bytes were never committed and the old go back. In every other
+    case (the row names the new bytes, or nothing was replaced yet, or the row is gone) the
+    kept copy is stale and is deleted.
+    """
+    key = kept[len(REPLACED_AREA) + 1 :]
+    row = known.get(key)
+    if row is not None and _hash(blobs, kept) == row[1]:
+        try:
+            current = _hash(blobs, key)
+        except NotFound:
+            current = None
+        if current != row[1]:
+            blobs.move(kept, key)
+            return f"restored {key} from {kept} (the index row still describes those bytes)"
+    blobs.delete(kept)
+    return f"removed {kept} (the index row describes the bytes under {key})"
+
+
 def _all_leases(index: Any) -> Iterator[Any]:
     """Every lease row, live or expired (list_leases shows those live at `now`: ask as of the epoch)."""
     token = ""
@@ -257,6 +291,12 @@ def repair(
     """Fixes what is safe to fix (see the module docstring); the report is the check that follows."""
     before = check(datastore, checksums=False, min_age_seconds=min_age_seconds, now=now)
     done: list[str] = []
+    replaced = [p.subject for p in before.problems if p.kind == "replaced-blob"]
+    if replaced:
+        # First: a kept-aside image must be back before the reindex re-hashes what it finds.
+        known = _indexed(datastore.index)
+        done.extend(_settle_replaced(datastore.blobs, key, known) for key in replaced)
+        before = check(datastore, checksums=False, min_age_seconds=min_age_seconds, now=now)
     kinds = {p.kind for p in before.problems}
     for problem in before.problems:
         if problem.kind == "half-written-spool":

@@ -10,6 +10,7 @@ stored, the one moment a stopped PostgreSQL cannot be timed to hit from outside
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,12 @@ def _index_down(monkeypatch: pytest.MonkeyPatch, store: Datastore, method: str) 
 @pytest.fixture
 def volumes(tmp_path: Path) -> dict[str, bytes]:
     folder = tmp_path / "samples"
-    write_sample_studies(folder, count=1, labeled=1, size=12)
+    write_sample_studies(folder, count=2, labeled=2, size=12)
     return {
         "image": (folder / "sample_00.nii.gz").read_bytes(),
         "label": (folder / "labels" / "final" / "sample_00.nii.gz").read_bytes(),
+        "image2": (folder / "sample_01.nii.gz").read_bytes(),
+        "label2": (folder / "labels" / "final" / "sample_01.nii.gz").read_bytes(),
     }
 
 
@@ -123,3 +126,82 @@ def test_index_failure_before_the_blob_removes_the_spool(
         with pytest.raises(StorageError):
             calls[failing]()
     _assert_nothing_left(datastore)
+
+
+def _downloaded(read: Any) -> tuple[str, bytes]:
+    data = b"".join(read.chunks)
+    assert hashlib.sha256(data).hexdigest() == read.sha256, "the bytes are not what the index row says"
+    return read.sha256, data
+
+
+def test_index_failure_while_replacing_an_image_keeps_the_old_bytes(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    with monkeypatch.context() as patch:
+        _index_down(patch, datastore, "upsert_image")
+        with pytest.raises(StorageError):
+            datastore.add_image(_spooled(datastore, volumes["image2"]), image_id="img", file_name="img.nii.gz", info={})
+    sha, data = _downloaded(datastore.read_image("img"))
+    assert (sha, data) == (old.sha256, volumes["image"])
+    assert list(datastore.blobs.list("replaced/")) == []
+    _assert_nothing_left(datastore)
+    # And the replacement still works once the index is back (the old bytes kept aside go).
+    new = datastore.add_image(_spooled(datastore, volumes["image2"]), image_id="img", file_name="img.nii.gz", info={})
+    assert _downloaded(datastore.read_image("img")) == (new.sha256, volumes["image2"])
+    _assert_nothing_left(datastore)
+
+
+def test_index_failure_while_replacing_a_label_keeps_the_old_bytes(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    old = datastore.add_label(
+        _spooled(datastore, volumes["label"]), image_id="img", tag="final", file_name="img.nii.gz", info={}
+    )
+    with monkeypatch.context() as patch:
+        _index_down(patch, datastore, "upsert_label")
+        with pytest.raises(StorageError):
+            datastore.add_label(
+                _spooled(datastore, volumes["label2"]), image_id="img", tag="final", file_name="img.nii.gz", info={}
+            )
+    assert _downloaded(datastore.read_label("img", "final")) == (old.sha256, volumes["label"])
+    _assert_nothing_left(datastore)
+
+
+def _put_blob(store: Datastore, key: str, data: bytes) -> None:
+    writer = store.new_spool(len(data))
+    writer.write(data)
+    spooled = writer.finish()
+    store.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
+
+
+def test_fsck_repair_restores_old_bytes_a_replacement_killed_before_its_row_left(
+    datastore: Datastore, volumes: dict[str, bytes]
+) -> None:
+    """Killed after the new bytes were stored, before the row: the row (the commit) still names
+    the old bytes, so --repair moves them back from replaced/."""
+    old = datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    datastore.blobs.copy("images/img.nii.gz", "replaced/images/img.nii.gz")
+    _put_blob(datastore, "images/img.nii.gz", volumes["image2"])
+    report = fsck.check(datastore, min_age_seconds=0)
+    assert ("replaced-blob", "replaced/images/img.nii.gz") in [(p.kind, p.subject) for p in report.problems]
+    after = fsck.repair(datastore, checksums=True, min_age_seconds=0)
+    assert after.clean, list(after.lines())
+    assert any(line.startswith("restored images/img.nii.gz") for line in after.repairs), after.repairs
+    assert _downloaded(datastore.read_image("img")) == (old.sha256, volumes["image"])
+
+
+def test_fsck_repair_keeps_the_committed_replacement_and_drops_the_kept_copy(
+    datastore: Datastore, volumes: dict[str, bytes]
+) -> None:
+    """Killed after the row, before the kept copy was deleted: the new bytes are committed."""
+    datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    new = datastore.add_image(_spooled(datastore, volumes["image2"]), image_id="img", file_name="img.nii.gz", info={})
+    _put_blob(datastore, "replaced/images/img.nii.gz", volumes["image"])
+    after = fsck.repair(datastore, checksums=True, min_age_seconds=0)
+    assert after.clean, list(after.lines())
+    assert after.repairs == [
+        "removed replaced/images/img.nii.gz (the index row describes the bytes under images/img.nii.gz)"
+    ]
+    assert _downloaded(datastore.read_image("img")) == (new.sha256, volumes["image2"])

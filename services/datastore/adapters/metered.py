@@ -117,6 +117,12 @@ class MeteredBlobStore:
     def exists(self, key: str) -> bool:
         return self._call("exists", self.inner.exists, key)
 
+    def copy(self, source_key: str, target_key: str) -> None:
+        self._call("copy", self.inner.copy, source_key, target_key)
+
+    def move(self, source_key: str, target_key: str) -> None:
+        self._call("move", self.inner.move, source_key, target_key)
+
     def delete(self, key: str) -> bool:
         return self._call("delete", self.inner.delete, key)
 

@@ -50,7 +50,7 @@ from services.datastore.domain.model import (
     Record,
     SessionRecord,
 )
-from services.datastore.domain.ports import BlobStore, Index
+from services.datastore.domain.ports import REPLACED_AREA, BlobStore, Index
 from services.datastore.domain.reindex import ReindexCounts, rebuild
 from services.datastore.domain.streaming import StreamingSpool, streaming_store
 
@@ -407,9 +407,8 @@ class Datastore:
                 stored_info["ts"] = int(self._clock())
                 stored_info["name"] = f"{image_id}{ext}"
                 key = image_key(f"{image_id}{ext}")
-                self.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
-                record = self._index_new_blob(
-                    key, old is None or old.ext != ext,
+                record = self._store_blob(
+                    key, spooled, old is not None and old.ext == ext,
                     lambda: self.index.upsert_image(image_id, ext, spooled.sha256, spooled.size, stored_info),
                 )  # fmt: skip
                 if old is not None and old.ext != ext:
@@ -420,17 +419,47 @@ class Datastore:
         self._changed()
         return record
 
-    def _index_new_blob(self, key: str, new_key: bool, index: Callable[[], _Record]) -> _Record:
-        """Runs `index()` (the row for a blob just stored under `key`); if it fails, a blob under
-        a key no row named before is deleted again (best effort), so a refused write does not
-        come back as an unindexed blob that a reindex would adopt."""
+    def _store_blob(self, key: str, spooled: SpooledFile, replaces: bool, index: Callable[[], _Record]) -> _Record:
+        """Stores the spool under `key`, then runs `index()` (the row that commits it).
+
+        If the index write fails, the store is as before: a blob under a key no row named is
+        deleted again (best effort), so a refused write does not come back as an unindexed
+        blob a reindex would adopt; when `replaces` (a row names `key` already), the old bytes
+        were first kept aside under ``replaced/<key>`` (local: a hard link, S3: a server-side
+        copy) and are moved back, so the row and its sha256 still describe what is stored.
+
+        The index row is the commit point. A datastore killed between the steps leaves
+        ``replaced/<key>``; fsck reports it and ``--repair`` moves it back only where its bytes
+        are what the row describes and the blob under `key` is not (killed after storing the
+        new bytes, before the row), and otherwise deletes it (the row committed the new bytes,
+        or nothing changed yet): the committed state is never lost.
+        """
+        kept = f"{REPLACED_AREA}/{key}" if replaces else None
+        if kept is not None:
+            try:
+                self.blobs.copy(key, kept)
+            except NotFound:
+                kept = None  # the row's blob is gone already: nothing to keep
         try:
-            return index()
+            self.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
         except BaseException:
-            if new_key:
+            if kept is not None:
                 with contextlib.suppress(Exception):
+                    self.blobs.delete(kept)
+            raise
+        try:
+            record = index()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if kept is not None:
+                    self.blobs.move(kept, key)
+                else:
                     self.blobs.delete(key)
             raise
+        if kept is not None:
+            with contextlib.suppress(Exception):
+                self.blobs.delete(kept)  # a leftover is only disk: fsck --repair drops it
+        return record
 
     def _find_image(self, image_id: str) -> ImageRecord | None:
         try:
@@ -505,9 +534,8 @@ class Datastore:
                 stored_info["ts"] = int(self._clock())
                 stored_info["name"] = f"{image_id}{ext}"
                 key = label_key(tag, f"{image_id}{ext}")
-                self.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
-                record = self._index_new_blob(
-                    key, old is None or old.ext != ext,
+                record = self._store_blob(
+                    key, spooled, old is not None and old.ext == ext,
                     lambda: self.index.upsert_label(image_id, tag, ext, spooled.sha256, spooled.size, stored_info),
                 )  # fmt: skip
                 if old is not None and old.ext != ext:

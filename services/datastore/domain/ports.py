@@ -34,6 +34,10 @@ from services.datastore.domain.model import (
 Now = datetime | float | None
 """A point in time for the index: naive datetimes are UTC, floats epoch seconds, None now."""
 
+REPLACED_AREA = "replaced"
+"""``replaced/<key>``: the old bytes of an image or label kept aside while a replacement is
+indexed (Datastore._store_blob); fsck restores or drops what a killed datastore left there."""
+
 NoLeaseReason = Literal["EMPTY", "ALL_LABELED", "ALL_LEASED"]
 
 
@@ -85,6 +89,15 @@ class BlobStore(Protocol):
     def stat(self, key: str) -> BlobInfo: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def copy(self, source_key: str, target_key: str) -> None:
+        """`target_key` becomes a copy of `source_key` (replacing any old one), cheaply where the
+        store can (local: a hard link; S3: a server-side copy); NotFound without a source."""
+        ...
+
+    def move(self, source_key: str, target_key: str) -> None:
+        """`source_key` becomes `target_key` (replacing any old one; local: a rename)."""
+        ...
 
     def delete(self, key: str) -> bool:
         """True if something was deleted, False if there was nothing."""

@@ -28,7 +28,7 @@ from services.datastore.adapters.blobs.shared import (
     _remove_stale,
     _split_key,
 )
-from services.datastore.domain.ports import BlobInfo
+from services.datastore.domain.ports import REPLACED_AREA, BlobInfo
 
 
 class LocalBlobStore:
@@ -47,6 +47,7 @@ class LocalBlobStore:
         self._models = self._state / "models"
         self._tmp = self._state / "tmp"
         self._sessions = self._state / "sessions"
+        self._replaced = self._state / REPLACED_AREA  # outside what MONAI Label scans
         self._labels = self.root / "labels"
         self._lock = threading.Lock()  # orders mkdir/replace against empty-dir pruning
         try:
@@ -69,6 +70,8 @@ class LocalBlobStore:
             path = self._labels / parts[1] / parts[2]
         elif parts[0] == "sessions":
             path = self._sessions / parts[1]
+        elif parts[0] == REPLACED_AREA:
+            path = self._replaced.joinpath(*parts[1:])
         else:
             path = self._models.joinpath(*parts[1:])
         # Defense in depth: a symlinked folder must not lead outside the root either. The file
@@ -108,6 +111,10 @@ class LocalBlobStore:
             if any(p.startswith(".") for p in parts[2:]):
                 return None
             return "models/" + "/".join(parts[2:])
+        if parts[:2] == (".labelgrid", REPLACED_AREA) and len(parts) >= 4:
+            if any(p.startswith(".") for p in parts[2:]):
+                return None
+            return f"{REPLACED_AREA}/" + "/".join(parts[2:])
         if parts[:2] == (".labelgrid", "sessions") and len(parts) == 3 and not parts[2].startswith("."):
             return f"sessions/{parts[2]}"
         return None
@@ -152,6 +159,50 @@ class LocalBlobStore:
             _discard(Path(path))
             if staged is not None:
                 _discard(staged)
+
+    def copy(self, source_key: str, target_key: str) -> None:
+        """`target_key` becomes a copy of `source_key` (NotFound without one): a hard link where
+        it can (no bytes copied; replacing the source later renames a new file over its name, so
+        the link keeps the old bytes), a copied symlink for a linked file, else a byte copy."""
+        source, target = self._path(source_key), self._path(target_key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".copy-", suffix=".part", dir=target.parent)
+            os.close(fd)
+            staged = Path(name)
+            try:
+                staged.unlink()
+                if source.is_symlink():
+                    os.symlink(os.readlink(source), staged)
+                else:
+                    try:
+                        os.link(source, staged)
+                    except FileNotFoundError:
+                        raise
+                    except OSError:  # another filesystem, or links not allowed
+                        shutil.copyfile(source, staged)
+                with self._lock:
+                    os.replace(staged, target)
+                    _fsync_dir(target.parent)
+            finally:
+                staged.unlink(missing_ok=True)
+        except FileNotFoundError:
+            raise NotFound(f"object {source_key!r} not found", reason="NOT_FOUND") from None
+        except OSError as exc:
+            raise StorageError(f"cannot copy {source_key!r} to {target_key!r}: {exc}") from exc
+
+    def move(self, source_key: str, target_key: str) -> None:
+        """Renames `source_key` over `target_key` (atomic: the target is old or new, never gone)."""
+        source, target = self._path(source_key), self._path(target_key)
+        try:
+            with self._lock:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+                _fsync_dir(target.parent)
+        except FileNotFoundError:
+            raise NotFound(f"object {source_key!r} not found", reason="NOT_FOUND") from None
+        except OSError as exc:
+            raise StorageError(f"cannot move {source_key!r} to {target_key!r}: {exc}") from exc
 
     def delete(self, key: str) -> bool:
         path = self._path(key)
@@ -235,6 +286,7 @@ class LocalBlobStore:
     def _dirs_for(self, prefix: str) -> builtins.list[tuple[Path, bool]]:
         areas = [("images/", self.root, False), ("labels/", self._labels, True), ("models/", self._models, True)]
         areas.append(("sessions/", self._sessions, False))
+        areas.append((f"{REPLACED_AREA}/", self._replaced, True))
         dirs: list[tuple[Path, bool]] = []
         for area, directory, recursive in areas:
             if area.startswith(prefix):

@@ -452,6 +452,30 @@ class S3BlobStore:
         finally:
             _discard(source)
 
+    def copy(self, source_key: str, target_key: str) -> None:
+        """A server-side copy (no bytes through this process), sha256 metadata included."""
+        from minio.commonconfig import REPLACE, CopySource
+
+        source = self.stat(source_key)  # NotFound without one
+        metadata: Any = {"sha256": source.sha256} if source.sha256 else None
+        try:
+            self._client.copy_object(
+                self.bucket,
+                self._name(target_key),
+                CopySource(self.bucket, self._name(source_key)),
+                metadata=metadata,
+                metadata_directive=REPLACE if metadata else None,
+            )
+        except Exception as exc:
+            if self._is_not_found(exc):
+                raise NotFound(f"object {source_key!r} not found", reason="NOT_FOUND") from None
+            raise self._error(f"cannot copy {source_key!r} to {target_key!r}", exc) from exc
+
+    def move(self, source_key: str, target_key: str) -> None:
+        """A server-side copy, then the source is deleted (S3 has no rename)."""
+        self.copy(source_key, target_key)
+        self.delete(source_key)
+
     def delete(self, key: str) -> bool:
         """True if the object existed (S3's DELETE cannot tell: a HEAD first)."""
         name = self._name(key)

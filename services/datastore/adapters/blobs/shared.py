@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument, StorageError
+from services.datastore.domain.ports import REPLACED_AREA
 
 CHUNK_SIZE = 1024 * 1024
 """Largest chunk `open_read` yields (1 MiB), the gRPC chunk size."""
@@ -60,6 +61,9 @@ def _split_key(key: str) -> list[str]:
     if area == "models" and len(parts) >= 4:
         return parts
     if area == "sessions" and len(parts) == 2:
+        return parts
+    if area == REPLACED_AREA and len(parts) >= 3 and parts[1] in ("images", "labels"):
+        _split_key("/".join(parts[1:]))
         return parts
     raise InvalidArgument(
         f"blob key {key!r} is not images/<file>, labels/<tag>/<file>, models/<name>/<version>/<file> or sessions/<file>"
