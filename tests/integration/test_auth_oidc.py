@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from services.common.auth import ADMIN, ANNOTATOR, USER, Authenticator, JwksKeys, OidcSettings, OidcVerifier, TokenError
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import eventually, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,8 +188,7 @@ def test_the_key_set_is_fetched_off_the_event_loop(issuer: Issuer) -> None:
 
     async def run() -> list[Any]:
         pending = [asyncio.create_task(check.aauthenticate(token)) for _ in range(5)]
-        while not issuer.fetching.is_set():
-            await asyncio.sleep(0.01)
+        await eventually(issuer.fetching.is_set, "the key set fetch to start", timeout=10)
         assert issuer.gate is not None
         issuer.gate.set()
         return await asyncio.gather(*pending)
@@ -220,10 +220,7 @@ def test_rotation_off_the_event_loop(issuer: Issuer) -> None:
         # Keys past refresh_seconds still serve at once; a background thread re-reads the set.
         keys.refresh_seconds = 0
         assert asyncio.run(check.aauthenticate(issuer.token("olga", [USER], kid="k1"))) is not None
-        deadline = time.monotonic() + 30
-        while issuer.fetches < before + 2:
-            assert time.monotonic() < deadline, "no background refresh"
-            time.sleep(0.01)
+        wait_until(lambda: issuer.fetches >= before + 2, "a background refresh", timeout=30, interval=0.01)
         # Clock skew still tolerated on the async path.
         late = issuer.token("olga", [USER], kid="k2", exp=int(time.time()) - 20)
         assert asyncio.run(check.aauthenticate(late)) is not None

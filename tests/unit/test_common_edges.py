@@ -23,6 +23,7 @@ from services.common.grpc_errors import MAX_MESSAGE_CHARS, error_info_from_rpc_e
 from services.common.interceptors import TokenCheck
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
+from tests.fixtures.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,7 +283,4 @@ async def test_a_caller_cancelled_while_finishing_leaves_no_file(tmp_path: Path,
     with pytest.raises(asyncio.CancelledError):
         await task
     release.set()
-    deadline = asyncio.get_running_loop().time() + 5
-    while leftovers(tmp_path) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    assert leftovers(tmp_path) == []
+    await eventually(lambda: leftovers(tmp_path) == [], "the spool to be removed", timeout=5, interval=0.01)

@@ -17,6 +17,7 @@ from services.common.models.batching import (
     BatchPolicy,
 )
 from services.common.models.types import Cancelled
+from tests.fixtures.polling import eventually
 
 
 def _network() -> torch.nn.Module:
@@ -155,8 +156,7 @@ def test_a_full_queue_refuses_before_the_fetch() -> None:
 
         first = asyncio.create_task(hold())
         second = asyncio.create_task(hold())
-        while queue.total_waiting < 1:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: queue.total_waiting >= 1, "the second request to wait", timeout=10)
         with pytest.raises(ResourceExhausted):
             queue.check_room()
         release.set()
