@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.labelgrid_up import Stack, start_stack, stop_stack
+from tests.fixtures.polling import wait_until
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.timeout(240)
@@ -223,16 +224,15 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
             text=True,
         )
         api = f"http://127.0.0.1:{port}/api/v1"
-        deadline = time.monotonic() + 20
-        while True:
+
+        def ready() -> bool:
             assert prometheus.poll() is None, f"prometheus exited:\n{(root / 'prometheus.log').read_text()[-4000:]}"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prometheus was not ready in 20 s"
-            time.sleep(0.1)
+                return False
+
+        wait_until(ready, "prometheus to be ready", timeout=20)
         running = Monitored(stack, prometheus, api, config, gw)
         drive_traffic(running, root)
         yield running
@@ -250,10 +250,7 @@ def query(monitored: Monitored, promql: str) -> list[dict[str, Any]]:
 
 
 def wait_for(monitored: Monitored, promql: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not query(monitored, promql):
-        assert time.monotonic() < deadline, f"no series for {promql} in {timeout:.0f} s"
-        time.sleep(0.5)
+    wait_until(lambda: query(monitored, promql), f"a series for {promql}", timeout=timeout, interval=0.5)
 
 
 def drive_traffic(monitored: Monitored, tmp_path: Path) -> None:
@@ -308,14 +305,16 @@ EXPECTED: dict[str, str] = {
 
 def test_prometheus_scrapes_every_component(monitored: Monitored) -> None:
     run_promtool("check", "config", str(monitored.config))
-    deadline = time.monotonic() + 45
     missing: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        missing = {name: promql for name, promql in EXPECTED.items() if not query(monitored, promql)}
-        if not missing:
-            break
-        time.sleep(1.0)
-    if missing:
+
+    def all_scraped() -> bool:
+        missing.clear()
+        missing.update({name: promql for name, promql in EXPECTED.items() if not query(monitored, promql)})
+        return not missing
+
+    try:
+        wait_until(all_scraped, "a series for every expected query", timeout=45, interval=1.0)
+    except AssertionError:
         targets = httpx.get(f"{monitored.api}/targets", timeout=10).json()["data"]["activeTargets"]
         health = {t["labels"]["job"]: (t["health"], t.get("lastError")) for t in targets}
         pytest.fail(f"no series for {json.dumps(missing, indent=1)}\ntargets: {health}")
