@@ -34,7 +34,15 @@ log = logging.getLogger("labelgrid.jobs")
 # A request_id makes retries of a create safe for this long.
 REQUEST_ID_WINDOW = timedelta(hours=24)
 LOG_TAIL_LINES = 50
+LOG_LINE_CHARS = 1000
+"""Longest kept log line (longer ones end in "..."): 50 of them stay well under the datastore's
+64 KiB cap on a record's data."""
+
 WATCH_POLL_SECONDS = 5.0
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= LOG_LINE_CHARS else line[: LOG_LINE_CHARS - 3] + "..."
 
 
 class JobState(enum.StrEnum):
@@ -213,8 +221,10 @@ class JobStore(Generic[J]):
             if job.state.final and not job.end_time:
                 times["end_time"] = now()
             job = job.model_copy(update=times)
-        if len(job.log_tail) > LOG_TAIL_LINES:
-            job = job.model_copy(update={"log_tail": job.log_tail[-LOG_TAIL_LINES:]})
+        if len(job.log_tail) > LOG_TAIL_LINES or any(len(line) > LOG_LINE_CHARS for line in job.log_tail):
+            # Bounded lines too: the job record must stay under the datastore's 64 KiB record cap.
+            tail = job.log_tail[-LOG_TAIL_LINES:]
+            job = job.model_copy(update={"log_tail": tuple(_clip(line) for line in tail)})
         self._jobs[job_id] = job
         due = time.monotonic() - self._last_write.get(job_id, 0.0) >= self.progress_interval
         if persist or due:

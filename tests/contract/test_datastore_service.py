@@ -14,6 +14,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 
 from tests.contract.helpers import (
     CHUNK,
+    _messages,
     download,
     error_reason,
     nifti_bytes,
@@ -492,6 +493,37 @@ async def test_records_are_conditional(stub):
         grpc.StatusCode.NOT_FOUND,
         "RECORD_NOT_FOUND",
     )
+
+
+async def test_record_data_and_model_version_infos_are_capped_like_image_infos(stub):
+    from services.datastore.domain.limits import MAX_INFO_BYTES
+
+    big = {"blob": "x" * (MAX_INFO_BYTES + 1)}
+    await expect_error(
+        stub.PutRecord(pb.PutRecordRequest(name="records/trainingJobs/big", data=struct(big))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PAYLOAD_TOO_LARGE",
+        message_part="record data",
+    )
+    await expect_error(
+        stub.GetRecord(pb.GetRecordRequest(name="records/trainingJobs/big")),
+        grpc.StatusCode.NOT_FOUND,
+        "RECORD_NOT_FOUND",
+    )
+    for field in ("metrics", "info"):
+        header = pb.UploadModelVersionHeader(model="models/seg", file_name="model.pt", **{field: struct(big)})
+        data = b"weights"
+        await expect_error(
+            stub.UploadModelVersion(_messages(pb.UploadModelVersionRequest, header, data, sha256(data), CHUNK)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "PAYLOAD_TOO_LARGE",
+            message_part=f"model version {field}",
+        )
+    assert list((await stub.ListModels(pb.ListModelsRequest())).models) == []
+    # Just under the cap is kept.
+    fits = {"blob": "x" * (MAX_INFO_BYTES - 100)}
+    await stub.PutRecord(pb.PutRecordRequest(name="records/trainingJobs/fits", data=struct(fits)))
+    await upload_model(stub, "seg", b"weights", metrics={"note": "x" * (MAX_INFO_BYTES - 100)})
 
 
 async def test_download_url_reads_the_blob(stub):

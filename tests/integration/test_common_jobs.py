@@ -80,6 +80,8 @@ async def test_job_lifecycle_is_stored_and_watched(client: DatastoreClient) -> N
     assert (await store.get(job.job_id)).progress == {"epoch": 1}
     assert (await client.get_record("testJobs", job.job_id) or {}).get("progress") is None
     await store.log(job.job_id, *[f"line {i}" for i in range(80)])
+    # 50 tracebacks of 5,000 characters would outgrow the datastore's 64 KiB record cap: clipped.
+    await store.log(job.job_id, *[f"long {i} " + "x" * 5000 for i in range(49)], "line 79")
     await store.update(job.job_id, {"state": jobs.SUCCEEDED})
     await asyncio.wait_for(watcher, 5)
 
@@ -88,6 +90,8 @@ async def test_job_lifecycle_is_stored_and_watched(client: DatastoreClient) -> N
     assert stored is not None and stored["progress"] == {"epoch": 1}
     assert stored["start_time"] and stored["end_time"]
     assert stored["log_tail"][-1] == "line 79" and len(stored["log_tail"]) == jobs.LOG_TAIL_LINES
+    assert {len(line) for line in stored["log_tail"][:-1]} == {jobs.LOG_LINE_CHARS}
+    assert stored["log_tail"][0].startswith("long 0 ") and stored["log_tail"][0].endswith("...")
     # The record is the model's JSON: a new process reads back the same job.
     assert DemoJob.from_record(stored) == await store.get(job.job_id)
 

@@ -757,6 +757,8 @@ class Datastore:
                 if version == "serving":
                     raise InvalidArgument("'serving' is reserved: it names the version inference serves")
             ids.check_record_key(file_name or "", "model file name")
+            limits.check_info(metrics, "model version metrics")
+            limits.check_info(info, "model version info")
         except BaseException:
             self._discard(spooled)
             raise
@@ -931,9 +933,9 @@ class Datastore:
     def put_record(
         self, kind: str, record_id: str, data: dict[str, Any], expected_revision: int | None = None
     ) -> Record:
-        return self.index.put_record(
-            ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), data, expected_revision
-        )
+        kind, record_id = ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id)
+        limits.check_info(data, "record data")
+        return self.index.put_record(kind, record_id, data, expected_revision)
 
     def get_record(self, kind: str, record_id: str) -> Record:
         return self.index.get_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
