@@ -189,9 +189,9 @@ class DownloadGrants:
             if data.get("used") or data.get("image") != image_id or data.get("address") != address:
                 return None
             if float(data.get("expires", 0)) <= time.time():
-                await self._delete(name, metadata)
+                await self._delete(name, metadata, found.record.revision)
                 return None
-            await self._datastore.PutRecord(  # ABORTED when another replica took it meanwhile
+            used = await self._datastore.PutRecord(  # ABORTED when another replica took it meanwhile
                 ds_pb.PutRecordRequest(
                     name=name, data=dict_to_struct({**data, "used": True}), expected_revision=found.record.revision
                 ),
@@ -202,16 +202,22 @@ class DownloadGrants:
             if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED):
                 log.warning("download grant for %r not read: %s %s", image_id[:200], err.code().name, err.details())
             return None
-        await self._delete(name, metadata)
+        # Only the revision this take marked used: a grant another replica issued again since
+        # (a new next-sample answer for the same image and address) is a new revision and stays.
+        await self._delete(name, metadata, used.record.revision)
         return str(data.get("user") or "") or None
 
-    async def _delete(self, name: str, metadata: tuple[tuple[str, str], ...]) -> None:
+    async def _delete(self, name: str, metadata: tuple[tuple[str, str], ...], revision: int = 0) -> None:
+        """Deletes the grant; with `revision`, only while it is still that revision (ABORTED, and
+        kept, when it was written again meanwhile)."""
         try:
             await self._datastore.DeleteRecord(
-                ds_pb.DeleteRecordRequest(name=name), timeout=self._timeout, metadata=metadata
+                ds_pb.DeleteRecordRequest(name=name, expected_revision=revision),
+                timeout=self._timeout,
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as err:
-            if err.code() is not grpc.StatusCode.NOT_FOUND:
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED):
                 log.warning("download grant %s not deleted: %s %s", name, err.code().name, err.details())
 
     async def _sweep(self, metadata: tuple[tuple[str, str], ...]) -> None:
@@ -226,7 +232,7 @@ class DownloadGrants:
             for record in page.records:
                 data = struct_to_dict(record.data)
                 if data.get("used") or float(data.get("expires", 0)) <= now:
-                    await self._delete(record.name, metadata)
+                    await self._delete(record.name, metadata, record.revision)
             token = page.next_page_token
             if not token:
                 return

@@ -295,8 +295,9 @@ class DatastoreClient:
             if not token:
                 return documents
 
-    async def delete_record(self, kind: str, record_id: str) -> None:
-        request = ds.DeleteRecordRequest(name=RECORD.format(kind, record_id))
+    async def delete_record(self, kind: str, record_id: str, expected_revision: int = 0) -> None:
+        """Deletes the record; with `expected_revision` only while it is still at that revision."""
+        request = ds.DeleteRecordRequest(name=RECORD.format(kind, record_id), expected_revision=expected_revision)
         await self.call(
             f"deleting record {kind}/{record_id}", lambda: self.stub.DeleteRecord(request, timeout=self.timeout)
         )

@@ -487,7 +487,29 @@ async def test_records_are_conditional(stub):
     )
     listed = (await stub.ListRecords(pb.ListRecordsRequest(parent="records/trainingJobs"))).records
     assert [(r.record_id, dict(r.data)["state"]) for r in listed] == [("j1", "RUNNING")]
-    await stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1"))
+    # A conditional delete at a revision the record has left is refused and keeps it.
+    for stale in (created.revision, updated.revision + 1):
+        await expect_error(
+            stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1", expected_revision=stale)),
+            grpc.StatusCode.ABORTED,
+            "REVISION_MISMATCH",
+        )
+    await expect_error(
+        stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1", expected_revision=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
+    )
+    assert (
+        await stub.GetRecord(pb.GetRecordRequest(name="records/trainingJobs/j1"))
+    ).record.revision == updated.revision
+    await stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1", expected_revision=updated.revision))
+    await expect_error(
+        stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1", expected_revision=updated.revision)),
+        grpc.StatusCode.NOT_FOUND,
+        "RECORD_NOT_FOUND",
+    )
+    await stub.PutRecord(pb.PutRecordRequest(name="records/trainingJobs/j1", data=struct({})))
+    await stub.DeleteRecord(pb.DeleteRecordRequest(name="records/trainingJobs/j1"))  # 0: whatever its revision
     await expect_error(
         stub.GetRecord(pb.GetRecordRequest(name="records/trainingJobs/j1")),
         grpc.StatusCode.NOT_FOUND,

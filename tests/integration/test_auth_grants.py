@@ -180,3 +180,47 @@ def test_behind_a_trusted_ingress_the_grant_is_for_the_client_not_the_ingress(
     # The Slicer itself does, through another Ingress pod, once.
     assert download(b, image_id, forwarded_for="203.0.113.7, 10.7.7.7").status_code == 200
     assert download(b, image_id, forwarded_for="203.0.113.7, 10.7.7.7").status_code == 401
+
+
+async def test_a_grant_issued_again_while_one_replica_takes_it_is_not_deleted(
+    gateways: tuple[GatewayStack, GatewayStack],
+) -> None:
+    """Replica A marks the grant used (a conditional write at its revision); before A deletes
+    it, replica B answers next sample with the same image to the same address and writes the
+    grant again. A deletes only the revision it marked used, so B's new grant stays for one use.
+    The two replicas are two DownloadGrants on the real shared datastore; the interleaving is
+    made exact by letting B write right after A's "used" write answers."""
+    from gateway.auth import DownloadGrants
+
+    a, _b = gateways
+    image_id, address = "case_3", "192.0.2.55"
+    metadata = (("authorization", f"Bearer {GATEWAY_TOKEN}"),)
+    async with grpc.aio.insecure_channel(a.datastore_address) as channel:
+        real = ds_grpc.DatastoreServiceStub(channel)
+        replica_b = DownloadGrants(real, timeout=10)
+
+        class ReissuedAfterUse:
+            """The real datastore; replica B grants again right after A's "used" write."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            async def PutRecord(self, request: ds_pb.PutRecordRequest, **kwargs: Any) -> Any:
+                answer = await real.PutRecord(request, **kwargs)
+                if struct_to_dict(request.data).get("used"):
+                    await replica_b.grant(image_id, address, "vera", 60, metadata)
+                return answer
+
+        replica_a = DownloadGrants(ReissuedAfterUse(), timeout=10)
+        await replica_b.grant(image_id, address, "uma", 60, metadata)
+        assert await replica_a.take(image_id, address, metadata) == "uma"
+        # B's grant survived A's delete, unused, and is honoured once.
+        stored = await real.GetRecord(
+            ds_pb.GetRecordRequest(name=f"records/{GRANT_KIND}/{grant_record_id(image_id, address)}"),
+            metadata=metadata,
+            timeout=10,
+        )
+        data = struct_to_dict(stored.record.data)
+        assert data["user"] == "vera" and not data.get("used")
+        assert await replica_b.take(image_id, address, metadata) == "vera"
+        assert await replica_b.take(image_id, address, metadata) is None

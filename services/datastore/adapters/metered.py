@@ -449,8 +449,8 @@ class MeteredIndex:
     def list_records(self, kind: str, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> Page[Record]:
         return self._call("list_records", self.inner.list_records, kind, page_size, page_token)
 
-    def delete_record(self, kind: str, record_id: str) -> Record:
-        return self._call("delete_record", self.inner.delete_record, kind, record_id)
+    def delete_record(self, kind: str, record_id: str, expected_revision: int | None = None) -> Record:
+        return self._call("delete_record", self.inner.delete_record, kind, record_id, expected_revision)
 
     # -- MONAI Label's datastore model, reindex
 

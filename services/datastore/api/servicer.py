@@ -381,7 +381,7 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
 
     async def DeleteRecord(self, request: pb.DeleteRecordRequest, context: Any) -> pb.DeleteRecordResponse:
         kind, record_id = convert.record_of(request.name)
-        await run(self.ds.delete_record, kind, record_id)
+        await run(self.ds.delete_record, kind, record_id, request.expected_revision or None)
         return pb.DeleteRecordResponse()
 
     # -- sessions ----------------------------------------------------------------------

@@ -945,8 +945,12 @@ class Datastore:
             ids.check_record_key(kind, "record kind"), page_size=_page_size(page_size), page_token=page_token
         )
 
-    def delete_record(self, kind: str, record_id: str) -> None:
-        self.index.delete_record(ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id))
+    def delete_record(self, kind: str, record_id: str, expected_revision: int | None = None) -> None:
+        if expected_revision is not None and expected_revision < 0:
+            raise InvalidArgument(f"expected_revision must be 0 (any) or a record's revision, got {expected_revision}")
+        self.index.delete_record(
+            ids.check_record_key(kind, "record kind"), ids.check_record_key(record_id), expected_revision or None
+        )
 
 
 def content_type_of(file_name: str) -> str:

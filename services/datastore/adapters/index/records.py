@@ -106,7 +106,9 @@ class Records(Repository):
 
         return self._read(tx, "list_records")
 
-    def delete_record(self, kind: str, record_id: str) -> Record:
+    def delete_record(self, kind: str, record_id: str, expected_revision: int | None = None) -> Record:
+        """Deletes a record; with ``expected_revision`` N > 0 only if it is still at N (ABORTED
+        if not, as put_record's; NOT_FOUND if it is gone)."""
         rc = self._t.records
         key = (rc.c.kind == kind) & (rc.c.id == record_id)
 
@@ -114,6 +116,11 @@ class Records(Repository):
             row = conn.execute(sa.select(rc).where(key).with_for_update()).first()
             if row is None:
                 raise record_not_found(kind, record_id)
+            check_revision(
+                expected_revision if (expected_revision or 0) > 0 else None,
+                row.revision,
+                f"record {kind!r}/{record_id!r}",
+            )
             conn.execute(sa.delete(rc).where(key))
             return self._record(row)
 

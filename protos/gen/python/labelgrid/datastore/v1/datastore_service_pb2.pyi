@@ -2122,16 +2122,23 @@ class DeleteRecordRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "records/{kind}/{record}"."""
+    expected_revision: _builtins.int
+    """If non-zero, delete only if the record's revision still equals this (ABORTED
+    otherwise, as PutRecord's): a record rewritten meanwhile is kept. Negative values
+    are INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        expected_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_revision", b"expected_revision", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
