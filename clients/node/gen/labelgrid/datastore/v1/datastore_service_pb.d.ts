@@ -2094,6 +2094,15 @@ export declare type DeleteRecordRequest = Message<"labelgrid.datastore.v1.Delete
    * @generated from field: string name = 1;
    */
   name: string;
+
+  /**
+   * If non-zero, delete only if the record's revision still equals this (ABORTED
+   * otherwise, as PutRecord's): a record rewritten meanwhile is kept. Negative values
+   * are INVALID_ARGUMENT.
+   *
+   * @generated from field: int64 expected_revision = 2;
+   */
+  expectedRevision: bigint;
 };
 
 /**
