@@ -3,7 +3,6 @@ learning service and a real datastore; the official `MONAILabelClient` drives ne
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from services.activelearning.service import start_service
 from services.activelearning.settings import ActiveLearningSettings
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -130,10 +130,11 @@ def test_scoring_routes_in_monai_label_task_shape(http: httpx.Client) -> None:
     assert running["status"] in ("SUBMITTED", "RUNNING")
     busy = http.post("/scoring/epistemic", json={})
     assert busy.status_code == 429
-    for _ in range(300):
-        if http.get("/scoring/", params={"check_if_running": "true"}).status_code == 200:
-            break
-        time.sleep(0.1)
+    wait_until(
+        lambda: http.get("/scoring/", params={"check_if_running": "true"}).status_code == 200,
+        "the scoring job to run",
+        timeout=30,
+    )
     stopped = http.delete("/scoring/").json()
     assert stopped["id"] == running["id"] and stopped["status"] == "STOPPED" and stopped["end_ts"]
     assert http.get("/scoring/", params={"check_if_running": "true"}).status_code == 404

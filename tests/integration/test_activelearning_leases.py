@@ -316,11 +316,12 @@ async def test_metrics_count_next_samples_and_leases(tmp_path: Path) -> None:
         for client in ("a", "b", "c"):
             await stack.stub.NextSample(pb.NextSampleRequest(strategy="strategies/first", client_id=client))
         url = f"http://127.0.0.1:{stack.server.metrics_port}/metrics"
-        for _ in range(50):
+
+        async def scraped() -> str | None:
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
-            if "labelgrid_activelearning_leases 2.0" in text:
-                break
-            await asyncio.sleep(0.1)
+            return text if "labelgrid_activelearning_leases 2.0" in text else None
+
+        text = await eventually(scraped, "the lease gauge at 2", timeout=10, interval=0.1)
     finally:
         await stop_stack(stack)
     assert 'labelgrid_activelearning_next_sample_total{outcome="leased",strategy="first"} 2.0' in text

@@ -3,7 +3,6 @@ with the sample app's models, scores stored in the datastore, restarts mid-run."
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import io
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.contract.helpers import (
     upload_model,
 )
 from tests.fixtures.activelearning import Stack, start_stack, stop_stack
+from tests.fixtures.polling import eventually
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SIZE = 32
@@ -225,11 +225,12 @@ async def test_restart_mid_scoring_resumes_and_keeps_scores_and_leases(tmp_path:
 async def test_restart_mid_scoring_without_resume_reports_the_job_failed(tmp_path: Path) -> None:
     stack, job, stored = await _restart_mid_scoring(tmp_path, resume=False)
     try:
-        for _ in range(100):
+
+        async def ended() -> Any:
             got = (await stack.stub.GetScoringJob(pb.GetScoringJobRequest(name=job.name))).scoring_job
-            if got.state != common_pb2.JOB_STATE_RUNNING:
-                break
-            await asyncio.sleep(0.1)
+            return got if got.state != common_pb2.JOB_STATE_RUNNING else None
+
+        got = await eventually(ended, "the scoring job to end", timeout=10, interval=0.1)
         assert got.state == common_pb2.JOB_STATE_FAILED and "restarted" in got.error.message
         assert len(await scores(stack, "epistemic_entropy")) >= len(stored)
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -316,14 +315,13 @@ def test_bad_uploads_are_4xx_and_leave_nothing(stack: GatewayStack, http: httpx.
         )
         detail = assert_json_error(response, 400, 413, 415, 422)
         assert str(stack.root) not in detail, "the service's scratch paths must not leak"
+
     # The service removes a request's scratch dir after its last message is sent, which can
-    # be just after the HTTP answer completed: give it a moment.
-    for _ in range(50):
-        leftovers = [*(stack.root / "infer" / "uploads").glob("*"), *(stack.root / "infer").glob("infer-*")]
-        if not leftovers:
-            break
-        time.sleep(0.1)
-    assert not leftovers, f"uploads and scratch dirs must be gone: {leftovers}"
+    # be just after the HTTP answer completed: wait for it to go.
+    def leftovers() -> list[Path]:
+        return [*(stack.root / "infer" / "uploads").glob("*"), *(stack.root / "infer").glob("infer-*")]
+
+    wait_until(lambda: not leftovers(), "uploads and scratch dirs to be removed", timeout=5)
 
 
 def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> None:

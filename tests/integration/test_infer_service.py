@@ -526,11 +526,12 @@ async def test_batch_spreads_over_replicas(stack: Stack, tmp_path: Path) -> None
         )
         created = await stub.CreateBatchInferenceJob(pb.CreateBatchInferenceJobRequest(batch_inference_job=job))
         name = created.batch_inference_job.name
-        for _ in range(1200):
-            done = (await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=name))).batch_inference_job
-            if done.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED):
-                break
-            await asyncio.sleep(0.1)
+
+        async def ended() -> Any:
+            got = (await stub.GetBatchInferenceJob(pb.GetBatchInferenceJobRequest(name=name))).batch_inference_job
+            return got if got.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED) else None
+
+        done = await eventually(ended, "the batch job to end", timeout=120, interval=0.1)
         assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.processed_images == 6, done
         # both replicas ran images; the one holding the job ran none itself
         assert inference_a.cache.loaded("segmentation") and inference_b.cache.loaded("segmentation")
