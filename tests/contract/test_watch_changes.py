@@ -14,6 +14,7 @@ from gateway.changes import ChangeWatch
 from services.datastore.adapters.index import SqlIndex
 from tests.contract.helpers import nifti_bytes, struct, upload_image, upload_label
 from tests.fixtures.datastore import RunningDatastore
+from tests.fixtures.polling import eventually
 
 WAIT = 30.0  # poll-until bound of one push; a push comes in milliseconds
 
@@ -89,8 +90,7 @@ async def test_stopping_ends_the_stream_and_the_gateway_keeps_nothing(datastore_
         # An answer read before a pushed change is not kept either.
         token = watch.token()
         await upload_image(stub, nifti_bytes(), image_id="b")
-        while watch.token() == token:
-            await asyncio.sleep(0.01)  # poll until the push arrived
+        await eventually(lambda: watch.token() != token, "the push of the upload", timeout=WAIT)
         watch.put("k", token, b"{}")
         assert watch.get("k") is None
 
@@ -105,10 +105,6 @@ async def test_stopping_ends_the_stream_and_the_gateway_keeps_nothing(datastore_
         assert await plain.code() == grpc.StatusCode.OK
         await asyncio.wait_for(stopping, WAIT)
 
-        async def dropped() -> None:
-            while watch.token() is not None:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(dropped(), WAIT)
+        await eventually(lambda: watch.token() is None, "the watch to drop its token", timeout=WAIT, interval=0.01)
         assert watch.get("k") is None
         await watch.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from services.infer.api.servicer import create_service
 from services.infer.app import build_inference
 from services.infer.settings import InferSettings
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.polling import wait_until
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -82,16 +82,17 @@ def test_info_is_503_with_retry_after_until_the_inference_service_answers(
         inference = LateInference(port, gateway.datastore_address, tmp_path / "infer")
         inference.start()
         try:
-            deadline = time.monotonic() + 180
-            while True:
+
+            def answered() -> httpx.Response | None:
                 answer = http.get("/info/")
                 # Never a 200 without models while it starts.
                 assert answer.status_code in (200, 503), answer.text
                 if answer.status_code == 200:
-                    break
+                    return answer
                 assert "retry-after" in answer.headers
-                assert time.monotonic() < deadline, "the inference service never answered"
-                time.sleep(0.2)
+                return None
+
+            answer = wait_until(answered, "the inference service to answer", timeout=180, interval=0.2)
             info = answer.json()
             assert "segmentation" in info["models"] and info["name"] == "radiology"
             assert info["trainers"] == {} and info["strategies"] == {}  # not in this stack
