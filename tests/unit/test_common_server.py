@@ -25,6 +25,7 @@ from services.common.errors import InvalidArgument, NotFound, OutOfRange, Resour
 from services.common.grpc_errors import HTTP_STATUS_FOR_CODE, error_details
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
+from tests.fixtures.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,10 +119,9 @@ class Running:
         return value or 0.0
 
     async def eventually_handled(self, method: str, code: str, grpc_type: str = "unary", count: float = 1.0) -> None:
-        deadline = time.monotonic() + 5
-        while self.handled(method, code, grpc_type) < count:
-            assert time.monotonic() < deadline, f"no {code} recorded for {method}"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: self.handled(method, code, grpc_type) >= count, f"{code} recorded for {method}", timeout=5
+        )
 
 
 async def start(**overrides: Any) -> Running:
@@ -492,10 +492,12 @@ async def test_run_until_signal_stops_gracefully_on_sigterm():
     running = await start()
     try:
         task = asyncio.ensure_future(running.service.run_until_signal())
-        deadline = time.monotonic() + 5
-        while signal.getsignal(signal.SIGTERM) == original:  # wait until the loop handles SIGTERM
-            assert time.monotonic() < deadline and not task.done()
-            await asyncio.sleep(0.01)
+
+        def handles_sigterm() -> bool:
+            assert not task.done()
+            return signal.getsignal(signal.SIGTERM) != original
+
+        await eventually(handles_sigterm, "the loop to handle SIGTERM", timeout=5, interval=0.01)
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, 10)
         with pytest.raises(grpc.aio.AioRpcError):
