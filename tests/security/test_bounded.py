@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from services.common.settings import ServiceSettings
 from services.datastore.domain import limits
 from tests.fixtures.gateway import GatewayStack
 from tests.fixtures.hostile import BASE_IMAGE, Hostile, nifti, read_all
+from tests.fixtures.polling import eventually, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,8 +51,7 @@ async def test_a_server_runs_at_most_max_concurrent_rpcs() -> None:
         async with grpc.aio.insecure_channel(service.address) as channel:
             call = channel.unary_unary(f"/{SERVICE}/Hold")
             held = [asyncio.ensure_future(call(b"held", timeout=30)) for _ in range(3)]
-            while entered < 3:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: entered >= 3, "three calls held in the handler", timeout=30, interval=0.01)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call(b"over", timeout=30)
             assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -237,9 +236,12 @@ def test_dataset_export_is_single_flight(hostile: Hostile) -> None:
         busy = hostile.http.get("/datastore/dataset")
         assert busy.status_code == 429, busy.text[:200]
         read_all(first)  # the rest; the servicer removes the archive after the last chunk
-        deadline = time.monotonic() + 30
-        while (answer := hostile.http.get("/datastore/dataset")).status_code == 429 and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+        def not_busy() -> httpx.Response | None:
+            answer = hostile.http.get("/datastore/dataset")
+            return answer if answer.status_code != 429 else None
+
+        answer = wait_until(not_busy, "the first export to be released", timeout=30, interval=0.05)
         assert answer.status_code == 200, answer.text[:200]
         assert answer.content[:2] == b"PK"
     finally:
