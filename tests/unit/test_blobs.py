@@ -18,6 +18,7 @@ import pytest
 
 from services.common.errors import InvalidArgument, NotFound, StorageError
 from services.datastore.adapters.blobs import CHUNK_SIZE, BlobInfo, BlobStore, LocalBlobStore, S3BlobStore
+from tests.fixtures.polling import wait_until
 
 MIB = 1024 * 1024
 
@@ -488,10 +489,12 @@ def test_s3_reads_ahead_and_a_dropped_stream_stops_reading(seaweedfs: Any) -> No
             stream.close()  # type: ignore[attr-defined]
         del stream
     gc.collect()
-    deadline = time.monotonic() + 30
-    while any(t.name == "s3-read-ahead" for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "read-ahead threads still running"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not any(t.name == "s3-read-ahead" for t in threading.enumerate()),
+        "the read-ahead threads to end",
+        timeout=30,
+        interval=0.05,
+    )
     assert _read(store, "images/big.nii") == data
     assert _read(store, "images/big.nii", 3 * MIB, 2 * MIB + 1) == data[3 * MIB : 5 * MIB + 1]
     store.close()
