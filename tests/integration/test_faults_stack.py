@@ -36,6 +36,7 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures import polling
 from tests.fixtures.seaweedfs import SeaweedS3, run_seaweedfs
 from tests.integration.test_labelgrid_up import Stack, start_stack, stop_stack
 
@@ -47,14 +48,8 @@ RECOVER_S = 120.0
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = RECOVER_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    """The shared poll-until, with this module's recovery bound as the default."""
+    return polling.wait_until(condition, what, timeout=timeout, interval=0.2)
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
@@ -177,10 +172,7 @@ class FaultStack:
     def assert_fsck_clean(self) -> None:
         """fsck finds nothing, and no upload's spool is left behind (fsck skips young ones: they
         may be live uploads, and no upload is live between these tests)."""
-        deadline = time.monotonic() + 30
-        while self.spools() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not self.spools(), f"spools left behind: {self.spools()}"
+        wait_until(lambda: not self.spools(), "every upload's spool to be removed", timeout=30)
         found = self.fsck()
         assert found.returncode == 0 and "fsck: clean" in found.stdout, found.stdout + found.stderr[-3000:]
 
@@ -414,7 +406,7 @@ def _endless_multipart(boundary: str, stop: threading.Event) -> Iterator[bytes]:
         if stop.is_set():
             return
         yield block
-        time.sleep(0.005)
+        time.sleep(0.005)  # slow on purpose: the upload is still streaming when the gateway is killed
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
