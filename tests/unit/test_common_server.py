@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -458,9 +457,8 @@ async def test_stop_drains_in_flight_calls():
     try:
         slow = asyncio.ensure_future(running.method("Unary")(b"slow:0.5", timeout=10))
         await asyncio.wait_for(running.state.slow_started.wait(), 5)  # the call is in flight
-        began = time.monotonic()
-        await running.service.stop(5)
-        assert time.monotonic() - began < 4  # returns once drained, not after the whole grace
+        # Returns once drained, not after the whole grace: a grace far past the bound of the wait.
+        await asyncio.wait_for(running.service.stop(600), 30)
         assert await slow == b"slow:0.5"
         assert stopped == [True]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -477,9 +475,7 @@ async def test_calls_past_the_grace_are_cancelled():
     try:
         hung = asyncio.ensure_future(running.method("Hang")(b"", timeout=20))
         await asyncio.wait_for(running.state.hang_started.wait(), 5)
-        began = time.monotonic()
-        await running.service.stop(0.3)
-        assert time.monotonic() - began < 5
+        await asyncio.wait_for(running.service.stop(0.3), 30)  # ends at the grace, not with the hung call
         with pytest.raises(grpc.aio.AioRpcError):
             await hung
         assert await asyncio.wait_for(running.state.hang_outcome, 5) == "cancelled"
