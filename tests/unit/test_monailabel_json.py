@@ -160,7 +160,7 @@ def test_mirror_coalesces_changes(tmp_path: Path) -> None:
     while time.monotonic() - start < 0.5:  # a burst of changes for 0.5 s
         state["n"] += 1
         mirror.mark_dirty()
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # paces the burst of changes (the workload), not a wait for anything
     assert state["n"] > 200
     latest = f"n{state['n']}"
 
