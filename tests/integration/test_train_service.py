@@ -12,7 +12,6 @@ import gzip
 import io
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from labelgrid.training.v1 import training_service_pb2_grpc as pb_grpc
 
 from services.common.grpc_errors import error_details
 from services.datastore.sample_studies import BRAIN_ID, mni152_t1, write_sample_studies
+from tests.fixtures.polling import eventually
 from tests.fixtures.processes import ServiceProcess
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -135,10 +135,7 @@ def gone(pid: int) -> bool:
 
 
 async def wait_gone(pids: list[int], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"processes {pids} still alive"
-        await asyncio.sleep(0.2)
+    await eventually(lambda: all(gone(pid) for pid in pids), f"processes {pids} to exit", timeout=timeout, interval=0.2)
 
 
 # -- contract basics -------------------------------------------------------------------------
@@ -421,9 +418,9 @@ async def test_brain_training_beats_the_untrained_model_and_is_served_hot(
             try:
                 done = await wait_for(stub, job.name, lambda j: False, timeout=400)
                 # The loop goes on until a request started before the switch has been answered after it.
-                deadline = time.monotonic() + 180
-                while not any(seen) and not client.done() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
+                await eventually(
+                    lambda: any(seen) or client.done(), "an answer from after the switch", timeout=180, interval=0.2
+                )
             finally:
                 client.cancel()
                 with pytest.raises(asyncio.CancelledError):
