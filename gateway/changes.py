@@ -167,30 +167,50 @@ class ChangeWatch:
                 await task
 
     async def _run(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        failures = 0
-        while True:
-            call = stub.WatchChanges(ds_pb.WatchChangesRequest(), metadata=metadata)
+        def on_message(message: ds_pb.WatchChangesResponse) -> None:
+            self._set_generation(message.generation if message.exclusive else None)
+            self.connected.set()
+
+        def on_closed() -> None:
+            self.connected.clear()
+            self._set_generation(None)
+
+        def open_call() -> Any:
             self.streams += 1
-            try:
-                async for message in call:
-                    self._set_generation(message.generation if message.exclusive else None)
-                    self.connected.set()
-                    failures = 0
-                code = "OK"  # the datastore ended it (it is stopping)
-            except grpc.aio.AioRpcError as err:
-                code = err.code().name
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            finally:
-                self.connected.clear()
-                self._set_generation(None)
-            if failures == 0:
-                log.info(
-                    "datastore change stream closed: answers are fetched until it reconnects", extra={"code": code}
-                )
-            await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
-            failures += 1
+            return stub.WatchChanges(ds_pb.WatchChangesRequest(), metadata=metadata)
+
+        await follow_stream(
+            open_call, on_message, on_closed, "datastore change stream closed: answers are fetched until it reconnects"
+        )
+
+
+async def follow_stream(
+    open_call: Callable[[], Any],
+    on_message: Callable[[Any], None],
+    on_closed: Callable[[], None],
+    closed_log: str,
+) -> None:
+    """Reads a server stream for ever: each message to `on_message`; when it ends or fails,
+    `on_closed`, one log line (not one per failed retry), and a reopen after a growing pause."""
+    failures = 0
+    while True:
+        call = open_call()
+        try:
+            async for message in call:
+                on_message(message)
+                failures = 0
+            code = "OK"  # the server ended it (it is stopping)
+        except grpc.aio.AioRpcError as err:
+            code = err.code().name
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            on_closed()
+        if failures == 0:
+            log.info(closed_log, extra={"code": code})
+        await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
+        failures += 1
 
 
 class TrainStatsWatch:
@@ -223,30 +243,20 @@ class TrainStatsWatch:
                 await task
 
     async def _run(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        failures = 0
-        while True:
-            call = stub.WatchTrainStats(train_pb.WatchTrainStatsRequest(), metadata=metadata)
-            try:
-                async for message in call:
-                    self._set({trainer: struct_to_dict(stats) for trainer, stats in message.train_stats.items()})
-                    self.connected.set()
-                    failures = 0
-                code = "OK"
-            except grpc.aio.AioRpcError as err:
-                code = err.code().name
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            finally:
-                self.connected.clear()
-                self._set(None)
-            if failures == 0:
-                log.info(
-                    "training stats stream closed: /info/ asks for train stats until it reconnects",
-                    extra={"code": code},
-                )
-            await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
-            failures += 1
+        def on_message(message: train_pb.WatchTrainStatsResponse) -> None:
+            self._set({trainer: struct_to_dict(stats) for trainer, stats in message.train_stats.items()})
+            self.connected.set()
+
+        def on_closed() -> None:
+            self.connected.clear()
+            self._set(None)
+
+        await follow_stream(
+            lambda: stub.WatchTrainStats(train_pb.WatchTrainStatsRequest(), metadata=metadata),
+            on_message,
+            on_closed,
+            "training stats stream closed: /info/ asks for train stats until it reconnects",
+        )
 
 
 def train_stats_watch(app: Any) -> TrainStatsWatch:
