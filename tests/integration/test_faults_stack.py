@@ -52,10 +52,10 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = RECOVER
     return polling.wait_until(condition, what, timeout=timeout, interval=0.2)
 
 
-def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    answer = call()
-    return answer, time.monotonic() - started
+def refused_promptly(answer: httpx.Response) -> None:
+    """A 503 from a request made with timeout=PROMPT_S (or twice that): the bound is the
+    request's own timeout (httpx raises past it), so nothing here measures time."""
+    assert answer.status_code == 503, (answer.status_code, answer.text[:500])
 
 
 # -- the parts that get stopped --------------------------------------------------------------
@@ -254,8 +254,7 @@ def test_kill_9_of_training_mid_train_fails_the_job_cleanly_and_the_service_come
     mark = len(faults.stack.output)
     training.kill()
     training.wait(10)
-    down, took = timed(lambda: httpx.get(f"{url}/train/", timeout=60))
-    assert down.status_code == 503 and took < PROMPT_S, (down.status_code, down.text, took)
+    refused_promptly(httpx.get(f"{url}/train/", timeout=PROMPT_S))
     # The worker notices its service is gone and stops: no orphan keeps training or publishing.
     _gone, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, f"training workers left running: {alive}"
@@ -291,10 +290,8 @@ def test_kill_9_of_active_learning_mid_scoring_resumes_the_job(faults: FaultStac
     mark = len(faults.stack.output)
     activelearning.kill()
     activelearning.wait(10)
-    down, took = timed(lambda: httpx.get(f"{url}/scoring/", timeout=60))
-    assert down.status_code == 503 and took < PROMPT_S, (down.status_code, down.text, took)
-    nxt, took = timed(lambda: httpx.post(f"{url}/activelearning/random", json={"client_id": "a"}, timeout=60))
-    assert nxt.status_code == 503 and took < PROMPT_S, (nxt.status_code, nxt.text, took)
+    refused_promptly(httpx.get(f"{url}/scoring/", timeout=PROMPT_S))
+    refused_promptly(httpx.post(f"{url}/activelearning/random", json={"client_id": "a"}, timeout=PROMPT_S))
 
     faults.restarted("activelearning", activelearning, mark)
     # The restarted service takes the job over and finishes it: every unlabeled image scored once.
@@ -317,18 +314,18 @@ def test_kill_9_of_active_learning_mid_scoring_resumes_the_job(faults: FaultStac
     faults.assert_fsck_clean()
 
 
-def _upload(url: str, image_id: str, data: bytes) -> httpx.Response:
+def _upload(url: str, image_id: str, data: bytes, timeout: float = 120) -> httpx.Response:
     return httpx.put(
-        f"{url}/datastore/", params={"image": image_id}, files={"file": (f"{image_id}.nii.gz", data)}, timeout=120
+        f"{url}/datastore/", params={"image": image_id}, files={"file": (f"{image_id}.nii.gz", data)}, timeout=timeout
     )
 
 
-def _save_label(url: str, image_id: str, data: bytes) -> httpx.Response:
+def _save_label(url: str, image_id: str, data: bytes, timeout: float = 120) -> httpx.Response:
     return httpx.put(
         f"{url}/datastore/label",
         params={"image": image_id, "tag": "final"},
         files={"label": ("l.nii.gz", data)},
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -339,13 +336,9 @@ def test_object_store_stopped_and_restarted(faults: FaultStack) -> None:
     argv = faults.weed.stop()
     try:
         # What needs the blobs: a prompt 503, and nothing half-stored.
-        for call in (
-            lambda: _upload(url, "while_s3_down", data),
-            lambda: httpx.get(f"{url}/datastore/image", params={"image": "sample_00"}, timeout=120),
-            lambda: _save_label(url, "sample_02", data),
-        ):
-            answer, took = timed(call)
-            assert answer.status_code == 503 and took < 2 * PROMPT_S, (answer.status_code, answer.text[:500], took)
+        refused_promptly(_upload(url, "while_s3_down", data, timeout=2 * PROMPT_S))
+        refused_promptly(httpx.get(f"{url}/datastore/image", params={"image": "sample_00"}, timeout=2 * PROMPT_S))
+        refused_promptly(_save_label(url, "sample_02", data, timeout=2 * PROMPT_S))
     finally:
         faults.weed.start(argv)
     # The next request reconnects: no restart of any service.
@@ -364,14 +357,10 @@ def test_postgres_stopped_and_restarted(faults: FaultStack) -> None:
     data = (faults.stack.studies.parent / "seed" / "sample_04.nii.gz").read_bytes()
     faults.postgres.stop()
     try:
-        for call in (
-            lambda: httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=120),
-            lambda: _upload(url, "while_pg_down", data),
-            lambda: httpx.put(f"{url}/datastore/image/info", params={"image": "sample_01"},
-                              data={"info": json.dumps({"during": "outage"})}, timeout=120),
-        ):  # fmt: skip
-            answer, took = timed(call)
-            assert answer.status_code == 503 and took < 2 * PROMPT_S, (answer.status_code, answer.text[:500], took)
+        refused_promptly(httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=2 * PROMPT_S))
+        refused_promptly(_upload(url, "while_pg_down", data, timeout=2 * PROMPT_S))
+        refused_promptly(httpx.put(f"{url}/datastore/image/info", params={"image": "sample_01"},
+                                   data={"info": json.dumps({"during": "outage"})}, timeout=2 * PROMPT_S))  # fmt: skip
         with grpc.insecure_channel(f"127.0.0.1:{faults.stack.port}") as channel:
             with pytest.raises(grpc.RpcError) as failed:
                 pb_grpc.DatastoreServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=60)
@@ -427,7 +416,6 @@ def test_kill_9_of_the_gateway_mid_upload_stores_nothing(faults: FaultStack) -> 
         except httpx.HTTPError as error:
             outcome["error"] = repr(error)
         finally:
-            outcome["at"] = time.monotonic()
             stop.set()
 
     uploader = threading.Thread(target=upload)
@@ -438,15 +426,16 @@ def test_kill_9_of_the_gateway_mid_upload_stores_nothing(faults: FaultStack) -> 
         gateway = faults.child("gateway")
         mark = len(faults.stack.output)
         gateway.kill()
-        killed_at = time.monotonic()
         gateway.wait(10)
-        uploader.join(60)
+        # The body never ends on our side until `stop`: the upload ends only by the kill's answer.
+        uploader.join(PROMPT_S)
+        ended_by_the_kill = not uploader.is_alive()
     finally:
         stop.set()
         uploader.join(120)
     # Envoy answers for the dead gateway at once (or the connection ends), never a 500 or the timeout.
     assert outcome.get("status", 503) == 503, outcome
-    assert outcome["at"] - killed_at < PROMPT_S, outcome
+    assert ended_by_the_kill, outcome
     # The datastore drops the broken upload's spool; nothing of it is stored.
     wait_until(lambda: not list(spool.glob("upload-*")), "the spool to be removed", 30)
     faults.restarted("gateway", gateway, mark)
@@ -461,12 +450,8 @@ def test_kill_9_of_the_datastore_every_service_reconnects(faults: FaultStack) ->
     mark = len(faults.stack.output)
     datastore.kill()
     datastore.wait(10)
-    for call in (
-        lambda: httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=120),
-        lambda: httpx.post(f"{url}/activelearning/random", json={"client_id": "d"}, timeout=120),
-    ):
-        answer, took = timed(call)
-        assert answer.status_code == 503 and took < PROMPT_S, (answer.status_code, answer.text[:500], took)
+    refused_promptly(httpx.get(f"{url}/datastore/", params={"output": "stats"}, timeout=PROMPT_S))
+    refused_promptly(httpx.post(f"{url}/activelearning/random", json={"client_id": "d"}, timeout=PROMPT_S))
     faults.restarted("datastore", datastore, mark)
     # The gateway, active learning and inference reach the new process on their own.
     wait_until(lambda: _ok(f"{url}/datastore/?output=stats"), "the gateway to reach the datastore", 30)
