@@ -65,6 +65,7 @@ def build_datastore(settings: DatastoreSettings, *, clock: Callable[[], float] =
         sessions_per_client=settings.sessions_per_client,
         sessions_max=settings.sessions_max,
         session_purge_seconds=settings.session_purge_seconds,
+        export_idle_seconds=settings.export_idle_seconds,
         mirror=mirror,
         legacy_model=legacy,
         display_name=settings.dataset_name,

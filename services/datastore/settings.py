@@ -50,5 +50,8 @@ class DatastoreSettings(ServiceSettings):
     sessions_per_client: Annotated[int, pydantic.Field(gt=0)] = 20
     sessions_max: Annotated[int, pydantic.Field(gt=0)] = 500
     session_purge_seconds: Annotated[float, pydantic.Field(gt=0)] = 60.0
+    # One dataset export at a time; one neither built nor read for this long (a stalled
+    # download) gives its slot to the next export.
+    export_idle_seconds: Annotated[float, pydantic.Field(gt=0)] = 300.0
     dataset_name: str = "new-dataset"
     dataset_description: str = "New Dataset"

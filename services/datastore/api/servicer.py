@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,11 +231,17 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
         try:
             size = path.stat().st_size
             sha256 = await run(sha256_file, path)
-            read = BlobRead("dataset.zip", size, sha256, "application/zip", 0, size, iter_file_chunks(path))
+            read = BlobRead("dataset.zip", size, sha256, "application/zip", 0, size, self._export_chunks(path))
             async for message in _stream(read, pb.ExportDatasetResponse):
                 yield message
         finally:
             path.unlink(missing_ok=True)
+
+    def _export_chunks(self, path: Path) -> Iterator[bytes]:
+        """The archive's chunks, each read marking the export as alive (a stalled one loses its slot)."""
+        for chunk in iter_file_chunks(path):
+            self.ds.export_progress()
+            yield chunk
 
     async def Reindex(self, request: pb.ReindexRequest, context: Any) -> pb.ReindexResponse:
         counts = await run(self.ds.reindex)

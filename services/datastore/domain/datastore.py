@@ -166,6 +166,7 @@ class Datastore:
         sessions_per_client: int = 20,
         sessions_max: int = 500,
         session_purge_seconds: float = 0.0,
+        export_idle_seconds: float = 300.0,
         mirror: JsonMirrorLike | None = None,
         legacy_model: Callable[[], dict[str, Any] | None] = lambda: None,
         display_name: str = "new-dataset",
@@ -182,6 +183,7 @@ class Datastore:
         self.sessions_per_client = sessions_per_client
         self.sessions_max = sessions_max
         self.session_purge_seconds = session_purge_seconds
+        self.export_idle_seconds = export_idle_seconds
         self._purge_stop = threading.Event()
         self._purge_thread: threading.Thread | None = None
         self.mirror = mirror
@@ -193,6 +195,7 @@ class Datastore:
         # Single-flight dataset export: the archive being built or not yet streamed and removed.
         self._export_guard = threading.Lock()
         self._export_path: Path | None = None
+        self._export_active_at = 0.0  # when its archive was last written or read (export_progress)
         # Bumped after every write to images, labels or their info (see watch()).
         self._generation = 0
         self._watch_lock = threading.Lock()
@@ -657,21 +660,37 @@ class Datastore:
     def _reserve_export(self) -> Path:
         """The new archive's path, or RESOURCE_EXHAUSTED (ALREADY_RUNNING, a 429) while the
         previous one still exists: each export is a full copy of the labeled data on scratch, so
-        one runs at a time, until its caller has streamed and removed it."""
+        one runs at a time, until its caller has streamed and removed it.
+
+        A previous export that was neither built nor read for `export_idle_seconds` (a stalled
+        download) loses the slot: its archive is unlinked. A stream that has the file open keeps
+        reading it (POSIX), so a slow consumer that resumes still gets the whole archive."""
         with self._export_guard:
-            if self._export_path is not None and self._export_path.exists():
-                raise ResourceExhausted(
-                    "a dataset export is already running: retry once it has been downloaded", reason="ALREADY_RUNNING"
-                )
+            previous = self._export_path
+            if previous is not None and previous.exists():
+                idle = self._clock() - self._export_active_at
+                if idle < self.export_idle_seconds:
+                    raise ResourceExhausted(
+                        "a dataset export is already running: retry once it has been downloaded",
+                        reason="ALREADY_RUNNING",
+                    )
+                previous.unlink(missing_ok=True)
+                log.warning("a stalled dataset export gave up its slot", extra={"idle_seconds": round(idle)})
             fd, name = tempfile.mkstemp(prefix="dataset-", suffix=".zip", dir=self.blobs.spool_dir())
             os.close(fd)
             self._export_path = Path(name)
+            self._export_active_at = self._clock()
             return self._export_path
+
+    def export_progress(self) -> None:
+        """The export's archive was written or a chunk of it read: its slot is in use."""
+        self._export_active_at = self._clock()
 
     def _zip_blob(self, archive: zipfile.ZipFile, arcname: str, key: str) -> None:
         with archive.open(arcname, "w", force_zip64=True) as member:
             for chunk in self.blobs.open_read(key, 0, None):
                 member.write(chunk)
+                self.export_progress()
 
     def _all_images(self, **query: Any) -> Iterator[ImageRecord]:
         token = ""
