@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Any
@@ -53,12 +52,6 @@ class ResultType(enum.StrEnum):
 
 
 # -- listing -------------------------------------------------------------------------------
-
-
-def next_sweep(ctx: Ctx) -> float:
-    """No sweep is due any more: sessions expire in the datastore, which leaves them out of
-    every count and listing. Always infinity (kept for gateway.routes.info's TTL)."""
-    return math.inf
 
 
 STATS_KEY = "datastore stats"
@@ -130,7 +123,7 @@ async def datastore(request: Request, output: ResultType | None = None, ctx: Ctx
     watch = change_watch(request.app)
     stats, token = await datastore_stats(ctx, watch)
     response = JSONResponse(stats)
-    watch.put(STATS_KEY, token, bytes(response.body), expires=next_sweep(ctx))
+    watch.put(STATS_KEY, token, bytes(response.body))
     return response
 
 

@@ -35,7 +35,7 @@ from gateway import __version__
 from gateway.changes import INFO_KEY, TrainStatsWatch, change_watch, train_stats_watch
 from gateway.errors import GatewayError
 from gateway.routes.common import Ctx, CtxDep
-from gateway.routes.datastore import datastore_stats, next_sweep
+from gateway.routes.datastore import datastore_stats
 from services.common.protos import struct_to_dict
 
 router = APIRouter(tags=["AppService"])
@@ -298,13 +298,13 @@ async def _parts_and_train_stats(
     return parts, await _train_stats(ctx, cache, parts["training"]["_trainer_names"], stats_watch.stats)
 
 
-def _expires(ctx: Ctx, cache: InfoCache, pushed: bool) -> float:
+def _expires(cache: InfoCache, pushed: bool) -> float:
     """When a kept /info/ answer is too old: its oldest part, the train stats unless they
-    are pushed (a push drops the answer), or the next session sweep."""
+    are pushed (a push drops the answer)."""
     parts = min((part.fetched_at for part in cache.parts.values()), default=float("-inf"))
     trainers = (cache.parts["training"].value or {}).get("_trainer_names")
     train = cache.train_stats_at if trainers and not pushed else float("inf")
-    return min(parts + STATIC_TTL_SECONDS, train + TRAIN_STATS_TTL_SECONDS, next_sweep(ctx))
+    return min(parts + STATIC_TTL_SECONDS, train + TRAIN_STATS_TTL_SECONDS)
 
 
 @router.get("/info/", summary="Get App Info")
@@ -347,7 +347,7 @@ async def _answer(ctx: Ctx, app: Any) -> JSONResponse:
             INFO_KEY,
             token,
             bytes(response.body),
-            expires=_expires(ctx, cache, pushed),
+            expires=_expires(cache, pushed),
             refresh=lambda: _answer(ctx, app),
         )
     return response
