@@ -542,8 +542,16 @@ class BundleInferTask(InferTask):
         loaders = (LoadImage, LoadImaged, EnsureChannelFirst, EnsureChannelFirstd)
         steps = Compose([t for t in self.pipeline("cpu").pre.transforms if not isinstance(t, loaders)])
         affine = torch.as_tensor(np.asarray(item.data["affine"]), dtype=torch.float64)
-        image = MetaTensor(item.data["image"], affine=affine, meta={"original_channel_dim": 0})
-        item.data["image"] = steps({self.bundle.image_key: image})[self.bundle.image_key]
+        # The meta LoadImaged gives (DeepEdit's guidance transform reads spatial_shape).
+        meta = {
+            "original_channel_dim": 0,
+            "original_affine": affine.clone(),
+            "spatial_shape": np.asarray(item.data["image"].shape[1:]),
+        }
+        image = MetaTensor(item.data["image"], affine=affine, meta=meta)
+        # An interactive bundle's transforms read the clicks (none when scoring: empty guidance).
+        data = steps({**self.click_data(item.prompt), self.bundle.image_key: image})
+        item.data["image"] = data[self.bundle.image_key]
         return item
 
     def inferer(self, params: Mapping[str, Any]) -> Any:

@@ -279,6 +279,24 @@ def test_scoring_runs_on_bundle_models(
     assert info["dice"] == pytest.approx(dice(expected.astype(np.int64), final.astype(np.int64), [1, 2]), abs=1e-6)
 
 
+def test_scoring_runs_on_a_deepedit_bundle(http: httpx.Client, tmp_path: Path) -> None:
+    """An interactive (deepedit) bundle is scored with empty guidance channels, as its infer runs
+    without clicks: each method's job ends DONE and the unlabeled image gets a finite score."""
+    unlabeled = ct_image(tmp_path / "ct003.nii.gz", seed=3)
+    uploaded = http.put(
+        "/datastore/", params={"image": "ct003"}, files={"file": ("ct003.nii.gz", unlabeled.read_bytes())}
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    for method, key in (("epistemic", "epistemic_entropy"), ("tta", "tta_variance")):
+        response = http.post(
+            f"/scoring/{method}", params={"run_sync": "true"}, json={"model": "ct_deepedit", "force": True}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "DONE", response.text
+        score = http.get("/datastore/image/info", params={"image": "ct003"}).json().get(key)
+        assert score is not None and np.isfinite(score), (method, score)
+
+
 def test_train_bundle_then_delete_goes_back_to_the_bundle_weights(
     http: httpx.Client, stack: Stack, bundles: dict[str, Path], tmp_path: Path
 ) -> None:
