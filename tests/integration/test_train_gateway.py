@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,35 +10,14 @@ import httpx
 import pytest
 from monailabel.client import MONAILabelClient
 
-from services.datastore.sample_studies import write_sample_studies
-from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.gateway import GatewayStack, gateway_with_training
 from tests.fixtures.polling import wait_until
-from tests.fixtures.processes import ServiceProcess
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    root = tmp_path_factory.mktemp("train-gateway")
-    write_sample_studies(root / "studies", count=2, labeled=2, size=48, brain=False)
-    processes: list[ServiceProcess] = []
-    stack = GatewayStack(root)
-
-    async def start_training(datastore_address: str) -> tuple[str, Any]:
-        training = await asyncio.to_thread(
-            ServiceProcess, "services.train", "--metrics-port", "-1", "--datastore", datastore_address,
-            "--work-dir", str(root / "train"), "--device", "cpu", "--torch-threads", "1", "--stop-grace-seconds", "2",
-            start_timeout=120,
-        )  # fmt: skip
-        processes.append(training)
-        stack.gateway_overrides["training_address"] = training.address
-        return "127.0.0.1:1", None  # no inference service here
-
-    stack.start_inference = start_training
-    stack.start()
-    yield stack
-    stack.stop()
-    for process in processes:
-        process.stop()
+    with gateway_with_training(tmp_path_factory.mktemp("train-gateway")) as (stack, _training):
+        yield stack
 
 
 def wait_status(client: MONAILabelClient, status: str, timeout: float = 180) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import httpx
@@ -19,8 +18,7 @@ from labelgrid.training.v1 import training_service_pb2_grpc as pb_grpc
 
 from gateway.changes import INFO_KEY, ChangeWatch, TrainStatsWatch
 from services.common.protos import struct_to_dict
-from services.datastore.sample_studies import write_sample_studies
-from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.gateway import GatewayStack, gateway_with_training
 from tests.fixtures.polling import eventually
 from tests.fixtures.processes import ServiceProcess
 
@@ -40,27 +38,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("train-stats")
-    write_sample_studies(root / "studies", count=2, labeled=2, size=48, brain=False)
-    processes: list[ServiceProcess] = []
-    gateway = GatewayStack(root)
-
-    async def start_training(datastore_address: str) -> tuple[str, Any]:
-        training = await asyncio.to_thread(
-            ServiceProcess, "services.train", "--metrics-port", "-1", "--datastore", datastore_address,
-            "--work-dir", str(root / "train"), "--device", "cpu", "--torch-threads", "1", "--stop-grace-seconds", "2",
-            start_timeout=120,
-        )  # fmt: skip
-        processes.append(training)
-        gateway.gateway_overrides["training_address"] = training.address
-        return "127.0.0.1:1", None  # no inference service here
-
-    gateway.start_inference = start_training
-    gateway.start()
-    yield Stack(gateway, processes)
-    gateway.stop()
-    for process in processes:
-        process.stop()
+    with gateway_with_training(tmp_path_factory.mktemp("train-stats")) as (gateway, training):
+        yield Stack(gateway, training)
 
 
 async def test_stats_are_pushed_and_drop_the_kept_info(stack: Stack) -> None:
