@@ -103,16 +103,21 @@ class Sessions(Repository):
 
         return self._write(tx, "create_session")
 
+    def _live_row(self, conn: Connection, session_id: str, t: float, *, for_update: bool = False) -> Any:
+        """The row of a session live at `t`; NOT_FOUND when unknown or expired."""
+        st = self._t.sessions
+        query = sa.select(st).where((st.c.id == session_id) & (st.c.expire_time > t))
+        row = conn.execute(query.with_for_update() if for_update else query).first()
+        if row is None:
+            raise session_not_found(session_id)
+        return row
+
     def get_session(self, session_id: str, *, now: Now = None) -> SessionRecord:
         """The live session; NOT_FOUND when unknown or expired."""
         t = epoch(now)
-        st = self._t.sessions
 
         def tx(conn: Connection) -> SessionRecord:
-            row = conn.execute(sa.select(st).where((st.c.id == session_id) & (st.c.expire_time > t))).first()
-            if row is None:
-                raise session_not_found(session_id)
-            return self._session(row)
+            return self._session(self._live_row(conn, session_id, t))
 
         return self._read(tx, "get_session")
 
@@ -120,12 +125,9 @@ class Sessions(Repository):
         """Records an access to a live session: its expiry moves to now + its lifetime."""
         t = epoch(now)
         st = self._t.sessions
-        key = (st.c.id == session_id) & (st.c.expire_time > t)
 
         def tx(conn: Connection) -> SessionRecord:
-            row = conn.execute(sa.select(st).where(key).with_for_update()).first()
-            if row is None:
-                raise session_not_found(session_id)
+            row = self._live_row(conn, session_id, t, for_update=True)
             conn.execute(
                 sa.update(st)
                 .where(st.c.id == session_id)
@@ -139,12 +141,9 @@ class Sessions(Repository):
         """Removes a live session's row and returns it; NOT_FOUND when unknown or expired."""
         t = epoch(now)
         st = self._t.sessions
-        key = (st.c.id == session_id) & (st.c.expire_time > t)
 
         def tx(conn: Connection) -> SessionRecord:
-            row = conn.execute(sa.select(st).where(key).with_for_update()).first()
-            if row is None:
-                raise session_not_found(session_id)
+            row = self._live_row(conn, session_id, t, for_update=True)
             conn.execute(sa.delete(st).where(st.c.id == session_id))
             return self._session(row)
 
