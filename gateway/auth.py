@@ -364,11 +364,14 @@ def cross_origin(headers: dict[bytes, bytes], method: str, public_origins: Itera
     (sent by browsers on every cross-origin request and every change) must name it. A change
     without Origin needs a Referer of the same origin; a read without either is a top-level
     navigation or a same-origin fetch, which SameSite=Strict already limits to us."""
-    own = {_scheme_and_origin(value) for value in public_origins}
+    own = {origin for origin in map(_scheme_and_origin, public_origins) if origin}
     host = headers.get(b"host", b"").decode("latin-1").strip().lower()
 
     def matches(url: str) -> bool:
-        return _scheme_and_origin(url) in own if own else _origin_of(url) == host
+        if public_origins:  # a malformed URL (no origin) never matches, nor does Host then
+            origin = _scheme_and_origin(url)
+            return origin is not None and origin in own
+        return _origin_of(url) == host
 
     origin = headers.get(b"origin", b"").decode("latin-1").strip()
     if origin:

@@ -92,6 +92,15 @@ class GatewaySettings(ServiceSettings):
     def _split_origins(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("public_origins")
+    @classmethod
+    def _whole_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if scheme.lower() not in ("http", "https") or not sep or not rest.strip("/"):
+                raise ValueError(f"public origin {origin!r} must look like https://host[:port]")
+        return value
+
     # Auth (services.common.auth; the token fields are ServiceSettings'): built-in users, as
     # `labelgrid users add` writes them; logging in needs auth_signing_key too.
     auth_users_file: Path | None = None

@@ -30,6 +30,9 @@ def headers(**values: str) -> dict[bytes, bytes]:
         (headers(host="gateway:8000", origin="http://gateway:8000"), "POST", PUBLIC, False),
         (headers(host="gateway:8000", referer="https://LABEL.example.org/ohif/viewer"), "PUT", PUBLIC, True),
         (headers(host="gateway:8000", referer="https://evil.example/ohif/"), "PUT", PUBLIC, False),
+        # A malformed Origin or Referer never matches a public origin.
+        (headers(host="gateway:8000", origin="garbage"), "POST", PUBLIC, False),
+        (headers(host="gateway:8000", referer="/ohif/viewer"), "PUT", PUBLIC, False),
         # A change needs Origin or Referer; a read without either is a same-origin navigation.
         (headers(host="gateway:8000"), "DELETE", PUBLIC, False),
         (headers(host="gateway:8000"), "GET", PUBLIC, True),
@@ -47,3 +50,9 @@ def test_public_origins_and_forwarded_ips_come_from_comma_lists(monkeypatch: pyt
     assert settings.public_origins == ["https://a.example", "https://b.example"]
     assert settings.forwarded_allow_ips == ["127.0.0.1", "10.0.0.0/8"]
     assert GatewaySettings.model_fields["forwarded_allow_ips"].default_factory() == ["127.0.0.1"]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", ["label.example.org", "ftp://label.example.org", "https://"])
+def test_a_public_origin_must_be_a_whole_origin(bad: str) -> None:
+    with pytest.raises(ValueError, match="must look like"):
+        GatewaySettings(public_origins=[bad])
