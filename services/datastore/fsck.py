@@ -10,7 +10,7 @@ Checks, for the local and S3 backends on SQLite or PostgreSQL:
 - half-written spools and temp files a killed datastore left (``half-written-spool``),
   MONAI Label mirror temp files (local), orphan S3 multipart uploads (``orphan-multipart``);
 - expired leases still in the index (``stale-lease``);
-- old bytes an image or label replacement kept aside under ``replaced/<key>`` and a killed
+- old bytes an image or label replacement kept aside under ``replaced/<write>/<key>`` and a killed
   datastore left there (``replaced-blob``).
 
 Spools and multipart uploads younger than ``min_age_seconds`` may be a live server's
@@ -46,7 +46,7 @@ from services.datastore.domain.datastore import (
     label_key,
     model_key,
 )
-from services.datastore.domain.ports import REPLACED_AREA
+from services.datastore.domain.ports import REPLACED_AREA, replaced_original_key
 from services.datastore.domain.reindex import _all_images, _all_model_versions
 
 Now = Callable[[], float]
@@ -244,7 +244,7 @@ def check(
 
 
 def _settle_replaced(blobs: Any, kept: str, known: dict[str, tuple[int, str]]) -> str:
-    """One ``replaced/<key>`` left by a datastore killed while it replaced `key`.
+    """One ``replaced/<write>/<key>`` left by a datastore killed while it replaced `key`.
 
     The index row is the commit point of a replacement (Datastore._store_blob): the old bytes
     were copied aside, the new stored under `key`, then the row written. So if the row still
@@ -253,7 +253,7 @@ def _settle_replaced(blobs: Any, kept: str, known: dict[str, tuple[int, str]]) -
     case (the row names the new bytes, or nothing was replaced yet, or the row is gone) the
     kept copy is stale and is deleted.
     """
-    key = kept[len(REPLACED_AREA) + 1 :]
+    key = replaced_original_key(kept)
     row = known.get(key)
     if row is not None and _hash(blobs, kept) == row[1]:
         try:

@@ -11,6 +11,7 @@ stored, the one moment a stopped PostgreSQL cannot be timed to hit from outside
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -176,16 +177,44 @@ def _put_blob(store: Datastore, key: str, data: bytes) -> None:
     store.blobs.put_file(key, Path(spooled.path), sha256=spooled.sha256)
 
 
+def test_each_replacement_keeps_the_old_bytes_under_its_own_name(
+    datastore: Datastore, volumes: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two datastore replicas replacing one image at once must not share one kept copy (one
+    would restore the other's bytes): every replacement names its own, and none is left."""
+    kept: list[str] = []
+    copy = datastore.blobs.copy
+
+    def recording_copy(source: str, target: str) -> None:
+        kept.append(target)
+        copy(source, target)
+
+    monkeypatch.setattr(datastore.blobs, "copy", recording_copy)
+    datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
+    for data in (volumes["image2"], volumes["image"]):
+        datastore.add_image(_spooled(datastore, data), image_id="img", file_name="img.nii.gz", info={})
+    assert len(kept) == 2 and kept[0] != kept[1], kept
+    assert all(re.fullmatch(r"replaced/[0-9a-f]{32}/images/img\.nii\.gz", key) for key in kept), kept
+    assert list(datastore.blobs.list("replaced/")) == []
+    replaced_folder = Path(datastore.blobs.spool_dir()).parent / "replaced"
+    assert not replaced_folder.exists() or not any(replaced_folder.iterdir()), "empty kept-aside folders left"
+    _assert_nothing_left(datastore)
+
+
+# The layout before per-write names (replaced/<key>) is what an older datastore left: still settled.
+@pytest.mark.parametrize(
+    "kept", ["replaced/0123456789abcdef0123456789abcdef/images/img.nii.gz", "replaced/images/img.nii.gz"]
+)
 def test_fsck_repair_restores_old_bytes_a_replacement_killed_before_its_row_left(
-    datastore: Datastore, volumes: dict[str, bytes]
+    datastore: Datastore, volumes: dict[str, bytes], kept: str
 ) -> None:
     """Killed after the new bytes were stored, before the row: the row (the commit) still names
     the old bytes, so --repair moves them back from replaced/."""
     old = datastore.add_image(_spooled(datastore, volumes["image"]), image_id="img", file_name="img.nii.gz", info={})
-    datastore.blobs.copy("images/img.nii.gz", "replaced/images/img.nii.gz")
+    datastore.blobs.copy("images/img.nii.gz", kept)
     _put_blob(datastore, "images/img.nii.gz", volumes["image2"])
     report = fsck.check(datastore, min_age_seconds=0)
-    assert ("replaced-blob", "replaced/images/img.nii.gz") in [(p.kind, p.subject) for p in report.problems]
+    assert ("replaced-blob", kept) in [(p.kind, p.subject) for p in report.problems]
     after = fsck.repair(datastore, checksums=True, min_age_seconds=0)
     assert after.clean, list(after.lines())
     assert any(line.startswith("restored images/img.nii.gz") for line in after.repairs), after.repairs

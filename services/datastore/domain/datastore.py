@@ -50,7 +50,7 @@ from services.datastore.domain.model import (
     Record,
     SessionRecord,
 )
-from services.datastore.domain.ports import REPLACED_AREA, BlobStore, Index
+from services.datastore.domain.ports import BlobStore, Index, replaced_blob_key
 from services.datastore.domain.reindex import ReindexCounts, rebuild
 from services.datastore.domain.streaming import StreamingSpool, streaming_store
 
@@ -428,16 +428,16 @@ class Datastore:
         If the index write fails, the store is as before: a blob under a key no row named is
         deleted again (best effort), so a refused write does not come back as an unindexed
         blob a reindex would adopt; when `replaces` (a row names `key` already), the old bytes
-        were first kept aside under ``replaced/<key>`` (local: a hard link, S3: a server-side
+        were first kept aside under ``replaced/<write>/<key>`` (local: a hard link, S3: a server-side
         copy) and are moved back, so the row and its sha256 still describe what is stored.
 
         The index row is the commit point. A datastore killed between the steps leaves
-        ``replaced/<key>``; fsck reports it and ``--repair`` moves it back only where its bytes
+        ``replaced/<write>/<key>``; fsck reports it and ``--repair`` moves it back only where its bytes
         are what the row describes and the blob under `key` is not (killed after storing the
         new bytes, before the row), and otherwise deletes it (the row committed the new bytes,
         or nothing changed yet): the committed state is never lost.
         """
-        kept = f"{REPLACED_AREA}/{key}" if replaces else None
+        kept = replaced_blob_key(key) if replaces else None
         if kept is not None:
             try:
                 self.blobs.copy(key, kept)

@@ -7,6 +7,7 @@ methods the domain calls, with the adapters' signatures.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,8 +36,31 @@ Now = datetime | float | None
 """A point in time for the index: naive datetimes are UTC, floats epoch seconds, None now."""
 
 REPLACED_AREA = "replaced"
-"""``replaced/<key>``: the old bytes of an image or label kept aside while a replacement is
-indexed (Datastore._store_blob); fsck restores or drops what a killed datastore left there."""
+"""``replaced/<write>/<key>``: the old bytes of an image or label kept aside while a replacement
+is indexed (Datastore._store_blob); fsck restores or drops what a killed datastore left there.
+`<write>` is a fresh hex token per replacement, so two datastore replicas replacing the same
+object at once never share (and overwrite) one kept copy. Before it, the layout was
+``replaced/<key>``: what such a version left is still read."""
+
+_REPLACED_WRITE_CHARS = frozenset("0123456789abcdef")
+
+
+def replaced_blob_key(key: str) -> str:
+    """Where one replacement keeps the old bytes of `key` aside."""
+    return f"{REPLACED_AREA}/{uuid.uuid4().hex}/{key}"
+
+
+def is_replaced_write_token(part: str) -> bool:
+    return len(part) == 32 and set(part) <= _REPLACED_WRITE_CHARS
+
+
+def replaced_original_key(kept: str) -> str:
+    """The key whose old bytes `kept` holds (either layout of REPLACED_AREA)."""
+    parts = kept.split("/")
+    if len(parts) >= 3 and is_replaced_write_token(parts[1]):
+        return "/".join(parts[2:])
+    return "/".join(parts[1:])
+
 
 NoLeaseReason = Literal["EMPTY", "ALL_LABELED", "ALL_LEASED"]
 

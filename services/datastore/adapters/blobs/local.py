@@ -199,6 +199,7 @@ class LocalBlobStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
                 _fsync_dir(target.parent)
+                self._prune(source.parent)
         except FileNotFoundError:
             raise NotFound(f"object {source_key!r} not found", reason="NOT_FOUND") from None
         except OSError as exc:
@@ -219,13 +220,16 @@ class LocalBlobStore:
         return True
 
     def _prune(self, directory: Path) -> None:
-        """Removes empty model version/name folders; label and root folders stay (MONAI Label expects them)."""
-        while directory != self._models and directory.is_relative_to(self._models):
-            try:
-                directory.rmdir()
-            except OSError:
-                return
-            directory = directory.parent
+        """Removes empty model version/name and kept-aside write folders; label and root folders
+        stay (MONAI Label expects them)."""
+        for area in (self._models, self._replaced):
+            if directory.is_relative_to(area):
+                while directory != area:
+                    try:
+                        directory.rmdir()
+                    except OSError:
+                        return
+                    directory = directory.parent
 
     def delete_prefix(self, prefix: str) -> int:
         """Deletes every object under `prefix`; an empty prefix is refused."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument, StorageError
-from services.datastore.domain.ports import REPLACED_AREA
+from services.datastore.domain.ports import REPLACED_AREA, replaced_original_key
 
 CHUNK_SIZE = 1024 * 1024
 """Largest chunk `open_read` yields (1 MiB), the gRPC chunk size."""
@@ -62,9 +62,11 @@ def _split_key(key: str) -> list[str]:
         return parts
     if area == "sessions" and len(parts) == 2:
         return parts
-    if area == REPLACED_AREA and len(parts) >= 3 and parts[1] in ("images", "labels"):
-        _split_key("/".join(parts[1:]))
-        return parts
+    if area == REPLACED_AREA and len(parts) >= 3:
+        original = replaced_original_key(key)
+        if original.split("/", 1)[0] in ("images", "labels"):
+            _split_key(original)
+            return parts
     raise InvalidArgument(
         f"blob key {key!r} is not images/<file>, labels/<tag>/<file>, models/<name>/<version>/<file> or sessions/<file>"
     )
