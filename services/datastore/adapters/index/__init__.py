@@ -11,7 +11,8 @@ writes stay correct under concurrency on each backend):
 - ``images_labels``: images, labels, scores; ``listing``: pages and counts of images;
 - ``leases``: next-sample leases; ``models``: model versions; ``records``: JSON records;
 - ``sessions``: MONAI Label's sessions, with their expiry and caps;
-- ``export``: MONAI Label's datastore_v2.json model; ``bulk_import``: reindex.
+- ``export``: MONAI Label's datastore_v2.json model and its JSON, patched from the change log
+  every image write records (``base.Repository._changed``); ``bulk_import``: reindex.
 
 ``SqlIndex`` composes them into the ``Index`` port of ``services.datastore.domain.ports``.
 Every method is thread-safe (one pooled connection per call) and returns the plain types of
@@ -116,7 +117,7 @@ class SqlIndex:
         self.remove_expired_session = sessions.remove_expired_session
         self.session_ids = sessions.session_ids
 
-        export = Export(db)
+        export = self.exporter = Export(db)  # its full_builds / patches counters: tests
         self.export_monailabel_model = export.export_monailabel_model
         self.export_monailabel_json = export.export_monailabel_json
         self.export_monailabel_json_if_cached = export.export_monailabel_json_if_cached

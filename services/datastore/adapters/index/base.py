@@ -90,6 +90,11 @@ def check_revision(expected: int | None, actual: int, what: str) -> None:
         raise Aborted(f"{what} is at revision {actual}, not {expected}; re-read and retry")
 
 
+LOG_MAX_IMAGES = 10_000
+"""A write changing more images than this (a large reindex) is not logged per image: it asks
+the readers of the change log to rebuild MONAI Label's JSON whole (cheaper than patching)."""
+
+
 @dataclass(frozen=True)
 class _Segment:
     """One ordered run of a listing: its own filter and sort columns (desc flag each).
@@ -220,6 +225,45 @@ class Repository:
         if row is None:
             raise label_not_found(image_id, tag)
         return row
+
+    # ------------------------------------------------------------------ change log
+
+    def _next_change_seq(self, conn: Connection, *, reset: bool = False) -> int:
+        """Takes the next change number (change_log's row stays locked until this
+        transaction ends, so numbers commit in order); with ``reset``, also asks every reader
+        of the log to rebuild whole."""
+        cl = self._t.change_log
+        values: dict[str, Any] = {"seq": cl.c.seq + 1}
+        if reset:
+            values["reset_seq"] = cl.c.seq + 1
+        seq = conn.execute(sa.update(cl).where(cl.c.id == 1).values(**values).returning(cl.c.seq)).scalar()
+        if seq is None:  # the migration inserts the row; never lose a change if it went missing
+            conn.execute(sa.insert(cl).values(id=1, seq=1, reset_seq=1))
+            seq = 1
+        return int(seq)
+
+    def _changed(self, conn: Connection, image_ids: Iterable[str]) -> None:
+        """Records, in this write transaction, that these images' entries in MONAI Label's
+        datastore JSON may have changed (adapters/index/export.py patches them). Call it after
+        the transaction's other writes: it takes change_log's lock, held until commit. Above
+        ``LOG_MAX_IMAGES`` images the readers are told to rebuild whole instead."""
+        ids = sorted(set(image_ids))
+        if not ids:
+            return
+        if len(ids) > LOG_MAX_IMAGES:
+            self._next_change_seq(conn, reset=True)
+            return
+        seq = self._next_change_seq(conn)
+        ic = self._t.image_changes
+        stmt = self._insert(ic)
+        stmt = stmt.on_conflict_do_update(index_elements=[ic.c.image_id], set_={"seq": stmt.excluded.seq})
+        for i in range(0, len(ids), 500):
+            conn.execute(stmt, [{"image_id": image_id, "seq": seq} for image_id in ids[i : i + 500]])
+
+    def _changed_all(self, conn: Connection) -> None:
+        """Every entry may have changed (clear): readers of the log rebuild whole."""
+        self._next_change_seq(conn, reset=True)
+        conn.execute(sa.delete(self._t.image_changes))  # the tombstones are not needed any more
 
     # ------------------------------------------------------------------ filters
 

@@ -167,6 +167,8 @@ class BulkImport(Repository):
             for i in range(0, len(finals), chunk):
                 conn.execute(sa.delete(self._t.leases).where(self._t.leases.c.image_id.in_(finals[i : i + chunk])))
             self._sync_final(conn, finals)
+            changed = [r["id"] for r in inserts] + [r["b_id"] for r in updates]
+            self._changed(conn, changed + [r["image_id"] for r in l_ins] + [r["b_id"] for r in l_upd])
             return BulkImportResult(
                 images_added=len(inserts),
                 images_updated=len(updates),
@@ -191,6 +193,8 @@ class BulkImport(Repository):
             n = 0
             for i in range(0, len(ids), 500):
                 n += conn.execute(sa.delete(im).where(im.c.id.in_(ids[i : i + 500]))).rowcount
+            if n:
+                self._changed(conn, ids)
             return n
 
         return self._write(tx, "delete_images")
@@ -205,6 +209,8 @@ class BulkImport(Repository):
             for image_id, tag in pairs:
                 n += conn.execute(sa.delete(lb).where((lb.c.image_id == image_id) & (lb.c.tag == tag))).rowcount
             self._sync_final(conn, [i for i, tag in pairs if tag == DEFAULT_TAG_FINAL])
+            if n:
+                self._changed(conn, [i for i, _ in pairs])
             return n
 
         return self._write(tx, "delete_labels")
@@ -217,6 +223,7 @@ class BulkImport(Repository):
         def tx(conn: Connection) -> None:
             for table in (t.leases, t.scores, t.labels, t.images):
                 conn.execute(sa.delete(table))
+            self._changed_all(conn)
             if models:
                 conn.execute(sa.delete(t.model_versions))
                 conn.execute(sa.delete(t.models))

@@ -77,6 +77,7 @@ class ImagesLabels(Repository):
                 )
                 if old.sha256 != sha256:
                     conn.execute(sa.delete(self._t.scores).where(self._t.scores.c.image_id == image_id))
+            self._changed(conn, [image_id])
             return self._load_image(conn, image_id)
 
         return self._write(tx, "upsert_image")
@@ -92,6 +93,7 @@ class ImagesLabels(Repository):
             self._require_image_row(conn, image_id, lock=True)
             rec = self._load_image(conn, image_id)
             conn.execute(sa.delete(self._t.images).where(self._t.images.c.id == image_id))
+            self._changed(conn, [image_id])
             return rec
 
         return self._write(tx, "delete_image")
@@ -124,6 +126,7 @@ class ImagesLabels(Repository):
                 .where(images.c.id == image_id)
                 .values(info=merged, revision=old.revision + 1, update_time=t)
             )
+            self._changed(conn, [image_id])
             return self._load_image(conn, image_id)
 
         return self._write(tx, "update_image_info")
@@ -175,6 +178,7 @@ class ImagesLabels(Repository):
             if tag == DEFAULT_TAG_FINAL:
                 conn.execute(sa.delete(self._t.leases).where(self._t.leases.c.image_id == image_id))
                 conn.execute(sa.update(self._t.images).where(self._t.images.c.id == image_id).values(final=True))
+            self._changed(conn, [image_id])
             return self._label_record(conn.execute(sa.select(labels).where(key)).one())
 
         return self._write(tx, "upsert_label")
@@ -193,6 +197,7 @@ class ImagesLabels(Repository):
             conn.execute(sa.delete(labels).where((labels.c.image_id == image_id) & (labels.c.tag == tag)))
             if tag == DEFAULT_TAG_FINAL:
                 conn.execute(sa.update(self._t.images).where(self._t.images.c.id == image_id).values(final=False))
+            self._changed(conn, [image_id])
             return rec
 
         return self._write(tx, "delete_label")
@@ -218,6 +223,7 @@ class ImagesLabels(Repository):
             merged = info_ if replace else {**(old.info or {}), **info_}
             key = (labels.c.image_id == image_id) & (labels.c.tag == tag)
             conn.execute(sa.update(labels).where(key).values(info=merged, revision=old.revision + 1, update_time=t))
+            self._changed(conn, [image_id])
             return self._label_record(conn.execute(sa.select(labels).where(key)).one())
 
         return self._write(tx, "update_label_info")
@@ -259,6 +265,7 @@ class ImagesLabels(Repository):
                     .where(im.c.id == image_id)
                     .values(info={**(row.info or {}), **info_}, revision=row.revision + 1, update_time=t)
                 )
+                self._changed(conn, [image_id])
 
         self._write(tx, "set_score")
 

@@ -134,6 +134,7 @@ class Leases(Repository):
                 conn.execute(
                     sa.update(im).where(im.c.id == image_id).values(info=info, revision=row.revision + 1, update_time=t)
                 )
+                self._changed(conn, [image_id])
             lease = self._lease_record(conn.execute(sa.select(ls).where(ls.c.image_id == image_id)).one())
             return self._load_image(conn, image_id), lease
 

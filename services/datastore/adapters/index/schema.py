@@ -147,3 +147,23 @@ class Schema:
         )
         sa.Index("ix_sessions_expire", self.sessions.c.expire_time)
         sa.Index("ix_sessions_owner", self.sessions.c.owner, self.sessions.c.expire_time)
+        # The change log of MONAI Label's datastore JSON (migration 0003; adapters/index/export.py
+        # patches its kept JSON from it): every write to an image, its labels or its info takes
+        # the next number from change_log's one row (so writers commit in number order: the row
+        # stays locked until commit) and records it against the image in image_changes, in the
+        # same transaction; a deleted image's row stays as its tombstone. A write too large to
+        # log per image (clear, a big reindex) sets reset_seq instead: rebuild everything.
+        self.change_log = sa.Table(
+            "change_log",
+            md,
+            C("id", sa.Integer, primary_key=True, autoincrement=False),
+            C("seq", sa.BigInteger, nullable=False),
+            C("reset_seq", sa.BigInteger, nullable=False),
+        )
+        self.image_changes = sa.Table(
+            "image_changes",
+            md,
+            C("image_id", key_type(), primary_key=True),
+            C("seq", sa.BigInteger, nullable=False),
+        )
+        sa.Index("ix_image_changes_seq", self.image_changes.c.seq)
