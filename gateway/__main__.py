@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 import uvicorn
+import uvloop
 
 from gateway.app import create_app, proxy_options
 from gateway.auth import check_auth_settings
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         check_auth_settings(settings)
     except ValueError as err:  # fail closed, with the reason and no traceback
         sys.exit(f"gateway: {err}")
-    asyncio.run(serve(settings))
+    # uvloop (libuv) instead of asyncio's selector loop: grpc.aio's channels and streams run
+    # on it too (tests/integration run the gateway process this way).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings))
     sys.exit(0)
 
 
