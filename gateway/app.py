@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import MutableHeaders
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.auth import AuthMiddleware, check_auth_settings
@@ -38,6 +40,41 @@ HOT_READS = {
     ("/datastore/", b"output=stats"): datastore.STATS_KEY,
     ("/info/", b""): info.INFO_KEY,
 }
+
+
+class OriginCORSMiddleware(CORSMiddleware):
+    """Starlette's CORSMiddleware, with its answer to a request without `Origin` (most calls:
+    Slicer, the SDK, curl) made on the raw header list: the same `Vary: Origin` added, without
+    parsing the request's headers into a `Headers` and the response's into a `MutableHeaders`.
+    Requests with an `Origin` (browsers) go through Starlette's code unchanged."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, _value in scope["headers"]:
+            if key == b"origin":
+                await super().__call__(scope, receive, send)
+                return
+
+        async def vary_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                _vary_origin(message)
+            await send(message)
+
+        await self.app(scope, receive, vary_send)
+
+
+def _vary_origin(message: Message) -> None:
+    """What Starlette's CORSMiddleware does to a response when the request had no Origin."""
+    headers = list(message.get("headers", ()))
+    message["headers"] = headers
+    for key, _value in headers:
+        if key == b"vary":  # merged into the first, as Starlette does
+            merged = MutableHeaders(scope=message)
+            merged["Vary"] = ", ".join([*merged.getlist("Vary"), "Origin"])
+            return
+    headers.append((b"vary", b"Origin"))
 
 
 def proxy_options(settings: GatewaySettings) -> dict[str, Any]:
@@ -98,7 +135,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # Outermost, so errors carry CORS headers too. With credentials allowed, Starlette echoes
     # the request's Origin instead of "*", as MONAI Label's server does.
     app.add_middleware(
-        CORSMiddleware,
+        OriginCORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_credentials=True,
         allow_methods=["*"],

@@ -412,12 +412,21 @@ class AuthMiddleware:
         self.authenticator = Authenticator.from_settings(settings) if self.enabled else None
         self._templates_source = templates
         self._routes: list[tuple[re.Pattern[str], str]] | None = None
+        # Paths whose route has no parameter ({path: template}): such a template matches one
+        # path only, so this holds at most one entry per such route, and a hot read (/info/,
+        # /datastore/) skips the scan of every route's regex.
+        self._fixed: dict[str, str] = {}
 
     def _match(self, path: str) -> str | None:
+        found = self._fixed.get(path)
+        if found is not None:
+            return found
         if self._routes is None:
             self._routes = route_table(self._templates_source())
         for regex, template in self._routes:
             if regex.match(path):
+                if "{" not in template:
+                    self._fixed[path] = template
                 return template
         return None
 
