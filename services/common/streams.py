@@ -20,8 +20,6 @@ from services.common.resource_names import check_required
 Header = TypeVar("Header")
 Response = TypeVar("Response")
 
-_END = object()
-
 
 async def receive_upload(
     requests: AsyncIterable[Any], open_spool: Callable[[Any], SpoolWriter]
@@ -83,17 +81,43 @@ def _drop_outcome(future: asyncio.Future[None]) -> None:
         future.exception()  # retrieved: the upload has failed already
 
 
+HOP_BYTES = 8 * 1024 * 1024
+"""Bytes of chunks one worker-thread hop of `send_chunks` reads (8 chunks of 1 MiB)."""
+
+
+def take_chunks(chunks: Iterator[bytes], limit: int = HOP_BYTES) -> list[bytes]:
+    """The next chunks of `chunks`, about `limit` bytes of them; [] at the end.
+
+    A source with a `take(limit)` method (a read-ahead buffer) answers from what it has
+    already read, waiting only for the first chunk.
+    """
+    take = getattr(chunks, "take", None)
+    if take is not None:
+        return take(limit)
+    batch: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return batch
+
+
 async def send_chunks(
     first: Response, chunks: Iterator[bytes], make: Callable[[bytes], Response]
 ) -> AsyncIterator[Response]:
-    """Yields `first`, then one message per chunk, reading the chunks off the event loop."""
+    """Yields `first`, then one message per chunk, reading the chunks off the event loop up
+    to HOP_BYTES per worker-thread hop (one hop per 1 MiB chunk cost a thread switch and an
+    event-loop wakeup per message)."""
     yield first
     try:
         while True:
-            chunk = await asyncio.to_thread(next, chunks, _END)
-            if chunk is _END:
+            batch = await asyncio.to_thread(take_chunks, chunks)
+            if not batch:
                 return
-            yield make(chunk)  # type: ignore[arg-type]
+            for chunk in batch:
+                yield make(chunk)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:

@@ -498,3 +498,49 @@ def test_s3_reads_ahead_and_a_dropped_stream_stops_reading(seaweedfs: Any) -> No
     assert _read(store, "images/big.nii") == data
     assert _read(store, "images/big.nii", 3 * MIB, 2 * MIB + 1) == data[3 * MIB : 5 * MIB + 1]
     store.close()
+
+
+def test_s3_read_ahead_hands_out_batches(seaweedfs: Any) -> None:
+    """send_chunks takes what the read-ahead thread has read in one hop (take_chunks): the
+    batches hold every byte in order, end with [], and a plain iterator is batched the same way."""
+    from services.common.streams import take_chunks
+
+    store = S3BlobStore(seaweedfs.endpoint, seaweedfs.access_key, seaweedfs.secret_key, seaweedfs.new_bucket())
+    data = os.urandom(20 * MIB + 7)
+    _put(store, "images/batched.nii", data)
+    stream = store.open_read("images/batched.nii")
+    assert hasattr(stream, "take")
+    got: list[bytes] = []
+    while batch := take_chunks(stream, 4 * MIB):
+        assert 0 < sum(map(len, batch)) <= 4 * MIB + CHUNK_SIZE
+        got.extend(batch)
+    assert b"".join(got) == data
+    assert take_chunks(stream, 4 * MIB) == []
+    plain = iter([b"a" * MIB, b"b" * MIB, b"c"])
+    assert take_chunks(plain, 2 * MIB) == [b"a" * MIB, b"b" * MIB]
+    assert take_chunks(plain, 2 * MIB) == [b"c"]
+    assert take_chunks(plain, 2 * MIB) == []
+    store.close()
+
+
+def test_s3_read_ahead_failure_comes_after_the_chunks_read_before_it() -> None:
+    """A read failing mid-object: the chunks read before it are handed out first, then the
+    StorageError, once; nothing after it."""
+    from services.common.streams import take_chunks
+    from services.datastore.adapters.blobs.s3 import _ReadAhead
+    from services.datastore.adapters.blobs.shared import _ChunkStream
+
+    source = io.BytesIO(os.urandom(3 * MIB))
+    released = threading.Event()
+
+    def read(amount: int) -> bytes:
+        if source.tell() >= 3 * MIB:
+            raise OSError("connection reset")
+        return source.read(amount)
+
+    ahead = _ReadAhead(_ChunkStream(read, released.set, None))
+    wait_until(released.is_set, "the read-ahead thread to meet the failure", timeout=30, interval=0.01)
+    assert [len(chunk) for chunk in take_chunks(ahead, 8 * MIB)] == [MIB] * 3
+    with pytest.raises(StorageError, match="connection reset"):
+        take_chunks(ahead, 8 * MIB)
+    assert take_chunks(ahead, 8 * MIB) == []

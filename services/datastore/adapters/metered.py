@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from services.common.paging import DEFAULT_PAGE_SIZE
+from services.common.streams import take_chunks
 from services.datastore.domain.model import (
     DEFAULT_TAG_FINAL,
     DatastoreStatus,
@@ -60,6 +61,16 @@ class _CountingChunks:
             raise
         self._counter.inc(len(chunk))
         return chunk
+
+    def take(self, limit: int) -> list[bytes]:
+        """send_chunks' batch of chunks (the inner read-ahead's, when it has one), counted."""
+        try:
+            batch = take_chunks(self._chunks, limit)
+        except Exception as error:
+            self._on_error(error)
+            raise
+        self._counter.inc(sum(map(len, batch)))
+        return batch
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)

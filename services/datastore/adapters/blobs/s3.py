@@ -51,6 +51,7 @@ class _ReadAhead(Iterator[bytes]):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=_READ_AHEAD_CHUNKS)
         self._stop = threading.Event()
         self._done = False
+        self._failed: BaseException | None = None
         # The thread holds the source, the queue and the flag, never this object: dropping it
         # runs __del__, which stops the thread.
         threading.Thread(
@@ -61,6 +62,9 @@ class _ReadAhead(Iterator[bytes]):
         return self
 
     def __next__(self) -> bytes:
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         if self._done:
             raise StopIteration
         item = self._queue.get()
@@ -70,6 +74,30 @@ class _ReadAhead(Iterator[bytes]):
         if isinstance(item, BaseException):
             raise item
         raise StopIteration  # _END
+
+    def take(self, limit: int) -> list[bytes]:
+        """The chunks read so far, up to about `limit` bytes, waiting only for the first; []
+        at the end. send_chunks sends them on after one thread hop, not one per chunk."""
+        batch: list[bytes] = []
+        size = 0
+        while not self._done and size < limit:
+            try:
+                item = self._queue.get() if not batch else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, bytes):
+                batch.append(item)
+                size += len(item)
+                continue
+            self._done = True
+            if isinstance(item, BaseException) and not batch:
+                raise item
+            if isinstance(item, BaseException):
+                self._failed = item  # raised by the next take, after these chunks are sent
+        if not batch and self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+        return batch
 
     def close(self) -> None:
         self._done = True
