@@ -358,6 +358,7 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
         datastore_argv += ["--state-dir", str(work / "datastore")]
         datastore_argv += ["--s3-endpoint", args.s3_endpoint] if args.s3_endpoint else []
         datastore_argv += ["--s3-bucket", args.s3_bucket] if args.s3_bucket else []
+        datastore_argv += ["--s3-public-endpoint", args.s3_public_endpoint] if args.s3_public_endpoint else []
     # Inference: one process on --inference-port, or with --infer-replicas N, N processes on the
     # replica ports behind Envoy, which listens on --inference-port itself (least requests).
     replica_addresses = [f"{host}:{port}" for port in replica_ports(args)]
@@ -399,6 +400,8 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     ]  # fmt: skip
     if pacs:  # OHIF's DICOMweb source: /proxy/dicom on the same origin
         gateway_argv += ["--dicomweb-url", pacs]
+    elif args.backend == "s3" and args.s3_public_endpoint:  # downloads handed to S3 (307)
+        gateway_argv += ["--download-redirect"]
     stack_auth = StackAuth.from_args(args)
     if args.auth_users:
         gateway_argv += ["--auth-users-file", str(Path(args.auth_users).resolve())]
@@ -553,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--s3-endpoint", default="", help="s3 backend: HOST:PORT (keys: env LABELGRID_S3_ACCESS_KEY/_SECRET_KEY)"
     )
     run.add_argument("--s3-bucket", default="")
+    run.add_argument(
+        "--s3-public-endpoint", default="",
+        help="s3 backend: the address clients reach S3 at; image downloads then answer 307 to a presigned GET there",
+    )  # fmt: skip
     run.add_argument("--work-dir", type=Path, default=Path("var"), help="scratch space and the generated envoy.json")
     run.add_argument("--host", default="127.0.0.1", help="address Envoy listens on (the services stay on loopback)")
     run.add_argument("--port", type=int, default=Ports.edge, help="Envoy: REST, gRPC and gRPC-web")

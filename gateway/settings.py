@@ -49,6 +49,17 @@ class GatewaySettings(ServiceSettings):
             raise ValueError(f"info_wait_for: unknown services {sorted(unknown)}")
         return value
 
+    # GET /datastore/image answered with a 307 to a short-lived presigned GET on S3 (the
+    # datastore's s3_public_endpoint, which clients must reach), after the auth check: the
+    # bytes skip Envoy, the gateway and the datastore. Only a datastore on S3 with a public
+    # endpoint signs such URLs; elsewhere the gateway streams, as with this off. Labels are
+    # redirected only on request (?redirect=true): MONAI Label's client reads them with
+    # http.client, which follows no redirect. A request with an Authorization header is
+    # redirected only on request too (a client that follows redirects with urllib would carry
+    # the token to S3); ?redirect=false always streams.
+    download_redirect: bool = False
+    # Lifetime of those URLs: S3 checks it when the GET starts, not while the body flows.
+    download_redirect_seconds: Annotated[int, pydantic.Field(ge=10, le=3600)] = 60
     # Seconds one inference may take, queue wait included.
     infer_timeout_seconds: Annotated[float, pydantic.Field(gt=0)] = 600.0
     # MONAI Label's MONAI_LABEL_SESSIONS and MONAI_LABEL_SESSION_EXPIRY.

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import StreamingResponse
@@ -22,6 +20,7 @@ from gateway.clients import Download, GrpcClients
 from gateway.errors import GatewayError
 from gateway.settings import GatewaySettings
 from services.common.auth import ANONYMOUS_ADMIN, Identity
+from services.common.downloads import content_disposition, media_type
 
 # The datastore's id rule (letters, digits, '.', '_', '-'; no leading '.'; no '..'); checked
 # here too so a path-like id is a 400 before any call, and never becomes part of a resource
@@ -159,19 +158,6 @@ def base_name(file_name: str | None) -> str:
 
 def upload_size(upload: UploadFile) -> int:
     return int(upload.size or 0)
-
-
-def content_disposition(file_name: str) -> str:
-    """`attachment; filename="x"` as Starlette's FileResponse writes it (the client parses it)."""
-    quoted = quote(file_name)
-    if quoted != file_name:
-        return f"attachment; filename*=utf-8''{quoted}"
-    return f'attachment; filename="{file_name}"'
-
-
-def media_type(file_name: str) -> str:
-    """As MONAI Label: mimetypes' guess, `.nii.gz` (a gzip encoding) is octet-stream."""
-    return mimetypes.guess_type(file_name)[0] or "application/octet-stream"
 
 
 def file_response(download: Download, file_name: str | None = None) -> StreamingResponse:

@@ -232,9 +232,48 @@ async def image_exists(image: str = Query(...), check_sum: str | None = None, ct
     return _head(True, "")
 
 
-@router.get("/image", summary="Download Image")
-async def download_image(image: str = Query(...), ctx: Ctx = CtxDep) -> StreamingResponse:
+REDIRECT_QUERY = Query(
+    None,
+    description="With the gateway's download_redirect on: true answers 307 to S3, false streams "
+    "through the gateway; unset: images without an Authorization header are redirected, labels stream.",
+)
+
+
+async def _redirect(ctx: Ctx, request: Request, name: str, asked: bool | None, by_default: bool) -> Response | None:
+    """A 307 to a presigned GET the datastore signed for the client, or None to stream.
+
+    Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
+    NOT_FOUND for an unknown image before any URL exists, and FAILED_PRECONDITION when it
+    cannot hand downloads to S3 (local or dicomweb backend, no public endpoint): then it streams.
+    """
+    if not ctx.settings.download_redirect:
+        return None
+    wanted = asked if asked is not None else by_default and "authorization" not in request.headers
+    if not wanted:
+        return None
+    try:
+        answer = await ctx.clients.datastore.GetDownloadUrl(
+            ds_pb.GetDownloadUrlRequest(
+                name=name, expire_seconds=ctx.settings.download_redirect_seconds, for_client=True
+            ),
+            timeout=ctx.timeout,
+            metadata=ctx.metadata,
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return None
+    return Response(status_code=307, headers={"location": answer.url, "cache-control": "no-store"})
+
+
+@router.get("/image", summary="Download Image", response_model=None)
+async def download_image(
+    request: Request, image: str = Query(...), redirect: bool | None = REDIRECT_QUERY, ctx: Ctx = CtxDep
+) -> Response:
     name = image_name(image)
+    redirected = await _redirect(ctx, request, name, redirect, by_default=True)
+    if redirected is not None:
+        return redirected
     download = await open_download(
         lambda: ctx.clients.datastore.DownloadImage(ds_pb.DownloadImageRequest(name=name), metadata=ctx.metadata)
     )
@@ -326,9 +365,18 @@ async def label_exists(image: str = Query(...), tag: str = Query(...), ctx: Ctx 
     return _head(found is not None, "Label NOT Found")
 
 
-@router.get("/label", summary="Download Label")
-async def download_label(label: str = Query(...), tag: str = Query(...), ctx: Ctx = CtxDep) -> StreamingResponse:
+@router.get("/label", summary="Download Label", response_model=None)
+async def download_label(
+    request: Request,
+    label: str = Query(...),
+    tag: str = Query(...),
+    redirect: bool | None = REDIRECT_QUERY,
+    ctx: Ctx = CtxDep,
+) -> Response:
     name = label_name(label, tag)
+    redirected = await _redirect(ctx, request, name, redirect, by_default=False)
+    if redirected is not None:
+        return redirected
     download = await open_download(
         lambda: ctx.clients.datastore.DownloadLabel(ds_pb.DownloadLabelRequest(name=name), metadata=ctx.metadata)
     )

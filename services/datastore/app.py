@@ -38,6 +38,7 @@ def build_datastore(settings: DatastoreSettings, *, clock: Callable[[], float] =
             region=settings.s3_region or None,
             create_bucket=settings.s3_create_bucket,
             spool_root=settings.state_dir / "spool",
+            public_endpoint=settings.s3_public_endpoint,
         )
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         index_url = settings.index or f"sqlite:///{settings.state_dir.resolve() / 'index.db'}"

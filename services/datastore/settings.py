@@ -27,6 +27,10 @@ class DatastoreSettings(ServiceSettings):
     s3_secure: bool = False
     s3_region: str = ""
     s3_create_bucket: bool = True
+    # The address clients outside the cluster reach the same S3 at (HOST:PORT or
+    # http(s)://HOST:PORT), empty if they cannot: with it, GetDownloadUrl(for_client) signs
+    # downloads there, for the gateway's download redirect (LABELGRID_DOWNLOAD_REDIRECT).
+    s3_public_endpoint: str = ""
     # dicomweb: the PACS's DICOMweb root (MONAI Label's --studies http://HOST:PORT/dicom-web);
     # credentials basic or bearer, from env (LABELGRID_DICOMWEB_*), never logged. Series are
     # converted and cached under state_dir/studies (the blob store), indexed in `index`.

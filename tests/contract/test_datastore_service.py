@@ -562,6 +562,18 @@ async def test_download_url_reads_the_blob(stub):
     )
 
 
+async def test_download_url_for_clients_needs_a_public_endpoint(stub):
+    """for_client (the gateway's download redirect) signs only for an S3 public endpoint, which
+    no contract backend has: FAILED_PRECONDITION (the gateway then streams), before any lookup."""
+    await upload_image(stub, nifti_bytes(), "client.nii.gz")
+    for name in ("images/client", "images/missing"):
+        await expect_error(
+            stub.GetDownloadUrl(pb.GetDownloadUrlRequest(name=name, for_client=True)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_CLIENT_URLS",
+        )
+
+
 async def test_export_dataset_zip(stub):
     await expect_error(
         download(stub.ExportDataset(pb.ExportDatasetRequest())),

@@ -610,3 +610,23 @@ def test_gateway_trusts_loopback_envoy_and_the_configured_proxies(chart: Any) ->
     )
     assert behind["LABELGRID_FORWARDED_ALLOW_IPS"] == "127.0.0.1,10.42.0.0/16"
     assert behind["LABELGRID_PUBLIC_ORIGINS"] == "https://label.example.org"
+
+
+def test_download_redirect_only_with_a_public_endpoint_on_s3(chart: Any) -> None:
+    """storage.publicEndpoint: the datastore signs there and the gateway answers image downloads
+    with a 307; unset (the default) or on a DICOMweb datastore, neither."""
+
+    def envs(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        docs = render(chart, values)
+        gateway = next(c for c in pod_spec(deployment_of(docs, "gateway"))["containers"] if c["name"] == "gateway")
+        datastore = pod_spec(deployment_of(docs, "datastore"))["containers"][0]
+        return tuple({e["name"]: e.get("value") for e in c["env"]} for c in (gateway, datastore))  # type: ignore[return-value]
+
+    gateway, datastore = envs({})
+    assert "LABELGRID_DOWNLOAD_REDIRECT" not in gateway and "LABELGRID_S3_PUBLIC_ENDPOINT" not in datastore
+    gateway, datastore = envs({"storage": {"publicEndpoint": "https://s3.label.example.org"}})
+    assert gateway["LABELGRID_DOWNLOAD_REDIRECT"] == "true"
+    assert datastore["LABELGRID_S3_PUBLIC_ENDPOINT"] == "https://s3.label.example.org"
+    pacs = {"enabled": True, "url": "http://orthanc:8042/dicom-web"}
+    gateway, datastore = envs({"storage": {"publicEndpoint": "https://s3.label.example.org"}, "dicomweb": pacs})
+    assert "LABELGRID_DOWNLOAD_REDIRECT" not in gateway and "LABELGRID_S3_PUBLIC_ENDPOINT" not in datastore

@@ -44,6 +44,10 @@
   value: {{ .Values.storage.prefix | quote }}
 - name: LABELGRID_S3_CREATE_BUCKET
   value: {{ .Values.storage.createBucket | toString | quote }}
+{{- if include "labelgrid.downloadRedirect" . }}
+- name: LABELGRID_S3_PUBLIC_ENDPOINT
+  value: {{ .Values.storage.publicEndpoint | quote }}
+{{- end }}
 {{- end }}
 - name: LABELGRID_STATE_DIR
   value: /var/lib/labelgrid/datastore
@@ -130,3 +134,10 @@
   value: /var/lib/labelgrid/work
 {{ include "labelgrid.appEnv" . }}
 {{- end -}}
+
+{{/* "true" when image downloads are handed to S3 (storage.publicEndpoint on an S3 datastore), else empty. */}}
+{{- define "labelgrid.downloadRedirect" -}}
+{{- if and .Values.storage.publicEndpoint (not .Values.dicomweb.enabled) (or (include "labelgrid.minioEnabled" .) (eq .Values.storage.type "s3")) -}}
+true
+{{- end -}}
+{{- end }}

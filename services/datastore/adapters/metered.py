@@ -166,6 +166,17 @@ class MeteredBlobStore:
         if release is not None:
             self._call("release_streamed", release, path)
 
+    # Not part of the port either: URLs for clients outside the cluster (S3BlobStore with a
+    # public endpoint; see domain.client_urls).
+
+    @property
+    def client_urls(self) -> bool:
+        return bool(getattr(self.inner, "client_urls", False))
+
+    def client_get_url(self, key: str, expires_seconds: int, file_name: str, content_type: str) -> str:
+        sign = self.inner.client_get_url  # type: ignore[attr-defined]
+        return self._call("client_get_url", sign, key, expires_seconds, file_name, content_type)
+
 
 class _MeteredIter(Iterator[BlobInfo]):
     def __init__(self, items: Iterator[BlobInfo], on_error: Callable[[BaseException], None]) -> None:

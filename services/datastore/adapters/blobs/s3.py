@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from services.common.errors import InvalidArgument, NotFound, StorageError
+from services.common.downloads import content_disposition
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StorageError
 from services.datastore.adapters.blobs.shared import (
     CHUNK_SIZE,
     STALE_SPOOL_SECONDS,
@@ -330,6 +331,7 @@ class S3BlobStore:
         part_size: int = _S3_PART_SIZE,
         parallel_uploads: int = _S3_PARALLEL_UPLOADS,
         stale_spool_seconds: float = STALE_SPOOL_SECONDS,
+        public_endpoint: str = "",
     ):
         import urllib3
         from minio import Minio
@@ -366,6 +368,16 @@ class S3BlobStore:
             )
         except Exception as exc:
             raise StorageError(f"invalid S3 endpoint {endpoint!r}: {exc}") from exc
+        self._public: Any = None
+        if public_endpoint:
+            public, public_secure = _split_endpoint(public_endpoint, secure)
+            try:
+                # Only signs (client_get_url), never connects: its region is the bucket's as
+                # the internal endpoint answers it (asked at the first signature), else it would
+                # ask the public address, which this service may not reach.
+                self._public = Minio(public, access_key=access_key, secret_key=secret_key, secure=public_secure)
+            except Exception as exc:
+                raise StorageError(f"invalid S3 public endpoint {public_endpoint!r}: {exc}") from exc
         if spool_root is None:
             self._spool = Path(tempfile.mkdtemp(prefix="labelgrid-spool-"))
         else:
@@ -623,6 +635,34 @@ class S3BlobStore:
         _check_expiry(expires_seconds)
         try:
             return self._client.presigned_get_object(self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds))
+        except Exception as exc:
+            raise self._error(f"cannot sign a URL for {key!r}", exc) from exc
+
+    @property
+    def client_urls(self) -> bool:
+        """Whether client_get_url can sign: a public endpoint was configured."""
+        return self._public is not None
+
+    def client_get_url(self, key: str, expires_seconds: int, file_name: str, content_type: str) -> str:
+        """A SigV4 GET URL on the public endpoint (the address clients outside the cluster reach
+        the same store at) that makes S3 answer with `file_name` as an attachment and
+        `content_type`, as a download through the gateway has them."""
+        if self._public is None:
+            raise FailedPrecondition("no S3 public endpoint is configured: downloads cannot be handed to S3")
+        name = self._name(key)
+        _check_expiry(expires_seconds)
+        headers = {
+            "response-content-disposition": content_disposition(file_name),
+            "response-content-type": content_type,
+        }
+        try:
+            if self.bucket not in self._public._region_map:
+                self._public._region_map[self.bucket] = self._client._get_region(self.bucket)
+            return str(
+                self._public.presigned_get_object(
+                    self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds), response_headers=headers
+                )
+            )
         except Exception as exc:
             raise self._error(f"cannot sign a URL for {key!r}", exc) from exc
 

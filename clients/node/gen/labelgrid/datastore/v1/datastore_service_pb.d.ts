@@ -948,6 +948,17 @@ export declare type GetDownloadUrlRequest = Message<"labelgrid.datastore.v1.GetD
    * @generated from field: int32 expire_seconds = 2;
    */
   expireSeconds: number;
+
+  /**
+   * For a client outside the cluster (the gateway's download redirect): the URL is signed for
+   * the S3 address clients reach (the datastore's s3_public_endpoint) and makes S3 answer with
+   * the Content-Disposition (the file name) and Content-Type of a download through the
+   * gateway. FAILED_PRECONDITION when the datastore has no such address (always on the local
+   * and dicomweb backends).
+   *
+   * @generated from field: bool for_client = 3;
+   */
+  forClient: boolean;
 };
 
 /**

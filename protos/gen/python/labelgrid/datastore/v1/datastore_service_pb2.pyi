@@ -991,19 +991,28 @@ class GetDownloadUrlRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     EXPIRE_SECONDS_FIELD_NUMBER: _builtins.int
+    FOR_CLIENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name of an image, a label or a model version."""
     expire_seconds: _builtins.int
     """How long the URL stays valid, in seconds; 0 means one hour; at most 7 days."""
+    for_client: _builtins.bool
+    """For a client outside the cluster (the gateway's download redirect): the URL is signed for
+    the S3 address clients reach (the datastore's s3_public_endpoint) and makes S3 answer with
+    the Content-Disposition (the file name) and Content-Type of a download through the
+    gateway. FAILED_PRECONDITION when the datastore has no such address (always on the local
+    and dicomweb backends).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         expire_seconds: _builtins.int = ...,
+        for_client: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_seconds", b"expire_seconds", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_seconds", b"expire_seconds", "for_client", b"for_client", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
