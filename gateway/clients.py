@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from labelgrid.activelearning.v1 import activelearning_service_pb2_grpc as al_grpc
 from labelgrid.common.v1 import common_pb2
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from labelgrid.training.v1 import training_service_pb2_grpc as train_grpc
@@ -72,7 +73,7 @@ class GrpcClients:
         unary, stream = settings.rpc_timeout_seconds, settings.stream_timeout_seconds
         return cls(
             channels,
-            with_deadlines(ds_grpc.DatastoreServiceStub(channels[0]), unary, stream),
+            with_deadlines(_datastore_stub(channels[0]), unary, stream),
             with_deadlines(inf_grpc.InferenceServiceStub(channels[1]), unary, stream),
             with_deadlines(train_grpc.TrainingServiceStub(channels[2]), unary, stream),
             with_deadlines(al_grpc.ActiveLearningServiceStub(channels[3]), unary, stream),
@@ -80,6 +81,30 @@ class GrpcClients:
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels))
+
+
+def _message_or_wire(message: Any) -> bytes:
+    """A request serialized, or bytes already in protobuf's wire format sent as they are (the
+    chunk messages gateway.multipart builds without copying the chunk twice more)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+_WIRE_UPLOADS = {"UploadImage": ds_pb.UploadImageResponse, "UploadLabel": ds_pb.UploadLabelResponse}
+"""The datastore's upload calls whose requests may be given in the wire format."""
+
+
+def _datastore_stub(channel: grpc.aio.Channel) -> ds_grpc.DatastoreServiceStub:
+    stub = ds_grpc.DatastoreServiceStub(channel)
+    service = ds_pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name
+    for name, response in _WIRE_UPLOADS.items():
+        method = channel.stream_unary(
+            f"/{service}/{name}",
+            request_serializer=_message_or_wire,
+            response_deserializer=response.FromString,
+            _registered_method=True,
+        )
+        setattr(stub, name, method)
+    return stub
 
 
 StubT = TypeVar("StubT")

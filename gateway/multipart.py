@@ -36,6 +36,8 @@ MAX_PARTS = 64
 """Parts accepted in one upload form (MONAI Label's forms have two or three)."""
 _MEMORY_SPOOL = CHUNK_SIZE
 """A file part that comes before the fields stays in memory up to this, then on disk."""
+HASH_BATCH_BYTES = 2 * 1024 * 1024
+"""Bytes of the file one worker-thread hop hashes."""
 
 
 class HungUp(GatewayError):
@@ -169,9 +171,9 @@ class FormStream:
             await self._read_field(part)
         return False
 
-    async def file_data(self) -> AsyncIterator[bytes]:
-        """The file part's bytes in pieces of at most CHUNK_SIZE, as they arrive (each byte is
-        copied once, when the pieces of a chunk are joined)."""
+    async def file_data(self) -> AsyncIterator[list[memoryview]]:
+        """The file part's bytes as they arrive, in pieces (views of the received body, not
+        copies) of CHUNK_SIZE bytes together; the last may hold less."""
         pieces: list[memoryview] = []
         size = 0
         while (event := await self._next_event()) is not None and event[0] == "data":
@@ -179,13 +181,13 @@ class FormStream:
             while size + len(view) >= CHUNK_SIZE:
                 cut = CHUNK_SIZE - size
                 pieces.append(view[:cut])
-                yield b"".join(pieces)
+                yield pieces
                 pieces, size, view = [], 0, view[cut:]
             if view:
                 pieces.append(view)
                 size += len(view)
         if size:
-            yield b"".join(pieces)
+            yield pieces
 
     async def rest(self) -> None:
         """Reads the parts after the file to the end of the body (fields land in `fields`)."""
@@ -198,11 +200,11 @@ async def _buffered(form: FormStream) -> tempfile.SpooledTemporaryFile[bytes]:
     """The file part in a spooled temp file (a form whose fields come after its file)."""
     buffer: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(_MEMORY_SPOOL)  # noqa: SIM115 - closed by the caller
     try:
-        async for data in form.file_data():
+        async for pieces in form.file_data():
             if buffer._rolled:  # type: ignore[attr-defined]  # on disk: write off the event loop
-                await asyncio.to_thread(buffer.write, data)
+                await asyncio.to_thread(buffer.writelines, pieces)
             else:
-                buffer.write(data)
+                buffer.writelines(pieces)
         await form.rest()
         buffer.seek(0)
     except BaseException:
@@ -240,31 +242,48 @@ async def upload_form(
         chunks = _read_buffer(buffer)
     try:
         header = make_header(form.fields, file_name)
-        first = await anext(chunks, b"")
+        first: list[memoryview] = await anext(chunks, [])
         if not first:
             raise GatewayError(422, f"the {what} file {file_name!r} is empty")
         failure: list[BaseException] = []
+        tag = _chunk_tag(request_type)
 
         async def messages() -> AsyncIterator[Any]:
             yield request_type(header=header)
             digest = hashlib.sha256()
-            # Each chunk is hashed in a worker thread (hashlib lets go of the GIL) while gRPC
-            # sends it and the next one is read; the updates stay in order.
-            hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, first))
-            yield request_type(chunk=first)
+            # Chunks are hashed in a worker thread (hashlib lets go of the GIL) while gRPC sends
+            # them and the next ones are read, HASH_BATCH_BYTES per thread hop; one batch in
+            # flight at a time, so the updates stay in order.
+            hashing: asyncio.Future[None] | None = None
+            batch: list[memoryview] = []
+            batched = 0
+            pieces: list[memoryview] | None = first
             try:
-                async for data in chunks:
-                    await hashing
-                    hashing = asyncio.ensure_future(asyncio.to_thread(digest.update, data))
-                    yield request_type(chunk=data)
+                while pieces is not None:
+                    message, payload = _chunk_message(tag, pieces)
+                    batch.append(payload)
+                    batched += len(payload)
+                    if batched >= HASH_BATCH_BYTES:
+                        if hashing is not None:
+                            await hashing
+                        hashing = asyncio.ensure_future(asyncio.to_thread(_update, digest, batch))
+                        batch, batched = [], 0
+                    yield message
+                    pieces = await anext(chunks, None)
                 if buffer is None:
                     await form.rest()
-                await hashing
+                if hashing is not None:
+                    await hashing
+                if batch:
+                    await asyncio.to_thread(_update, digest, batch)
             except GeneratorExit:
                 raise  # gRPC stopped reading: the call has ended, its status is the answer
             except BaseException as err:
                 failure.append(err)
                 raise  # gRPC cancels the call: no finish, nothing stored
+            finally:
+                if hashing is not None and not hashing.done():
+                    hashing.add_done_callback(_drop_outcome)
             yield request_type(finish=common_pb2.UploadFinish(sha256=digest.hexdigest()))
 
         try:
@@ -278,6 +297,40 @@ async def upload_form(
             buffer.close()
 
 
-async def _read_buffer(buffer: Any) -> AsyncIterator[bytes]:
+async def _read_buffer(buffer: Any) -> AsyncIterator[list[memoryview]]:
     while data := await asyncio.to_thread(buffer.read, CHUNK_SIZE):
-        yield data
+        yield [memoryview(data)]
+
+
+def _chunk_tag(request_type: Any) -> bytes:
+    """The wire tag of the request's `chunk` field (bytes, length-delimited)."""
+    number = request_type.DESCRIPTOR.fields_by_name["chunk"].number
+    if number >= 16:
+        raise ValueError(f"{request_type.__name__}.chunk is field {number}: its tag is not one byte")
+    return bytes([number << 3 | 2])
+
+
+def _chunk_message(tag: bytes, pieces: list[memoryview]) -> tuple[bytes, memoryview]:
+    """A request holding only `chunk` = the pieces joined, already in protobuf's wire format
+    (the datastore client sends bytes as they are: gateway.clients), and a view of its chunk.
+
+    The pieces are copied once, here; building the message and serializing it would copy
+    them twice more."""
+    size = sum(map(len, pieces))
+    length = bytearray()
+    while size > 0x7F:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    message = b"".join([tag, length, *pieces])
+    return message, memoryview(message)[1 + len(length) :]
+
+
+def _update(digest: Any, views: list[memoryview]) -> None:
+    for view in views:
+        digest.update(view)
+
+
+def _drop_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: the upload has failed already

@@ -20,6 +20,51 @@ from services.common.resource_names import check_required
 Header = TypeVar("Header")
 Response = TypeVar("Response")
 
+WRITE_BATCH_BYTES = 2 * 1024 * 1024
+"""Bytes of received chunks one worker-thread hop of `receive_upload` writes and hashes."""
+
+
+class ChunkMessage:
+    """A chunk message of an upload stream, read without copying its bytes (see `chunk_views`)."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self, chunk: memoryview) -> None:
+        self.chunk = chunk
+
+    def WhichOneof(self, oneof: str) -> str:  # the protobuf message's method
+        return "chunk"
+
+
+def chunk_views(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer for an upload stream of `message_type` whose chunk messages are
+    not copied: a message that holds only its `chunk` field (all but the first and last of an
+    upload) becomes a `ChunkMessage` viewing the received bytes. Protobuf's parse copies the
+    bytes into the message and reading `.chunk` copies them again: two of the three copies
+    of every uploaded byte in the service. Any other message is parsed by protobuf as before.
+    """
+    number = message_type.DESCRIPTOR.fields_by_name["chunk"].number
+    tag = bytes([number << 3 | 2])  # length-delimited; one byte while the number is under 16
+    if number >= 16:
+        raise ValueError(f"{message_type.__name__}.chunk is field {number}: its tag is not one byte")
+    parse = message_type.FromString
+
+    def deserialize(raw: bytes) -> Any:
+        if raw[:1] == tag:
+            length, start, shift = 0, 1, 0
+            while start < len(raw) and shift < 35:  # the length: a varint of at most 5 bytes
+                byte = raw[start]
+                length |= (byte & 0x7F) << shift
+                start += 1
+                shift += 7
+                if byte < 0x80:
+                    if start + length == len(raw):  # the chunk is the whole message
+                        return ChunkMessage(memoryview(raw)[start:])
+                    break
+        return parse(raw)
+
+    return deserialize
+
 
 async def receive_upload(
     requests: AsyncIterable[Any], open_spool: Callable[[Any], SpoolWriter]
@@ -44,16 +89,25 @@ async def receive_upload(
     writing: asyncio.Future[None] | None = None
     try:
         sha256: str | None = None
-        # A chunk is written and hashed in a worker thread while the next one is received;
-        # one write in flight at a time, so the spool sees the chunks in order.
+        # Chunks are written and hashed in a worker thread while the next ones are received,
+        # WRITE_BATCH_BYTES of them per thread hop (a hop per 1 MiB chunk cost a thread switch
+        # and an event-loop wakeup per message); one batch in flight at a time, so the spool
+        # sees the chunks in order and at most two batches are held per upload.
+        batch: list[Any] = []
+        batched = 0
         async for message in iterator:
             kind = message.WhichOneof("payload")
             if sha256 is not None:
                 raise InvalidArgument("nothing may follow the finish message of an upload stream")
             if kind == "chunk":
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(asyncio.to_thread(spool.write, message.chunk))
+                chunk = message.chunk
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH_BYTES:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
+                    batch, batched = [], 0
             elif kind == "finish":
                 sha256 = message.finish.sha256
                 if not sha256:
@@ -61,6 +115,9 @@ async def receive_upload(
             else:
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
         if writing is not None:
+            await writing
+        if batch:
+            writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
             await writing
         if sha256 is None:
             raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")

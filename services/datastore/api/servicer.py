@@ -23,10 +23,9 @@ from services.common.chunks import CHUNK_SIZE, iter_file_chunks, sha256_file
 from services.common.protos import struct_to_dict
 from services.common.server import GrpcService
 from services.common.settings import ServiceSettings
-from services.common.streams import receive_upload, send_chunks
+from services.common.streams import chunk_views, receive_upload, send_chunks
 from services.datastore.adapters.metrics import instrument
 from services.datastore.api import convert
-from services.datastore.domain.client_urls import client_download_url
 from services.datastore.domain.datastore import BlobRead, Datastore
 
 run = asyncio.to_thread
@@ -223,9 +222,6 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
 
     async def GetDownloadUrl(self, request: pb.GetDownloadUrlRequest, context: Any) -> pb.GetDownloadUrlResponse:
         kind, parts = convert.blob_name_of(request.name)
-        if request.for_client:
-            url = await run(client_download_url, self.ds, kind, parts, request.expire_seconds)
-            return convert.download_url(url)
         return convert.download_url(await run(self.ds.download_url, kind, parts, request.expire_seconds))
 
     async def ExportDataset(
@@ -444,9 +440,39 @@ def service_names() -> list[str]:
     return [pb.DESCRIPTOR.services_by_name["DatastoreService"].full_name]
 
 
+UPLOADS = {
+    "UploadImage": pb.UploadImageRequest,
+    "UploadLabel": pb.UploadLabelRequest,
+    "UploadModelVersion": pb.UploadModelVersionRequest,
+    "CreateSession": pb.CreateSessionRequest,
+}
+"""The upload streams, whose chunk messages are read without copying (streams.chunk_views)."""
+
+
+class _Handlers:
+    """Stands in for the server while the generated code registers the method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # made again from `handlers` by `register`
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
 def register(server: grpc.aio.Server, datastore: Datastore) -> DatastoreServicer:
     servicer = DatastoreServicer(datastore)
-    pb_grpc.add_DatastoreServiceServicer_to_server(servicer, server)
+    made = _Handlers()
+    pb_grpc.add_DatastoreServiceServicer_to_server(servicer, made)
+    handlers = {
+        name: handler._replace(request_deserializer=chunk_views(UPLOADS[name])) if name in UPLOADS else handler
+        for name, handler in made.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
+    server.add_registered_method_handlers(made.service, handlers)
     return servicer
 
 

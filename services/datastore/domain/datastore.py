@@ -321,8 +321,14 @@ class Datastore:
         if store is not None and key is not None:
             return StreamingSpool(store, key, self.blobs.spool_dir(), self.max_upload_bytes, declared_size)
         # No fsync of the spool: put_file makes the stored object durable (local: fsync then
-        # rename; S3: the object store), so an upload is synced once, not twice.
-        return SpoolWriter(self.blobs.spool_dir(), max_bytes=self.max_upload_bytes, fsync=False)
+        # rename; S3: the object store), so an upload is synced once, not twice. A local spool
+        # is written back while it arrives, so that fsync has little left to wait for.
+        return SpoolWriter(
+            self.blobs.spool_dir(),
+            max_bytes=self.max_upload_bytes,
+            fsync=False,
+            writeback=getattr(self.blobs, "spools_become_blobs", False),
+        )
 
     def new_image_spool(self, declared_size: int, image_id: str, file_name: str) -> SpoolWriter:
         """`new_spool` for an image upload, streamed to the key `add_image` will store it under

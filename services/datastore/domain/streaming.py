@@ -46,7 +46,7 @@ class StreamingSpool(SpoolWriter):
             super().abort()
             raise
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         super().write(data)
         if self._put.wants(self.size):
             try:

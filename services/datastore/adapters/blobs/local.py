@@ -324,6 +324,11 @@ class LocalBlobStore:
         _check_expiry(expires_seconds)
         return self._path(key).absolute().as_uri()
 
+    spools_become_blobs = True
+    """`put_file` renames a spool into place (same filesystem), so the datastore's spools are
+    written back to disk while they arrive (SpoolWriter's `writeback`): put_file's one fsync
+    then waits for the last part only."""
+
     def spool_dir(self) -> Path:
         self._tmp.mkdir(parents=True, exist_ok=True)
         return self._tmp
