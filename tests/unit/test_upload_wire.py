@@ -13,12 +13,18 @@ import pytest
 from google.protobuf.message import DecodeError
 from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
+from prometheus_client import CollectorRegistry
 
 from gateway.clients import _message_or_wire
 from gateway.multipart import _chunk_message, _chunk_tag
 from services.common.chunks import CHUNK_SIZE, SpoolWriter
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.streams import ChunkMessage, chunk_views
+from services.datastore.adapters.blobs import LocalBlobStore, S3BlobStore
+from services.datastore.adapters.index import SqlIndex
+from services.datastore.adapters.metered import MeteredBlobStore
+from services.datastore.adapters.metrics import DatastoreMetrics
+from services.datastore.domain.datastore import Datastore
 
 SIZES = [0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, CHUNK_SIZE]
 UPLOADS = [pb.UploadImageRequest, pb.UploadLabelRequest, pb.UploadModelVersionRequest, pb.CreateSessionRequest]
@@ -96,3 +102,17 @@ def test_a_batch_over_the_cap_or_with_an_oversized_chunk_leaves_nothing(tmp_path
     with pytest.raises(InvalidArgument):
         writer.write_many([b"x", memoryview(b"y" * (CHUNK_SIZE + 1))])
     assert leftovers(tmp_path) == []
+
+
+def test_the_served_local_store_writes_spools_back_and_s3_spools_are_not(tmp_path: Path) -> None:
+    """What the service runs: the datastore over the metered store (adapters.metrics.instrument)."""
+    local = LocalBlobStore(tmp_path / "studies")
+    with SqlIndex(f"sqlite:///{tmp_path / 'index.db'}") as index:
+        for blobs, expected in ((local, True), (MeteredBlobStore(local, DatastoreMetrics(CollectorRegistry())), True)):
+            datastore = Datastore(blobs, index, backend="local", location="here", max_upload_bytes=CHUNK_SIZE)
+            spool = datastore.new_spool()
+            try:
+                assert spool.writeback is expected
+            finally:
+                spool.abort()
+    assert not getattr(S3BlobStore, "spools_become_blobs", False)

@@ -158,6 +158,11 @@ class MeteredBlobStore:
     def can_stream_puts(self) -> bool:
         return bool(getattr(self.inner, "can_stream_puts", False))
 
+    @property
+    def spools_become_blobs(self) -> bool:
+        """The local store's: its spools are written back while they arrive (Datastore.new_spool)."""
+        return bool(getattr(self.inner, "spools_become_blobs", False))
+
     def streamed_put(self, key: str, path: Path, expected_size: int) -> Any:
         return self._call("streamed_put", self.inner.streamed_put, key, path, expected_size)  # type: ignore[attr-defined]
 
