@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from services.common.errors import NotFound
 from services.datastore.adapters.index import ImageImport, LabelImport, SqlIndex
@@ -221,3 +222,14 @@ def test_another_replicas_writes_are_patched_in(postgres_url: str) -> None:
         wait_until(lambda: a.export_monailabel_json("ds", "Dataset", **HIDE) == want, "A to show B's writes")
         assert a.exporter.patches > 0
         assert_patched_is_rebuilt(a, "replica A")
+
+
+def test_a_missing_log_row_is_put_back_and_nothing_is_lost(index: SqlIndex) -> None:
+    index.bulk_import([ImageImport(i, ".nii.gz", SHA, 10, {}) for i in IDS])
+    index.export_monailabel_json(**HIDE)
+    with index.db.engine.begin() as conn:  # as if someone emptied the table by hand
+        conn.execute(sa.delete(index.db.t.change_log))
+    index.update_image_info("a", {"after": "the row went missing"})
+    index.update_image_info("z", {"and": "again"})
+    assert_patched_is_rebuilt(index, "row put back")
+    assert b"the row went missing" in index.export_monailabel_json(**HIDE)

@@ -295,8 +295,9 @@ class Datastore:
         )
 
     def export_json(self, hidden_id_prefix: str = "", hidden_info_key: str = "") -> bytes:
-        """MONAI Label's datastore model (GET /datastore/?output=all) as JSON bytes, from one
-        index query; the same images left out as in ``status``."""
+        """MONAI Label's datastore model (GET /datastore/?output=all) as JSON bytes, kept by
+        the index and patched image by image after a change (its change log); the same
+        images left out as in ``status``."""
         return self.index.export_monailabel_json(
             self.display_name,
             self.description,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,13 @@ def check_revision(expected: int | None, actual: int, what: str) -> None:
     if expected and expected != actual:
         raise Aborted(f"{what} is at revision {actual}, not {expected}; re-read and retry")
 
+
+_PG_LOG_CHANGES = sa.text(
+    "WITH s AS (UPDATE change_log SET seq = seq + 1 WHERE id = 1 RETURNING seq) "
+    "INSERT INTO image_changes (image_id, seq) SELECT i, s.seq FROM s, unnest(CAST(:ids AS text[])) AS i "
+    "ON CONFLICT (image_id) DO UPDATE SET seq = excluded.seq RETURNING seq"
+)
+"""``Repository._changed`` on PostgreSQL in one statement (the same two steps)."""
 
 LOG_MAX_IMAGES = 10_000
 """A write changing more images than this (a large reindex) is not logged per image: it asks
@@ -237,9 +245,11 @@ class Repository:
         if reset:
             values["reset_seq"] = cl.c.seq + 1
         seq = conn.execute(sa.update(cl).where(cl.c.id == 1).values(**values).returning(cl.c.seq)).scalar()
-        if seq is None:  # the migration inserts the row; never lose a change if it went missing
-            conn.execute(sa.insert(cl).values(id=1, seq=1, reset_seq=1))
-            seq = 1
+        if seq is None:
+            # The migration inserts the row; if it went missing, start again from a number no
+            # reader kept (the clock's nanoseconds), as a reset: every reader rebuilds whole.
+            seq = time.time_ns()
+            conn.execute(sa.insert(cl).values(id=1, seq=seq, reset_seq=seq))
         return int(seq)
 
     def _changed(self, conn: Connection, image_ids: Iterable[str]) -> None:
@@ -253,12 +263,16 @@ class Repository:
         if len(ids) > LOG_MAX_IMAGES:
             self._next_change_seq(conn, reset=True)
             return
+        # PostgreSQL: one round trip (returning nothing only if change_log's row is missing).
+        if self._pg and len(ids) <= 500 and conn.execute(_PG_LOG_CHANGES, {"ids": ids}).first() is not None:
+            return
         seq = self._next_change_seq(conn)
         ic = self._t.image_changes
         stmt = self._insert(ic)
         stmt = stmt.on_conflict_do_update(index_elements=[ic.c.image_id], set_={"seq": stmt.excluded.seq})
         for i in range(0, len(ids), 500):
-            conn.execute(stmt, [{"image_id": image_id, "seq": seq} for image_id in ids[i : i + 500]])
+            rows = [{"image_id": image_id, "seq": seq} for image_id in ids[i : i + 500]]
+            conn.execute(stmt, rows if len(rows) > 1 else rows[0])  # one row: no executemany round
 
     def _changed_all(self, conn: Connection) -> None:
         """Every entry may have changed (clear): readers of the log rebuild whole."""
