@@ -1,7 +1,7 @@
 """Uploads and downloads through REST: labelgrid next to MONAI Label 0.8.5 and a plain copy.
 
     python -m bench.transfers [--mib 64] [--repeats 5]
-                              [--systems copy,monailabel,labelgrid,minio,labelgrid-s3]
+                              [--systems copy,monailabel,labelgrid,minio,labelgrid-s3,labelgrid-s3-redirect]
                               [--labelgrid-src DIR] [--tag before] [--out bench/results]
 
 One valid uncompressed NIfTI of --mib MiB is uploaded (PUT /datastore/image, multipart
@@ -12,7 +12,9 @@ bench/.venv-monailabel when it exists). "copy" is the floor: the same bytes writ
 file in the same folder and fsynced. On S3 (one SeaweedFS, started as the tests start it,
 tests/fixtures/seaweedfs.py): "labelgrid-s3" is `labelgrid up --backend s3` through REST, and
 "minio" the floor there: the raw minio SDK putting (fput_object, 16 MiB parts, as
-bench/datastore.py) and getting (get_object read to the end) the same file on the same server.
+bench/datastore.py) and getting (get_object read to the end) the same file on the same server;
+"labelgrid-s3-redirect" is the same with `--s3-public-endpoint` (downloads answered with a 307
+to a presigned GET on SeaweedFS, which the client follows).
 Prints MiB/s (medians) with the ratios to MONAI Label and, for labelgrid-s3, to the raw SDK
 (the median and spread of the round-by-round ratios: each labelgrid round runs right after the
 SDK's, so the load of a shared machine mostly cancels out), and writes JSON under --out
@@ -35,6 +37,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+import urllib3
 
 from bench.compare import ML_VENV, ROOT, labelgrid_server, monailabel_server, write_studies
 from tests.fixtures.seaweedfs import SeaweedS3, run_seaweedfs
@@ -52,13 +55,25 @@ def make_volume(path: Path, mib: int) -> int:
 
 
 def measure_http(
-    url: str, volume: Path, repeats: int, between: Callable[[int], None] = lambda n: None
+    url: str,
+    volume: Path,
+    repeats: int,
+    between: Callable[[int], None] = lambda n: None,
+    follow_redirects: bool = False,
+    download_client: str = "urllib3",
 ) -> dict[str, list[float]]:
-    """`between(n)` runs before each round (the raw SDK's round, interleaved on S3)."""
+    """`between(n)` runs before each round (the raw SDK's round, interleaved on S3).
+
+    Downloads are read with `download_client`: urllib3 (default), the HTTP library of the minio
+    SDK, of requests (Slicer, scripts) and close to http.client (MONAI Label's client); or httpx,
+    which these numbers used before: its pure-Python HTTP parsing reads ~250 MiB/s at most here,
+    about half the SDK's GET even straight from SeaweedFS, so it measured itself.
+    """
     size = volume.stat().st_size
     up: list[float] = []
     down: list[float] = []
-    with httpx.Client(base_url=url, timeout=300) as http:
+    pool = urllib3.PoolManager(timeout=300, retries=urllib3.Retry(total=None, connect=0, read=0, status=0, redirect=2))
+    with httpx.Client(base_url=url, timeout=300, follow_redirects=follow_redirects) as http:
         for n in range(repeats + 1):  # the first round warms up
             between(n)
             with volume.open("rb") as handle:
@@ -75,10 +90,22 @@ def measure_http(
                 up.append(size / MiB / elapsed)
             start = time.perf_counter()
             got = 0
-            with http.stream("GET", "/datastore/image", params={"image": f"bench_{n}"}) as stream:
-                stream.raise_for_status()
-                for block in stream.iter_raw(MiB):
-                    got += len(block)
+            if download_client == "httpx":
+                with http.stream("GET", "/datastore/image", params={"image": f"bench_{n}"}) as stream:
+                    stream.raise_for_status()
+                    for block in stream.iter_raw(MiB):
+                        got += len(block)
+            else:
+                response = pool.request(
+                    "GET", f"{url}/datastore/image?image=bench_{n}", preload_content=False, redirect=follow_redirects
+                )
+                try:
+                    if response.status != 200:
+                        raise RuntimeError(f"GET /datastore/image answered {response.status}")
+                    for block in response.stream(MiB):
+                        got += len(block)
+                finally:
+                    response.release_conn()
             elapsed = time.perf_counter() - start
             if got != size:
                 raise RuntimeError(f"downloaded {got} bytes of {size}")
@@ -142,7 +169,9 @@ def measure_copy(volume: Path, folder: Path, repeats: int) -> dict[str, list[flo
     return {"upload_mib_s": up, "download_mib_s": down}
 
 
-def table(mib: int, medians: dict[str, dict[str, float]], paired: dict[str, list[float]] | None = None) -> str:
+def table(
+    mib: int, medians: dict[str, dict[str, float]], paired: dict[str, dict[str, list[float]]] | None = None
+) -> str:
     ref = medians.get("monailabel")
     lines = [
         f"| {mib} MiB through REST | upload MiB/s | download MiB/s | upload ÷ MONAI Label | download ÷ MONAI Label |",
@@ -151,32 +180,41 @@ def table(mib: int, medians: dict[str, dict[str, float]], paired: dict[str, list
     for system, row in medians.items():
         ratios = (
             (f"{row['upload_mib_s'] / ref['upload_mib_s']:.2f}", f"{row['download_mib_s'] / ref['download_mib_s']:.2f}")
-            if ref and system not in ("minio", "labelgrid-s3")
+            if ref and system not in S3_SYSTEMS
             else ("–", "–")
         )
         lines.append(
             f"| {system} | {row['upload_mib_s']:.0f} | {row['download_mib_s']:.0f} | {ratios[0]} | {ratios[1]} |"
         )
-    if paired:
-        up, down = paired["upload"], paired["download"]
+    for system, ratios in (paired or {}).items():
+        up, down = ratios["upload"], ratios["download"]
         lines.append(
-            f"| labelgrid-s3 ÷ raw minio SDK through REST, median of {len(up)} paired rounds (min–max) | | "
+            f"| {system} ÷ raw minio SDK through REST, median of {len(up)} paired rounds (min–max) | | "
             f"| {statistics.median(up):.2f} ({min(up):.2f}–{max(up):.2f}) "
             f"| {statistics.median(down):.2f} ({min(down):.2f}–{max(down):.2f}) |"
         )
     return "\n".join(lines)
 
 
-def paired_ratios(raw: dict[str, dict[str, list[float]]]) -> dict[str, list[float]] | None:
-    """labelgrid-s3 ÷ raw SDK round by round: each pair ran back to back on the same server, so
-    the load of this shared machine mostly cancels out (the medians' ratio does not)."""
-    if "minio" not in raw or "labelgrid-s3" not in raw:
-        return None
-    lg, sdk = raw["labelgrid-s3"], raw["minio"]
-    return {
-        way: [a / b for a, b in zip(lg[f"{way}_mib_s"], sdk[f"{way}_mib_s"], strict=True)]
-        for way in ("upload", "download")
-    }
+LABELGRID_S3 = ("labelgrid-s3", "labelgrid-s3-redirect")
+S3_SYSTEMS = ("minio", *LABELGRID_S3)
+
+
+def paired_ratios(raw: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]] | None:
+    """labelgrid-s3 (and labelgrid-s3-redirect) ÷ raw SDK round by round: each pair ran back to
+    back on the same server, so the load of this shared machine mostly cancels out (the
+    medians' ratio does not). The SDK rounds paired with each are raw["minio@SYSTEM"]."""
+    out = {}
+    for system in LABELGRID_S3:
+        sdk = raw.get(f"minio@{system}")
+        if system not in raw or sdk is None:
+            continue
+        lg = raw[system]
+        out[system] = {
+            way: [a / b for a, b in zip(lg[f"{way}_mib_s"], sdk[f"{way}_mib_s"], strict=True)]
+            for way in ("upload", "download")
+        }
+    return out or None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", default="copy,monailabel,labelgrid")
     parser.add_argument("--labelgrid-src", type=Path, default=None, help="run labelgrid from this tree")
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--download-client", choices=("urllib3", "httpx"), default="urllib3", help="HTTP client of the REST downloads"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -198,9 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         base = Path(tmp)
         volume = base / "volume.nii"
         make_volume(volume, args.mib)
-        s3 = (
-            stack.enter_context(run_seaweedfs(base / "seaweedfs")) if {"minio", "labelgrid-s3"} & set(systems) else None
-        )
+        s3 = stack.enter_context(run_seaweedfs(base / "seaweedfs")) if set(S3_SYSTEMS) & set(systems) else None
         for system in systems:
             work = base / system
             write_studies(work / "studies", 2)
@@ -208,20 +247,22 @@ def main(argv: list[str] | None = None) -> None:
                 raw[system] = measure_copy(volume, work / "studies", args.repeats)
                 continue
             if system == "minio":
-                if "labelgrid-s3" not in systems:  # else interleaved with it, round by round
+                if not set(LABELGRID_S3) & set(systems):  # else interleaved with them, round by round
                     assert s3 is not None
                     minio = RawMinio(s3, volume)
                     for n in range(args.repeats + 1):
                         minio(n)
                     raw[system] = minio.result
                 continue
-            if system == "labelgrid-s3":
+            if system in LABELGRID_S3:
                 assert s3 is not None
                 bucket = s3.new_bucket()
                 s3.client().make_bucket(bucket)
+                # The redirect: clients reach this SeaweedFS at the address the service uses.
+                public = ["--s3-public-endpoint", s3.endpoint] if system == "labelgrid-s3-redirect" else []
                 server = labelgrid_server(
                     work / "studies", work, args.labelgrid_src,
-                    extra=["--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", bucket],
+                    extra=["--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", bucket, *public],
                     extra_env={"LABELGRID_S3_ACCESS_KEY": s3.access_key, "LABELGRID_S3_SECRET_KEY": s3.secret_key},
                 )  # fmt: skip
             else:
@@ -231,25 +272,39 @@ def main(argv: list[str] | None = None) -> None:
                     else labelgrid_server(work / "studies", work, args.labelgrid_src)
                 )
             with server as url:
-                if system == "labelgrid-s3" and "minio" in systems:
+                if system in LABELGRID_S3 and "minio" in systems:
                     assert s3 is not None
                     minio = RawMinio(s3, volume)
-                    raw[system] = measure_http(url, volume, args.repeats, between=minio)
-                    raw["minio"] = minio.result
+                    follow = system == "labelgrid-s3-redirect"
+                    raw[system] = measure_http(
+                        url, volume, args.repeats, minio, follow_redirects=follow, download_client=args.download_client
+                    )
+                    raw[f"minio@{system}"] = minio.result
+                    raw["minio"] = {k: raw.get("minio", {}).get(k, []) + v for k, v in minio.result.items()}
                 else:
-                    raw[system] = measure_http(url, volume, args.repeats)
+                    raw[system] = measure_http(url, volume, args.repeats, download_client=args.download_client)
             shutil.rmtree(work, ignore_errors=True)
     medians = {s: {k: statistics.median(v) for k, v in raw[s].items()} for s in systems if s in raw}
     paired = paired_ratios(raw)
     print(table(args.mib, medians, paired), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"transfers-{args.mib}{'-' + args.tag if args.tag else ''}.json"
-    result: dict[str, object] = {"mib": args.mib, "medians": medians, "raw": raw}
+    result: dict[str, object] = {
+        "mib": args.mib,
+        "download_client": args.download_client,
+        "medians": medians,
+        "raw": raw,
+    }
     if paired:
-        result["s3_service_vs_raw_rest"] = {
-            way: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
-            for way, v in paired.items()
+        # labelgrid-s3's ratios as before; the redirect's under "labelgrid-s3-redirect".
+        stats = {
+            system: {
+                way: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+                for way, v in ratios.items()
+            }
+            for system, ratios in paired.items()
         }
+        result["s3_service_vs_raw_rest"] = stats.pop("labelgrid-s3", {}) | stats
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
 
