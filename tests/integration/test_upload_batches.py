@@ -24,11 +24,11 @@ from services.common.chunks import CHUNK_SIZE
 from services.common.streams import WRITE_BATCH_BYTES
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.multipart import CONTENT_TYPE, form
 from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-BOUNDARY = "lgbatches5e1a"
 # Over two batches of either side, and not a whole number of chunks.
 VOLUME = nifti_bytes((256, 256, 140), seed=31, dtype="uint8", gz=False)
 assert len(VOLUME) > 2 * max(HASH_BATCH_BYTES, WRITE_BATCH_BYTES) and len(VOLUME) % CHUNK_SIZE
@@ -47,14 +47,6 @@ def http(stack: GatewayStack) -> Iterator[httpx.Client]:
         yield client
 
 
-def form(*parts: tuple[str, str | None, bytes]) -> bytes:
-    out = b""
-    for name, file_name, data in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{file_name}"' if file_name else "")
-        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
-
-
 def spools(stack: GatewayStack) -> list[Path]:
     return sorted(stack.root.rglob("upload-*.part"))
 
@@ -67,7 +59,7 @@ def test_a_volume_of_several_batches_arrives_whole_with_its_sha256(
     parts = [("params", None, b'{"n": 2}'), ("file", f"{name}.nii", VOLUME)]
     body = form(*(parts if params_first else parts[::-1]))
     pieces = (body[i : i + 300_001] for i in range(0, len(body), 300_001))  # odd network pieces
-    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    headers = {"content-type": CONTENT_TYPE}
     answer = http.put("/datastore/image", content=pieces, headers=headers)
     assert answer.status_code == 200, answer.text
     assert http.get("/datastore/image", params={"image": name}).content == VOLUME
@@ -87,7 +79,7 @@ def test_hanging_up_after_several_batches_stores_nothing(http: httpx.Client, sta
         sock.sendall(
             (
                 f"PUT /datastore/image?image=gone HTTP/1.1\r\nHost: {host}\r\n"
-                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Type: {CONTENT_TYPE}\r\n"
                 f"Content-Length: {len(head) + len(VOLUME) + 100}\r\n\r\n"
             ).encode()
             + sent

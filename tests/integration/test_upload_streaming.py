@@ -14,6 +14,7 @@ import pytest
 
 from tests.contract.helpers import nifti_bytes
 from tests.fixtures.gateway import GatewayStack
+from tests.fixtures.multipart import CONTENT_TYPE, form
 from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,7 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 CAP = 2 * 1024 * 1024
 NIFTI = nifti_bytes(seed=21)
 LABEL = nifti_bytes(seed=22, dtype="uint8")
-BOUNDARY = "lgboundary7d3f"
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +37,8 @@ def http(stack: GatewayStack) -> Iterator[httpx.Client]:
         yield client
 
 
-def form(*parts: tuple[str, str | None, bytes]) -> bytes:
-    """A multipart/form-data body with the parts in the order given: (name, file name, bytes)."""
-    out = b""
-    for name, file_name, data in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{file_name}"' if file_name else "")
-        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
-
-
 def put(http: httpx.Client, path: str, query: dict[str, str], body: bytes) -> httpx.Response:
-    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    headers = {"content-type": CONTENT_TYPE}
     return http.put(path, params=query, content=body, headers=headers)
 
 
@@ -72,7 +63,7 @@ def test_a_file_over_one_chunk_arrives_byte_for_byte(http: httpx.Client) -> None
         parts = [("params", None, b'{"n": 1}'), ("file", f"big{n}.nii", volume)]
         body = form(*(parts if params_first else parts[::-1]))
         pieces = (body[i : i + 7777] for i in range(0, len(body), 7777))
-        headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+        headers = {"content-type": CONTENT_TYPE}
         answer = http.put("/datastore/image", content=pieces, headers=headers)
         assert answer.status_code == 200, answer.text
         assert http.get("/datastore/image", params={"image": f"big{n}"}).content == volume
@@ -128,7 +119,7 @@ def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: 
         sock.sendall(
             (
                 f"PUT /datastore/image?image=gone HTTP/1.1\r\nHost: {host}\r\n"
-                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                f"Content-Type: {CONTENT_TYPE}\r\n"
                 f"Content-Length: {len(sent) + 10 * 1024 * 1024}\r\n\r\n"
             ).encode()
             + sent

@@ -172,7 +172,7 @@ class MeteredBlobStore:
             self._call("release_streamed", release, path)
 
     # Not part of the port either: URLs for clients outside the cluster (S3BlobStore with a
-    # public endpoint; see domain.client_urls).
+    # public endpoint; see Datastore.download_url).
 
     @property
     def client_urls(self) -> bool:

@@ -26,7 +26,6 @@ from services.common.settings import ServiceSettings
 from services.common.streams import chunk_views, receive_upload, send_chunks
 from services.datastore.adapters.metrics import instrument
 from services.datastore.api import convert
-from services.datastore.domain.client_urls import client_download_url
 from services.datastore.domain.datastore import BlobRead, Datastore
 
 run = asyncio.to_thread
@@ -223,10 +222,8 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
 
     async def GetDownloadUrl(self, request: pb.GetDownloadUrlRequest, context: Any) -> pb.GetDownloadUrlResponse:
         kind, parts = convert.blob_name_of(request.name)
-        if request.for_client:
-            url = await run(client_download_url, self.ds, kind, parts, request.expire_seconds)
-            return convert.download_url(url)
-        return convert.download_url(await run(self.ds.download_url, kind, parts, request.expire_seconds))
+        url = await run(self.ds.download_url, kind, parts, request.expire_seconds, for_client=request.for_client)
+        return convert.download_url(url)
 
     async def ExportDataset(
         self, request: pb.ExportDatasetRequest, context: Any

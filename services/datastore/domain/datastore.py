@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from services.common import raw_labels
 from services.common.chunks import SpooledFile, SpoolWriter, sha256_file
+from services.common.downloads import media_type
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -619,8 +620,23 @@ class Datastore:
         chunks = self.blobs.open_read(key, offset, length) if length > 0 else iter(())
         return BlobRead(file_name, size, sha256, content_type_of(file_name), offset, length, chunks)
 
-    def download_url(self, kind: str, parts: tuple[str, ...], expire_seconds: int) -> DownloadUrl:
-        """A URL reading an image, a label or a model version without this service."""
+    def download_url(
+        self, kind: str, parts: tuple[str, ...], expire_seconds: int, *, for_client: bool = False
+    ) -> DownloadUrl:
+        """A URL reading an image, a label or a model version without this service.
+
+        `for_client`: for a client outside the cluster (the gateway's download redirect, after
+        its auth check): signed for the S3 store's public endpoint, which clients reach and this
+        service may not, and carrying the file name and media type a download through the
+        gateway answers with. FailedPrecondition where the store signs none (local and dicomweb
+        backends, or S3 without `s3_public_endpoint`).
+        """
+        blobs: Any = self.blobs
+        if for_client and not getattr(blobs, "client_urls", False):
+            raise FailedPrecondition(
+                "this datastore hands no download to clients directly (no S3 public endpoint is configured)",
+                reason="NO_CLIENT_URLS",
+            )
         if expire_seconds < 0 or expire_seconds > MAX_URL_EXPIRY_SECONDS:
             raise InvalidArgument(f"expire_seconds must be between 0 and {MAX_URL_EXPIRY_SECONDS}")
         expire_seconds = expire_seconds or 3600
@@ -634,7 +650,10 @@ class Datastore:
             version = self.get_model_version(parts[0], parts[1])
             key = model_key(version.model, version.version, version.file_name)
             file_name, size, sha = version.file_name, version.size, version.sha256
-        url = self.blobs.presigned_get_url(key, expire_seconds)
+        if for_client:
+            url = blobs.client_get_url(key, expire_seconds, file_name, media_type(file_name))
+        else:
+            url = self.blobs.presigned_get_url(key, expire_seconds)
         expire = None if url.startswith("file://") else self._clock() + expire_seconds
         return DownloadUrl(url, expire, file_name, size, sha)
 
