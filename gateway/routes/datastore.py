@@ -87,8 +87,9 @@ async def _pages(ctx: Ctx, **filters: Any) -> AsyncIterator[list[ds_res.Image]]:
 
 
 async def _datastore_all(ctx: Ctx) -> Response:
-    """datastore_v2.json as the datastore serialises it in one query (compact UTF-8 JSON,
-    as FastAPI writes MONAI Label's answer); the gateway only passes the bytes on."""
+    """datastore_v2.json as the datastore keeps it (compact UTF-8 JSON, as FastAPI writes
+    MONAI Label's answer; after a change only the changed images' entries are re-rendered);
+    the gateway only passes the bytes on."""
     call = ctx.clients.datastore.ExportDatastoreJson(
         ds_pb.ExportDatastoreJsonRequest(),
         timeout=ctx.timeout,
