@@ -156,6 +156,33 @@ def test_concurrent_create_of_the_same_image(index: SqlIndex) -> None:
     assert index.get_image("same").revision == 10
 
 
+def test_label_saves_racing_bulk_label_writes_never_fail(index: SqlIndex) -> None:
+    """reindex's bulk writers (delete_labels, bulk_import) take no image lock: a label save
+    racing them must still land (not miss a row deleted under it, nor collide with one
+    inserted), answering the row it wrote."""
+    index.upsert_image("img", ".nii", SHA_A, 1)
+    stop = threading.Event()
+    bulk_errors: list[Exception] = []
+
+    def bulk() -> None:
+        while not stop.is_set():
+            try:
+                index.delete_labels([("img", "final")])
+                index.bulk_import([], [LabelImport("img", "final", ".nrrd", SHA_B, 2, {})])
+            except Exception as err:  # noqa: BLE001 - asserted below
+                bulk_errors.append(err)
+
+    racer = threading.Thread(target=bulk)
+    racer.start()
+    try:
+        saved = run_threads(4, lambda i: [index.upsert_label("img", "final", ".nii", SHA_A, i) for _ in range(40)])
+    finally:
+        stop.set()
+        racer.join()
+    assert all(label.tag == "final" and label.image_id == "img" for labels in saved for label in labels)
+    assert bulk_errors == []
+
+
 # ---------------------------------------------------------------- listing
 
 

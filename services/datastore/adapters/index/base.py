@@ -215,6 +215,20 @@ class Repository:
             q = q.with_for_update()
         return conn.execute(q).first()
 
+    def _lock_images(self, conn: Connection, image_ids: Iterable[str]) -> None:
+        """Locks these images' rows (those that exist) in id order, first thing in a write of
+        several images: every writer touching an image's labels or lease locks the image
+        first, so a bulk writer that did not (and then, say, updated ``images.final``) would
+        deadlock with a label save holding the image and waiting on the label. SQLite
+        serialises writes already."""
+        if not self._pg:
+            return
+        im = self._t.images
+        ids = sorted(set(image_ids))
+        for i in range(0, len(ids), 500):
+            q = sa.select(im.c.id).where(im.c.id.in_(ids[i : i + 500])).order_by(im.c.id).with_for_update()
+            conn.execute(q).all()
+
     def _require_image_row(self, conn: Connection, image_id: str, *, lock: bool = False) -> Row[Any]:
         row = self._image_row(conn, image_id, lock=lock)
         if row is None:

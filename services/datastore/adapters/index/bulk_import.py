@@ -42,6 +42,7 @@ class BulkImport(Repository):
         chunk = 500
 
         def tx(conn: Connection) -> BulkImportResult:
+            self._lock_images(conn, [*img_in, *(image_id for image_id, _ in lab_in)])
             ids = list(img_in)
             old_imgs: dict[str, Any] = {}
             for i in range(0, len(ids), chunk):
@@ -190,6 +191,7 @@ class BulkImport(Repository):
         im = self._t.images
 
         def tx(conn: Connection) -> int:
+            self._lock_images(conn, ids)
             n = 0
             for i in range(0, len(ids), 500):
                 n += conn.execute(sa.delete(im).where(im.c.id.in_(ids[i : i + 500]))).rowcount
@@ -205,6 +207,7 @@ class BulkImport(Repository):
         lb = self._t.labels
 
         def tx(conn: Connection) -> int:
+            self._lock_images(conn, [image_id for image_id, _ in pairs])
             n = 0
             for image_id, tag in pairs:
                 n += conn.execute(sa.delete(lb).where((lb.c.image_id == image_id) & (lb.c.tag == tag))).rowcount

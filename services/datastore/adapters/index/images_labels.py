@@ -154,27 +154,23 @@ class ImagesLabels(Repository):
             # this lock first, so a lease acquirer sees the label once it holds the image.
             self._require_image_row(conn, image_id, lock=True)
             key = (labels.c.image_id == image_id) & (labels.c.tag == tag)
-            old = conn.execute(sa.select(labels.c.revision).where(key)).first()
-            if old is None:
-                conn.execute(
-                    sa.insert(labels).values(
-                        image_id=image_id,
-                        tag=tag,
-                        ext=ext,
-                        sha256=sha256,
-                        size=size,
-                        info=info_,
-                        revision=1,
-                        create_time=t,
-                        update_time=t,
-                    )
+            # One statement, not a read then an insert or update: the bulk writers (reindex's
+            # delete_labels, bulk_import) take no image lock, and a row they delete or insert
+            # between a read and a write would make the write miss it or collide with it.
+            stmt = self._insert(labels).values(
+                image_id=image_id, tag=tag, ext=ext, sha256=sha256, size=size, info=info_,
+                revision=1, create_time=t, update_time=t,
+            )  # fmt: skip
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[labels.c.image_id, labels.c.tag],
+                    set_={
+                        "ext": stmt.excluded.ext, "sha256": stmt.excluded.sha256, "size": stmt.excluded.size,
+                        "info": stmt.excluded.info, "revision": labels.c.revision + 1,
+                        "update_time": stmt.excluded.update_time,
+                    },
                 )
-            else:
-                conn.execute(
-                    sa.update(labels)
-                    .where(key)
-                    .values(ext=ext, sha256=sha256, size=size, info=info_, revision=old.revision + 1, update_time=t)
-                )
+            )  # fmt: skip
             if tag == DEFAULT_TAG_FINAL:
                 conn.execute(sa.delete(self._t.leases).where(self._t.leases.c.image_id == image_id))
                 conn.execute(sa.update(self._t.images).where(self._t.images.c.id == image_id).values(final=True))
