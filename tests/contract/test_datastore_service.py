@@ -570,7 +570,7 @@ async def test_download_url_for_clients_needs_a_public_endpoint(stub):
         await expect_error(
             stub.GetDownloadUrl(pb.GetDownloadUrlRequest(name=name, for_client=True)),
             grpc.StatusCode.FAILED_PRECONDITION,
-            "NO_CLIENT_URLS",
+            "FAILED_PRECONDITION",
         )
 
 

@@ -634,8 +634,7 @@ class Datastore:
         blobs: Any = self.blobs
         if for_client and not getattr(blobs, "client_urls", False):
             raise FailedPrecondition(
-                "this datastore hands no download to clients directly (no S3 public endpoint is configured)",
-                reason="NO_CLIENT_URLS",
+                "this datastore hands no download to clients directly (no S3 public endpoint is configured)"
             )
         if expire_seconds < 0 or expire_seconds > MAX_URL_EXPIRY_SECONDS:
             raise InvalidArgument(f"expire_seconds must be between 0 and {MAX_URL_EXPIRY_SECONDS}")
