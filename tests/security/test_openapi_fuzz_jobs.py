@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from services.datastore.sample_studies import write_sample_studies
+from tests.fixtures.gateway import start_training_process
 from tests.fixtures.processes import ServiceProcess
 from tests.integration.conftest import GatewayStack, real_inference
 
@@ -51,11 +52,7 @@ def job_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
     start_inference = real_inference(root / "infer")
 
     async def start_services(datastore_address: str) -> tuple[str, Any]:
-        training = await asyncio.to_thread(
-            ServiceProcess, "services.train", "--metrics-port", "-1", "--datastore", datastore_address,
-            "--work-dir", str(root / "train"), "--device", "cpu", "--torch-threads", "1", "--stop-grace-seconds", "2",
-            start_timeout=120,
-        )  # fmt: skip
+        training = await start_training_process(datastore_address, root / "train")
         processes.append(training)
         # A process, not in this one: the scoring jobs the fuzz starts run MC dropout in threads
         # that outlive a stopped in-process service and would draw on the test process's global
@@ -71,8 +68,8 @@ def job_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
         return inference_address, _Servers([inference_server])
 
     stack.start_inference = start_services
-    stack.start()
     try:
+        stack.start()  # inside the try: a stack that fails to start still stops the processes
         yield stack, secret
     finally:
         stack.stop()
