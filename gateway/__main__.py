@@ -13,6 +13,7 @@ from gateway.auth import check_auth_settings
 from gateway.metrics import serve_metrics
 from gateway.settings import GatewaySettings
 from services.common.logging import configure_logging
+from services.common.memory import limit_malloc_arenas
 from services.common.settings import parse_settings
 
 
@@ -54,6 +55,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    limit_malloc_arenas()
     settings = parse_settings(GatewaySettings, argv, description=__doc__.splitlines()[0])
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from services.common.logging import configure_logging
+from services.common.memory import limit_malloc_arenas
 from services.common.settings import parse_settings
 from services.datastore.adapters.blobs import STALE_SPOOL_SECONDS
 from services.datastore.api.servicer import create_service
@@ -95,6 +96,7 @@ def _fsck_options(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in ("reindex", "fsck") else "serve"
     options = None

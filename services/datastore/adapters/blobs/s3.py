@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from services.common.downloads import content_disposition
@@ -160,6 +160,19 @@ def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "https"
 
 
+def _read_into(path: Path, offset: int, view: memoryview) -> int:
+    """Reads `path` from `offset` into `view` until it is full or the file ends; the bytes read."""
+    filled = 0
+    with path.open("rb", buffering=0) as source:
+        source.seek(offset)
+        while filled < len(view):
+            count = source.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+    return filled
+
+
 def _part_size(size: int, minimum: int) -> int:
     """`minimum`, grown (in whole MiB) when a file would need more than S3's 10,000 parts."""
     part = max(minimum, -(-size // _S3_MAX_PARTS))
@@ -187,6 +200,10 @@ class StreamedPut:
         self._upload_id: str | None = None
         self._parts: list[Future[Any]] = []
         self._room = threading.BoundedSemaphore(store._parallel)
+        # One part buffer per slot, reused: a fresh 16 MiB bytes per part leaves freed parts
+        # resident in malloc's arenas (RSS grew by up to 3 parts more than were in flight).
+        self._buffers: list[bytearray] = []
+        self._buffers_lock = threading.Lock()
         self._submitted = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -218,14 +235,23 @@ class StreamedPut:
                 raise self._store._error(f"cannot store {self.key!r}", exc) from exc
 
     def _send(self, number: int, offset: int, length: int) -> Any:
+        """Sends one part (the caller holds a slot of `_room`, released here)."""
         from minio.datatypes import Part
 
         try:
-            with self.path.open("rb") as source:
-                source.seek(offset)
-                data = source.read(length)
-            assert self._upload_id is not None
-            etag = self._store._client._upload_part(self._store.bucket, self._name, data, None, self._upload_id, number)
+            with self._buffers_lock:
+                buffer = self._buffers.pop() if self._buffers else bytearray(self._part_size)
+            try:
+                data = memoryview(buffer)[: _read_into(self.path, offset, memoryview(buffer)[:length])]
+                assert self._upload_id is not None
+                # The SDK hashes and sends any bytes-like body (hashlib, urllib3), not just bytes.
+                body = cast(bytes, data)
+                etag = self._store._client._upload_part(
+                    self._store.bucket, self._name, body, None, self._upload_id, number
+                )
+            finally:
+                with self._buffers_lock:
+                    self._buffers.append(buffer)
             return Part(number, etag)
         finally:
             self._room.release()
