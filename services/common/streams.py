@@ -66,6 +66,18 @@ def chunk_views(message_type: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def finish_sha256(finish: Any, message: str, what: str) -> str | None:
+    """The sha256 an UploadFinish asks the receiver to verify, None when it is `unverified`
+    (the receiver keeps the sha256 it computes); refuses a finish that has both or neither."""
+    if finish.unverified:
+        if finish.sha256:
+            raise InvalidArgument(f"{message} is unverified, so it must not carry a sha256")
+        return None
+    if not finish.sha256:
+        raise InvalidArgument(f"{message} must carry the sha256 of {what}")
+    return str(finish.sha256)
+
+
 async def receive_upload(
     requests: AsyncIterable[Any], open_spool: Callable[[Any], SpoolWriter]
 ) -> tuple[Any, SpooledFile]:
@@ -88,7 +100,8 @@ async def receive_upload(
     spool = await asyncio.to_thread(open_spool, header)
     writing: asyncio.Future[None] | None = None
     try:
-        sha256: str | None = None
+        finish: Any = None
+        expected: str | None = None
         # Chunks are written and hashed in a worker thread while the next ones are received,
         # WRITE_BATCH_BYTES of them per thread hop (a hop per 1 MiB chunk cost a thread switch
         # and an event-loop wakeup per message); one batch in flight at a time, so the spool
@@ -97,7 +110,7 @@ async def receive_upload(
         batched = 0
         async for message in iterator:
             kind = message.WhichOneof("payload")
-            if sha256 is not None:
+            if finish is not None:
                 raise InvalidArgument("nothing may follow the finish message of an upload stream")
             if kind == "chunk":
                 chunk = message.chunk
@@ -109,9 +122,8 @@ async def receive_upload(
                     writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
                     batch, batched = [], 0
             elif kind == "finish":
-                sha256 = message.finish.sha256
-                if not sha256:
-                    raise InvalidArgument("the finish message must carry the sha256 of the upload")
+                finish = message.finish
+                expected = finish_sha256(finish, "the finish message", "the upload")
             else:
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
         if writing is not None:
@@ -119,9 +131,9 @@ async def receive_upload(
         if batch:
             writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
             await writing
-        if sha256 is None:
+        if finish is None:
             raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")
-        spooled = await finish_spool(spool, sha256)
+        spooled = await finish_spool(spool, expected)
     except BaseException:
         # Also on CancelledError: a client that hangs up leaves no temp file behind. Called
         # directly (a close and an unlink): an await here would itself be cancelled. A write

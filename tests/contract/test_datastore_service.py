@@ -184,6 +184,26 @@ async def test_checksum_mismatch_stores_nothing_and_keeps_the_old_image(stub):
     assert image.image_id == "prefixed"
 
 
+async def test_an_unverified_finish_stores_the_sha256_the_datastore_computes(stub):
+    from labelgrid.common.v1 import common_pb2
+
+    data = nifti_bytes(seed=4)
+
+    async def stream(finish: common_pb2.UploadFinish):
+        yield pb.UploadImageRequest(header=pb.UploadImageHeader(file_name="plain.nii.gz"))
+        yield pb.UploadImageRequest(chunk=data)
+        yield pb.UploadImageRequest(finish=finish)
+
+    # A finish is unverified or carries a sha256: both, or neither, is refused before storing.
+    for finish in (common_pb2.UploadFinish(), common_pb2.UploadFinish(sha256=sha256(data), unverified=True)):
+        await expect_error(stub.UploadImage(stream(finish)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    assert await total_images(stub) == 0
+    image = (await stub.UploadImage(stream(common_pb2.UploadFinish(unverified=True)))).image
+    assert image.sha256 == sha256(data)
+    _, body = await download(stub.DownloadImage(pb.DownloadImageRequest(name="images/plain")))
+    assert body == data
+
+
 async def test_malformed_streams(stub):
     from labelgrid.common.v1 import common_pb2
 

@@ -1,7 +1,7 @@
-"""Uploads larger than the batches the upload path works in: the gateway hashes, and the
-datastore writes and hashes, several 1 MiB chunks per worker-thread hop (HASH_BATCH_BYTES,
-WRITE_BATCH_BYTES), the gateway sends chunk messages it built in the wire format, and the
-datastore reads them as views. Against a real gateway and datastore: the bytes and the sha256
+"""Uploads larger than the batches the upload path works in: the datastore writes and hashes
+several 1 MiB chunks per worker-thread hop (WRITE_BATCH_BYTES), the gateway sends chunk
+messages it built in the wire format (and an unverified finish: the REST client sent no
+checksum), and the datastore reads them as views. Against a real gateway and datastore: the bytes and the sha256
 arrive whole, a client that hangs up after several batches leaves nothing, and the 1 MiB chunk
 limit still holds for a client that sends a bigger chunk."""
 
@@ -19,7 +19,6 @@ from labelgrid.common.v1 import common_pb2
 from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from labelgrid.datastore.v1 import datastore_service_pb2_grpc as pb_grpc
 
-from gateway.multipart import HASH_BATCH_BYTES
 from services.common.chunks import CHUNK_SIZE
 from services.common.streams import WRITE_BATCH_BYTES
 from tests.contract.helpers import nifti_bytes
@@ -29,9 +28,9 @@ from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-# Over two batches of either side, and not a whole number of chunks.
+# Over two of the datastore's write batches, and not a whole number of chunks.
 VOLUME = nifti_bytes((256, 256, 140), seed=31, dtype="uint8", gz=False)
-assert len(VOLUME) > 2 * max(HASH_BATCH_BYTES, WRITE_BATCH_BYTES) and len(VOLUME) % CHUNK_SIZE
+assert len(VOLUME) > 2 * WRITE_BATCH_BYTES and len(VOLUME) % CHUNK_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from services.common.jobs import JobStore
 from services.common.paging import offset_page
 from services.common.protos import job_state_name
 from services.common.server import GrpcService
-from services.common.streams import send_chunks
+from services.common.streams import finish_sha256, send_chunks
 from services.infer.adapters.batch_images import DatastoreImages
 from services.infer.adapters.metrics import InferenceCollector
 from services.infer.adapters.remote_infer import RemoteInfer
@@ -73,9 +73,7 @@ async def _receive_part(
             if kind == chunk_kind:
                 await asyncio.to_thread(spool.write, getattr(message, chunk_kind))
             elif kind == finish_kind:
-                sha256 = getattr(message, finish_kind).sha256
-                if not sha256:
-                    raise InvalidArgument(f"{finish_kind} must carry the sha256 of the {what}")
+                sha256 = finish_sha256(getattr(message, finish_kind), finish_kind, f"the {what}")
                 return await asyncio.to_thread(spool.finish, sha256)
             else:
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message while receiving the {what}")

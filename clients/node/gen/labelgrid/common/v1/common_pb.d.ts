@@ -79,6 +79,16 @@ export declare type UploadFinish = Message<"labelgrid.common.v1.UploadFinish"> &
    * @generated from field: string sha256 = 1;
    */
   sha256: string;
+
+  /**
+   * True when the sender has no sha256 of the file to give (the REST gateway relaying a client
+   * that sent none: a hash it computed in transit would check nothing the stream does not).
+   * Then sha256 must be empty and the receiver stores the sha256 it computes. False: sha256
+   * is required.
+   *
+   * @generated from field: bool unverified = 2;
+   */
+  unverified: boolean;
 };
 
 /**

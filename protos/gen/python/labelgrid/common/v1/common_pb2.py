@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n labelgrid/common/v1/common.proto\x12\x13labelgrid.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x01\n\x08\x42lobInfo\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x13\n\x0bread_offset\x18\x05 \x01(\x03\x12\x17\n\x0fread_size_bytes\x18\x06 \x01(\x03\"\x1e\n\x0cUploadFinish\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x91\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.labelgrid.common.v1.DeviceKind\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\"+\n\x08JobError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x99\x01\n\x08JobTimes\x12/\n\x0b\x63reate_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .labelgrid.common.v1.ConfigValue\"\xab\x01\n\x0b\x43onfigValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x39\n\x0c\x63hoice_value\x18\x05 \x01(\x0b\x32!.labelgrid.common.v1.ConfigChoiceH\x00\x42\x06\n\x04kind\"\x1f\n\x0c\x43onfigChoice\x12\x0f\n\x07options\x18\x01 \x03(\t*\xde\x07\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45RROR_REASON_SERVER_ERROR\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x02\x12\"\n\x1e\x45RROR_REASON_CHECKSUM_MISMATCH\x10\x03\x12 \n\x1c\x45RROR_REASON_IMAGE_NOT_FOUND\x10\x04\x12 \n\x1c\x45RROR_REASON_LABEL_NOT_FOUND\x10\x05\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x06\x12!\n\x1d\x45RROR_REASON_RECORD_NOT_FOUND\x10\x07\x12 \n\x1c\x45RROR_REASON_LEASE_NOT_FOUND\x10\x08\x12\"\n\x1e\x45RROR_REASON_REVISION_MISMATCH\x10\t\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\n\x12\x1e\n\x1a\x45RROR_REASON_STORAGE_ERROR\x10\x0b\x12 \n\x1c\x45RROR_REASON_INFERENCE_ERROR\x10\x0c\x12#\n\x1f\x45RROR_REASON_MODEL_IMPORT_ERROR\x10\r\x12!\n\x1d\x45RROR_REASON_APP_TRAIN_FAILED\x10\x0e\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x0f\x12 \n\x1c\x45RROR_REASON_ALREADY_RUNNING\x10\x10\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x11\x12#\n\x1f\x45RROR_REASON_STRATEGY_NOT_FOUND\x10\x12\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x13\x12\x1d\n\x19\x45RROR_REASON_OUT_OF_RANGE\x10\x14\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x15\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x16\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\x17\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x18\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x19\x12\x1e\n\x1a\x45RROR_REASON_UNIMPLEMENTED\x10\x1a\x12!\n\x1d\x45RROR_REASON_PACS_UNAVAILABLE\x10\x1b\x12\x1f\n\x1b\x45RROR_REASON_INVALID_BUNDLE\x10\x1c*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x42\xb5\x01\n\x16io.labelgrid.common.v1B\x0b\x43ommonProtoP\x01ZBgithub.com/labelgrid/labelgrid/gen/go/labelgrid/common/v1;commonv1\xa2\x02\x03LCX\xaa\x02\x13Labelgrid.Common.V1\xca\x02\x13Labelgrid\\Common\\V1\xea\x02\x15Labelgrid::Common::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n labelgrid/common/v1/common.proto\x12\x13labelgrid.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x01\n\x08\x42lobInfo\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x13\n\x0bread_offset\x18\x05 \x01(\x03\x12\x17\n\x0fread_size_bytes\x18\x06 \x01(\x03\"2\n\x0cUploadFinish\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nunverified\x18\x02 \x01(\x08\"\x91\x01\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.labelgrid.common.v1.DeviceKind\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\"+\n\x08JobError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x99\x01\n\x08JobTimes\x12/\n\x0b\x63reate_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x05value\x18\x02 \x01(\x0b\x32 .labelgrid.common.v1.ConfigValue\"\xab\x01\n\x0b\x43onfigValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x39\n\x0c\x63hoice_value\x18\x05 \x01(\x0b\x32!.labelgrid.common.v1.ConfigChoiceH\x00\x42\x06\n\x04kind\"\x1f\n\x0c\x43onfigChoice\x12\x0f\n\x07options\x18\x01 \x03(\t*\xde\x07\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45RROR_REASON_SERVER_ERROR\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x02\x12\"\n\x1e\x45RROR_REASON_CHECKSUM_MISMATCH\x10\x03\x12 \n\x1c\x45RROR_REASON_IMAGE_NOT_FOUND\x10\x04\x12 \n\x1c\x45RROR_REASON_LABEL_NOT_FOUND\x10\x05\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x06\x12!\n\x1d\x45RROR_REASON_RECORD_NOT_FOUND\x10\x07\x12 \n\x1c\x45RROR_REASON_LEASE_NOT_FOUND\x10\x08\x12\"\n\x1e\x45RROR_REASON_REVISION_MISMATCH\x10\t\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\n\x12\x1e\n\x1a\x45RROR_REASON_STORAGE_ERROR\x10\x0b\x12 \n\x1c\x45RROR_REASON_INFERENCE_ERROR\x10\x0c\x12#\n\x1f\x45RROR_REASON_MODEL_IMPORT_ERROR\x10\r\x12!\n\x1d\x45RROR_REASON_APP_TRAIN_FAILED\x10\x0e\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x0f\x12 \n\x1c\x45RROR_REASON_ALREADY_RUNNING\x10\x10\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x11\x12#\n\x1f\x45RROR_REASON_STRATEGY_NOT_FOUND\x10\x12\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x13\x12\x1d\n\x19\x45RROR_REASON_OUT_OF_RANGE\x10\x14\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x15\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\x16\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\x17\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x18\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x19\x12\x1e\n\x1a\x45RROR_REASON_UNIMPLEMENTED\x10\x1a\x12!\n\x1d\x45RROR_REASON_PACS_UNAVAILABLE\x10\x1b\x12\x1f\n\x1b\x45RROR_REASON_INVALID_BUNDLE\x10\x1c*T\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_CPU\x10\x01\x12\x14\n\x10\x44\x45VICE_KIND_CUDA\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x42\xb5\x01\n\x16io.labelgrid.common.v1B\x0b\x43ommonProtoP\x01ZBgithub.com/labelgrid/labelgrid/gen/go/labelgrid/common/v1;commonv1\xa2\x02\x03LCX\xaa\x02\x13Labelgrid.Common.V1\xca\x02\x13Labelgrid\\Common\\V1\xea\x02\x15Labelgrid::Common::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'labelgrid.common.v1.common_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026io.labelgrid.common.v1B\013CommonProtoP\001ZBgithub.com/labelgrid/labelgrid/gen/go/labelgrid/common/v1;commonv1\242\002\003LCX\252\002\023Labelgrid.Common.V1\312\002\023Labelgrid\\Common\\V1\352\002\025Labelgrid::Common::V1'
-  _globals['_ERRORREASON']._serialized_start=892
-  _globals['_ERRORREASON']._serialized_end=1882
-  _globals['_DEVICEKIND']._serialized_start=1884
-  _globals['_DEVICEKIND']._serialized_end=1968
-  _globals['_JOBSTATE']._serialized_start=1971
-  _globals['_JOBSTATE']._serialized_end=2125
+  _globals['_ERRORREASON']._serialized_start=912
+  _globals['_ERRORREASON']._serialized_end=1902
+  _globals['_DEVICEKIND']._serialized_start=1904
+  _globals['_DEVICEKIND']._serialized_end=1988
+  _globals['_JOBSTATE']._serialized_start=1991
+  _globals['_JOBSTATE']._serialized_end=2145
   _globals['_BLOBINFO']._serialized_start=91
   _globals['_BLOBINFO']._serialized_end=224
   _globals['_UPLOADFINISH']._serialized_start=226
-  _globals['_UPLOADFINISH']._serialized_end=256
-  _globals['_DEVICE']._serialized_start=259
-  _globals['_DEVICE']._serialized_end=404
-  _globals['_JOBERROR']._serialized_start=406
-  _globals['_JOBERROR']._serialized_end=449
-  _globals['_JOBTIMES']._serialized_start=452
-  _globals['_JOBTIMES']._serialized_end=605
-  _globals['_CONFIGENTRY']._serialized_start=607
-  _globals['_CONFIGENTRY']._serialized_end=682
-  _globals['_CONFIGVALUE']._serialized_start=685
-  _globals['_CONFIGVALUE']._serialized_end=856
-  _globals['_CONFIGCHOICE']._serialized_start=858
-  _globals['_CONFIGCHOICE']._serialized_end=889
+  _globals['_UPLOADFINISH']._serialized_end=276
+  _globals['_DEVICE']._serialized_start=279
+  _globals['_DEVICE']._serialized_end=424
+  _globals['_JOBERROR']._serialized_start=426
+  _globals['_JOBERROR']._serialized_end=469
+  _globals['_JOBTIMES']._serialized_start=472
+  _globals['_JOBTIMES']._serialized_end=625
+  _globals['_CONFIGENTRY']._serialized_start=627
+  _globals['_CONFIGENTRY']._serialized_end=702
+  _globals['_CONFIGVALUE']._serialized_start=705
+  _globals['_CONFIGVALUE']._serialized_end=876
+  _globals['_CONFIGCHOICE']._serialized_start=878
+  _globals['_CONFIGCHOICE']._serialized_end=909
 # @@protoc_insertion_point(module_scope)

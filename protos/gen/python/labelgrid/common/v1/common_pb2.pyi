@@ -270,18 +270,26 @@ class UploadFinish(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHA256_FIELD_NUMBER: _builtins.int
+    UNVERIFIED_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     """Lower-case hex sha256 of all chunks sent (MONAI Label's "SHA256:<hex>" form is accepted).
     The receiver verifies it and stores nothing when it does not match.
+    """
+    unverified: _builtins.bool
+    """True when the sender has no sha256 of the file to give (the REST gateway relaying a client
+    that sent none: a hash it computed in transit would check nothing the stream does not).
+    Then sha256 must be empty and the receiver stores the sha256 it computes. False: sha256
+    is required.
     """
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
+        unverified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "unverified", b"unverified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
