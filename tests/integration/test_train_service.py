@@ -306,7 +306,7 @@ async def test_no_labels_restart_and_ddp(tmp_path: Path) -> None:
             stub = pb_grpc.TrainingServiceStub(channel)
             ddp = await create(stub, "segmentation_brain", max_epochs=1, device_count=2, val_split=0.5)
             ddp = await wait_for(stub, ddp.name, lambda j: False)
-            assert ddp.state == SUCCEEDED, list(ddp.log_tail)
+            assert ddp.state == SUCCEEDED, "\n".join([ddp.error.message, *ddp.log_tail])
             assert list(ddp.devices) == ["cpu", "cpu"]
             assert ddp.model_version and ddp.progress.metric_name == "val_mean_dice"
 
