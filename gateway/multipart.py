@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from gateway.clients import CHUNK_SIZE
 from gateway.errors import GatewayError
 from gateway.routes.common import MAX_JSON_BYTES, base_name
+from services.common.streams import chunk_tag
 
 MAX_PARTS = 64
 """Parts accepted in one upload form (MONAI Label's forms have two or three)."""
@@ -244,7 +245,7 @@ async def upload_form(
         if not first:
             raise GatewayError(422, f"the {what} file {file_name!r} is empty")
         failure: list[BaseException] = []
-        tag = _chunk_tag(request_type)
+        tag = chunk_tag(request_type)
 
         async def messages() -> AsyncIterator[Any]:
             yield request_type(header=header)
@@ -278,14 +279,6 @@ async def upload_form(
 async def _read_buffer(buffer: Any) -> AsyncIterator[list[memoryview]]:
     while data := await asyncio.to_thread(buffer.read, CHUNK_SIZE):
         yield [memoryview(data)]
-
-
-def _chunk_tag(request_type: Any) -> bytes:
-    """The wire tag of the request's `chunk` field (bytes, length-delimited)."""
-    number = request_type.DESCRIPTOR.fields_by_name["chunk"].number
-    if number >= 16:
-        raise ValueError(f"{request_type.__name__}.chunk is field {number}: its tag is not one byte")
-    return bytes([number << 3 | 2])
 
 
 def _chunk_message(tag: bytes, pieces: list[memoryview]) -> bytes:

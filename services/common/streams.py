@@ -36,6 +36,15 @@ class ChunkMessage:
         return "chunk"
 
 
+def chunk_tag(message_type: Any) -> bytes:
+    """The wire tag of an upload message's `chunk` field (bytes: length-delimited); one byte,
+    which the gateway's hand-built chunk messages and `chunk_views` rely on."""
+    number = message_type.DESCRIPTOR.fields_by_name["chunk"].number
+    if number >= 16:
+        raise ValueError(f"{message_type.__name__}.chunk is field {number}: its tag is not one byte")
+    return bytes([number << 3 | 2])
+
+
 def chunk_views(message_type: Any) -> Callable[[bytes], Any]:
     """A request deserializer for an upload stream of `message_type` whose chunk messages are
     not copied: a message that holds only its `chunk` field (all but the first and last of an
@@ -43,10 +52,7 @@ def chunk_views(message_type: Any) -> Callable[[bytes], Any]:
     bytes into the message and reading `.chunk` copies them again: two of the three copies
     of every uploaded byte in the service. Any other message is parsed by protobuf as before.
     """
-    number = message_type.DESCRIPTOR.fields_by_name["chunk"].number
-    tag = bytes([number << 3 | 2])  # length-delimited; one byte while the number is under 16
-    if number >= 16:
-        raise ValueError(f"{message_type.__name__}.chunk is field {number}: its tag is not one byte")
+    tag = chunk_tag(message_type)
     parse = message_type.FromString
 
     def deserialize(raw: bytes) -> Any:
@@ -100,7 +106,7 @@ async def receive_upload(
     spool = await asyncio.to_thread(open_spool, header)
     writing: asyncio.Future[None] | None = None
     try:
-        finish: Any = None
+        finished = False
         expected: str | None = None
         # Chunks are written and hashed in a worker thread while the next ones are received,
         # WRITE_BATCH_BYTES of them per thread hop (a hop per 1 MiB chunk cost a thread switch
@@ -110,7 +116,7 @@ async def receive_upload(
         batched = 0
         async for message in iterator:
             kind = message.WhichOneof("payload")
-            if finish is not None:
+            if finished:
                 raise InvalidArgument("nothing may follow the finish message of an upload stream")
             if kind == "chunk":
                 chunk = message.chunk
@@ -122,8 +128,8 @@ async def receive_upload(
                     writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
                     batch, batched = [], 0
             elif kind == "finish":
-                finish = message.finish
-                expected = finish_sha256(finish, "the finish message", "the upload")
+                expected = finish_sha256(message.finish, "the finish message", "the upload")
+                finished = True
             else:
                 raise InvalidArgument(f"unexpected {kind or 'empty'} message in the middle of an upload stream")
         if writing is not None:
@@ -131,7 +137,7 @@ async def receive_upload(
         if batch:
             writing = asyncio.ensure_future(asyncio.to_thread(spool.write_many, batch))
             await writing
-        if finish is None:
+        if not finished:
             raise InvalidArgument("the upload stream ended without a finish message carrying its sha256")
         spooled = await finish_spool(spool, expected)
     except BaseException:

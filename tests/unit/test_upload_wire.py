@@ -16,10 +16,10 @@ from labelgrid.datastore.v1 import datastore_service_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from gateway.clients import _message_or_wire
-from gateway.multipart import _chunk_message, _chunk_tag
+from gateway.multipart import _chunk_message
 from services.common.chunks import CHUNK_SIZE, SpoolWriter
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.streams import ChunkMessage, chunk_views
+from services.common.streams import ChunkMessage, chunk_tag, chunk_views
 from services.datastore.adapters.blobs import LocalBlobStore, S3BlobStore
 from services.datastore.adapters.index import SqlIndex
 from services.datastore.adapters.metered import MeteredBlobStore
@@ -36,7 +36,7 @@ def test_the_gateway_chunk_message_is_what_protobuf_serializes(size: int, reques
     data = os.urandom(size)
     cut = size // 3
     pieces = [memoryview(data)[:cut], memoryview(data)[cut:]]
-    message = _chunk_message(_chunk_tag(request_type), pieces)
+    message = _chunk_message(chunk_tag(request_type), pieces)
     assert message == request_type(chunk=data).SerializeToString()
     assert _message_or_wire(message) is message  # sent as it is
     header = request_type(finish=common_pb2.UploadFinish(sha256="ab" * 32))

@@ -91,10 +91,8 @@ class _ReadAhead(Iterator[bytes]):
                 size += len(item)
                 continue
             self._done = True
-            if isinstance(item, BaseException) and not batch:
-                raise item
             if isinstance(item, BaseException):
-                self._failed = item  # raised by the next take, after these chunks are sent
+                self._failed = item  # raised below if nothing was read, else by the next call
         if not batch and self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed

@@ -154,9 +154,10 @@ class ImagesLabels(Repository):
             # this lock first, so a lease acquirer sees the label once it holds the image.
             self._require_image_row(conn, image_id, lock=True)
             key = (labels.c.image_id == image_id) & (labels.c.tag == tag)
-            # One statement, not a read then an insert or update: the bulk writers (reindex's
-            # delete_labels, bulk_import) take no image lock, and a row they delete or insert
-            # between a read and a write would make the write miss it or collide with it.
+            # One statement, not a read then an insert or update: a label row that a bulk writer
+            # (reindex's delete_labels, bulk_import) deletes or inserts between a read and a
+            # write would make the write miss it or collide with it. (On PostgreSQL the bulk
+            # writers also lock their images first, since a8eba66, against deadlocks.)
             stmt = self._insert(labels).values(
                 image_id=image_id, tag=tag, ext=ext, sha256=sha256, size=size, info=info_,
                 revision=1, create_time=t, update_time=t,
