@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -34,25 +33,14 @@ assert len(VOLUME) > 2 * WRITE_BATCH_BYTES and len(VOLUME) % CHUNK_SIZE
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    stack = GatewayStack(tmp_path_factory.mktemp("batches")).start()
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def http(stack: GatewayStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url, timeout=60) as client:
+def http(gateway_stack: GatewayStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway_stack.url, timeout=60) as client:
         yield client
-
-
-def spools(stack: GatewayStack) -> list[Path]:
-    return sorted(stack.root.rglob("upload-*.part"))
 
 
 @pytest.mark.parametrize("params_first", [True, False])
 def test_a_volume_of_several_batches_arrives_whole_with_its_sha256(
-    http: httpx.Client, stack: GatewayStack, params_first: bool
+    http: httpx.Client, gateway_stack: GatewayStack, params_first: bool
 ) -> None:
     name = f"batches{int(params_first)}"
     parts = [("params", None, b'{"n": 2}'), ("file", f"{name}.nii", VOLUME)]
@@ -62,18 +50,18 @@ def test_a_volume_of_several_batches_arrives_whole_with_its_sha256(
     answer = http.put("/datastore/image", content=pieces, headers=headers)
     assert answer.status_code == 200, answer.text
     assert http.get("/datastore/image", params={"image": name}).content == VOLUME
-    assert (stack.root / "studies" / f"{name}.nii").read_bytes() == VOLUME
+    assert (gateway_stack.root / "studies" / f"{name}.nii").read_bytes() == VOLUME
     digest = hashlib.sha256(VOLUME).hexdigest()
     found = http.head("/datastore/image", params={"image": name, "check_sum": f"SHA256:{digest}"})
     assert found.status_code == 200
     assert http.head("/datastore/image", params={"image": name, "check_sum": "0" * 64}).status_code == 404
-    assert spools(stack) == []
+    assert gateway_stack.upload_spools() == []
 
 
-def test_hanging_up_after_several_batches_stores_nothing(http: httpx.Client, stack: GatewayStack) -> None:
+def test_hanging_up_after_several_batches_stores_nothing(http: httpx.Client, gateway_stack: GatewayStack) -> None:
     head = form(("params", None, b"{}"), ("file", "gone.nii", b"")).rsplit(b"\r\n--", 1)[0]
     sent = head + VOLUME[: 3 * WRITE_BATCH_BYTES]
-    host, port = stack.url.removeprefix("http://").split(":")
+    host, port = gateway_stack.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
             (
@@ -84,17 +72,17 @@ def test_hanging_up_after_several_batches_stores_nothing(http: httpx.Client, sta
             + sent
         )
         wait_until(
-            lambda: any(path.stat().st_size >= 2 * WRITE_BATCH_BYTES for path in spools(stack)),
+            lambda: any(path.stat().st_size >= 2 * WRITE_BATCH_BYTES for path in gateway_stack.upload_spools()),
             "the datastore to have written several batches",
         )
-    wait_until(lambda: spools(stack) == [], "the spool of the abandoned upload to be removed")
+    wait_until(lambda: gateway_stack.upload_spools() == [], "the spool of the abandoned upload to be removed")
     assert http.get("/datastore/image/info", params={"image": "gone"}).json() == {}
-    assert not (stack.root / "studies" / "gone.nii").exists()
+    assert not (gateway_stack.root / "studies" / "gone.nii").exists()
 
 
-def test_a_chunk_over_the_limit_is_refused_and_nothing_stored(stack: GatewayStack) -> None:
+def test_a_chunk_over_the_limit_is_refused_and_nothing_stored(gateway_stack: GatewayStack) -> None:
     options = [("grpc.max_send_message_length", 8 * CHUNK_SIZE)]
-    with grpc.insecure_channel(stack.datastore_address, options=options) as channel:
+    with grpc.insecure_channel(gateway_stack.datastore_address, options=options) as channel:
         stub = pb_grpc.DatastoreServiceStub(channel)
         data = VOLUME[: 2 * CHUNK_SIZE + 1]
 
@@ -107,5 +95,5 @@ def test_a_chunk_over_the_limit_is_refused_and_nothing_stored(stack: GatewayStac
         with pytest.raises(grpc.RpcError) as caught:
             stub.UploadImage(requests(), timeout=30)
     assert caught.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-    wait_until(lambda: spools(stack) == [], "the spool of the refused upload to be removed")
-    assert not (stack.root / "studies" / "huge.nii").exists()
+    wait_until(lambda: gateway_stack.upload_spools() == [], "the spool of the refused upload to be removed")
+    assert not (gateway_stack.root / "studies" / "huge.nii").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -40,10 +39,6 @@ def http(stack: GatewayStack) -> Iterator[httpx.Client]:
 def put(http: httpx.Client, path: str, query: dict[str, str], body: bytes) -> httpx.Response:
     headers = {"content-type": CONTENT_TYPE}
     return http.put(path, params=query, content=body, headers=headers)
-
-
-def spools(stack: GatewayStack) -> list[Path]:
-    return sorted(stack.root.rglob("upload-*.part"))
 
 
 def test_params_before_file_stream(http: httpx.Client) -> None:
@@ -87,7 +82,7 @@ def test_bad_params_after_file_store_nothing(http: httpx.Client, stack: GatewayS
     body = form(("file", "s3.nii.gz", NIFTI), ("params", None, b"{not json"))
     assert put(http, "/datastore/image", {}, body).status_code == 422
     assert http.get("/datastore/image/info", params={"image": "s3"}).json() == {}
-    assert spools(stack) == []
+    assert stack.upload_spools() == []
 
 
 def test_missing_file_part_and_empty_file(http: httpx.Client) -> None:
@@ -108,7 +103,7 @@ def test_over_the_cap_is_413_and_stores_nothing(http: httpx.Client, stack: Gatew
     assert answer.status_code == 413, answer.text
     assert str(CAP) in answer.json()["detail"]
     assert http.get("/datastore/image/info", params={"image": "big"}).json() == {}
-    wait_until(lambda: spools(stack) == [], "the spool to be removed")
+    wait_until(lambda: stack.upload_spools() == [], "the spool to be removed")
 
 
 def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: GatewayStack) -> None:
@@ -124,8 +119,8 @@ def test_client_hanging_up_mid_upload_stores_nothing(http: httpx.Client, stack: 
             ).encode()
             + sent
         )
-        wait_until(lambda: spools(stack) != [], "the datastore to start spooling the upload")
-    wait_until(lambda: spools(stack) == [], "the spool of the abandoned upload to be removed")
+        wait_until(lambda: stack.upload_spools() != [], "the datastore to start spooling the upload")
+    wait_until(lambda: stack.upload_spools() == [], "the spool of the abandoned upload to be removed")
     assert http.get("/datastore/image/info", params={"image": "gone"}).json() == {}
     # The service is fine afterwards.
     body = form(("params", None, b"{}"), ("file", "gone.nii.gz", NIFTI))
