@@ -392,12 +392,12 @@ async def test_batch_jobs_page_as_every_listing_does(stack: Stack) -> None:
 async def test_corrupt_uploads(stack: Stack) -> None:
     garbage = b"this is not a NIfTI file" * 100
 
-    async def messages(digest: str) -> AsyncIterator[pb.InferUploadRequest]:
+    async def messages(digest: str, unverified: bool = False) -> AsyncIterator[pb.InferUploadRequest]:
         yield pb.InferUploadRequest(
             header=pb.InferUploadHeader(model="models/segmentation", image_file_name="bad.nii.gz")
         )
         yield pb.InferUploadRequest(image_chunk=garbage)
-        yield pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=digest))
+        yield pb.InferUploadRequest(image_finish=common_pb2.UploadFinish(sha256=digest, unverified=unverified))
 
     await expect_error(
         stack.stub.InferUpload(messages(hashlib.sha256(garbage).hexdigest())),
@@ -407,6 +407,11 @@ async def test_corrupt_uploads(stack: Stack) -> None:
     await expect_error(
         stack.stub.InferUpload(messages("0" * 64)), grpc.StatusCode.INVALID_ARGUMENT, "CHECKSUM_MISMATCH"
     )
+    # A finish is unverified or carries a sha256: both, or neither, is refused.
+    for digest, unverified in ((hashlib.sha256(garbage).hexdigest(), True), ("", False)):
+        await expect_error(
+            stack.stub.InferUpload(messages(digest, unverified)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"
+        )
     assert not list((stack.inference.work_dir / "uploads").glob("*"))
 
 
