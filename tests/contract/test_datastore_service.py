@@ -594,6 +594,40 @@ async def test_download_url_for_clients_needs_a_public_endpoint(stub):
         )
 
 
+async def test_download_url_for_the_edge_is_signed_where_the_datastore_reads(stub, datastore_settings):
+    """for_edge (the edge fetching a download itself): on S3, a URL on the datastore's own
+    endpoint that answers with the file name and media type of a download through the gateway;
+    elsewhere FAILED_PRECONDITION (the gateway then streams). With for_client: INVALID_ARGUMENT."""
+    data = nifti_bytes()
+    await upload_image(stub, data, "edge_one.nii.gz")
+    name = "images/edge_one"
+    await expect_error(
+        stub.GetDownloadUrl(pb.GetDownloadUrlRequest(name=name, for_client=True, for_edge=True)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_INPUT",
+    )
+    request = pb.GetDownloadUrlRequest(name=name, expire_seconds=60, for_edge=True)
+    if datastore_settings.backend != "s3":
+        await expect_error(stub.GetDownloadUrl(request), grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION")
+        return
+    answer = await stub.GetDownloadUrl(request)
+    assert answer.url.startswith(f"http://{datastore_settings.s3_endpoint}/{datastore_settings.s3_bucket}/")
+
+    def fetch() -> tuple[bytes, dict[str, str]]:
+        with urllib.request.urlopen(answer.url, timeout=10) as response:
+            return response.read(), {key.lower(): value for key, value in response.headers.items()}
+
+    body, headers = await asyncio.to_thread(fetch)
+    assert body == data and answer.info.sha256 == sha256(data)
+    assert headers["content-disposition"] == 'attachment; filename="edge_one.nii.gz"'
+    assert headers["content-type"] == "application/octet-stream"  # as the gateway streams a .nii.gz
+    await expect_error(
+        stub.GetDownloadUrl(pb.GetDownloadUrlRequest(name="images/missing", for_edge=True)),
+        grpc.StatusCode.NOT_FOUND,
+        "IMAGE_NOT_FOUND",
+    )
+
+
 async def test_export_dataset_zip(stub):
     await expect_error(
         download(stub.ExportDataset(pb.ExportDatasetRequest())),

@@ -171,16 +171,22 @@ class MeteredBlobStore:
         if release is not None:
             self._call("release_streamed", release, path)
 
-    # Not part of the port either: URLs for clients outside the cluster (S3BlobStore with a
-    # public endpoint; see Datastore.download_url).
+    # Not part of the port either: URLs for clients outside the cluster and for the edge proxy
+    # (S3BlobStore; see Datastore.download_url).
 
     @property
     def client_urls(self) -> bool:
         return bool(getattr(self.inner, "client_urls", False))
 
-    def client_get_url(self, key: str, expires_seconds: int, file_name: str, content_type: str) -> str:
+    @property
+    def edge_urls(self) -> bool:
+        return bool(getattr(self.inner, "edge_urls", False))
+
+    def client_get_url(
+        self, key: str, expires_seconds: int, file_name: str, content_type: str, *, public: bool = True
+    ) -> str:
         sign = self.inner.client_get_url  # type: ignore[attr-defined]
-        return self._call("client_get_url", sign, key, expires_seconds, file_name, content_type)
+        return self._call("client_get_url", sign, key, expires_seconds, file_name, content_type, public=public)
 
 
 class _MeteredIter(Iterator[BlobInfo]):

@@ -222,7 +222,14 @@ class DatastoreServicer(pb_grpc.DatastoreServiceServicer):
 
     async def GetDownloadUrl(self, request: pb.GetDownloadUrlRequest, context: Any) -> pb.GetDownloadUrlResponse:
         kind, parts = convert.blob_name_of(request.name)
-        url = await run(self.ds.download_url, kind, parts, request.expire_seconds, for_client=request.for_client)
+        url = await run(
+            self.ds.download_url,
+            kind,
+            parts,
+            request.expire_seconds,
+            for_client=request.for_client,
+            for_edge=request.for_edge,
+        )
         return convert.download_url(url)
 
     async def ExportDataset(

@@ -621,7 +621,13 @@ class Datastore:
         return BlobRead(file_name, size, sha256, content_type_of(file_name), offset, length, chunks)
 
     def download_url(
-        self, kind: str, parts: tuple[str, ...], expire_seconds: int, *, for_client: bool = False
+        self,
+        kind: str,
+        parts: tuple[str, ...],
+        expire_seconds: int,
+        *,
+        for_client: bool = False,
+        for_edge: bool = False,
     ) -> DownloadUrl:
         """A URL reading an image, a label or a model version without this service.
 
@@ -630,12 +636,19 @@ class Datastore:
         service may not, and carrying the file name and media type a download through the
         gateway answers with. FailedPrecondition where the store signs none (local and dicomweb
         backends, or S3 without `s3_public_endpoint`).
+        `for_edge`: the same answer headers, signed for the endpoint this service uses, for the
+        edge proxy that follows the gateway's redirect itself (the client sees only the bytes).
+        FailedPrecondition where the store signs no S3 URL (local and dicomweb backends).
         """
         blobs: Any = self.blobs
+        if for_client and for_edge:
+            raise InvalidArgument("for_client and for_edge exclude each other")
         if for_client and not getattr(blobs, "client_urls", False):
             raise FailedPrecondition(
                 "this datastore hands no download to clients directly (no S3 public endpoint is configured)"
             )
+        if for_edge and not getattr(blobs, "edge_urls", False):
+            raise FailedPrecondition("this datastore signs no S3 URL the edge could follow (not an S3 backend)")
         if expire_seconds < 0 or expire_seconds > MAX_URL_EXPIRY_SECONDS:
             raise InvalidArgument(f"expire_seconds must be between 0 and {MAX_URL_EXPIRY_SECONDS}")
         expire_seconds = expire_seconds or 3600
@@ -649,8 +662,8 @@ class Datastore:
             version = self.get_model_version(parts[0], parts[1])
             key = model_key(version.model, version.version, version.file_name)
             file_name, size, sha = version.file_name, version.size, version.sha256
-        if for_client:
-            url = blobs.client_get_url(key, expire_seconds, file_name, media_type(file_name))
+        if for_client or for_edge:
+            url = blobs.client_get_url(key, expire_seconds, file_name, media_type(file_name), public=for_client)
         else:
             url = self.blobs.presigned_get_url(key, expire_seconds)
         expire = None if url.startswith("file://") else self._clock() + expire_seconds

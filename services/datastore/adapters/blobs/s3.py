@@ -667,23 +667,32 @@ class S3BlobStore:
         """Whether client_get_url can sign: a public endpoint was configured."""
         return self._public is not None
 
-    def client_get_url(self, key: str, expires_seconds: int, file_name: str, content_type: str) -> str:
-        """A SigV4 GET URL on the public endpoint (the address clients outside the cluster reach
-        the same store at) that makes S3 answer with `file_name` as an attachment and
-        `content_type`, as a download through the gateway has them."""
-        if self._public is None:
+    @property
+    def edge_urls(self) -> bool:
+        """Whether client_get_url(public=False) can sign: always, on the endpoint this service uses."""
+        return True
+
+    def client_get_url(
+        self, key: str, expires_seconds: int, file_name: str, content_type: str, *, public: bool = True
+    ) -> str:
+        """A SigV4 GET URL that makes S3 answer with `file_name` as an attachment and
+        `content_type`, as a download through the gateway has them. `public`: on the public
+        endpoint (the address clients outside the cluster reach the same store at); else on the
+        endpoint this service uses (for the edge proxy, which reaches S3 where this service does)."""
+        signer = self._public if public else self._client
+        if signer is None:
             raise FailedPrecondition("no S3 public endpoint is configured: downloads cannot be handed to S3")
         name = self._name(key)
         _check_expiry(expires_seconds)
-        headers = {
+        headers: dict[str, str | list[str] | tuple[str]] = {
             "response-content-disposition": content_disposition(file_name),
             "response-content-type": content_type,
         }
         try:
-            if self.bucket not in self._public._region_map:
-                self._public._region_map[self.bucket] = self._client._get_region(self.bucket)
+            if self.bucket not in signer._region_map:
+                signer._region_map[self.bucket] = self._client._get_region(self.bucket)
             return str(
-                self._public.presigned_get_object(
+                signer.presigned_get_object(
                     self.bucket, name, expires=_dt.timedelta(seconds=expires_seconds), response_headers=headers
                 )
             )

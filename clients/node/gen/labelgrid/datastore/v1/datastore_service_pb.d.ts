@@ -959,6 +959,16 @@ export declare type GetDownloadUrlRequest = Message<"labelgrid.datastore.v1.GetD
    * @generated from field: bool for_client = 3;
    */
   forClient: boolean;
+
+  /**
+   * For the edge proxy (Envoy), which reaches S3 at the address this service uses and follows
+   * the gateway's 307 itself, so the client never sees the URL: signed for that address, with
+   * the same Content-Disposition and Content-Type as for_client. FAILED_PRECONDITION where the
+   * datastore signs no S3 URL (local and dicomweb backends); INVALID_ARGUMENT with for_client.
+   *
+   * @generated from field: bool for_edge = 4;
+   */
+  forEdge: boolean;
 };
 
 /**

@@ -992,6 +992,7 @@ class GetDownloadUrlRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EXPIRE_SECONDS_FIELD_NUMBER: _builtins.int
     FOR_CLIENT_FIELD_NUMBER: _builtins.int
+    FOR_EDGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name of an image, a label or a model version."""
     expire_seconds: _builtins.int
@@ -1003,16 +1004,23 @@ class GetDownloadUrlRequest(_message.Message):
     gateway. FAILED_PRECONDITION when the datastore has no such address (always on the local
     and dicomweb backends).
     """
+    for_edge: _builtins.bool
+    """For the edge proxy (Envoy), which reaches S3 at the address this service uses and follows
+    the gateway's 307 itself, so the client never sees the URL: signed for that address, with
+    the same Content-Disposition and Content-Type as for_client. FAILED_PRECONDITION where the
+    datastore signs no S3 URL (local and dicomweb backends); INVALID_ARGUMENT with for_client.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         expire_seconds: _builtins.int = ...,
         for_client: _builtins.bool = ...,
+        for_edge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_seconds", b"expire_seconds", "for_client", b"for_client", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_seconds", b"expire_seconds", "for_client", b"for_client", "for_edge", b"for_edge", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
