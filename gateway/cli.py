@@ -334,6 +334,16 @@ def dicomweb_studies(args: argparse.Namespace) -> str:
     return args.studies if isinstance(args.studies, str) else ""
 
 
+def edge_s3_endpoint(args: argparse.Namespace) -> str:
+    """The S3 endpoint Envoy fetches image and label downloads from (EnvoySettings.s3_endpoint):
+    the datastore's own (the flag, else its env, else its default), when it is plain http."""
+    if args.backend != "s3" or dicomweb_studies(args):
+        return ""
+    endpoint = args.s3_endpoint or os.environ.get("LABELGRID_S3_ENDPOINT", "127.0.0.1:9000")  # the datastore's default
+    secure = os.environ.get("LABELGRID_S3_SECURE", "").strip().lower() in ("1", "true", "yes", "on")
+    return "" if secure or endpoint.startswith("https://") else endpoint
+
+
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
     """The children (datastore, inference or its replicas, training, active learning, gateway,
     Envoy), wired to each other's loopback ports."""
@@ -417,6 +427,7 @@ def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:
             training_address=training_address,
             activelearning_address=activelearning_address,
             access_log=args.access_log,
+            s3_endpoint=edge_s3_endpoint(args),
         ),
         work / "envoy.json",
     )

@@ -91,6 +91,13 @@ class EnvoySettings:
     # A listener that serves Envoy's /stats/prometheus (only that path of admin); 0: none.
     # Admin itself stays on loopback.
     stats_port: int = 0
+    # HOST:PORT (or http://HOST:PORT) of the S3 store an s3 datastore keeps its blobs in, as the
+    # datastore reaches it; empty: image and label downloads stream through the gateway. Set: on
+    # GET /datastore/image and /datastore/label the edge follows the gateway's 307 to a URL the
+    # datastore presigned there (after the gateway's auth and id checks) and streams S3's answer
+    # to the client itself, so the bytes skip the datastore and the gateway and the client sees
+    # a plain 200. Plain http only: the edge has no upstream TLS (an https store streams).
+    s3_endpoint: str = ""
     upstreams: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,12 +108,24 @@ class EnvoySettings:
             "activelearning": self.activelearning_address,
         }
         object.__setattr__(self, "upstreams", {name: addr for name, addr in named.items() if addr})
+        if self.s3_endpoint:
+            _split_address(s3_authority(self.s3_endpoint))
         if not is_loopback(self.admin_host):
             # /quitquitquit, /runtime_modify, /config_dump: never off the host (stats_port
             # publishes /stats/prometheus alone).
             raise ValueError(
                 f"admin_host must be a loopback address, got {self.admin_host!r}; use stats_port for metrics"
             )
+
+
+def s3_authority(endpoint: str) -> str:
+    """HOST:PORT of an S3 endpoint written `HOST:PORT` or `http://HOST:PORT` (as the datastore takes it)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        return endpoint
+    if scheme != "http" or not rest.rstrip("/") or "/" in rest.rstrip("/"):
+        raise ValueError(f"the edge follows S3 downloads over plain http://HOST:PORT only, got {endpoint!r}")
+    return rest.rstrip("/")
 
 
 def is_loopback(host: str) -> bool:
@@ -260,6 +279,81 @@ JSON_BODY_ROUTES = (
 )
 
 
+# S3 downloads at the edge (EnvoySettings.s3_endpoint): the edge sets this header on the
+# download routes, to the URL prefix it follows 307s to, and removes it from every other request
+# to the gateway, so the gateway answers a 307 the client never sees only when the edge asks.
+EDGE_S3_HEADER = "x-labelgrid-edge-s3"
+DOWNLOAD_PATHS = ("/datastore/image", "/datastore/label")
+_S3_ROUTE = "s3-download"
+
+
+def _gateway_route(match: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A REST route: no timeout (long transfers), and the edge's own header never passed on."""
+    return {
+        "match": match,
+        "route": {"cluster": "gateway", "timeout": "0s"},
+        "request_headers_to_remove": [EDGE_S3_HEADER],
+        **extra,
+    }
+
+
+def _download_route(path: str, s3_endpoint: str) -> dict[str, Any]:
+    """GET of an image or label: the gateway may answer 307 to a presigned S3 GET, which the
+    edge follows itself (only to the S3 route, once); the client gets S3's 200 and bytes."""
+    route = _gateway_route(
+        {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        typed_per_filter_config={_BUFFER_FILTER: _NO_BUFFER},
+    )
+    route["request_headers_to_remove"] = []
+    route["request_headers_to_add"] = [
+        {
+            "header": {"key": EDGE_S3_HEADER, "value": f"http://{s3_authority(s3_endpoint)}/"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+    route["route"]["internal_redirect_policy"] = {
+        "max_internal_redirects": 1,
+        "redirect_response_codes": [307],
+        # An edge behind a TLS-terminating Ingress may see https; S3 is reached by the cluster's config.
+        "allow_cross_scheme_redirect": True,
+        "predicates": [
+            {
+                "name": "envoy.internal_redirect_predicates.allow_listed_routes",
+                "typed_config": {
+                    "@type": _TYPE
+                    + "envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig",
+                    "allowed_route_names": [_S3_ROUTE],
+                },
+            }
+        ],
+    }
+    return route
+
+
+def _s3_virtual_host(s3_endpoint: str) -> dict[str, Any]:
+    """Requests addressed to the S3 store (the edge's followed redirects): presigned GETs only,
+    without the client's credentials; anything else addressed there is a 404 from the edge."""
+    return {
+        "name": "s3",
+        "domains": [s3_authority(s3_endpoint)],
+        "routes": [
+            {
+                "name": _S3_ROUTE,
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+                    "query_parameters": [{"name": "X-Amz-Signature", "present_match": True}],
+                },
+                "route": {"cluster": "s3", "timeout": "0s"},
+                # S3 refuses a request carrying a second credential, and a token is never S3's business.
+                "request_headers_to_remove": ["authorization", "cookie", EDGE_S3_HEADER],
+                "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
+            },
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+        ],
+    }
+
+
 def _spelled_any_way(word: str) -> str:
     """A regex for `word` with each character also percent-encoded (matched case-insensitively)."""
     return "".join(f"(?:{ch}|%{ord(ch):02x})" for ch in word)
@@ -311,18 +405,11 @@ def routes(settings: EnvoySettings) -> list[dict[str, Any]]:
     # The gateway's /metrics is for Prometheus inside the deployment, which scrapes the gateway
     # directly; the edge never publishes it, however the path is spelled.
     result.append({"match": {"safe_regex": {"regex": METRICS_PATH_REGEX}}, "direct_response": {"status": 404}})
+    if settings.s3_endpoint:
+        result += [_download_route(path, settings.s3_endpoint) for path in DOWNLOAD_PATHS]
     # Small-body REST routes: the body is capped (413 from Envoy) before the gateway sees it.
-    result += [
-        {"match": {"safe_regex": {"regex": regex}}, "route": {"cluster": "gateway", "timeout": "0s"}}
-        for regex in JSON_BODY_ROUTES
-    ]
-    result.append(
-        {
-            "match": {"prefix": "/"},
-            "route": {"cluster": "gateway", "timeout": "0s"},
-            "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
-        }
-    )
+    result += [_gateway_route({"safe_regex": {"regex": regex}}) for regex in JSON_BODY_ROUTES]
+    result.append(_gateway_route({"prefix": "/"}, typed_per_filter_config={_BUFFER_FILTER: _NO_BUFFER}))
     return result
 
 
@@ -453,7 +540,10 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
         },
         "route_config": {
             "name": "labelgrid",
-            "virtual_hosts": [{"name": "labelgrid", "domains": ["*"], "routes": routes(settings)}],
+            "virtual_hosts": [
+                *([_s3_virtual_host(settings.s3_endpoint)] if settings.s3_endpoint else []),
+                {"name": "labelgrid", "domains": ["*"], "routes": routes(settings)},
+            ],
         },
         "http_filters": [
             {
@@ -477,6 +567,26 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
             },
         ],
     }
+    if settings.s3_endpoint:
+        # The edge's own answer on a followed download (S3 unreachable, reset, timed out): MONAI
+        # Label's error shape, as the gateway would answer, not Envoy's plain text.
+        manager["local_reply_config"] = {
+            "mappers": [
+                {
+                    "filter": {
+                        "and_filter": {
+                            "filters": [
+                                {"header_filter": {"header": {"name": "x-envoy-original-url", "present_match": True}}},
+                                {"response_flag_filter": {}},
+                            ]
+                        }
+                    },
+                    "body_format_override": {
+                        "json_format": {"detail": "the object store did not answer: %RESPONSE_CODE_DETAILS%"}
+                    },
+                }
+            ]
+        }
     if settings.access_log:
         manager["access_log"] = [
             {
@@ -487,6 +597,12 @@ def bootstrap(settings: EnvoySettings) -> dict[str, Any]:
     clusters = [
         _cluster("gateway", settings.gateway_address, http2=False, connect_timeout=settings.connect_timeout_seconds)
     ]
+    if settings.s3_endpoint:
+        clusters.append(
+            _cluster(
+                "s3", s3_authority(settings.s3_endpoint), http2=False, connect_timeout=settings.connect_timeout_seconds
+            )
+        )
     for name, address in settings.upstreams.items():
         cluster = _cluster(name, address, http2=True, connect_timeout=settings.connect_timeout_seconds)
         clusters.append(_replicated(cluster) if name == "inference" else cluster)

@@ -9,6 +9,7 @@ never images: listings and counts have nothing to leave out.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
@@ -23,6 +24,7 @@ from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from gateway.changes import ChangeWatch, Token, change_watch
 from gateway.clients import found_or_none, open_download
+from gateway.envoy import EDGE_S3_HEADER
 from gateway.errors import from_rpc_error
 from gateway.multipart import upload_form
 from gateway.routes.common import (
@@ -236,26 +238,40 @@ async def image_exists(image: str = Query(...), check_sum: str | None = None, ct
 REDIRECT_QUERY = Query(
     None,
     description="With the gateway's download_redirect on: true answers 307 to S3, false streams "
-    "through the gateway; unset: images without an Authorization header are redirected, labels stream.",
+    "through the gateway; unset: images without an Authorization header are redirected, labels stream. "
+    "Behind an edge that fetches from S3 itself, a download not redirected to the client is still "
+    "served from S3 (a plain 200) unless this is false.",
 )
 
 
 async def _redirect(ctx: Ctx, request: Request, name: str, asked: bool | None, by_default: bool) -> Response | None:
-    """A 307 to a presigned GET the datastore signed for the client, or None to stream.
+    """A 307 to a presigned S3 GET, or None to stream through the gateway.
 
+    To the client (download_redirect on): signed for S3's public endpoint. Otherwise, when the
+    edge asks (EDGE_S3_HEADER, set by Envoy on these routes only): signed for the address the
+    edge reaches S3 at; the edge follows it and the client gets S3's bytes as a plain 200.
     Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
     NOT_FOUND for an unknown image before any URL exists, and FAILED_PRECONDITION when it
     cannot hand downloads to S3 (local or dicomweb backend, no public endpoint): then it streams.
     """
-    if not ctx.settings.download_redirect:
+    if asked is False:
         return None
-    wanted = asked if asked is not None else by_default and "authorization" not in request.headers
-    if not wanted:
-        return None
+    if ctx.settings.download_redirect and (asked or (by_default and "authorization" not in request.headers)):
+        return await _signed_redirect(ctx, name, for_client=True)
+    edge_prefix = request.headers.get(EDGE_S3_HEADER)
+    if edge_prefix:
+        return await _signed_redirect(ctx, name, edge_prefix=edge_prefix)
+    return None
+
+
+async def _signed_redirect(ctx: Ctx, name: str, *, for_client: bool = False, edge_prefix: str = "") -> Response | None:
     try:
         answer = await ctx.clients.datastore.GetDownloadUrl(
             ds_pb.GetDownloadUrlRequest(
-                name=name, expire_seconds=ctx.settings.download_redirect_seconds, for_client=True
+                name=name,
+                expire_seconds=ctx.settings.download_redirect_seconds,
+                for_client=for_client,
+                for_edge=bool(edge_prefix),
             ),
             timeout=ctx.timeout,
             metadata=ctx.metadata,
@@ -264,7 +280,20 @@ async def _redirect(ctx: Ctx, request: Request, name: str, asked: bool | None, b
         if err.code() is not grpc.StatusCode.FAILED_PRECONDITION:
             raise
         return None
+    if edge_prefix and not answer.url.startswith(edge_prefix):
+        # The edge would not follow it (its S3 address is not the datastore's): stream instead.
+        _warn_edge_mismatch(edge_prefix)
+        return None
     return Response(status_code=307, headers={"location": answer.url, "cache-control": "no-store"})
+
+
+@functools.cache
+def _warn_edge_mismatch(edge_prefix: str) -> None:
+    log.warning(
+        "the edge fetches S3 downloads from %s, but the datastore signs for another address: "
+        "downloads stream through the gateway (give Envoy the datastore's s3_endpoint)",
+        edge_prefix,
+    )
 
 
 @router.get("/image", summary="Download Image", response_model=None)

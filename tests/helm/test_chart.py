@@ -361,21 +361,25 @@ def test_network_policies(rendered: dict, merged: dict, case: str) -> None:
         if component != "gateway":
             assert all("from" in rule for rule in policy["spec"]["ingress"]), component
 
-    datastore_only = {"app.kubernetes.io/component": "datastore"}
+    # The stores admit the datastore, and MinIO also the edge when Envoy fetches downloads from it.
+    edge_s3 = bool(_edge_s3_endpoint(docs))
     for store in ("minio", "postgresql"):
         if store in policies:
             [rule] = policies[store]["spec"]["ingress"]
-            [peer] = rule["from"]
-            assert datastore_only.items() <= peer["podSelector"]["matchLabels"].items()
+            peers = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]]
+            assert peers == (["datastore", "gateway"] if store == "minio" and edge_s3 else ["datastore"]), store
             assert policies[store]["spec"]["egress"] == []
-    # Only the datastore may leave the cluster (external S3 / index), by ipBlock.
+    # Only the datastore, and the edge fetching downloads from an external S3, may leave the
+    # cluster (external S3 / index), by ipBlock; only they reach MinIO, and only the datastore PostgreSQL.
+    external_edge = edge_s3 and "minio" not in policies
     for component, policy in policies.items():
         blocks = [peer for rule in policy["spec"].get("egress", []) for peer in rule.get("to", []) if "ipBlock" in peer]
-        if component != "datastore":
+        if component != "datastore" and not (component == "gateway" and external_edge):
             assert blocks == [], component
         egress_labels = json.dumps(policy["spec"].get("egress", []))
         if component != "datastore":
-            assert '"minio"' not in egress_labels and '"postgresql"' not in egress_labels, component
+            assert '"postgresql"' not in egress_labels, component
+            assert ('"minio"' in egress_labels) == (component == "gateway" and edge_s3 and not external_edge), component
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -594,6 +598,28 @@ def test_gateway_metrics_on_their_own_port(rendered: dict, merged: dict, case: s
         assert port["port"] == values["metrics"]["port"] and port["targetPort"] == "metrics"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == values["metrics"]["port"] != values["gateway"]["port"]
+
+
+def _edge_s3_endpoint(docs: list[dict[str, Any]]) -> str:
+    """The --s3-endpoint the chart gives Envoy's config, or ''."""
+    [init] = pod_spec(deployment_of(docs, "gateway"))["initContainers"]
+    return next((a.split("=", 1)[1] for a in init["args"] if a.startswith("--s3-endpoint=")), "")
+
+
+def test_the_edge_fetches_downloads_from_plain_http_s3_only(chart: Any) -> None:
+    """gateway.edge.s3Downloads: Envoy gets the bundled MinIO's address (the datastore's own),
+    or an external S3's over plain http; never an https store, a DICOMweb datastore, or when off."""
+    default = render(chart, {})
+    datastore = pod_spec(deployment_of(default, "datastore"))["containers"][0]
+    endpoint = {e["name"]: e.get("value") for e in datastore["env"]}["LABELGRID_S3_ENDPOINT"]
+    assert _edge_s3_endpoint(default) == endpoint == f"{RELEASE}-labelgrid-minio:9000"
+    external = {"type": "s3", "s3": {"endpoint": "s3.internal:9000", "existingSecret": "keys"}}
+    assert _edge_s3_endpoint(render(chart, {"storage": external})) == ""  # secure by default: https
+    plain = {**external, "s3": {**external["s3"], "secure": False}}
+    assert _edge_s3_endpoint(render(chart, {"storage": plain})) == "s3.internal:9000"
+    assert _edge_s3_endpoint(render(chart, {"gateway": {"edge": {"s3Downloads": False}}})) == ""
+    pacs = {"enabled": True, "url": "http://orthanc:8042/dicom-web"}
+    assert _edge_s3_endpoint(render(chart, {"dicomweb": pacs, "minio": {"withDicomweb": True}})) == ""
 
 
 def test_gateway_trusts_loopback_envoy_and_the_configured_proxies(chart: Any) -> None:

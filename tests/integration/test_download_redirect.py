@@ -5,38 +5,23 @@ through the gateway; labels stream unless asked; elsewhere (local folder) it str
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import nibabel as nib
-import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
+from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
 from tests.fixtures.gateway import GatewayStack
 
 pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "s3cret"
-IMAGE = "scan_one"
-FILE_NAME = "scan one.nii.gz"
-
-
-def _nifti(shape: tuple[int, int, int], seed: int) -> bytes:
-    """A valid gzipped NIfTI of random bytes (about their size: they do not compress)."""
-    image = nib.Nifti1Image(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8), np.eye(4))
-    return gzip.compress(image.to_bytes(), compresslevel=1)
-
-
-DATA = _nifti((128, 128, 200), 1)
-LABEL = _nifti((32, 32, 20), 2)
 
 
 def _s3_stack(root: Path, seaweedfs: Any, **gateway: Any) -> GatewayStack:
@@ -54,28 +39,10 @@ def _s3_stack(root: Path, seaweedfs: Any, **gateway: Any) -> GatewayStack:
     ).start()
 
 
-def _fill(url: str, headers: dict[str, str] | None = None) -> None:
-    with httpx.Client(base_url=url, headers=headers or {}, timeout=60) as http:
-        answer = http.put(
-            "/datastore/image",
-            params={"image": IMAGE},
-            data={"params": json.dumps({"client_id": "test"})},
-            files={"file": (FILE_NAME, DATA, "application/octet-stream")},
-        )
-        assert answer.status_code == 200, answer.text
-        answer = http.put(
-            "/datastore/label",
-            params={"image": IMAGE, "tag": "final"},
-            data={"params": "{}"},
-            files={"label": ("label.nii.gz", LABEL, "application/octet-stream")},
-        )
-        assert answer.status_code == 200, answer.text
-
-
 @pytest.fixture(scope="module")
 def open_stack(tmp_path_factory: pytest.TempPathFactory, seaweedfs: Any) -> Iterator[GatewayStack]:
     stack = _s3_stack(tmp_path_factory.mktemp("redirect"), seaweedfs)
-    _fill(stack.url)
+    fill(stack.url)
     yield stack
     stack.stop()
 
@@ -135,7 +102,7 @@ def test_auth_is_checked_first_and_a_token_is_never_carried_to_s3(tmp_path: Path
     stack = _s3_stack(tmp_path, seaweedfs, auth_tokens=[TOKEN])
     try:
         auth = {"Authorization": f"Bearer {TOKEN}"}
-        _fill(stack.url, auth)
+        fill(stack.url, auth)
         url = f"{stack.url}/datastore/image"
         for params in ({"image": IMAGE}, {"image": IMAGE, "redirect": "true"}):
             refused = httpx.get(url, params=params)
@@ -154,7 +121,7 @@ def test_auth_is_checked_first_and_a_token_is_never_carried_to_s3(tmp_path: Path
 def test_the_local_folder_streams_with_the_redirect_on(tmp_path: Path) -> None:
     stack = GatewayStack(tmp_path, gateway_overrides={"download_redirect": True}).start()
     try:
-        _fill(stack.url)
+        fill(stack.url)
         for params in ({"image": IMAGE}, {"image": IMAGE, "redirect": "true"}):
             answer = httpx.get(f"{stack.url}/datastore/image", params=params)
             assert answer.status_code == 200 and answer.content == DATA

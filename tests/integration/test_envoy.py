@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from gateway.envoy import (
+    DOWNLOAD_PATHS,
+    EDGE_S3_HEADER,
     METRICS_PATH_REGEX,
     SERVICE_PREFIXES,
     EnvoySettings,
@@ -115,3 +117,46 @@ def test_a_broken_config_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="envoy rejected"):
         validate(path)
+
+
+def test_s3_downloads_are_followed_only_to_presigned_gets(tmp_path: Path) -> None:
+    """With s3_endpoint: the image and label GETs may be followed, once, to the S3 route only;
+    that route takes presigned GETs and drops the client's credentials (S3 refuses a second
+    credential, and a token is not S3's); every other REST route drops the edge's header."""
+    settings = EnvoySettings(s3_endpoint="http://labelgrid-minio:9000")
+    validate(write_bootstrap(settings, tmp_path / "envoy.json"))
+    config = bootstrap(settings)
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    assert clusters["s3"]["type"] == "STRICT_DNS"
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    s3_host, labelgrid = manager["route_config"]["virtual_hosts"]
+    assert s3_host["domains"] == ["labelgrid-minio:9000"] and labelgrid["domains"] == ["*"]
+    presigned, rest = s3_host["routes"]
+    assert presigned["match"]["query_parameters"] == [{"name": "X-Amz-Signature", "present_match": True}]
+    assert presigned["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+    assert {"authorization", "cookie", EDGE_S3_HEADER} <= set(presigned["request_headers_to_remove"])
+    assert rest["direct_response"] == {"status": 404}
+    followed = [route for route in labelgrid["routes"] if "internal_redirect_policy" in route.get("route", {})]
+    assert sorted(route["match"]["path"] for route in followed) == sorted(DOWNLOAD_PATHS)
+    for route in followed:
+        policy = route["route"]["internal_redirect_policy"]
+        assert policy["max_internal_redirects"] == 1 and policy["redirect_response_codes"] == [307]
+        assert policy["predicates"][0]["typed_config"]["allowed_route_names"] == [presigned["name"]]
+        assert route["request_headers_to_add"][0]["header"] == {
+            "key": EDGE_S3_HEADER,
+            "value": "http://labelgrid-minio:9000/",
+        }
+    to_gateway = [route for route in labelgrid["routes"] if route.get("route", {}).get("cluster") == "gateway"]
+    assert all(EDGE_S3_HEADER in route["request_headers_to_remove"] for route in to_gateway if route not in followed)
+    # Without it, no S3 host, cluster or followed redirect.
+    plain = bootstrap(EnvoySettings())
+    assert "s3" not in {cluster["name"] for cluster in plain["static_resources"]["clusters"]}
+    assert "internal_redirect_policy" not in json.dumps(plain)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://s3.example.org", "http://minio:9000/bucket", "ftp://minio:9000", "minio"]
+)
+def test_an_s3_endpoint_the_edge_cannot_follow_is_refused(endpoint: str) -> None:
+    with pytest.raises(ValueError):
+        EnvoySettings(s3_endpoint=endpoint)

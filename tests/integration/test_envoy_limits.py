@@ -14,7 +14,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,8 @@ import pytest
 from gateway.envoy import (
     EnvoySettings,
     bootstrap,
-    envoy_command,
-    validate,
-    write_bootstrap,
 )
+from tests.fixtures.edge import running_envoy
 from tests.fixtures.gateway import GatewayStack
 from tests.ports import free_port
 
@@ -47,20 +44,6 @@ class Edge:
     admin_port: int
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], admin_port: int, deadline_s: float = 60.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"envoy exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)  # poll interval of the readiness condition
-    raise RuntimeError("envoy did not become ready")
-
-
 @pytest.fixture(scope="module")
 def edge(gateway_stack: GatewayStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     port, admin_port, stats_port = free_port(), free_port(), free_port()
@@ -73,15 +56,7 @@ def edge(gateway_stack: GatewayStack, tmp_path_factory: pytest.TempPathFactory) 
         request_headers_timeout_seconds=HEADERS_TIMEOUT,
         max_json_body_bytes=JSON_CAP,
     )
-    config = write_bootstrap(settings, tmp_path_factory.mktemp("envoy") / "envoy.json")
-    validate(config)
-    proc = subprocess.Popen(
-        envoy_command(config, log_level="error"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_ready(proc, admin_port)
+    with running_envoy(settings, tmp_path_factory.mktemp("envoy")):
         yield Edge(
             f"http://127.0.0.1:{port}",
             port,
@@ -89,13 +64,6 @@ def edge(gateway_stack: GatewayStack, tmp_path_factory: pytest.TempPathFactory) 
             gateway_stack.url,
             admin_port,
         )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _raw_get(port: int, path: str) -> tuple[int, bytes]:

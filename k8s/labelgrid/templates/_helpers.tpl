@@ -307,6 +307,18 @@ datastore (which keeps no blobs in it) unless minio.withDicomweb asks for it; el
 {{- if and (eq .Values.storage.type "minio") (or (not .Values.dicomweb.enabled) .Values.minio.withDicomweb) }}true{{ end -}}
 {{- end -}}
 
+{{/* The S3 endpoint Envoy fetches downloads from (gateway.edge.s3Downloads): the bundled MinIO, or an
+external S3 reached over plain http; else empty (downloads stream through the gateway). */}}
+{{- define "labelgrid.edgeS3Endpoint" -}}
+{{- if and .Values.gateway.edge.s3Downloads (not .Values.dicomweb.enabled) -}}
+{{- if include "labelgrid.minioEnabled" . -}}
+{{- printf "%s:9000" (include "labelgrid.componentName" (dict "root" . "component" "minio")) -}}
+{{- else if and (eq .Values.storage.type "s3") (not .Values.storage.s3.secure) (not (hasPrefix "https://" .Values.storage.s3.endpoint)) -}}
+{{- .Values.storage.s3.endpoint -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "labelgrid.minioSecretName" -}}
 {{- .Values.minio.auth.existingSecret | default (include "labelgrid.componentName" (dict "root" . "component" "minio")) -}}
 {{- end -}}

@@ -1,0 +1,165 @@
+"""Image and label downloads served from S3 by the edge (EnvoySettings.s3_endpoint), through a
+real Envoy in front of a real gateway and datastore on a real SeaweedFS, with auth on.
+
+The gateway checks the token and the id, then answers 307 to a URL the datastore presigned for
+the address the edge reaches S3 at; Envoy follows it itself, without the client's token, so
+the client (MONAI Label's own http.client too, which follows no redirect) gets a plain 200
+with the same bytes, file name and media type as the stream through the gateway, which the
+gateway never carried. Anything else addressed to S3 at the edge is refused.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from monailabel.client import MONAILabelClient
+
+from gateway.envoy import EDGE_S3_HEADER, EnvoySettings
+from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
+from tests.fixtures.edge import running_envoy
+from tests.fixtures.gateway import GatewayStack
+from tests.ports import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+TOKEN = "edge-s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class EdgeStack:
+    url: str
+    port: int
+    gateway: GatewayStack
+    s3_authority: str
+
+
+@pytest.fixture(scope="module")
+def edge_stack(tmp_path_factory: pytest.TempPathFactory, seaweedfs: Any) -> Iterator[EdgeStack]:
+    stack = GatewayStack(
+        tmp_path_factory.mktemp("edge-s3"),
+        gateway_overrides={"auth_tokens": [TOKEN]},
+        datastore_overrides={
+            "backend": "s3",
+            "s3_endpoint": seaweedfs.endpoint,
+            "s3_access_key": seaweedfs.access_key,
+            "s3_secret_key": seaweedfs.secret_key,
+            "s3_bucket": seaweedfs.new_bucket(),
+        },
+    ).start()
+    try:
+        fill(stack.url, AUTH)
+        port, admin_port = free_port(), free_port()
+        settings = EnvoySettings(
+            port=port,
+            admin_port=admin_port,
+            gateway_address=stack.url.removeprefix("http://"),
+            datastore_address=stack.datastore_address,
+            s3_endpoint=seaweedfs.url,  # written http://HOST:PORT, as operators may
+        )
+        with running_envoy(settings, tmp_path_factory.mktemp("envoy")):
+            yield EdgeStack(f"http://127.0.0.1:{port}", port, stack, seaweedfs.endpoint)
+    finally:
+        stack.stop()
+
+
+def _gateway_307s(stack: GatewayStack) -> float:
+    """307 answers the gateway counted (its own /metrics), over every route."""
+    metrics = httpx.get(f"{stack.url}/metrics", headers=AUTH).text
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("labelgrid_gateway_requests_total{") and 'status="307"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_download_through_the_edge_is_served_by_s3_as_a_plain_200(edge_stack: EdgeStack) -> None:
+    streamed = httpx.get(f"{edge_stack.gateway.url}/datastore/image", params={"image": IMAGE}, headers=AUTH)
+    assert streamed.status_code == 200 and streamed.content == DATA
+    before = _gateway_307s(edge_stack.gateway)
+    answer = httpx.get(f"{edge_stack.url}/datastore/image", params={"image": IMAGE}, headers=AUTH, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert not answer.history and "location" not in answer.headers
+    assert answer.content == DATA
+    for header in ("content-disposition", "content-type", "content-length"):
+        assert answer.headers[header] == streamed.headers[header], header
+    # The gateway answered the edge with a 307 (S3 sent the bytes), not with the bytes.
+    assert _gateway_307s(edge_stack.gateway) == before + 1
+
+
+def test_monailabel_clients_get_labels_and_images_from_s3(edge_stack: EdgeStack, tmp_path: Path) -> None:
+    """MONAI Label's client reads labels with http.client (no redirects) and sends the token on."""
+    client = MONAILabelClient(edge_stack.url, tmpdir=str(tmp_path), client_id="edge-test")
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    path = client.download_label(IMAGE, "final")
+    assert Path(path).read_bytes() == LABEL and path.endswith(".nii.gz")
+    connection = http.client.HTTPConnection("127.0.0.1", edge_stack.port, timeout=60)
+    try:
+        connection.request("GET", f"/datastore/image?image={IMAGE}", headers=AUTH)
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == DATA
+        assert response.getheader("content-disposition") == 'attachment; filename="scan_one.nii.gz"'
+    finally:
+        connection.close()
+
+
+def test_auth_and_ids_are_checked_before_anything_reaches_s3(edge_stack: EdgeStack) -> None:
+    url = f"{edge_stack.url}/datastore/image"
+    refused = httpx.get(url, params={"image": IMAGE})
+    assert refused.status_code == 401 and refused.content != DATA
+    for params, status in (({"image": "nothing-here"}, 404), ({"image": "../etc/passwd"}, 400)):
+        answer = httpx.get(url, params=params, headers=AUTH)
+        assert answer.status_code == status, answer.text
+        assert json.loads(answer.content)  # the gateway's own error, not S3's XML
+    missing = httpx.get(f"{edge_stack.url}/datastore/label", params={"label": IMAGE, "tag": "nope"}, headers=AUTH)
+    assert missing.status_code == 404 and "location" not in missing.headers
+
+
+def test_redirect_false_streams_through_the_gateway(edge_stack: EdgeStack) -> None:
+    before = _gateway_307s(edge_stack.gateway)
+    answer = httpx.get(
+        f"{edge_stack.url}/datastore/image", params={"image": IMAGE, "redirect": "false"}, headers=AUTH, timeout=60
+    )
+    assert answer.status_code == 200 and answer.content == DATA
+    assert answer.headers["etag"].strip('"') != ""  # the gateway's sha256 etag: it streamed
+    assert _gateway_307s(edge_stack.gateway) == before
+
+
+def test_a_forged_edge_header_changes_nothing(edge_stack: EdgeStack) -> None:
+    """The edge overwrites the header on the download routes and drops it on every other route."""
+    forged = {**AUTH, EDGE_S3_HEADER: "http://attacker.example/"}
+    answer = httpx.get(f"{edge_stack.url}/datastore/image", params={"image": IMAGE}, headers=forged, timeout=60)
+    assert answer.status_code == 200 and answer.content == DATA
+    # Not a download route (trailing slash): the header is dropped, so the gateway streams.
+    before = _gateway_307s(edge_stack.gateway)
+    info = httpx.get(f"{edge_stack.url}/datastore/image/info", params={"image": IMAGE}, headers=forged)
+    assert info.status_code == 200
+    assert _gateway_307s(edge_stack.gateway) == before
+
+
+def test_s3_is_not_reachable_through_the_edge_except_by_a_presigned_get(edge_stack: EdgeStack) -> None:
+    """Requests addressed to the S3 host at the edge: only a presigned GET would pass (and only
+    the datastore can sign one); everything else is Envoy's 404, never S3's answer."""
+    host = {"Host": edge_stack.s3_authority}
+    with httpx.Client(base_url=edge_stack.url, headers=host, timeout=30) as edge:
+        for method, path in (
+            ("GET", "/"),
+            ("GET", f"/{IMAGE}"),
+            ("GET", "/labelgrid/images/scan_one.nii.gz"),
+            ("PUT", "/new-bucket"),
+            ("DELETE", "/labelgrid/images/scan_one.nii.gz?X-Amz-Signature=0"),
+            ("HEAD", "/labelgrid/images/scan_one.nii.gz?X-Amz-Signature=0"),
+        ):
+            answer = edge.request(method, path)
+            assert answer.status_code == 404, (method, path, answer.status_code)
+            assert b"<?xml" not in answer.content
+        # A forged signature reaches S3, which refuses it (403), as it would anyone's.
+        forged = edge.get("/labelgrid/images/scan_one.nii.gz?X-Amz-Signature=0")
+        assert forged.status_code == 403
