@@ -1,7 +1,8 @@
 """Uploads and downloads through REST: labelgrid next to MONAI Label 0.8.5 and a plain copy.
 
     python -m bench.transfers [--mib 64] [--repeats 5]
-                              [--systems copy,monailabel,labelgrid,minio,labelgrid-s3,labelgrid-s3-redirect]
+                              [--systems copy,monailabel,labelgrid,minio,labelgrid-s3,labelgrid-s3-streamed,
+                                         labelgrid-s3-redirect]
                               [--labelgrid-src DIR] [--tag before] [--out bench/results]
 
 One valid uncompressed NIfTI of --mib MiB is uploaded (PUT /datastore/image, multipart
@@ -10,7 +11,9 @@ with `params` before `file`, as MONAI Label's client sends) and downloaded
 starts them: `labelgrid up` on the local folder, `monailabel start_server` from
 bench/.venv-monailabel when it exists). "copy" is the floor: the same bytes written to a
 file in the same folder and fsynced. On S3 (one SeaweedFS, started as the tests start it,
-tests/fixtures/seaweedfs.py): "labelgrid-s3" is `labelgrid up --backend s3` through REST, and
+tests/fixtures/seaweedfs.py): "labelgrid-s3" is `labelgrid up --backend s3` through REST (its
+Envoy fetches downloads from S3 itself, after the gateway's 307), "labelgrid-s3-streamed" the
+same with `?redirect=false` on downloads (streamed by the datastore and the gateway), and
 "minio" the floor there: the raw minio SDK putting (fput_object, 16 MiB parts, as
 bench/datastore.py) and getting (get_object read to the end) the same file on the same server;
 "labelgrid-s3-redirect" is the same with `--s3-public-endpoint` (downloads answered with a 307
@@ -61,8 +64,10 @@ def measure_http(
     between: Callable[[int], None] = lambda n: None,
     follow_redirects: bool = False,
     download_client: str = "urllib3",
+    download_query: str = "",
 ) -> dict[str, list[float]]:
-    """`between(n)` runs before each round (the raw SDK's round, interleaved on S3).
+    """`between(n)` runs before each round (the raw SDK's round, interleaved on S3);
+    `download_query` is added to each download's query string.
 
     Downloads are read with `download_client`: urllib3 (default), the HTTP library of the minio
     SDK, of requests (Slicer, scripts) and close to http.client (MONAI Label's client); or httpx,
@@ -91,13 +96,16 @@ def measure_http(
             start = time.perf_counter()
             got = 0
             if download_client == "httpx":
-                with http.stream("GET", "/datastore/image", params={"image": f"bench_{n}"}) as stream:
+                with http.stream("GET", f"/datastore/image?image=bench_{n}{download_query}") as stream:
                     stream.raise_for_status()
                     for block in stream.iter_raw(MiB):
                         got += len(block)
             else:
                 response = pool.request(
-                    "GET", f"{url}/datastore/image?image=bench_{n}", preload_content=False, redirect=follow_redirects
+                    "GET",
+                    f"{url}/datastore/image?image=bench_{n}{download_query}",
+                    preload_content=False,
+                    redirect=follow_redirects,
                 )
                 try:
                     if response.status != 200:
@@ -196,12 +204,12 @@ def table(
     return "\n".join(lines)
 
 
-LABELGRID_S3 = ("labelgrid-s3", "labelgrid-s3-redirect")
+LABELGRID_S3 = ("labelgrid-s3", "labelgrid-s3-streamed", "labelgrid-s3-redirect")
 S3_SYSTEMS = ("minio", *LABELGRID_S3)
 
 
 def paired_ratios(raw: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]] | None:
-    """labelgrid-s3 (and labelgrid-s3-redirect) ÷ raw SDK round by round: each pair ran back to
+    """Each of LABELGRID_S3 ÷ raw SDK round by round: each pair ran back to
     back on the same server, so the load of this shared machine mostly cancels out (the
     medians' ratio does not). The SDK rounds paired with each are raw["minio@SYSTEM"]."""
     out = {}
@@ -258,8 +266,11 @@ def main(argv: list[str] | None = None) -> None:
                 assert s3 is not None
                 bucket = s3.new_bucket()
                 s3.client().make_bucket(bucket)
-                # The redirect: clients reach this SeaweedFS at the address the service uses.
-                public = ["--s3-public-endpoint", s3.endpoint] if system == "labelgrid-s3-redirect" else []
+                # The redirect: clients reach this SeaweedFS at the address the service uses, spelled
+                # otherwise (localhost), so that the edge, which follows 307s to the service's own
+                # spelling of it, hands this one to the client.
+                public_endpoint = "localhost:" + s3.endpoint.rpartition(":")[2]
+                public = ["--s3-public-endpoint", public_endpoint] if system == "labelgrid-s3-redirect" else []
                 server = labelgrid_server(
                     work / "studies", work, args.labelgrid_src,
                     extra=["--backend", "s3", "--s3-endpoint", s3.endpoint, "--s3-bucket", bucket, *public],
@@ -275,9 +286,14 @@ def main(argv: list[str] | None = None) -> None:
                 if system in LABELGRID_S3 and "minio" in systems:
                     assert s3 is not None
                     minio = RawMinio(s3, volume)
-                    follow = system == "labelgrid-s3-redirect"
                     raw[system] = measure_http(
-                        url, volume, args.repeats, minio, follow_redirects=follow, download_client=args.download_client
+                        url,
+                        volume,
+                        args.repeats,
+                        minio,
+                        follow_redirects=system == "labelgrid-s3-redirect",
+                        download_client=args.download_client,
+                        download_query="&redirect=false" if system == "labelgrid-s3-streamed" else "",
                     )
                     raw[f"minio@{system}"] = minio.result
                     raw["minio"] = {k: raw.get("minio", {}).get(k, []) + v for k, v in minio.result.items()}
@@ -296,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         "raw": raw,
     }
     if paired:
-        # labelgrid-s3's ratios as before; the redirect's under "labelgrid-s3-redirect".
+        # labelgrid-s3's ratios as before; the others' under their names.
         stats = {
             system: {
                 way: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
