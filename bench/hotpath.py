@@ -17,8 +17,9 @@ gateway.changes) and two floors: GET /docs (a static page: no backend call) and 
   sent for GET /datastore/ (status line, headers, body) and does nothing else, directly and
   behind an Envoy with labelgrid's own config (gateway.envoy.bootstrap).
 
-Each target is timed with httpx (the client bench.compare uses for both systems) and with a
-raw socket (one `sendall` of a fixed request, `recv` until the body is in), so
+Each target is timed with httpx (the client bench.compare uses for both systems), with a
+raw socket (one `sendall` of a fixed request, `recv` until the body is in), and with MONAI
+Label's own Python client, which 3D Slicer's plugin ships (a new connection per call), so
 
     client = httpx - raw;   Envoy hop = raw via Envoy - raw direct;   server = raw - raw canned.
 
@@ -61,7 +62,12 @@ PATHS = {
     "GET /nope (404: routing only)": "/nope",
 }
 STATS = "GET /datastore/ (stats)"
-CLIENTS = ("httpx", "raw")
+CLIENTS = ("httpx", "raw", "monailabel")
+CLIENT_NAMES = {
+    "httpx": "httpx",
+    "raw": "raw socket",
+    "monailabel": "MONAI Label's client (a connection per call)",
+}
 LABELGRID, GATEWAY_PORT = "labelgrid, through Envoy", "labelgrid, gateway port"
 BEFORE, BEFORE_PORT = "labelgrid --before, through Envoy", "labelgrid --before, gateway port"
 MONAI_LABEL = "MONAI Label 0.8.5"
@@ -135,6 +141,17 @@ class RawClient:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+
+
+def monailabel_client_get(url: str, path: str) -> bytes:
+    """GET as MONAI Label's own Python client sends it (monailabel.client, which 3D Slicer's
+    plugin ships): MONAILabelUtils.http_method, a new http.client connection for every call."""
+    from monailabel.client.client import MONAILabelUtils
+
+    status, body, _, _ = MONAILabelUtils.http_method("GET", url, path)
+    if status != 200:
+        raise RuntimeError(f"GET {path} answered {status}")
+    return bytes(body)
 
 
 def labelgrid(studies: Path, work: Path, src: Path | None = None) -> tuple[Any, str, str]:
@@ -230,8 +247,10 @@ def one_round(targets: dict[str, str], n: int) -> dict[str, Any]:
             def call(target: str, client: str, path: str = path) -> None:
                 if client == "httpx":
                     https[target].get(path)
-                else:
+                elif client == "raw":
                     raws[target].get(path)
+                else:
+                    monailabel_client_get(targets[target], path)
 
             for _ in range(5):  # warm-up: connections, kept answers
                 for target, client in calls:
@@ -273,17 +292,16 @@ def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(images: int, rounds: list[dict[str, Any]], mid: dict[str, Any]) -> None:
-    print(f"| path ({images:,} images) | target | httpx p50 / p95 | raw socket p50 / p95 | p50 per round: httpx; raw |")
-    print("|---|---|---|---|---|")
+    heads = " | ".join(f"{CLIENT_NAMES[client]} p50 / p95" for client in CLIENTS)
+    print(f"| path ({images:,} images) | target | {heads} | p50 per round: {'; '.join(CLIENTS)} |")
+    print("|---|---|" + "---|" * (len(CLIENTS) + 1))
     for name, targets in mid.items():
         for target, row in targets.items():
             spread = "; ".join(
                 ", ".join(f"{r[name][target][client]['p50_ms']:.3f}" for r in rounds) for client in CLIENTS
             )
-            print(
-                f"| {name} | {target} | {row['httpx']['p50_ms']:.3f} / {row['httpx']['p95_ms']:.3f} ms "
-                f"| {row['raw']['p50_ms']:.3f} / {row['raw']['p95_ms']:.3f} ms | {spread} |"
-            )
+            cells = " | ".join(f"{row[c]['p50_ms']:.3f} / {row[c]['p95_ms']:.3f} ms" for c in CLIENTS)
+            print(f"| {name} | {target} | {cells} | {spread} |")
     stats = mid[STATS]
 
     def p50(target: str, client: str) -> float:
