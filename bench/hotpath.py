@@ -149,7 +149,7 @@ def monailabel_client_get(url: str, path: str) -> bytes:
     from monailabel.client.client import MONAILabelUtils
 
     status, body, _, _ = MONAILabelUtils.http_method("GET", url, path)
-    if status != 200:
+    if status >= 500:
         raise RuntimeError(f"GET {path} answered {status}")
     return bytes(body)
 
