@@ -300,18 +300,7 @@ def _gateway_route(match: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def _download_route(path: str, s3_endpoint: str) -> dict[str, Any]:
     """GET of an image or label: the gateway may answer 307 to a presigned S3 GET, which the
     edge follows itself (only to the S3 route, once); the client gets S3's 200 and bytes."""
-    route = _gateway_route(
-        {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-        typed_per_filter_config={_BUFFER_FILTER: _NO_BUFFER},
-    )
-    route["request_headers_to_remove"] = []
-    route["request_headers_to_add"] = [
-        {
-            "header": {"key": EDGE_S3_HEADER, "value": f"http://{s3_authority(s3_endpoint)}/"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-        }
-    ]
-    route["route"]["internal_redirect_policy"] = {
+    follow = {
         "max_internal_redirects": 1,
         "redirect_response_codes": [307],
         # An edge behind a TLS-terminating Ingress may see https; S3 is reached by the cluster's config.
@@ -327,7 +316,17 @@ def _download_route(path: str, s3_endpoint: str) -> dict[str, Any]:
             }
         ],
     }
-    return route
+    return {
+        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "route": {"cluster": "gateway", "timeout": "0s", "internal_redirect_policy": follow},
+        "request_headers_to_add": [
+            {
+                "header": {"key": EDGE_S3_HEADER, "value": f"http://{s3_authority(s3_endpoint)}/"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
+    }
 
 
 def _s3_virtual_host(s3_endpoint: str) -> dict[str, Any]:
