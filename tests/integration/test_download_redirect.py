@@ -29,11 +29,7 @@ def _s3_stack(root: Path, seaweedfs: Any, **gateway: Any) -> GatewayStack:
         root,
         gateway_overrides={"download_redirect": True, **gateway},
         datastore_overrides={
-            "backend": "s3",
-            "s3_endpoint": seaweedfs.endpoint,
-            "s3_access_key": seaweedfs.access_key,
-            "s3_secret_key": seaweedfs.secret_key,
-            "s3_bucket": seaweedfs.new_bucket(),
+            **seaweedfs.datastore_settings(),
             "s3_public_endpoint": seaweedfs.url,
         },
     ).start()

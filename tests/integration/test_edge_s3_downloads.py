@@ -47,11 +47,7 @@ def edge_stack(tmp_path_factory: pytest.TempPathFactory, seaweedfs: Any) -> Iter
         tmp_path_factory.mktemp("edge-s3"),
         gateway_overrides={"auth_tokens": [TOKEN]},
         datastore_overrides={
-            "backend": "s3",
-            "s3_endpoint": seaweedfs.endpoint,
-            "s3_access_key": seaweedfs.access_key,
-            "s3_secret_key": seaweedfs.secret_key,
-            "s3_bucket": seaweedfs.new_bucket(),
+            **seaweedfs.datastore_settings(),
         },
     ).start()
     try:

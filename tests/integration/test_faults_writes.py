@@ -32,11 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 def datastore(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Datastore]:
     values: dict[str, Any] = {"backend": request.param, "root": tmp_path / "studies", "state_dir": tmp_path / "state"}
     if request.param == "s3":
-        s3 = request.getfixturevalue("seaweedfs")
-        values.update(
-            s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key,
-            s3_bucket=s3.new_bucket(),
-        )  # fmt: skip
+        values.update(request.getfixturevalue("seaweedfs").datastore_settings())
     store = build_datastore(DatastoreSettings(**values))
     try:
         yield store

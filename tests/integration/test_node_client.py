@@ -17,7 +17,6 @@ folder and must match.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import filecmp
 import gzip
 import json
@@ -26,10 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +42,11 @@ from labelgrid.datastore.v1 import datastore_service_pb2_grpc as ds_grpc
 from labelgrid.inference.v1 import inference_service_pb2 as pb
 from labelgrid.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
+from gateway.envoy import EnvoySettings
 from services.datastore.settings import DatastoreSettings
 from tests.contract.helpers import upload_image
 from tests.fixtures.datastore import start_datastore
+from tests.fixtures.edge import running_envoy
 from tests.fixtures.gateway import real_inference
 from tests.fixtures.node import CLIENT, REPO
 from tests.fixtures.polling import eventually
@@ -108,35 +107,6 @@ class Edge:
     status: ds.GetStatusResponse  # what the Python stub's GetStatus returns
 
 
-@contextlib.contextmanager
-def running_envoy(settings: EnvoySettings, config: Path) -> Iterator[None]:
-    write_bootstrap(settings, config)
-    log = config.with_suffix(".log")
-    with log.open("wb") as out:
-        process = subprocess.Popen(envoy_command(config, log_level="info"), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"envoy exited with {process.returncode}:\n{log.read_text()}", pytrace=False)
-            with contextlib.suppress(OSError):
-                ready = f"http://{settings.admin_host}:{settings.admin_port}/ready"
-                with urllib.request.urlopen(ready, timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                pytest.fail(f"envoy was not ready in 30 s:\n{log.read_text()}", pytrace=False)
-            time.sleep(0.05)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 def inference_healthy(admin_url: str) -> bool:
     """Whether every host of Envoy's inference cluster passes its health check."""
     with urllib.request.urlopen(f"{admin_url}/clusters", timeout=5) as answer:
@@ -172,7 +142,7 @@ async def edge() -> AsyncIterator[Edge]:
                 datastore_address=datastore.service.address,
                 inference_address=inference_address,
             )
-            envoy = running_envoy(settings, root / "envoy.yaml")
+            envoy = running_envoy(settings, root, log_level="info")
             # Started in a thread: the servers share this event loop, and Envoy health-checks
             # inference while it starts (a blocked loop would fail those checks).
             await asyncio.to_thread(envoy.__enter__)

@@ -35,13 +35,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> DatastoreSetting
         "state_dir": tmp_path / "state",
     }
     if blob_backend == "s3":
-        s3 = request.getfixturevalue("seaweedfs")
-        values.update(
-            s3_endpoint=s3.endpoint,
-            s3_access_key=s3.access_key,
-            s3_secret_key=s3.secret_key,
-            s3_bucket=s3.new_bucket(),
-        )
+        values.update(request.getfixturevalue("seaweedfs").datastore_settings())
     if index_backend == "postgres":
         values["index"] = request.getfixturevalue("postgres_url")
     return DatastoreSettings(**values)
