@@ -13,8 +13,10 @@
    labelgrid's sample segmentation model and MONAI Label's random / first strategies), and
    another fresh copy with `labelgrid up`.
 3. Drives both with the same client: GET /datastore/?output=all, GET /datastore/ and
-   GET /info/ (median and p95 of --requests calls after a warm-up), then next sample
-   (POST /activelearning/random) from --annotators concurrent annotators.
+   GET /info/ (median and p95 of --requests calls after a warm-up), the listing right after
+   an info change, a final label saved on an unlabeled image (PUT /datastore/label, as Slicer
+   saves a correction; each read back), then next sample (POST /activelearning/random) from
+   --annotators concurrent annotators.
    At the first count also the infer rows: POST /infer/segmentation on generated volumes of
    each --infer-sizes (uploaded through PUT /datastore/image first), and, interleaved with
    labelgrid's calls, the same network run bare in this process (bench.infer.BareModel on
@@ -264,6 +266,29 @@ def listing_after_change(http: httpx.Client, n: int) -> dict[str, float]:
     }
 
 
+def label_saves(http: httpx.Client, n: int) -> dict[str, float]:
+    """PUT /datastore/label: a final label saved as Slicer saves an annotator's correction
+    (multipart `label` file + `params`), each on another image, every one read back."""
+    label = _nifti(np.random.default_rng(1).integers(0, 3, (16, 16, 16)).astype(np.uint8))
+    times = []
+    for i in range(n + 3):
+        image = f"img_{2 * i + 1:06d}"  # odd ids: no final label yet (write_studies labels every fifth)
+        start = time.perf_counter()
+        response = http.put(
+            "/datastore/label",
+            params={"image": image, "tag": "final"},
+            data={"params": json.dumps({"label_info": [{"name": "liver", "idx": 1}]})},
+            files={"label": (f"{image}.nii.gz", label, "application/octet-stream")},
+        )
+        took = time.perf_counter() - start
+        response.raise_for_status()
+        if i >= 3:
+            times.append(took)
+        saved = http.get("/datastore/label", params={"label": image, "tag": "final"})
+        assert saved.status_code == 200 and saved.content == label, (image, saved.status_code)
+    return {"p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95), "calls": len(times)}
+
+
 def bare_model(work: Path) -> Any:
     """bench.infer's bare path on LABELGRID_APP's segmentation: the inference service's own
     adapters in this process (read, pre-transforms, sliding window, post, label file, sha256)."""
@@ -320,6 +345,7 @@ def measure(url: str, args: argparse.Namespace, infer: tuple[dict[int, Path], An
         for name, path in READ_PATHS.items():
             out[name] = timed(functools.partial(http.get, path), args.requests)
         out["GET /datastore/?output=all after an info change"] = listing_after_change(http, max(5, args.requests // 5))
+        out["PUT /datastore/label (save a final label)"] = label_saves(http, max(5, args.requests // 5))
     out[f"next sample, {args.annotators} annotators"] = next_samples(url, args.annotators, args.next_samples)
     if infer is not None:
         out.update(infer_rows(url, args, *infer))
