@@ -233,3 +233,29 @@ def test_a_missing_log_row_is_put_back_and_nothing_is_lost(index: SqlIndex) -> N
     index.update_image_info("z", {"and": "again"})
     assert_patched_is_rebuilt(index, "row put back")
     assert b"the row went missing" in index.export_monailabel_json(**HIDE)
+
+
+def test_a_change_committed_after_a_later_one_is_not_missed(postgres_url: str) -> None:
+    """PostgreSQL writers log changes without waiting on each other's commits, so they commit
+    out of order: a transaction that logged image "a" first and commits last must still show,
+    though the reader already patched in "b", logged and committed after it."""
+    with SqlIndex(postgres_url) as ix:
+        ix.bulk_import([ImageImport(i, ".nii.gz", SHA, 10, {}) for i in ("a", "b")])
+        ix.export_monailabel_json(**HIDE)
+        images = ix.db.t.images
+        with ix.db.engine.connect() as slow:
+            transaction = slow.begin()
+            slow.execute(sa.update(images).where(images.c.id == "a").values(info={"slow": 1}))
+            Export(ix.db)._changed(slow, ["a"])  # as a write logs it, before its commit
+            fast = threading.Thread(target=ix.update_image_info, args=("b", {"fast": 1}))
+            fast.start()
+            fast.join(30)
+            assert not fast.is_alive(), "a writer waited for another writer's commit"
+            seen = json.loads(ix.export_monailabel_json(**HIDE))["objects"]
+            assert seen["b"]["image"]["info"]["fast"] == 1 and "slow" not in seen["a"]["image"]["info"]
+            transaction.commit()
+        patches = ix.exporter.patches
+        seen = json.loads(ix.export_monailabel_json(**HIDE))["objects"]
+        assert seen["a"]["image"]["info"]["slow"] == 1, "the change committed last was missed"
+        assert ix.exporter.patches > patches  # patched in, not rendered whole
+        assert_patched_is_rebuilt(ix, "out-of-order commits")

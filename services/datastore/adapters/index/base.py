@@ -92,11 +92,12 @@ def check_revision(expected: int | None, actual: int, what: str) -> None:
 
 
 _PG_LOG_CHANGES = sa.text(
-    "WITH s AS (UPDATE change_log SET seq = seq + 1 WHERE id = 1 RETURNING seq) "
-    "INSERT INTO image_changes (image_id, seq) SELECT i, s.seq FROM s, unnest(CAST(:ids AS text[])) AS i "
-    "ON CONFLICT (image_id) DO UPDATE SET seq = excluded.seq RETURNING seq"
+    "INSERT INTO image_changes (image_id, seq) "
+    "SELECT i, CAST(CAST(pg_current_xact_id() AS text) AS bigint) FROM unnest(CAST(:ids AS text[])) AS i "
+    "ON CONFLICT (image_id) DO UPDATE SET seq = excluded.seq"
 )
-"""``Repository._changed`` on PostgreSQL in one statement (the same two steps)."""
+"""``Repository._changed`` on PostgreSQL: each image numbered by this transaction's id, no
+shared row locked (readers stop at the oldest transaction still running: export.py)."""
 
 LOG_MAX_IMAGES = 10_000
 """A write changing more images than this (a large reindex) is not logged per image: it asks
@@ -268,17 +269,20 @@ class Repository:
 
     def _changed(self, conn: Connection, image_ids: Iterable[str]) -> None:
         """Records, in this write transaction, that these images' entries in MONAI Label's
-        datastore JSON may have changed (adapters/index/export.py patches them). Call it after
-        the transaction's other writes: it takes change_log's lock, held until commit. Above
-        ``LOG_MAX_IMAGES`` images the readers are told to rebuild whole instead."""
+        datastore JSON may have changed (adapters/index/export.py patches them). Above
+        ``LOG_MAX_IMAGES`` images the readers are told to rebuild whole instead (change_log's
+        row, locked until commit). SQLite (one writer at a time): numbered from change_log's
+        row; call it after the transaction's other writes. PostgreSQL: numbered by this
+        transaction's id, so concurrent writers do not wait on each other's commits."""
         ids = sorted(set(image_ids))
         if not ids:
             return
         if len(ids) > LOG_MAX_IMAGES:
             self._next_change_seq(conn, reset=True)
             return
-        # PostgreSQL: one round trip (returning nothing only if change_log's row is missing).
-        if self._pg and len(ids) <= 500 and conn.execute(_PG_LOG_CHANGES, {"ids": ids}).first() is not None:
+        if self._pg:
+            for i in range(0, len(ids), 500):
+                conn.execute(_PG_LOG_CHANGES, {"ids": ids[i : i + 500]})
             return
         seq = self._next_change_seq(conn)
         ic = self._t.image_changes

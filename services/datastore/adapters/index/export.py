@@ -7,7 +7,8 @@ order). After a change only the images the change log names (schema ``change_log
 rendered again, and the fragments joined: the answer right after a change costs the changed
 images plus one join, not a rebuild of every image. The log is read in the same snapshot as
 the fragments it names, so a write is either in both or in neither (it is then seen by the
-next call). Where the log cannot answer (nothing kept yet: startup; a clear or a large
+next call: on SQLite from the log's next number, on PostgreSQL, where writers commit in any
+order, from the oldest transaction still running when the snapshot was taken). Where the log cannot answer (nothing kept yet: startup; a clear or a large
 reindex, which ask for a rebuild; a database whose log went backwards) or most images
 changed, everything is rendered again, by the same code, so a patched answer is byte for byte
 the rebuilt one (``rebuild_monailabel_json``; tests/unit/test_export_patch.py).
@@ -51,12 +52,20 @@ _SQLITE_FRAGMENTS = """
             FROM labels AS l WHERE l.image_id = i.id)))
     FROM images AS i WHERE_CLAUSE ORDER BY i.id
 """
+# PostgreSQL: the log's reset numbers and this snapshot's horizon (the oldest transaction id
+# still running when it was taken), in one row whether or not change_log's row exists.
+_PG_POSITION = sa.text(
+    "SELECT (SELECT seq FROM change_log WHERE id = 1) AS seq, "
+    "(SELECT reset_seq FROM change_log WHERE id = 1) AS reset_seq, "
+    "CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint) AS horizon"
+)
 _SQLITE_HIDDEN = "NOT (substr(i.id, 1, :plen) = :prefix AND coalesce(json_type(i.info, :path), '') = 'true')"
 
 
 @dataclass
 class _Kept:
-    """One variant's fragments, in id order, as of change number ``seq``."""
+    """One variant's fragments, in id order, as of change number ``seq`` (PostgreSQL: of
+    every transaction below ``horizon``, see ``Export._since_pg``)."""
 
     seq: int
     reset_seq: int
@@ -64,6 +73,7 @@ class _Kept:
     fragments: list[bytes]
     head: bytes = b""
     body: bytes = b""  # head + fragments joined + tail, as last returned
+    horizon: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -77,6 +87,7 @@ class _Read:
     full: bool
     changed: Sequence[str] = ()
     rows: Sequence[tuple[str, bytes]] = ()
+    horizon: int = 0
 
 
 class Export(Repository):
@@ -176,7 +187,7 @@ class Export(Repository):
                 _apply(kept, read.changed, read.rows)
                 kept.body = b""
                 self.patches += 1
-            kept.seq, kept.reset_seq = read.seq, read.reset_seq
+            kept.seq, kept.reset_seq, kept.horizon = read.seq, read.reset_seq, read.horizon
             head = _head(name, description)
             if not kept.body or kept.head != head:
                 kept.head, kept.body = head, _join(head, kept.fragments)
@@ -199,6 +210,8 @@ class Export(Repository):
     def _since(self, conn: Connection, hidden: _Hidden, kept: _Kept | None) -> _Read:
         """One snapshot: the log's position, then what changed after ``kept`` (all of it
         when ``kept`` is None or the log cannot say)."""
+        if self._pg:
+            return self._since_pg(conn, hidden, kept)
         cl, ic = self._t.change_log, self._t.image_changes
         row = conn.execute(sa.select(cl.c.seq, cl.c.reset_seq).where(cl.c.id == 1)).first()
         seq, reset_seq = (int(row.seq), int(row.reset_seq)) if row is not None else (0, 0)
@@ -209,6 +222,25 @@ class Export(Repository):
             if len(changed) * _PATCH_MAX_FRACTION <= max(len(kept.ids), 64):
                 return _Read(seq, reset_seq, full=False, changed=changed, rows=self._fragments(conn, hidden, changed))
         return _Read(seq, reset_seq, full=True, rows=self._fragments(conn, hidden, None))
+
+    def _since_pg(self, conn: Connection, hidden: _Hidden, kept: _Kept | None) -> _Read:
+        """``_since`` on PostgreSQL, whose writers number each change by their transaction id
+        and commit in any order. A change this snapshot does not see belongs to a transaction
+        still running or not begun, whose id is at least the snapshot's xmin (its horizon):
+        reading again from that horizon misses none (and renders a few images twice, which
+        changes nothing). change_log's numbers move on resets, and when a datastore of before
+        this scheme writes (a rolling upgrade): then everything is rendered again."""
+        ic = self._t.image_changes
+        row = conn.execute(_PG_POSITION).one()
+        seq, reset_seq, horizon = int(row.seq or 0), int(row.reset_seq or 0), int(row.horizon)
+        if kept is not None and (seq, reset_seq) == (kept.seq, kept.reset_seq):
+            changed = list(conn.execute(sa.select(ic.c.image_id).where(ic.c.seq >= kept.horizon)).scalars())
+            if not changed:
+                return _Read(seq, reset_seq, full=False, horizon=horizon)
+            if len(changed) * _PATCH_MAX_FRACTION <= max(len(kept.ids), 64):
+                rows = self._fragments(conn, hidden, changed)
+                return _Read(seq, reset_seq, full=False, changed=changed, rows=rows, horizon=horizon)
+        return _Read(seq, reset_seq, full=True, rows=self._fragments(conn, hidden, None), horizon=horizon)
 
     # -- rendering -----------------------------------------------------------------------
 
@@ -303,6 +335,7 @@ def _kept_from(read: _Read, name: str, description: str) -> _Kept:
     return _Kept(
         seq=read.seq,
         reset_seq=read.reset_seq,
+        horizon=read.horizon,
         ids=[image_id for image_id, _ in read.rows],
         fragments=fragments,
         head=head,

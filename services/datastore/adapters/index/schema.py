@@ -148,11 +148,13 @@ class Schema:
         sa.Index("ix_sessions_expire", self.sessions.c.expire_time)
         sa.Index("ix_sessions_owner", self.sessions.c.owner, self.sessions.c.expire_time)
         # The change log of MONAI Label's datastore JSON (migration 0003; adapters/index/export.py
-        # patches its kept JSON from it): every write to an image, its labels or its info takes
-        # the next number from change_log's one row (so writers commit in number order: the row
-        # stays locked until commit) and records it against the image in image_changes, in the
-        # same transaction; a deleted image's row stays as its tombstone. A write too large to
-        # log per image (clear, a big reindex) sets reset_seq instead: rebuild everything.
+        # patches its kept JSON from it): every write to an image, its labels or its info records
+        # a number against the image in image_changes, in the same transaction; a deleted image's
+        # row stays as its tombstone. SQLite takes the next number from change_log's one row
+        # (its one writer commits in number order); PostgreSQL writes the transaction's id and
+        # locks nothing shared, and readers stop at the oldest transaction still running. A
+        # write too large to log per image (clear, a big reindex) bumps change_log's reset_seq
+        # instead: rebuild everything.
         self.change_log = sa.Table(
             "change_log",
             md,
