@@ -8,10 +8,11 @@ rendered again, and the fragments joined: the answer right after a change costs 
 images plus one join, not a rebuild of every image. The log is read in the same snapshot as
 the fragments it names, so a write is either in both or in neither (it is then seen by the
 next call: on SQLite from the log's next number, on PostgreSQL, where writers commit in any
-order, from the oldest transaction still running when the snapshot was taken). Where the log cannot answer (nothing kept yet: startup; a clear or a large
-reindex, which ask for a rebuild; a database whose log went backwards) or most images
-changed, everything is rendered again, by the same code, so a patched answer is byte for byte
-the rebuilt one (``rebuild_monailabel_json``; tests/unit/test_export_patch.py).
+order, from the oldest transaction still running when the snapshot was taken). Where the log
+cannot answer (nothing kept yet: startup; a clear or a large reindex, which ask for a
+rebuild; a database whose log went backwards) or most images changed, everything is rendered
+again, by the same code, so a patched answer is byte for byte the rebuilt one
+(``rebuild_monailabel_json``; tests/unit/test_export_patch.py).
 """
 
 from __future__ import annotations
