@@ -36,6 +36,7 @@ from gateway.envoy import EnvoySettings, envoy_command, is_loopback, write_boots
 from gateway.preflight import port_problems, stack_ports
 from services.common.auth import ROLES, USER, Identity, UsersFile, issue_access_token, new_signing_key
 from services.common.errors import InvalidArgument
+from services.datastore.settings import DatastoreSettings
 
 STOP_TIMEOUT_S = 20.0  # services drain in-flight RPCs for 10 s (grace_seconds) before this
 START_TIMEOUT_S = 180.0  # inference imports torch and warms its models up
@@ -336,12 +337,12 @@ def dicomweb_studies(args: argparse.Namespace) -> str:
 
 def edge_s3_endpoint(args: argparse.Namespace) -> str:
     """The S3 endpoint Envoy fetches image and label downloads from (EnvoySettings.s3_endpoint):
-    the datastore's own (the flag, else its env, else its default), when it is plain http."""
+    the datastore's own, resolved by its settings as the datastore child will (the flag, else
+    LABELGRID_S3_*, else its default), when it is plain http."""
     if args.backend != "s3" or dicomweb_studies(args):
         return ""
-    endpoint = args.s3_endpoint or os.environ.get("LABELGRID_S3_ENDPOINT", "127.0.0.1:9000")  # the datastore's default
-    secure = os.environ.get("LABELGRID_S3_SECURE", "").strip().lower() in ("1", "true", "yes", "on")
-    return "" if secure or endpoint.startswith("https://") else endpoint
+    store = DatastoreSettings(backend="s3", **({"s3_endpoint": args.s3_endpoint} if args.s3_endpoint else {}))
+    return "" if store.s3_secure or store.s3_endpoint.startswith("https://") else store.s3_endpoint
 
 
 def build_stack(args: argparse.Namespace, say: Say) -> tuple[Supervisor, Ports]:

@@ -21,7 +21,9 @@ import httpx
 import pytest
 from monailabel.client import MONAILabelClient
 
+from gateway.cli import build_parser, edge_s3_endpoint
 from gateway.envoy import EDGE_S3_HEADER, EnvoySettings
+from services.datastore.settings import DatastoreSettings
 from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
 from tests.fixtures.edge import running_envoy
 from tests.fixtures.gateway import GatewayStack
@@ -157,3 +159,22 @@ def test_s3_is_not_reachable_through_the_edge_except_by_a_presigned_get(edge_sta
         # A forged signature reaches S3, which refuses it (403), as it would anyone's.
         forged = edge.get("/labelgrid/images/scan_one.nii.gz?X-Amz-Signature=0")
         assert forged.status_code == 403
+
+
+def test_labelgrid_up_gives_envoy_the_datastores_plain_http_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` resolves the endpoint as the datastore child will (flag, else env, else its default)."""
+    for name in ("LABELGRID_S3_ENDPOINT", "LABELGRID_S3_SECURE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def edge(*argv: str) -> str:
+        return edge_s3_endpoint(build_parser().parse_args(["up", *argv]))
+
+    assert edge() == ""  # the local folder
+    assert edge("--backend", "s3") == DatastoreSettings().s3_endpoint
+    assert edge("--backend", "s3", "--s3-endpoint", "http://minio:9000") == "http://minio:9000"
+    assert edge("--backend", "s3", "--s3-endpoint", "https://s3.example.org:443") == ""
+    assert edge("--backend", "s3", "--studies", "http://127.0.0.1:8042/dicom-web") == ""
+    monkeypatch.setenv("LABELGRID_S3_ENDPOINT", "minio-from-env:9000")
+    assert edge("--backend", "s3") == "minio-from-env:9000"
+    monkeypatch.setenv("LABELGRID_S3_SECURE", "y")  # as the datastore's settings read it
+    assert edge("--backend", "s3") == ""
