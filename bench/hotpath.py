@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from monailabel.client.client import MONAILabelUtils
 
 from bench.compare import LABELGRID_APP, ROOT, ensure_monailabel, monailabel_server, percentile, serve, write_studies
 from gateway.envoy import EnvoySettings, envoy_command, write_bootstrap
@@ -146,8 +147,6 @@ class RawClient:
 def monailabel_client_get(url: str, path: str) -> bytes:
     """GET as MONAI Label's own Python client sends it (monailabel.client, which 3D Slicer's
     plugin ships): MONAILabelUtils.http_method, a new http.client connection for every call."""
-    from monailabel.client.client import MONAILabelUtils
-
     status, body, _, _ = MONAILabelUtils.http_method("GET", url, path)
     if status >= 500:
         raise RuntimeError(f"GET {path} answered {status}")
