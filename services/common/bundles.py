@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -180,6 +181,7 @@ class BundleModels:
 
     async def start(self) -> None:
         """Stores the `--bundle` paths (a bad one stops the service: it was asked for), loads all, then keeps watching."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # unpacked by an earlier run of this service
         self.work_dir.mkdir(parents=True, exist_ok=True)
         from apps.bundle import BundleError, bundle_name
 
@@ -270,27 +272,33 @@ class BundleModels:
     async def _load(self, name: str, version: str) -> None:
         from apps.bundle import BundleInferTask, bundle_trainer, load_bundle, open_bundle
 
-        target = self.work_dir / name / version
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        archive = await self.client.download_model_version(archive_model(name), version, target)
+        folder = self.work_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        # Every load unpacks into a folder of its own, removed only once nothing holds the loaded
+        # bundle: an inference or a training job that took the old task before a replace still
+        # reads its configs and weights (removing them at the swap failed such a request).
+        target = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=folder))
+        try:
+            archive = await self.client.download_model_version(archive_model(name), version, target)
 
-        def build() -> tuple[Any, Any]:
-            bundle = load_bundle(open_bundle(archive, target / "unpacked"), name)
-            task = BundleInferTask(bundle)
-            trainer = None
-            if self.with_trainers and bundle.trainable:
-                trainer = bundle_trainer(task)
-            return task, trainer
+            def build() -> tuple[Any, Any]:
+                bundle = load_bundle(open_bundle(archive, target / "unpacked"), name)
+                task = BundleInferTask(bundle)
+                trainer = None
+                if self.with_trainers and bundle.trainable:
+                    trainer = bundle_trainer(task)
+                return task, trainer
 
-        task, trainer = await asyncio.to_thread(build)
+            task, trainer = await asyncio.to_thread(build)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        # The task and the trainer hold the bundle; the folder goes with the bundle's last holder.
+        weakref.finalize(task.bundle, shutil.rmtree, target, True)
         self.app.infer_tasks[name] = task
         self.app.bundles[name] = task.bundle
         if trainer is not None:
             self.app.trainers[name] = trainer
         else:
             self.app.trainers.pop(name, None)
-        for old in (self.work_dir / name).iterdir():
-            if old.name != version:
-                shutil.rmtree(old, ignore_errors=True)
         log.info("bundle loaded", extra={"model": name, "version": version, "labels": dict(task.labels)})
