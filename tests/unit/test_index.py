@@ -139,6 +139,20 @@ def test_label_crud(index: SqlIndex) -> None:
     assert index.get_image("a").labels == {}
 
 
+def test_find_label_tells_an_unknown_image_from_a_missing_label(index: SqlIndex) -> None:
+    with pytest.raises(NotFound) as err:
+        index.find_label("ghost", "final")
+    assert err.value.reason == "IMAGE_NOT_FOUND" and "ghost" in err.value.message
+    index.upsert_image("a", ".nii", SHA_A, 1, {})
+    index.upsert_image("b", ".nii", SHA_A, 1, {})
+    assert index.find_label("a", "final") is None
+    index.upsert_label("a", "original", ".nii", SHA_A, 2, {})
+    index.upsert_label("b", "final", ".nii", SHA_B, 5, {})
+    assert index.find_label("a", "final") is None  # another tag, another image's label: not this one
+    saved = index.upsert_label("a", "final", ".nii.gz", SHA_B, 3, {"user": "u"})
+    assert index.find_label("a", "final") == saved == index.get_label("a", "final")
+
+
 def test_status_counts(index: SqlIndex) -> None:
     assert (index.status().total, index.status().completed, index.status().label_tags) == (0, 0, {})
     add_images(index, 6)

@@ -268,6 +268,9 @@ class MeteredIndex:
     def get_label(self, image_id: str, tag: str) -> LabelRecord:
         return self._call("get_label", self.inner.get_label, image_id, tag)
 
+    def find_label(self, image_id: str, tag: str) -> LabelRecord | None:
+        return self._call("find_label", self.inner.find_label, image_id, tag)
+
     def delete_label(self, image_id: str, tag: str) -> LabelRecord:
         return self._call("delete_label", self.inner.delete_label, image_id, tag)
 

@@ -531,16 +531,12 @@ class Datastore:
             ext = formats.label_ext_from_name(file_name)
             limits.check_info(info, "label info")
             formats.check_volume(Path(spooled.path), ext)
-            self.index.get_image(image_id)  # NotFound before anything is stored
         except BaseException:
             self._discard(spooled)
             raise
         try:  # as in add_image: any failure removes the spool
             with self._locks(f"image:{image_id}"):
-                try:
-                    old: LabelRecord | None = self.index.get_label(image_id, tag)
-                except NotFound:
-                    old = None
+                old = self.index.find_label(image_id, tag)  # an unknown image: NotFound before anything is stored
                 stored_info = dict(info)
                 stored_info["ts"] = int(self._clock())
                 stored_info["name"] = f"{image_id}{ext}"

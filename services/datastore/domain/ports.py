@@ -199,6 +199,10 @@ class Index(Protocol):
 
     def get_label(self, image_id: str, tag: str) -> LabelRecord: ...
 
+    def find_label(self, image_id: str, tag: str) -> LabelRecord | None:
+        """None if the image has no label under `tag`; NOT_FOUND (IMAGE_NOT_FOUND) if the image is unknown."""
+        ...
+
     def delete_label(self, image_id: str, tag: str) -> LabelRecord: ...
 
     def update_label_info(

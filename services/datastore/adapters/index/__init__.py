@@ -75,6 +75,7 @@ class SqlIndex:
         self.update_image_info = images.update_image_info
         self.upsert_label = images.upsert_label
         self.get_label = images.get_label
+        self.find_label = images.find_label
         self.delete_label = images.delete_label
         self.update_label_info = images.update_label_info
         self.set_score = images.set_score

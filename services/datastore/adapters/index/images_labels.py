@@ -18,6 +18,7 @@ from services.datastore.adapters.index.base import (
     Repository,
     check_json,
     check_revision,
+    image_not_found,
 )
 from services.datastore.adapters.index.database import epoch
 from services.datastore.domain.model import (
@@ -183,6 +184,24 @@ class ImagesLabels(Repository):
     def get_label(self, image_id: str, tag: str) -> LabelRecord:
         """NOT_FOUND (LABEL_NOT_FOUND) if the image has no label under ``tag``."""
         return self._read(lambda conn: self._label_record(self._label_row(conn, image_id, tag)), "get_label")
+
+    def find_label(self, image_id: str, tag: str) -> LabelRecord | None:
+        """The label under ``tag``, None if the image has none; NOT_FOUND (IMAGE_NOT_FOUND) if the
+        image is unknown. One statement: a label save's check, before anything is stored."""
+        images, labels = self._t.images, self._t.labels
+        q = (
+            sa.select(images.c.id.label("known_image"), labels)
+            .select_from(images.outerjoin(labels, (labels.c.image_id == images.c.id) & (labels.c.tag == tag)))
+            .where(images.c.id == image_id)
+        )
+
+        def read(conn: Connection) -> LabelRecord | None:
+            row = conn.execute(q).first()
+            if row is None:
+                raise image_not_found(image_id)
+            return None if row.tag is None else self._label_record(row)
+
+        return self._read(read, "find_label")
 
     def delete_label(self, image_id: str, tag: str) -> LabelRecord:
         labels = self._t.labels
