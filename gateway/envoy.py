@@ -346,6 +346,8 @@ def _s3_virtual_host(s3_endpoint: str) -> dict[str, Any]:
                 "route": {"cluster": "s3", "timeout": "0s"},
                 # S3 refuses a request carrying a second credential, and a token is never S3's business.
                 "request_headers_to_remove": ["authorization", "cookie", EDGE_S3_HEADER],
+                # The client talks to labelgrid: the store's request ids are its own business.
+                "response_headers_to_remove": ["x-amz-request-id", "x-amz-id-2"],
                 "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
             },
             {"match": {"prefix": "/"}, "direct_response": {"status": 404}},

@@ -18,6 +18,7 @@ from labelgrid.common.v1 import common_pb2
 
 from gateway.clients import Download, GrpcClients
 from gateway.errors import GatewayError
+from gateway.ranges import content_range
 from gateway.settings import GatewaySettings
 from services.common.auth import ANONYMOUS_ADMIN, Identity
 from services.common.downloads import content_disposition, media_type
@@ -160,17 +161,36 @@ def upload_size(upload: UploadFile) -> int:
     return int(upload.size or 0)
 
 
-def file_response(download: Download, file_name: str | None = None) -> StreamingResponse:
-    """A download stream as a file response with length and Content-Disposition."""
+def etag_of(info: Any) -> str:
+    """The ETag of a download: its sha256, quoted; empty when the service sent none."""
+    return f'"{info.sha256}"' if info.sha256 else ""
+
+
+def file_response(
+    download: Download, file_name: str | None = None, *, ranges: bool = False, partial: bool = False
+) -> StreamingResponse:
+    """A download stream as a file response with length and Content-Disposition.
+
+    `ranges`: the route answers byte ranges (gateway.ranges), so it says so; `partial`: the
+    stream is the range asked for, answered as a 206 with its Content-Range.
+    """
     info = download.first.info
     name = file_name or info.file_name
     headers = {
         "content-disposition": content_disposition(name),
         "content-length": str(info.read_size_bytes or info.size_bytes),
     }
-    if info.sha256:
-        headers["etag"] = f'"{info.sha256}"'
-    return StreamingResponse(read_ahead(download.chunks()), media_type=media_type(name), headers=headers)
+    if etag := etag_of(info):
+        headers["etag"] = etag
+    if ranges or partial:
+        headers["accept-ranges"] = "bytes"
+    status = 200
+    if partial:
+        status = 206
+        headers["content-range"] = content_range(info.read_offset, info.read_size_bytes, info.size_bytes)
+    return StreamingResponse(
+        read_ahead(download.chunks()), status_code=status, media_type=media_type(name), headers=headers
+    )
 
 
 READ_AHEAD_CHUNKS = 4

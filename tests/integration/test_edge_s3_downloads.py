@@ -92,6 +92,18 @@ def test_a_download_through_the_edge_is_served_by_s3_as_a_plain_200(edge_stack: 
     assert _gateway_307s(edge_stack.gateway) == before + 1
 
 
+def test_a_range_through_the_edge_is_answered_as_the_gateway_answers_it(edge_stack: EdgeStack) -> None:
+    """Envoy passes Range on to S3; the 206 matches the one the gateway streams (gateway.ranges)."""
+    for asked in ("bytes=10-99", "bytes=-500", f"bytes={len(DATA) // 2}-"):
+        headers = {**AUTH, "range": asked}
+        streamed = httpx.get(f"{edge_stack.gateway.url}/datastore/image", params={"image": IMAGE}, headers=headers)
+        answer = httpx.get(f"{edge_stack.url}/datastore/image", params={"image": IMAGE}, headers=headers, timeout=60)
+        assert streamed.status_code == answer.status_code == 206, (asked, answer.text)
+        assert answer.headers["content-range"] == streamed.headers["content-range"], asked
+        assert answer.content == streamed.content, asked
+        assert "x-amz-request-id" not in answer.headers and "x-amz-id-2" not in answer.headers, asked
+
+
 def test_monailabel_clients_get_labels_and_images_from_s3(edge_stack: EdgeStack, tmp_path: Path) -> None:
     """MONAI Label's client reads labels with http.client (no redirects) and sends the token on."""
     client = MONAILabelClient(edge_stack.url, tmpdir=str(tmp_path), client_id="edge-test")
