@@ -16,20 +16,15 @@ import torch
 from services.common.apps import LoadedApp
 from services.common.bundles import BundleModels, publish_bundle
 from services.common.datastore_client import DatastoreClient
-from services.datastore.settings import DatastoreSettings
 from tests.fixtures.bundles import make_bundle, zip_folder
-from tests.fixtures.datastore import start_datastore
+from tests.fixtures.datastore import local_datastore_client
 from tests.fixtures.polling import eventually
 
 
 @pytest.fixture
 async def client(tmp_path: Path):
-    settings = DatastoreSettings(port=0, metrics_port=-1, backend="local", root=tmp_path / "studies")
-    running = await start_datastore(settings)
-    client = DatastoreClient(running.address, timeout_seconds=30)
-    yield client
-    await client.close()
-    await running.service.stop(0)
+    async with local_datastore_client(tmp_path / "studies", timeout_seconds=30) as client:
+        yield client
 
 
 def empty_app() -> LoadedApp:

@@ -12,19 +12,14 @@ import pytest
 from services.common import jobs
 from services.common.datastore_client import DatastoreClient
 from services.common.errors import ErrorKind, LabelgridError
-from services.datastore.settings import DatastoreSettings
-from tests.fixtures.datastore import start_datastore
+from tests.fixtures.datastore import local_datastore_client
 from tests.fixtures.polling import eventually
 
 
 @pytest.fixture
 async def client(tmp_path: Path):
-    settings = DatastoreSettings(port=0, metrics_port=-1, backend="local", root=tmp_path / "studies")
-    running = await start_datastore(settings)
-    client = DatastoreClient(running.address, timeout_seconds=10)
-    yield client
-    await client.close()
-    await running.service.stop(0)
+    async with local_datastore_client(tmp_path / "studies") as client:
+        yield client
 
 
 async def test_records_round_trip_and_conditional_write(client: DatastoreClient) -> None:
