@@ -63,8 +63,12 @@ async def test_a_task_taken_before_a_replace_still_loads_and_its_files_go_with_i
 
     kept = taken.bundle.root
     del taken, first_network
-    gc.collect()
-    await eventually(lambda: not kept.exists(), what="the old bundle's folder removed with its last holder")
+
+    def removed() -> bool:
+        gc.collect()  # the finalizer runs when the bundle is collected, cycles included
+        return not kept.exists()
+
+    await eventually(removed, what="the old bundle's folder removed with its last holder")
     [left] = unpacked_folders(work_dir, "ct_new")
     assert replaced.bundle.root.is_relative_to(left)
     await models.stop()
