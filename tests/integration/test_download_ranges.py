@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,9 +20,12 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from gateway.envoy import EnvoySettings
 from gateway.ranges import ByteRange, parse_range
 from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
+from tests.fixtures.edge import running_envoy
 from tests.fixtures.gateway import GatewayStack
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,6 +123,26 @@ def test_labels_answer_ranges_and_unknown_files_stay_404(stack: GatewayStack) ->
         for asked in ("bytes=0-10", "bytes=-10"):
             answer = httpx.get(f"{stack.url}/datastore/image", params=params, headers={"range": asked})
             assert answer.status_code in (400, 404) and "detail" in answer.json(), (params, asked)
+
+
+def test_a_range_through_envoy_reaches_the_gateway(stack: GatewayStack, tmp_path: Path) -> None:
+    """`labelgrid up` on the local folder: the client's Range passes the edge and the gateway answers it."""
+    port = free_port()
+    settings = EnvoySettings(
+        port=port,
+        admin_port=free_port(),
+        gateway_address=stack.url.removeprefix("http://"),
+        datastore_address=stack.datastore_address,
+    )
+    with running_envoy(settings, tmp_path):
+        answer = httpx.get(
+            f"http://127.0.0.1:{port}/datastore/image",
+            params={"image": IMAGE},
+            headers={"range": "bytes=100-199"},
+            timeout=60,
+        )
+    assert answer.status_code == 206 and answer.content == DATA[100:200]
+    assert answer.headers["content-range"] == f"bytes 100-199/{SIZE}"
 
 
 def test_parse_range() -> None:
