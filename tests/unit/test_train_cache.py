@@ -1,5 +1,6 @@
 """The training service's image cache on disk: what a killed service left half-downloaded is
-removed, and trimming to the byte budget never touches a download in progress."""
+removed, and trimming to the byte budget never touches a download in progress, a file a
+running job holds, or one a fetch touched while the trim ran."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from pathlib import Path
 
 from services.common.datastore_client import DatastoreClient
-from services.train.adapters.data import FETCH_PREFIX, DataCache
+from services.train.adapters.data import FETCH_PREFIX, DataCache, _files
 
 
 def _cached(cache_dir: Path, sha: str, size: int, age: int) -> Path:
@@ -38,3 +39,35 @@ def test_leftover_downloads_are_removed_and_never_trimmed_or_counted(tmp_path: P
     cache._trim(keep={kept})
     assert not old.exists() and kept.exists() and new.exists()  # oldest first, the job's files kept
     assert in_progress.read_bytes() == b"y" * 1000
+
+
+def test_a_trim_spares_what_running_jobs_hold_until_they_release_it(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache = DataCache(DatastoreClient("127.0.0.1:9"), cache_dir, budget_bytes=100)
+    first_job = _cached(cache_dir, "aa" + "0" * 62, 100, age=1)
+    both_jobs = _cached(cache_dir, "bb" + "0" * 62, 100, age=2)
+    second_job = _cached(cache_dir, "cc" + "0" * 62, 100, age=3)
+    one = [{"image": str(first_job), "label": str(both_jobs), "image_id": "x"}]
+    two = [{"image": str(second_job), "label": str(both_jobs), "image_id": "y"}]
+    cache._in_use.update(_files(one) + _files(two))  # as labeled_datalist registers them
+
+    cache._trim(frozenset(cache._in_use))
+    assert first_job.exists() and both_jobs.exists() and second_job.exists()  # over budget, all held
+
+    cache.release(one)
+    cache._trim(frozenset(cache._in_use))
+    assert not first_job.exists() and both_jobs.exists() and second_job.exists()
+    cache.release(two)
+    assert not cache._in_use
+    cache._trim(frozenset(cache._in_use))
+    assert not both_jobs.exists() and second_job.exists()  # oldest first, down to the budget
+
+
+def test_a_file_touched_while_the_trim_runs_is_not_taken(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache = DataCache(DatastoreClient("127.0.0.1:9"), cache_dir, budget_bytes=0)
+    old = _cached(cache_dir, "aa" + "0" * 62, 100, age=1)
+    fetched_now = _cached(cache_dir, "bb" + "0" * 62, 100, age=2)
+    os.utime(fetched_now)  # another job's hit or download, as the trim starts
+    cache._trim(frozenset())
+    assert not old.exists() and fetched_now.exists()

@@ -46,8 +46,14 @@ class Datastore:
 
 
 class Data:
+    held = 0  # datalists handed to jobs and not released
+
     async def labeled_datalist(self, tag: str, log: Any) -> list[dict[str, str]]:
+        self.held += 1
         return [{"image": "a", "label": "b", "image_id": "a"}]
+
+    def release(self, datalist: list[dict[str, str]]) -> None:
+        self.held -= len(datalist)
 
 
 class Proc:
@@ -118,6 +124,7 @@ async def test_a_stop_while_the_child_is_being_started_stops_it(tmp_path: Path) 
     done = await asyncio.wait_for(cancel, 5)
     assert done.state == CANCELLED
     assert launcher.procs and launcher.procs[0].stopped
+    assert t.data.held == 0  # type: ignore[attr-defined]  # the job's files may leave the cache
     await t.close()
 
 

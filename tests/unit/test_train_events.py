@@ -70,8 +70,14 @@ class Records:
 
 
 class Data:
+    held = 0  # datalists handed to jobs and not released
+
     async def labeled_datalist(self, tag: str, log: Any) -> list[dict[str, str]]:
+        self.held += 1
         return [{"image": "a", "label": "b", "image_id": "a"}]
+
+    def release(self, datalist: list[dict[str, str]]) -> None:
+        self.held -= len(datalist)
 
 
 class Trainer:

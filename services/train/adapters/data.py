@@ -5,7 +5,9 @@ reads local files anyway; a second job, or a job after a restart, finds them her
 miss asks the datastore for a URL: a presigned http(s) URL (s3 backend) is read directly
 from the object store with httpx, anything else falls back to the datastore's chunk
 stream. Every download is verified against its sha256 before it enters the cache, and
-the cache is trimmed to its byte budget, least recently used first.
+the cache is trimmed to its byte budget, least recently used first, never taking a file that
+a running job was given (jobs on other devices run side by side) or that a fetch touched
+while the trim ran.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ class DataCache:
         self.url_downloads = 0
         self.stream_downloads = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        # Files of the datalists handed to jobs that have not ended (release), by how many hold each.
+        self._in_use: Counter[Path] = Counter()
         # Downloads a killed service left half-done: never complete, never cached.
         for leftover in cache_dir.glob(f"{FETCH_PREFIX}*") if cache_dir.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -57,9 +63,30 @@ class DataCache:
             return 0
 
     async def labeled_datalist(self, tag: str, log: Callable[[str], None]) -> list[dict[str, str]]:
+        """The datalist of a job; its files stay in the cache until `release(datalist)`."""
         images = await self.datastore.list_images(filter=ds.IMAGE_FILTER_LABELED, label_tag=tag)
         hits, misses = self.hits, self.misses
         datalist: list[dict[str, str]] = []
+        try:
+            await self._fetch_labeled(images, tag, log, datalist)
+        except BaseException:
+            self.release(datalist)
+            raise
+        log(
+            f"{len(datalist)} labeled image(s): {self.misses - misses} file(s) fetched from the datastore, "
+            f"{self.hits - hits} from the local cache"
+        )
+        await asyncio.to_thread(self._trim, frozenset(self._in_use))
+        return datalist
+
+    def release(self, datalist: list[dict[str, str]]) -> None:
+        """The job given `datalist` has ended: its files may be trimmed (unless another job holds them)."""
+        self._in_use.subtract(_files(datalist))
+        self._in_use = +self._in_use  # drops the files no job holds
+
+    async def _fetch_labeled(
+        self, images: Iterable[Any], tag: str, log: Callable[[str], None], datalist: list[dict[str, str]]
+    ) -> None:
         for image in images:
             label = next((item for item in image.labels if item.tag == tag), None)
             if label is None:
@@ -78,13 +105,9 @@ class DataCache:
             except InvalidArgument as error:  # a file the shared volume check refuses is never read
                 log(f"image {image.image_id} skipped: {error.message}")
                 continue
-            datalist.append({"image": str(image_path), "label": str(label_path), "image_id": image.image_id})
-        log(
-            f"{len(datalist)} labeled image(s): {self.misses - misses} file(s) fetched from the datastore, "
-            f"{self.hits - hits} from the local cache"
-        )
-        await asyncio.to_thread(self._trim, {Path(v) for item in datalist for k, v in item.items() if k != "image_id"})
-        return datalist
+            item = {"image": str(image_path), "label": str(label_path), "image_id": image.image_id}
+            datalist.append(item)
+            self._in_use.update(_files([item]))  # held from now: another job's trim must not take it
 
     async def _fetch(self, name: str, sha256: str, ext: str, stream: Callable[[Path], Any]) -> Path:
         if not sha256:
@@ -136,13 +159,26 @@ class DataCache:
         self.stream_downloads += 1
         return path
 
-    def _trim(self, keep: set[Path]) -> None:
-        files = self._cached_files()
-        total = sum(p.stat().st_size for p in files)
-        for path in sorted(files, key=lambda p: p.stat().st_mtime):
+    def _trim(self, keep: frozenset[Path] | set[Path]) -> None:
+        """Removes least recently used files over the budget, except `keep` and any file a fetch
+        touched since the trim began (its mtime: a hit or a download of a job starting meanwhile)."""
+        started = time.time() - 1.0  # a margin for file systems with coarse timestamps
+        sized: list[tuple[float, int, Path]] = []
+        for path in self._cached_files():
+            try:
+                found = path.stat()
+            except FileNotFoundError:  # another job's trim took it
+                continue
+            sized.append((found.st_mtime, found.st_size, path))
+        total = sum(size for _mtime, size, _path in sized)
+        for mtime, size, path in sorted(sized):
             if total <= self.budget_bytes:
                 return
-            if path in keep:
+            if path in keep or mtime >= started:
                 continue
-            total -= path.stat().st_size
+            total -= size
             path.unlink(missing_ok=True)
+
+
+def _files(datalist: list[dict[str, str]]) -> list[Path]:
+    return [Path(value) for item in datalist for key, value in item.items() if key != "image_id"]

@@ -25,7 +25,12 @@ class DataPort(Protocol):
     """The labeled images, fetched into a local cache."""
 
     async def labeled_datalist(self, tag: str, log: Callable[[str], None]) -> list[dict[str, str]]:
-        """[{"image": path, "label": path, "image_id": id}] of every image with a `tag` label."""
+        """[{"image": path, "label": path, "image_id": id}] of every image with a `tag` label;
+        its files stay until `release(datalist)`."""
+        ...
+
+    def release(self, datalist: list[dict[str, str]]) -> None:
+        """The job given `datalist` has ended: its files may go."""
         ...
 
 

@@ -357,6 +357,7 @@ class Training:
         job_dir = self.work_dir / "jobs" / job_id
         state: JobState = FAILED
         error: JobError | None = None
+        datalist: builtins.list[dict[str, str]] = []
         try:
             current = await self.store.get(job_id)
             started = f"running on {', '.join(devices)}; fetching the labeled images"
@@ -434,6 +435,7 @@ class Training:
             job.proc = None
             job.progress = None
             self.pool.release(devices)
+            self.data.release(datalist)
             try:
                 await asyncio.shield(self._end(job, state, error))
             finally:
