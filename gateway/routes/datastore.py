@@ -316,7 +316,7 @@ async def _file_download(request: Request, start: Callable[[int, int], Any]) -> 
             download.call.cancel()
         raise GatewayError(
             416,
-            f"the range asked for ({request.headers['range']}) starts past the end of the file",
+            f"the range asked for ({request.headers['range'][:100]}) starts past the end of the file",
             headers={"content-range": f"bytes */{await _size(start)}"},
         )
     if not if_range_allows(request.headers.get("if-range"), etag_of(download.first.info)):
