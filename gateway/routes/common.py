@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import grpc
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from google.protobuf import struct_pb2, timestamp_pb2
 from labelgrid.common.v1 import common_pb2
 
-from gateway.clients import Download, GrpcClients
+from gateway.clients import Download, GrpcClients, open_download
 from gateway.errors import GatewayError
-from gateway.ranges import content_range
+from gateway.ranges import content_range, if_range_allows, parse_range
 from gateway.settings import GatewaySettings
 from services.common.auth import ANONYMOUS_ADMIN, Identity
 from services.common.downloads import content_disposition, media_type
@@ -191,6 +192,53 @@ def file_response(
     return StreamingResponse(
         read_ahead(download.chunks()), status_code=status, media_type=media_type(name), headers=headers
     )
+
+
+async def ranged_file_response(
+    request: Request, start: Callable[[int, int], Any], name_of: Callable[[Any], str | None] = lambda info: None
+) -> StreamingResponse:
+    """A file streamed from the datastore: the whole file, or the one byte range the client asked
+    for (gateway.ranges), as MONAI Label's FileResponse answers. `start(read_offset, read_limit)`
+    starts the download call; `name_of(info)` names the file once its info arrived (None: the
+    stored name) and may refuse it by raising."""
+
+    def answer(download: Download, partial: bool = False) -> StreamingResponse:
+        try:
+            file_name = name_of(download.first.info)
+        except BaseException:
+            download.call.cancel()
+            raise
+        return file_response(download, file_name, ranges=True, partial=partial)
+
+    wanted = parse_range(request.headers.get("range"))
+    if wanted is None:
+        return answer(await open_download(lambda: start(0, 0)))
+    offset, limit = wanted.read(await _file_size(start) if wanted.needs_size else None)
+    try:
+        download: Download | None = await open_download(lambda: start(offset, limit))
+    except grpc.aio.AioRpcError as err:
+        if err.code() is not grpc.StatusCode.OUT_OF_RANGE:
+            raise
+        download = None
+    if download is None or not download.first.info.read_size_bytes:
+        if download is not None:
+            download.call.cancel()
+        raise GatewayError(
+            416,
+            f"the range asked for ({request.headers['range'][:100]}) starts past the end of the file",
+            headers={"content-range": f"bytes */{await _file_size(start)}"},
+        )
+    if not if_range_allows(request.headers.get("if-range"), etag_of(download.first.info)):
+        download.call.cancel()  # the client's copy is another version: the whole file
+        return answer(await open_download(lambda: start(0, 0)))
+    return answer(download, partial=True)
+
+
+async def _file_size(start: Callable[[int, int], Any]) -> int:
+    """The file's size, from the first message of a one-byte read."""
+    probe = await open_download(lambda: start(0, 1))
+    probe.call.cancel()
+    return int(probe.first.info.size_bytes)
 
 
 READ_AHEAD_CHUNKS = 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -25,18 +25,17 @@ from labelgrid.datastore.v1 import resources_pb2 as ds_res
 from gateway.changes import ChangeWatch, Token, change_watch
 from gateway.clients import found_or_none, open_download
 from gateway.envoy import EDGE_S3_HEADER
-from gateway.errors import GatewayError, from_rpc_error
+from gateway.errors import from_rpc_error
 from gateway.multipart import upload_form
-from gateway.ranges import if_range_allows, parse_range
 from gateway.routes.common import (
     Ctx,
     CtxDep,
     check_user_image_id,
-    etag_of,
     file_response,
     image_name,
     label_name,
     parse_json_field,
+    ranged_file_response,
     to_struct,
 )
 from services.common.protos import struct_to_dict
@@ -298,40 +297,6 @@ def _warn_edge_mismatch(edge_prefix: str) -> None:
     )
 
 
-async def _file_download(request: Request, start: Callable[[int, int], Any]) -> Response:
-    """An image or label streamed through the gateway: the whole file, or the one byte range the
-    client asked for (gateway.ranges). `start(read_offset, read_limit)` starts the download call."""
-    wanted = parse_range(request.headers.get("range"))
-    if wanted is None:
-        return file_response(await open_download(lambda: start(0, 0)), ranges=True)
-    offset, limit = wanted.read(await _size(start) if wanted.needs_size else None)
-    try:
-        download = await open_download(lambda: start(offset, limit))
-    except grpc.aio.AioRpcError as err:
-        if err.code() is not grpc.StatusCode.OUT_OF_RANGE:
-            raise
-        download = None
-    if download is None or not download.first.info.read_size_bytes:
-        if download is not None:
-            download.call.cancel()
-        raise GatewayError(
-            416,
-            f"the range asked for ({request.headers['range'][:100]}) starts past the end of the file",
-            headers={"content-range": f"bytes */{await _size(start)}"},
-        )
-    if not if_range_allows(request.headers.get("if-range"), etag_of(download.first.info)):
-        download.call.cancel()  # the client's copy is another version: the whole file
-        return file_response(await open_download(lambda: start(0, 0)), ranges=True)
-    return file_response(download, partial=True)
-
-
-async def _size(start: Callable[[int, int], Any]) -> int:
-    """The file's size, from the first message of a one-byte read."""
-    probe = await open_download(lambda: start(0, 1))
-    probe.call.cancel()
-    return int(probe.first.info.size_bytes)
-
-
 @router.get("/image", summary="Download Image", response_model=None)
 async def download_image(
     request: Request, image: str = Query(...), redirect: bool | None = REDIRECT_QUERY, ctx: Ctx = CtxDep
@@ -340,7 +305,7 @@ async def download_image(
     redirected = await _redirect(ctx, request, name, redirect, by_default=True)
     if redirected is not None:
         return redirected
-    return await _file_download(
+    return await ranged_file_response(
         request,
         lambda offset, limit: ctx.clients.datastore.DownloadImage(
             ds_pb.DownloadImageRequest(name=name, read_offset=offset, read_limit=limit), metadata=ctx.metadata
@@ -445,7 +410,7 @@ async def download_label(
     redirected = await _redirect(ctx, request, name, redirect, by_default=False)
     if redirected is not None:
         return redirected
-    return await _file_download(
+    return await ranged_file_response(
         request,
         lambda offset, limit: ctx.clients.datastore.DownloadLabel(
             ds_pb.DownloadLabelRequest(name=name, read_offset=offset, read_limit=limit), metadata=ctx.metadata

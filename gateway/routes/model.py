@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 
-from gateway.clients import found_or_none, open_download, upload_stream
+from gateway.clients import found_or_none, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
-from gateway.routes.common import Ctx, CtxDep, check_id, file_response
+from gateway.routes.common import Ctx, CtxDep, check_id, ranged_file_response
 from services.common.auth import ADMIN
 from services.common.bundles import RESET_FILE_NAME, archive_model
 from services.common.models.types import RESET_VERSION_PREFIX
@@ -92,24 +92,29 @@ def _require_admin(ctx: Ctx, what: str) -> None:
 
 
 @router.get("/{model}", summary="Download the model's serving weights, or a bundle model's bundle zip")
-async def download_model(model: str, ctx: Ctx = CtxDep) -> StreamingResponse:
+async def download_model(model: str, request: Request, ctx: Ctx = CtxDep) -> StreamingResponse:
     bundle = await _bundle_version(ctx, model)
     name = bundle.name if bundle is not None else _serving(model)
+
+    def file_name(info: Any) -> str:
+        if bundle is None and info.file_name == RESET_FILE_NAME:
+            raise _not_found(model)
+        suffix = "zip" if bundle is not None else info.file_name.rpartition(".")[2] or "pt"
+        return f"{model}.{suffix}"
+
     try:
-        download = await open_download(
-            lambda: ctx.clients.datastore.DownloadModelVersion(
-                ds_pb.DownloadModelVersionRequest(name=name), metadata=ctx.metadata
-            )
+        return await ranged_file_response(
+            request,
+            lambda offset, limit: ctx.clients.datastore.DownloadModelVersion(
+                ds_pb.DownloadModelVersionRequest(name=name, read_offset=offset, read_limit=limit),
+                metadata=ctx.metadata,
+            ),
+            file_name,
         )
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:
             raise _not_found(model) from None
         raise
-    if bundle is None and download.first.info.file_name == RESET_FILE_NAME:
-        download.call.cancel()
-        raise _not_found(model)
-    suffix = "zip" if bundle is not None else download.first.info.file_name.rpartition(".")[2] or "pt"
-    return file_response(download, f"{model}.{suffix}")
 
 
 @router.get("/info/{model}", summary="Checksum and time of the model's serving weights")

@@ -16,13 +16,13 @@ import zipfile
 from typing import Annotated, Any, BinaryIO
 
 import grpc
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
-from gateway.clients import CHUNK_SIZE, Readable, open_download, upload_stream
+from gateway.clients import CHUNK_SIZE, Readable, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
-from gateway.routes.common import Ctx, CtxDep, base_name, file_response, upload_size
+from gateway.routes.common import Ctx, CtxDep, base_name, ranged_file_response, upload_size
 from services.common.protos import struct_to_dict
 
 router = APIRouter(prefix="/session", tags=["Session"])
@@ -129,6 +129,7 @@ def _not_found(err: grpc.aio.AioRpcError, detail: str) -> GatewayError:
 @router.get("/{session_id}", summary="Get Session ID")
 async def get_session(
     session_id: str,
+    request: Request,
     update_ts: bool = Query(False),
     image: bool = Query(False),
     ctx: Ctx = CtxDep,
@@ -138,12 +139,13 @@ async def get_session(
     detail = f"Session ({session_id}) Not Found"
     try:
         if image:
-            download = await open_download(
-                lambda: ctx.clients.datastore.DownloadSession(
-                    ds_pb.DownloadSessionRequest(name=name), metadata=ctx.service_metadata
-                )
+            return await ranged_file_response(
+                request,
+                lambda offset, limit: ctx.clients.datastore.DownloadSession(
+                    ds_pb.DownloadSessionRequest(name=name, read_offset=offset, read_limit=limit),
+                    metadata=ctx.service_metadata,
+                ),
             )
-            return file_response(download, None)
         response = await ctx.clients.datastore.GetSession(
             ds_pb.GetSessionRequest(name=name, touch=update_ts), timeout=ctx.timeout, metadata=ctx.service_metadata
         )

@@ -1,5 +1,6 @@
 """Byte ranges of downloads streamed through the gateway (gateway.ranges), on a real gateway and
-datastore (local folder): a resumed download gets the rest of the file as a 206.
+datastore (local folder): a resumed download gets the rest of the file as a 206. Images and
+labels, model weights and session images: every file MONAI Label serves with FileResponse.
 
 MONAI Label serves these files with Starlette's FileResponse; every single range is answered
 here as that response answers it for the same bytes (status, Content-Range, body). Where the
@@ -9,7 +10,9 @@ not a multipart 206 or a 400), the test says so.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from starlette.testclient import TestClient
 
 from gateway.envoy import EnvoySettings
 from gateway.ranges import ByteRange, parse_range
+from services.common.datastore_client import DatastoreClient
 from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
 from tests.fixtures.edge import running_envoy
 from tests.fixtures.gateway import GatewayStack
@@ -123,6 +127,35 @@ def test_labels_answer_ranges_and_unknown_files_stay_404(stack: GatewayStack) ->
         for asked in ("bytes=0-10", "bytes=-10"):
             answer = httpx.get(f"{stack.url}/datastore/image", params=params, headers={"range": asked})
             assert answer.status_code in (400, 404) and "detail" in answer.json(), (params, asked)
+
+
+def test_model_weights_and_session_images_answer_ranges(stack: GatewayStack, tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(os.urandom(300_000))
+
+    async def publish() -> None:
+        client = DatastoreClient(stack.datastore_address, timeout_seconds=30)
+        try:
+            await client.upload_model_version("ranged", weights, metrics={}, info={})
+        finally:
+            await client.close()
+
+    asyncio.run(publish())
+    model = httpx.get(f"{stack.url}/model/ranged", headers={"range": "bytes=1000-1999"}, timeout=60)
+    assert model.status_code == 206 and model.content == weights.read_bytes()[1000:2000]
+    assert model.headers["content-range"] == "bytes 1000-1999/300000"
+    assert 'filename="ranged.pt"' in model.headers["content-disposition"]
+    past = httpx.get(f"{stack.url}/model/ranged", headers={"range": "bytes=300000-"}, timeout=60)
+    assert past.status_code == 416 and past.headers["content-range"] == "bytes */300000"
+    unknown = httpx.get(f"{stack.url}/model/no_such_model", headers={"range": "bytes=-10"}, timeout=60)
+    assert unknown.status_code == 404 and "detail" in unknown.json()
+
+    created = httpx.put(f"{stack.url}/session/", files={"files": ("local.nii.gz", LABEL)}, timeout=60)
+    assert created.status_code == 200, created.text
+    session = f"{stack.url}/session/{created.json()['session_id']}"
+    rest = httpx.get(session, params={"image": "true"}, headers={"range": "bytes=100-"}, timeout=60)
+    assert rest.status_code == 206 and rest.content == LABEL[100:]
+    assert rest.headers["content-range"] == f"bytes 100-{len(LABEL) - 1}/{len(LABEL)}"
 
 
 def test_a_range_through_envoy_reaches_the_gateway(stack: GatewayStack, tmp_path: Path) -> None:
