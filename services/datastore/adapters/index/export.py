@@ -217,11 +217,10 @@ class Export(Repository):
         row = conn.execute(sa.select(cl.c.seq, cl.c.reset_seq).where(cl.c.id == 1)).first()
         seq, reset_seq = (int(row.seq), int(row.reset_seq)) if row is not None else (0, 0)
         if kept is not None and reset_seq == kept.reset_seq and seq >= kept.seq:
-            if seq == kept.seq:
-                return _Read(seq, reset_seq, full=False)
-            changed = list(conn.execute(sa.select(ic.c.image_id).where(ic.c.seq > kept.seq)).scalars())
-            if len(changed) * _PATCH_MAX_FRACTION <= max(len(kept.ids), 64):
-                return _Read(seq, reset_seq, full=False, changed=changed, rows=self._fragments(conn, hidden, changed))
+            changed: list[str] = []
+            if seq > kept.seq:  # the log moved on since kept
+                changed = list(conn.execute(sa.select(ic.c.image_id).where(ic.c.seq > kept.seq)).scalars())
+            return self._patch(conn, hidden, kept, changed, seq, reset_seq)
         return _Read(seq, reset_seq, full=True, rows=self._fragments(conn, hidden, None))
 
     def _since_pg(self, conn: Connection, hidden: _Hidden, kept: _Kept | None) -> _Read:
@@ -236,12 +235,24 @@ class Export(Repository):
         seq, reset_seq, horizon = int(row.seq or 0), int(row.reset_seq or 0), int(row.horizon)
         if kept is not None and (seq, reset_seq) == (kept.seq, kept.reset_seq):
             changed = list(conn.execute(sa.select(ic.c.image_id).where(ic.c.seq >= kept.horizon)).scalars())
-            if not changed:
-                return _Read(seq, reset_seq, full=False, horizon=horizon)
-            if len(changed) * _PATCH_MAX_FRACTION <= max(len(kept.ids), 64):
-                rows = self._fragments(conn, hidden, changed)
-                return _Read(seq, reset_seq, full=False, changed=changed, rows=rows, horizon=horizon)
+            return self._patch(conn, hidden, kept, changed, seq, reset_seq, horizon)
         return _Read(seq, reset_seq, full=True, rows=self._fragments(conn, hidden, None), horizon=horizon)
+
+    def _patch(
+        self,
+        conn: Connection,
+        hidden: _Hidden,
+        kept: _Kept,
+        changed: list[str],
+        seq: int,
+        reset_seq: int,
+        horizon: int = 0,
+    ) -> _Read:
+        """The images the log names since ``kept``, to patch it with; everything again when most changed."""
+        if len(changed) * _PATCH_MAX_FRACTION > max(len(kept.ids), 64):
+            return _Read(seq, reset_seq, full=True, rows=self._fragments(conn, hidden, None), horizon=horizon)
+        rows = self._fragments(conn, hidden, changed) if changed else ()
+        return _Read(seq, reset_seq, full=False, changed=changed, rows=rows, horizon=horizon)
 
     # -- rendering -----------------------------------------------------------------------
 
