@@ -283,6 +283,13 @@ JSON_BODY_ROUTES = (
 # download routes, to the URL prefix it follows 307s to, and removes it from every other request
 # to the gateway, so the gateway answers a 307 the client never sees only when the edge asks.
 EDGE_S3_HEADER = "x-labelgrid-edge-s3"
+# The gateway's 307 to the edge carries the download's ETag (its sha256) in this header; the
+# edge copies it into the S3 request and answers with it, so a download has one ETag whichever
+# path served it (S3's own is an MD5 of parts).
+EDGE_ETAG_HEADER = "x-labelgrid-edge-etag"
+# Conditional request headers the gateway has already evaluated (If-Range) or ignores, as its
+# streamed downloads do; S3 would compare them with its own ETag and dates.
+CONDITIONAL_HEADERS = ("if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
 DOWNLOAD_PATHS = ("/datastore/image", "/datastore/label")
 _S3_ROUTE = "s3-download"
 
@@ -305,6 +312,7 @@ def _download_route(path: str, s3_endpoint: str) -> dict[str, Any]:
         "redirect_response_codes": [307],
         # An edge behind a TLS-terminating Ingress may see https; S3 is reached by the cluster's config.
         "allow_cross_scheme_redirect": True,
+        "response_headers_to_copy": [EDGE_ETAG_HEADER],
         "predicates": [
             {
                 "name": "envoy.internal_redirect_predicates.allow_listed_routes",
@@ -345,9 +353,22 @@ def _s3_virtual_host(s3_endpoint: str) -> dict[str, Any]:
                 },
                 "route": {"cluster": "s3", "timeout": "0s"},
                 # S3 refuses a request carrying a second credential, and a token is never S3's business.
-                "request_headers_to_remove": ["authorization", "cookie", EDGE_S3_HEADER],
-                # The client talks to labelgrid: the store's request ids are its own business.
-                "response_headers_to_remove": ["x-amz-request-id", "x-amz-id-2"],
+                "request_headers_to_remove": ["authorization", "cookie", EDGE_S3_HEADER, *CONDITIONAL_HEADERS],
+                # The client talks to labelgrid: the store's request ids, metadata and validators
+                # are its own business; the ETag is the gateway's (EDGE_ETAG_HEADER).
+                "response_headers_to_remove": [
+                    "x-amz-request-id",
+                    "x-amz-id-2",
+                    "x-amz-meta-sha256",
+                    "etag",
+                    "last-modified",
+                ],
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "etag", "value": f"%REQ({EDGE_ETAG_HEADER})%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
                 "typed_per_filter_config": {_BUFFER_FILTER: _NO_BUFFER},
             },
             {"match": {"prefix": "/"}, "direct_response": {"status": 404}},

@@ -60,5 +60,23 @@ def if_range_allows(if_range: str | None, etag: str) -> bool:
     return if_range is None or (bool(etag) and if_range.strip() == etag)
 
 
+def s3_answers_alike(range_header: str | None, if_range: str | None, etag: str, size: int) -> bool:
+    """Whether S3, sent the client's Range without its conditional headers (the edge drops
+    them), answers as the gateway's own stream would: no range, or one range in plain
+    `bytes=first-last` form that starts within the file, asked of the version the client has
+    (If-Range). Anything else (a range past the end: 416; several, malformed or beyond-int64
+    ones: the whole file; a stale If-Range: the whole file) is answered by the stream."""
+    if range_header is None:
+        return True
+    wanted = parse_range(range_header)
+    if wanted is None or _ONE_RANGE.fullmatch(range_header) is None:
+        return False
+    if not if_range_allows(if_range, etag):
+        return False
+    if wanted.last is not None and wanted.last >= _BEYOND_ANY_FILE:
+        return False
+    return (wanted.first or 0) < size
+
+
 def content_range(offset: int, length: int, size: int) -> str:
     return f"bytes {offset}-{offset + length - 1}/{size}"

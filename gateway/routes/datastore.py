@@ -24,13 +24,15 @@ from labelgrid.datastore.v1 import resources_pb2 as ds_res
 
 from gateway.changes import ChangeWatch, Token, change_watch
 from gateway.clients import found_or_none, open_download
-from gateway.envoy import EDGE_S3_HEADER
+from gateway.envoy import EDGE_ETAG_HEADER, EDGE_S3_HEADER
 from gateway.errors import from_rpc_error
 from gateway.multipart import upload_form
+from gateway.ranges import s3_answers_alike
 from gateway.routes.common import (
     Ctx,
     CtxDep,
     check_user_image_id,
+    etag_of,
     file_response,
     image_name,
     label_name,
@@ -250,29 +252,47 @@ async def _redirect(ctx: Ctx, request: Request, name: str, asked: bool | None, b
 
     To the client (download_redirect on): signed for S3's public endpoint. Otherwise, when the
     edge asks (EDGE_S3_HEADER, set by Envoy on these routes only): signed for the address the
-    edge reaches S3 at; the edge follows it and the client gets S3's bytes as a plain 200.
-    Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
+    edge reaches S3 at; the edge follows it and the client gets S3's bytes as a plain 200 (or
+    206), with the stream's ETag (EDGE_ETAG_HEADER). Range requests S3 would answer otherwise
+    than the stream (past the end, several ranges, a stale If-Range) stream. Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
     NOT_FOUND for an unknown image before any URL exists, and FAILED_PRECONDITION when it
     cannot hand downloads to S3 (local or dicomweb backend, no public endpoint): then it streams.
     """
     if asked is False:
         return None
     if ctx.settings.download_redirect and (asked or (by_default and "authorization" not in request.headers)):
-        return await _signed_redirect(ctx, name, for_client=True)
+        answer = await _download_url(ctx, name, for_client=True)
+        return None if answer is None else _temporary_redirect(answer.url)
     edge_prefix = request.headers.get(EDGE_S3_HEADER)
-    if edge_prefix:
-        return await _signed_redirect(ctx, name, edge_prefix=edge_prefix)
-    return None
+    if not edge_prefix:
+        return None
+    answer = await _download_url(ctx, name, for_edge=True)
+    if answer is None:
+        return None
+    if not answer.url.startswith(edge_prefix):
+        # The edge would not follow it (its S3 address is not the datastore's): stream instead.
+        _warn_edge_mismatch(edge_prefix)
+        return None
+    # S3 must answer the client's Range headers as the stream would; where it would not, stream.
+    etag = etag_of(answer.info)
+    if not s3_answers_alike(
+        request.headers.get("range"), request.headers.get("if-range"), etag, answer.info.size_bytes
+    ):
+        return None
+    return _temporary_redirect(answer.url, {EDGE_ETAG_HEADER: etag})
 
 
-async def _signed_redirect(ctx: Ctx, name: str, *, for_client: bool = False, edge_prefix: str = "") -> Response | None:
+async def _download_url(
+    ctx: Ctx, name: str, *, for_client: bool = False, for_edge: bool = False
+) -> ds_pb.GetDownloadUrlResponse | None:
+    """A presigned S3 GET, or None where the datastore hands no downloads to S3."""
     try:
-        answer = await ctx.clients.datastore.GetDownloadUrl(
+        return await ctx.clients.datastore.GetDownloadUrl(
             ds_pb.GetDownloadUrlRequest(
                 name=name,
                 expire_seconds=ctx.settings.download_redirect_seconds,
                 for_client=for_client,
-                for_edge=bool(edge_prefix),
+                for_edge=for_edge,
             ),
             timeout=ctx.timeout,
             metadata=ctx.metadata,
@@ -281,11 +301,10 @@ async def _signed_redirect(ctx: Ctx, name: str, *, for_client: bool = False, edg
         if err.code() is not grpc.StatusCode.FAILED_PRECONDITION:
             raise
         return None
-    if edge_prefix and not answer.url.startswith(edge_prefix):
-        # The edge would not follow it (its S3 address is not the datastore's): stream instead.
-        _warn_edge_mismatch(edge_prefix)
-        return None
-    return Response(status_code=307, headers={"location": answer.url, "cache-control": "no-store"})
+
+
+def _temporary_redirect(url: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(status_code=307, headers={"location": url, "cache-control": "no-store", **(headers or {})})
 
 
 @functools.cache

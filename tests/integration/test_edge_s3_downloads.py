@@ -22,7 +22,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 
 from gateway.cli import build_parser, edge_s3_endpoint
-from gateway.envoy import EDGE_S3_HEADER, EnvoySettings
+from gateway.envoy import EDGE_ETAG_HEADER, EDGE_S3_HEADER, EnvoySettings
 from services.datastore.settings import DatastoreSettings
 from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
 from tests.fixtures.edge import running_envoy
@@ -86,8 +86,11 @@ def test_a_download_through_the_edge_is_served_by_s3_as_a_plain_200(edge_stack: 
     assert answer.status_code == 200, answer.text
     assert not answer.history and "location" not in answer.headers
     assert answer.content == DATA
-    for header in ("content-disposition", "content-type", "content-length"):
+    for header in ("content-disposition", "content-type", "content-length", "etag", "accept-ranges"):
         assert answer.headers[header] == streamed.headers[header], header
+    # Nothing of S3's own: its request ids, metadata and validators stay behind the edge.
+    assert not [name for name in answer.headers if name.startswith("x-amz-")]
+    assert "last-modified" not in answer.headers
     # The gateway answered the edge with a 307 (S3 sent the bytes), not with the bytes.
     assert _gateway_307s(edge_stack.gateway) == before + 1
 
@@ -102,6 +105,60 @@ def test_a_range_through_the_edge_is_answered_as_the_gateway_answers_it(edge_sta
         assert answer.headers["content-range"] == streamed.headers["content-range"], asked
         assert answer.content == streamed.content, asked
         assert "x-amz-request-id" not in answer.headers and "x-amz-id-2" not in answer.headers, asked
+
+
+def _edge_cases(etag: str) -> list[tuple[dict[str, str], bool]]:
+    """(request headers, whether S3 serves them through the edge) for one file."""
+    size = len(DATA)
+    return [
+        ({}, True),
+        ({"range": "bytes=0-0"}, True),
+        ({"range": f"bytes={size - 1}-"}, True),
+        ({"range": f"bytes=5-{size + 1000}"}, True),
+        ({"range": f"bytes=-{size * 2}"}, True),
+        ({"range": "bytes=10-99", "if-range": etag}, True),
+        # S3 compares these with its own ETag and dates; the stream ignores them, so does the edge.
+        ({"if-none-match": etag}, True),
+        ({"if-match": '"another"'}, True),
+        ({"if-modified-since": "Fri, 01 Jan 2100 00:00:00 GMT"}, True),
+        ({"range": "bytes=10-99", "if-unmodified-since": "Thu, 01 Jan 1970 00:00:00 GMT"}, True),
+        # Answered by the stream: a 416 in MONAI Label's shape, or the whole file.
+        ({"range": f"bytes={size}-"}, False),
+        ({"range": f"bytes={size + 10}-{size + 20}"}, False),
+        ({"range": "bytes=0-9,20-29"}, False),
+        ({"range": "bytes=abc"}, False),
+        ({"range": "bytes = 10-99"}, False),
+        ({"range": "items=0-9"}, False),
+        ({"range": "bytes=0-99999999999999999999999"}, False),
+        ({"range": "bytes=10-99", "if-range": '"stale"'}, False),
+        ({"range": "bytes=10-99", "if-range": "Fri, 01 Jan 2100 00:00:00 GMT"}, False),
+    ]
+
+
+def test_every_range_and_condition_is_answered_as_the_stream_answers_it(edge_stack: EdgeStack) -> None:
+    """Status, Content-Range, ETag and bytes through the edge equal the gateway's own stream for
+    the same headers; S3 serves the ranges it answers alike, the stream answers the rest."""
+    url, params = "/datastore/image", {"image": IMAGE}
+    etag = httpx.get(f"{edge_stack.gateway.url}{url}", params=params, headers=AUTH).headers["etag"]
+    with httpx.Client(base_url=edge_stack.url, headers=AUTH, timeout=60) as edge:
+        with httpx.Client(base_url=edge_stack.gateway.url, headers=AUTH, timeout=60) as gateway:
+            for headers, by_s3 in _edge_cases(etag):
+                streamed = gateway.get(url, params=params, headers=headers)
+                before = _gateway_307s(edge_stack.gateway)
+                answer = edge.get(url, params=params, headers=headers)
+                assert answer.status_code == streamed.status_code, (headers, answer.text)
+                for header in ("content-range", "etag", "content-length", "content-type"):
+                    assert answer.headers.get(header) == streamed.headers.get(header), (headers, header)
+                assert answer.content == streamed.content, headers
+                assert _gateway_307s(edge_stack.gateway) == before + by_s3, headers
+    assert streamed.status_code == 200 and streamed.content == DATA  # the last case: the whole file
+
+
+def test_a_client_header_cannot_set_the_etag_of_an_edge_download(edge_stack: EdgeStack) -> None:
+    forged = {**AUTH, EDGE_ETAG_HEADER: '"forged"'}
+    answer = httpx.get(f"{edge_stack.url}/datastore/image", params={"image": IMAGE}, headers=forged, timeout=60)
+    assert answer.status_code == 200 and answer.content == DATA
+    assert answer.headers["etag"] != '"forged"' and answer.headers["etag"].strip('"')
 
 
 def test_monailabel_clients_get_labels_and_images_from_s3(edge_stack: EdgeStack, tmp_path: Path) -> None:
