@@ -213,7 +213,7 @@ async def ranged_file_response(
     wanted = parse_range(request.headers.get("range"))
     if wanted is None:
         return answer(await open_download(lambda: start(0, 0)))
-    offset, limit = wanted.read(await _file_size(start) if wanted.needs_size else None)
+    offset, limit = wanted.read(int((await _file_info(start)).size_bytes) if wanted.needs_size else None)
     try:
         download: Download | None = await open_download(lambda: start(offset, limit))
     except grpc.aio.AioRpcError as err:
@@ -223,10 +223,12 @@ async def ranged_file_response(
     if download is None or not download.first.info.read_size_bytes:
         if download is not None:
             download.call.cancel()
+        info = download.first.info if download is not None else await _file_info(start)
+        name_of(info)  # a file the route refuses is refused with or without a range
         raise GatewayError(
             416,
             f"the range asked for ({request.headers['range'][:100]}) starts past the end of the file",
-            headers={"content-range": f"bytes */{await _file_size(start)}"},
+            headers={"content-range": f"bytes */{info.size_bytes}"},
         )
     if not if_range_allows(request.headers.get("if-range"), etag_of(download.first.info)):
         download.call.cancel()  # the client's copy is another version: the whole file
@@ -234,11 +236,11 @@ async def ranged_file_response(
     return answer(download, partial=True)
 
 
-async def _file_size(start: Callable[[int, int], Any]) -> int:
-    """The file's size, from the first message of a one-byte read."""
+async def _file_info(start: Callable[[int, int], Any]) -> Any:
+    """The file's info (its size, name, sha256), from the first message of a one-byte read."""
     probe = await open_download(lambda: start(0, 1))
     probe.call.cancel()
-    return int(probe.first.info.size_bytes)
+    return probe.first.info
 
 
 READ_AHEAD_CHUNKS = 4

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 
 from gateway.envoy import EnvoySettings
 from gateway.ranges import ByteRange, parse_range
+from services.common.bundles import reset_weights
 from services.common.datastore_client import DatastoreClient
 from tests.fixtures.downloads import DATA, IMAGE, LABEL, fill
 from tests.fixtures.edge import running_envoy
@@ -133,14 +134,17 @@ def test_model_weights_and_session_images_answer_ranges(stack: GatewayStack, tmp
     weights = tmp_path / "model.pt"
     weights.write_bytes(os.urandom(300_000))
 
-    async def publish() -> None:
-        client = DatastoreClient(stack.datastore_address, timeout_seconds=30)
-        try:
-            await client.upload_model_version("ranged", weights, metrics={}, info={})
-        finally:
-            await client.close()
+    def on_datastore(call: Callable[[DatastoreClient], Awaitable[object]]) -> None:
+        async def run() -> None:
+            client = DatastoreClient(stack.datastore_address, timeout_seconds=30)
+            try:
+                await call(client)
+            finally:
+                await client.close()
 
-    asyncio.run(publish())
+        asyncio.run(run())
+
+    on_datastore(lambda client: client.upload_model_version("ranged", weights, metrics={}, info={}))
     model = httpx.get(f"{stack.url}/model/ranged", headers={"range": "bytes=1000-1999"}, timeout=60)
     assert model.status_code == 206 and model.content == weights.read_bytes()[1000:2000]
     assert model.headers["content-range"] == "bytes 1000-1999/300000"
@@ -149,6 +153,12 @@ def test_model_weights_and_session_images_answer_ranges(stack: GatewayStack, tmp
     assert past.status_code == 416 and past.headers["content-range"] == "bytes */300000"
     unknown = httpx.get(f"{stack.url}/model/no_such_model", headers={"range": "bytes=-10"}, timeout=60)
     assert unknown.status_code == 404 and "detail" in unknown.json()
+    # A model serving its initial weights has no weights file: 404 with any range, as without one.
+    on_datastore(lambda client: reset_weights(client, "ranged", "a test"))
+    for asked in (None, "bytes=0-9", "bytes=-10", "bytes=100000-", "bytes=0-0,5-9"):
+        initial = httpx.get(f"{stack.url}/model/ranged", headers={"range": asked} if asked else {}, timeout=60)
+        assert initial.status_code == 404, (asked, initial.status_code)
+        assert initial.json() == {"detail": "Model File NOT Found for ranged"}, asked
 
     created = httpx.put(f"{stack.url}/session/", files={"files": ("local.nii.gz", LABEL)}, timeout=60)
     assert created.status_code == 200, created.text
