@@ -34,9 +34,9 @@ from labelgrid.inference.v1 import inference_service_pb2 as inf_pb
 
 from gateway.clients import found_or_none, upload_stream
 from gateway.errors import GatewayError, from_rpc_error
-from gateway.routes.common import Ctx, CtxDep, check_id, ranged_file_response
+from gateway.routes.common import Ctx, CtxDep, check_id, ranged_file_response, to_struct
 from services.common.auth import ADMIN
-from services.common.bundles import RESET_FILE_NAME, archive_model
+from services.common.bundles import RESET_FILE_NAME, archive_model, reset_marker
 from services.common.models.types import RESET_VERSION_PREFIX
 
 router = APIRouter(prefix="/model", tags=["Model"])
@@ -135,15 +135,18 @@ class _Bytes:
 
 
 async def _reset_weights(ctx: Ctx, model: str, reason: str) -> Any:
-    """Publishes a reset version: inference serves the initial weights, older versions stay for rollback."""
-    data = f"labelgrid: serve the initial weights of {model} ({reason})\n".encode()
-    version = f"{RESET_VERSION_PREFIX}{hashlib.sha256(data + str(asyncio.get_running_loop().time()).encode()).hexdigest()[:12]}"
+    """Publishes a reset version (services.common.bundles.ResetMarker) as the caller."""
+    marker = reset_marker(model, reason)
     header = ds_pb.UploadModelVersionHeader(
-        model=f"models/{model}", version=version, file_name=RESET_FILE_NAME, size_bytes=len(data)
+        model=f"models/{model}",
+        version=marker.version,
+        file_name=RESET_FILE_NAME,
+        size_bytes=len(marker.data),
+        info=to_struct(marker.info),
     )
     try:
         response = await ctx.clients.datastore.UploadModelVersion(
-            upload_stream(ds_pb.UploadModelVersionRequest, header, _Bytes(data)), metadata=ctx.metadata
+            upload_stream(ds_pb.UploadModelVersionRequest, header, _Bytes(marker.data)), metadata=ctx.metadata
         )
     except grpc.aio.AioRpcError as err:
         raise from_rpc_error(err) from None

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,16 +92,33 @@ def check_bundle_file(source: Path, scratch: Path) -> tuple[str, Path, dict[str,
     return name, archive, description
 
 
+@dataclass(frozen=True)
+class ResetMarker:
+    """The one file (RESET_FILE_NAME) of a reset version: while it is the serving version,
+    inference serves the model's initial weights; older versions stay for rollback."""
+
+    version: str
+    data: bytes
+    info: dict[str, Any]
+
+
+def reset_marker(model: str, reason: str) -> ResetMarker:
+    """A new reset version of `model`, the same whoever publishes it (a service, the gateway)."""
+    return ResetMarker(
+        version=f"{RESET_VERSION_PREFIX}{uuid.uuid4().hex[:12]}",
+        data=f"labelgrid: serve the initial weights of {model} ({reason})\n".encode(),
+        info={"reset": True, "reason": reason},
+    )
+
+
 async def reset_weights(client: DatastoreClient, model: str, reason: str) -> str:
-    """Publishes a reset version: inference serves the initial weights again, older versions stay (rollback)."""
+    """Publishes a reset version (ResetMarker); returns its version."""
+    marker = reset_marker(model, reason)
     with tempfile.TemporaryDirectory(prefix="reset-") as scratch:
-        marker = Path(scratch) / RESET_FILE_NAME
-        marker.write_text(f"labelgrid: serve the initial weights of {model} ({reason})\n")
-        version = f"{RESET_VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
-        await client.upload_model_version(
-            model, marker, metrics={}, info={"reset": True, "reason": reason}, version=version
-        )
-    return version
+        path = Path(scratch) / RESET_FILE_NAME
+        path.write_bytes(marker.data)
+        await client.upload_model_version(model, path, metrics={}, info=marker.info, version=marker.version)
+    return marker.version
 
 
 async def latest_archive(client: DatastoreClient, name: str) -> Any | None:

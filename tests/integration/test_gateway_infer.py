@@ -9,6 +9,7 @@ image's grid in every format a viewer asks for.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import re
 from collections.abc import Iterator
@@ -20,10 +21,13 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
+from labelgrid.datastore.v1 import datastore_service_pb2 as ds_pb
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from services.common.datastore_client import DatastoreClient
 from services.common.models.volumes import nrrd_affine
+from services.common.protos import struct_to_dict
 from services.datastore.sample_studies import synthetic_volume
 from tests.fixtures.gateway import GatewayStack
 from tests.fixtures.polling import wait_until
@@ -324,7 +328,21 @@ def test_bad_uploads_are_4xx_and_leave_nothing(stack: GatewayStack, http: httpx.
     wait_until(lambda: not leftovers(), "uploads and scratch dirs to be removed", timeout=5)
 
 
-def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> None:
+def _serving_info(stack: GatewayStack, model: str) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        client = DatastoreClient(stack.datastore_address, timeout_seconds=30)
+        try:
+            answer = await client.stub.GetModelVersion(
+                ds_pb.GetModelVersionRequest(name=f"models/{model}/versions/serving"), timeout=30
+            )
+        finally:
+            await client.close()
+        return struct_to_dict(answer.model_version.info)
+
+    return asyncio.run(read())
+
+
+def test_model_weights_publish_download_and_hot_reload(stack: GatewayStack, http: httpx.Client) -> None:
     """MONAI Label's /model/{model}: PUT publishes weights that inference serves next, GET
     returns them, DELETE falls back to the untrained network. Runs last: it changes a model."""
     import hashlib
@@ -362,3 +380,5 @@ def test_model_weights_publish_download_and_hot_reload(http: httpx.Client) -> No
 
     assert http.delete(f"/model/{model}").json() == {}
     assert http.get(f"/model/{model}").status_code == 404
+    # The reset version says what it is, as one a service publishes (services.common.bundles).
+    assert _serving_info(stack, model) == {"reset": True, "reason": "DELETE /model"}
