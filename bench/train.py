@@ -29,6 +29,7 @@ from labelgrid.training.v1 import training_service_pb2_grpc as pb_grpc
 
 from services.datastore.sample_studies import write_sample_studies
 from services.train.adapters.worker import run_training
+from services.train.domain.events import encode
 from tests.fixtures.processes import ServiceProcess
 
 
@@ -64,7 +65,8 @@ def bare(spec: dict[str, Any], out_dir: Path) -> float:
     torch.set_num_threads(int(spec.get("torch_threads") or torch.get_num_threads()))
     events: list[dict[str, Any]] = []
     spec = {**spec, "device": spec["devices"][0], "output_dir": str(out_dir)}
-    run_training(spec, lambda event: events.append({"ts": time.time(), **event}))
+    # The events as the worker writes them to events.jsonl: {"ts", "type", fields}, what step_seconds reads.
+    run_training(spec, lambda event: events.append(encode(event)))
     return step_seconds(events)[0]
 
 
