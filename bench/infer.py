@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -333,9 +334,9 @@ def run(sizes: list[int], runs: list[int], clients: list[int], requests: int, wo
                 bare.model_seconds.clear()
                 samples[size] = interleaved(
                     {
-                        "a": lambda size=size: bare(paths[size]),
-                        "b": lambda size=size: grpc_infer(stub, f"bench_{size}"),
-                        "c": lambda size=size: rest_infer(http, f"bench_{size}"),
+                        "a": functools.partial(bare, paths[size]),
+                        "b": functools.partial(grpc_infer, stub, f"bench_{size}"),
+                        "c": functools.partial(rest_infer, http, f"bench_{size}"),
                     },
                     count,
                 )

@@ -194,8 +194,8 @@ def table(
         lines.append(
             f"| {system} | {row['upload_mib_s']:.0f} | {row['download_mib_s']:.0f} | {ratios[0]} | {ratios[1]} |"
         )
-    for system, ratios in (paired or {}).items():
-        up, down = ratios["upload"], ratios["download"]
+    for system, rounds in (paired or {}).items():
+        up, down = rounds["upload"], rounds["download"]
         lines.append(
             f"| {system} ÷ raw minio SDK through REST, median of {len(up)} paired rounds (min–max) | | "
             f"| {statistics.median(up):.2f} ({min(up):.2f}–{max(up):.2f}) "

@@ -55,7 +55,8 @@ class Segmentation(BasicInferTask):
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
         return [
-            EnsureTyped(keys="pred", device="cpu"),
+            # MONAI annotates device as torch.device only; it passes it on to torch, which takes "cpu"
+            EnsureTyped(keys="pred", device="cpu"),  # type: ignore[arg-type]
             Activationsd(keys="pred", softmax=True),
             AsDiscreted(keys="pred", argmax=True),
             SqueezeDimd(keys="pred", dim=0),

@@ -104,7 +104,7 @@ def test_monailabel_client_trains_and_gets_next_samples_through_envoy(stack: Sta
 
 def rest_stats(stack: Stack) -> dict[str, object]:
     """MONAI Label's datastore stats over REST, to compare the gRPC answers with."""
-    return httpx.get(f"{stack.url}/datastore/", params={"output": "stats"}, timeout=10).json()  # type: ignore[no-any-return]
+    return httpx.get(f"{stack.url}/datastore/", params={"output": "stats"}, timeout=10).json()
 
 
 def test_gateway_metrics_are_not_published_at_the_edge(stack: Stack) -> None:
@@ -210,6 +210,7 @@ def test_a_killed_child_is_restarted(stack: Stack) -> None:
         return response if response.status_code != 503 else None
 
     again = wait_until(answered, "the gateway to reach the restarted inference", timeout=RECONNECT_S, interval=0.25)
+    assert again is not None  # wait_until returns only a truthy answer
     assert again.status_code == 200, again.text
     assert again.json()["label_names"] == {"sphere_a": 1, "sphere_b": 2}
 
