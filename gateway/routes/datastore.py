@@ -254,7 +254,8 @@ async def _redirect(ctx: Ctx, request: Request, name: str, asked: bool | None, b
     edge asks (EDGE_S3_HEADER, set by Envoy on these routes only): signed for the address the
     edge reaches S3 at; the edge follows it and the client gets S3's bytes as a plain 200 (or
     206), with the stream's ETag (EDGE_ETAG_HEADER). Range requests S3 would answer otherwise
-    than the stream (past the end, several ranges, a stale If-Range) stream. Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
+    than the stream (past the end, several ranges, a stale If-Range) are streamed.
+    Runs after the auth check (CtxDep) and on a validated resource name; the datastore answers
     NOT_FOUND for an unknown image before any URL exists, and FAILED_PRECONDITION when it
     cannot hand downloads to S3 (local or dicomweb backend, no public endpoint): then it streams.
     """
