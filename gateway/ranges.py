@@ -68,8 +68,10 @@ def s3_answers_alike(range_header: str | None, if_range: str | None, etag: str, 
     ones: the whole file; a stale If-Range: the whole file) is answered by the stream."""
     if range_header is None:
         return True
+    if _ONE_RANGE.fullmatch(range_header) is None:  # S3 may read other spellings otherwise
+        return False
     wanted = parse_range(range_header)
-    if wanted is None or _ONE_RANGE.fullmatch(range_header) is None:
+    if wanted is None:
         return False
     if not if_range_allows(if_range, etag):
         return False

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ class DataCache:
         self.stream_downloads += 1
         return path
 
-    def _trim(self, keep: frozenset[Path] | set[Path]) -> None:
+    def _trim(self, keep: AbstractSet[Path]) -> None:
         """Removes least recently used files over the budget, except `keep` and any file a fetch
         touched since the trim began (its mtime: a hit or a download of a job starting meanwhile)."""
         started = time.time() - 1.0  # a margin for file systems with coarse timestamps
