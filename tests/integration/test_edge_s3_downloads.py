@@ -181,6 +181,10 @@ def test_auth_and_ids_are_checked_before_anything_reaches_s3(edge_stack: EdgeSta
     url = f"{edge_stack.url}/datastore/image"
     refused = httpx.get(url, params={"image": IMAGE})
     assert refused.status_code == 401 and refused.content != DATA
+    # A range, or a forged edge header, changes nothing without a token.
+    for headers in ({"range": "bytes=0-99"}, {"range": "bytes=-10", EDGE_ETAG_HEADER: '"x"', EDGE_S3_HEADER: "x"}):
+        refused = httpx.get(url, params={"image": IMAGE}, headers=headers)
+        assert refused.status_code == 401 and DATA[:10] not in refused.content, headers
     for params, status in (({"image": "nothing-here"}, 404), ({"image": "../etc/passwd"}, 400)):
         answer = httpx.get(url, params=params, headers=AUTH)
         assert answer.status_code == status, answer.text
